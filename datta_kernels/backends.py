@@ -1,0 +1,178 @@
+"""The ordered backend table (DESIGN principle 4: backends are declared, not guessed).
+
+Each backend says which device types and dtypes it serves and, for a given input,
+returns the reasons it cannot run (an empty list means it can).  ``"auto"`` picks the
+first entry that fits; an explicitly requested backend (argument or the
+``DATTA_BACKEND`` environment variable) that cannot run raises with every reason.
+
+Every backend implementation exposes the same four functions (all statistics fp32,
+float64 for float64 inputs)::
+
+    instance_stats(x) -> (mean, var)                                 # (N, C) each
+    diversity_angles(x, source_mean, batch_mean) -> angles           # (N,)
+    dabn_forward(x, weight, bias, smean, svar, blend, shrink_k, eps) -> (y, mean_i, var_i)
+    dabn_backward(dy, x, weight, smean, svar, blend, shrink_k, eps, mean_i, var_i)
+        -> (dx, dweight, dbias)                                      # dweight/dbias (C,)
+
+``x`` and ``dy`` reach a backend contiguous in NCHW or channels_last (``ops.py`` makes
+other strides contiguous first).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from . import _ext
+
+ENV_VAR = "DATTA_BACKEND"
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the table: what it serves, and how to load its implementation."""
+
+    name: str
+    device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    load: Callable[[], object] = field(repr=False)
+    #: global reasons this backend cannot run at all (missing build, missing package...).
+    unavailable: Callable[[], list[str]] = field(repr=False, default=lambda: [])
+    #: extra device types accepted only under a condition, with the reason when unmet.
+    conditional_devices: Callable[[str], str | None] = field(repr=False, default=lambda d: "")
+
+    def reasons(self, device_type: str, dtype: torch.dtype) -> list[str]:
+        """Why this backend cannot run on ``device_type``/``dtype`` (empty: it can)."""
+        why = list(self.unavailable())
+        if device_type not in self.device_types:
+            cond = self.conditional_devices(device_type)
+            if cond:
+                why.append(cond)
+            elif cond is not None:
+                why.append(f"serves device types {self.device_types}, not {device_type!r}")
+        if dtype not in self.dtypes:
+            why.append(f"does not support dtype {dtype}")
+        return why
+
+    def impl(self):
+        return self.load()
+
+
+def _reference_impl():
+    from . import reference as ref
+
+    def dabn_forward(x, weight, bias, smean, svar, blend, shrink_k, eps):
+        mean_i, var_i = ref.instance_stats(x)
+        y = ref.dabn(x, weight, bias, smean, svar, blend, shrink_k, eps)
+        return y, mean_i, var_i
+
+    def diversity_angles(x, smean, bmean):
+        return ref.diversity_angles(x, smean, bmean)
+
+    return SimpleNamespace(instance_stats=ref.instance_stats, diversity_angles=diversity_angles,
+                           dabn_forward=dabn_forward, dabn_backward=ref.dabn_backward)
+
+
+def _compiled_impl():
+    _ext.require()
+    ops = torch.ops.datta
+    return SimpleNamespace(
+        instance_stats=ops._instance_stats,
+        diversity_angles=ops._diversity_angles,
+        dabn_forward=ops._dabn_forward,
+        dabn_backward=ops._dabn_backward,
+    )
+
+
+def _triton_impl():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _triton_unavailable() -> list[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return [f"triton is not importable ({e})"]
+    try:
+        from . import triton_kernels  # noqa: F401
+    except ImportError as e:
+        return [f"datta_kernels.triton_kernels failed to import ({e})"]
+    return []
+
+
+def _triton_interpret_cpu(device_type: str) -> str | None:
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    return ""
+
+
+def _cuda_unavailable() -> list[str]:
+    why = _ext.unavailable_reasons()
+    if not why and not _ext.has_kernel("_dabn_forward", "CUDA"):
+        why.append("datta_kernels._C was built without CUDA kernels")
+    return why
+
+
+#: The ordered table.  ``auto`` takes the first row whose ``reasons`` are empty.
+BACKENDS: tuple[Backend, ...] = (
+    Backend("cuda", ("cuda",), (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+            _compiled_impl, _cuda_unavailable),
+    Backend("triton", ("cuda",), (torch.float32, torch.float16, torch.bfloat16),
+            _triton_impl, _triton_unavailable, _triton_interpret_cpu),
+    Backend("cpu", ("cpu",), FLOAT_DTYPES, _compiled_impl, _ext.unavailable_reasons),
+    Backend("reference", ("cpu", "cuda", "meta", "mps", "xpu"), FLOAT_DTYPES, _reference_impl),
+)
+_BY_NAME = {b.name: b for b in BACKENDS}
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(_BY_NAME)
+
+
+def get(name: str) -> Backend:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {backend_names()}") from None
+
+
+def resolve(name: str | None, device_type: str, dtype: torch.dtype) -> str:
+    """Return the backend name to use for this device/dtype.
+
+    ``name=None`` or ``"auto"`` consults ``DATTA_BACKEND`` and otherwise takes the first
+    row of the table that can run.  An explicit request that cannot run raises with
+    every reason.
+    """
+    if name is None or name == "auto":
+        name = os.environ.get(ENV_VAR) or "auto"
+    if name != "auto":
+        why = get(name).reasons(device_type, dtype)
+        if why:
+            raise RuntimeError(
+                f"datta_kernels backend {name!r} cannot run on {device_type}/{dtype}: "
+                + "; ".join(why))
+        return name
+    for b in BACKENDS:
+        if not b.reasons(device_type, dtype):
+            return b.name
+    raise RuntimeError(f"no datta_kernels backend serves {device_type}/{dtype}")
+
+
+def available_backends(device_type: str | None = None) -> list[str]:
+    """Names of the backends that can run now (on ``device_type`` if given, else on any
+    device this process has) for float32 inputs."""
+    types = [device_type] if device_type else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [b.name for b in BACKENDS if any(not b.reasons(t, torch.float32) for t in types)]
+
+
+def explain(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, list[str]]:
+    """For every backend, the reasons it cannot run on ``device_type``/``dtype`` (empty: usable)."""
+    return {b.name: b.reasons(device_type, dtype) for b in BACKENDS}

@@ -1,0 +1,149 @@
+"""``torch.ops.datta.*``: the autograd-aware custom ops.
+
+Two layers of ops live in the ``datta`` namespace:
+
+* kernel ops declared in C++ (``csrc/ops.cpp``) with a leading underscore
+  (``_instance_stats``, ``_diversity_angles``, ``_dabn_forward``, ``_dabn_backward``),
+  dispatched by device to the fused CPU or CUDA kernels;
+* the public ops below (``instance_stats``, ``diversity_angles``, ``dabn_forward``,
+  ``dabn_backward``), which take the backend name as a string argument (a constant to
+  ``torch.compile``), normalise the memory layout and call that backend.  ``dabn_forward``
+  carries the autograd formula; every op has a fake implementation.
+
+``dabn_forward`` returns ``(y, mean_i, var_i)``; the instance statistics are saved for the
+backward pass (two passes over x and dy, no recomputation of the statistics).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ext, backends
+from .reference import acc_dtype
+
+__all__ = ["instance_stats", "diversity_angles", "dabn_forward", "dabn_backward",
+           "as_kernel_layout", "is_channels_last"]
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """True for a 4-D tensor dense in channels_last order (and not also NCHW-contiguous)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def as_kernel_layout(x: Tensor) -> Tensor:
+    """Kernels take NCHW-contiguous or channels_last-contiguous tensors; other strides
+    (slices, transposes, expanded views) are copied once into NCHW-contiguous memory."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def _impl(backend: str):
+    return backends.get(backend).impl()
+
+
+def _stats_like(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1]), dtype=acc_dtype(x.dtype))
+
+
+# ---------------------------------------------------------------- instance statistics
+@torch.library.custom_op("datta::instance_stats", mutates_args=())
+def instance_stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and unbiased variance, ``(N, C)`` fp32 (fp64 for fp64 input)."""
+    return _impl(backend).instance_stats(as_kernel_layout(x))
+
+
+@instance_stats.register_fake
+def _(x, backend):
+    return _stats_like(x), _stats_like(x)
+
+
+# ---------------------------------------------------------------- diversity angles
+@torch.library.custom_op("datta::diversity_angles", mutates_args=())
+def diversity_angles(x: Tensor, source_mean: Tensor, batch_mean: Tensor, backend: str) -> Tensor:
+    """Pixel-mode angles ``(N,)`` (SPEC §2); one read of x."""
+    return _impl(backend).diversity_angles(as_kernel_layout(x), source_mean, batch_mean)
+
+
+@diversity_angles.register_fake
+def _(x, source_mean, batch_mean, backend):
+    return x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype))
+
+
+# ---------------------------------------------------------------- DABN forward/backward
+@torch.library.custom_op("datta::dabn_forward", mutates_args=())
+def dabn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+                 source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mean_i, var_i)``: the blended normalization of SPEC §3 and the instance stats."""
+    return _impl(backend).dabn_forward(as_kernel_layout(x), weight, bias, source_mean,
+                                       source_var, blend, shrink_k, eps)
+
+
+def _fake_dabn_forward(x, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+                       backend=""):
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty_like(x, memory_format=fmt), _stats_like(x), _stats_like(x)
+
+
+@torch.library.custom_op("datta::dabn_backward", mutates_args=())
+def dabn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: Tensor,
+                  source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
+                  mean_i: Tensor, var_i: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``; the formula is :func:`datta_kernels.reference.dabn_backward`."""
+    x = as_kernel_layout(x)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    dy = dy.contiguous(memory_format=fmt)
+    return _impl(backend).dabn_backward(dy, x, weight, source_mean, source_var, blend,
+                                        shrink_k, eps, mean_i, var_i)
+
+
+def _fake_dabn_backward(dy, x, weight, source_mean, source_var, blend, shrink_k, eps,
+                        mean_i, var_i, backend=""):
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=fmt), x.new_empty((c,), dtype=acc),
+            x.new_empty((c,), dtype=acc))
+
+
+dabn_forward.register_fake(_fake_dabn_forward)
+dabn_backward.register_fake(_fake_dabn_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, source_mean, source_var, blend, shrink_k, eps, backend = inputs
+    _, mean_i, var_i = output
+    ctx.save_for_backward(x, weight, source_mean, source_var, blend, mean_i, var_i)
+    ctx.shrink_k, ctx.eps, ctx.backend = shrink_k, eps, backend
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean_i, var_i)
+
+
+def _backward(ctx, dy, _dmean, _dvar):
+    x, weight, source_mean, source_var, blend, mean_i, var_i = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    if not (need_x or need_w or need_b):
+        return (None,) * 9
+    dx, dweight, dbias = dabn_backward(dy, x, weight, source_mean, source_var, blend,
+                                       ctx.shrink_k, ctx.eps, mean_i, var_i, ctx.backend)
+    dweight = dweight.to(weight.dtype) if (need_w and weight is not None) else None
+    dbias = dbias.to(x.dtype if weight is None else weight.dtype) if (need_b and ctx.has_bias) else None
+    return (dx if need_x else None, dweight, dbias, None, None, None, None, None, None)
+
+
+dabn_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- fakes for the C++ kernel ops
+def _register_kernel_fakes() -> None:
+    """Fake (meta) kernels for the C++-declared ops, so they too pass ``opcheck``."""
+    torch.library.register_fake("datta::_instance_stats")(lambda x: (_stats_like(x), _stats_like(x)))
+    torch.library.register_fake("datta::_diversity_angles")(
+        lambda x, sm, bm: x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype)))
+    torch.library.register_fake("datta::_dabn_forward")(_fake_dabn_forward)
+    torch.library.register_fake("datta::_dabn_backward")(_fake_dabn_backward)
+
+
+if not _ext.unavailable_reasons():
+    _register_kernel_fakes()

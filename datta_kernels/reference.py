@@ -1,0 +1,289 @@
+"""The SPEC (``shared/SPEC.md``) written as plain PyTorch.
+
+Every backend is judged against this module.  All statistics are computed in
+float32 (float64 stays float64 so ``gradcheck`` can use it); the output has the
+input's dtype and memory format.  Each stage is a small function so tests can
+probe it on its own.
+
+Shapes: ``x`` is ``(N, C, H, W)``, ``M = H*W``; instance statistics are
+``(N, C)``; batch and source statistics are ``(C,)``; ``blend`` is a length-3
+tensor ``(w_s, w_b, w_i)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "acc_dtype",
+    "instance_stats",
+    "batch_stats",
+    "effective_blend",
+    "shrink_instance_stats",
+    "blend_moments",
+    "normalize",
+    "dabn",
+    "diversity_angles",
+    "diversity_angles_instance",
+    "score_from_angles",
+    "diversity_score",
+]
+
+
+class Preset(NamedTuple):
+    """Blend weights ``(w_s, w_b, w_i)`` for each decision, and the shrink of instance terms."""
+
+    single: tuple[float, float, float]
+    multiple: tuple[float, float, float]
+    shrink_k: float | None = None
+
+
+#: SPEC §3 preset table.  ``shrink_k`` only matters where ``w_i > 0``.
+PRESETS: dict[str, Preset] = {
+    "datta": Preset((0.6, 0.4, 0.0), (0.85, 0.0, 0.15), 4.0),
+    "datta_icme": Preset((0.6, 0.4, 0.0), (0.85, 0.15, 0.0)),
+    "bn_adapt": Preset((0.6, 0.4, 0.0), (0.6, 0.4, 0.0)),
+    "tbn": Preset((0.0, 1.0, 0.0), (0.0, 1.0, 0.0)),
+    "source": Preset((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)),
+    "instance": Preset((0.0, 0.0, 1.0), (0.0, 0.0, 1.0)),
+}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64 (for gradcheck), everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-(n, c) mean and unbiased variance over (H, W) -> two ``(N, C)`` tensors.
+
+    Centred two-pass formula (never E[x^2] - E[x]^2).  When ``M == 1`` the unbiased
+    variance is undefined; it is returned as 0 and SPEC's edge rule moves the
+    instance weight to the source, so it is never used.
+    """
+    xf = x.to(acc_dtype(x.dtype))
+    m = x.shape[2] * x.shape[3]
+    mean = xf.mean(dim=(2, 3))
+    if m <= 1:
+        return mean, torch.zeros_like(mean)
+    var = (xf - mean[:, :, None, None]).square().sum(dim=(2, 3)) / (m - 1)
+    return mean, var
+
+
+def batch_stats(mean_i: Tensor, var_i: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Batch mean and unbiased variance ``(C,)`` from instance statistics (exact, SPEC §1).
+
+    ``mu_B = mean_n mu_i``;  ``(N*M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2]``.
+    Returns variance 0 when ``N*M <= 1`` (the batch weight then moves to the source).
+    """
+    n = mean_i.shape[0]
+    mu_b = mean_i.mean(dim=0)
+    if n * m <= 1:
+        return mu_b, torch.zeros_like(mu_b)
+    ss = ((m - 1) * var_i + m * (mean_i - mu_b).square()).sum(dim=0)
+    return mu_b, ss / (n * m - 1)
+
+
+def effective_blend(blend: Tensor, n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """SPEC §3 edge rules: weights whose statistics are undefined move to the source.
+
+    ``M <= 1``: ``w_s += w_i, w_i = 0``; ``N*M <= 1``: ``w_s += w_b, w_b = 0``.
+    The shapes are static, so this never syncs.
+    """
+    w_s, w_b, w_i = blend[0], blend[1], blend[2]
+    if m <= 1:
+        w_s, w_i = w_s + w_i, torch.zeros_like(w_i)
+    if n * m <= 1:
+        w_s, w_b = w_s + w_b, torch.zeros_like(w_b)
+    return w_s, w_b, w_i
+
+
+def _softshrink(z: Tensor, lam: Tensor) -> Tensor:
+    """``sign(z) * max(|z| - lam, 0)`` with a tensor threshold (gradient 1 outside, 0 inside)."""
+    return torch.sign(z) * torch.clamp(z.abs() - lam, min=0)
+
+
+def shrink_instance_stats(
+    mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
+    m: int, k: float, eps: float,
+) -> tuple[Tensor, Tensor]:
+    """NOTE-style shrinkage of instance statistics towards the source (SPEC §3).
+
+    ``s_mu = sqrt((var_s + eps) / M)``, ``s_sig = (var_s + eps) sqrt(2 / (M - 1))``,
+    ``mu~ = mu_s + softshrink(mu_i - mu_s, k s_mu)``, ``var~ = var_s + softshrink(var_i - var_s, k s_sig)``.
+    Requires ``M >= 2`` (for ``M <= 1`` the instance weight is 0 anyway).
+    """
+    sv = source_var + eps
+    s_mu = torch.sqrt(sv / m)
+    s_sig = sv * math.sqrt(2.0 / max(m - 1, 1))
+    mean_t = source_mean + _softshrink(mean_i - source_mean, k * s_mu)
+    var_t = source_var + _softshrink(var_i - source_var, k * s_sig)
+    return mean_t, var_t
+
+
+def blend_moments(
+    mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
+    blend: Tensor, m: int, shrink_k: float | None, eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Blended per-(n, c) mean and variance ``(N, C)`` (SPEC §3)."""
+    n = mean_i.shape[0]
+    dt = mean_i.dtype
+    smean, svar = source_mean.to(dt), source_var.to(dt)
+    w_s, w_b, w_i = (w.to(dt) for w in effective_blend(blend, n, m))
+    mu_b, var_b = batch_stats(mean_i, var_i, m)
+    if shrink_k is not None and m > 1:
+        mean_i, var_i = shrink_instance_stats(mean_i, var_i, smean, svar, m, shrink_k, eps)
+    mean = w_s * smean + w_b * mu_b + w_i * mean_i
+    var = w_s * svar + w_b * var_b + w_i * var_i
+    return mean, var
+
+
+def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+              bias: Tensor | None, eps: float) -> Tensor:
+    """``y = gamma (x - m) rsqrt(max(v, 0) + eps) + beta`` with per-(n, c) ``m, v``."""
+    dt = mean.dtype
+    scale = torch.rsqrt(torch.clamp(var, min=0) + eps)
+    if weight is not None:
+        scale = scale * weight.to(dt)
+    y = (x.to(dt) - mean[:, :, None, None]) * scale[:, :, None, None]
+    if bias is not None:
+        y = y + bias.to(dt)[None, :, None, None]
+    return y.to(x.dtype)
+
+
+def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+         source_var: Tensor, blend: Tensor, shrink_k: float | None = None,
+         eps: float = 1e-5) -> Tensor:
+    """Diversity-adaptive BatchNorm forward (SPEC §3), differentiable by autograd.
+
+    x: (N, C, H, W) any float dtype and layout -> y with x's shape, dtype and memory format.
+    """
+    m = x.shape[2] * x.shape[3]
+    mean_i, var_i = instance_stats(x)
+    blend = blend.to(device=x.device, dtype=mean_i.dtype)
+    mean, var = blend_moments(mean_i, var_i, source_mean.detach(), source_var.detach(),
+                              blend.detach(), m, shrink_k, eps)
+    y = normalize(x, mean, var, weight, bias, eps)
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    return y.contiguous(memory_format=fmt)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def diversity_angles(x: Tensor, source_mean: Tensor, batch_mean: Tensor) -> Tensor:
+    """Pixel-mode angles ``theta[n]`` in radians, ``(N,)`` float32 (SPEC §2).
+
+    ``a = mu_s - x[n, :, p]``, ``b = mu_B - x[n, :, p]`` as direct differences,
+    ``cos = <a, b> / (max(|a|, 1e-10) max(|b|, 1e-10))``, ``theta = arccos(clamp(mean_p cos))``.
+    """
+    dt = acc_dtype(x.dtype)
+    xf = x.to(dt)
+    a = source_mean.to(dt)[None, :, None, None] - xf
+    b = batch_mean.to(dt)[None, :, None, None] - xf
+    return _angles(a, b, dim=1).mean(dim=(1, 2)).clamp(-1, 1).arccos()
+
+
+def diversity_angles_instance(mean_i: Tensor, source_mean: Tensor, batch_mean: Tensor) -> Tensor:
+    """APPROXIMATION of :func:`diversity_angles`: ``x[n, :, p]`` replaced by ``mu_i[n, :]``."""
+    dt = mean_i.dtype
+    a = source_mean.to(dt)[None, :] - mean_i
+    b = batch_mean.to(dt)[None, :] - mean_i
+    return _angles(a, b, dim=1).clamp(-1, 1).arccos()
+
+
+def _angles(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    dot = (a * b).sum(dim=dim)
+    na = a.square().sum(dim=dim).sqrt().clamp(min=1e-10)
+    nb = b.square().sum(dim=dim).sqrt().clamp(min=1e-10)
+    return dot / (na * nb)
+
+
+def score_from_angles(angles: Tensor, stat: str = "std") -> Tensor:
+    """Population std (``stat="std"``) or variance (``"var"``) of the angles -> 0-dim tensor."""
+    var = (angles - angles.mean()).square().mean()
+    return var.sqrt() if stat == "std" else var
+
+
+def diversity_score(x: Tensor, source_mean: Tensor, mode: str = "pixel",
+                    stat: str = "std") -> tuple[Tensor, Tensor]:
+    """``(score, angles)`` on the input of the first DABN layer (SPEC §2)."""
+    with torch.no_grad():
+        mean_i, var_i = instance_stats(x)
+        mu_b, _ = batch_stats(mean_i, var_i, x.shape[2] * x.shape[3])
+        if mode == "pixel":
+            angles = diversity_angles(x, source_mean, mu_b)
+        else:
+            angles = diversity_angles_instance(mean_i, source_mean, mu_b)
+        angles = angles.float()
+        return score_from_angles(angles, stat), angles
+
+
+def dabn_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: Tensor, source_var: Tensor,
+    blend: Tensor, shrink_k: float | None, eps: float, mean_i: Tensor, var_i: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Explicit backward of :func:`dabn` -> ``(dx, dweight, dbias)`` (dweight/dbias ``(C,)`` fp32).
+
+    This is the formula the fused kernels implement (tested against autograd).  Names:
+    ``m, v`` blended moments ``(N, C)``, ``r = rsqrt(max(v, 0) + eps)``, ``g = gamma``,
+    ``xc = x - mu_i`` (centred on the instance mean: stable for large offsets).
+
+    Pass 1 (reads x, dy):  ``sdy = sum_p dy``,  ``sdyxc = sum_p dy * xc``.
+    Per (n, c) (tiny):
+        ``sdyxh = r * (sdyxc + (mu_i - m) * sdy)``                  (= sum_p dy * xhat)
+        ``dbias = sum_n sdy``,  ``dweight = sum_n sdyxh``
+        ``dm = -g r sdy``,  ``dv = -g r^2 sdyxh / 2`` (0 where v < 0, the clamp)
+        ``dmu_i = w_i dm [|mu_i - mu_s| > k s_mu]``,  ``dvar_i = w_i dv [|var_i - var_s| > k s_sig]``
+        ``dmu_B = w_b sum_n dm``,  ``dvar_B = w_b sum_n dv``
+        ``A = g r``,  ``B = 2 dvar_i / (M - 1) + 2 dvar_B / (N M - 1)``
+        ``C0 = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1)``
+    Pass 2 (reads x, dy, writes dx):  ``dx = A dy + B xc + C0``.
+    """
+    dt = mean_i.dtype
+    n, c, h, w = x.shape
+    m = h * w
+    nm = n * m
+    smean, svar = source_mean.to(dt), source_var.to(dt)
+    w_s, w_b, w_i = (t.to(dt) for t in effective_blend(blend.to(dt), n, m))
+    mu_b, var_b = batch_stats(mean_i, var_i, m)
+    mean_t, var_t = mean_i, var_i
+    keep_mu = keep_var = torch.ones_like(mean_i)
+    if shrink_k is not None and m > 1:
+        mean_t, var_t = shrink_instance_stats(mean_i, var_i, smean, svar, m, shrink_k, eps)
+        sv = svar + eps
+        keep_mu = ((mean_i - smean).abs() > shrink_k * torch.sqrt(sv / m)).to(dt)
+        keep_var = ((var_i - svar).abs() > shrink_k * sv * math.sqrt(2.0 / (m - 1))).to(dt)
+    mean = w_s * smean + w_b * mu_b + w_i * mean_t
+    var = w_s * svar + w_b * var_b + w_i * var_t
+    r = torch.rsqrt(var.clamp(min=0) + eps)
+    g = weight.to(dt).expand(n, c) if weight is not None else torch.ones_like(r)
+
+    xc = x.to(dt) - mean_i[:, :, None, None]
+    dyf = dy.to(dt)
+    sdy = dyf.sum(dim=(2, 3))
+    sdyxc = (dyf * xc).sum(dim=(2, 3))
+
+    sdyxh = r * (sdyxc + (mean_i - mean) * sdy)
+    dbias, dweight = sdy.sum(dim=0), sdyxh.sum(dim=0)
+    dm = -g * r * sdy
+    dv = torch.where(var >= 0, -0.5 * g * r * r * sdyxh, torch.zeros_like(var))
+    dmu_i, dvar_i = w_i * dm * keep_mu, w_i * dv * keep_var
+    dmu_b, dvar_b = w_b * dm.sum(dim=0), w_b * dv.sum(dim=0)
+    coef_b = torch.zeros_like(r)
+    coef_c = dmu_i / m + dmu_b / nm
+    if m > 1:
+        coef_b = coef_b + 2 * dvar_i / (m - 1)
+    if nm > 1:
+        coef_b = coef_b + 2 * dvar_b / (nm - 1)
+        coef_c = coef_c + 2 * dvar_b * (mean_i - mu_b) / (nm - 1)
+    a = g * r
+    dx = a[:, :, None, None] * dyf + coef_b[:, :, None, None] * xc + coef_c[:, :, None, None]
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    return dx.to(x.dtype).contiguous(memory_format=fmt), dweight, dbias
