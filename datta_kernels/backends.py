@@ -45,14 +45,21 @@ class Backend:
     #: extra device types accepted only under a condition, with the reason when unmet.
     conditional_devices: Callable[[str], str | None] = field(repr=False, default=lambda d: "")
 
-    def reasons(self, device_type: str, dtype: torch.dtype) -> list[str]:
-        """Why this backend cannot run on ``device_type``/``dtype`` (empty: it can)."""
+    def reasons(self, device_type: str, dtype: torch.dtype, explicit: bool = True) -> list[str]:
+        """Why this backend cannot run on ``device_type``/``dtype`` (empty: it can).
+
+        Conditionally served devices (Triton on CPU through its interpreter) count only
+        for an explicit request (``explicit=True``), never for ``auto``.
+        """
         why = list(self.unavailable())
         if device_type not in self.device_types:
             cond = self.conditional_devices(device_type)
-            if cond:
+            if cond is None:  # accepted under its condition
+                if not explicit:
+                    why.append(f"serves {device_type!r} only when requested explicitly")
+            elif cond:
                 why.append(cond)
-            elif cond is not None:
+            else:
                 why.append(f"serves device types {self.device_types}, not {device_type!r}")
         if dtype not in self.dtypes:
             why.append(f"does not support dtype {dtype}")
@@ -161,7 +168,7 @@ def resolve(name: str | None, device_type: str, dtype: torch.dtype) -> str:
                 + "; ".join(why))
         return name
     for b in BACKENDS:
-        if not b.reasons(device_type, dtype):
+        if not b.reasons(device_type, dtype, explicit=False):
             return b.name
     raise RuntimeError(f"no datta_kernels backend serves {device_type}/{dtype}")
 
