@@ -59,8 +59,9 @@ def _check_weights(w: Sequence[float]) -> None:
 
 
 def blend_tensor(blend: Tensor | Sequence[float] | str, device: torch.device | str | None = None,
-                 decision: str = "single") -> Tensor:
-    """A validated length-3 float32 blend tensor from weights or a preset name."""
+                 decision: str = "single", dtype: torch.dtype = torch.float32) -> Tensor:
+    """A validated length-3 blend tensor (float32 unless ``dtype`` says otherwise) from
+    weights, a tensor or a preset name (``decision`` picks the preset's row)."""
     if isinstance(blend, str):
         if blend not in PRESETS:
             raise ValueError(f"unknown preset {blend!r}; choose one of {sorted(PRESETS)}")
@@ -70,10 +71,10 @@ def blend_tensor(blend: Tensor | Sequence[float] | str, device: torch.device | s
             raise ValueError(f"blend tensor must be float with shape (3,), got "
                              f"{blend.dtype} {tuple(blend.shape)}")
         _check_blend_values(blend)
-        return blend.to(device=device if device is not None else blend.device, dtype=torch.float32)
+        return blend.to(device=device if device is not None else blend.device, dtype=dtype)
     w = [float(v) for v in blend]
     _check_weights(w)
-    return torch.tensor(w, dtype=torch.float32, device=device)
+    return torch.tensor(w, dtype=dtype, device=device)
 
 
 def _check_blend_values(blend: Tensor) -> None:
@@ -154,12 +155,14 @@ def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Ten
             raise ValueError(f"shrink_k must be a finite number >= 0 or None, got {shrink_k}")
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    # float64 inputs (gradcheck) keep float64 weights; everything else computes in float32
+    wdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(blend, Tensor):
         if blend.device != x.device:
             raise ValueError(f"blend is on {blend.device} but x is on {x.device}")
-        blend = blend_tensor(blend)
+        blend = blend_tensor(blend, dtype=torch.promote_types(blend.dtype, wdt))
     else:
-        blend = blend_tensor(blend, device=x.device)
+        blend = blend_tensor(blend, device=x.device, dtype=wdt)
     name = _backend_for(x, backend)
     y, _, _ = ops.dabn_forward(x, weight, bias, source_mean.detach(), source_var.detach(),
                                blend.detach(), shrink_k, float(eps), name)
