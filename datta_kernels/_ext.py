@@ -6,14 +6,19 @@ Importing ``_C`` registers the kernel-level ops ``torch.ops.datta._instance_stat
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 _ERROR: str | None = None
 
-try:
-    from . import _C  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on how the package was installed
-    _ERROR = str(e)
+if importlib.util.find_spec(f"{__package__}._C") is None:
+    _ERROR = "not built"
+else:
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as e:  # e.g. built against another torch (undefined symbols)
+        _ERROR = f"failed to load: {e}"
 
 _HINT = ("build it with `pip install --no-build-isolation -e .` from the repository root "
          "(needs a C++ compiler and the same torch you run with)")
@@ -23,7 +28,7 @@ def unavailable_reasons() -> list[str]:
     """Empty when the compiled library is loaded, else why not and how to fix it."""
     if _ERROR is None:
         return []
-    return [f"datta_kernels._C is not built or failed to load ({_ERROR}); {_HINT}"]
+    return [f"datta_kernels._C is {_ERROR}; {_HINT}"]
 
 
 def require() -> None:
