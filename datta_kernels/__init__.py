@@ -3,13 +3,22 @@
 See ``shared/SPEC.md`` for the math; ``datta_kernels.reference`` is that page as code.
 """
 from . import ops  # noqa: F401  (registers torch.ops.datta.*)
+from .adapt import DATTA
 from .backends import available_backends
+from .diversity import KDESelector, ThresholdSelector
 from .functional import blend_tensor, dabn, diversity_score, instance_stats
+from .nn import FusedDABN, convert_model, revert_model
 from .reference import PRESETS, Preset
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DATTA",
+    "FusedDABN",
+    "convert_model",
+    "revert_model",
+    "KDESelector",
+    "ThresholdSelector",
     "PRESETS",
     "Preset",
     "available_backends",

@@ -1,0 +1,302 @@
+"""Test-time adapters: ``DATTA`` (SPEC §4) and the baselines ``Source``, ``TBN``, ``BNAdapt``,
+``Tent``, all with one interface::
+
+    adapter = DATTA(model)                 # converts BatchNorm2d -> FusedDABN in place
+    for x in stream:                       # x: (N, C, H, W)
+        logits = adapter(x)                # predict (then update), (N, K), no graph attached
+        adapter.last_decision, adapter.last_score
+    adapter.reset()                        # back to the wrap-time state
+    state = adapter.state_dict()           # model + selector history + optimizer state
+
+An adapter is an ``nn.Module`` owning ``model``; its ``state_dict`` holds the model's entries
+under ``model.`` and the selector / optimizer state under ``_extra_state`` (plain Python and
+tensors: ``torch.save`` and ``weights_only`` loading work).  As with any ``state_dict``, its
+tensors share storage with the live ones: ``copy.deepcopy`` or ``torch.save`` it to keep it.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .diversity import MULTIPLE, SINGLE, Selector, make_selector
+from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, convert_model, dabn_layers
+
+__all__ = ["Adapter", "DATTA", "Source", "TBN", "BNAdapt", "Tent", "softmax_entropy"]
+
+OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
+
+
+def softmax_entropy(logits: Tensor) -> Tensor:
+    """Per-sample entropy ``-sum_k p_k log p_k`` of ``softmax(logits)``: (N, K) -> (N,) float32."""
+    logits = logits.float()
+    return -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1)
+
+
+def _prepare_model(model: nn.Module, preset: str | None, backend: str | None,
+                   shrink_k, weights) -> tuple[nn.Module, list[FusedDABN]]:
+    """Convert any plain BatchNorm2d and apply preset/backend to every FusedDABN layer
+    (``None`` keeps each layer's own setting)."""
+    kw = {} if weights is None else {"weights": weights}
+    if shrink_k is not _PRESET_DEFAULT:
+        kw["shrink_k"] = shrink_k
+    if any(_is_plain_bn(m) for m in model.modules()):
+        model = convert_model(model, preset or "datta", backend=backend or "auto", **kw)
+    layers = dabn_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nn.BatchNorm2d (or FusedDABN) layer: "
+                         "DATTA and the BN baselines adapt BatchNorm2d layers only")
+    for layer in layers:
+        if preset is not None:
+            layer.set_preset(preset, **kw)
+        if backend is not None:
+            layer.backend = backend
+    return model, layers
+
+
+class Adapter(nn.Module):
+    """Common machinery: a model of FusedDABN layers with a fixed preset, an optional entropy
+    step on the layers' ``gamma, beta`` (``update``: ``"never"``, ``"single"`` (DAFT),
+    ``"always"`` (Tent)), episodic resets and ``state_dict`` round trips.
+
+    The optimizer defaults to SGD(lr, momentum 0.9, Nesterov, no weight decay) over the
+    ``gamma, beta`` of every layer; ``optimizer`` may be an optimizer over those parameters or
+    a factory ``params -> optimizer``.  Updating adapters set ``requires_grad`` of every other
+    parameter of the model to False.
+    """
+
+    def __init__(self, model: nn.Module, preset: str | None, *, update: str = "never",
+                 lr: float = 1e-4, optimizer: OptimizerArg = None, episodic: bool = False,
+                 backend: str | None = "auto", shrink_k=_PRESET_DEFAULT, weights=None,
+                 selector: Selector | None = None):
+        super().__init__()
+        if update not in ("never", "single", "always"):
+            raise ValueError(f"update must be 'never', 'single' or 'always', got {update!r}")
+        model, layers = _prepare_model(model, preset, backend, shrink_k, weights)
+        self.model = model
+        self._layers = layers
+        self.update_rule, self.episodic, self.selector = update, bool(episodic), selector
+        self.optimizer = self._make_optimizer(lr, optimizer) if update != "never" else None
+        self.n_batches = 0
+        self.n_updates = 0
+        self._last_score: Tensor | None = None
+        self._last_decision: str | None = None
+        self._last_decision_t: Tensor | None = None
+        self._initial = self._snapshot()
+
+    # ------------------------------------------------------------------ setup
+    def _make_optimizer(self, lr: float, optimizer: OptimizerArg) -> torch.optim.Optimizer:
+        params = [p for layer in self._layers for p in (layer.weight, layer.bias) if p is not None]
+        if not params:
+            raise ValueError("entropy updates need affine BatchNorm layers (gamma, beta), but "
+                             "every layer has affine=False; use daft=False / a non-updating "
+                             "baseline")
+        self.model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        if optimizer is None:
+            if not lr > 0:
+                raise ValueError(f"lr must be > 0, got {lr}")
+            return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer
+        if callable(optimizer):
+            return optimizer(params)
+        raise TypeError(f"optimizer must be an Optimizer, a factory or None, got {optimizer!r}")
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
+                "selector": copy.deepcopy(self.selector.state_dict()) if self.selector else None}
+
+    @property
+    def layers(self) -> list[FusedDABN]:
+        """The FusedDABN layers of the model, in ``modules()`` order."""
+        return self._layers
+
+    # ------------------------------------------------------------------ per batch
+    def forward(self, x: Tensor) -> Tensor:
+        """One test batch ``(N, C, H, W)`` -> logits ``(N, K)`` computed before any update."""
+        if self.episodic:
+            self.reset()
+        self.n_batches += 1
+        return self._step(x)
+
+    def _step(self, x: Tensor) -> Tensor:
+        if self.update_rule == "never":
+            with torch.no_grad():
+                return self.model(x)
+        with torch.enable_grad():
+            logits = self.model(x)
+            self._entropy_step(logits)
+        return logits.detach()
+
+    def _entropy_step(self, logits: Tensor) -> None:
+        """One optimizer step on the mean softmax entropy of ``logits`` (N, K)."""
+        loss = softmax_entropy(logits).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.n_updates += 1
+
+    @property
+    def last_score(self) -> float | None:
+        """Diversity score of the latest batch (a host sync if it was decided on device)."""
+        return None if self._last_score is None else float(self._last_score)
+
+    @property
+    def last_decision(self) -> str | None:
+        """``"single"`` / ``"multiple"`` for the latest batch (None for score-free baselines)."""
+        if self._last_decision is None and self._last_decision_t is not None:
+            return SINGLE if bool(self._last_decision_t) else MULTIPLE
+        return self._last_decision
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Restore the model, optimizer and selector to their state at wrap time."""
+        self.model.load_state_dict(self._initial["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self._initial["optimizer"]))
+        if self.selector is not None:
+            self.selector.load_state_dict(self._initial["selector"])
+        self._last_score = self._last_decision = self._last_decision_t = None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"selector": self.selector.state_dict() if self.selector else None,
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "n_batches": self.n_batches, "n_updates": self.n_updates}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if (state["selector"] is None) != (self.selector is None):
+            raise ValueError("adapter state_dict and adapter disagree on having a selector")
+        if self.selector is not None:
+            self.selector.load_state_dict(state["selector"])
+        if (state["optimizer"] is None) != (self.optimizer is None):
+            raise ValueError("adapter state_dict and adapter disagree on having an optimizer")
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.n_batches, self.n_updates = int(state["n_batches"]), int(state["n_updates"])
+
+    def extra_repr(self) -> str:
+        return f"update={self.update_rule!r}, episodic={self.episodic}, layers={len(self._layers)}"
+
+
+class DATTA(Adapter):
+    """Diversity-Adaptive Test-Time Adaptation (SPEC §4).
+
+    Per batch ``x`` (N, C, H, W): the first FusedDABN layer (``score_layer``, a module name, to
+    choose another) computes the diversity score of its own input during the forward, the
+    selector turns it into a decision, and the decision is written into every layer before
+    the first one normalises.  The logits are returned; then, if ``daft`` and the batch is
+    ``single``, one entropy-minimisation step on the ``gamma, beta`` of every layer.
+    ``multiple`` batches build no autograd graph and run no backward.
+
+    Args:
+        model: a CNN with BatchNorm2d (converted in place) or FusedDABN layers.
+        preset: DABN preset for every layer (``None``: keep the layers' configuration).
+        selector: a ``Selector`` (default ``KDESelector()``) or a threshold number.
+        daft: fine-tune on ``single`` batches.  lr / optimizer: see :class:`Adapter`.
+        episodic: reset to the wrap-time state before every batch.
+        score_mode: ``"pixel"`` (exact) or ``"instance"`` (approximation).
+        backend: kernel backend for every layer (``None``: keep the layers' own).
+
+    Host syncs: one per batch (the selector needs the score as a float), except with a
+    threshold selector and ``daft=False``, which decides on the device with no sync.
+    """
+
+    def __init__(self, model: nn.Module, preset: str | None = "datta",
+                 selector: Selector | float | None = None, daft: bool = True, lr: float = 1e-4,
+                 optimizer: OptimizerArg = None, episodic: bool = False, score_mode: str = "pixel",
+                 backend: str | None = "auto", *, shrink_k=_PRESET_DEFAULT, weights=None,
+                 score_layer: str | None = None):
+        if score_mode not in ("pixel", "instance"):
+            raise ValueError(f"score_mode must be 'pixel' or 'instance', got {score_mode!r}")
+        super().__init__(model, preset, update="single" if daft else "never", lr=lr,
+                         optimizer=optimizer, episodic=episodic, backend=backend,
+                         shrink_k=shrink_k, weights=weights, selector=make_selector(selector))
+        self.daft = bool(daft)
+        self.score_mode = score_mode
+        # an index, not a module attribute: the layer must not be registered twice
+        self._score_at = 0
+        if score_layer is not None:
+            found = dict(self.model.named_modules()).get(score_layer)
+            if not isinstance(found, FusedDABN):
+                raise ValueError(f"score_layer {score_layer!r} is not a BatchNorm2d/FusedDABN "
+                                 "layer of the model")
+            self._score_at = next(i for i, lyr in enumerate(self._layers) if lyr is found)
+        # decide on the device (no .item()) only when no host-side branch needs the decision
+        self._sync_free = self.selector.sync_free and not self.daft
+
+    def _on_score(self, layer: FusedDABN, score: Tensor) -> None:
+        """Runs inside the score layer's forward, after the score and before normalising."""
+        self._last_score = score
+        if self._sync_free:
+            single = self.selector.decide_tensor(score)
+            for lyr in self._layers:
+                lyr.set_decision(single)
+            self._last_decision, self._last_decision_t = None, single
+            return
+        decision = self.selector.update(score)      # the one host sync of the batch
+        for lyr in self._layers:
+            lyr.set_decision(decision)
+        self._last_decision, self._last_decision_t = decision, None
+        if self.daft and decision == MULTIPLE:
+            # no update will follow: stop recording the graph for the rest of this forward
+            # (the enclosing enable_grad() restores the mode on exit)
+            torch.set_grad_enabled(False)
+
+    def _step(self, x: Tensor) -> Tensor:
+        first = self._layers[self._score_at]
+        saved = first.compute_score, first.score_mode, first.score_callback
+        first.compute_score, first.score_mode, first.score_callback = True, self.score_mode, self._on_score
+        self._last_score = self._last_decision = self._last_decision_t = None
+        try:
+            with torch.enable_grad() if self.daft else torch.no_grad():
+                logits = self.model(x)
+                if self._last_score is None:
+                    raise RuntimeError("the score layer was not called during the forward; "
+                                       "pass score_layer= the first BatchNorm the input reaches")
+                if self.daft and self._last_decision == SINGLE:
+                    self._entropy_step(logits)
+        finally:
+            first.compute_score, first.score_mode, first.score_callback = saved
+        return logits.detach()
+
+    def extra_repr(self) -> str:
+        return (f"selector={self.selector!r}, daft={self.daft}, episodic={self.episodic}, "
+                f"score_mode={self.score_mode!r}, layers={len(self._layers)}")
+
+
+class Source(Adapter):
+    """No adaptation: eval-mode BatchNorm with the source statistics (``source`` preset)."""
+
+    def __init__(self, model: nn.Module, *, episodic: bool = False, backend: str | None = "auto"):
+        super().__init__(model, "source", episodic=episodic, backend=backend)
+
+
+class TBN(Adapter):
+    """Test-batch normalisation: every layer uses the current batch's statistics (``tbn``)."""
+
+    def __init__(self, model: nn.Module, *, episodic: bool = False, backend: str | None = "auto"):
+        super().__init__(model, "tbn", episodic=episodic, backend=backend)
+
+
+class BNAdapt(Adapter):
+    """Prior blend of source and test-batch statistics (Schneider et al., ``bn_adapt``)."""
+
+    def __init__(self, model: nn.Module, *, episodic: bool = False, backend: str | None = "auto"):
+        super().__init__(model, "bn_adapt", episodic=episodic, backend=backend)
+
+
+class Tent(Adapter):
+    """TENT (Wang et al.): test-batch statistics (``tbn``) and one entropy step on the
+    ``gamma, beta`` of every layer on every batch (predict, then update)."""
+
+    def __init__(self, model: nn.Module, *, lr: float = 1e-4, optimizer: OptimizerArg = None,
+                 episodic: bool = False, backend: str | None = "auto"):
+        super().__init__(model, "tbn", update="always", lr=lr, optimizer=optimizer,
+                         episodic=episodic, backend=backend)

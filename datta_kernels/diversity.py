@@ -1,0 +1,336 @@
+"""DD — Diversity Discrimination: the diversity score and the selectors (SPEC §2).
+
+The score itself is :func:`datta_kernels.diversity_score` (re-exported here); this module
+turns a stream of scores into ``"single"`` / ``"multiple"`` decisions.
+
+Selectors are plain, stateful Python objects::
+
+    sel = KDESelector(window=1000, warmup=50)
+    decision = sel.update(score)          # score: float or 0-dim tensor (one host sync)
+    state = sel.state_dict()              # lists/floats/strings only (JSON- and torch.save-safe)
+    sel.load_state_dict(state)
+
+``KDESelector`` reproduces the authors' released rule (SciPy ``gaussian_kde`` with Scott's
+bandwidth evaluated on a 1000-point grid, extrema as in ``scipy.signal.argrelextrema``) without
+SciPy and at a cost bounded by the window (well under 1 ms at window 1000, see
+``bench/bench_selector.py``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+from torch import Tensor
+
+from .functional import diversity_score
+
+__all__ = ["diversity_score", "Selector", "KDESelector", "ThresholdSelector", "KDEInfo",
+           "kde_decision", "scott_kde", "SINGLE", "MULTIPLE"]
+
+SINGLE = "single"
+MULTIPLE = "multiple"
+
+#: Grid size of the authors' KDE (``np.linspace(min, max, 1000)``).
+GRID_SIZE = 1000
+#: Ratio rule: the two highest peaks must have comparable densities, ``1/2 <= d1/d2 <= 2``.
+PEAK_RATIO = 2.0
+#: Largest exponent magnitude allowed in the factored KDE terms (see :func:`scott_kde`);
+#: e^300 is far from float64 overflow (e^709) and from the subnormal range (e^-708).
+_MAX_EXPONENT = 300.0
+_BLOCKS = (32, 16, 8, 4, 2, 1)
+#: History points per matrix product.  A (32 x 1000) @ (1000 x 32) product is big enough for
+#: OpenBLAS to spread over threads, and on a busy machine that took 40 ms instead of 75 us
+#: (measured); products of 200 points (32*32*200 < 2^18 multiply-adds) stay single-threaded.
+_CHUNK = 200
+
+
+def _as_float(score: float | Tensor) -> float:
+    """The score as a Python float (a 0-dim tensor costs one host sync, by design)."""
+    if isinstance(score, Tensor):
+        if score.numel() != 1:
+            raise ValueError(f"score must be a scalar, got a tensor of shape {tuple(score.shape)}")
+        return float(score.detach().reshape(()).item())
+    return float(score)
+
+
+class KDEInfo(NamedTuple):
+    """Why the KDE rule decided what it decided (for logging and plots).
+
+    ``reason`` is one of ``"warmup"``, ``"degenerate"`` (fewer than 2 distinct scores),
+    ``"one_peak"``, ``"ratio"``, ``"valley"``, ``"peak"`` (no minimum between the peaks,
+    compared with ``p1``).  Positions are in score units; densities are the normalised KDE.
+    """
+
+    decision: str
+    reason: str
+    p1: float = math.nan
+    p2: float = math.nan
+    d1: float = math.nan
+    d2: float = math.nan
+    valley: float = math.nan
+
+
+def scott_kde(history: np.ndarray, grid_size: int = GRID_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian KDE of ``history`` (n,) with Scott's bandwidth on ``linspace(min, max, grid_size)``.
+
+    Returns ``(grid, density)``, both ``(grid_size,)`` float64, equal to
+    ``scipy.stats.gaussian_kde(history)(grid)`` up to rounding (~1e-14 relative; terms below
+    e^-600 of the kernel peak may flush to 0, as SciPy's own flush below e^-745).
+    Needs ``std(history) > 0``.
+
+    Math: ``h = std(history, ddof=1) * n^(-1/5)`` (Scott), ``density(g) = sum_i exp(-z_i(g)^2)
+    / (n h sqrt(2 pi))`` with ``z_i(g) = (g - x_i) / (h sqrt 2)``.  On the uniform grid the
+    step is ``d = Delta / (h sqrt 2)`` in z units.  Write the grid index ``j = j0 + B q' + r``
+    (``j0 = B q0`` a block start near the middle, ``q' = q - q0``, ``0 <= r < B``),
+    ``a_i = z_i(g_j0)`` and ``A_iq = a_i + B q' d``.  Expanding ``(A_iq + r d)^2``:
+
+        exp(-z^2) = exp(-A_iq^2) * exp(-2 a_i r d) * exp(-2 B q' r d^2 - r^2 d^2)
+                  =   E[i, q]    *     P[i, r]     *           C[q, r]
+
+    so ``density[q, r] = C[q, r] * (E^T P)[q, r]``: one matrix product and
+    ``n (G/B + B)`` exponentials instead of ``n G``.  ``B`` is the largest block keeping the
+    exponents of ``P`` and ``C`` within ``+-300`` (always 16 or 32 at window 1000; 1, the
+    direct formula, for absurd range/bandwidth ratios).  Every factor is an ``exp`` of an
+    O(1)-conditioned argument, so the accuracy is that of direct evaluation.
+    """
+    x = np.asarray(history, dtype=np.float64)
+    n = x.size
+    h = float(np.std(x, ddof=1)) * n ** (-0.2)
+    lo, hi = float(x.min()), float(x.max())
+    grid = np.linspace(lo, hi, grid_size)
+    step = (hi - lo) / (grid_size - 1)
+    inv = 1.0 / (h * math.sqrt(2.0))
+    d = step * inv
+    for b in _BLOCKS:
+        n_blocks = -(-grid_size // b)
+        q0 = n_blocks // 2
+        a = (lo + b * q0 * step - x) * inv                   # (n,)
+        p_max = 2.0 * float(np.abs(a).max()) * (b - 1) * d
+        c_max = 2.0 * b * max(q0, n_blocks - 1 - q0) * (b - 1) * d * d
+        if max(p_max, c_max) <= _MAX_EXPONENT:
+            break
+    r = np.arange(b, dtype=np.float64)
+    qs = np.arange(n_blocks, dtype=np.float64) - q0
+    e = np.add.outer(a, (b * d) * qs)                        # A_iq: (n, n_blocks)
+    np.square(e, out=e)
+    np.negative(e, out=e)
+    np.exp(e, out=e)
+    p = np.exp(np.multiply.outer(a, -2.0 * d * r))           # (n, b)
+    c = np.exp(np.multiply.outer(qs, -2.0 * b * d * d * r) - np.square(r * d))  # (n_blocks, b)
+    dens = np.zeros((n_blocks, b))
+    for k in range(0, n, _CHUNK):
+        dens += e[k:k + _CHUNK].T @ p[k:k + _CHUNK]
+    dens *= c                                                # (n_blocks, b): index j = b q + r
+    density = dens.reshape(-1)[:grid_size] * (1.0 / (n * h * math.sqrt(2.0 * math.pi)))
+    return grid, density
+
+
+def _local_extrema(density: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of strict local maxima and minima, as ``argrelextrema(d, np.greater/np.less)``
+    (order 1, mode "clip": the two end points and flat plateaus are never extrema)."""
+    mid, left, right = density[1:-1], density[:-2], density[2:]
+    peaks = np.flatnonzero((mid > left) & (mid > right)) + 1
+    mins = np.flatnonzero((mid < left) & (mid < right)) + 1
+    return peaks, mins
+
+
+def kde_decision(history: np.ndarray, score: float, warmup: int = 50) -> KDEInfo:
+    """The SPEC §2 KDE rule on a history ``(n,)`` that already contains ``score``.
+
+    - ``n < warmup``: ``multiple`` (the first ``warmup - 1`` batches).
+    - Degenerate history (fewer than 2 points or all equal: ``std = 0`` so Scott's bandwidth is
+      0 and SciPy's ``gaussian_kde`` would raise a singular-matrix error): ``multiple``.  A
+      constant score stream carries no evidence of two regimes, and ``multiple`` is the safe
+      side (no fine-tuning, mostly source statistics).
+    - Otherwise take the two highest density peaks ordered by position (``p1 < p2``), the
+      lowest local minimum strictly between them (``valley``); ``multiple`` if fewer than two
+      peaks or ``d1/d2`` outside ``[1/2, 2]``; else ``single`` iff ``score < valley``
+      (``score < p1`` when no minimum lies between the peaks).
+    """
+    n = history.size
+    if n < warmup:
+        return KDEInfo(MULTIPLE, "warmup")
+    if n < 2 or not history.max() > history.min():
+        return KDEInfo(MULTIPLE, "degenerate")
+    grid, density = scott_kde(history)
+    peaks, mins = _local_extrema(density)
+    if peaks.size < 2:
+        return KDEInfo(MULTIPLE, "one_peak")
+    # highest two by density (stable sort: on an exact tie the later index ranks higher,
+    # as with np.argsort(...)[-2:]), then ordered by position
+    i1, i2 = np.sort(peaks[np.argsort(density[peaks], kind="stable")[-2:]])
+    p1, p2, d1, d2 = float(grid[i1]), float(grid[i2]), float(density[i1]), float(density[i2])
+    ratio = d1 / d2
+    if ratio > PEAK_RATIO or ratio < 1.0 / PEAK_RATIO:
+        return KDEInfo(MULTIPLE, "ratio", p1, p2, d1, d2)
+    between = mins[(mins > i1) & (mins < i2)]
+    if between.size:
+        valley = float(grid[between[np.argmin(density[between])]])
+        decision = SINGLE if score < valley else MULTIPLE
+        return KDEInfo(decision, "valley", p1, p2, d1, d2, valley)
+    return KDEInfo(SINGLE if score < p1 else MULTIPLE, "peak", p1, p2, d1, d2)
+
+
+class Selector:
+    """Base class: ``update(score) -> "single" | "multiple"`` plus ``state_dict`` round trips."""
+
+    #: True when the decision can be taken on the device (``decide_tensor``) with no host sync.
+    sync_free = False
+
+    def update(self, score: float | Tensor) -> str:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the stream (history, counters); keep the configuration."""
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class ThresholdSelector(Selector):
+    """``single`` iff ``score < threshold``.  Stateless apart from its threshold, so it can
+    also decide on the device (:meth:`decide_tensor`) without a host sync."""
+
+    sync_free = True
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be finite, got {threshold!r}")
+        self.last_decision: str | None = None
+
+    def update(self, score: float | Tensor) -> str:
+        self.last_decision = SINGLE if _as_float(score) < self.threshold else MULTIPLE
+        return self.last_decision
+
+    def decide_tensor(self, score: Tensor) -> Tensor:
+        """Device-side decision: a 0-dim bool tensor, True for ``single`` (no host sync)."""
+        return score.detach().reshape(()) < self.threshold
+
+    def reset(self) -> None:
+        self.last_decision = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "threshold", "threshold": self.threshold, "last_decision": self.last_decision}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "threshold":
+            raise ValueError(f"not a ThresholdSelector state (kind={state.get('kind')!r})")
+        self.threshold = float(state["threshold"])
+        self.last_decision = state.get("last_decision")
+
+    def __repr__(self) -> str:
+        return f"ThresholdSelector(threshold={self.threshold})"
+
+
+class KDESelector(Selector):
+    """The authors' KDE valley rule (SPEC §2) over a sliding window of scores.
+
+    ``window``: history length (the current score included); ``None`` keeps every score (the
+    cost then grows with the stream).  ``warmup``: the first ``warmup - 1`` updates return
+    ``multiple``.  Non-finite scores (a NaN batch) are not recorded and return ``multiple``.
+    ``last_info`` holds the :class:`KDEInfo` of the latest decision.
+    """
+
+    def __init__(self, window: int | None = 1000, warmup: int = 50):
+        if window is not None and (int(window) != window or window < 1):
+            raise ValueError(f"window must be a positive integer or None, got {window!r}")
+        if int(warmup) != warmup or warmup < 1:
+            raise ValueError(f"warmup must be a positive integer, got {warmup!r}")
+        if window is not None and window < warmup:
+            raise ValueError(f"window ({window}) < warmup ({warmup}): the history would never "
+                             "leave the warm-up and every decision would be 'multiple'")
+        self.window = None if window is None else int(window)
+        self.warmup = int(warmup)
+        self.reset()
+
+    def reset(self) -> None:
+        # A ring buffer of the last `window` scores (the KDE does not depend on their order);
+        # with window=None it grows by doubling.
+        self._buf = np.empty(self.window if self.window is not None else 64, dtype=np.float64)
+        self._count = 0                      # scores recorded since reset
+        self.last_info: KDEInfo | None = None
+
+    @property
+    def count(self) -> int:
+        """Number of scores recorded since the last reset."""
+        return self._count
+
+    def history(self) -> np.ndarray:
+        """The scores in the window, oldest first: ``(min(count, window),)`` float64."""
+        if self.window is None or self._count <= self.window:
+            return self._buf[:self._count].copy()
+        head = self._count % self.window
+        return np.concatenate([self._buf[head:], self._buf[:head]])
+
+    def _push(self, value: float) -> None:
+        if self.window is None:
+            if self._count == self._buf.size:
+                self._buf = np.concatenate([self._buf, np.empty_like(self._buf)])
+            self._buf[self._count] = value
+        else:
+            self._buf[self._count % self.window] = value
+        self._count += 1
+
+    def _window_view(self) -> np.ndarray:
+        n = self._count if self.window is None else min(self._count, self.window)
+        return self._buf[:n]
+
+    def update(self, score: float | Tensor) -> str:
+        value = _as_float(score)
+        if not math.isfinite(value):
+            self.last_info = KDEInfo(MULTIPLE, "nonfinite")
+            return MULTIPLE
+        self._push(value)
+        self.last_info = kde_decision(self._window_view(), value, self.warmup)
+        return self.last_info.decision
+
+    def density(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(grid, density)`` of the current window, for plots (needs 2+ distinct scores)."""
+        hist = self._window_view()
+        if hist.size < 2 or not hist.max() > hist.min():
+            raise ValueError("the KDE needs at least two distinct scores")
+        return scott_kde(hist)
+
+    def state_dict(self) -> dict[str, Any]:
+        info = self.last_info._asdict() if self.last_info is not None else None
+        return {"kind": "kde", "window": self.window, "warmup": self.warmup,
+                "history": self.history().tolist(), "count": self._count, "last_info": info}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore configuration and history (the saved window/warmup replace the current)."""
+        if state.get("kind") != "kde":
+            raise ValueError(f"not a KDESelector state (kind={state.get('kind')!r})")
+        self.__init__(state["window"], state["warmup"])
+        for v in state["history"]:
+            self._push(float(v))
+        # the ring position only matters modulo the window; keep the true count for reporting
+        skipped = int(state.get("count", self._count)) - self._count
+        if skipped > 0 and self.window is not None:
+            hist = self.history()
+            self._count += skipped
+            head = self._count % self.window
+            self._buf[head:] = hist[: self.window - head]
+            self._buf[:head] = hist[self.window - head:]
+        info = state.get("last_info")
+        self.last_info = KDEInfo(**info) if info is not None else None
+
+    def __repr__(self) -> str:
+        return f"KDESelector(window={self.window}, warmup={self.warmup})"
+
+
+def make_selector(selector: Selector | str | float | None) -> Selector:
+    """``None`` / ``"kde"`` -> ``KDESelector()``; a number -> ``ThresholdSelector(number)``."""
+    if selector is None or selector == "kde":
+        return KDESelector()
+    if isinstance(selector, Selector):
+        return selector
+    if isinstance(selector, (int, float)) and not isinstance(selector, bool):
+        return ThresholdSelector(float(selector))
+    raise TypeError(f"selector must be a Selector, 'kde', a threshold number or None, "
+                    f"got {selector!r}")
+

@@ -1,0 +1,291 @@
+"""``FusedDABN``: a drop-in ``nn.BatchNorm2d`` that normalises with the DABN blend (SPEC §3),
+plus ``convert_model`` / ``revert_model``.
+
+State of one layer (all tensors, so ``.to()``, ``deepcopy``, pickle and ``state_dict`` work and a
+changing decision never recompiles a ``torch.compile``-d model):
+
+==================  =======  ==============================================================
+name                shape    meaning
+==================  =======  ==============================================================
+weight, bias        (C,)     gamma, beta (as BatchNorm2d)
+running_mean/var    (C,)     as BatchNorm2d; never updated by DABN
+num_batches_tracked ()       as BatchNorm2d; never updated by DABN
+source_mean/var     (C,)     frozen copy of the source statistics used by DABN
+blend_single        (3,)     (w_s, w_b, w_i) for "single" batches, float32
+blend_multiple      (3,)     (w_s, w_b, w_i) for "multiple" batches, float32
+decision            ()       bool, True = "single"; blend = where(decision, single, multiple)
+==================  =======  ==============================================================
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .functional import blend_tensor, dabn, diversity_score
+from .reference import PRESETS
+
+__all__ = ["FusedDABN", "convert_model", "revert_model", "dabn_layers"]
+
+_PRESET_DEFAULT = object()  # sentinel: "shrink_k of the preset"
+_DABN_KEYS = ("source_mean", "source_var", "blend_single", "blend_multiple", "decision")
+_BLEND_KEYS = ("blend_single", "blend_multiple")
+_DECISIONS = {"single": True, "multiple": False}
+
+
+def _resolve_weights(preset: str, weights, shrink_k):
+    """(single, multiple, shrink_k, preset label) from a preset name and optional overrides."""
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} "
+                         "or pass weights=(single, multiple)")
+    p = PRESETS[preset]
+    single, multiple, label = p.single, p.multiple, preset
+    if weights is not None:
+        if (isinstance(weights, (str, Tensor)) or not isinstance(weights, Sequence)
+                or len(weights) != 2):
+            raise ValueError("weights must be a pair (single, multiple) of (w_s, w_b, w_i) "
+                             f"triples, got {weights!r}")
+        single, multiple = (tuple(float(v) for v in w) for w in weights)
+        label = "custom"
+    for name, w in (("single", single), ("multiple", multiple)):
+        try:
+            blend_tensor(w)
+        except ValueError as e:
+            raise ValueError(f"invalid {name!r} blend weights: {e}") from None
+    k = p.shrink_k if shrink_k is _PRESET_DEFAULT else shrink_k
+    if k is not None:
+        k = float(k)
+        if not math.isfinite(k) or k < 0:
+            raise ValueError(f"shrink_k must be a finite number >= 0 or None, got {k}")
+    return single, multiple, k, label
+
+
+class FusedDABN(nn.BatchNorm2d):
+    r"""Diversity-Adaptive BatchNorm: ``nn.BatchNorm2d`` normalising with a blend of source,
+    test-batch and instance statistics chosen by a per-batch decision (SPEC §3).
+
+    Input ``(N, C, H, W)`` -> output of the same shape, dtype and memory format.
+
+    Args: those of ``nn.BatchNorm2d``, plus keyword-only
+        preset: a name in ``datta_kernels.PRESETS`` (default ``"datta"``).
+        shrink_k: NOTE-style shrink of instance statistics (default: the preset's; ``None``
+            disables it).
+        weights: ``(single, multiple)`` custom ``(w_s, w_b, w_i)`` triples, each >= 0 summing
+            to 1; overrides the preset's weights (not its ``shrink_k``).
+        backend: ``"auto"`` or a backend name (see ``datta_kernels.available_backends``).
+        compute_score: compute the diversity score of the input in ``forward`` (set it on the
+            first layer of a model); stored in ``last_score`` (0-dim) and ``last_angles`` (N,).
+        score_mode: ``"pixel"`` (exact) or ``"instance"`` (approximation), see
+            ``diversity_score``.
+
+    Unlike ``nn.BatchNorm2d``, ``train()`` / ``eval()`` do not change what the layer computes:
+    it always normalises with the blend of the current decision, and the running buffers and
+    ``num_batches_tracked`` are never updated (they hold the source statistics).  ``momentum``
+    is kept only for checkpoint and ``repr`` compatibility.  With ``track_running_stats=False``
+    the source statistics are the initial ``(0, 1)`` until set with :meth:`set_source_stats`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, preset: str = "datta", shrink_k=_PRESET_DEFAULT, weights=None,
+                 backend: str = "auto", compute_score: bool = False, score_mode: str = "pixel"):
+        single, multiple, k, label = _resolve_weights(preset, weights, shrink_k)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        fk = {"device": device, "dtype": dtype}
+        self.register_buffer("source_mean", torch.zeros(num_features, **fk))
+        self.register_buffer("source_var", torch.ones(num_features, **fk))
+        self.register_buffer("blend_single", torch.tensor(single, dtype=torch.float32, device=device))
+        self.register_buffer("blend_multiple",
+                             torch.tensor(multiple, dtype=torch.float32, device=device))
+        self.register_buffer("decision", torch.tensor(True, device=device))
+        self.preset, self.shrink_k, self.backend = label, k, backend
+        self.compute_score, self.score_mode = compute_score, score_mode
+        self.last_score: Tensor | None = None
+        self.last_angles: Tensor | None = None
+        #: called as ``score_callback(layer, score)`` after the score is computed and before
+        #: the layer normalises (the DATTA adapter sets the decision of every layer there)
+        self.score_callback = None
+
+    # ------------------------------------------------------------------ configuration
+    def set_preset(self, preset: str = "datta", *, shrink_k=_PRESET_DEFAULT, weights=None) -> None:
+        """Switch preset / weights in place (tensor values only: no recompilation unless
+        ``shrink_k`` changes)."""
+        single, multiple, k, label = _resolve_weights(preset, weights, shrink_k)
+        with torch.no_grad():
+            self.blend_single.copy_(torch.tensor(single))
+            self.blend_multiple.copy_(torch.tensor(multiple))
+        self.preset, self.shrink_k = label, k
+
+    def set_decision(self, decision: str | bool | Tensor) -> None:
+        """Write the decision in place: ``"single"``/``True`` or ``"multiple"``/``False``, or a
+        0-dim bool tensor (copied on device, no host sync)."""
+        with torch.no_grad():
+            if isinstance(decision, Tensor):
+                self.decision.copy_(decision.reshape(()))
+            elif isinstance(decision, str):
+                if decision not in _DECISIONS:
+                    raise ValueError(f"decision must be 'single' or 'multiple', got {decision!r}")
+                self.decision.fill_(_DECISIONS[decision])
+            else:
+                self.decision.fill_(bool(decision))
+
+    def set_source_stats(self, mean: Tensor, var: Tensor) -> None:
+        """Set the source statistics (and the running buffers, when tracked) to ``(C,)`` values."""
+        with torch.no_grad():
+            self.source_mean.copy_(mean)
+            self.source_var.copy_(var)
+            if self.running_mean is not None:
+                self.running_mean.copy_(mean)
+                self.running_var.copy_(var)
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if hasattr(self, "source_mean"):  # BatchNorm's __init__ calls this before they exist
+            self.source_mean.zero_()
+            self.source_var.fill_(1)
+
+    def blend(self) -> Tensor:
+        """The effective ``(w_s, w_b, w_i)`` for the current decision, on device (no sync)."""
+        return torch.where(self.decision, self.blend_single, self.blend_multiple)
+
+    # ------------------------------------------------------------------ forward
+    def score(self, x: Tensor) -> Tensor:
+        """Compute and store ``last_score`` (0-dim) / ``last_angles`` (N,) for input ``x``."""
+        self.last_score, self.last_angles = diversity_score(
+            x, self.source_mean, mode=self.score_mode, backend=self.backend)
+        return self.last_score
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if self.compute_score:
+            score = self.score(x)
+            if self.score_callback is not None:
+                self.score_callback(self, score)
+        return dabn(x, self.weight, self.bias, self.source_mean, self.source_var, self.blend(),
+                     shrink_k=self.shrink_k, eps=self.eps, backend=self.backend)
+
+    # ------------------------------------------------------------------ state
+    def _apply(self, fn, recurse=True):
+        # .half()/.double() would round the blend weights (fp16 0.85 + 0.15 != 1); keep them
+        # float32 and only follow the device.
+        keep = {k: getattr(self, k) for k in _BLEND_KEYS if hasattr(self, k)}
+        out = super()._apply(fn, recurse)
+        for k, old in keep.items():
+            self._buffers[k] = old.to(device=self._buffers[k].device, dtype=torch.float32)
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A plain BatchNorm2d checkpoint has no DABN keys: the source statistics come from its
+        # running buffers, blend weights and decision keep this layer's values, and none of
+        # them is reported missing (so strict=True loads succeed).
+        n_missing = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        dabn_missing = {prefix + k for k in _DABN_KEYS} - set(state_dict)
+        if not dabn_missing:
+            return
+        new = missing_keys[n_missing:]
+        del missing_keys[n_missing:]
+        missing_keys.extend(k for k in new if k not in dabn_missing)
+        with torch.no_grad():
+            for src, dst in (("running_mean", "source_mean"), ("running_var", "source_var")):
+                value = state_dict.get(prefix + src)
+                if prefix + dst in dabn_missing and value is not None:
+                    getattr(self, dst).copy_(value)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", preset={self.preset!r}"
+        if self.shrink_k != PRESETS.get(self.preset, (None, None, None))[2]:
+            s += f", shrink_k={self.shrink_k}"
+        if self.backend != "auto":
+            s += f", backend={self.backend!r}"
+        return s
+
+
+def dabn_layers(model: nn.Module) -> list[FusedDABN]:
+    """Every ``FusedDABN`` of ``model`` in ``model.modules()`` order."""
+    return [m for m in model.modules() if isinstance(m, FusedDABN)]
+
+
+def _is_plain_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.BatchNorm2d) and not isinstance(m, FusedDABN)
+
+
+def _factory(bn: nn.BatchNorm2d) -> dict:
+    ref = bn.weight if bn.weight is not None else bn.running_mean
+    return {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+
+
+def _copy_grad_flags(src: nn.Module, dst: nn.Module) -> None:
+    for name in ("weight", "bias"):
+        s, d = getattr(src, name), getattr(dst, name)
+        if s is not None and d is not None:
+            d.requires_grad_(s.requires_grad)
+
+
+def _swap(model: nn.Module, match, make) -> tuple[nn.Module, int]:
+    """Replace every submodule for which ``match`` holds by ``make(submodule)`` (recursively)."""
+    if match(model):
+        return make(model), 1
+    count = 0
+    for name, child in model.named_children():
+        new, n = _swap(child, match, make)
+        if new is not child:
+            setattr(model, name, new)
+        count += n
+    return model, count
+
+
+def convert_model(model: nn.Module, preset: str = "datta", **kwargs) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` of ``model`` by a :class:`FusedDABN` (in place).
+
+    Keeps device, dtype, parameters and buffers (the running statistics become the source
+    statistics), ``requires_grad`` and the training flag.  ``kwargs`` go to ``FusedDABN``
+    (``shrink_k``, ``weights``, ``backend``, ``score_mode``).  Returns ``model`` (or the new
+    layer when ``model`` itself is a BatchNorm2d).  Raises ``ValueError`` when there is no
+    BatchNorm2d to convert.
+    """
+    _resolve_weights(preset, kwargs.get("weights"), kwargs.get("shrink_k", _PRESET_DEFAULT))
+
+    def make(bn: nn.BatchNorm2d) -> FusedDABN:
+        new = FusedDABN(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                        preset=preset, **_factory(bn), **kwargs)
+        new.load_state_dict(bn.state_dict(), strict=True)
+        _copy_grad_flags(bn, new)
+        return new.train(bn.training)
+
+    model, count = _swap(model, _is_plain_bn, make)
+    if count == 0:
+        already = len(dabn_layers(model))
+        hint = (f" (it already has {already} FusedDABN layers: use FusedDABN.set_preset to "
+                "reconfigure them)") if already else ""
+        raise ValueError(f"convert_model: {type(model).__name__} has no nn.BatchNorm2d layer "
+                         f"to convert{hint}")
+    return model
+
+
+def revert_model(model: nn.Module) -> nn.Module:
+    """Replace every :class:`FusedDABN` by a plain ``nn.BatchNorm2d`` (in place) whose running
+    statistics are the SOURCE statistics and whose affine parameters are the current ones."""
+
+    def make(layer: FusedDABN) -> nn.BatchNorm2d:
+        bn = nn.BatchNorm2d(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                            layer.track_running_stats, **_factory(layer))
+        with torch.no_grad():
+            if layer.affine:
+                bn.weight.copy_(layer.weight)
+                bn.bias.copy_(layer.bias)
+            if layer.track_running_stats:
+                bn.running_mean.copy_(layer.source_mean)
+                bn.running_var.copy_(layer.source_var)
+                bn.num_batches_tracked.copy_(layer.num_batches_tracked)
+        _copy_grad_flags(layer, bn)
+        return bn.train(layer.training)
+
+    model, count = _swap(model, lambda m: isinstance(m, FusedDABN), make)
+    if count == 0:
+        raise ValueError(f"revert_model: {type(model).__name__} has no FusedDABN layer")
+    return model
