@@ -1,0 +1,295 @@
+// DABN on CUDA (SPEC §1, §3): instance statistics, the blended forward and its backward.
+//
+//   instance_stats: reduce(MomentsOp)                       -> mean, var          (reads x once)
+//   dabn_forward:   reduce(MomentsOp) -> forward_coefs -> apply  -> y            (reads x twice)
+//   dabn_backward:  reduce(DySumsOp)  -> backward_coefs -> apply(dy) -> dx      (reads x, dy twice)
+//
+// The reduce / apply passes stream the tensors (passes.cuh); the coefficient kernels are
+// tiny: one thread per channel walks the batch in order n = 0..N-1, so batch statistics,
+// dweight and dbias are fixed-order sums (deterministic, no atomics).  The blend weights are
+// read from device memory here, never copied to the host.
+#include "passes.cuh"
+
+namespace datta::cuda {
+namespace {
+
+/// Everything the per-channel kernels read; (C,) arrays may be nullptr where SPEC allows.
+template <typename A>
+struct ChannelArgs {
+  const A* blend;   // (3,) w_s, w_b, w_i
+  const A* smean;   // (C,)
+  const A* svar;    // (C,)
+  const A* weight;  // (C,) or nullptr (gamma = 1)
+  const A* bias;    // (C,) or nullptr (beta = 0)
+  const A* mean;    // (N, C) instance mean mu_i
+  const A* var;     // (N, C) instance variance sigma^2_i
+  int64_t n, c, m;
+  A eps, k;
+  bool shrink;
+};
+
+/// Per-channel constants: effective weights (SPEC §3 edge rules), batch and source moments.
+template <typename A>
+struct Channel {
+  A ws, wb, wi;
+  A mu_b, var_b;  // batch moments from the instance moments (SPEC §1)
+  A ms, vs, g, beta;
+  A lam_mu, lam_var;  // shrink thresholds k s_mu, k s_sigma
+};
+
+template <typename A>
+__device__ Channel<A> load_channel(const ChannelArgs<A>& a, int64_t ci) {
+  Channel<A> ch;
+  ch.ws = a.blend[0];
+  ch.wb = a.blend[1];
+  ch.wi = a.blend[2];
+  // Shape facts, no data dependence: undefined statistics hand their weight to the source.
+  if (a.m <= 1) {
+    ch.ws += ch.wi;
+    ch.wi = A(0);
+  }
+  if (a.n * a.m <= 1) {
+    ch.ws += ch.wb;
+    ch.wb = A(0);
+  }
+  // mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2].
+  A sum = A(0);
+  for (int64_t k = 0; k < a.n; ++k) sum += a.mean[k * a.c + ci];
+  ch.mu_b = sum / A(a.n);
+  A ss = A(0);
+  for (int64_t k = 0; k < a.n; ++k) {
+    const A d = a.mean[k * a.c + ci] - ch.mu_b;
+    ss += A(a.m - 1) * a.var[k * a.c + ci] + A(a.m) * d * d;
+  }
+  ch.var_b = a.n * a.m > 1 ? ss / A(a.n * a.m - 1) : A(0);
+  ch.ms = a.smean[ci];
+  ch.vs = a.svar[ci];
+  ch.g = a.weight ? a.weight[ci] : A(1);
+  ch.beta = a.bias ? a.bias[ci] : A(0);
+  // s_mu = sqrt((var_s + eps) / M),  s_sigma = (var_s + eps) sqrt(2 / (M - 1)).
+  const A sv = ch.vs + a.eps;
+  ch.lam_mu = a.k * sqrt_(sv / A(a.m));
+  ch.lam_var = a.k * (sv * A(sqrt(2.0 / double(a.m > 1 ? a.m - 1 : 1))));
+  return ch;
+}
+
+/// Blended moments of one (n, c) and the softshrink pass-through masks.
+template <typename A>
+struct Blended {
+  A m, v;
+  A keep_mu, keep_var;  // d(shrunk)/d(raw): 1 outside the dead zone, 0 inside
+};
+
+template <typename A>
+__device__ __forceinline__ A softshrink(A z, A lam) {
+  const A mag = max_(abs_(z) - lam, A(0));
+  return z > A(0) ? mag : (z < A(0) ? -mag : A(0));
+}
+
+/// m = w_s mu_s + w_b mu_B + w_i mu~_i,  v = w_s var_s + w_b var_B + w_i var~_i, with
+/// mu~_i = mu_s + softshrink(mu_i - mu_s, k s_mu) (likewise var~_i) when shrinking (M > 1).
+template <typename A>
+__device__ __forceinline__ Blended<A> blend(const ChannelArgs<A>& a, const Channel<A>& ch, A mi, A vi) {
+  Blended<A> r{A(0), A(0), A(1), A(1)};
+  if (a.shrink && a.m > 1) {
+    const A zmu = mi - ch.ms, zvar = vi - ch.vs;
+    r.keep_mu = abs_(zmu) > ch.lam_mu ? A(1) : A(0);
+    r.keep_var = abs_(zvar) > ch.lam_var ? A(1) : A(0);
+    mi = ch.ms + softshrink(zmu, ch.lam_mu);
+    vi = ch.vs + softshrink(zvar, ch.lam_var);
+  }
+  r.m = ch.ws * ch.ms + ch.wb * ch.mu_b + ch.wi * mi;
+  r.v = ch.ws * ch.vs + ch.wb * ch.var_b + ch.wi * vi;
+  return r;
+}
+
+/// Forward coefficients: y = b (x - mu) + c0 with mu = m, b = rsqrt(max(v, 0) + eps) gamma,
+/// c0 = beta.  (x - m) is formed before scaling, as in the reference, so a large common
+/// offset of x and m cancels exactly instead of through x * scale - m * scale.
+template <typename A>
+__global__ void __launch_bounds__(cfg::kTinyThreads)
+forward_coefs_kernel(ChannelArgs<A> a, A* coef_mu, A* coef_b, A* coef_c0) {
+  const int64_t ci = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (ci >= a.c) return;
+  const Channel<A> ch = load_channel(a, ci);
+  for (int64_t k = 0; k < a.n; ++k) {
+    const int64_t i = k * a.c + ci;
+    const Blended<A> bl = blend(a, ch, a.mean[i], a.var[i]);
+    coef_mu[i] = bl.m;
+    coef_b[i] = rsqrt_(max_(bl.v, A(0)) + a.eps) * ch.g;
+    coef_c0[i] = ch.beta;
+  }
+}
+
+// Backward coefficients, one thread per channel c, in this kernel's names (SPEC §3; the
+// reference is datta_kernels.reference.dabn_backward).  Per n, with i = (n, c):
+//   m, v       blended moments;  r = rsqrt(max(v, 0) + eps);  g = gamma[c]
+//   sdy        = sum_p dy,   sdyxc = sum_p dy (x - mu_i)                  (pass 1)
+//   sdyxh      = r (sdyxc + (mu_i - m) sdy)                               (= sum_p dy xhat)
+//   dbias     += sdy,        dweight += sdyxh                             (fixed order in n)
+//   dm         = -g r sdy,   dv = -g r^2 sdyxh / 2   (dv = 0 where v < 0: the clamp)
+//   dmu_i      = w_i dm keep_mu,   dvar_i = w_i dv keep_var                (softshrink masks)
+//   dmu_B      = w_b sum_n dm,     dvar_B = w_b sum_n dv
+//   coef_a     = g r
+//   coef_b     = 2 dvar_i / (M - 1) [M > 1]  +  2 dvar_B / (N M - 1) [N M > 1]
+//   coef_c0    = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1) [N M > 1]
+// and pass 2 writes dx = coef_a dy + coef_b (x - mu_i) + coef_c0.  The first loop writes the
+// per-n terms; the second adds the batch terms, which need the sums over all n.
+template <typename A>
+__global__ void __launch_bounds__(cfg::kTinyThreads)
+backward_coefs_kernel(ChannelArgs<A> a, const A* sdy_in, const A* sdyxc_in, A* coef_a, A* coef_b,
+                      A* coef_c0, A* dweight, A* dbias) {
+  const int64_t ci = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (ci >= a.c) return;
+  const Channel<A> ch = load_channel(a, ci);
+  const int64_t nm = a.n * a.m;
+  A sum_sdy = A(0), sum_sdyxh = A(0), sum_dm = A(0), sum_dv = A(0);
+  for (int64_t k = 0; k < a.n; ++k) {
+    const int64_t i = k * a.c + ci;
+    const A mi = a.mean[i];
+    const Blended<A> bl = blend(a, ch, mi, a.var[i]);
+    const A r = rsqrt_(max_(bl.v, A(0)) + a.eps);
+    const A sdy = sdy_in[i];
+    const A sdyxh = r * (sdyxc_in[i] + (mi - bl.m) * sdy);
+    sum_sdy += sdy;
+    sum_sdyxh += sdyxh;
+    const A dm = -ch.g * r * sdy;
+    const A dv = bl.v >= A(0) ? A(-0.5) * ch.g * r * r * sdyxh : A(0);
+    sum_dm += dm;
+    sum_dv += dv;
+    const A dmu_i = ch.wi * dm * bl.keep_mu, dvar_i = ch.wi * dv * bl.keep_var;
+    coef_a[i] = ch.g * r;
+    coef_b[i] = a.m > 1 ? A(2) * dvar_i / A(a.m - 1) : A(0);
+    coef_c0[i] = dmu_i / A(a.m);
+  }
+  dbias[ci] = sum_sdy;
+  dweight[ci] = sum_sdyxh;
+  const A dmu_b = ch.wb * sum_dm, dvar_b = ch.wb * sum_dv;
+  for (int64_t k = 0; k < a.n; ++k) {
+    const int64_t i = k * a.c + ci;
+    A cc = coef_c0[i] + dmu_b / A(nm);
+    if (nm > 1) {
+      coef_b[i] += A(2) * dvar_b / A(nm - 1);
+      cc += A(2) * dvar_b * (a.mean[i] - ch.mu_b) / A(nm - 1);
+    }
+    coef_c0[i] = cc;
+  }
+}
+
+/// The workspace layout of the DABN launchers, in one place (sizing and launching share it).
+template <typename A>
+struct Scratch {
+  Welford<A>* moment_partials = nullptr;
+  DySums<A>* dy_partials = nullptr;
+  A* sdy = nullptr;
+  A* sdyxc = nullptr;
+  A* coef_mu = nullptr;
+  A* coef_a = nullptr;
+  A* coef_b = nullptr;
+  A* coef_c0 = nullptr;
+  size_t bytes = 0;
+};
+
+template <typename A>
+Scratch<A> carve(Op op, const Params& p, const Plan& plan, void* base) {
+  const int64_t nc = p.n * p.c, parts = plan.splits > 1 ? nc * plan.splits : 0;
+  Carver cv{static_cast<char*>(base)};
+  Scratch<A> s;
+  if (op == Op::kInstanceStats || op == Op::kDabnForward) s.moment_partials = cv.take<Welford<A>>(parts);
+  if (op == Op::kDabnForward) {
+    s.coef_mu = cv.take<A>(nc);
+    s.coef_b = cv.take<A>(nc);
+    s.coef_c0 = cv.take<A>(nc);
+  }
+  if (op == Op::kDabnBackward) {
+    s.dy_partials = cv.take<DySums<A>>(parts);
+    s.sdy = cv.take<A>(nc);
+    s.sdyxc = cv.take<A>(nc);
+    s.coef_a = cv.take<A>(nc);
+    s.coef_b = cv.take<A>(nc);
+    s.coef_c0 = cv.take<A>(nc);
+  }
+  s.bytes = cv.used;
+  return s;
+}
+
+template <typename A>
+ChannelArgs<A> channel_args(const Params& p) {
+  return {static_cast<const A*>(p.blend), static_cast<const A*>(p.source_mean),
+          static_cast<const A*>(p.source_var), static_cast<const A*>(p.weight),
+          static_cast<const A*>(p.bias), static_cast<const A*>(p.mean),
+          static_cast<const A*>(p.var), p.n, p.c, p.m, A(p.eps), A(p.shrink_k), p.shrink};
+}
+
+bool empty_problem(const Params& p) { return p.n * p.c == 0 || p.m == 0; }
+
+unsigned tiny_grid(int64_t count) { return unsigned(ceil_div(count, cfg::kTinyThreads)); }
+
+template <typename T>
+void launch_moments(const Params& p, const Plan& plan, Welford<acc_t<T>>* partials, cudaStream_t stream) {
+  using A = acc_t<T>;
+  ReduceArgs<T, MomentsOp<A>> r{static_cast<const T*>(p.x), nullptr, nullptr, p.n, p.c, p.m, plan,
+                                partials, static_cast<A*>(p.mean), static_cast<A*>(p.var)};
+  launch_reduce(p, r, stream);
+}
+
+}  // namespace
+
+size_t workspace_bytes(Op op, const Params& p) {
+  if (empty_problem(p)) return 0;
+  if (op == Op::kDiversityAngles) return angles_workspace_bytes(p);
+  const Plan plan = make_plan(p);
+  return p.dtype == ElemType::kFloat64 ? carve<double>(op, p, plan, nullptr).bytes
+                                       : carve<float>(op, p, plan, nullptr).bytes;
+}
+
+cudaError_t instance_stats(const Params& p, cudaStream_t stream) {
+  if (empty_problem(p)) return cudaSuccess;
+  return dispatch_elem(p.dtype, cudaErrorInvalidValue, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const Plan plan = make_plan(p);
+    const auto s = carve<acc_t<T>>(Op::kInstanceStats, p, plan, p.workspace);
+    launch_moments<T>(p, plan, s.moment_partials, stream);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t dabn_forward(const Params& p, cudaStream_t stream) {
+  if (empty_problem(p)) return cudaSuccess;
+  return dispatch_elem(p.dtype, cudaErrorInvalidValue, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const Plan plan = make_plan(p);
+    const auto s = carve<A>(Op::kDabnForward, p, plan, p.workspace);
+    launch_moments<T>(p, plan, s.moment_partials, stream);
+    forward_coefs_kernel<A><<<tiny_grid(p.c), cfg::kTinyThreads, 0, stream>>>(channel_args<A>(p), s.coef_mu,
+                                                                               s.coef_b, s.coef_c0);
+    ApplyArgs<T> ap{static_cast<const T*>(p.x), nullptr, static_cast<T*>(p.y), s.coef_mu, nullptr,
+                    s.coef_b, s.coef_c0, p.n, p.c, p.m, plan};
+    launch_apply<T, false>(p, ap, stream);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t dabn_backward(const Params& p, cudaStream_t stream) {
+  if (empty_problem(p)) return cudaSuccess;
+  return dispatch_elem(p.dtype, cudaErrorInvalidValue, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const Plan plan = make_plan(p);
+    const auto s = carve<A>(Op::kDabnBackward, p, plan, p.workspace);
+    const A* mean = static_cast<const A*>(p.mean);
+    ReduceArgs<T, DySumsOp<A>> r{static_cast<const T*>(p.x), static_cast<const T*>(p.dy), mean, p.n, p.c, p.m,
+                                plan, s.dy_partials, s.sdy, s.sdyxc};
+    launch_reduce(p, r, stream);
+    backward_coefs_kernel<A><<<tiny_grid(p.c), cfg::kTinyThreads, 0, stream>>>(
+        channel_args<A>(p), s.sdy, s.sdyxc, s.coef_a, s.coef_b, s.coef_c0, static_cast<A*>(p.dweight),
+        static_cast<A*>(p.dbias));
+    ApplyArgs<T> ap{static_cast<const T*>(p.x), static_cast<const T*>(p.dy), static_cast<T*>(p.dx), mean,
+                    s.coef_a, s.coef_b, s.coef_c0, p.n, p.c, p.m, plan};
+    launch_apply<T, true>(p, ap, stream);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace datta::cuda

@@ -1,0 +1,79 @@
+// Torch-free host interface of the DATTA CUDA kernels (SPEC §2-§3).
+//
+// The glue (ops_cuda.cpp) fills one plain `Params` struct and calls a launcher; the
+// launchers (dabn.cu, diversity.cu) enqueue kernels on the given stream and return the
+// launch error.  Nothing here synchronises with the host: the blend weights stay on the
+// device and are read by a kernel.
+//
+// Types: "elem" is the element type of x / dy / y / dx (fp32, fp64, fp16, bf16); "acc" is
+// the accumulation type, double for fp64 and float otherwise.  Every (C,) / (N, C) / (3,)
+// array below is a dense acc array on the same device as x.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace datta::cuda {
+
+enum class ElemType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+/// Which launcher a workspace is sized for.
+enum class Op : int { kInstanceStats, kDiversityAngles, kDabnForward, kDabnBackward };
+
+struct Params {
+  // ---- problem: x is (n, c, H, W) with m = H*W, dense in NCHW order or, when
+  // channels_last, in NHWC order; dy, y and dx have exactly x's layout.
+  ElemType dtype = ElemType::kFloat32;
+  int64_t n = 0, c = 0, m = 0;
+  bool channels_last = false;
+  int num_sms = 1;  // multiprocessor count of the device: sizes the grids
+
+  // ---- scalars of SPEC §3
+  double eps = 1e-5;
+  bool shrink = false;  // NOTE-style shrinkage of instance statistics ...
+  double shrink_k = 0;  // ... with threshold multiplier k
+
+  // ---- elem tensors
+  const void* x = nullptr;
+  const void* dy = nullptr;  // backward
+  void* y = nullptr;         // forward output
+  void* dx = nullptr;        // backward output
+
+  // ---- acc arrays
+  const void* weight = nullptr;       // (C,) gamma; nullptr means 1
+  const void* bias = nullptr;         // (C,) beta; nullptr means 0
+  const void* source_mean = nullptr;  // (C,) mu_s
+  const void* source_var = nullptr;   // (C,) sigma^2_s
+  const void* blend = nullptr;        // (3,) (w_s, w_b, w_i), read on the device only
+  const void* batch_mean = nullptr;   // (C,) mu_B for the diversity angles
+  void* mean = nullptr;               // (N, C) instance mean: output of stats/forward, input of backward
+  void* var = nullptr;                // (N, C) unbiased instance variance, likewise
+  void* angles = nullptr;             // (N,) theta in radians
+  void* dweight = nullptr;            // (C,) backward output
+  void* dbias = nullptr;              // (C,) backward output
+
+  // ---- scratch owned by the caller: at least workspace_bytes(op, *this) bytes,
+  // 256-byte aligned (any caching-allocator block is).
+  void* workspace = nullptr;
+};
+
+/// Scratch bytes `op` needs for this problem.  Depends only on dtype, n, c, m,
+/// channels_last and num_sms (never on the pointers), so it can be called before the
+/// outputs are allocated.
+size_t workspace_bytes(Op op, const Params& p);
+
+/// mean, var <- per-(n, c) instance statistics of x.
+cudaError_t instance_stats(const Params& p, cudaStream_t stream);
+
+/// angles <- SPEC §2 pixel-mode angles of x against source_mean and batch_mean.
+cudaError_t diversity_angles(const Params& p, cudaStream_t stream);
+
+/// y, mean, var <- SPEC §3 blended normalization of x (and the instance statistics).
+cudaError_t dabn_forward(const Params& p, cudaStream_t stream);
+
+/// dx, dweight, dbias <- backward of dabn_forward, given dy and the saved mean, var.
+cudaError_t dabn_backward(const Params& p, cudaStream_t stream);
+
+}  // namespace datta::cuda
