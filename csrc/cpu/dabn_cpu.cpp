@@ -1,0 +1,292 @@
+// CPU glue of the datta:: kernel ops: input checks, output allocation, the tiny per-(n, c)
+// prologue / coefficient math (SPEC §1 and §3, in double), and the registration.
+//
+// The heavy passes over x and dy are the vectorised kernels of kernels_impl.h, reached through
+// the run-time-dispatched table of kernels.h.  Data movement of one call:
+//   _instance_stats   1 read of x
+//   _dabn_forward     2 reads of x (moments, normalize) + 1 write of y
+//   _dabn_backward    2 reads of x and dy (sums, apply) + 1 write of dx
+//   _diversity_angles 1 read of x
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+#include "ops.h"
+
+namespace datta::cpu {
+namespace {
+
+using at::Tensor;
+
+DType dtype_of(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kDouble: return DType::kFloat64;
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    default: return DType::kBFloat16;  // check_inputs admits only these four
+  }
+}
+
+/// float64 stays float64 (gradcheck), everything else accumulates in float32.
+at::ScalarType acc_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Geometry geometry_of(const Tensor& x) {
+  return Geometry{x.size(0), x.size(1), x.size(2) * x.size(3), is_channels_last(x)};
+}
+
+Tensor empty_like_layout(const Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(
+      is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+}
+
+/// A small tensor as host doubles; an absent optional gives `fill` repeated `len` times.
+std::vector<double> host_doubles(const Tensor* t, int64_t len, double fill) {
+  if (t == nullptr || !t->defined()) return std::vector<double>(len, fill);
+  const Tensor d = t->detach().to(at::kDouble).contiguous();
+  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+}
+
+/// A host vector of doubles as an acc-typed tensor the kernels can read.
+Tensor to_acc(const std::vector<double>& v, at::IntArrayRef shape, at::ScalarType acc) {
+  return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).reshape(shape).to(acc);
+}
+
+/// softshrink(z, lam) = sign(z) max(|z| - lam, 0); NaN stays NaN.
+double softshrink(double z, double lam) {
+  if (z > lam) return z - lam;
+  if (z < -lam) return z + lam;
+  return z * 0.0;
+}
+
+/// SPEC §3 per-(n, c) math: batch statistics from instance statistics (exact, §1), the edge
+/// rules, the optional NOTE shrink and the blended moments m, v.  Shared by forward and
+/// backward so the two can never disagree.
+struct Blend {
+  int64_t n, c, m;
+  double ws, wb, wi, eps;
+  std::optional<double> k;
+  std::vector<double> smean, svar, mu_i, var_i, mu_b, var_b;
+
+  struct At {
+    double m, v;              // blended mean, variance
+    double keep_mu, keep_var;  // d(shrunk)/d(raw): 1 outside the softshrink dead zone, else 0
+  };
+
+  Blend(const Geometry& g, const Tensor& blend, const Tensor& source_mean,
+        const Tensor& source_var, std::optional<double> shrink_k, double eps_,
+        const Tensor& mean_i, const Tensor& var_i_t)
+      : n(g.n), c(g.c), m(g.m), eps(eps_), k(shrink_k) {
+    const std::vector<double> w = host_doubles(&blend, 3, 0.0);
+    ws = w[0], wb = w[1], wi = w[2];
+    if (m <= 1) ws += wi, wi = 0.0;      // instance variance undefined
+    if (n * m <= 1) ws += wb, wb = 0.0;  // batch variance undefined
+    smean = host_doubles(&source_mean, c, 0.0);
+    svar = host_doubles(&source_var, c, 0.0);
+    mu_i = host_doubles(&mean_i, n * c, 0.0);
+    var_i = host_doubles(&var_i_t, n * c, 0.0);
+    // mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2]
+    mu_b.assign(c, 0.0);
+    var_b.assign(c, 0.0);
+    for (int64_t ci = 0; ci < c; ++ci) {
+      double s = 0.0;
+      for (int64_t ni = 0; ni < n; ++ni) s += mu_i[ni * c + ci];
+      mu_b[ci] = s / static_cast<double>(n);
+      if (n * m <= 1) continue;
+      double ss = 0.0;
+      for (int64_t ni = 0; ni < n; ++ni) {
+        const double d = mu_i[ni * c + ci] - mu_b[ci];
+        ss += static_cast<double>(m - 1) * var_i[ni * c + ci] + static_cast<double>(m) * d * d;
+      }
+      var_b[ci] = ss / static_cast<double>(n * m - 1);
+    }
+  }
+
+  At at(int64_t ni, int64_t ci) const {
+    double mt = mu_i[ni * c + ci], vt = var_i[ni * c + ci], keep_mu = 1.0, keep_var = 1.0;
+    if (k.has_value() && m > 1) {
+      // s_mu = sqrt((var_s + eps) / M),  s_sig = (var_s + eps) sqrt(2 / (M - 1))
+      const double sv = svar[ci] + eps;
+      const double lam_mu = *k * std::sqrt(sv / static_cast<double>(m));
+      const double lam_var = *k * sv * std::sqrt(2.0 / static_cast<double>(m - 1));
+      const double zm = mt - smean[ci], zv = vt - svar[ci];
+      keep_mu = std::abs(zm) > lam_mu ? 1.0 : 0.0;
+      keep_var = std::abs(zv) > lam_var ? 1.0 : 0.0;
+      mt = smean[ci] + softshrink(zm, lam_mu);
+      vt = svar[ci] + softshrink(zv, lam_var);
+    }
+    return At{ws * smean[ci] + wb * mu_b[ci] + wi * mt, ws * svar[ci] + wb * var_b[ci] + wi * vt,
+              keep_mu, keep_var};
+  }
+};
+
+/// r = rsqrt(max(v, 0) + eps); std::max keeps a NaN v as NaN (it returns its first argument).
+double rstd(double v, double eps) { return 1.0 / std::sqrt(std::max(v, 0.0) + eps); }
+
+/// Pass 1 for one x: instance mean and unbiased variance (N, C) in the acc dtype.
+std::tuple<Tensor, Tensor> moments(const Tensor& x) {
+  const Geometry g = geometry_of(x);
+  const auto opts = x.options().dtype(acc_type(x));
+  Tensor mean = at::empty({g.n, g.c}, opts), var = at::empty({g.n, g.c}, opts);
+  kernels().moments(dtype_of(x), g, x.const_data_ptr(), mean.mutable_data_ptr(),
+                    var.mutable_data_ptr());
+  // M2 -> unbiased variance; 0 when M == 1 (the instance weight then moves to the source).
+  if (g.m > 1) {
+    var.div_(static_cast<double>(g.m - 1));
+  } else {
+    var.zero_();
+  }
+  return {mean, var};
+}
+
+std::tuple<Tensor, Tensor> instance_stats_cpu(const Tensor& x) {
+  check_inputs("datta::_instance_stats", x, {});
+  return moments(x);
+}
+
+Tensor diversity_angles_cpu(const Tensor& x, const Tensor& source_mean, const Tensor& batch_mean) {
+  check_inputs("datta::_diversity_angles", x,
+               {{"source_mean", &source_mean, Expect::kChannel},
+                {"batch_mean", &batch_mean, Expect::kChannel}});
+  const Geometry g = geometry_of(x);
+  const at::ScalarType acc = acc_type(x);
+  // SPEC §2: a and b are direct differences in the acc dtype, so the means are rounded to it.
+  const Tensor sm = source_mean.detach().to(acc).contiguous();
+  const Tensor bm = batch_mean.detach().to(acc).contiguous();
+  Tensor theta = at::empty({g.n}, x.options().dtype(acc));
+  kernels().angles(dtype_of(x), g, x.const_data_ptr(), sm.const_data_ptr(), bm.const_data_ptr(),
+                   theta.mutable_data_ptr());
+  return theta;
+}
+
+std::tuple<Tensor, Tensor, Tensor> dabn_forward_cpu(
+    const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const Tensor& source_mean, const Tensor& source_var, const Tensor& blend,
+    c10::optional<double> shrink_k, double eps) {
+  check_inputs("datta::_dabn_forward", x,
+               {{"weight", opt(weight), Expect::kChannel},
+                {"bias", opt(bias), Expect::kChannel},
+                {"source_mean", &source_mean, Expect::kChannel},
+                {"source_var", &source_var, Expect::kChannel},
+                {"blend", &blend, Expect::kBlend}});
+  const Geometry g = geometry_of(x);
+  auto [mean_i, var_i] = moments(x);
+
+  // Prologue per (n, c): y = (x - m) * scale + beta with scale = gamma rsqrt(max(v, 0) + eps).
+  // x is centred before scaling (not x*scale + (beta - m*scale)): for x ~ 1e4 + noise the
+  // product form cancels two ~1e4*scale terms and loses ~1e-3 absolute in float32.
+  const Blend b(g, blend, source_mean, source_var, shrink_k, eps, mean_i, var_i);
+  const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
+  const std::vector<double> beta = host_doubles(opt(bias), g.c, 0.0);
+  std::vector<double> center(g.n * g.c), scale(g.n * g.c), shift(g.n * g.c);
+  for (int64_t ni = 0; ni < g.n; ++ni) {
+    for (int64_t ci = 0; ci < g.c; ++ci) {
+      const Blend::At a = b.at(ni, ci);
+      center[ni * g.c + ci] = a.m;
+      scale[ni * g.c + ci] = gamma[ci] * rstd(a.v, eps);
+      shift[ni * g.c + ci] = beta[ci];
+    }
+  }
+  const at::ScalarType acc = acc_type(x);
+  const Tensor center_t = to_acc(center, {g.n, g.c}, acc), scale_t = to_acc(scale, {g.n, g.c}, acc);
+  const Tensor shift_t = to_acc(shift, {g.n, g.c}, acc);
+  Tensor y = empty_like_layout(x);
+  kernels().affine(dtype_of(x), g, x.const_data_ptr(), center_t.const_data_ptr(),
+                   scale_t.const_data_ptr(), shift_t.const_data_ptr(), y.mutable_data_ptr());
+  return {y, mean_i, var_i};
+}
+
+// Backward (reference.dabn_backward, in this file's names; r = rsqrt(max(v, 0) + eps),
+// g = gamma, xc = x - mu_i):
+//   pass 1 (kernel):  sdy = sum_p dy,  sdyxc = sum_p dy xc
+//   sdyxh = r (sdyxc + (mu_i - m) sdy)                    (= sum_p dy xhat)
+//   dbias = sum_n sdy,  dweight = sum_n sdyxh             (fixed n order: deterministic)
+//   dm = -g r sdy,  dv = -g r^2 sdyxh / 2  (0 where v < 0: the clamp)
+//   dmu_i = w_i dm keep_mu,  dvar_i = w_i dv keep_var,  dmu_B = w_b sum_n dm,  dvar_B = w_b sum_n dv
+//   A = g r,  B = 2 dvar_i / (M - 1) + 2 dvar_B / (N M - 1)
+//   C0 = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1)
+//   pass 2 (kernel):  dx = A dy + B xc + C0
+std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
+    const Tensor& dy, const Tensor& x, const c10::optional<Tensor>& weight,
+    const Tensor& source_mean, const Tensor& source_var, const Tensor& blend,
+    c10::optional<double> shrink_k, double eps, const Tensor& mean, const Tensor& var) {
+  check_inputs("datta::_dabn_backward", x,
+               {{"dy", &dy, Expect::kLikeX},
+                {"weight", opt(weight), Expect::kChannel},
+                {"source_mean", &source_mean, Expect::kChannel},
+                {"source_var", &source_var, Expect::kChannel},
+                {"blend", &blend, Expect::kBlend},
+                {"mean", &mean, Expect::kInstanceStats},
+                {"var", &var, Expect::kInstanceStats}});
+  const Geometry g = geometry_of(x);
+  const at::ScalarType acc = acc_type(x);
+  const Tensor mu_acc = mean.detach().to(acc).contiguous();
+  Tensor sdy_t = at::empty({g.n, g.c}, x.options().dtype(acc));
+  Tensor sdyxc_t = at::empty({g.n, g.c}, x.options().dtype(acc));
+  kernels().backward_reduce(dtype_of(x), g, dy.const_data_ptr(), x.const_data_ptr(),
+                            mu_acc.const_data_ptr(), sdy_t.mutable_data_ptr(),
+                            sdyxc_t.mutable_data_ptr());
+
+  const Blend b(g, blend, source_mean, source_var, shrink_k, eps, mean, var);
+  const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
+  const std::vector<double> sdy = host_doubles(&sdy_t, g.n * g.c, 0.0);
+  const std::vector<double> sdyxc = host_doubles(&sdyxc_t, g.n * g.c, 0.0);
+  const int64_t nc = g.n * g.c;
+  std::vector<double> r(nc), dm(nc), dv(nc), keep_mu(nc), keep_var(nc);
+  std::vector<double> dweight(g.c, 0.0), dbias(g.c, 0.0), dmu_b(g.c, 0.0), dvar_b(g.c, 0.0);
+  for (int64_t ni = 0; ni < g.n; ++ni) {
+    for (int64_t ci = 0; ci < g.c; ++ci) {
+      const int64_t i = ni * g.c + ci;
+      const Blend::At a = b.at(ni, ci);
+      r[i] = rstd(a.v, eps);
+      const double sdyxh = r[i] * (sdyxc[i] + (b.mu_i[i] - a.m) * sdy[i]);
+      dbias[ci] += sdy[i];
+      dweight[ci] += sdyxh;
+      dm[i] = -gamma[ci] * r[i] * sdy[i];
+      dv[i] = a.v >= 0 ? -0.5 * gamma[ci] * r[i] * r[i] * sdyxh : 0.0;
+      keep_mu[i] = a.keep_mu;
+      keep_var[i] = a.keep_var;
+      dmu_b[ci] += dm[i];
+      dvar_b[ci] += dv[i];
+    }
+  }
+  const double md = static_cast<double>(g.m), nmd = static_cast<double>(g.n * g.m);
+  std::vector<double> ca(nc), cb(nc), cc(nc);
+  for (int64_t ni = 0; ni < g.n; ++ni) {
+    for (int64_t ci = 0; ci < g.c; ++ci) {
+      const int64_t i = ni * g.c + ci;
+      const double dmu_i = b.wi * dm[i] * keep_mu[i], dvar_i = b.wi * dv[i] * keep_var[i];
+      const double dmb = b.wb * dmu_b[ci], dvb = b.wb * dvar_b[ci];
+      ca[i] = gamma[ci] * r[i];
+      cb[i] = 0.0;
+      cc[i] = dmu_i / md + dmb / nmd;
+      if (g.m > 1) cb[i] += 2.0 * dvar_i / (md - 1.0);
+      if (g.n * g.m > 1) {
+        cb[i] += 2.0 * dvb / (nmd - 1.0);
+        cc[i] += 2.0 * dvb * (b.mu_i[i] - b.mu_b[ci]) / (nmd - 1.0);
+      }
+    }
+  }
+  const Tensor ca_t = to_acc(ca, {g.n, g.c}, acc), cb_t = to_acc(cb, {g.n, g.c}, acc);
+  const Tensor cc_t = to_acc(cc, {g.n, g.c}, acc);
+  Tensor dx = empty_like_layout(x);
+  kernels().backward_apply(dtype_of(x), g, dy.const_data_ptr(), x.const_data_ptr(),
+                           mu_acc.const_data_ptr(), ca_t.const_data_ptr(), cb_t.const_data_ptr(),
+                           cc_t.const_data_ptr(), dx.mutable_data_ptr());
+  return {dx, to_acc(dweight, {g.c}, acc), to_acc(dbias, {g.c}, acc)};
+}
+
+}  // namespace
+}  // namespace datta::cpu
+
+TORCH_LIBRARY_IMPL(datta, CPU, m) {
+  m.impl("_instance_stats", &datta::cpu::instance_stats_cpu);
+  m.impl("_diversity_angles", &datta::cpu::diversity_angles_cpu);
+  m.impl("_dabn_forward", &datta::cpu::dabn_forward_cpu);
+  m.impl("_dabn_backward", &datta::cpu::dabn_backward_cpu);
+}

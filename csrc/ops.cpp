@@ -1,0 +1,116 @@
+// Every datta:: kernel-op schema, declared once; the shared input check; _build_info; and, in
+// the setup.py build only, the Python module init of datta_kernels._C.
+//
+// Kernels are registered per device elsewhere: cpu/dabn_cpu.cpp (CPU) and csrc/cuda/ (CUDA).
+// Fake (meta) implementations live in datta_kernels/ops.py.  Semantics: shared/SPEC.md and
+// datta_kernels/reference.py.
+#include "ops.h"
+
+#include <string>
+
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+namespace datta {
+
+bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+namespace {
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_arg(const char* op, const at::Tensor& x, const TensorArg& a) {
+  const at::Tensor& t = *a.tensor;
+  TORCH_CHECK(t.device() == x.device(), op, ": ", a.name, " is on ", t.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", a.name,
+              " must be floating point, got ", t.scalar_type());
+  switch (a.expect) {
+    case Expect::kChannel:
+      TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", a.name, " must have shape (",
+                  x.size(1), ",) to match x's channels, got ", t.sizes());
+      break;
+    case Expect::kBlend:
+      TORCH_CHECK(t.dim() == 1 && t.size(0) == 3, op, ": ", a.name,
+                  " must have shape (3,) = (w_s, w_b, w_i), got ", t.sizes());
+      break;
+    case Expect::kInstanceStats:
+      TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(1), op, ": ",
+                  a.name, " must have shape (", x.size(0), ", ", x.size(1), ") = (N, C), got ",
+                  t.sizes());
+      break;
+    case Expect::kLikeX: {
+      TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", a.name, " must have x's shape ", x.sizes(),
+                  ", got ", t.sizes());
+      TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", a.name, " must have x's dtype ",
+                  x.scalar_type(), ", got ", t.scalar_type());
+      const bool ok = is_channels_last(x) ? t.is_contiguous(at::MemoryFormat::ChannelsLast)
+                                          : t.is_contiguous();
+      TORCH_CHECK(ok, op, ": ", a.name, " must be dense in x's memory layout (",
+                  is_channels_last(x) ? "channels_last" : "NCHW-contiguous", ")");
+      break;
+    }
+  }
+}
+
+}  // namespace
+
+void check_inputs(const char* op, const at::Tensor& x, std::initializer_list<TensorArg> args) {
+  TORCH_CHECK(x.defined(), op, ": x is undefined");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(supported_dtype(x.scalar_type()), op,
+              ": x must be float64, float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.numel() > 0, op, ": x is empty (shape ", x.sizes(),
+              "); statistics are undefined");
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": x must be dense in NCHW or channels_last order (got strides ", x.strides(),
+              "); call .contiguous() first");
+  for (const TensorArg& a : args) {
+    if (a.tensor != nullptr && a.tensor->defined()) check_arg(op, x, a);
+  }
+}
+
+namespace {
+
+std::string build_info() {
+#ifdef DATTA_WITH_CUDA
+  const char* cuda = "1";
+#else
+  const char* cuda = "0";
+#endif
+  return cpu::cpu_build_info() + ";cuda=" + cuda;
+}
+
+}  // namespace
+}  // namespace datta
+
+TORCH_LIBRARY(datta, m) {
+  m.def("_build_info() -> str", &datta::build_info);
+  m.def("_instance_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("_diversity_angles(Tensor x, Tensor source_mean, Tensor batch_mean) -> Tensor");
+  m.def(
+      "_dabn_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
+      "Tensor source_var, Tensor blend, float? shrink_k, float eps) -> (Tensor y, Tensor mean, "
+      "Tensor var)");
+  m.def(
+      "_dabn_backward(Tensor dy, Tensor x, Tensor? weight, Tensor source_mean, "
+      "Tensor source_var, Tensor blend, float? shrink_k, float eps, Tensor mean, Tensor var) -> "
+      "(Tensor dx, Tensor dweight, Tensor dbias)");
+}
+
+#ifdef DATTA_PYTHON_MODULE
+// `import datta_kernels._C` only needs a module object: loading the library runs the static
+// registrations above.  The CMake build (for libtorch users) has no Python dependency.
+#include <Python.h>
+
+PyMODINIT_FUNC PyInit__C() {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "datta_kernels fused kernels", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}
+#endif
