@@ -98,6 +98,8 @@ def _torch_include() -> Path | None:
 @needs_cxx
 def test_glue_syntax(tmp_path: Path):
     """ops_cuda.cpp against the installed torch headers (catches ATen/c10 API mistakes)."""
+    if not (CUDA_DIR.parent / "ops.h").is_file():
+        pytest.skip("csrc/ops.h (the shared input check the glue uses) is not there yet")
     inc = _torch_include()
     if inc is None:
         pytest.skip("torch headers with c10/cuda not installed")
@@ -109,5 +111,6 @@ def test_glue_syntax(tmp_path: Path):
     py_inc = sysconfig.get_paths()["include"]
     cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-DDATTA_WITH_CUDA",
            "-isystem", str(stub), "-isystem", str(inc), "-isystem", str(inc / "torch" / "csrc" / "api" / "include"),
-           "-isystem", str(CUDA_INCLUDE), "-isystem", py_inc, f"-I{CUDA_DIR}", str(CUDA_DIR / "ops_cuda.cpp")]
+           "-isystem", str(CUDA_INCLUDE), "-isystem", py_inc, f"-I{CUDA_DIR.parent}",  # csrc/: ops.h
+           str(CUDA_DIR / "ops_cuda.cpp")]
     _run(cmd, "syntax check of ops_cuda.cpp")
