@@ -31,10 +31,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 class LaunchConfig:
     """Every tunable number of the Triton backend, in one place."""
 
-    #: elements of ``x`` per tile.  4096 fp32 = 16 KiB: with 4-8 warps that is 16-32 elements
-    #: (4-8 independent 16-byte vector loads) per thread in flight, enough memory-level
-    #: parallelism to keep HBM busy without spilling the fp32 tile out of registers.
-    tile_elems: int = 4096
+    #: bytes of ``x`` per tile (4096 fp32 / 8192 fp16 elements): with 4-8 warps that is 4-8
+    #: independent 16-byte vector loads per thread in flight, enough memory-level parallelism
+    #: to keep HBM busy without spilling the fp32 copy of the tile out of registers.
+    tile_bytes: int = 16384
     #: channels per tile in channels_last.  Channels are the contiguous dim there: 64 channels
     #: are 256 B of fp32 / 128 B of bf16 per pixel row (whole cache lines), and keep the
     #: per-channel accumulators (mean, M2 per channel) small; the remaining tile goes to pixels.
@@ -94,29 +94,30 @@ def sm_count(device: torch.device, cfg: LaunchConfig) -> int:
     return cfg.default_sms
 
 
-def tile_shape(c: int, m: int, channels_last: bool, cfg: LaunchConfig) -> tuple[int, int]:
+def tile_shape(c: int, m: int, channels_last: bool, itemsize: int, cfg: LaunchConfig) -> tuple[int, int]:
     """``(block_c, block_p)`` for a streaming pass over ``x``; both powers of two."""
+    tile_elems = max(1, cfg.tile_bytes // itemsize)
     if channels_last:
         block_c = min(next_pow2(c), cfg.cl_block_c)
-        block_p = min(next_pow2(m), max(1, cfg.tile_elems // block_c))
+        block_p = min(next_pow2(m), max(1, tile_elems // block_c))
         return block_c, block_p
-    if next_pow2(m) <= min(cfg.nchw_block_p[0], cfg.tile_elems):
+    if next_pow2(m) <= min(cfg.nchw_block_p[0], tile_elems):
         block_p = next_pow2(m)
     else:
-        cands = [b for b in cfg.nchw_block_p if b <= cfg.tile_elems] or [cfg.tile_elems]
+        cands = [b for b in cfg.nchw_block_p if b <= tile_elems] or [tile_elems]
         # fewest padded lanes; ties go to the larger block (fewer loop trips)
         block_p = min(cands, key=lambda b: (triton.cdiv(m, b) * b, -b))
-    block_c = min(next_pow2(c), max(1, cfg.tile_elems // block_p))
+    block_c = min(next_pow2(c), max(1, tile_elems // block_p))
     return block_c, block_p
 
 
-def reduce_tiling(n: int, c: int, m: int, channels_last: bool, device: torch.device,
+def reduce_tiling(n: int, c: int, m: int, channels_last: bool, itemsize: int, device: torch.device,
                   cfg: LaunchConfig | None = None) -> Tiling:
     """Decomposition shared by the statistics pass, the normalize pass and both backward
     passes.  A row ``(n, channel block)`` is split over several programs only when there are
     too few rows to fill the device; the partials are then merged in a fixed order."""
     cfg = cfg or LAUNCH
-    block_c, block_p = tile_shape(c, m, channels_last, cfg)
+    block_c, block_p = tile_shape(c, m, channels_last, itemsize, cfg)
     c_blocks = triton.cdiv(c, block_c)
     tiles_p = triton.cdiv(m, block_p)
     rows = n * c_blocks
@@ -127,12 +128,12 @@ def reduce_tiling(n: int, c: int, m: int, channels_last: bool, device: torch.dev
     return Tiling(block_c, block_p, iters, splits, c_blocks)
 
 
-def angles_tiling(c: int, m: int, channels_last: bool, cfg: LaunchConfig | None = None
+def angles_tiling(c: int, m: int, channels_last: bool, itemsize: int, cfg: LaunchConfig | None = None
                   ) -> tuple[int, int, int]:
     """``(block_c, block_p, p_tiles)`` for the diversity-angle pass: one program per
     ``(pixel tile, n)`` loops over all channel blocks (the cosine needs the whole vector)."""
     cfg = cfg or LAUNCH
-    block_c, block_p = tile_shape(c, m, channels_last, cfg)
+    block_c, block_p = tile_shape(c, m, channels_last, itemsize, cfg)
     return block_c, block_p, triton.cdiv(m, block_p)
 
 

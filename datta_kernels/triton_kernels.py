@@ -52,7 +52,7 @@ def _stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     """One read of x -> ``mean_i, var_i (N, C)``, ``mu_B, var_B (C,)``, all fp32."""
     n, c, h, w = x.shape
     m = h * w
-    t = cfg.reduce_tiling(n, c, m, channels_last, x.device)
+    t = cfg.reduce_tiling(n, c, m, channels_last, x.element_size(), x.device)
     pmean = x.new_empty((n, t.splits, c), dtype=_F32)
     pm2 = torch.empty_like(pmean)
     jit._stats_partial_kernel[t.grid(n)](
@@ -90,7 +90,7 @@ def diversity_angles(x: Tensor, source_mean: Tensor, batch_mean: Tensor) -> Tens
     x, cl = _layout(x.detach())
     n, c, h, w = x.shape
     m = h * w
-    block_c, block_p, p_tiles = cfg.angles_tiling(c, m, cl)
+    block_c, block_p, p_tiles = cfg.angles_tiling(c, m, cl, x.element_size())
     part = x.new_empty((n, p_tiles), dtype=_F32)
     jit._angles_partial_kernel[(p_tiles, n)](
         x, _vec(source_mean, x), _vec(batch_mean, x), part, n, c, m, p_tiles,
@@ -117,7 +117,7 @@ def dabn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_m
     smean, svar = _vec(source_mean, x), _vec(source_var, x)
     shrink, k = _shrink_flag(shrink_k, m)
     y = torch.empty_like(x)
-    t = cfg.reduce_tiling(n, c, m, cl, x.device)
+    t = cfg.reduce_tiling(n, c, m, cl, x.element_size(), x.device)
     jit._normalize_kernel[t.grid(n)](
         x, y, mean, var, bmean, bvar, smean, svar,
         _vec(weight, x) if weight is not None else smean,
@@ -140,7 +140,7 @@ def dabn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: Ten
     m = h * w
     mean_i = mean_i.detach().to(_F32).contiguous()
     var_i = var_i.detach().to(_F32).contiguous()
-    t = cfg.reduce_tiling(n, c, m, cl, x.device)
+    t = cfg.reduce_tiling(n, c, m, cl, x.element_size(), x.device)
     psdy = x.new_empty((n, t.splits, c), dtype=_F32)
     psdyxc = torch.empty_like(psdy)
     jit._bwd_partial_kernel[t.grid(n)](

@@ -55,7 +55,7 @@ CORE = {k: SHAPES_ODD[k] for k in ("n1", "hw1", "prime", "c1000")}
 def small_launch(monkeypatch):
     """A launch config small enough that tiny shapes split rows, loop over tiles and over
     channel/batch blocks (the paths the real config only takes on large inputs)."""
-    small = dataclasses.replace(tcfg.LAUNCH, tile_elems=16, cl_block_c=4, nchw_block_p=(8,),
+    small = dataclasses.replace(tcfg.LAUNCH, tile_bytes=64, cl_block_c=4, nchw_block_p=(8,),
                                 finalize_elems=8, finalize_block_n=2, angles_reduce_block=2)
     monkeypatch.setattr(tcfg, "LAUNCH", small)
     return small

@@ -28,6 +28,7 @@ ARCHS = (80, 90)
 X_ARGS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
 FLOAT_ARGS = {"shrink_k", "eps"}
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 #: representative shapes and why: the ResNet-50 stage-1 benchmark shape (large tiles, no split),
 #: a 224^2 stem with a small batch (row split across programs), H*W = 1 (BLOCK_P = 1),
@@ -72,13 +73,14 @@ def _cases():
         m = h * w
         for cl in (False, True):
             lay = "cl" if cl else "nchw"
-            t = cfg.reduce_tiling(n, c, m, cl, cpu)
-            bc, bp, ptiles = cfg.angles_tiling(c, m, cl)
             fbn, fbc = cfg.finalize_blocks(n, c)
-            ints = dict(N=n, C=c, M=m, ITERS=t.iters, SPLITS=t.splits, CHUNK=t.chunk, P_TILES=ptiles)
-            tile = dict(CHANNELS_LAST=cl, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
             full = sname == "bench"  # the full dtype x flag matrix once; the other shapes vary tiling
             for dt in DTYPES if full else ("bf16",):
+                size = ITEMSIZE[dt]
+                t = cfg.reduce_tiling(n, c, m, cl, size, cpu)
+                bc, bp, ptiles = cfg.angles_tiling(c, m, cl, size)
+                ints = dict(N=n, C=c, M=m, ITERS=t.iters, SPLITS=t.splits, CHUNK=t.chunk, P_TILES=ptiles)
+                tile = dict(CHANNELS_LAST=cl, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
                 warps = (4, 8) if full and dt == "fp32" else (4,)
                 for nw in warps:
                     tag = f"{sname}-{lay}-{dt}-w{nw}"
