@@ -105,66 +105,81 @@ void chan_merge(int64_t& count, S& mean, S& m2, int64_t nb, const S& mean_b, con
 }
 
 // ------------------------------------------------------------------ contiguous runs (NCHW)
-/// sum_{i<n} p[i]; four accumulators hide the add latency.
+/// sum_{i<n} (p[i] - shift); four accumulators hide the add latency.
 template <typename T>
-typename Io<T>::A sum_run(const T* p, int64_t n) {
+typename Io<T>::A shifted_sum_run(const T* p, int64_t n, typename Io<T>::A shift) {
   using IO = Io<T>;
   using V = typename IO::V;
   constexpr int64_t kW = IO::kW;
+  const V sv(shift);
   V s0(0), s1(0), s2(0), s3(0);
   int64_t i = 0;
   for (; i + 4 * kW <= n; i += 4 * kW) {
-    s0 += IO::load(p + i);
-    s1 += IO::load(p + i + kW);
-    s2 += IO::load(p + i + 2 * kW);
-    s3 += IO::load(p + i + 3 * kW);
+    s0 += IO::load(p + i) - sv;
+    s1 += IO::load(p + i + kW) - sv;
+    s2 += IO::load(p + i + 2 * kW) - sv;
+    s3 += IO::load(p + i + 3 * kW) - sv;
   }
-  for (; i + kW <= n; i += kW) s0 += IO::load(p + i);
-  if (i < n) s1 += IO::load(p + i, n - i);
+  for (; i + kW <= n; i += kW) s0 += IO::load(p + i) - sv;
+  if (i < n) s1 += V::set(V(0), IO::load(p + i, n - i) - sv, n - i);
   return hsum((s0 + s1) + (s2 + s3));
 }
 
-/// sum_{i<n} (p[i] - mean)^2, the centred second moment of a chunk already in L1.
+/// A shift for the chunk sums: the first value when finite (so the sums see only deviations,
+/// e.g. noise instead of 1e4 + noise, and the chunk mean is exact to float rounding), else 0.
+template <typename A>
+A sum_shift(A first) {
+  return std::isfinite(first) ? first : A(0);
+}
+
+/// sum_{i<n} ((p[i] - shift) - mean_dev)^2, the centred second moment of a chunk already in
+/// L1 (mean_dev: the chunk mean minus shift).
 template <typename T>
-typename Io<T>::A centred_ss_run(const T* p, int64_t n, typename Io<T>::A mean) {
+typename Io<T>::A centred_ss_run(const T* p, int64_t n, typename Io<T>::A shift,
+                                 typename Io<T>::A mean_dev) {
   using IO = Io<T>;
   using V = typename IO::V;
   constexpr int64_t kW = IO::kW;
-  const V mv(mean);
+  const V sv(shift), mv(mean_dev);
   V s0(0), s1(0), s2(0), s3(0);
   int64_t i = 0;
   for (; i + 4 * kW <= n; i += 4 * kW) {
-    const V d0 = IO::load(p + i) - mv, d1 = IO::load(p + i + kW) - mv;
-    const V d2 = IO::load(p + i + 2 * kW) - mv, d3 = IO::load(p + i + 3 * kW) - mv;
+    const V d0 = (IO::load(p + i) - sv) - mv, d1 = (IO::load(p + i + kW) - sv) - mv;
+    const V d2 = (IO::load(p + i + 2 * kW) - sv) - mv, d3 = (IO::load(p + i + 3 * kW) - sv) - mv;
     s0 = at::vec::fmadd(d0, d0, s0);
     s1 = at::vec::fmadd(d1, d1, s1);
     s2 = at::vec::fmadd(d2, d2, s2);
     s3 = at::vec::fmadd(d3, d3, s3);
   }
   for (; i + kW <= n; i += kW) {
-    const V d = IO::load(p + i) - mv;
+    const V d = (IO::load(p + i) - sv) - mv;
     s0 = at::vec::fmadd(d, d, s0);
   }
-  if (i < n) {  // lanes past n would contribute mean^2: mask them out
-    const V d = V::set(V(0), IO::load(p + i, n - i) - mv, n - i);
+  if (i < n) {  // lanes past n would contribute a square: mask them out
+    const V d = V::set(V(0), (IO::load(p + i, n - i) - sv) - mv, n - i);
     s1 = at::vec::fmadd(d, d, s1);
   }
   return hsum((s0 + s1) + (s2 + s3));
 }
 
-/// Mean and M2 of one plane: per L1 chunk sum -> chunk mean -> centred SS, Chan-merged.
+/// Mean and M2 of one plane: per L1 chunk (shifted) sum -> chunk mean -> centred SS from L1,
+/// Chan-merged across chunks.
 template <typename T>
 void plane_moments(const T* p, int64_t m, typename Io<T>::A& mean, typename Io<T>::A& m2) {
   using A = typename Io<T>::A;
   const int64_t chunk = std::max<int64_t>(config::kL1ChunkBytes / sizeof(T), Io<T>::kW);
+  // Everything is accumulated as deviations from `shift`: chunk means and their merges stay
+  // small numbers, and the absolute mean is rounded once at the end.
+  const A shift = sum_shift(static_cast<A>(p[0]));
   int64_t count = 0;
-  mean = 0;
+  A mean_dev = 0;
   m2 = 0;
   for (int64_t s = 0; s < m; s += chunk) {
     const int64_t len = std::min(chunk, m - s);
-    const A cm = sum_run(p + s, len) / static_cast<A>(len);
-    chan_merge<A>(count, mean, m2, len, cm, centred_ss_run(p + s, len, cm));
+    const A cm = shifted_sum_run(p + s, len, shift) / static_cast<A>(len);
+    chan_merge<A>(count, mean_dev, m2, len, cm, centred_ss_run(p + s, len, shift, cm));
   }
+  mean = shift + mean_dev;
 }
 
 /// sdy = sum dy, sdyxc = sum dy * (x - mu) over one plane, in a single pass.
@@ -222,7 +237,8 @@ inline typename Io<T>::V block_load(const T* p, int j, int64_t tail) {
 }
 
 /// Mean and M2 of channels [c0, c0 + (NV-1)*kW + tail) over rows [r0, r1) of sample xn
-/// (rows of length C), chunked by L1 like plane_moments, vectorised along channels.
+/// (rows of length C), chunked by L1 and shifted like plane_moments, vectorised along channels
+/// (`mean` holds deviations from `shift` until the final store).
 template <typename T, int NV>
 void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t tail,
                       typename Io<T>::A* mean_out, typename Io<T>::A* m2_out) {
@@ -231,7 +247,14 @@ void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0
   using V = typename IO::V;
   constexpr int64_t kW = IO::kW;
   const int64_t chunk_rows = std::max<int64_t>(1, config::kL1ChunkBytes / (sizeof(T) * NV * kW));
-  V mean[NV], m2[NV];
+  V mean[NV], m2[NV], shift[NV];
+  for (int j = 0; j < NV; ++j) {  // per-channel shift: the segment's first row (if finite)
+    const V first = block_load<T, NV>(xn + r0 * C + c0 + j * kW, j, tail);
+    alignas(64) A lanes[kW];
+    first.store(lanes);
+    for (int64_t l = 0; l < kW; ++l) lanes[l] = sum_shift(lanes[l]);
+    shift[j] = V::loadu(lanes);
+  }
   int64_t count = 0;
   for (int64_t rs = r0; rs < r1; rs += chunk_rows) {
     const int64_t len = std::min(chunk_rows, r1 - rs);
@@ -239,14 +262,14 @@ void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0
     for (int j = 0; j < NV; ++j) sum[j] = css[j] = V(0);
     for (int64_t r = rs; r < rs + len; ++r) {
       const T* row = xn + r * C + c0;
-      for (int j = 0; j < NV; ++j) sum[j] += block_load<T, NV>(row + j * kW, j, tail);
+      for (int j = 0; j < NV; ++j) sum[j] += block_load<T, NV>(row + j * kW, j, tail) - shift[j];
     }
-    const V inv_len(A(1) / static_cast<A>(len));
-    for (int j = 0; j < NV; ++j) sum[j] = sum[j] * inv_len;  // chunk mean (0 in padding lanes)
+    const V len_v(static_cast<A>(len));
+    for (int j = 0; j < NV; ++j) sum[j] = sum[j] / len_v;  // chunk mean - shift (0 in padding)
     for (int64_t r = rs; r < rs + len; ++r) {
       const T* row = xn + r * C + c0;
       for (int j = 0; j < NV; ++j) {
-        const V d = block_load<T, NV>(row + j * kW, j, tail) - sum[j];
+        const V d = (block_load<T, NV>(row + j * kW, j, tail) - shift[j]) - sum[j];
         css[j] = at::vec::fmadd(d, d, css[j]);
       }
     }
@@ -258,7 +281,7 @@ void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0
   }
   for (int j = 0; j < NV; ++j) {
     const int64_t n = j == NV - 1 ? tail : kW;
-    mean[j].store(mean_out + j * kW, n);
+    (shift[j] + mean[j]).store(mean_out + j * kW, n);
     m2[j].store(m2_out + j * kW, n);
   }
 }
@@ -342,18 +365,20 @@ void moments_impl(const Geometry& g, const T* x, typename Io<T>::A* mean, typena
       cl_block_moments<T, NV>(x + n * g.m * g.c, g.c, r0, r1, c0, tail, &pmean[out], &pm2[out]);
     });
   });
-  // Merge the segments of each (n, c) in segment order (deterministic).
+  // Merge the segments of each (n, c) in segment order (deterministic), as deviations from
+  // the first segment's mean (differences of nearby values are exact; one rounding at the end).
   at::parallel_for(0, g.n * g.c, config::kMinTaskElems, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / g.c, c = i % g.c;
+      const A base = sum_shift(pmean[n * p.segs * g.c + c]);
       int64_t count = 0;
       A mu = 0, ss = 0;
       for (int64_t s = 0; s < p.segs; ++s) {
         const int64_t rows = std::min(p.seg_rows, g.m - s * p.seg_rows);
         const int64_t k = (n * p.segs + s) * g.c + c;
-        chan_merge<A>(count, mu, ss, rows, pmean[k], pm2[k]);
+        chan_merge<A>(count, mu, ss, rows, pmean[k] - base, pm2[k]);
       }
-      mean[i] = mu;
+      mean[i] = base + mu;
       m2[i] = ss;
     }
   });
