@@ -260,3 +260,23 @@ def test_bad_arguments():
         DATTA(tiny_resnet(), score_mode="pixels")
     with pytest.raises(TypeError, match="selector"):
         DATTA(tiny_resnet(), selector="valley")
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_and_threshold_path_never_syncs():
+    stream = make_stream(6)
+    t = threshold_for(stream)
+    model = tiny_resnet()
+    cpu = DATTA(copy.deepcopy(model), selector=ThresholdSelector(t), daft=False)
+    gpu = DATTA(copy.deepcopy(model).cuda(), selector=ThresholdSelector(t), daft=False)
+    for x in stream:
+        want = cpu(x)
+        x = x.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = gpu(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.testing.assert_close(got.cpu(), want, **tol(torch.float32, 10))
+        assert gpu.last_decision == cpu.last_decision
