@@ -13,7 +13,7 @@ from torch.testing import assert_close
 import datta_kernels as dk
 from datta_kernels import backends
 from datta_kernels import reference as ref
-from datta_kernels.testing import LAYOUTS, SHAPES_ODD, make_inputs, tol, to_layout
+from datta_kernels.testing import LAYOUTS, SHAPES_ODD, make_inputs, to_layout, tol
 
 from .conftest import HAS_CUDA, HAS_EXT
 
