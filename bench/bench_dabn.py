@@ -1,0 +1,179 @@
+"""DABN forward and forward+backward on CPU: fused ``cpu`` backend vs eager reference,
+``torch.compile(reference.dabn)`` and ``nn.BatchNorm2d`` (train mode).
+
+    pytest bench/bench_dabn.py --benchmark-enable       # pytest-benchmark, GB/s in extra_info
+    python bench/bench_dabn.py --table                  # one process -> bench/results/cpu_dabn.*
+
+Minimal bytes moved (B = x.nbytes), what the fused kernels actually do:
+  forward           3 B: pass 1 reads x (instance moments), pass 2 reads x and writes y.
+  forward+backward  8 B: the forward's 3 B, then backward pass 1 reads x and dy (per-(n, c)
+                    sums) and pass 2 reads x and dy and writes dx (5 B).  Parameter-sized
+                    traffic is ignored.
+Every contestant allocates its outputs; fresh multi-MB allocations are page-faulted in on
+each call, which all of them pay alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+
+from datta_kernels import functional as F
+from datta_kernels import reference as ref
+from datta_kernels.testing import make_inputs
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import describe_machine  # noqa: E402
+
+SHAPES = [(64, 64, 56, 56), (64, 256, 14, 14), (128, 16, 32, 32), (16, 3, 224, 224)]
+BLEND = (0.6, 0.4, 0.0)   # datta "single": batch statistics, so the forward needs both passes
+BYTES_PER_X = {"fwd": 3, "fwd_bwd": 8}
+IMPLS = ("cpu", "reference", "compiled_reference", "batchnorm2d")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_COMPILED = {}
+
+
+def make_case(shape, impl: str, mode: str):
+    """A zero-argument callable running one forward (or forward+backward) of `impl`."""
+    inp = make_inputs(shape)
+    x, c = inp.x, shape[1]
+    grad = mode == "fwd_bwd"
+    blend = torch.tensor(BLEND)
+    w = inp.weight.clone().requires_grad_(grad)
+    b = inp.bias.clone().requires_grad_(grad)
+    x = x.clone().requires_grad_(grad)
+    dy = torch.randn_like(inp.x)
+    if impl == "batchnorm2d":
+        bn = torch.nn.BatchNorm2d(c).train()
+        bn.weight.data.copy_(inp.weight)
+        bn.bias.data.copy_(inp.bias)
+        fn = bn
+    elif impl == "cpu":
+        def fn(t):
+            return F.dabn(t, w, b, inp.source_mean, inp.source_var, blend, backend="cpu")
+    else:
+        def eager(t, w_, b_):
+            return ref.dabn(t, w_, b_, inp.source_mean, inp.source_var, blend)
+        if impl == "compiled_reference":
+            key = (shape, mode)
+            _COMPILED.setdefault(key, torch.compile(eager, dynamic=False))
+            body = _COMPILED[key]
+        else:
+            body = eager
+        def fn(t):
+            return body(t, w, b)
+
+    def run():
+        if not grad:
+            with torch.no_grad():
+                return fn(x)
+        y = fn(x)
+        y.backward(dy)
+        return y
+    return run, inp.x.nbytes * BYTES_PER_X[mode]
+
+
+# ------------------------------------------------------------------ pytest-benchmark
+@pytest.mark.parametrize("mode", list(BYTES_PER_X))
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dabn(benchmark, shape, impl, mode):
+    run, nbytes = make_case(shape, impl, mode)
+    run()  # warm-up (and compilation)
+    benchmark.group = f"dabn-{mode}-{'x'.join(map(str, shape))}"
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(bytes=nbytes, gbps=nbytes / median / 1e9)
+
+
+# ------------------------------------------------------------------ one-process table
+def time_median(run, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def table(reps: int, impls: tuple[str, ...], threads: list[int]) -> dict:
+    rows = []
+    for nt, mode, shape in [(t, m, s) for t in threads for m in BYTES_PER_X for s in SHAPES]:
+        torch.set_num_threads(nt)
+        row = {"threads": nt, "mode": mode, "shape": list(shape), "ms": {}, "gbps": {}}
+        for impl in impls:
+            run, nbytes = make_case(shape, impl, mode)
+            slow = impl == "reference" or (mode == "fwd_bwd" and impl != "cpu")
+            t = time_median(run, max(3, reps // 2) if slow else reps)
+            row["ms"][impl] = t * 1e3
+            row["gbps"][impl] = nbytes / t / 1e9
+            print(f"{nt} {mode:8s} {str(shape):18s} {impl:20s} {t * 1e3:9.2f} ms "
+                  f"{nbytes / t / 1e9:6.1f} GB/s", flush=True)
+        cpu = row["ms"]["cpu"]
+        row["speedup_vs"] = {k: v / cpu for k, v in row["ms"].items() if k != "cpu"}
+        rows.append(row)
+    return {"machine": describe_machine(), "blend": BLEND, "bytes_per_x": BYTES_PER_X,
+            "rows": rows}
+
+
+def write_markdown(res: dict, path: str) -> None:
+    m = res["machine"]
+    impls = list(res["rows"][0]["ms"])
+    lines = [
+        "# DABN on CPU: fused `cpu` backend vs baselines",
+        "",
+        f"- CPU: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+        f"1-min load average at the end {m['loadavg_1min']:.2f}",
+        f"- torch {m['torch']} (ATen CPU capability {m['torch_cpu_capability']}), "
+        f"python {m['python']}",
+        f"- datta_kernels._C: {m['datta_build']}",
+        f"- float32, NCHW, blend {tuple(res['blend'])} (batch statistics: two-pass forward); "
+        "median wall time of one call, all measured in one process",
+        "- bytes: forward 3·x.nbytes (2 reads + 1 write), forward+backward 8·x.nbytes "
+        "(+ backward: 2 reads of x and dy for the sums, 2 reads + 1 write for dx)",
+        "",
+        "| threads | mode | shape | " + " | ".join(f"{i} ms (GB/s)" for i in impls)
+        + " | cpu speed-up vs reference | vs compiled | vs BatchNorm2d |",
+        "|---|---|---|" + "---|" * (len(impls) + 3),
+    ]
+    for r in res["rows"]:
+        cells = [f"{r['ms'][i]:.2f} ({r['gbps'][i]:.1f})" for i in impls]
+        sp = r["speedup_vs"]
+        ratios = [f"{sp[k]:.1f}x" if k in sp else "-" for k in
+                  ("reference", "compiled_reference", "batchnorm2d")]
+        head = f"| {r['threads']} | {r['mode']} | {'x'.join(map(str, r['shape']))} | "
+        lines.append(head + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--table", action="store_true", help="run everything, write bench/results/")
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--threads", default="1,2", help="comma list of torch thread counts")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    p.add_argument("--out", default=os.path.join(RESULTS, "cpu_dabn"))
+    args = p.parse_args(argv)
+    if not args.table:
+        p.print_help()
+        return
+    impls = tuple(i for i in IMPLS if not (args.no_compile and i == "compiled_reference"))
+    res = table(args.reps, impls, [int(t) for t in args.threads.split(",")])
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    write_markdown(res, args.out + ".md")
+    print(open(args.out + ".md").read())
+
+
+if __name__ == "__main__":
+    main()
