@@ -37,6 +37,9 @@ BYTES_PER_X = {"fwd": 3, "fwd_bwd": 8}
 IMPLS = ("cpu", "reference", "compiled_reference", "batchnorm2d")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 _COMPILED = {}
+# one compiled graph per shape x mode x thread count (dynamo guards on the thread count)
+torch._dynamo.config.recompile_limit = 64
+torch._dynamo.config.accumulated_recompile_limit = 256
 
 
 def make_case(shape, impl: str, mode: str):
