@@ -1,0 +1,218 @@
+"""``datta-kernels``: ``info`` (what can run here), ``bench`` (kernel timings) and ``demo``
+(DATTA and the baselines on corrupted Fashion-MNIST streams, fully offline).
+
+Run ``datta-kernels <command> --help`` for the options of each command.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+__all__ = ["main"]
+
+#: ``--quick``: fewer images and streams, one model; about 1-2 minutes on a 2-core CPU.
+QUICK = {"per_domain": 300, "streams": ("single", "mixed", "dynamic"), "batch_sizes": (16, 64),
+         "check_batches": 10}
+#: (N, C, H, W) of ``bench``: the SmallResNet's stem and last stage at bs 64, then ResNet-50-like
+#: layers (early wide-spatial, late many-channel) at bs 32.
+BENCH_SHAPES = ((64, 16, 28, 28), (64, 64, 7, 7), (32, 64, 56, 56), (32, 256, 28, 28), (32, 2048, 7, 7))
+
+
+def _csv(kind=str):
+    return lambda text: tuple(kind(v) for v in text.split(",") if v)
+
+
+# --- info ---------------------------------------------------------------------------------
+
+def cmd_info(args) -> int:
+    from . import __version__, _ext, available_backends, backends
+
+    print(f"datta_kernels {__version__}  (torch {torch.__version__}, python {sys.version.split()[0]})")
+    print(f"devices: cpu ({torch.get_num_threads()} threads)", end="")
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        print(", cuda: " + ", ".join(names))
+    else:
+        print(f", no CUDA device (torch built with CUDA {torch.version.cuda})" if torch.version.cuda
+              else ", no CUDA (CPU-only torch build)")
+    info = _ext.build_info()
+    print("compiled extension: " + ("; ".join(f"{k}={v}" for k, v in info.items() if k != "built")
+                                    if info.get("built") else "not built"))
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        print(f"backends on {device} (float32), in auto order:")
+        auto = backends.resolve("auto", device, torch.float32)
+        for name, why in backends.explain(device).items():
+            state = "available" + ("  <- auto" if name == auto else "") if not why else "unavailable"
+            print(f"  {name:<10} {state}")
+            for reason in why:
+                print(f"      - {reason}")
+    print(f"available: {', '.join(available_backends())}")
+    return 0
+
+
+# --- bench --------------------------------------------------------------------------------
+
+def _time_ms(fn, device: str, min_seconds: float) -> float:
+    """Median milliseconds of ``fn()`` over repeats filling ``min_seconds`` (after warm-up)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _bench_impls(x, names: list[str]) -> dict:
+    """Zero-argument callables timing one DABN forward on ``x`` per implementation."""
+    from . import dabn, reference
+    from .reference import PRESETS
+
+    preset, c, dev = PRESETS["datta"], x.shape[1], x.device
+    w, b = torch.rand(c, device=dev) + 0.5, torch.randn(c, device=dev)
+    sm, sv = torch.randn(c, device=dev), torch.rand(c, device=dev) + 0.5
+    blend = torch.tensor(preset.multiple, device=dev)
+    bn = torch.nn.BatchNorm2d(c).to(device=dev, dtype=x.dtype).eval()
+    impls = {"eager reference": lambda: reference.dabn(x, w, b, sm, sv, blend, preset.shrink_k)}
+    for name in names:
+        impls[f"dabn[{name}]"] = lambda n=name: dabn(x, w, b, sm, sv, blend, shrink_k=preset.shrink_k,
+                                                     backend=n)
+    impls["nn.BatchNorm2d eval"] = lambda: bn(x)
+    return impls
+
+
+def cmd_bench(args) -> int:
+    from . import available_backends
+    from .reference import PRESETS
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    preset = PRESETS["datta"]
+    names = [b for b in available_backends(device) if b != "reference"] + ["reference"]
+    print(f"DABN forward, preset datta 'multiple' blend {preset.multiple} (shrink k={preset.shrink_k}), "
+          f"{device} {args.dtype}; minimal bytes = 2 reads + 1 write of x")
+    head = f"{'shape (N,C,H,W)':<22}{'impl':<18}{'ms':>9}{'GB/s':>9}{'vs eager ref':>14}"
+    print(head + "\n" + "-" * len(head))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for shape in BENCH_SHAPES[:args.shapes] if args.shapes else BENCH_SHAPES:
+        x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+        nbytes = 3 * x.numel() * x.element_size()
+        with torch.no_grad():
+            times = {k: _time_ms(f, device, args.min_seconds) for k, f in _bench_impls(x, names).items()}
+        ref_ms = times["eager reference"]
+        for k, ms in times.items():
+            print(f"{str(tuple(shape)):<22}{k:<18}{ms:>9.3f}{nbytes / ms / 1e6:>9.1f}{ref_ms / ms:>13.2f}x")
+    return 0
+
+
+# --- demo ---------------------------------------------------------------------------------
+
+def _demo_config(args):
+    from .eval.models import TrainConfig
+    from .eval.runner import DemoConfig
+
+    cfg = DemoConfig()
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(cfg, k, v)
+    train = TrainConfig()
+    overrides = {"epochs": args.epochs, "train_subset": args.train_subset, "width": args.width}
+    train = TrainConfig(**{**train.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    cfg.train = train
+    for key in ("data_dir", "per_domain", "corruptions", "severity", "streams", "batch_sizes", "methods",
+                "lr", "backend", "seed", "check_batches", "cache_dir"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg.retrain, cfg.progress = args.retrain, not args.no_progress
+    return cfg
+
+
+def cmd_demo(args) -> int:
+    from .eval.datasets import DataNotFoundError
+    from .eval.report import format_tables, write_outputs
+    from .eval.runner import run_demo
+
+    cfg = _demo_config(args)
+    command = "datta-kernels " + " ".join(shlex.quote(a) for a in args.argv)
+    t0 = time.perf_counter()
+    try:
+        doc = run_demo(cfg, command=command)
+    except DataNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = write_outputs(doc, args.out)
+    print()
+    print(format_tables(doc))
+    print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['summary']} and {paths['figure']} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="datta-kernels", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="version, devices, which backends can run and why not")
+
+    b = sub.add_parser("bench", help="time the DABN forward kernels against the eager reference")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=("cpu", "cuda"))
+    b.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    b.add_argument("--shapes", type=int, default=None, help="only the first N shapes")
+    b.add_argument("--min-seconds", type=float, default=0.3, help="time budget per measurement")
+
+    d = sub.add_parser("demo", help="DATTA vs baselines on corrupted Fashion-MNIST streams (offline)",
+                       description="Train (or load the cached) small ResNet on clean Fashion-MNIST, "
+                       "corrupt the test set, and run every method on every stream. Needs the dataset "
+                       "locally: `apt-get install dataset-fashion-mnist` or --data-dir.")
+    d.add_argument("--out", default="datta-out", help="output directory (default ./datta-out)")
+    d.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST idx files (.gz or not)")
+    d.add_argument("--quick", action="store_true",
+                   help=f"smaller run (~1-2 min): {QUICK['per_domain']} images per corruption, "
+                   f"streams {','.join(QUICK['streams'])}")
+    d.add_argument("--per-domain", "--subset", dest="per_domain", type=int, default=None,
+                   help="test images per corruption (default 600)")
+    d.add_argument("--corruptions", type=_csv(), default=None, help="comma-separated subset of corruptions")
+    d.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1..5 (default 3)")
+    d.add_argument("--streams", type=_csv(), default=None, help="comma-separated subset of streams")
+    d.add_argument("--batch-sizes", type=_csv(int), default=None, help="e.g. 16,64 (default)")
+    d.add_argument("--methods", type=_csv(), default=None, help="comma-separated subset of methods")
+    d.add_argument("--lr", type=float, default=None, help="entropy-step lr of tent and datta (default 1e-3)")
+    d.add_argument("--backend", default=None, help="kernel backend for every method (default auto)")
+    d.add_argument("--seed", type=int, default=None, help="seed of test subset, corruptions and streams")
+    d.add_argument("--check-batches", type=int, default=None,
+                   help="batches of the reference-backend agreement check (0 skips it)")
+    d.add_argument("--retrain", action="store_true", help="retrain the source model, ignoring the cache")
+    d.add_argument("--cache-dir", default=None, help="model cache (default $XDG_CACHE_HOME/datta_kernels)")
+    d.add_argument("--train-subset", type=int, default=None, help="training images (default 45000)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 2)")
+    d.add_argument("--width", type=int, default=None, help="ResNet base width (default 16)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return {"info": cmd_info, "bench": cmd_bench, "demo": cmd_demo}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Tables, ``results.json``, ``results.csv`` and the figure for ``datta-kernels demo``.
+
+``results.json`` layout: ``meta`` (command, machine, torch version, resolved backend, seeds, the
+full config, wall time), ``model`` (cache path, training recipe, clean accuracy),
+``source_accuracy_per_corruption``, ``results`` (one row per method × stream × batch size with
+``method``, ``stream``, ``batch_size``, ``accuracy``, ``ms_per_batch`` and extras), ``detector``
+(precision / recall / score AUROC on the dynamic streams) and ``backend_check``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+__all__ = ["CSV_FIELDS", "format_tables", "plot", "write_outputs"]
+
+CSV_FIELDS = ("method", "stream", "batch_size", "accuracy", "ms_per_batch", "batches", "samples",
+              "single_fraction")
+_SHORT = {"single_noniid": "noniid", "dynamic_random": "dyn_rand"}
+_KIND_COLOURS = {"single": "tab:blue", "mixed": "tab:orange"}
+
+
+def _pct(v) -> str:
+    return "  -  " if v is None else f"{100 * v:5.1f}"
+
+
+def _ordered(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def format_tables(doc: dict) -> str:
+    """The terminal report: accuracy per method × stream × batch size, timings, detector
+    quality, per-corruption accuracy and the backend check."""
+    rows = doc["results"]
+    meta, cfg = doc["meta"], doc["meta"]["config"]
+    methods = _ordered(r["method"] for r in rows)
+    streams = _ordered(r["stream"] for r in rows)
+    sizes = _ordered(r["batch_size"] for r in rows)
+    by = {(r["method"], r["stream"], r["batch_size"]): r for r in rows}
+    lines = [f"Top-1 accuracy (%) on Fashion-MNIST-C: {len(cfg['corruptions'])} corruptions x "
+             f"{cfg['per_domain']} test images, severity {cfg['severity']}; clean "
+             f"{_pct(doc['model']['clean_test_accuracy']).strip()}%; backend {meta['backend']}"]
+    head = (f"{'method':<12}{'bs':>4}" + "".join(f"{_SHORT.get(s, s):>9}" for s in streams)
+            + f"{'ms/batch':>10}")
+    lines += [head, "-" * len(head)]
+    for bs in sizes:
+        for m in methods:
+            cells = [by.get((m, s, bs)) for s in streams]
+            accs = "".join(f"{_pct(c['accuracy'] if c else None):>9}" for c in cells)
+            ms = [c["ms_per_batch"] for c in cells if c]
+            lines.append(f"{m:<12}{bs:>4}{accs}{sum(ms) / len(ms):>10.1f}")
+    if doc["detector"]:
+        lines += ["", "Diversity detector vs the true batch type (positive = single-domain batch); "
+                      "precision/recall after the selector's warm-up, AUROC of the raw score",
+                  f"{'method':<12}{'stream':<16}{'bs':>4}{'batches':>9}{'precision':>11}{'recall':>8}"
+                  f"{'AUROC':>8}"]
+        for d in doc["detector"]:
+            lines.append(f"{d['method']:<12}{d['stream']:<16}{d['batch_size']:>4}{d['batches']:>9}"
+                         f"{_pct(d['precision']):>11}{_pct(d['recall']):>8}{_pct(d['score_auroc']):>8}")
+    lines += _per_corruption(doc, methods, sizes)
+    chk = doc.get("backend_check")
+    if chk:
+        lines += ["", f"Backend check: DATTA on {chk['backend']} vs {chk['against']}, "
+                      f"{chk['batches']} batches of {chk['stream']}/bs{chk['batch_size']}: predictions agree "
+                      f"{_pct(chk['prediction_agreement']).strip()}%, decisions agree "
+                      f"{_pct(chk['decision_agreement']).strip()}%, max |logit diff| "
+                      f"{chk['max_abs_logit_diff']:.2e}"]
+        if chk.get("note"):
+            lines.append(f"  ({chk['note']})")
+    return "\n".join(lines)
+
+
+def _per_corruption(doc: dict, methods: list[str], sizes: list) -> list[str]:
+    """Per-corruption accuracy on the single-domain stream (largest batch size)."""
+    bs = max(sizes)
+    per = {r["method"]: r["per_corruption"] for r in doc["results"]
+           if r["stream"] == "single" and r["batch_size"] == bs}
+    src = doc["source_accuracy_per_corruption"]
+    cols = [m for m in methods if m in per]
+    lines = ["", f"Per-corruption accuracy (%), single-domain stream, bs {bs} "
+                 "('calib' = source model alone, the severity calibration)",
+             f"{'corruption':<19}{'calib':>7}" + "".join(f"{m[:10]:>11}" for m in cols)]
+    for name, acc in src.items():
+        lines.append(f"{name:<19}{_pct(acc):>7}" + "".join(f"{_pct(per[m].get(name)):>11}" for m in cols))
+    return lines
+
+
+def plot(doc: dict, path: Path) -> Path | None:
+    """Two panels: the diversity score along the dynamic stream coloured by the true batch
+    type (with the batches DATTA called "single" marked), and accuracy by method per stream."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = doc["_runs"]
+    dyn = [r for r in runs if r.stream == "dynamic" and r.method == "datta"]
+    dyn = max(dyn, key=lambda r: r.batch_size) if dyn else None
+    bs = max(r.batch_size for r in runs)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1.15, 1]})
+    ax = axes[0]
+    if dyn is not None:
+        for kind, colour in _KIND_COLOURS.items():
+            pts = [(i, s) for i, (s, k) in enumerate(zip(dyn.scores, dyn.kinds)) if k == kind]
+            if pts:
+                ax.scatter(*zip(*pts), s=14, c=colour, label=f"true {kind} batch", alpha=0.8)
+        called = [(i, s) for i, (s, d) in enumerate(zip(dyn.scores, dyn.decisions)) if d == "single"]
+        if called:
+            ax.scatter(*zip(*called), s=46, facecolors="none", edgecolors="black", linewidths=0.8,
+                       label='DATTA decided "single"')
+        if dyn.warmup:
+            ax.axvspan(-0.5, dyn.warmup - 0.5, color="0.9", zorder=0, label="selector warm-up")
+        ax.set_title(f"Diversity score along the dynamic stream (DATTA, bs {dyn.batch_size})")
+        ax.set_xlabel("batch index")
+        ax.set_ylabel("diversity score (std of angles, rad)")
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    else:
+        ax.text(0.5, 0.5, "no DATTA run on the dynamic stream", ha="center", va="center")
+        ax.set_axis_off()
+
+    ax = axes[1]
+    rows = [r for r in doc["results"] if r["batch_size"] == bs]
+    methods = _ordered(r["method"] for r in rows)
+    streams = _ordered(r["stream"] for r in rows)
+    by = {(r["method"], r["stream"]): r["accuracy"] for r in rows}
+    width = 0.8 / len(methods)
+    cmap = plt.get_cmap("tab10")
+    for i, m in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(streams))]
+        ax.bar(xs, [100 * by.get((m, s), 0) for s in streams], width, label=m, color=cmap(i))
+    ax.set_xticks(range(len(streams)), [_SHORT.get(s, s) for s in streams])
+    lo = min(100 * v for v in by.values())
+    ax.set_ylim(max(0, lo - 10), 100)
+    ax.axhline(100 * doc["model"]["clean_test_accuracy"], color="0.3", ls="--", lw=1, label="clean (source)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"Accuracy by method and stream (bs {bs})")
+    ax.legend(fontsize=8, ncol=2, loc="upper right", framealpha=0.9)
+    fig.suptitle(f"DATTA on Fashion-MNIST-C ({doc['meta']['backend']} backend)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(doc: dict, out: str | Path) -> dict[str, Path]:
+    """Write ``results.json``, ``results.csv``, ``summary.txt`` and ``datta_demo.png`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "summary": out / "summary.txt",
+             "figure": out / "datta_demo.png"}
+    public = {k: v for k, v in doc.items() if not k.startswith("_")}
+    paths["json"].write_text(json.dumps(public, indent=2) + "\n")
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(doc["results"])
+    paths["summary"].write_text(format_tables(doc) + "\n")
+    plot(doc, paths["figure"])
+    return paths

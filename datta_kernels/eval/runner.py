@@ -1,0 +1,258 @@
+"""The experiment behind ``datta-kernels demo``: every method on every stream, through the
+public adapter API (``datta_kernels.DATTA`` and the baselines of ``datta_kernels.adapt``).
+
+One run = a fresh copy of the source model wrapped by one method, fed one stream batch by batch
+(predict, then maybe update), never reset inside the stream (continual adaptation).
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .. import DATTA, __version__, backends
+from ..adapt import TBN, BNAdapt, Source, Tent
+from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY, corrupt_all
+from .datasets import load_fashion_mnist
+from .models import TrainConfig, evaluate, load_or_train
+from .streams import STREAMS, DomainPool, Stream, build_pool, make_stream
+
+__all__ = ["METHODS", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
+           "run_stream"]
+
+#: Method name -> factory ``(model, backend, lr) -> adapter``. Tent and DATTA share one lr so
+#: their entropy steps are comparable.
+METHODS: dict[str, Callable[[nn.Module, str, float], nn.Module]] = {
+    "source": lambda m, b, lr: Source(m, backend=b),
+    "tbn": lambda m, b, lr: TBN(m, backend=b),
+    "bn_adapt": lambda m, b, lr: BNAdapt(m, backend=b),
+    "tent": lambda m, b, lr: Tent(m, lr=lr, backend=b),
+    "datta": lambda m, b, lr: DATTA(m, backend=b, lr=lr),
+    "datta_icme": lambda m, b, lr: DATTA(m, preset="datta_icme", backend=b, lr=lr),
+    "datta_noft": lambda m, b, lr: DATTA(m, daft=False, backend=b, lr=lr),
+}
+
+
+@dataclass
+class DemoConfig:
+    """Everything one demo run depends on (recorded verbatim in ``results.json``)."""
+
+    data_dir: str | None = None
+    per_domain: int = 600
+    corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
+    severity: int = DEFAULT_SEVERITY
+    streams: tuple[str, ...] = STREAMS
+    batch_sizes: tuple[int, ...] = (16, 64)
+    methods: tuple[str, ...] = tuple(METHODS)
+    lr: float = 1e-3
+    backend: str = "auto"
+    seed: int = 0
+    check_batches: int = 30
+    train: TrainConfig = field(default_factory=TrainConfig)
+    retrain: bool = False
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name, chosen, known in (("corruption", self.corruptions, CORRUPTIONS),
+                                    ("stream", self.streams, STREAMS), ("method", self.methods, METHODS)):
+            bad = [c for c in chosen if c not in known]
+            if bad:
+                raise ValueError(f"unknown {name}(s) {bad}; choose from {list(known)}")
+        if self.per_domain < 2:
+            raise ValueError(f"per_domain must be >= 2, got {self.per_domain}")
+
+
+@dataclass
+class RunResult:
+    """One method on one stream: per-batch records plus the summary."""
+
+    method: str
+    stream: str
+    batch_size: int
+    correct: list[int]
+    sizes: list[int]
+    ms: list[float]
+    scores: list[float | None]
+    decisions: list[str | None]
+    kinds: list[str]
+    domains: list[str]
+    #: batches the adapter's selector answers "multiple" unconditionally (0 without one).
+    warmup: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / max(1, sum(self.sizes))
+
+    @property
+    def ms_per_batch(self) -> float:
+        """Mean adapter time per batch, leaving out the first (one-off kernel/thread-pool start-up)."""
+        ms = self.ms[1:] or self.ms
+        return sum(ms) / max(1, len(ms))
+
+    def accuracy_by(self, labels: list[str]) -> dict[str, float]:
+        """Accuracy grouped by a per-batch label (``self.domains`` or ``self.kinds``)."""
+        out: dict[str, list[int]] = {}
+        for lab, c, n in zip(labels, self.correct, self.sizes):
+            acc = out.setdefault(lab, [0, 0])
+            acc[0] += c
+            acc[1] += n
+        return {k: c / n for k, (c, n) in out.items()}
+
+    def row(self) -> dict:
+        row = {"method": self.method, "stream": self.stream, "batch_size": self.batch_size,
+               "accuracy": self.accuracy, "ms_per_batch": self.ms_per_batch,
+               "batches": len(self.sizes), "samples": sum(self.sizes)}
+        if self.stream.startswith("single"):
+            row["per_corruption"] = self.accuracy_by(self.domains)
+        if self.stream.startswith("dynamic"):
+            row["by_batch_type"] = self.accuracy_by(self.kinds)
+        if any(d is not None for d in self.decisions):
+            row["single_fraction"] = sum(d == "single" for d in self.decisions) / len(self.decisions)
+        return row
+
+
+def run_stream(adapter: nn.Module, method: str, pool: DomainPool, stream: Stream, bar=None) -> RunResult:
+    """Feed ``stream`` through ``adapter`` batch by batch; time only the adapter call."""
+    warmup = getattr(getattr(adapter, "selector", None), "warmup", 0)
+    res = RunResult(method, stream.name, stream.batch_size, [], [], [], [], [], stream.kinds, stream.domains,
+                    warmup)
+    for idx in stream.batches:
+        x, y = pool.x[idx], pool.y[idx]
+        t0 = time.perf_counter()
+        logits = adapter(x)
+        res.ms.append((time.perf_counter() - t0) * 1e3)
+        res.correct.append(int((logits.argmax(1) == y).sum()))
+        res.sizes.append(len(y))
+        res.scores.append(getattr(adapter, "last_score", None))
+        res.decisions.append(getattr(adapter, "last_decision", None))
+        if bar is not None:
+            bar.update(1)
+    return res
+
+
+def _auroc(pos: list[float], neg: list[float]) -> float | None:
+    """P(score of a random positive < score of a random negative), ties counted half
+    (the Mann-Whitney form of the ROC area, for "low score means single")."""
+    if not pos or not neg:
+        return None
+    neg_t = torch.tensor(neg, dtype=torch.float64)
+    wins = sum(float((neg_t > p).sum() + 0.5 * (neg_t == p).sum()) for p in pos)
+    return wins / (len(pos) * len(neg))
+
+
+def detector_metrics(res: RunResult) -> dict:
+    """Precision / recall of ``decision == "single"`` against the true batch type, on batches
+    after the selector's warm-up (it answers "multiple" unconditionally before), plus the
+    score's threshold-free AUROC over all batches."""
+    warmup = res.warmup
+    pairs = [(d == "single", k == "single") for d, k in zip(res.decisions[warmup:], res.kinds[warmup:])]
+    tp = sum(p and t for p, t in pairs)
+    fp = sum(p and not t for p, t in pairs)
+    fn = sum(t and not p for p, t in pairs)
+    single = [s for s, k in zip(res.scores, res.kinds) if k == "single" and s is not None]
+    mixed = [s for s, k in zip(res.scores, res.kinds) if k != "single" and s is not None]
+    return {"method": res.method, "stream": res.stream, "batch_size": res.batch_size,
+            "warmup": warmup, "batches": len(pairs),
+            "precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None,
+            "score_auroc": _auroc(single, mixed)}
+
+
+def backend_check(model: nn.Module, pool: DomainPool, stream: Stream, n_batches: int, lr: float,
+                  backend: str) -> dict:
+    """Default DATTA on ``backend`` vs on ``"reference"``, over the first ``n_batches`` of
+    ``stream``: prediction agreement, decision agreement and the largest logit difference."""
+    fused = DATTA(copy.deepcopy(model), backend=backend, lr=lr)
+    ref = DATTA(copy.deepcopy(model), backend="reference", lr=lr)
+    agree = total = same_decision = 0
+    max_diff = 0.0
+    batches = stream.batches[:n_batches]
+    for idx in batches:
+        a, b = fused(pool.x[idx]), ref(pool.x[idx])
+        agree += int((a.argmax(1) == b.argmax(1)).sum())
+        total += len(idx)
+        same_decision += fused.last_decision == ref.last_decision
+        max_diff = max(max_diff, float((a - b).abs().max()))
+    return {"backend": backend, "against": "reference", "stream": stream.name,
+            "batch_size": stream.batch_size, "batches": len(batches), "samples": total,
+            "prediction_agreement": agree / max(1, total),
+            "decision_agreement": same_decision / max(1, len(batches)), "max_abs_logit_diff": max_diff}
+
+
+def _machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": sys.version.split()[0], "torch": torch.__version__, "datta_kernels": __version__,
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
+    """Load data and model, corrupt, build the streams, run every method; return the results
+    document (see ``report.write_outputs``) plus, under ``"_runs"``, the raw :class:`RunResult`s."""
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    t_start = time.perf_counter()
+    data = load_fashion_mnist(cfg.data_dir)
+    log(f"data: Fashion-MNIST from {data.root} ({len(data.train_y)} train, {len(data.test_y)} test)")
+    model, model_info = load_or_train(cfg.train, data.train_x, data.train_y, cache=cfg.cache_dir,
+                                      retrain=cfg.retrain, progress=cfg.progress)
+    clean_acc = evaluate(model, data.test_x, data.test_y)
+    model_info["clean_test_accuracy"] = clean_acc
+    how = "loaded from cache" if model_info["source"] == "cache" else \
+        f"trained in {model_info['train_seconds']:.0f} s"
+    log(f"model: SmallResNet {how} ({model_info['path']}); clean test accuracy {clean_acc:.1%}")
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = min(cfg.per_domain, len(data.test_y))
+    pick = torch.randperm(len(data.test_y), generator=g)[:n]
+    x, y = data.test_x[pick], data.test_y[pick]
+    t0 = time.perf_counter()
+    pool = build_pool(corrupt_all(x, cfg.corruptions, cfg.severity, cfg.seed), y)
+    source_acc = {name: evaluate(model, pool.x[pool.indices(d)], y) for d, name in enumerate(pool.names)}
+    log(f"corruptions: {len(pool.names)} types x {n} test images, severity {cfg.severity} "
+        f"({time.perf_counter() - t0:.1f} s)")
+
+    resolved = backends.resolve(cfg.backend, "cpu", torch.float32)
+    streams = [make_stream(pool, s, bs, cfg.seed) for bs in cfg.batch_sizes for s in cfg.streams]
+    total = sum(len(s) for s in streams) * len(cfg.methods)
+    runs: list[RunResult] = []
+    with tqdm(total=total, desc="adapt", unit="batch", disable=not cfg.progress, leave=False) as bar:
+        for stream in streams:
+            for method in cfg.methods:
+                bar.set_postfix_str(f"{method} / {stream.name} / bs{stream.batch_size}", refresh=False)
+                adapter = METHODS[method](copy.deepcopy(model), cfg.backend, cfg.lr)
+                runs.append(run_stream(adapter, method, pool, stream, bar))
+
+    detectors = [detector_metrics(r) for r in runs
+                 if r.stream.startswith("dynamic") and any(d is not None for d in r.decisions)]
+
+    check = None
+    if cfg.check_batches > 0:
+        dyn = next((s for s in streams if s.name == "dynamic"), streams[0])
+        check = backend_check(model, pool, dyn, cfg.check_batches, cfg.lr, resolved)
+        if resolved == "reference":
+            check["note"] = ("auto resolved to the reference backend (compiled kernels unavailable), "
+                             "so this compares the reference with itself")
+
+    return {
+        "meta": {"command": command, "machine": _machine(), "backend": resolved,
+                 "backend_requested": cfg.backend, "seeds": {"data": cfg.seed, "streams": cfg.seed,
+                                                            "corruptions": cfg.seed,
+                                                            "training": cfg.train.seed},
+                 "config": {**asdict(cfg), "train": asdict(cfg.train)},
+                 "wall_seconds": time.perf_counter() - t_start},
+        "model": model_info,
+        "source_accuracy_per_corruption": source_acc,
+        "results": [r.row() for r in runs],
+        "detector": detectors,
+        "backend_check": check,
+        "_runs": runs,
+    }
