@@ -102,7 +102,7 @@ def cmd_bench(args) -> int:
     names = [b for b in available_backends(device) if b != "reference"] + ["reference"]
     print(f"DABN forward, preset datta 'multiple' blend {preset.multiple} (shrink k={preset.shrink_k}), "
           f"{device} {args.dtype}; minimal bytes = 2 reads + 1 write of x")
-    head = f"{'shape (N,C,H,W)':<22}{'impl':<18}{'ms':>9}{'GB/s':>9}{'vs eager ref':>14}"
+    head = f"{'shape (N,C,H,W)':<22}{'impl':<21}{'ms':>9}{'GB/s':>9}{'vs eager ref':>14}"
     print(head + "\n" + "-" * len(head))
     g = torch.Generator(device="cpu").manual_seed(0)
     for shape in BENCH_SHAPES[:args.shapes] if args.shapes else BENCH_SHAPES:
@@ -112,7 +112,7 @@ def cmd_bench(args) -> int:
             times = {k: _time_ms(f, device, args.min_seconds) for k, f in _bench_impls(x, names).items()}
         ref_ms = times["eager reference"]
         for k, ms in times.items():
-            print(f"{str(tuple(shape)):<22}{k:<18}{ms:>9.3f}{nbytes / ms / 1e6:>9.1f}{ref_ms / ms:>13.2f}x")
+            print(f"{str(tuple(shape)):<22}{k:<21}{ms:>9.3f}{nbytes / ms / 1e6:>9.1f}{ref_ms / ms:>13.2f}x")
     return 0
 
 
@@ -131,7 +131,7 @@ def _demo_config(args):
     train = TrainConfig(**{**train.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     cfg.train = train
     for key in ("data_dir", "per_domain", "corruptions", "severity", "streams", "batch_sizes", "methods",
-                "lr", "backend", "seed", "check_batches", "cache_dir"):
+                "lr", "backend", "score_layer", "score_mode", "seed", "check_batches", "cache_dir"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -148,11 +148,13 @@ def cmd_demo(args) -> int:
     command = "datta-kernels " + " ".join(shlex.quote(a) for a in args.argv)
     t0 = time.perf_counter()
     try:
-        doc = run_demo(cfg, command=command)
-    except DataNotFoundError as e:
+        cfg.validate()
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
+    try:
+        doc = run_demo(cfg, command=command)
+    except DataNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths = write_outputs(doc, args.out)
@@ -187,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"smaller run (~1-2 min): {QUICK['per_domain']} images per corruption, "
                    f"streams {','.join(QUICK['streams'])}")
     d.add_argument("--per-domain", "--subset", dest="per_domain", type=int, default=None,
-                   help="test images per corruption (default 600)")
+                   help="test images per corruption (default 1000)")
     d.add_argument("--corruptions", type=_csv(), default=None, help="comma-separated subset of corruptions")
     d.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1..5 (default 3)")
     d.add_argument("--streams", type=_csv(), default=None, help="comma-separated subset of streams")
@@ -195,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", type=_csv(), default=None, help="comma-separated subset of methods")
     d.add_argument("--lr", type=float, default=None, help="entropy-step lr of tent and datta (default 1e-3)")
     d.add_argument("--backend", default=None, help="kernel backend for every method (default auto)")
+    d.add_argument("--score-layer", default=None,
+                   help="module name of the BatchNorm where DATTA scores diversity (default: the first)")
+    d.add_argument("--score-mode", default=None, choices=("pixel", "instance"),
+                   help="diversity score mode (default pixel; instance is an approximation)")
     d.add_argument("--seed", type=int, default=None, help="seed of test subset, corruptions and streams")
     d.add_argument("--check-batches", type=int, default=None,
                    help="batches of the reference-backend agreement check (0 skips it)")

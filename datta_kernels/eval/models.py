@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,7 +122,7 @@ def train(cfg: TrainConfig, x: Tensor, y: Tensor, progress: bool = True) -> Smal
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     model.train()
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train source model", disable=not progress,
-               leave=False)
+               leave=False, mininterval=0.1 if sys.stderr.isatty() else 30.0)
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(steps_per_epoch):

@@ -26,16 +26,17 @@ from .streams import STREAMS, DomainPool, Stream, build_pool, make_stream
 __all__ = ["METHODS", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
            "run_stream"]
 
-#: Method name -> factory ``(model, backend, lr) -> adapter``. Tent and DATTA share one lr so
-#: their entropy steps are comparable.
-METHODS: dict[str, Callable[[nn.Module, str, float], nn.Module]] = {
-    "source": lambda m, b, lr: Source(m, backend=b),
-    "tbn": lambda m, b, lr: TBN(m, backend=b),
-    "bn_adapt": lambda m, b, lr: BNAdapt(m, backend=b),
-    "tent": lambda m, b, lr: Tent(m, lr=lr, backend=b),
-    "datta": lambda m, b, lr: DATTA(m, backend=b, lr=lr),
-    "datta_icme": lambda m, b, lr: DATTA(m, preset="datta_icme", backend=b, lr=lr),
-    "datta_noft": lambda m, b, lr: DATTA(m, daft=False, backend=b, lr=lr),
+#: Method name -> factory ``(model, backend, lr, score_kw) -> adapter``. Tent and DATTA share
+#: one lr so their entropy steps are comparable; ``score_kw`` (``score_layer``, ``score_mode``)
+#: only concerns DATTA.
+METHODS: dict[str, Callable[[nn.Module, str, float, dict], nn.Module]] = {
+    "source": lambda m, b, lr, kw: Source(m, backend=b),
+    "tbn": lambda m, b, lr, kw: TBN(m, backend=b),
+    "bn_adapt": lambda m, b, lr, kw: BNAdapt(m, backend=b),
+    "tent": lambda m, b, lr, kw: Tent(m, lr=lr, backend=b),
+    "datta": lambda m, b, lr, kw: DATTA(m, backend=b, lr=lr, **kw),
+    "datta_icme": lambda m, b, lr, kw: DATTA(m, preset="datta_icme", backend=b, lr=lr, **kw),
+    "datta_noft": lambda m, b, lr, kw: DATTA(m, daft=False, backend=b, lr=lr, **kw),
 }
 
 
@@ -44,7 +45,7 @@ class DemoConfig:
     """Everything one demo run depends on (recorded verbatim in ``results.json``)."""
 
     data_dir: str | None = None
-    per_domain: int = 600
+    per_domain: int = 1000
     corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
     severity: int = DEFAULT_SEVERITY
     streams: tuple[str, ...] = STREAMS
@@ -52,6 +53,9 @@ class DemoConfig:
     methods: tuple[str, ...] = tuple(METHODS)
     lr: float = 1e-3
     backend: str = "auto"
+    #: where DATTA measures diversity: None = the first BatchNorm (SPEC §2), or a module name.
+    score_layer: str | None = None
+    score_mode: str = "pixel"
     seed: int = 0
     check_batches: int = 30
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -166,11 +170,11 @@ def detector_metrics(res: RunResult) -> dict:
 
 
 def backend_check(model: nn.Module, pool: DomainPool, stream: Stream, n_batches: int, lr: float,
-                  backend: str) -> dict:
+                  backend: str, **datta_kw) -> dict:
     """Default DATTA on ``backend`` vs on ``"reference"``, over the first ``n_batches`` of
     ``stream``: prediction agreement, decision agreement and the largest logit difference."""
-    fused = DATTA(copy.deepcopy(model), backend=backend, lr=lr)
-    ref = DATTA(copy.deepcopy(model), backend="reference", lr=lr)
+    fused = DATTA(copy.deepcopy(model), backend=backend, lr=lr, **datta_kw)
+    ref = DATTA(copy.deepcopy(model), backend="reference", lr=lr, **datta_kw)
     agree = total = same_decision = 0
     max_diff = 0.0
     batches = stream.batches[:n_batches]
@@ -224,11 +228,15 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     streams = [make_stream(pool, s, bs, cfg.seed) for bs in cfg.batch_sizes for s in cfg.streams]
     total = sum(len(s) for s in streams) * len(cfg.methods)
     runs: list[RunResult] = []
-    with tqdm(total=total, desc="adapt", unit="batch", disable=not cfg.progress, leave=False) as bar:
+    score_kw = {"score_layer": cfg.score_layer, "score_mode": cfg.score_mode}
+    # Redraw rarely when stderr is not a terminal, so logs are not flooded with bar frames.
+    every = 0.1 if sys.stderr.isatty() else 30.0
+    with tqdm(total=total, desc="adapt", unit="batch", disable=not cfg.progress, leave=False,
+              mininterval=every) as bar:
         for stream in streams:
             for method in cfg.methods:
                 bar.set_postfix_str(f"{method} / {stream.name} / bs{stream.batch_size}", refresh=False)
-                adapter = METHODS[method](copy.deepcopy(model), cfg.backend, cfg.lr)
+                adapter = METHODS[method](copy.deepcopy(model), cfg.backend, cfg.lr, score_kw)
                 runs.append(run_stream(adapter, method, pool, stream, bar))
 
     detectors = [detector_metrics(r) for r in runs
@@ -237,7 +245,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     check = None
     if cfg.check_batches > 0:
         dyn = next((s for s in streams if s.name == "dynamic"), streams[0])
-        check = backend_check(model, pool, dyn, cfg.check_batches, cfg.lr, resolved)
+        check = backend_check(model, pool, dyn, cfg.check_batches, cfg.lr, resolved, **score_kw)
         if resolved == "reference":
             check["note"] = ("auto resolved to the reference backend (compiled kernels unavailable), "
                              "so this compares the reference with itself")

@@ -1,0 +1,246 @@
+"""datta_kernels.eval: idx loading, corruptions, streams, model cache, runner and report.
+
+Everything runs on a tiny synthetic idx directory written into ``tmp_path``, so the Debian
+``dataset-fashion-mnist`` package is needed only by the one test marked to skip without it.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from datta_kernels.eval import datasets as ds
+from datta_kernels.eval.corruptions import CORRUPTIONS, corrupt, corrupt_all
+from datta_kernels.eval.models import SmallResNet, TrainConfig, load_or_train
+from datta_kernels.eval.report import CSV_FIELDS, format_tables, write_outputs
+from datta_kernels.eval.runner import DemoConfig, RunResult, detector_metrics, run_demo
+from datta_kernels.eval.streams import STREAMS, build_pool, make_stream
+
+# Corruptions with no randomness: for them "another seed changes the output" does not apply.
+DETERMINISTIC = {"defocus_blur", "gaussian_blur", "zoom_blur", "brightness", "contrast", "pixelate",
+                 "jpeg_compression"}
+TINY_TRAIN = TrainConfig(width=4, epochs=1, train_subset=128, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    return ds.write_synthetic(tmp_path_factory.mktemp("fmnist"), n_train=256, n_test=64)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = ds.write_synthetic(tmp_path_factory.mktemp("small"), n_train=8, n_test=32)
+    return ds.load_fashion_mnist(root).test_x
+
+
+# --- datasets -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, ">i2", ">i4", ">f4", ">f8"])
+def test_idx_round_trip(tmp_path, gz, dtype):
+    a = (np.arange(2 * 3 * 5) % 100).reshape(2, 3, 5).astype(dtype)
+    path = tmp_path / ("a.idx.gz" if gz else "a.idx")
+    ds.write_idx(path, a)
+    b = ds.read_idx(path)
+    assert b.shape == a.shape and np.array_equal(b, a)
+
+
+def test_idx_rejects_bad_files(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01\x00\x00\x00\x02ab")
+    with pytest.raises(ValueError, match="magic"):
+        ds.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+    with pytest.raises(ValueError, match="bytes"):
+        ds.read_idx(tmp_path / "short")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_load_synthetic(tmp_path, gz):
+    root = ds.write_synthetic(tmp_path, n_train=20, n_test=10, gz=gz)
+    d = ds.load_fashion_mnist(root)
+    assert d.train_x.shape == (20, 1, 28, 28) and d.test_x.shape == (10, 1, 28, 28)
+    assert d.train_x.dtype == torch.float32 and 0 <= d.train_x.min() and d.train_x.max() <= 1
+    assert d.train_y.dtype == torch.int64 and d.test_y.max() < 10
+    assert d.root == root
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
+    with pytest.raises(ds.DataNotFoundError, match="apt-get install dataset-fashion-mnist") as e:
+        ds.find_data_dir(tmp_path)
+    assert "--data-dir" in str(e.value) and str(tmp_path) in str(e.value)
+    monkeypatch.setenv(ds.ENV_VAR, str(ds.write_synthetic(tmp_path / "env", 4, 4)))
+    assert ds.find_data_dir() == tmp_path / "env"
+
+
+@pytest.mark.skipif(not all(p.is_dir() for p in ds.DEFAULT_DIRS[:1]),
+                    reason="needs `apt-get install dataset-fashion-mnist`")
+def test_real_fashion_mnist():
+    d = ds.load_fashion_mnist()
+    assert d.train_x.shape == (60000, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
+    assert torch.bincount(d.test_y).tolist() == [1000] * 10
+
+
+# --- corruptions --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_corruption_contract(images, name):
+    x = images[:16]
+    y = corrupt(x, name, seed=3)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
+    assert (y - x).abs().mean() > 0.005, "the corruption must visibly change the image"
+    torch.testing.assert_close(corrupt(x, name, seed=3), y, rtol=0, atol=0)
+    if name not in DETERMINISTIC:
+        assert not torch.equal(corrupt(x, name, seed=4), y)
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "gaussian_blur", "contrast", "pixelate"])
+def test_severity_orders_damage(images, name):
+    damage = [float((corrupt(images, name, s) - images).abs().mean()) for s in range(1, 6)]
+    assert damage == sorted(damage)
+
+
+def test_corruption_bad_arguments(images):
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt(images, "rain")
+    with pytest.raises(ValueError, match="severity"):
+        corrupt(images, "fog", severity=6)
+    with pytest.raises(ValueError, match="float"):
+        corrupt(images[0], "fog")
+
+
+def test_corrupt_all_independent_of_selection(images):
+    full = corrupt_all(images[:4])
+    part = corrupt_all(images[:4], ["fog", "elastic_transform"])
+    assert set(full) == set(CORRUPTIONS) and list(part) == ["fog", "elastic_transform"]
+    torch.testing.assert_close(full["fog"], part["fog"], rtol=0, atol=0)
+
+
+# --- streams ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pool():
+    n, names = 50, ["a", "b", "c"]
+    y = torch.arange(n) % 10
+    return build_pool({k: torch.full((n, 1, 2, 2), float(i)) for i, k in enumerate(names)}, y)
+
+
+@pytest.mark.parametrize("bs", [16, 64])
+@pytest.mark.parametrize("name", STREAMS)
+def test_stream_composition(pool, name, bs):
+    s = make_stream(pool, name, bs, seed=1)
+    flat = torch.cat(s.batches)
+    assert torch.equal(flat.sort().values, torch.arange(len(pool))), "every sample exactly once"
+    assert len(s.kinds) == len(s.domains) == len(s) and s.num_samples == len(pool)
+    assert all(1 <= len(b) <= bs for b in s.batches)
+    for b, kind, dom in zip(s.batches, s.kinds, s.domains):
+        doms = set(pool.domain[b].tolist())
+        if kind == "single":
+            assert doms == {pool.names.index(dom)}
+        else:
+            assert kind == "mixed" and dom == "mixed"
+    again = make_stream(pool, name, bs, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(s.batches, again.batches))
+    assert not all(torch.equal(a, b) for a, b in zip(s.batches, make_stream(pool, name, bs, seed=2).batches))
+
+
+def test_stream_kinds(pool):
+    single = make_stream(pool, "single", 16)
+    assert set(single.kinds) == {"single"}
+    order = list(dict.fromkeys(single.domains))
+    assert order == pool.names, "one corruption after another"
+    noniid = make_stream(pool, "single_noniid", 16)
+    for d in pool.names:
+        labels = torch.cat([b for b, dom in zip(noniid.batches, noniid.domains) if dom == d])
+        assert torch.equal(pool.y[labels], pool.y[labels].sort().values), "label-sorted in a domain"
+    assert set(make_stream(pool, "mixed", 16).kinds) == {"mixed"}
+    dyn = make_stream(pool, "dynamic", 16)
+    n_alt = 2 * min(dyn.kinds.count("single"), dyn.kinds.count("mixed"))
+    assert dyn.kinds[:n_alt] == ["single", "mixed"] * (n_alt // 2)
+    mixed_batches = [b for b, k in zip(dyn.batches, dyn.kinds) if k == "mixed"]
+    assert any(len(set(pool.domain[b].tolist())) > 1 for b in mixed_batches)
+
+
+def test_stream_bad_arguments(pool):
+    with pytest.raises(ValueError, match="unknown stream"):
+        make_stream(pool, "sorted", 16)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_stream(pool, "mixed", 0)
+
+
+# --- model cache --------------------------------------------------------------------------
+
+def test_model_shapes():
+    m = SmallResNet(width=4)
+    assert m(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    assert sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules()) == 9
+
+
+def test_model_cache_checksum(tmp_path):
+    x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    m1, info1 = load_or_train(TINY_TRAIN, x, y, cache=tmp_path, progress=False)
+    assert info1["source"] == "trained"
+    m2, info2 = load_or_train(TINY_TRAIN, x, y, cache=tmp_path, progress=False)
+    assert info2["source"] == "cache"
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    path = tmp_path / info1["path"].rsplit("/", 1)[-1]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    _, info3 = load_or_train(TINY_TRAIN, x, y, cache=tmp_path, progress=False)
+    assert info3["source"] == "trained" and "checksum" in info3["why"]
+    _, info4 = load_or_train(TINY_TRAIN, x, y, cache=tmp_path, retrain=True, progress=False)
+    assert info4["source"] == "trained"
+
+
+# --- runner and report --------------------------------------------------------------------
+
+def test_detector_metrics():
+    kinds = ["single", "mixed"] * 4
+    decisions = ["multiple", "multiple", "single", "multiple", "single", "single", "multiple", "multiple"]
+    scores = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6]
+    r = RunResult("datta", "dynamic", 8, [1] * 8, [8] * 8, [1.0] * 8, scores, decisions, kinds,
+                  ["x"] * 8, warmup=2)
+    m = detector_metrics(r)
+    assert m["batches"] == 6
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["score_auroc"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_doc(synth_dir, tmp_path_factory):
+    cfg = DemoConfig(data_dir=str(synth_dir), per_domain=24,
+                     corruptions=("gaussian_noise", "fog", "contrast"),
+                     batch_sizes=(8,), check_batches=2, train=TINY_TRAIN,
+                     cache_dir=str(tmp_path_factory.mktemp("cache")), progress=False)
+    return run_demo(cfg, command="test", log=lambda *a: None)
+
+
+def test_run_demo_document(tiny_doc):
+    rows = tiny_doc["results"]
+    assert len(rows) == len(STREAMS) * len(DemoConfig().methods)
+    for r in rows:
+        assert {"method", "stream", "batch_size", "accuracy", "ms_per_batch"} <= set(r)
+        assert 0 <= r["accuracy"] <= 1 and r["ms_per_batch"] > 0 and r["samples"] == 72
+    assert set(rows[0]["per_corruption"]) == {"gaussian_noise", "fog", "contrast"}
+    assert {d["method"] for d in tiny_doc["detector"]} == {"datta", "datta_icme", "datta_noft"}
+    chk = tiny_doc["backend_check"]
+    assert chk["prediction_agreement"] == 1.0 and chk["batches"] == 2
+    meta = tiny_doc["meta"]
+    assert meta["machine"]["torch"] == torch.__version__ and meta["command"] == "test"
+    assert meta["backend"] in ("cpu", "reference", "cuda", "triton")
+
+
+def test_report_outputs(tiny_doc, tmp_path):
+    paths = write_outputs(tiny_doc, tmp_path / "out")
+    doc = json.loads(paths["json"].read_text())
+    assert "_runs" not in doc and len(doc["results"]) == len(tiny_doc["results"])
+    header = paths["csv"].read_text().splitlines()[0].split(",")
+    assert tuple(header) == CSV_FIELDS
+    assert paths["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = format_tables(tiny_doc)
+    assert "datta_icme" in table and "precision" in table and "Backend check" in table
+    assert paths["summary"].read_text().strip() == table.strip()
