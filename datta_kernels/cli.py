@@ -6,6 +6,7 @@ Run ``datta-kernels <command> --help`` for the options of each command.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import statistics
 import sys
@@ -126,10 +127,8 @@ def _demo_config(args):
     if args.quick:
         for k, v in QUICK.items():
             setattr(cfg, k, v)
-    train = TrainConfig()
     overrides = {"epochs": args.epochs, "train_subset": args.train_subset, "width": args.width}
-    train = TrainConfig(**{**train.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-    cfg.train = train
+    cfg.train = dataclasses.replace(TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     for key in ("data_dir", "per_domain", "corruptions", "severity", "streams", "batch_sizes", "methods",
                 "lr", "backend", "score_layer", "score_mode", "seed", "check_batches", "cache_dir"):
         value = getattr(args, key)
