@@ -77,7 +77,8 @@ def main() -> None:
 
     # 4. DATTA: converts every BatchNorm2d of the (copied) model in place
     datta = dk.DATTA(copy.deepcopy(model), lr=args.lr)
-    acc_datta = feed(datta, pool, stream, log_every=max(1, len(stream) // 12))
+    # an odd stride, so the log shows both kinds of batch of the alternating stream
+    acc_datta = feed(datta, pool, stream, log_every=max(1, len(stream) // 12) | 1)
 
     # 5. baselines on the same stream
     acc_source = feed(Source(copy.deepcopy(model)), pool, stream)
