@@ -7,3 +7,12 @@
 - :mod:`.runner`: every method on every stream through the public adapter API;
 - :mod:`.report`: terminal tables, ``results.json`` / ``.csv`` and the figure.
 """
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar that redraws rarely when stderr is not a terminal (logs are not flooded)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(mininterval=0.1 if sys.stderr.isatty() else 30.0, leave=False, **kwargs)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,7 +107,7 @@ def _augment(x: Tensor, g: torch.Generator) -> Tensor:
 
 def train(cfg: TrainConfig, x: Tensor, y: Tensor, progress: bool = True) -> SmallResNet:
     """SGD + Nesterov with a one-cycle schedule on ``x`` ``(N, 1, 28, 28)``, ``y`` ``(N,)``."""
-    from tqdm.auto import tqdm
+    from . import progress_bar
 
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -121,8 +120,7 @@ def train(cfg: TrainConfig, x: Tensor, y: Tensor, progress: bool = True) -> Smal
                           weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     model.train()
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="train source model", disable=not progress,
-               leave=False, mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    bar = progress_bar(total=cfg.epochs * steps_per_epoch, desc="train source model", disable=not progress)
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(steps_per_epoch):

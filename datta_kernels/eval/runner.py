@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import DATTA, __version__, backends
 from ..adapt import TBN, BNAdapt, Source, Tent
+from . import progress_bar
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY, corrupt_all
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, evaluate, load_or_train
@@ -200,8 +201,6 @@ def _machine() -> dict:
 def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     """Load data and model, corrupt, build the streams, run every method; return the results
     document (see ``report.write_outputs``) plus, under ``"_runs"``, the raw :class:`RunResult`s."""
-    from tqdm.auto import tqdm
-
     cfg.validate()
     t_start = time.perf_counter()
     data = load_fashion_mnist(cfg.data_dir)
@@ -229,10 +228,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     total = sum(len(s) for s in streams) * len(cfg.methods)
     runs: list[RunResult] = []
     score_kw = {"score_layer": cfg.score_layer, "score_mode": cfg.score_mode}
-    # Redraw rarely when stderr is not a terminal, so logs are not flooded with bar frames.
-    every = 0.1 if sys.stderr.isatty() else 30.0
-    with tqdm(total=total, desc="adapt", unit="batch", disable=not cfg.progress, leave=False,
-              mininterval=every) as bar:
+    with progress_bar(total=total, desc="adapt", unit="batch", disable=not cfg.progress) as bar:
         for stream in streams:
             for method in cfg.methods:
                 bar.set_postfix_str(f"{method} / {stream.name} / bs{stream.batch_size}", refresh=False)
@@ -255,7 +251,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                  "backend_requested": cfg.backend, "seeds": {"data": cfg.seed, "streams": cfg.seed,
                                                             "corruptions": cfg.seed,
                                                             "training": cfg.train.seed},
-                 "config": {**asdict(cfg), "train": asdict(cfg.train)},
+                 "config": asdict(cfg),
                  "wall_seconds": time.perf_counter() - t_start},
         "model": model_info,
         "source_accuracy_per_corruption": source_acc,
