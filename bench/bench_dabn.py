@@ -109,6 +109,7 @@ def time_median(run, reps: int, warmup: int = 2) -> float:
 
 def table(reps: int, impls: tuple[str, ...], threads: list[int]) -> dict:
     rows = []
+    load_start = os.getloadavg()[0]
     for nt, mode, shape in [(t, m, s) for t in threads for m in BYTES_PER_X for s in SHAPES]:
         torch.set_num_threads(nt)
         row = {"threads": nt, "mode": mode, "shape": list(shape), "ms": {}, "gbps": {}}
@@ -123,8 +124,8 @@ def table(reps: int, impls: tuple[str, ...], threads: list[int]) -> dict:
         cpu = row["ms"]["cpu"]
         row["speedup_vs"] = {k: v / cpu for k, v in row["ms"].items() if k != "cpu"}
         rows.append(row)
-    return {"machine": describe_machine(), "blend": BLEND, "bytes_per_x": BYTES_PER_X,
-            "rows": rows}
+    machine = {**describe_machine(), "loadavg_1min_start": load_start}
+    return {"machine": machine, "blend": BLEND, "bytes_per_x": BYTES_PER_X, "rows": rows}
 
 
 def write_markdown(res: dict, path: str) -> None:
@@ -134,7 +135,9 @@ def write_markdown(res: dict, path: str) -> None:
         "# DABN on CPU: fused `cpu` backend vs baselines",
         "",
         f"- CPU: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
-        f"1-min load average at the end {m['loadavg_1min']:.2f}",
+        f"1-min load average {m['loadavg_1min_start']:.2f} at the start, {m['loadavg_1min']:.2f} at "
+        "the end (other jobs share these 2 cores; with 2 threads an OpenMP region then waits a "
+        "scheduler tick, ~8 ms, for the busy core: 1-thread rows measure the kernels)",
         f"- torch {m['torch']} (ATen CPU capability {m['torch_cpu_capability']}), "
         f"python {m['python']}",
         f"- datta_kernels._C: {m['datta_build']}",
