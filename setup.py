@@ -54,7 +54,7 @@ def extension():
         return cpp_extension.CUDAExtension(
             "datta_kernels._C", sources(CPU_GLOBS) + sources(CUDA_GLOBS),
             extra_compile_args={"cxx": cxx + ["-DDATTA_WITH_CUDA"],
-                                "nvcc": ["-O3", "-DDATTA_WITH_CUDA", "--use_fast_math"]},
+                                "nvcc": ["-O3", "-DDATTA_WITH_CUDA"]},
             **kwargs)
     print(f"datta_kernels: building CPU kernels only ({why_not})")
     return cpp_extension.CppExtension("datta_kernels._C", sources(CPU_GLOBS),
