@@ -110,7 +110,8 @@ def test_glue_syntax(tmp_path: Path):
         (stub / macros).write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     py_inc = sysconfig.get_paths()["include"]
     cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-DDATTA_WITH_CUDA",
-           "-isystem", str(stub), "-isystem", str(inc), "-isystem", str(inc / "torch" / "csrc" / "api" / "include"),
+           "-isystem", str(stub), "-isystem", str(inc),
+           "-isystem", str(inc / "torch" / "csrc" / "api" / "include"),
            "-isystem", str(CUDA_INCLUDE), "-isystem", py_inc, f"-I{CUDA_DIR.parent}",  # csrc/: ops.h
            str(CUDA_DIR / "ops_cuda.cpp")]
     _run(cmd, "syntax check of ops_cuda.cpp")
