@@ -66,7 +66,15 @@ class Backend:
         return why
 
     def impl(self):
-        return self.load()
+        """The implementation, loaded on first use and cached (``load`` may raise with the
+        reason; nothing is cached then)."""
+        impl = _LOADED.get(self.name)
+        if impl is None:
+            impl = _LOADED[self.name] = self.load()
+        return impl
+
+
+_LOADED: dict[str, object] = {}
 
 
 def _reference_impl():

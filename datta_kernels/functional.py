@@ -164,6 +164,5 @@ def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Ten
     else:
         blend = blend_tensor(blend, device=x.device, dtype=wdt)
     name = _backend_for(x, backend)
-    y, _, _ = ops.dabn_forward(x, weight, bias, source_mean.detach(), source_var.detach(),
-                               blend.detach(), shrink_k, float(eps), name)
-    return y
+    return ops.dabn(x, weight, bias, source_mean.detach(), source_var.detach(), blend.detach(),
+                    shrink_k, float(eps), name)

@@ -11,7 +11,8 @@ Two layers of ops live in the ``datta`` namespace:
   carries the autograd formula; every op has a fake implementation.
 
 ``dabn_forward`` returns ``(y, mean_i, var_i)``; the instance statistics are saved for the
-backward pass (two passes over x and dy, no recomputation of the statistics).
+backward pass (two passes over x and dy, no recomputation of the statistics).  ``dabn`` is
+the entry of ``functional.dabn``: it skips the custom-op dispatch when no graph is recorded.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch import Tensor
 from . import _ext, backends
 from .reference import acc_dtype
 
-__all__ = ["instance_stats", "diversity_angles", "dabn_forward", "dabn_backward",
+__all__ = ["instance_stats", "diversity_angles", "dabn_forward", "dabn_backward", "dabn",
            "as_kernel_layout", "is_channels_last"]
 
 
@@ -71,13 +72,43 @@ def _(x, source_mean, batch_mean, backend):
 
 
 # ---------------------------------------------------------------- DABN forward/backward
+def _dabn_forward_body(x, weight, bias, source_mean, source_var, blend, shrink_k, eps, backend):
+    return _impl(backend).dabn_forward(as_kernel_layout(x), weight, bias, source_mean,
+                                       source_var, blend, shrink_k, eps)
+
+
 @torch.library.custom_op("datta::dabn_forward", mutates_args=())
 def dabn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
                  source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean_i, var_i)``: the blended normalization of SPEC §3 and the instance stats."""
-    return _impl(backend).dabn_forward(as_kernel_layout(x), weight, bias, source_mean,
-                                       source_var, blend, shrink_k, eps)
+    return _dabn_forward_body(x, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+                              backend)
+
+
+def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+         source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
+         backend: str) -> Tensor:
+    """``y`` of :func:`dabn_forward`.
+
+    A plain eager call that records no autograd graph runs the backend directly: the custom
+    op's Python dispatch (autograd wrapper, dynamo guard; ~10 us) would change nothing then.
+    Anything else (compiling, a tensor needing grad, tensor subclasses such as fake tensors,
+    torch_function / dispatch modes, functorch transforms) goes through the custom op.
+    """
+    args = (x, weight, bias, source_mean, source_var, blend, shrink_k, eps, backend)
+    if _is_plain_eager_call(x, weight, bias, source_mean, source_var, blend):
+        return _dabn_forward_body(*args)[0]
+    return dabn_forward(*args)[0]
+
+
+def _is_plain_eager_call(*tensors: Tensor | None) -> bool:
+    present = tuple(t for t in tensors if t is not None)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return not (torch.compiler.is_compiling() or torch.overrides.has_torch_function(present)
+                or torch._C._len_torch_dispatch_stack() > 0
+                or torch._C._are_functorch_transforms_active())
 
 
 def _fake_dabn_forward(x, weight, bias, source_mean, source_var, blend, shrink_k, eps,

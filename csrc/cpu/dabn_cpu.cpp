@@ -12,6 +12,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
@@ -45,11 +46,17 @@ Tensor empty_like_layout(const Tensor& x) {
       is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
 }
 
-/// A small tensor as host doubles; an absent optional gives `fill` repeated `len` times.
+/// A small CPU tensor as host doubles (read in place: no conversion tensor is allocated); an
+/// absent optional gives `fill` repeated `len` times.
 std::vector<double> host_doubles(const Tensor* t, int64_t len, double fill) {
   if (t == nullptr || !t->defined()) return std::vector<double>(len, fill);
-  const Tensor d = t->detach().to(at::kDouble).contiguous();
-  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
+  const Tensor c = t->contiguous();
+  std::vector<double> out(c.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "host_doubles", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i]);
+  });
+  return out;
 }
 
 /// A host vector of doubles as an acc-typed tensor the kernels can read.
@@ -72,6 +79,8 @@ struct Blend {
   double ws, wb, wi, eps;
   std::optional<double> k;
   std::vector<double> smean, svar, mu_i, var_i, mu_b, var_b;
+
+  std::vector<double> lam_mu, lam_var;  // softshrink thresholds k s_mu, k s_sig per channel
 
   struct At {
     double m, v;              // blended mean, variance
@@ -105,23 +114,35 @@ struct Blend {
       }
       var_b[ci] = ss / static_cast<double>(n * m - 1);
     }
+    if (k.has_value() && m > 1) {
+      lam_mu.resize(c);
+      lam_var.resize(c);
+      for (int64_t ci = 0; ci < c; ++ci) {
+        // s_mu = sqrt((var_s + eps) / M),  s_sig = (var_s + eps) sqrt(2 / (M - 1))
+        const double sv = svar[ci] + eps;
+        lam_mu[ci] = *k * std::sqrt(sv / static_cast<double>(m));
+        lam_var[ci] = *k * sv * std::sqrt(2.0 / static_cast<double>(m - 1));
+      }
+    }
+  }
+
+  /// m, v of (n, c) with the instance terms mt, vt (raw or shrunk) added to the n-independent
+  /// source + batch part.
+  At combine(int64_t ci, double mt, double vt, double keep_mu, double keep_var) const {
+    return At{ws * smean[ci] + wb * mu_b[ci] + wi * mt, ws * svar[ci] + wb * var_b[ci] + wi * vt,
+              keep_mu, keep_var};
   }
 
   At at(int64_t ni, int64_t ci) const {
     double mt = mu_i[ni * c + ci], vt = var_i[ni * c + ci], keep_mu = 1.0, keep_var = 1.0;
-    if (k.has_value() && m > 1) {
-      // s_mu = sqrt((var_s + eps) / M),  s_sig = (var_s + eps) sqrt(2 / (M - 1))
-      const double sv = svar[ci] + eps;
-      const double lam_mu = *k * std::sqrt(sv / static_cast<double>(m));
-      const double lam_var = *k * sv * std::sqrt(2.0 / static_cast<double>(m - 1));
+    if (!lam_mu.empty()) {
       const double zm = mt - smean[ci], zv = vt - svar[ci];
-      keep_mu = std::abs(zm) > lam_mu ? 1.0 : 0.0;
-      keep_var = std::abs(zv) > lam_var ? 1.0 : 0.0;
-      mt = smean[ci] + softshrink(zm, lam_mu);
-      vt = svar[ci] + softshrink(zv, lam_var);
+      keep_mu = std::abs(zm) > lam_mu[ci] ? 1.0 : 0.0;
+      keep_var = std::abs(zv) > lam_var[ci] ? 1.0 : 0.0;
+      mt = smean[ci] + softshrink(zm, lam_mu[ci]);
+      vt = svar[ci] + softshrink(zv, lam_var[ci]);
     }
-    return At{ws * smean[ci] + wb * mu_b[ci] + wi * mt, ws * svar[ci] + wb * var_b[ci] + wi * vt,
-              keep_mu, keep_var};
+    return combine(ci, mt, vt, keep_mu, keep_var);
   }
 };
 
@@ -183,21 +204,40 @@ std::tuple<Tensor, Tensor, Tensor> dabn_forward_cpu(
   const Blend b(g, blend, source_mean, source_var, shrink_k, eps, mean_i, var_i);
   const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
   const std::vector<double> beta = host_doubles(opt(bias), g.c, 0.0);
-  std::vector<double> center(g.n * g.c), scale(g.n * g.c), shift(g.n * g.c);
-  for (int64_t ni = 0; ni < g.n; ++ni) {
-    for (int64_t ci = 0; ci < g.c; ++ci) {
-      const Blend::At a = b.at(ni, ci);
-      center[ni * g.c + ci] = a.m;
-      scale[ni * g.c + ci] = gamma[ci] * rstd(a.v, eps);
-      shift[ni * g.c + ci] = beta[ci];
+  Tensor coef = at::empty({3, g.n, g.c}, x.options().dtype(acc_type(x)));  // center, scale, shift
+  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "dabn_forward_coef", [&] {
+    scalar_t* center = coef.mutable_data_ptr<scalar_t>();
+    scalar_t* scale = center + g.n * g.c;
+    scalar_t* shift = scale + g.n * g.c;
+    // Without an instance term (w_i = 0) m and v depend on c only: C rsqrts, not N*C.  A
+    // non-finite instance statistic still reaches m and v through 0 * mu_i (as in the spec).
+    std::vector<Blend::At> per_c;
+    if (b.wi == 0.0) {
+      per_c.reserve(g.c);
+      for (int64_t ci = 0; ci < g.c; ++ci) per_c.push_back(b.combine(ci, 0.0, 0.0, 1.0, 1.0));
     }
-  }
-  const at::ScalarType acc = acc_type(x);
-  const Tensor center_t = to_acc(center, {g.n, g.c}, acc), scale_t = to_acc(scale, {g.n, g.c}, acc);
-  const Tensor shift_t = to_acc(shift, {g.n, g.c}, acc);
+    std::vector<double> per_c_scale(per_c.size());
+    for (size_t ci = 0; ci < per_c.size(); ++ci) per_c_scale[ci] = gamma[ci] * rstd(per_c[ci].v, eps);
+    for (int64_t ni = 0; ni < g.n; ++ni) {
+      for (int64_t ci = 0; ci < g.c; ++ci) {
+        const int64_t i = ni * g.c + ci;
+        if (!per_c.empty() && std::isfinite(b.mu_i[i]) && std::isfinite(b.var_i[i])) {
+          center[i] = static_cast<scalar_t>(per_c[ci].m);
+          scale[i] = static_cast<scalar_t>(per_c_scale[ci]);
+        } else {
+          const Blend::At a = b.at(ni, ci);
+          center[i] = static_cast<scalar_t>(a.m);
+          scale[i] = static_cast<scalar_t>(gamma[ci] * rstd(a.v, eps));
+        }
+        shift[i] = static_cast<scalar_t>(beta[ci]);
+      }
+    }
+  });
+  const int64_t nc_bytes = g.n * g.c * coef.element_size();
+  const char* coef_p = static_cast<const char*>(coef.const_data_ptr());
   Tensor y = empty_like_layout(x);
-  kernels().affine(dtype_of(x), g, x.const_data_ptr(), center_t.const_data_ptr(),
-                   scale_t.const_data_ptr(), shift_t.const_data_ptr(), y.mutable_data_ptr());
+  kernels().affine(dtype_of(x), g, x.const_data_ptr(), coef_p, coef_p + nc_bytes,
+                   coef_p + 2 * nc_bytes, y.mutable_data_ptr());
   return {y, mean_i, var_i};
 }
 

@@ -65,9 +65,34 @@ struct Io {
   }
 };
 
-/// Sum of the lanes in a fixed pairwise order (deterministic, independent of the library).
+/// Sum of the lanes in a fixed pairwise order (deterministic, independent of the library):
+/// lanes[i] += lanes[i + w] for w = kW/2, ..., 1.  On AVX2 / AVX-512 the same tree is a few
+/// register shuffles (halve, halve, ...), bitwise equal to the portable loop but without the
+/// store and scalar reloads (this reduction runs twice per plane: it dominates small planes).
 template <typename A>
 A hsum(const Vectorized<A>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 z = v;
+    const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(z), _mm512_extractf32x8_ps(z, 1));
+#else
+    const __m256 y = v;
+#endif
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512d z = v;
+    const __m256d y = _mm256_add_pd(_mm512_castpd512_pd256(z), _mm512_extractf64x4_pd(z, 1));
+#else
+    const __m256d y = v;
+#endif
+    const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(y), _mm256_extractf128_pd(y, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
+  }
+#else
   constexpr int64_t kW = Vectorized<A>::size();
   alignas(64) A lanes[kW];
   v.store(lanes);
@@ -75,6 +100,7 @@ A hsum(const Vectorized<A>& v) {
     for (int64_t i = 0; i < w; ++i) lanes[i] += lanes[i + w];
   }
   return lanes[0];
+#endif
 }
 
 /// Scalar type of a lane: A itself, or Vectorized<A>'s value_type.
