@@ -4,7 +4,8 @@
 // The heavy passes over x and dy are the vectorised kernels of kernels_impl.h, reached through
 // the run-time-dispatched table of kernels.h.  Data movement of one call:
 //   _instance_stats   1 read of x
-//   _dabn_forward     2 reads of x (moments, normalize) + 1 write of y
+//   _dabn_forward     2 reads of x (moments, normalize) + 1 write of y; without batch
+//                     statistics (w_b = 0, NCHW) 1 read from memory, the 2nd from cache
 //   _dabn_backward    2 reads of x and dy (sums, apply) + 1 write of dx
 //   _diversity_angles 1 read of x
 #include <cmath>
@@ -13,9 +14,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
+#include "cpu/launch_config.h"
 #include "ops.h"
 
 namespace datta::cpu {
@@ -78,18 +81,17 @@ struct Blend {
   int64_t n, c, m;
   double ws, wb, wi, eps;
   std::optional<double> k;
-  std::vector<double> smean, svar, mu_i, var_i, mu_b, var_b;
-
-  std::vector<double> lam_mu, lam_var;  // softshrink thresholds k s_mu, k s_sig per channel
+  std::vector<double> smean, svar, lam_mu, lam_var;  // lam: softshrink thresholds per channel
+  std::vector<double> mu_i, var_i, mu_b, var_b;      // filled by set_stats
 
   struct At {
     double m, v;              // blended mean, variance
     double keep_mu, keep_var;  // d(shrunk)/d(raw): 1 outside the softshrink dead zone, else 0
   };
 
+  /// Weights (after the edge rules) and source terms; the batch terms are 0 until set_stats.
   Blend(const Geometry& g, const Tensor& blend, const Tensor& source_mean,
-        const Tensor& source_var, std::optional<double> shrink_k, double eps_,
-        const Tensor& mean_i, const Tensor& var_i_t)
+        const Tensor& source_var, std::optional<double> shrink_k, double eps_)
       : n(g.n), c(g.c), m(g.m), eps(eps_), k(shrink_k) {
     const std::vector<double> w = host_doubles(&blend, 3, 0.0);
     ws = w[0], wb = w[1], wi = w[2];
@@ -97,23 +99,8 @@ struct Blend {
     if (n * m <= 1) ws += wb, wb = 0.0;  // batch variance undefined
     smean = host_doubles(&source_mean, c, 0.0);
     svar = host_doubles(&source_var, c, 0.0);
-    mu_i = host_doubles(&mean_i, n * c, 0.0);
-    var_i = host_doubles(&var_i_t, n * c, 0.0);
-    // mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2]
     mu_b.assign(c, 0.0);
     var_b.assign(c, 0.0);
-    for (int64_t ci = 0; ci < c; ++ci) {
-      double s = 0.0;
-      for (int64_t ni = 0; ni < n; ++ni) s += mu_i[ni * c + ci];
-      mu_b[ci] = s / static_cast<double>(n);
-      if (n * m <= 1) continue;
-      double ss = 0.0;
-      for (int64_t ni = 0; ni < n; ++ni) {
-        const double d = mu_i[ni * c + ci] - mu_b[ci];
-        ss += static_cast<double>(m - 1) * var_i[ni * c + ci] + static_cast<double>(m) * d * d;
-      }
-      var_b[ci] = ss / static_cast<double>(n * m - 1);
-    }
     if (k.has_value() && m > 1) {
       lam_mu.resize(c);
       lam_var.resize(c);
@@ -126,15 +113,51 @@ struct Blend {
     }
   }
 
-  /// m, v of (n, c) with the instance terms mt, vt (raw or shrunk) added to the n-independent
-  /// source + batch part.
+  Blend(const Geometry& g, const Tensor& blend, const Tensor& source_mean,
+        const Tensor& source_var, std::optional<double> shrink_k, double eps_,
+        const Tensor& mean_i, const Tensor& var_i_t)
+      : Blend(g, blend, source_mean, source_var, shrink_k, eps_) {
+    set_stats(mean_i, var_i_t);
+  }
+
+  /// The instance statistics, and the batch statistics that follow from them.
+  void set_stats(const Tensor& mean_i, const Tensor& var_i_t) {
+    mu_i = host_doubles(&mean_i, n * c, 0.0);
+    var_i = host_doubles(&var_i_t, n * c, 0.0);
+    // mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2]
+    for (int64_t ci = 0; ci < c; ++ci) {
+      double s = 0.0;
+      for (int64_t ni = 0; ni < n; ++ni) s += mu_i[ni * c + ci];
+      mu_b[ci] = s / static_cast<double>(n);
+      if (n * m <= 1) continue;
+      double ss = 0.0;
+      for (int64_t ni = 0; ni < n; ++ni) {
+        const double d = mu_i[ni * c + ci] - mu_b[ci];
+        ss += static_cast<double>(m - 1) * var_i[ni * c + ci] + static_cast<double>(m) * d * d;
+      }
+      var_b[ci] = ss / static_cast<double>(n * m - 1);
+    }
+  }
+
+  /// False when a batch statistic is inf or NaN (it then reaches every m, v of its channel,
+  /// through 0 * mu_B when w_b = 0, as in the spec).
+  bool batch_finite() const {
+    for (int64_t ci = 0; ci < c; ++ci) {
+      if (!std::isfinite(mu_b[ci]) || !std::isfinite(var_b[ci])) return false;
+    }
+    return true;
+  }
+
+  /// m, v of channel ci with the instance terms mt, vt (raw or shrunk) added to the
+  /// n-independent source + batch part.
   At combine(int64_t ci, double mt, double vt, double keep_mu, double keep_var) const {
     return At{ws * smean[ci] + wb * mu_b[ci] + wi * mt, ws * svar[ci] + wb * var_b[ci] + wi * vt,
               keep_mu, keep_var};
   }
 
-  At at(int64_t ni, int64_t ci) const {
-    double mt = mu_i[ni * c + ci], vt = var_i[ni * c + ci], keep_mu = 1.0, keep_var = 1.0;
+  /// m, v of channel ci for the raw instance statistics mt, vt (shrunk here if k is set).
+  At at_stats(int64_t ci, double mt, double vt) const {
+    double keep_mu = 1.0, keep_var = 1.0;
     if (!lam_mu.empty()) {
       const double zm = mt - smean[ci], zv = vt - svar[ci];
       keep_mu = std::abs(zm) > lam_mu[ci] ? 1.0 : 0.0;
@@ -144,10 +167,22 @@ struct Blend {
     }
     return combine(ci, mt, vt, keep_mu, keep_var);
   }
+
+  At at(int64_t ni, int64_t ci) const {
+    return at_stats(ci, mu_i[ni * c + ci], var_i[ni * c + ci]);
+  }
 };
 
 /// r = rsqrt(max(v, 0) + eps); std::max keeps a NaN v as NaN (it returns its first argument).
 double rstd(double v, double eps) { return 1.0 / std::sqrt(std::max(v, 0.0) + eps); }
+
+/// M2 -> unbiased variance in place; 0 when M == 1 (the instance weight then moves to the
+/// source).
+template <typename A>
+void m2_to_var(A* var, int64_t len, int64_t m) {
+  const A d = static_cast<A>(m - 1);
+  for (int64_t i = 0; i < len; ++i) var[i] = m > 1 ? var[i] / d : A(0);
+}
 
 /// Pass 1 for one x: instance mean and unbiased variance (N, C) in the acc dtype.
 std::tuple<Tensor, Tensor> moments(const Tensor& x) {
@@ -156,12 +191,9 @@ std::tuple<Tensor, Tensor> moments(const Tensor& x) {
   Tensor mean = at::empty({g.n, g.c}, opts), var = at::empty({g.n, g.c}, opts);
   kernels().moments(dtype_of(x), g, x.const_data_ptr(), mean.mutable_data_ptr(),
                     var.mutable_data_ptr());
-  // M2 -> unbiased variance; 0 when M == 1 (the instance weight then moves to the source).
-  if (g.m > 1) {
-    var.div_(static_cast<double>(g.m - 1));
-  } else {
-    var.zero_();
-  }
+  AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "m2_to_var", [&] {
+    m2_to_var(var.mutable_data_ptr<scalar_t>(), g.n * g.c, g.m);
+  });
   return {mean, var};
 }
 
@@ -185,6 +217,87 @@ Tensor diversity_angles_cpu(const Tensor& x, const Tensor& source_mean, const Te
   return theta;
 }
 
+/// y = (x - center) * scale + shift for planes [i0, i1) (NCHW) or all of x: per (n, c)
+/// center = m, scale = gamma rsqrt(max(v, 0) + eps), shift = beta.  x is centred before
+/// scaling (not x*scale + (beta - m*scale)): for x ~ 1e4 + noise the product form cancels two
+/// ~1e4*scale terms and loses ~1e-3 absolute in float32.
+template <typename A>
+struct Coefficients {
+  std::vector<A> center, scale, shift;
+
+  /// For planes i = n*C + c in [i0, i1); w_i = 0 with finite instance statistics takes the
+  /// per-channel value (m and v then depend on c only: C rsqrts, not N*C).  A non-finite
+  /// instance statistic still reaches m and v through 0 * mu_i (as in the spec).
+  Coefficients(const Blend& b, const std::vector<double>& gamma, const std::vector<double>& beta,
+               int64_t i0, int64_t i1, const A* mean_i, const A* var_i)
+      : center(i1 - i0), scale(i1 - i0), shift(i1 - i0) {
+    std::vector<double> per_c_m, per_c_scale;
+    if (b.wi == 0.0 && i1 - i0 > b.c) {
+      per_c_m.resize(b.c);
+      per_c_scale.resize(b.c);
+      for (int64_t ci = 0; ci < b.c; ++ci) {
+        const Blend::At a = b.combine(ci, 0.0, 0.0, 1.0, 1.0);
+        per_c_m[ci] = a.m;
+        per_c_scale[ci] = gamma[ci] * rstd(a.v, b.eps);
+      }
+    }
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t ci = i % b.c, j = i - i0;
+      const double mt = static_cast<double>(mean_i[i]), vt = static_cast<double>(var_i[i]);
+      if (!per_c_m.empty() && std::isfinite(mt) && std::isfinite(vt)) {
+        center[j] = static_cast<A>(per_c_m[ci]);
+        scale[j] = static_cast<A>(per_c_scale[ci]);
+      } else {
+        const Blend::At a = b.at_stats(ci, mt, vt);
+        center[j] = static_cast<A>(a.m);
+        scale[j] = static_cast<A>(gamma[ci] * rstd(a.v, b.eps));
+      }
+      shift[j] = static_cast<A>(beta[ci]);
+    }
+  }
+};
+
+/// y for all of x from the instance statistics (pass 2 of the two-pass forward).
+void normalize(const Tensor& x, const Geometry& g, const Blend& b, const std::vector<double>& gamma,
+               const std::vector<double>& beta, const Tensor& mean_i, const Tensor& var_i,
+               Tensor& y) {
+  AT_DISPATCH_FLOATING_TYPES(mean_i.scalar_type(), "dabn_normalize", [&] {
+    const Coefficients<scalar_t> k(b, gamma, beta, 0, g.n * g.c, mean_i.const_data_ptr<scalar_t>(),
+                                   var_i.const_data_ptr<scalar_t>());
+    kernels().affine(dtype_of(x), g, x.const_data_ptr(), k.center.data(), k.scale.data(),
+                     k.shift.data(), y.mutable_data_ptr());
+  });
+}
+
+/// The forward without batch statistics (w_b = 0) on NCHW: a plane's m and v need only its
+/// own statistics, so each block of planes is normalised right after its moments, while it is
+/// still in cache: x is read from memory once instead of twice.
+void forward_in_cache(const Tensor& x, const Geometry& g, const Blend& b,
+                      const std::vector<double>& gamma, const std::vector<double>& beta,
+                      Tensor& mean_i, Tensor& var_i, Tensor& y) {
+  const int64_t plane_bytes = g.m * x.element_size();
+  const int64_t block = std::max<int64_t>(1, config::kCacheBlockBytes / plane_bytes);
+  const int64_t blocks = (g.n * g.c + block - 1) / block;
+  const int64_t grain = std::max<int64_t>(1, config::kMinTaskElems / (block * g.m));
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  char* yp = static_cast<char*>(y.mutable_data_ptr());
+  AT_DISPATCH_FLOATING_TYPES(mean_i.scalar_type(), "dabn_forward_in_cache", [&] {
+    scalar_t* mean = mean_i.mutable_data_ptr<scalar_t>();
+    scalar_t* var = var_i.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t i0 = blk * block, i1 = std::min(g.n * g.c, i0 + block);
+        const Geometry gb{1, i1 - i0, g.m, false};  // planes i0..i1 as one sample
+        kernels().moments(dtype_of(x), gb, xp + i0 * plane_bytes, mean + i0, var + i0);
+        m2_to_var(var + i0, i1 - i0, g.m);
+        const Coefficients<scalar_t> k(b, gamma, beta, i0, i1, mean, var);
+        kernels().affine(dtype_of(x), gb, xp + i0 * plane_bytes, k.center.data(), k.scale.data(),
+                         k.shift.data(), yp + i0 * plane_bytes);
+      }
+    });
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor> dabn_forward_cpu(
     const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
     const Tensor& source_mean, const Tensor& source_var, const Tensor& blend,
@@ -196,48 +309,22 @@ std::tuple<Tensor, Tensor, Tensor> dabn_forward_cpu(
                 {"source_var", &source_var, Expect::kChannel},
                 {"blend", &blend, Expect::kBlend}});
   const Geometry g = geometry_of(x);
-  auto [mean_i, var_i] = moments(x);
-
-  // Prologue per (n, c): y = (x - m) * scale + beta with scale = gamma rsqrt(max(v, 0) + eps).
-  // x is centred before scaling (not x*scale + (beta - m*scale)): for x ~ 1e4 + noise the
-  // product form cancels two ~1e4*scale terms and loses ~1e-3 absolute in float32.
-  const Blend b(g, blend, source_mean, source_var, shrink_k, eps, mean_i, var_i);
+  Blend b(g, blend, source_mean, source_var, shrink_k, eps);
   const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
   const std::vector<double> beta = host_doubles(opt(bias), g.c, 0.0);
-  Tensor coef = at::empty({3, g.n, g.c}, x.options().dtype(acc_type(x)));  // center, scale, shift
-  AT_DISPATCH_FLOATING_TYPES(coef.scalar_type(), "dabn_forward_coef", [&] {
-    scalar_t* center = coef.mutable_data_ptr<scalar_t>();
-    scalar_t* scale = center + g.n * g.c;
-    scalar_t* shift = scale + g.n * g.c;
-    // Without an instance term (w_i = 0) m and v depend on c only: C rsqrts, not N*C.  A
-    // non-finite instance statistic still reaches m and v through 0 * mu_i (as in the spec).
-    std::vector<Blend::At> per_c;
-    if (b.wi == 0.0) {
-      per_c.reserve(g.c);
-      for (int64_t ci = 0; ci < g.c; ++ci) per_c.push_back(b.combine(ci, 0.0, 0.0, 1.0, 1.0));
-    }
-    std::vector<double> per_c_scale(per_c.size());
-    for (size_t ci = 0; ci < per_c.size(); ++ci) per_c_scale[ci] = gamma[ci] * rstd(per_c[ci].v, eps);
-    for (int64_t ni = 0; ni < g.n; ++ni) {
-      for (int64_t ci = 0; ci < g.c; ++ci) {
-        const int64_t i = ni * g.c + ci;
-        if (!per_c.empty() && std::isfinite(b.mu_i[i]) && std::isfinite(b.var_i[i])) {
-          center[i] = static_cast<scalar_t>(per_c[ci].m);
-          scale[i] = static_cast<scalar_t>(per_c_scale[ci]);
-        } else {
-          const Blend::At a = b.at(ni, ci);
-          center[i] = static_cast<scalar_t>(a.m);
-          scale[i] = static_cast<scalar_t>(gamma[ci] * rstd(a.v, eps));
-        }
-        shift[i] = static_cast<scalar_t>(beta[ci]);
-      }
-    }
-  });
-  const int64_t nc_bytes = g.n * g.c * coef.element_size();
-  const char* coef_p = static_cast<const char*>(coef.const_data_ptr());
   Tensor y = empty_like_layout(x);
-  kernels().affine(dtype_of(x), g, x.const_data_ptr(), coef_p, coef_p + nc_bytes,
-                   coef_p + 2 * nc_bytes, y.mutable_data_ptr());
+  if (b.wb == 0.0 && !g.channels_last) {
+    const auto opts = x.options().dtype(acc_type(x));
+    Tensor mean_i = at::empty({g.n, g.c}, opts), var_i = at::empty({g.n, g.c}, opts);
+    forward_in_cache(x, g, b, gamma, beta, mean_i, var_i, y);
+    b.set_stats(mean_i, var_i);
+    // Rare: an inf/NaN batch statistic reaches every plane of its channel; redo pass 2.
+    if (!b.batch_finite()) normalize(x, g, b, gamma, beta, mean_i, var_i, y);
+    return {y, mean_i, var_i};
+  }
+  auto [mean_i, var_i] = moments(x);
+  b.set_stats(mean_i, var_i);
+  normalize(x, g, b, gamma, beta, mean_i, var_i, y);
   return {y, mean_i, var_i};
 }
 

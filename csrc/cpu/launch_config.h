@@ -10,6 +10,11 @@ namespace datta::cpu::config {
 // squares).  16 KiB leaves room in a 32-48 KiB L1d for the prefetched next chunk and outputs.
 constexpr int64_t kL1ChunkBytes = 16 * 1024;
 
+// Forward without batch statistics (w_b = 0, NCHW): planes are normalised in blocks of about
+// this many bytes of x right after their moments, while the block is still in L2 (a few
+// hundred KiB to 2 MiB per core on current x86; 128 KiB of x plus 128 KiB of y fits them all).
+constexpr int64_t kCacheBlockBytes = 128 * 1024;
+
 // Smallest amount of work (elements of x) handed to one thread: below ~32K elements the
 // OpenMP fork/join (a few microseconds) costs more than streaming the data.
 constexpr int64_t kMinTaskElems = 32 * 1024;
