@@ -14,6 +14,7 @@ import torch
 from datta_kernels.eval import datasets as ds
 from datta_kernels.eval.corruptions import CORRUPTIONS, corrupt, corrupt_all
 from datta_kernels.eval.models import SmallResNet, TrainConfig, load_or_train
+from datta_kernels.eval.oracle import OracleSelector
 from datta_kernels.eval.report import CSV_FIELDS, format_tables, write_outputs
 from datta_kernels.eval.runner import DemoConfig, RunResult, detector_metrics, run_demo
 from datta_kernels.eval.streams import STREAMS, build_pool, make_stream
@@ -210,6 +211,22 @@ def test_detector_metrics():
     assert m["score_auroc"] == 1.0
 
 
+def test_oracle_selector():
+    sel = OracleSelector(["single", "mixed", "single"])
+    assert sel.warmup == 0
+    assert sel.update(0.9) == "single" and sel.update(0.0) == "multiple"
+    state = sel.state_dict()
+    other = OracleSelector([])
+    other.load_state_dict(state)
+    assert other.update(1.0) == "single" and sel.update(1.0) == "single"
+    with pytest.raises(IndexError):
+        sel.update(0.5)
+    sel.reset()
+    assert sel.update(0.5) == "single"
+    with pytest.raises(ValueError, match="not an OracleSelector"):
+        other.load_state_dict({"kind": "threshold"})
+
+
 @pytest.fixture(scope="module")
 def tiny_doc(synth_dir, tmp_path_factory):
     cfg = DemoConfig(data_dir=str(synth_dir), per_domain=24,
@@ -227,6 +244,12 @@ def test_run_demo_document(tiny_doc):
         assert 0 <= r["accuracy"] <= 1 and r["ms_per_batch"] > 0 and r["samples"] == 72
     assert set(rows[0]["per_corruption"]) == {"gaussian_noise", "fog", "contrast"}
     assert {d["method"] for d in tiny_doc["detector"]} == {"datta", "datta_icme", "datta_noft"}
+    # the oracle decides "single" exactly on the single-domain batches, from the first batch on
+    kinds = {r.stream: r.kinds for r in tiny_doc["_runs"]}
+    for r in rows:
+        if r["method"] == "datta_oracle":
+            truth = kinds[r["stream"]]
+            assert r["single_fraction"] == pytest.approx(truth.count("single") / len(truth))
     chk = tiny_doc["backend_check"]
     assert chk["prediction_agreement"] == 1.0 and chk["batches"] == 2
     meta = tiny_doc["meta"]

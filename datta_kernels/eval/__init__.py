@@ -5,7 +5,10 @@
 - :mod:`.models`: a small BatchNorm ResNet, trained once and cached with a checksum;
 - :mod:`.streams`: single-domain, mixed, dynamic and non-i.i.d. test streams (SPEC §5);
 - :mod:`.runner`: every method on every stream through the public adapter API;
-- :mod:`.report`: terminal tables, ``results.json`` / ``.csv`` and the figure.
+- :mod:`.oracle`: the true-batch-type selector behind the ``datta_oracle`` method;
+- :mod:`.report`: terminal tables, ``results.json`` / ``.csv`` and the figure;
+- :mod:`.diagnose`: score separation (single vs mixed) by layer, batch size, severity and
+  score mode, with the hypothesis checks (``python -m datta_kernels.eval.diagnose``).
 """
 
 

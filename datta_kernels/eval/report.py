@@ -53,10 +53,14 @@ def format_tables(doc: dict) -> str:
         lines += ["", "Diversity detector vs the true batch type (positive = single-domain batch); "
                       "precision/recall after the selector's warm-up, AUROC of the raw score",
                   f"{'method':<12}{'stream':<16}{'bs':>4}{'batches':>9}{'precision':>11}{'recall':>8}"
-                  f"{'AUROC':>8}"]
+                  f"{'AUROC':>8}  KDE rule that decided (share of batches)"]
         for d in doc["detector"]:
+            why = d.get("kde_reasons") or {}
+            total = sum(why.values())
+            why_text = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in why.items()) if total else "-"
             lines.append(f"{d['method']:<12}{d['stream']:<16}{d['batch_size']:>4}{d['batches']:>9}"
-                         f"{_pct(d['precision']):>11}{_pct(d['recall']):>8}{_pct(d['score_auroc']):>8}")
+                         f"{_pct(d['precision']):>11}{_pct(d['recall']):>8}{_pct(d['score_auroc']):>8}"
+                         f"  {why_text}")
     lines += _per_corruption(doc, methods, sizes)
     chk = doc.get("backend_check")
     if chk:
@@ -79,9 +83,10 @@ def _per_corruption(doc: dict, methods: list[str], sizes: list) -> list[str]:
     cols = [m for m in methods if m in per]
     lines = ["", f"Per-corruption accuracy (%), single-domain stream, bs {bs} "
                  "('calib' = source model alone, the severity calibration)",
-             f"{'corruption':<19}{'calib':>7}" + "".join(f"{m[:10]:>11}" for m in cols)]
+             f"{'corruption':<19}{'calib':>7}" + "".join(f"{m:>{max(11, len(m) + 1)}}" for m in cols)]
     for name, acc in src.items():
-        lines.append(f"{name:<19}{_pct(acc):>7}" + "".join(f"{_pct(per[m].get(name)):>11}" for m in cols))
+        lines.append(f"{name:<19}{_pct(acc):>7}" + "".join(f"{_pct(per[m].get(name)):>{max(11, len(m) + 1)}}"
+                                                           for m in cols))
     return lines
 
 

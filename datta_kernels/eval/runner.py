@@ -22,23 +22,29 @@ from . import progress_bar
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY, corrupt_all
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, evaluate, load_or_train
+from .oracle import OracleSelector
 from .streams import STREAMS, DomainPool, Stream, build_pool, make_stream
 
-__all__ = ["METHODS", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
+__all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
            "run_stream"]
 
-#: Method name -> factory ``(model, backend, lr, score_kw) -> adapter``. Tent and DATTA share
-#: one lr so their entropy steps are comparable; ``score_kw`` (``score_layer``, ``score_mode``)
-#: only concerns DATTA.
-METHODS: dict[str, Callable[[nn.Module, str, float, dict], nn.Module]] = {
-    "source": lambda m, b, lr, kw: Source(m, backend=b),
-    "tbn": lambda m, b, lr, kw: TBN(m, backend=b),
-    "bn_adapt": lambda m, b, lr, kw: BNAdapt(m, backend=b),
-    "tent": lambda m, b, lr, kw: Tent(m, lr=lr, backend=b),
-    "datta": lambda m, b, lr, kw: DATTA(m, backend=b, lr=lr, **kw),
-    "datta_icme": lambda m, b, lr, kw: DATTA(m, preset="datta_icme", backend=b, lr=lr, **kw),
-    "datta_noft": lambda m, b, lr, kw: DATTA(m, daft=False, backend=b, lr=lr, **kw),
+#: Method name -> factory ``(model, backend, lr, score_kw, stream) -> adapter``. Tent and DATTA
+#: share one lr so their entropy steps are comparable; ``score_kw`` (``score_layer``,
+#: ``score_mode``) only concerns DATTA; ``stream`` only the oracle, which reads its true batch
+#: types (``datta_oracle``: DATTA deciding single/multiple from the truth, not from the score).
+METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] = {
+    "source": lambda m, b, lr, kw, s: Source(m, backend=b),
+    "tbn": lambda m, b, lr, kw, s: TBN(m, backend=b),
+    "bn_adapt": lambda m, b, lr, kw, s: BNAdapt(m, backend=b),
+    "tent": lambda m, b, lr, kw, s: Tent(m, lr=lr, backend=b),
+    "datta": lambda m, b, lr, kw, s: DATTA(m, backend=b, lr=lr, **kw),
+    "datta_icme": lambda m, b, lr, kw, s: DATTA(m, preset="datta_icme", backend=b, lr=lr, **kw),
+    "datta_noft": lambda m, b, lr, kw, s: DATTA(m, daft=False, backend=b, lr=lr, **kw),
+    "datta_oracle": lambda m, b, lr, kw, s: DATTA(m, selector=OracleSelector(s.kinds), backend=b, lr=lr,
+                                                  **kw),
 }
+#: Methods whose decision is not the detector's (left out of the detector table).
+ORACLES = ("datta_oracle",)
 
 
 @dataclass
@@ -90,6 +96,8 @@ class RunResult:
     domains: list[str]
     #: batches the adapter's selector answers "multiple" unconditionally (0 without one).
     warmup: int = 0
+    #: per batch, why the KDE selector decided what it did (``KDEInfo.reason``; None otherwise).
+    reasons: list[str | None] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -125,7 +133,8 @@ class RunResult:
 
 def run_stream(adapter: nn.Module, method: str, pool: DomainPool, stream: Stream, bar=None) -> RunResult:
     """Feed ``stream`` through ``adapter`` batch by batch; time only the adapter call."""
-    warmup = getattr(getattr(adapter, "selector", None), "warmup", 0)
+    selector = getattr(adapter, "selector", None)
+    warmup = getattr(selector, "warmup", 0)
     res = RunResult(method, stream.name, stream.batch_size, [], [], [], [], [], stream.kinds, stream.domains,
                     warmup)
     for idx in stream.batches:
@@ -137,6 +146,7 @@ def run_stream(adapter: nn.Module, method: str, pool: DomainPool, stream: Stream
         res.sizes.append(len(y))
         res.scores.append(getattr(adapter, "last_score", None))
         res.decisions.append(getattr(adapter, "last_decision", None))
+        res.reasons.append(getattr(getattr(selector, "last_info", None), "reason", None))
         if bar is not None:
             bar.update(1)
     return res
@@ -155,19 +165,25 @@ def _auroc(pos: list[float], neg: list[float]) -> float | None:
 def detector_metrics(res: RunResult) -> dict:
     """Precision / recall of ``decision == "single"`` against the true batch type, on batches
     after the selector's warm-up (it answers "multiple" unconditionally before), plus the
-    score's threshold-free AUROC over all batches."""
+    score's threshold-free AUROC over all batches, and how often each KDE rule decided
+    (``kde_reasons``: ``one_peak``, ``ratio``, ``valley``, ... after the warm-up)."""
     warmup = res.warmup
     pairs = [(d == "single", k == "single") for d, k in zip(res.decisions[warmup:], res.kinds[warmup:])]
     tp = sum(p and t for p, t in pairs)
     fp = sum(p and not t for p, t in pairs)
     fn = sum(t and not p for p, t in pairs)
+    reasons: dict[str, int] = {}
+    for r in res.reasons[warmup:]:
+        if r is not None:
+            reasons[r] = reasons.get(r, 0) + 1
     single = [s for s, k in zip(res.scores, res.kinds) if k == "single" and s is not None]
     mixed = [s for s, k in zip(res.scores, res.kinds) if k != "single" and s is not None]
     return {"method": res.method, "stream": res.stream, "batch_size": res.batch_size,
             "warmup": warmup, "batches": len(pairs),
             "precision": tp / (tp + fp) if tp + fp else None,
             "recall": tp / (tp + fn) if tp + fn else None,
-            "score_auroc": _auroc(single, mixed)}
+            "score_auroc": _auroc(single, mixed),
+            "kde_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
 
 
 def backend_check(model: nn.Module, pool: DomainPool, stream: Stream, n_batches: int, lr: float,
@@ -232,11 +248,11 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
         for stream in streams:
             for method in cfg.methods:
                 bar.set_postfix_str(f"{method} / {stream.name} / bs{stream.batch_size}", refresh=False)
-                adapter = METHODS[method](copy.deepcopy(model), cfg.backend, cfg.lr, score_kw)
+                adapter = METHODS[method](copy.deepcopy(model), cfg.backend, cfg.lr, score_kw, stream)
                 runs.append(run_stream(adapter, method, pool, stream, bar))
 
-    detectors = [detector_metrics(r) for r in runs
-                 if r.stream.startswith("dynamic") and any(d is not None for d in r.decisions)]
+    detectors = [detector_metrics(r) for r in runs if r.stream.startswith("dynamic")
+                 and r.method not in ORACLES and any(d is not None for d in r.decisions)]
 
     check = None
     if cfg.check_batches > 0:
