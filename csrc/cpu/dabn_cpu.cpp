@@ -9,13 +9,19 @@
 //   _dabn_backward    2 reads of x and dy (sums, apply) + 1 write of dx
 //   _diversity_angles 1 read of x
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "cpu/kernels.h"
 #include "cpu/launch_config.h"
@@ -44,9 +50,57 @@ Geometry geometry_of(const Tensor& x) {
   return Geometry{x.size(0), x.size(1), x.size(2) * x.size(3), is_channels_last(x)};
 }
 
+#ifdef __linux__
+/// A fresh mapping of `len` bytes (a multiple of kHugePageBytes) at a huge-page boundary,
+/// advised for transparent huge pages; unmapped by the deleter.
+struct HugeMapping {
+  void* base;
+  size_t total;
+
+  static void release(void* ctx) {
+    auto* h = static_cast<HugeMapping*>(ctx);
+    munmap(h->base, h->total);
+    delete h;
+  }
+};
+
+void* map_huge(size_t len, HugeMapping** ctx) {
+  const size_t huge = config::kHugePageBytes, total = len + huge;
+  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return nullptr;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(base);
+  void* p = reinterpret_cast<void*>((b + huge - 1) / huge * huge);
+  madvise(p, len, MADV_HUGEPAGE);  // a hint: no effect (and no harm) where THP is "never"
+  *ctx = new HugeMapping{base, total};
+  return p;
+}
+#endif
+
+/// An uninitialised tensor shaped like x, in x's memory layout.
+///
+/// Outputs of kLargeOutputBytes or more live in their own huge-page mapping: malloc maps such
+/// blocks afresh on every call anyway (they exceed glibc's largest mmap threshold), and in
+/// 4 KiB pages the first write faults once per page (~12k faults, ~20 ms for a 51 MB y: four
+/// times the kernels).  The storage keeps the CPU allocator, so resize_ still works.
 Tensor empty_like_layout(const Tensor& x) {
-  return at::empty(x.sizes(), x.options().memory_format(
-      is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  const at::MemoryFormat fmt =
+      is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+#ifdef __linux__
+  const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
+  if (bytes >= static_cast<size_t>(config::kLargeOutputBytes)) {
+    const size_t huge = config::kHugePageBytes, len = (bytes + huge - 1) / huge * huge;
+    HugeMapping* ctx = nullptr;
+    if (void* p = map_huge(len, &ctx)) {
+      c10::Storage storage(c10::Storage::use_byte_size_t(), bytes,
+                           c10::DataPtr(p, ctx, &HugeMapping::release, x.device()),
+                           c10::GetCPUAllocator(), /*resizable=*/true);
+      Tensor t = at::empty({0}, x.options()).set_(storage);
+      t.resize_(x.sizes(), fmt);  // strides of the layout; the storage is already large enough
+      return t;
+    }
+  }
+#endif
+  return at::empty(x.sizes(), x.options().memory_format(fmt));
 }
 
 /// A small CPU tensor as host doubles (read in place: no conversion tensor is allocated); an
@@ -217,32 +271,36 @@ Tensor diversity_angles_cpu(const Tensor& x, const Tensor& source_mean, const Te
   return theta;
 }
 
-/// y = (x - center) * scale + shift for planes [i0, i1) (NCHW) or all of x: per (n, c)
-/// center = m, scale = gamma rsqrt(max(v, 0) + eps), shift = beta.  x is centred before
-/// scaling (not x*scale + (beta - m*scale)): for x ~ 1e4 + noise the product form cancels two
-/// ~1e4*scale terms and loses ~1e-3 absolute in float32.
-template <typename A>
+/// Pass-2 coefficients, y = (x - center) * scale + shift per (n, c): center = m,
+/// scale = gamma rsqrt(max(v, 0) + eps), shift = beta.  x is centred before scaling (not
+/// x*scale + (beta - m*scale)): for x ~ 1e4 + noise the product form cancels two ~1e4*scale
+/// terms and loses ~1e-3 absolute in float32.
 struct Coefficients {
-  std::vector<A> center, scale, shift;
+  const Blend& b;
+  const std::vector<double>& gamma;
+  const std::vector<double>& beta;
+  // Without an instance term (w_i = 0) m and v depend on c only: C rsqrts, not N*C.
+  std::vector<double> per_c_m, per_c_scale;
 
-  /// For planes i = n*C + c in [i0, i1); w_i = 0 with finite instance statistics takes the
-  /// per-channel value (m and v then depend on c only: C rsqrts, not N*C).  A non-finite
-  /// instance statistic still reaches m and v through 0 * mu_i (as in the spec).
-  Coefficients(const Blend& b, const std::vector<double>& gamma, const std::vector<double>& beta,
-               int64_t i0, int64_t i1, const A* mean_i, const A* var_i)
-      : center(i1 - i0), scale(i1 - i0), shift(i1 - i0) {
-    std::vector<double> per_c_m, per_c_scale;
-    if (b.wi == 0.0 && i1 - i0 > b.c) {
-      per_c_m.resize(b.c);
-      per_c_scale.resize(b.c);
-      for (int64_t ci = 0; ci < b.c; ++ci) {
-        const Blend::At a = b.combine(ci, 0.0, 0.0, 1.0, 1.0);
-        per_c_m[ci] = a.m;
-        per_c_scale[ci] = gamma[ci] * rstd(a.v, b.eps);
-      }
+  Coefficients(const Blend& b_, const std::vector<double>& gamma_, const std::vector<double>& beta_)
+      : b(b_), gamma(gamma_), beta(beta_) {
+    if (b.wi != 0.0) return;
+    per_c_m.resize(b.c);
+    per_c_scale.resize(b.c);
+    for (int64_t ci = 0; ci < b.c; ++ci) {
+      const Blend::At a = b.combine(ci, 0.0, 0.0, 1.0, 1.0);
+      per_c_m[ci] = a.m;
+      per_c_scale[ci] = gamma[ci] * rstd(a.v, b.eps);
     }
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t ci = i % b.c, j = i - i0;
+  }
+
+  /// Planes i = n*C + c in [i0, i1) -> center, scale, shift [0, i1 - i0).  A non-finite
+  /// instance statistic still reaches m and v through 0 * mu_i (as in the spec).
+  template <typename A>
+  void fill(int64_t i0, int64_t i1, const A* mean_i, const A* var_i, A* center, A* scale,
+            A* shift) const {
+    for (int64_t i = i0, ci = i0 % b.c; i < i1; ++i, ci = ci + 1 == b.c ? 0 : ci + 1) {
+      const int64_t j = i - i0;
       const double mt = static_cast<double>(mean_i[i]), vt = static_cast<double>(var_i[i]);
       if (!per_c_m.empty() && std::isfinite(mt) && std::isfinite(vt)) {
         center[j] = static_cast<A>(per_c_m[ci]);
@@ -258,22 +316,22 @@ struct Coefficients {
 };
 
 /// y for all of x from the instance statistics (pass 2 of the two-pass forward).
-void normalize(const Tensor& x, const Geometry& g, const Blend& b, const std::vector<double>& gamma,
-               const std::vector<double>& beta, const Tensor& mean_i, const Tensor& var_i,
-               Tensor& y) {
+void normalize(const Tensor& x, const Geometry& g, const Coefficients& coef, const Tensor& mean_i,
+               const Tensor& var_i, Tensor& y) {
   AT_DISPATCH_FLOATING_TYPES(mean_i.scalar_type(), "dabn_normalize", [&] {
-    const Coefficients<scalar_t> k(b, gamma, beta, 0, g.n * g.c, mean_i.const_data_ptr<scalar_t>(),
-                                   var_i.const_data_ptr<scalar_t>());
-    kernels().affine(dtype_of(x), g, x.const_data_ptr(), k.center.data(), k.scale.data(),
-                     k.shift.data(), y.mutable_data_ptr());
+    const int64_t nc = g.n * g.c;
+    std::vector<scalar_t> k(3 * nc);  // center, scale, shift
+    coef.fill<scalar_t>(0, nc, mean_i.const_data_ptr<scalar_t>(), var_i.const_data_ptr<scalar_t>(),
+                        k.data(), k.data() + nc, k.data() + 2 * nc);
+    kernels().affine(dtype_of(x), g, x.const_data_ptr(), k.data(), k.data() + nc,
+                     k.data() + 2 * nc, y.mutable_data_ptr());
   });
 }
 
 /// The forward without batch statistics (w_b = 0) on NCHW: a plane's m and v need only its
 /// own statistics, so each block of planes is normalised right after its moments, while it is
 /// still in cache: x is read from memory once instead of twice.
-void forward_in_cache(const Tensor& x, const Geometry& g, const Blend& b,
-                      const std::vector<double>& gamma, const std::vector<double>& beta,
+void forward_in_cache(const Tensor& x, const Geometry& g, const Coefficients& coef,
                       Tensor& mean_i, Tensor& var_i, Tensor& y) {
   const int64_t plane_bytes = g.m * x.element_size();
   const int64_t block = std::max<int64_t>(1, config::kCacheBlockBytes / plane_bytes);
@@ -285,14 +343,15 @@ void forward_in_cache(const Tensor& x, const Geometry& g, const Blend& b,
     scalar_t* mean = mean_i.mutable_data_ptr<scalar_t>();
     scalar_t* var = var_i.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> k(3 * block);  // center, scale, shift of one block
       for (int64_t blk = begin; blk < end; ++blk) {
         const int64_t i0 = blk * block, i1 = std::min(g.n * g.c, i0 + block);
         const Geometry gb{1, i1 - i0, g.m, false};  // planes i0..i1 as one sample
         kernels().moments(dtype_of(x), gb, xp + i0 * plane_bytes, mean + i0, var + i0);
         m2_to_var(var + i0, i1 - i0, g.m);
-        const Coefficients<scalar_t> k(b, gamma, beta, i0, i1, mean, var);
-        kernels().affine(dtype_of(x), gb, xp + i0 * plane_bytes, k.center.data(), k.scale.data(),
-                         k.shift.data(), yp + i0 * plane_bytes);
+        coef.fill<scalar_t>(i0, i1, mean, var, k.data(), k.data() + block, k.data() + 2 * block);
+        kernels().affine(dtype_of(x), gb, xp + i0 * plane_bytes, k.data(), k.data() + block,
+                         k.data() + 2 * block, yp + i0 * plane_bytes);
       }
     });
   });
@@ -316,15 +375,15 @@ std::tuple<Tensor, Tensor, Tensor> dabn_forward_cpu(
   if (b.wb == 0.0 && !g.channels_last) {
     const auto opts = x.options().dtype(acc_type(x));
     Tensor mean_i = at::empty({g.n, g.c}, opts), var_i = at::empty({g.n, g.c}, opts);
-    forward_in_cache(x, g, b, gamma, beta, mean_i, var_i, y);
+    forward_in_cache(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
     b.set_stats(mean_i, var_i);
     // Rare: an inf/NaN batch statistic reaches every plane of its channel; redo pass 2.
-    if (!b.batch_finite()) normalize(x, g, b, gamma, beta, mean_i, var_i, y);
+    if (!b.batch_finite()) normalize(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
     return {y, mean_i, var_i};
   }
   auto [mean_i, var_i] = moments(x);
   b.set_stats(mean_i, var_i);
-  normalize(x, g, b, gamma, beta, mean_i, var_i, y);
+  normalize(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
   return {y, mean_i, var_i};
 }
 
