@@ -101,7 +101,9 @@ def test_dabn(benchmark, shape, impl, mode):
 # ------------------------------------------------------------------ one-process table
 def time_interleaved(runs: dict, reps: dict, warmup: int = 2) -> dict:
     """Median seconds of one call per implementation, the implementations taking turns
-    (rep by rep) so that load changes on a shared machine hit all of them alike."""
+    (rep by rep) so that load changes on a shared machine hit all of them alike.  Each timed
+    call follows an untimed call of the same implementation: every contestant is measured
+    with its own data warm in cache, as when it runs alone."""
     for run in runs.values():
         for _ in range(warmup):
             run()
@@ -109,6 +111,7 @@ def time_interleaved(runs: dict, reps: dict, warmup: int = 2) -> dict:
     for i in range(max(reps.values())):
         for k, run in runs.items():
             if i < reps[k]:
+                run()
                 t0 = time.perf_counter()
                 run()
                 times[k].append(time.perf_counter() - t0)
@@ -151,14 +154,15 @@ def write_markdown(res: dict, path: str) -> None:
         f"python {m['python']}",
         f"- datta_kernels._C: {m['datta_build']}",
         f"- float32, NCHW, blend {tuple(res['blend'])} (batch statistics: two-pass forward); "
-        "median wall time of one call, contestants interleaved call by call in one process",
+        "median wall time of one call (after an untimed one: caches warm), contestants taking turns "
+        "in one process",
         "- bytes: forward 3·x.nbytes (2 reads + 1 write), forward+backward 8·x.nbytes "
         "(+ backward: 2 reads of x and dy for the sums, 2 reads + 1 write for dx)",
         "- outputs of 32 MiB or more (64x64x56x56 only) are page-faulted in on every call; the "
         "baselines take ~12k 4 KiB faults (~20 ms), `cpu` maps y / dx in transparent huge pages: "
         "on that shape much of its lead is allocation, not kernels",
-        "- reading: the 1-thread rows are the trustworthy ones (medians of interleaved "
-        "repetitions, load noise a few %); 2-thread rows under load are quantised by the "
+        "- reading: the 1-thread rows are the trustworthy ones (contestants take turns, so load "
+        "changes hit all alike; noise a few %); 2-thread rows under load are quantised by the "
         "scheduler (16.0 / 24.0 / 40.0 ms = multiples of its ~8 ms tick) and say nothing about "
         "the kernels",
         "",
