@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ from datta_kernels import backends
 from datta_kernels.diversity import MULTIPLE, SINGLE, Selector, ThresholdSelector
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import describe_machine  # noqa: E402
+from conftest import describe_machine, save_results  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HAS_CUDA = torch.cuda.is_available()
@@ -300,11 +299,7 @@ def main(argv=None) -> None:
     shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else TABLE_SHAPE[args.device]
     out = args.out or os.path.join(RESULTS, f"{args.device}_adapt")
     res = table(args.device, args.reps, [int(t) for t in args.threads.split(",")], shape)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    write_markdown(res, out + ".md")
-    print(open(out + ".md").read())
+    save_results(res, out, write_markdown)
 
 
 if __name__ == "__main__":

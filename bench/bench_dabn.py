@@ -17,7 +17,6 @@ pages (where THP is enabled), so on that shape much of its lead is allocation, n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from datta_kernels import reference as ref
 from datta_kernels.testing import make_inputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import describe_machine  # noqa: E402
+from conftest import describe_machine, save_results  # noqa: E402
 
 SHAPES = [(64, 64, 56, 56), (64, 256, 14, 14), (128, 16, 32, 32), (16, 3, 224, 224)]
 BLEND = (0.6, 0.4, 0.0)   # datta "single": batch statistics, so the forward needs both passes
@@ -194,11 +193,7 @@ def main(argv=None) -> None:
         return
     impls = tuple(i for i in IMPLS if not (args.no_compile and i == "compiled_reference"))
     res = table(args.reps, impls, [int(t) for t in args.threads.split(",")])
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    write_markdown(res, args.out + ".md")
-    print(open(args.out + ".md").read())
+    save_results(res, args.out, write_markdown)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ fwd >= 3x the eager reference and faster than torch.compile(reference) and Batch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -36,7 +35,7 @@ from datta_kernels import reference as ref
 from datta_kernels.testing import make_inputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import describe_machine  # noqa: E402
+from conftest import describe_machine, save_results  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MAIN_SHAPE = (64, 256, 56, 56)
@@ -280,11 +279,7 @@ def main(argv=None) -> None:
     res = table(device, args.reps, args.smoke, compile_main=not args.no_compile)
     stem = args.out or os.path.join(
         RESULTS, re.sub(r"[^a-z0-9]+", "_", res["machine"].get("gpu", device).lower()).strip("_") + "_dabn")
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    write_markdown(res, stem + ".md")
-    print(open(stem + ".md").read())
+    save_results(res, stem, write_markdown)
 
 
 if __name__ == "__main__":
