@@ -1,6 +1,6 @@
 """datta_kernels: fused kernels and modules for DATTA (Diversity-Adaptive Test-Time Adaptation).
 
-See ``shared/SPEC.md`` for the math; ``datta_kernels.reference`` is that page as code.
+See ``docs/SPEC.md`` for the math; ``datta_kernels.reference`` is that page as code.
 """
 from . import ops  # noqa: F401  (registers torch.ops.datta.*)
 from .adapt import DATTA

@@ -1,4 +1,4 @@
-"""The SPEC (``shared/SPEC.md``) written as plain PyTorch.
+"""The SPEC (``docs/SPEC.md``) written as plain PyTorch.
 
 Every backend is judged against this module.  All statistics are computed in
 float32 (float64 stays float64 so ``gradcheck`` can use it); the output has the
