@@ -225,6 +225,46 @@ def test_compile_does_not_recompile_on_decision_flip():
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compile_fullgraph_with_auto_backend(dtype):
+    """The default backend ("auto") resolves while the graph is traced: no graph break, one
+    frame (resolution reads extension state that dynamo cannot trace)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = convert_model(tiny_resnet()).to(dtype)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype)
+    for decision in ("single", "multiple"):
+        for layer in dabn_layers(model):
+            layer.set_decision(decision)
+        torch.testing.assert_close(compiled(x), model(x), **tol(dtype))
+    assert counter.frame_count == 1
+
+
+def test_autocast_bf16_matches_reference_backend():
+    """Under CPU autocast the convs hand bf16 activations to FusedDABN (fp32 parameters):
+    the fused backend follows the reference, and a DATTA step still updates gamma/beta."""
+    x = torch.randn(4, 3, 8, 8)
+    outs = []
+    for backend in ("auto", "reference"):
+        model = convert_model(tiny_resnet(), backend=backend)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(model(x))
+    assert outs[0].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), **tol(torch.bfloat16, 2.0))
+    model = convert_model(tiny_resnet())
+    adapter = dk.DATTA(model, selector=dk.ThresholdSelector(1e9), lr=1e-2)
+    params = [p for layer in dabn_layers(model) for p in (layer.weight, layer.bias)]
+    before = [p.detach().clone() for p in params]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        adapter(x)
+    assert adapter.last_decision == "single"
+    assert all(p.dtype == torch.float32 for p in params)
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown preset 'dataa'"):
         FusedDABN(4, preset="dataa")
