@@ -280,3 +280,28 @@ def test_cuda_matches_cpu_and_threshold_path_never_syncs():
             torch.cuda.set_sync_debug_mode(0)
         torch.testing.assert_close(got.cpu(), want, **tol(torch.float32, 10))
         assert gpu.last_decision == cpu.last_decision
+
+
+def test_datta_around_a_compiled_model():
+    """DATTA(torch.compile(model)): with a device-side decision (threshold, daft=False) the
+    whole model stays one graph while decisions flip; with the host-side decision and DAFT the
+    graph splits at the score layer, compiles a few variants during the first batches, then
+    never again.  Predictions match the eager adapter."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(10)]
+    t = threshold_for(batches)
+    for daft, frames_max in ((False, 1), (True, 12)):
+        counter = CompileCounter()
+        eager = DATTA(tiny_resnet(), selector=ThresholdSelector(t), daft=daft)
+        compiled = DATTA(torch.compile(tiny_resnet(), backend=counter),
+                         selector=ThresholdSelector(t), daft=daft)
+        decisions, frames = [], []
+        for x in batches:
+            torch.testing.assert_close(compiled(x), eager(x), **tol(torch.float32, 5.0))
+            decisions.append(eager.last_decision)
+            frames.append(counter.frame_count)
+        assert len(set(decisions)) == 2, "the stream must flip the decision"
+        assert frames[-1] <= frames_max and frames[-1] == frames[len(frames) // 2], frames
