@@ -211,7 +211,9 @@ def dabn_layers(model: nn.Module) -> list[FusedDABN]:
 
 
 def _is_plain_bn(m: nn.Module) -> bool:
-    return isinstance(m, nn.BatchNorm2d) and not isinstance(m, FusedDABN)
+    # SyncBatchNorm (checkpoints trained with DDP) holds the same state as BatchNorm2d; after
+    # conversion its test-batch statistics are those of the local batch (see convert_model)
+    return isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not isinstance(m, FusedDABN)
 
 
 def _factory(bn: nn.BatchNorm2d) -> dict:
@@ -240,7 +242,9 @@ def _swap(model: nn.Module, match, make) -> tuple[nn.Module, int]:
 
 
 def convert_model(model: nn.Module, preset: str = "datta", **kwargs) -> nn.Module:
-    """Replace every ``nn.BatchNorm2d`` of ``model`` by a :class:`FusedDABN` (in place).
+    """Replace every ``nn.BatchNorm2d`` (and ``nn.SyncBatchNorm``) of ``model`` by a
+    :class:`FusedDABN` (in place).  Converted SyncBatchNorm layers expect 4-D input and use
+    the statistics of the local batch: DABN does not synchronise across processes.
 
     Keeps device, dtype, parameters and buffers (the running statistics become the source
     statistics), ``requires_grad`` and the training flag.  ``kwargs`` go to ``FusedDABN``

@@ -90,6 +90,18 @@ def test_convert_keeps_everything():
     assert model.layer2.bn1.training and not model.bn1.training
 
 
+def test_convert_sync_batchnorm():
+    """DDP-trained models carry nn.SyncBatchNorm: converted like BatchNorm2d, same outputs as
+    converting the equivalent BatchNorm2d model (local statistics; no process group needed)."""
+    plain = tiny_resnet()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+    a, b = convert_model(plain, "datta"), convert_model(synced, "datta")
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in b.modules())
+    x = torch.randn(3, 3, 8, 8)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
 def test_plain_checkpoint_loads_strict():
     src = tiny_resnet(1)
     model = convert_model(tiny_resnet(2))
