@@ -12,6 +12,8 @@
 #   bench     bench/bench_gpu.py and bench/bench_adapt.py tables
 # Logs and result tables go to $OUT (default gpu-results/); copy the tables into bench/results/
 # and commit them with the device named.  Exit status: 1 if any step failed.
+# Under a per-command time limit run the steps in separate calls on the same (warm) machine,
+# e.g. `info build tests`, then `sweep sanitize`, then `bench`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -41,10 +43,13 @@ for step in "${steps[@]}"; do
       run versions "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', \
 torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" ;;
     build)
+      # the install users do (checked from outside the tree), then an in-place build: tests
+      # and scripts run from the repository root import the source tree, which needs its _C
       run build "$PY" -m pip install --no-build-isolation --no-deps --no-index -v .
-      run build-check "$PY" -c "import datta_kernels as dk, datta_kernels._ext as e; \
-info = e.build_info(); print(info); assert str(info.get('cuda')) == '1', 'built without CUDA'; \
-print(dk.available_backends('cuda'))"
+      run build-check bash -c "cd / && $PY -c \"import datta_kernels as dk, datta_kernels._ext as e; \
+info = e.build_info(); print(dk.__file__, info); assert str(info.get('cuda')) == '1', info; \
+print(dk.available_backends('cuda'))\""
+      run build-inplace "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
       run info-cli "$PY" -m datta_kernels.cli info ;;
     tests)
       run tests env -u TRITON_INTERPRET "$PY" -m pytest tests -q -p no:cacheprovider -rs ;;
