@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import shlex
 import statistics
 import sys
@@ -143,6 +144,12 @@ def cmd_demo(args) -> int:
     from .eval.report import format_tables, write_outputs
     from .eval.runner import run_demo
 
+    missing = [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: the demo needs {', '.join(missing)} (figure, progress bars): "
+              "pip install 'datta_kernels[demo]' or pip install " + " ".join(missing),
+              file=sys.stderr)
+        return 2
     cfg = _demo_config(args)
     command = "datta-kernels " + " ".join(shlex.quote(a) for a in args.argv)
     t0 = time.perf_counter()

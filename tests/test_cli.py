@@ -50,6 +50,17 @@ def test_demo_without_data(tmp_path, capsys):
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
 
 
+def test_demo_without_its_extras(tmp_path, capsys, monkeypatch):
+    """Installed without the [demo] extra: a clear message, not a traceback."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tqdm" else real(name, *a))
+    assert main(["demo", "--out", str(tmp_path / "o")] + TINY) == 2
+    assert "pip install 'datta_kernels[demo]'" in capsys.readouterr().err
+
+
 def test_demo_rejects_unknown_names(tmp_path, capsys):
     data = write_synthetic(tmp_path / "data", n_train=8, n_test=8)
     assert main(["demo", "--data-dir", str(data), "--methods", "magic"] + TINY) == 2
