@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 
 import pytest
 import torch
@@ -41,7 +39,7 @@ from datta_kernels import backends
 from datta_kernels.diversity import MULTIPLE, SINGLE, Selector, ThresholdSelector
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import describe_machine, save_results  # noqa: E402
+from conftest import describe_gpu, describe_machine, save_results, time_interleaved  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HAS_CUDA = torch.cuda.is_available()
@@ -189,36 +187,6 @@ def test_adapt(benchmark, device, dtype, impl, backend):
 
 
 # ------------------------------------------------------------------ one-process table
-def time_interleaved(runs: dict, reps: int, warmup: int = 2) -> dict:
-    """Median seconds of one call per contestant, contestants taking turns rep by rep (load
-    changes hit all alike), each timed call right after an untimed one of the same contestant
-    (its weights and activations warm, as when it runs alone)."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times = {k: [] for k in runs}
-    for _ in range(reps):
-        for k, run in runs.items():
-            run()
-            t0 = time.perf_counter()
-            run()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def device_info(device: str) -> dict:
-    info = describe_machine()
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-        try:
-            import triton
-            info["triton"] = triton.__version__
-        except ImportError:
-            info["triton"] = None
-    return info
-
-
 def table(device: str, reps: int, threads: list[int], shape) -> dict:
     rows = []
     load_start = os.getloadavg()[0]
@@ -239,7 +207,8 @@ def table(device: str, reps: int, threads: list[int], shape) -> dict:
             rows.append({"threads": nt, "dtype": dtype, "shape": list(shape), "ms": ms,
                          "resolved_backend": resolved, "ratio_vs_bn_forward": ratios,
                          "images_per_s": {k: shape[0] / (v / 1e3) for k, v in ms.items()}})
-    machine = {**device_info(device), "loadavg_1min_start": load_start}
+    machine = {**describe_machine(), **(describe_gpu() if device == "cuda" else {}),
+               "loadavg_1min_start": load_start}
     return {"device": device, "machine": machine, "goal": "datta_step_single / bn_forward < 2",
             "rows": rows}
 

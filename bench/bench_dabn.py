@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import pytest
 import torch
@@ -30,7 +28,7 @@ from datta_kernels import reference as ref
 from datta_kernels.testing import make_inputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import describe_machine, save_results  # noqa: E402
+from conftest import describe_machine, save_results, time_interleaved  # noqa: E402
 
 SHAPES = [(64, 64, 56, 56), (64, 256, 14, 14), (128, 16, 32, 32), (16, 3, 224, 224)]
 BLEND = (0.6, 0.4, 0.0)   # datta "single": batch statistics, so the forward needs both passes
@@ -98,25 +96,6 @@ def test_dabn(benchmark, shape, impl, mode):
 
 
 # ------------------------------------------------------------------ one-process table
-def time_interleaved(runs: dict, reps: dict, warmup: int = 2) -> dict:
-    """Median seconds of one call per implementation, the implementations taking turns
-    (rep by rep) so that load changes on a shared machine hit all of them alike.  Each timed
-    call follows an untimed call of the same implementation: every contestant is measured
-    with its own data warm in cache, as when it runs alone."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times = {k: [] for k in runs}
-    for i in range(max(reps.values())):
-        for k, run in runs.items():
-            if i < reps[k]:
-                run()
-                t0 = time.perf_counter()
-                run()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def table(reps: int, impls: tuple[str, ...], threads: list[int]) -> dict:
     rows = []
     load_start = os.getloadavg()[0]

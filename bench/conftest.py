@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
+import subprocess
+import time
 
 import torch
 
@@ -37,6 +40,44 @@ def describe_machine() -> dict[str, object]:
         "datta_build": _ext.build_info(),
         "python": platform.python_version(),
     }
+
+
+def describe_gpu() -> dict[str, object]:
+    """GPU name, CUDA runtime, triton and driver versions (call only with a CUDA device)."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        driver = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        driver = None
+    return {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
+            "triton": triton_version, "driver": driver}
+
+
+def time_interleaved(runs: dict, reps: int | dict, warmup: int = 2) -> dict:
+    """Median wall seconds of one call per contestant (``runs``: name -> callable), the
+    contestants taking turns rep by rep so that load changes on a shared machine hit all of
+    them alike.  Each timed call follows an untimed call of the same contestant: every one is
+    measured with its own data warm in cache, as when it runs alone.  ``reps`` is one count
+    for all or a count per contestant."""
+    reps = reps if isinstance(reps, dict) else dict.fromkeys(runs, reps)
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times = {k: [] for k in runs}
+    for i in range(max(reps.values())):
+        for k, run in runs.items():
+            if i < reps[k]:
+                run()
+                t0 = time.perf_counter()
+                run()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def save_results(res: dict, stem: str, write_markdown) -> None:
