@@ -28,14 +28,15 @@ SHAPES_LARGE = SHAPES_SMALL + [(1, 1000, 7, 7), (64, 3, 31, 33), (256, 16, 2, 2)
 DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
           "triton": (torch.float32, torch.float16, torch.bfloat16),
           "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
-BACKEND = "cuda"
 
 
 def blends():
+    """Every distinct (weights, shrink_k) of the presets, each with and without shrink, in
+    table order (the case number seeds dy)."""
     seen = set()
     for p in dk.PRESETS.values():
         for w in (p.single, p.multiple):
-            for k in {None, p.shrink_k}:
+            for k in (None,) if p.shrink_k is None else (None, p.shrink_k):
                 if (w, k) not in seen:
                     seen.add((w, k))
                     yield w, k
@@ -48,7 +49,7 @@ def check(name: str, got: torch.Tensor, want: torch.Tensor, failures: list, **to
         failures.append(f"{name}: {' '.join(str(e).split())[:200]}")
 
 
-def dabn_case(tag, x, inp, w, k, dtype, offset: bool, failures: list, seed: int) -> None:
+def dabn_case(backend, tag, x, inp, w, k, dtype, offset: bool, failures: list, seed: int) -> None:
     """Forward + backward of one blend vs the reference on the same input (fp32 internals for
     half inputs, as the tests do).  Large-offset inputs are ill-conditioned in fp32 (x - mu is
     exact only to ~ulp(1e4) = 1e-3, huge against a tiny instance std): there the backend is
@@ -57,7 +58,7 @@ def dabn_case(tag, x, inp, w, k, dtype, offset: bool, failures: list, seed: int)
     O(1) and fail)."""
     bl = torch.tensor(w, device=x.device)
     xg, wg, bg = (t.detach().clone().requires_grad_() for t in (x, inp.weight, inp.bias))
-    y = dk.dabn(xg, wg, bg, inp.source_mean, inp.source_var, bl, shrink_k=k, backend=BACKEND)
+    y = dk.dabn(xg, wg, bg, inp.source_mean, inp.source_var, bl, shrink_k=k, backend=backend)
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
             and not y.is_contiguous(memory_format=torch.channels_last):
         failures.append(f"{tag}: channels_last input, output not channels_last")
@@ -80,39 +81,39 @@ def dabn_case(tag, x, inp, w, k, dtype, offset: bool, failures: list, seed: int)
                                 f"above 4x the fp32 reference's + 1e-3 of the scale ({allowed:.3g})")
         return
     # parameter grads are sums over N*M terms: rounding grows as sqrt(N*M) (tests use N*M ~ 100)
-    pdt = torch.float32 if dtype != torch.float64 else dtype
+    pdt = ref.acc_dtype(dtype)
     grow = max(1.0, (x.shape[0] * x.shape[2] * x.shape[3] / 100) ** 0.5)
     tols = [tol(dtype), tol(dtype, 2.0), tol(pdt, 10.0 * grow), tol(pdt, 10.0 * grow)]
     for name, g, r, t in zip(names, got, reference(lambda t: t), tols):
         check(f"{tag} blend={w} k={k} {name}", g, r, failures, **t)
 
 
-def sweep(device: str, shapes) -> list[str]:
+def sweep(backend: str, device: str, shapes) -> list[str]:
     failures, n = [], 0
     for shape in shapes:
-        for dtype in DTYPES[BACKEND]:
+        for dtype in DTYPES[backend]:
             for layout in LAYOUTS:
                 offsets = (0.0, 1e4) if dtype == torch.float32 else (0.0,)
                 for offset in offsets:
                     inp = make_inputs(shape, dtype=dtype, device=device, layout=layout, offset=offset)
-                    x, tag = inp.x, f"{BACKEND} {shape} {dtype} {layout} offset={offset}"
+                    x, tag = inp.x, f"{backend} {shape} {dtype} {layout} offset={offset}"
                     if shape[2] * shape[3] >= 2:
-                        pdt = torch.float32 if dtype != torch.float64 else dtype
-                        stats = dk.instance_stats(x, backend=BACKEND)
+                        pdt = ref.acc_dtype(dtype)
+                        stats = dk.instance_stats(x, backend=backend)
                         stats_r = ref.instance_stats(x.double() if offset else x)
                         for name, g, r in zip(("mean", "var"), stats, stats_r):
                             check(f"{tag} instance {name}", g, r, failures,
                                   **(dict(atol=0, rtol=1e-3) if offset else tol(pdt)))
                         if not offset:
-                            _, a = dk.diversity_score(x, inp.source_mean, backend=BACKEND)
+                            _, a = dk.diversity_score(x, inp.source_mean, backend=backend)
                             _, ar = dk.diversity_score(x, inp.source_mean, backend="reference")
                             check(f"{tag} angles", a, ar, failures, **tol(pdt, 10.0))
                     for w, k in blends():
                         n += 1
-                        dabn_case(tag, x, inp, w, k, dtype, bool(offset), failures, seed=n)
+                        dabn_case(backend, tag, x, inp, w, k, dtype, bool(offset), failures, seed=n)
     if device == "cuda":
         torch.cuda.synchronize()
-    print(f"{BACKEND}: {n} dabn cases over {len(shapes)} shapes, {len(failures)} mismatches")
+    print(f"{backend}: {n} dabn cases over {len(shapes)} shapes, {len(failures)} mismatches")
     return failures
 
 
@@ -122,9 +123,7 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="small shapes only (sanitizers, interpreter)")
     args = p.parse_args()
     device = "cpu" if args.backend == "cpu" or not torch.cuda.is_available() else "cuda"
-    global BACKEND
-    BACKEND = args.backend
-    failures = sweep(device, SHAPES_SMALL if args.small else SHAPES_LARGE)
+    failures = sweep(args.backend, device, SHAPES_SMALL if args.small else SHAPES_LARGE)
     for f in failures[:50]:
         print("MISMATCH", f)
     sys.exit(1 if failures else 0)
