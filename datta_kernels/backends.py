@@ -159,12 +159,17 @@ def get(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {backend_names()}") from None
 
 
+@torch.compiler.assume_constant_result
 def resolve(name: str | None, device_type: str, dtype: torch.dtype) -> str:
     """Return the backend name to use for this device/dtype.
 
     ``name=None`` or ``"auto"`` consults ``DATTA_BACKEND`` and otherwise takes the first
     row of the table that can run.  An explicit request that cannot run raises with
     every reason.
+
+    The answer depends on process state torch.compile cannot trace (the kernels the extension
+    registered, environment variables) and is constant for given arguments, so a compiled
+    graph takes it once at trace time (``DATTA_BACKEND`` is read when a graph is compiled).
     """
     if name is None or name == "auto":
         name = os.environ.get(ENV_VAR) or "auto"

@@ -88,17 +88,8 @@ def _check_blend_values(blend: Tensor) -> None:
     torch._assert_async(ok, "blend weights must be >= 0 and sum to 1")
 
 
-@torch.compiler.assume_constant_result
-def _resolve(backend: str, device_type: str, dtype: torch.dtype) -> str:
-    # Resolution reads process state (which kernels the extension registered, environment
-    # variables) that torch.compile cannot trace; its answer is a constant for a given
-    # (backend, device, dtype), so a compiled graph takes it at trace time and guards on none
-    # of it (DATTA_BACKEND is read when a graph is compiled, not on every call).
-    return backends.resolve(backend, device_type, dtype)
-
-
 def _backend_for(x: Tensor, backend: str | None) -> str:
-    return _resolve(backend or "auto", x.device.type, x.dtype)
+    return backends.resolve(backend, x.device.type, x.dtype)
 
 
 def instance_stats(x: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
