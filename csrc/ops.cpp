@@ -98,6 +98,10 @@ TORCH_LIBRARY(datta, m) {
       "Tensor source_var, Tensor blend, float? shrink_k, float eps) -> (Tensor y, Tensor mean, "
       "Tensor var)");
   m.def(
+      "_dabn_normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
+      "Tensor source_var, Tensor blend, float? shrink_k, float eps, Tensor mean, Tensor var) -> "
+      "Tensor");
+  m.def(
       "_dabn_backward(Tensor dy, Tensor x, Tensor? weight, Tensor source_mean, "
       "Tensor source_var, Tensor blend, float? shrink_k, float eps, Tensor mean, Tensor var) -> "
       "(Tensor dx, Tensor dweight, Tensor dbias)");

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .diversity import MULTIPLE, SINGLE, Selector, make_selector
-from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, convert_model, dabn_layers
+from .functional import SCORE_MODES
+from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, convert_model, dabn_layers, first_nonlinear_layer
 
 __all__ = ["Adapter", "DATTA", "Source", "TBN", "BNAdapt", "Tent", "softmax_entropy"]
 
@@ -188,12 +189,17 @@ class Adapter(nn.Module):
 class DATTA(Adapter):
     """Diversity-Adaptive Test-Time Adaptation (SPEC §4).
 
-    Per batch ``x`` (N, C, H, W): the first FusedDABN layer (``score_layer``, a module name, to
-    choose another) computes the diversity score of its own input during the forward, the
+    Per batch ``x`` (N, C, H, W): the score layer computes the diversity score of its own
+    input during the forward (from the instance statistics it also normalises with), the
     selector turns it into a decision, and the decision is written into every layer before
-    the first one normalises.  The logits are returned; then, if ``daft`` and the batch is
-    ``single``, one entropy-minimisation step on the ``gamma, beta`` of every layer.
-    ``multiple`` batches build no autograd graph and run no backward.
+    the score layer normalises.  The score layer is the first FusedDABN for the authors'
+    ``"pixel"`` / ``"instance"`` scores; for ``"dispersion"`` it is the first FusedDABN whose
+    input is not an affine function of the image (:func:`~datta_kernels.nn.first_nonlinear_layer`,
+    found on the first batch; ``score_layer``, a module name, overrides either).  Layers that run
+    before the score layer cannot know the current decision: they normalise with the preset's
+    ``multiple`` blend (the safe side, as during the selector's warm-up).  The logits are
+    returned; then, if ``daft`` and the batch is ``single``, one entropy-minimisation step on
+    the ``gamma, beta`` of every layer.  ``multiple`` batches build no autograd graph and run no backward.
 
     Args:
         model: a CNN with BatchNorm2d (converted in place) or FusedDABN layers.
@@ -201,7 +207,9 @@ class DATTA(Adapter):
         selector: a ``Selector`` (default ``KDESelector()``) or a threshold number.
         daft: fine-tune on ``single`` batches.  lr / optimizer: see :class:`Adapter`.
         episodic: reset to the wrap-time state before every batch.
-        score_mode: ``"pixel"`` (exact) or ``"instance"`` (approximation).
+        score_mode: ``"pixel"`` (the authors' score, default), ``"instance"`` (its
+            approximation) or ``"dispersion"`` (spread of source-standardised instance
+            statistics; separates single-domain from mixed batches far better, SPEC §2).
         backend: kernel backend for every layer (``None``: keep the layers' own).
 
     Host syncs: one per batch (the selector needs the score as a float), except with a
@@ -213,15 +221,16 @@ class DATTA(Adapter):
                  optimizer: OptimizerArg = None, episodic: bool = False, score_mode: str = "pixel",
                  backend: str | None = "auto", *, shrink_k=_PRESET_DEFAULT, weights=None,
                  score_layer: str | None = None):
-        if score_mode not in ("pixel", "instance"):
-            raise ValueError(f"score_mode must be 'pixel' or 'instance', got {score_mode!r}")
+        if score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         super().__init__(model, preset, update="single" if daft else "never", lr=lr,
                          optimizer=optimizer, episodic=episodic, backend=backend,
                          shrink_k=shrink_k, weights=weights, selector=make_selector(selector))
         self.daft = bool(daft)
         self.score_mode = score_mode
-        # an index, not a module attribute: the layer must not be registered twice
-        self._score_at = 0
+        # an index, not a module attribute: the layer must not be registered twice; None =
+        # found on the first batch (dispersion's default needs an input shape)
+        self._score_at: int | None = None if score_mode == "dispersion" else 0
         if score_layer is not None:
             found = dict(self.model.named_modules()).get(score_layer)
             if not isinstance(found, FusedDABN):
@@ -249,7 +258,21 @@ class DATTA(Adapter):
             # (the enclosing enable_grad() restores the mode on exit)
             torch.set_grad_enabled(False)
 
+    @property
+    def score_layer(self) -> str | None:
+        """Module name of the score layer (None until the first batch picks the default)."""
+        if self._score_at is None:
+            return None
+        target = self._layers[self._score_at]
+        return next(name for name, m in self.model.named_modules() if m is target)
+
     def _step(self, x: Tensor) -> Tensor:
+        if self._score_at is None:
+            self._score_at = first_nonlinear_layer(self.model, x)
+        if self._score_at > 0:
+            # layers before the score layer normalise before the decision exists: "multiple"
+            for lyr in self._layers:
+                lyr.set_decision(False)
         first = self._layers[self._score_at]
         saved = first.compute_score, first.score_mode, first.score_callback
         first.compute_score, first.score_mode, first.score_callback = True, self.score_mode, self._on_score

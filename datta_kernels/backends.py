@@ -5,12 +5,13 @@ returns the reasons it cannot run (an empty list means it can).  ``"auto"`` pick
 first entry that fits; an explicitly requested backend (argument or the
 ``DATTA_BACKEND`` environment variable) that cannot run raises with every reason.
 
-Every backend implementation exposes the same four functions (all statistics fp32,
+Every backend implementation exposes the same five functions (all statistics fp32,
 float64 for float64 inputs)::
 
     instance_stats(x) -> (mean, var)                                 # (N, C) each
     diversity_angles(x, source_mean, batch_mean) -> angles           # (N,)
     dabn_forward(x, weight, bias, smean, svar, blend, shrink_k, eps) -> (y, mean_i, var_i)
+    dabn_normalize(x, weight, bias, smean, svar, blend, shrink_k, eps, mean_i, var_i) -> y
     dabn_backward(dy, x, weight, smean, svar, blend, shrink_k, eps, mean_i, var_i)
         -> (dx, dweight, dbias)                                      # dweight/dbias (C,)
 
@@ -89,7 +90,8 @@ def _reference_impl():
         return ref.diversity_angles(x, smean, bmean)
 
     return SimpleNamespace(instance_stats=ref.instance_stats, diversity_angles=diversity_angles,
-                           dabn_forward=dabn_forward, dabn_backward=ref.dabn_backward)
+                           dabn_forward=dabn_forward, dabn_normalize=ref.dabn_normalize,
+                           dabn_backward=ref.dabn_backward)
 
 
 def _compiled_impl():
@@ -99,6 +101,7 @@ def _compiled_impl():
         instance_stats=ops._instance_stats,
         diversity_angles=ops._diversity_angles,
         dabn_forward=ops._dabn_forward,
+        dabn_normalize=ops._dabn_normalize,
         dabn_backward=ops._dabn_backward,
     )
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from .functional import diversity_score
 
 __all__ = ["diversity_score", "Selector", "KDESelector", "ThresholdSelector", "KDEInfo",
-           "kde_decision", "scott_kde", "SINGLE", "MULTIPLE"]
+           "kde_decision", "scott_kde", "calibrate_threshold", "SINGLE", "MULTIPLE"]
 
 SINGLE = "single"
 MULTIPLE = "multiple"
@@ -321,6 +321,28 @@ class KDESelector(Selector):
 
     def __repr__(self) -> str:
         return f"KDESelector(window={self.window}, warmup={self.warmup})"
+
+
+def calibrate_threshold(single_scores, mixed_scores) -> float:
+    """A :class:`ThresholdSelector` threshold from scores of batches whose type is known
+    (validation data, never the test stream): the cut that maximises balanced accuracy
+    ``(TPR + TNR) / 2`` of "single iff score < t", placed at the middle of the widest gap of
+    equally good cuts.  Both lists need at least one finite score.
+    """
+    s = np.asarray([v for v in map(float, single_scores) if math.isfinite(v)])
+    m = np.asarray([v for v in map(float, mixed_scores) if math.isfinite(v)])
+    if s.size == 0 or m.size == 0:
+        raise ValueError("calibrate_threshold needs finite scores of both single and mixed batches")
+    values = np.unique(np.concatenate([s, m]))
+    cuts = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1.0]])
+    tpr = (s[None, :] < cuts[:, None]).mean(axis=1)
+    tnr = (m[None, :] >= cuts[:, None]).mean(axis=1)
+    bal = (tpr + tnr) / 2
+    best = np.flatnonzero(bal >= bal.max() - 1e-12)
+    # equally good cuts form runs; take the middle of the widest run of adjacent ones
+    runs = np.split(best, np.flatnonzero(np.diff(best) > 1) + 1)
+    run = max(runs, key=lambda r: cuts[r[-1]] - cuts[r[0]])
+    return float((cuts[run[0]] + cuts[run[-1]]) / 2)
 
 
 def make_selector(selector: Selector | str | float | None) -> Selector:

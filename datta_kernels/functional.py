@@ -14,10 +14,14 @@ import torch
 from torch import Tensor
 
 from . import backends, ops
-from .reference import PRESETS, score_from_angles
+from .reference import PRESETS, dispersion_score, diversity_angles_instance, score_from_angles
 
 __all__ = ["instance_stats", "diversity_score", "dabn", "blend_tensor", "available_backends",
-           "PRESETS"]
+           "PRESETS", "SCORE_MODES"]
+
+#: Diversity score modes (SPEC §2): exact per-pixel angles, their instance-mean approximation,
+#: and the spread of source-standardised instance statistics.
+SCORE_MODES = ("pixel", "instance", "dispersion")
 
 available_backends = backends.available_backends
 
@@ -106,29 +110,59 @@ def instance_stats(x: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]
 
 
 def diversity_score(x: Tensor, source_mean: Tensor, *, mode: str = "pixel", stat: str = "std",
+                    source_var: Tensor | None = None, eps: float = 1e-5,
                     backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """The DD diversity score of SPEC §2 on a first-layer input.
+    """The DD diversity score of SPEC §2 on the input of the score layer.
 
-    x: (N, C, H, W); source_mean: (C,) -> (score, angles): a 0-dim and an (N,) float32 tensor
-    on x's device (no host sync, no gradient).  ``mode="pixel"`` is exact;
-    ``mode="instance"`` is an APPROXIMATION (per-instance mean vectors instead of pixels,
-    no extra pass over x).  ``stat="var"`` returns the variance of the angles instead.
+    x: (N, C, H, W); source_mean, source_var: (C,) -> (score, per_sample): a 0-dim and an (N,)
+    float32 tensor on x's device (no host sync, no gradient).
+
+    * ``mode="pixel"`` (the authors' score): per_sample = the angles ``theta[n]`` (radians);
+      exact, one extra pass over x.
+    * ``mode="instance"``: an APPROXIMATION of pixel (per-instance mean vectors instead of
+      pixels, no extra pass over x); per_sample = its angles.
+    * ``mode="dispersion"``: mean over features of the population std over the batch of the
+      source-standardised instance statistics (needs ``source_var`` and the layer's ``eps``);
+      per_sample = each sample's RMS distance to the batch centre in those units.  No extra
+      pass over x.
+
+    ``stat="var"`` returns the variance instead of the std.
     """
     _check_x(x)
+    check_score_args(x, source_mean, source_var, mode, stat)
+    name = _backend_for(x, backend)
+    mean_i, var_i = ops.instance_stats(x.detach(), name)
+    return score_from_stats(x, mean_i, var_i, source_mean, source_var, mode=mode, stat=stat,
+                            eps=eps, backend=name)
+
+
+def check_score_args(x: Tensor, source_mean: Tensor, source_var: Tensor | None, mode: str,
+                     stat: str) -> None:
+    """Validate the score arguments once (host-side shape/name checks, no sync)."""
     _check_channel_vec(source_mean, "source_mean", x)
-    if mode not in ("pixel", "instance"):
-        raise ValueError(f"mode must be 'pixel' or 'instance', got {mode!r}")
+    if mode not in SCORE_MODES:
+        raise ValueError(f"mode must be one of {SCORE_MODES}, got {mode!r}")
     if stat not in ("std", "var"):
         raise ValueError(f"stat must be 'std' or 'var', got {stat!r}")
-    name = _backend_for(x, backend)
-    x = x.detach()
+    if mode == "dispersion":
+        if source_var is None:
+            raise ValueError("mode='dispersion' needs source_var (the layer's running_var)")
+        _check_channel_vec(source_var, "source_var", x)
+
+
+def score_from_stats(x: Tensor, mean_i: Tensor, var_i: Tensor, source_mean: Tensor,
+                     source_var: Tensor | None, *, mode: str, stat: str = "std", eps: float = 1e-5,
+                     backend: str) -> tuple[Tensor, Tensor]:
+    """``(score, per_sample)`` from the instance statistics ``(N, C)`` of x (already computed
+    by the caller, who reuses them to normalise).  Only ``"pixel"`` reads x again."""
     source_mean = source_mean.detach()
-    mean_i, _ = ops.instance_stats(x, name)
+    if mode == "dispersion":
+        return dispersion_score(mean_i, var_i, source_mean, source_var.detach(),
+                                x.shape[2] * x.shape[3], eps, stat=stat)
     mu_b = mean_i.mean(dim=0)
     if mode == "pixel":
-        angles = ops.diversity_angles(x, source_mean, mu_b, name)
+        angles = ops.diversity_angles(x.detach(), source_mean, mu_b, backend)
     else:
-        from .reference import diversity_angles_instance
         angles = diversity_angles_instance(mean_i, source_mean, mu_b)
     angles = angles.float()
     return score_from_angles(angles, stat), angles
@@ -136,13 +170,17 @@ def diversity_score(x: Tensor, source_mean: Tensor, *, mode: str = "pixel", stat
 
 def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
          source_var: Tensor, blend: Tensor | Sequence[float], *, shrink_k: float | None = None,
-         eps: float = 1e-5, backend: str = "auto") -> Tensor:
+         eps: float = 1e-5, backend: str = "auto",
+         stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Diversity-adaptive BatchNorm (SPEC §3).
 
     x: (N, C, H, W) float32/float16/bfloat16/float64, NCHW or channels_last;
     weight, bias: (C,) or None; source_mean, source_var: (C,);
     blend: (w_s, w_b, w_i) as a length-3 tensor (preferred: changing values never
     recompile) or a sequence of floats, >= 0 and summing to 1.
+    stats: optional ``(mean_i, var_i)`` ``(N, C)`` = ``instance_stats(x)`` computed by the
+    caller (e.g. for a diversity score): the statistics pass is then skipped (one read of x
+    instead of two); gradients still flow to x through them.
     Returns y with x's shape, dtype and memory format; differentiable w.r.t. x, weight, bias.
     """
     _check_x(x)
@@ -163,6 +201,19 @@ def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Ten
         blend = blend_tensor(blend, dtype=torch.promote_types(blend.dtype, wdt))
     else:
         blend = blend_tensor(blend, device=x.device, dtype=wdt)
+    if stats is not None:
+        _check_stats(stats, x)
     name = _backend_for(x, backend)
     return ops.dabn(x, weight, bias, source_mean.detach(), source_var.detach(), blend.detach(),
-                    shrink_k, float(eps), name)
+                    shrink_k, float(eps), name, stats=stats)
+
+
+def _check_stats(stats, x: Tensor) -> None:
+    if not (isinstance(stats, (tuple, list)) and len(stats) == 2
+            and all(isinstance(t, Tensor) for t in stats)):
+        raise TypeError("stats must be a pair (mean_i, var_i) of tensors")
+    for t, name in zip(stats, ("mean_i", "var_i")):
+        if t.shape != x.shape[:2] or not t.is_floating_point() or t.device != x.device:
+            raise ValueError(f"stats {name} must be a floating-point {tuple(x.shape[:2])} tensor "
+                             f"on {x.device} (instance_stats(x)), got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")

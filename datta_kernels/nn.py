@@ -24,10 +24,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .functional import blend_tensor, dabn, diversity_score
+from . import ops
+from .functional import (
+    SCORE_MODES,
+    _backend_for,
+    _check_x,
+    blend_tensor,
+    check_score_args,
+    dabn,
+    score_from_stats,
+)
 from .reference import PRESETS
 
-__all__ = ["FusedDABN", "convert_model", "revert_model", "dabn_layers"]
+__all__ = ["FusedDABN", "convert_model", "revert_model", "dabn_layers", "first_nonlinear_layer"]
 
 _PRESET_DEFAULT = object()  # sentinel: "shrink_k of the preset"
 _DABN_KEYS = ("source_mean", "source_var", "blend_single", "blend_multiple", "decision")
@@ -76,9 +85,11 @@ class FusedDABN(nn.BatchNorm2d):
             to 1; overrides the preset's weights (not its ``shrink_k``).
         backend: ``"auto"`` or a backend name (see ``datta_kernels.available_backends``).
         compute_score: compute the diversity score of the input in ``forward`` (set it on the
-            first layer of a model); stored in ``last_score`` (0-dim) and ``last_angles`` (N,).
-        score_mode: ``"pixel"`` (exact) or ``"instance"`` (approximation), see
-            ``diversity_score``.
+            score layer of a model); stored in ``last_score`` (0-dim) and ``last_per_sample``
+            (N,).  The instance statistics are computed once and serve both the score and the
+            normalization (2 reads + 1 write of x; 3 reads in ``"pixel"`` mode).
+        score_mode: ``"pixel"`` (exact, the authors'), ``"instance"`` (approximation) or
+            ``"dispersion"``, see ``diversity_score``.
 
     Unlike ``nn.BatchNorm2d``, ``train()`` / ``eval()`` do not change what the layer computes:
     it always normalises with the blend of the current decision, and the running buffers and
@@ -92,6 +103,8 @@ class FusedDABN(nn.BatchNorm2d):
                  *, preset: str = "datta", shrink_k=_PRESET_DEFAULT, weights=None,
                  backend: str = "auto", compute_score: bool = False, score_mode: str = "pixel"):
         single, multiple, k, label = _resolve_weights(preset, weights, shrink_k)
+        if score_mode not in SCORE_MODES:
+            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         fk = {"device": device, "dtype": dtype}
         self.register_buffer("source_mean", torch.zeros(num_features, **fk))
@@ -103,7 +116,7 @@ class FusedDABN(nn.BatchNorm2d):
         self.preset, self.shrink_k, self.backend = label, k, backend
         self.compute_score, self.score_mode = compute_score, score_mode
         self.last_score: Tensor | None = None
-        self.last_angles: Tensor | None = None
+        self.last_per_sample: Tensor | None = None
         #: called as ``score_callback(layer, score)`` after the score is computed and before
         #: the layer normalises (the DATTA adapter sets the decision of every layer there)
         self.score_callback = None
@@ -151,20 +164,38 @@ class FusedDABN(nn.BatchNorm2d):
         return torch.where(self.decision, self.blend_single, self.blend_multiple)
 
     # ------------------------------------------------------------------ forward
+    @property
+    def last_angles(self) -> Tensor | None:
+        """``last_per_sample`` under its pixel/instance-mode name (the angles, radians)."""
+        return self.last_per_sample
+
+    def _score(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Instance statistics of x (one pass), then the score from them; stores
+        ``last_score`` / ``last_per_sample`` and returns the statistics for the normalization."""
+        _check_x(x)
+        check_score_args(x, self.source_mean, self.source_var, self.score_mode, "std")
+        name = _backend_for(x, self.backend)
+        mean_i, var_i = ops.instance_stats(x.detach(), name)
+        self.last_score, self.last_per_sample = score_from_stats(
+            x, mean_i, var_i, self.source_mean, self.source_var, mode=self.score_mode,
+            eps=self.eps, backend=name)
+        return mean_i, var_i
+
     def score(self, x: Tensor) -> Tensor:
-        """Compute and store ``last_score`` (0-dim) / ``last_angles`` (N,) for input ``x``."""
-        self.last_score, self.last_angles = diversity_score(
-            x, self.source_mean, mode=self.score_mode, backend=self.backend)
+        """Compute and store ``last_score`` (0-dim) / ``last_per_sample`` (N,) for input ``x``."""
+        self._check_input_dim(x)
+        self._score(x)
         return self.last_score
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
+        stats = None
         if self.compute_score:
-            score = self.score(x)
+            stats = self._score(x)
             if self.score_callback is not None:
-                self.score_callback(self, score)
+                self.score_callback(self, self.last_score)
         return dabn(x, self.weight, self.bias, self.source_mean, self.source_var, self.blend(),
-                     shrink_k=self.shrink_k, eps=self.eps, backend=self.backend)
+                    shrink_k=self.shrink_k, eps=self.eps, backend=self.backend, stats=stats)
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, recurse=True):
@@ -293,3 +324,52 @@ def revert_model(model: nn.Module) -> nn.Module:
     if count == 0:
         raise ValueError(f"revert_model: {type(model).__name__} has no FusedDABN layer")
     return model
+
+
+@torch.no_grad()
+def first_nonlinear_layer(model: nn.Module, example: Tensor, rtol: float = 1e-3) -> int:
+    """Index (into :func:`dabn_layers`) of the first FusedDABN layer whose input is not an
+    affine function of the model's input — the default score layer of the ``"dispersion"``
+    score (SPEC §2).  Model-agnostic: probes ``model`` with two random inputs shaped like
+    ``example[:1]`` and their midpoint, every layer normalising with its source statistics (an
+    affine map) and the model in eval mode; an input ``f`` with
+    ``|f(mid) - (f(a) + f(b)) / 2| > rtol * max|f|`` is nonlinear.  Returns 0 when every
+    layer's input is affine (or ``model`` has one layer).  The model's state is restored.
+    """
+    layers = dabn_layers(model)
+    if len(layers) <= 1:
+        return 0
+    g = torch.Generator(device="cpu").manual_seed(0)
+    shape = (1, *example.shape[1:])
+    a = torch.randn(shape, generator=g).to(example)
+    b = torch.randn(shape, generator=g).to(example)
+    saved = [(lyr.blend_single.clone(), lyr.blend_multiple.clone(), lyr.compute_score) for lyr in layers]
+    modes = [m.training for m in model.modules()]
+    inputs: dict[int, list[Tensor]] = {i: [] for i in range(len(layers))}
+    hooks = [lyr.register_forward_pre_hook(lambda mod, inp, i=i: inputs[i].append(inp[0].float()))
+             for i, lyr in enumerate(layers)]
+    try:
+        model.eval()
+        for lyr in layers:
+            lyr.blend_single.copy_(torch.tensor((1.0, 0.0, 0.0)))
+            lyr.blend_multiple.copy_(torch.tensor((1.0, 0.0, 0.0)))
+            lyr.compute_score = False
+        for probe in (a, b, (a + b) / 2):
+            model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+        for lyr, (s, mu, cs) in zip(layers, saved):
+            lyr.blend_single.copy_(s)
+            lyr.blend_multiple.copy_(mu)
+            lyr.compute_score = cs
+        for m, t in zip(model.modules(), modes):
+            m.training = t
+    for i, seen in inputs.items():
+        if len(seen) != 3:      # not reached, or reached several times: not a plain chain
+            continue
+        fa, fb, fm = seen
+        scale = float(torch.stack([fa.abs().max(), fb.abs().max()]).max()) or 1.0
+        if float((fm - (fa + fb) / 2).abs().max()) > rtol * scale:
+            return i
+    return 0

@@ -11,7 +11,9 @@ Two layers of ops live in the ``datta`` namespace:
   carries the autograd formula; every op has a fake implementation.
 
 ``dabn_forward`` returns ``(y, mean_i, var_i)``; the instance statistics are saved for the
-backward pass (two passes over x and dy, no recomputation of the statistics).  ``dabn`` is
+backward pass (two passes over x and dy, no recomputation of the statistics).
+``dabn_normalize`` is the same forward given those statistics (the score layer computes them
+once, scores from them, then normalises: one pass over x fewer); its backward is the same.  ``dabn`` is
 the entry of ``functional.dabn``: it skips the custom-op dispatch when no graph is recorded.
 """
 from __future__ import annotations
@@ -22,8 +24,8 @@ from torch import Tensor
 from . import _ext, backends
 from .reference import acc_dtype
 
-__all__ = ["instance_stats", "diversity_angles", "dabn_forward", "dabn_backward", "dabn",
-           "as_kernel_layout", "is_channels_last"]
+__all__ = ["instance_stats", "diversity_angles", "dabn_forward", "dabn_normalize", "dabn_backward",
+           "dabn", "as_kernel_layout", "is_channels_last"]
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -86,16 +88,40 @@ def dabn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_m
                               backend)
 
 
+def _dabn_normalize_body(x, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i,
+                         var_i, backend):
+    return _impl(backend).dabn_normalize(as_kernel_layout(x), weight, bias, source_mean, source_var,
+                                         blend, shrink_k, eps, mean_i, var_i)
+
+
+@torch.library.custom_op("datta::dabn_normalize", mutates_args=())
+def dabn_normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+                   source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
+                   mean_i: Tensor, var_i: Tensor, backend: str) -> Tensor:
+    """``y`` of :func:`dabn_forward` given ``mean_i, var_i = instance_stats(x)`` ``(N, C)``.
+
+    The gradient with respect to x includes the paths through the instance statistics (they
+    are functions of x, as in :func:`dabn_forward`); ``mean_i, var_i`` themselves get none.
+    """
+    return _dabn_normalize_body(x, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+                                mean_i, var_i, backend)
+
+
 def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
          source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
-         backend: str) -> Tensor:
-    """``y`` of :func:`dabn_forward`.
+         backend: str, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``y`` of :func:`dabn_forward` (of :func:`dabn_normalize` when ``stats`` are given).
 
     A plain eager call that records no autograd graph runs the backend directly: the custom
     op's Python dispatch (autograd wrapper, dynamo guard; ~10 us) would change nothing then.
     Anything else (compiling, a tensor needing grad, tensor subclasses such as fake tensors,
     torch_function / dispatch modes, functorch transforms) goes through the custom op.
     """
+    if stats is not None:
+        args = (x, weight, bias, source_mean, source_var, blend, shrink_k, eps, *stats, backend)
+        if _is_plain_eager_call(x, weight, bias, source_mean, source_var, blend):
+            return _dabn_normalize_body(*args)
+        return dabn_normalize(*args)
     args = (x, weight, bias, source_mean, source_var, blend, shrink_k, eps, backend)
     if _is_plain_eager_call(x, weight, bias, source_mean, source_var, blend):
         return _dabn_forward_body(*args)[0]
@@ -138,16 +164,28 @@ def _fake_dabn_backward(dy, x, weight, source_mean, source_var, blend, shrink_k,
             x.new_empty((c,), dtype=acc))
 
 
+def _fake_dabn_normalize(x, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i,
+                         var_i, backend=""):
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty_like(x, memory_format=fmt)
+
+
 dabn_forward.register_fake(_fake_dabn_forward)
+dabn_normalize.register_fake(_fake_dabn_normalize)
 dabn_backward.register_fake(_fake_dabn_backward)
+
+
+def _save(ctx, x, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i, var_i,
+          backend):
+    ctx.save_for_backward(x, weight, source_mean, source_var, blend, mean_i, var_i)
+    ctx.shrink_k, ctx.eps, ctx.backend = shrink_k, eps, backend
+    ctx.has_bias = bias is not None
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, source_mean, source_var, blend, shrink_k, eps, backend = inputs
     _, mean_i, var_i = output
-    ctx.save_for_backward(x, weight, source_mean, source_var, blend, mean_i, var_i)
-    ctx.shrink_k, ctx.eps, ctx.backend = shrink_k, eps, backend
-    ctx.has_bias = bias is not None
+    _save(ctx, x, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i, var_i, backend)
     ctx.mark_non_differentiable(mean_i, var_i)
 
 
@@ -166,6 +204,17 @@ def _backward(ctx, dy, _dmean, _dvar):
 dabn_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _setup_context_normalize(ctx, inputs, output):
+    _save(ctx, *inputs)
+
+
+def _backward_normalize(ctx, dy):
+    return (*_backward(ctx, dy, None, None)[:8], None, None, None)
+
+
+dabn_normalize.register_autograd(_backward_normalize, setup_context=_setup_context_normalize)
+
+
 # ---------------------------------------------------------------- fakes for the C++ kernel ops
 def _register_kernel_fakes() -> None:
     """Fake (meta) kernels for the C++-declared ops, so they too pass ``opcheck``."""
@@ -173,6 +222,7 @@ def _register_kernel_fakes() -> None:
     torch.library.register_fake("datta::_diversity_angles")(
         lambda x, sm, bm: x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype)))
     torch.library.register_fake("datta::_dabn_forward")(_fake_dabn_forward)
+    torch.library.register_fake("datta::_dabn_normalize")(_fake_dabn_normalize)
     torch.library.register_fake("datta::_dabn_backward")(_fake_dabn_backward)
 
 

@@ -28,9 +28,13 @@ __all__ = [
     "blend_moments",
     "normalize",
     "dabn",
+    "dabn_normalize",
     "diversity_angles",
     "diversity_angles_instance",
     "score_from_angles",
+    "dispersion_z",
+    "dispersion_score",
+    "DISPERSION_PARTS",
     "diversity_score",
 ]
 
@@ -163,8 +167,18 @@ def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Ten
 
     x: (N, C, H, W) any float dtype and layout -> y with x's shape, dtype and memory format.
     """
-    m = x.shape[2] * x.shape[3]
     mean_i, var_i = instance_stats(x)
+    return dabn_normalize(x, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+                          mean_i, var_i)
+
+
+def dabn_normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+                   source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
+                   mean_i: Tensor, var_i: Tensor) -> Tensor:
+    """:func:`dabn` given the instance statistics ``mean_i, var_i`` ``(N, C)`` of x (as
+    :func:`instance_stats` returns them); autograd reaches x through them only if they carry
+    a graph."""
+    m = x.shape[2] * x.shape[3]
     blend = blend.to(device=x.device, dtype=mean_i.dtype)
     mean, var = blend_moments(mean_i, var_i, source_mean.detach(), source_var.detach(),
                               blend.detach(), m, shrink_k, eps)
@@ -211,12 +225,64 @@ def score_from_angles(angles: Tensor, stat: str = "std") -> Tensor:
     return var.sqrt() if stat == "std" else var
 
 
+#: Which parts of the standardised instance statistics the shipped ``"dispersion"`` score uses
+#: (SPEC §2): ``"mean"`` (z_mu), ``"logstd"`` (z_sigma) or ``"both"``.  Chosen on the validation
+#: corruptions only (``python -m datta_kernels.eval.diagnose --split validation``).
+DISPERSION_PARTS = "both"
+
+
+def dispersion_z(mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
+                 m: int, eps: float, parts: str = DISPERSION_PARTS) -> Tensor:
+    """Standardised instance statistics ``(N, F)`` (SPEC §2, dispersion mode).
+
+    ``z_mu = (mu_i - mu_s) / sqrt(var_s + eps)`` (C columns) and
+    ``z_sigma = log((var_i + eps) / (var_s + eps)) / 2`` (C columns), concatenated as
+    ``parts`` says.  With ``M <= 1`` the instance variance is undefined (SPEC §1 edge rule)
+    and only ``z_mu`` is used, whatever ``parts`` says.
+    """
+    if parts not in ("mean", "logstd", "both"):
+        raise ValueError(f"parts must be 'mean', 'logstd' or 'both', got {parts!r}")
+    dt = mean_i.dtype
+    sv = source_var.to(dt) + eps
+    cols = []
+    if parts in ("mean", "both") or m <= 1:
+        cols.append((mean_i - source_mean.to(dt)) * torch.rsqrt(sv))
+    if parts in ("logstd", "both") and m > 1:
+        cols.append(0.5 * torch.log((var_i + eps) / sv))
+    return torch.cat(cols, dim=1)
+
+
+def dispersion_score(mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
+                     m: int, eps: float, parts: str = DISPERSION_PARTS,
+                     stat: str = "std") -> tuple[Tensor, Tensor]:
+    """``(score, per_sample)`` of the dispersion mode (SPEC §2) from instance statistics.
+
+    ``score = mean_f std_n z[n, f]`` (population std over the batch, mean over the features of
+    :func:`dispersion_z`); ``per_sample[n] = sqrt(mean_f (z[n, f] - mean_n z[., f])^2)``, how far
+    sample n lies from the batch centre in source-standardised units (so
+    ``mean_n per_sample^2 = mean_f var_n z``).  ``N = 1`` gives 0.  ``stat="var"`` returns
+    ``mean_f var_n z`` instead.  Shapes: mean_i, var_i (N, C); source stats (C,) -> a 0-dim and
+    an (N,) float32 tensor.
+    """
+    z = dispersion_z(mean_i, var_i, source_mean, source_var, m, eps, parts).float()
+    dev = z - z.mean(dim=0)
+    var_f = dev.square().mean(dim=0)
+    per_sample = dev.square().mean(dim=1).sqrt()
+    score = var_f.sqrt().mean() if stat == "std" else var_f.mean()
+    return score, per_sample
+
+
 def diversity_score(x: Tensor, source_mean: Tensor, mode: str = "pixel",
-                    stat: str = "std") -> tuple[Tensor, Tensor]:
-    """``(score, angles)`` on the input of the first DABN layer (SPEC §2)."""
+                    stat: str = "std", source_var: Tensor | None = None,
+                    eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """``(score, per_sample)`` on the input of the score layer (SPEC §2): per-sample angles for
+    ``"pixel"``/``"instance"``, distances to the batch centre for ``"dispersion"``."""
     with torch.no_grad():
         mean_i, var_i = instance_stats(x)
-        mu_b, _ = batch_stats(mean_i, var_i, x.shape[2] * x.shape[3])
+        m = x.shape[2] * x.shape[3]
+        if mode == "dispersion":
+            return dispersion_score(mean_i, var_i, source_mean, source_var, m, eps, stat=stat)
+        mu_b, _ = batch_stats(mean_i, var_i, m)
         if mode == "pixel":
             angles = diversity_angles(x, source_mean, mu_b)
         else:

@@ -1,6 +1,6 @@
 """The ``triton`` backend: launchers for the kernels in ``_triton_jit.py``.
 
-Same four functions as every backend (see ``backends.py``); inputs ``x``/``dy`` are
+Same five functions as every backend (see ``backends.py``); inputs ``x``/``dy`` are
 ``(N, C, H, W)`` NCHW- or channels_last-contiguous, float32/float16/bfloat16, on CUDA (or
 on CPU under ``TRITON_INTERPRET=1``).  Statistics are float32.  Nothing here syncs with the
 device: the blend weights are read inside the kernels, every shape decision is static.
@@ -10,6 +10,7 @@ Bytes moved (``|x|`` = one pass over x in its dtype; per-(n, c) traffic is negli
 * ``instance_stats``:    1 read of x.
 * ``diversity_angles``:  1 read of x.
 * ``dabn_forward``:      2 reads + 1 write of x (statistics pass, normalize pass).
+* ``dabn_normalize``:    1 read + 1 write of x (the normalize pass; statistics given).
 * ``dabn_backward``:     2 reads of x, 2 reads of dy, 1 write of dx (two passes).
 
 Launch sequence: forward = stats partials -> (N, C) finalize -> normalize; backward =
@@ -24,7 +25,7 @@ from torch import Tensor
 from . import _triton_config as cfg
 from . import _triton_jit as jit
 
-__all__ = ["instance_stats", "diversity_angles", "dabn_forward", "dabn_backward"]
+__all__ = ["instance_stats", "diversity_angles", "dabn_forward", "dabn_normalize", "dabn_backward"]
 
 _F32 = torch.float32
 
@@ -111,9 +112,35 @@ def dabn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_m
     """x (N, C, H, W); weight, bias (C,) or None; source stats (C,); blend (3,) on x's device
     -> (y with x's shape/dtype/layout, mean_i (N, C) fp32, var_i (N, C) fp32)."""
     x, cl = _layout(x.detach())
+    mean, var, bmean, bvar = _stats(x, cl)
+    return _normalize(x, cl, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+                      mean, var, bmean, bvar), mean, var
+
+
+def dabn_normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+                   source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
+                   mean_i: Tensor, var_i: Tensor) -> Tensor:
+    """:func:`dabn_forward`'s y given the instance statistics ``mean_i, var_i`` (N, C) of x: one
+    read of x.  The batch statistics follow from them (SPEC §1) in a few (N, C) torch ops."""
+    x, cl = _layout(x.detach())
+    m = x.shape[2] * x.shape[3]
+    mean = mean_i.detach().to(_F32).contiguous()
+    var = var_i.detach().to(_F32).contiguous()
+    bmean = mean.mean(dim=0)
+    nm = x.shape[0] * m
+    if nm > 1:
+        bvar = ((m - 1) * var + m * (mean - bmean).square()).sum(dim=0) / (nm - 1)
+    else:
+        bvar = torch.zeros_like(bmean)
+    return _normalize(x, cl, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+                      mean, var, bmean, bvar)
+
+
+def _normalize(x, cl, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+               mean, var, bmean, bvar) -> Tensor:
+    """The normalize pass: y from x and its instance / batch statistics (fp32)."""
     n, c, h, w = x.shape
     m = h * w
-    mean, var, bmean, bvar = _stats(x, cl)
     smean, svar = _vec(source_mean, x), _vec(source_var, x)
     shrink, k = _shrink_flag(shrink_k, m)
     y = torch.empty_like(x)
@@ -125,7 +152,7 @@ def dabn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_m
         _blend_vec(blend, x), n, c, m, t.iters, k, float(eps),
         CHANNELS_LAST=cl, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SHRINK=shrink,
         BLOCK_C=t.block_c, BLOCK_P=t.block_p)
-    return y, mean, var
+    return y
 
 
 def dabn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: Tensor,

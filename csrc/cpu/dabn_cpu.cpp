@@ -6,6 +6,7 @@
 //   _instance_stats   1 read of x
 //   _dabn_forward     2 reads of x (moments, normalize) + 1 write of y; without batch
 //                     statistics (w_b = 0, NCHW) 1 read from memory, the 2nd from cache
+//   _dabn_normalize   1 read of x + 1 write of y (instance statistics given)
 //   _dabn_backward    2 reads of x and dy (sums, apply) + 1 write of dx
 //   _diversity_angles 1 read of x
 #include <cmath>
@@ -387,6 +388,33 @@ std::tuple<Tensor, Tensor, Tensor> dabn_forward_cpu(
   return {y, mean_i, var_i};
 }
 
+/// The forward given the instance statistics of x (from _instance_stats): one read of x and
+/// one write of y.  The score layer computes its statistics once, scores from them, and then
+/// normalises with them here (SPEC §2 "one pass of statistics").
+Tensor dabn_normalize_cpu(const Tensor& x, const c10::optional<Tensor>& weight,
+                          const c10::optional<Tensor>& bias, const Tensor& source_mean,
+                          const Tensor& source_var, const Tensor& blend,
+                          c10::optional<double> shrink_k, double eps, const Tensor& mean,
+                          const Tensor& var) {
+  check_inputs("datta::_dabn_normalize", x,
+               {{"weight", opt(weight), Expect::kChannel},
+                {"bias", opt(bias), Expect::kChannel},
+                {"source_mean", &source_mean, Expect::kChannel},
+                {"source_var", &source_var, Expect::kChannel},
+                {"blend", &blend, Expect::kBlend},
+                {"mean", &mean, Expect::kInstanceStats},
+                {"var", &var, Expect::kInstanceStats}});
+  const Geometry g = geometry_of(x);
+  const at::ScalarType acc = acc_type(x);
+  const Tensor mean_i = mean.detach().to(acc).contiguous(), var_i = var.detach().to(acc).contiguous();
+  const Blend b(g, blend, source_mean, source_var, shrink_k, eps, mean_i, var_i);
+  const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
+  const std::vector<double> beta = host_doubles(opt(bias), g.c, 0.0);
+  Tensor y = empty_like_layout(x);
+  normalize(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
+  return y;
+}
+
 // Backward (reference.dabn_backward, in this file's names; r = rsqrt(max(v, 0) + eps),
 // g = gamma, xc = x - mu_i):
 //   pass 1 (kernel):  sdy = sum_p dy,  sdyxc = sum_p dy xc
@@ -474,5 +502,6 @@ TORCH_LIBRARY_IMPL(datta, CPU, m) {
   m.impl("_instance_stats", &datta::cpu::instance_stats_cpu);
   m.impl("_diversity_angles", &datta::cpu::diversity_angles_cpu);
   m.impl("_dabn_forward", &datta::cpu::dabn_forward_cpu);
+  m.impl("_dabn_normalize", &datta::cpu::dabn_normalize_cpu);
   m.impl("_dabn_backward", &datta::cpu::dabn_backward_cpu);
 }

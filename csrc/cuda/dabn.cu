@@ -2,6 +2,7 @@
 //
 //   instance_stats: reduce(MomentsOp)                       -> mean, var          (reads x once)
 //   dabn_forward:   reduce(MomentsOp) -> forward_coefs -> apply  -> y            (reads x twice)
+//   dabn_normalize: forward_coefs -> apply -> y  (instance statistics given; reads x once)
 //   dabn_backward:  reduce(DySumsOp)  -> backward_coefs -> apply(dy) -> dx      (reads x, dy twice)
 //
 // The reduce / apply passes stream the tensors (passes.cuh); the coefficient kernels are
@@ -196,7 +197,7 @@ Scratch<A> carve(Op op, const Params& p, const Plan& plan, void* base) {
   Carver cv{static_cast<char*>(base)};
   Scratch<A> s;
   if (op == Op::kInstanceStats || op == Op::kDabnForward) s.moment_partials = cv.take<Welford<A>>(parts);
-  if (op == Op::kDabnForward) {
+  if (op == Op::kDabnForward || op == Op::kDabnNormalize) {
     s.coef_mu = cv.take<A>(nc);
     s.coef_b = cv.take<A>(nc);
     s.coef_c0 = cv.take<A>(nc);
@@ -233,6 +234,18 @@ void launch_moments(const Params& p, const Plan& plan, Welford<acc_t<T>>* partia
   launch_reduce(p, r, stream);
 }
 
+/// Pass 2 of the forward: per-(n, c) coefficients from the instance statistics in p.mean /
+/// p.var (written by launch_moments, or given), then y = coef_b (x - coef_mu) + coef_c0.
+template <typename T>
+void launch_normalize(const Params& p, const Plan& plan, const Scratch<acc_t<T>>& s, cudaStream_t stream) {
+  using A = acc_t<T>;
+  forward_coefs_kernel<A><<<tiny_grid(p.c), cfg::kTinyThreads, 0, stream>>>(channel_args<A>(p), s.coef_mu,
+                                                                             s.coef_b, s.coef_c0);
+  ApplyArgs<T> ap{static_cast<const T*>(p.x), nullptr, static_cast<T*>(p.y), s.coef_mu, nullptr,
+                  s.coef_b, s.coef_c0, p.n, p.c, p.m, plan};
+  launch_apply<T, false>(p, ap, stream);
+}
+
 }  // namespace
 
 size_t workspace_bytes(Op op, const Params& p) {
@@ -262,11 +275,17 @@ cudaError_t dabn_forward(const Params& p, cudaStream_t stream) {
     const Plan plan = make_plan(p);
     const auto s = carve<A>(Op::kDabnForward, p, plan, p.workspace);
     launch_moments<T>(p, plan, s.moment_partials, stream);
-    forward_coefs_kernel<A><<<tiny_grid(p.c), cfg::kTinyThreads, 0, stream>>>(channel_args<A>(p), s.coef_mu,
-                                                                               s.coef_b, s.coef_c0);
-    ApplyArgs<T> ap{static_cast<const T*>(p.x), nullptr, static_cast<T*>(p.y), s.coef_mu, nullptr,
-                    s.coef_b, s.coef_c0, p.n, p.c, p.m, plan};
-    launch_apply<T, false>(p, ap, stream);
+    launch_normalize<T>(p, plan, s, stream);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t dabn_normalize(const Params& p, cudaStream_t stream) {
+  if (empty_problem(p)) return cudaSuccess;
+  return dispatch_elem(p.dtype, cudaErrorInvalidValue, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const Plan plan = make_plan(p);
+    launch_normalize<T>(p, plan, carve<acc_t<T>>(Op::kDabnNormalize, p, plan, p.workspace), stream);
     return cudaGetLastError();
   });
 }

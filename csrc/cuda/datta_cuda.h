@@ -20,7 +20,7 @@ namespace datta::cuda {
 enum class ElemType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 /// Which launcher a workspace is sized for.
-enum class Op : int { kInstanceStats, kDiversityAngles, kDabnForward, kDabnBackward };
+enum class Op : int { kInstanceStats, kDiversityAngles, kDabnForward, kDabnNormalize, kDabnBackward };
 
 struct Params {
   // ---- problem: x is (n, c, H, W) with m = H*W, dense in NCHW order or, when
@@ -72,6 +72,10 @@ cudaError_t diversity_angles(const Params& p, cudaStream_t stream);
 
 /// y, mean, var <- SPEC §3 blended normalization of x (and the instance statistics).
 cudaError_t dabn_forward(const Params& p, cudaStream_t stream);
+
+/// y <- SPEC §3 blended normalization of x given its instance statistics mean, var (inputs
+/// here): the forward without its statistics pass (one read of x, one write of y).
+cudaError_t dabn_normalize(const Params& p, cudaStream_t stream);
 
 /// dx, dweight, dbias <- backward of dabn_forward, given dy and the saved mean, var.
 cudaError_t dabn_backward(const Params& p, cudaStream_t stream);

@@ -136,6 +136,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dabn_forward_cuda(
   return {y, mean, var};
 }
 
+at::Tensor dabn_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& source_mean,
+                              const at::Tensor& source_var, const at::Tensor& blend,
+                              std::optional<double> shrink_k, double eps, const at::Tensor& mean,
+                              const at::Tensor& var) {
+  check_inputs("datta::_dabn_normalize", x,
+               {{"weight", opt(weight), Expect::kChannel},
+                {"bias", opt(bias), Expect::kChannel},
+                {"source_mean", &source_mean, Expect::kChannel},
+                {"source_var", &source_var, Expect::kChannel},
+                {"blend", &blend, Expect::kBlend},
+                {"mean", &mean, Expect::kInstanceStats},
+                {"var", &var, Expect::kInstanceStats}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  Params p = problem(x);
+  const at::Tensor smean = as_acc(source_mean, x), svar = as_acc(source_var, x), w = as_acc(blend, x);
+  const at::Tensor mean_i = as_acc(mean, x), var_i = as_acc(var, x);
+  const std::optional<at::Tensor> gamma = as_acc(weight, x), beta = as_acc(bias, x);
+  at::Tensor y = at::empty_like(x, x.options(), layout_of(x));
+  p.eps = eps;
+  p.shrink = shrink_k.has_value();
+  p.shrink_k = shrink_k.value_or(0.0);
+  p.source_mean = smean.data_ptr();
+  p.source_var = svar.data_ptr();
+  p.blend = w.data_ptr();
+  p.weight = ptr_or_null(gamma);
+  p.bias = ptr_or_null(beta);
+  p.y = y.data_ptr();
+  p.mean = const_cast<void*>(mean_i.data_ptr());
+  p.var = const_cast<void*>(var_i.data_ptr());
+  launch(Op::kDabnNormalize, p, x, &dabn_normalize);
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dabn_backward_cuda(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& source_mean, const at::Tensor& source_var, const at::Tensor& blend,
@@ -179,6 +213,7 @@ TORCH_LIBRARY_IMPL(datta, CUDA, m) {
   m.impl("_instance_stats", TORCH_FN(datta::cuda::instance_stats_cuda));
   m.impl("_diversity_angles", TORCH_FN(datta::cuda::diversity_angles_cuda));
   m.impl("_dabn_forward", TORCH_FN(datta::cuda::dabn_forward_cuda));
+  m.impl("_dabn_normalize", TORCH_FN(datta::cuda::dabn_normalize_cuda));
   m.impl("_dabn_backward", TORCH_FN(datta::cuda::dabn_backward_cuda));
 }
 

@@ -1,208 +1,185 @@
-"""Why does (or doesn't) the diversity score separate single-domain from mixed batches?
+"""Which layer and which score separate single-domain from mixed batches — on data that may
+decide it.
 
-``python -m datta_kernels.eval.diagnose [--per-domain N] [--severities 3,5] [--batch-sizes 16,64]``
+``python -m datta_kernels.eval.diagnose [--split validation|test] [--severities 3,5]
+[--batch-sizes 16,64] [--batches 120] [--per-domain 500]``
 
-Draws random single-domain batches (all images from one corruption) and mixed batches (images
-from all corruptions) from the demo's corrupted Fashion-MNIST pool, runs the cached source
-model in eval mode, and computes the SPEC §2 score on the *input* of every BatchNorm layer
-against that layer's source mean (``running_mean``), in both score modes. It prints, per
-severity × batch size × layer × mode, the score of single and mixed batches (mean ± std) and
-the AUROC of "low score = single" (0.5 = no separation, 1 = perfect).
+The protocol (SPEC §2): every method choice — score mode, the parts of the dispersion score,
+the score layer, the selector — is made on the **validation** split: the corruptions
+``speckle_noise`` and ``gaussian_blur`` plus clean *training* images (the held-out pair of the
+CIFAR-10-C protocol). Every number reported as a result is on the **test** split: the other 13
+corruptions of the test images (``--split test``, the default).
 
-Then it tests the hypotheses for a weak separation on the first layer (the SPEC layer):
-
-- **H-bg** the dark background dominates ``mean_p cos``: score again, averaging ``cos`` only
-  over foreground pixels (garment pixels of the *clean* image, a diagnostic mask only);
-- **H-content** per-image content (garment area / class) moves ``θ[n]`` more than the domain
-  does: share of the variance of ``θ`` explained by class vs by domain in mixed batches,
-  and the correlation of ``θ`` with the garment area inside single-domain batches;
-- **H-info** the first layer carries no domain information at all: leave-one-out
-  nearest-centroid accuracy of the domain from the per-image statistics ``(μ_i, σ_i)`` of
-  the first layer's input (chance = 1/15).
-
-Deeper layers are scored on the *source* model's activations (eval-mode BN before them), which
-is what DATTA's ``multiple`` blend (mostly source) sees, not exactly what a ``single`` blend sees.
+For each severity x batch size it draws random single-domain batches (all images from one
+domain) and mixed batches (images from every domain of the split), runs the cached source model
+converted to FusedDABN with every layer on the preset's ``multiple`` blend (what the layers
+before the score layer use in DATTA), and scores the input of every layer against that
+layer's source statistics: the SPEC §2 ``pixel`` and ``instance`` scores and the
+``dispersion`` score with each choice of parts (``mean``, ``logstd``, ``both``) and of the
+reduction over features (``mean`` as shipped, or the robust ``median``). It prints the AUROC of
+"low score = single" (50 = chance, 100 = perfect) per layer and score, marks the default score
+layer (:func:`datta_kernels.nn.first_nonlinear_layer`), and on ``--selectors`` compares the
+selectors on a dynamic stream of scores (alternating single / mixed batches).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 
 import torch
 from torch import Tensor, nn
 
-from ..reference import diversity_angles, diversity_angles_instance, instance_stats
-from .corruptions import CORRUPTIONS, corrupt_all
+from ..diversity import KDESelector, ThresholdSelector, calibrate_threshold
+from ..nn import convert_model, dabn_layers, first_nonlinear_layer
+from ..reference import (
+    DISPERSION_PARTS,
+    batch_stats,
+    dispersion_z,
+    diversity_angles,
+    diversity_angles_instance,
+    instance_stats,
+)
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, load_or_train
+from .protocol import TEST, VALIDATION, draw_batches, test_pool, validation_pool
 from .runner import _auroc
-from .streams import build_pool
+from .streams import DomainPool
 
-__all__ = ["angles_masked", "bn_inputs", "draw_batches", "main"]
-
+__all__ = ["auroc_table", "layer_inputs", "main", "score_variants"]
 
 @torch.no_grad()
-def bn_inputs(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
-    """Input of every BatchNorm2d of ``model`` (eval mode) for batch ``x``, by module name."""
-    out: dict[str, Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: out.__setitem__(name, inp[0]))
-             for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+def layer_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Input of every FusedDABN layer of ``model`` for batch ``x``, in ``dabn_layers`` order."""
+    layers = dabn_layers(model)
+    out: list[Tensor | None] = [None] * len(layers)
+    hooks = [lyr.register_forward_pre_hook(lambda mod, inp, i=i: out.__setitem__(i, inp[0]))
+             for i, lyr in enumerate(layers)]
     try:
-        model.eval()(x)
+        model(x)
     finally:
         for h in hooks:
             h.remove()
     return out
 
 
-def angles_masked(x: Tensor, source_mean: Tensor, mask: Tensor) -> Tensor:
-    """Pixel-mode angles with ``mean_p cos`` restricted to ``mask`` ``(N, H, W)`` (bool) pixels."""
-    a = source_mean[None, :, None, None] - x
-    mu_b = x.mean(dim=(0, 2, 3))
-    b = mu_b[None, :, None, None] - x
-    cos = (a * b).sum(1) / (a.norm(dim=1).clamp(min=1e-10) * b.norm(dim=1).clamp(min=1e-10))
-    m = mask.float()
-    return ((cos * m).sum((1, 2)) / m.sum((1, 2)).clamp(min=1)).clamp(-1, 1).arccos()
+def score_variants(x: Tensor, layer) -> dict[str, float]:
+    """Every candidate score of batch ``x`` (the input of ``layer``), by name."""
+    m = x.shape[2] * x.shape[3]
+    mean_i, var_i = instance_stats(x)
+    smean, svar, eps = layer.source_mean, layer.source_var, layer.eps
+    mu_b, _ = batch_stats(mean_i, var_i, m)
+    out = {"pixel": _pop_std(diversity_angles(x, smean, mu_b)),
+           "instance": _pop_std(diversity_angles_instance(mean_i, smean, mu_b))}
+    for parts in ("mean", "logstd", "both"):
+        z = dispersion_z(mean_i, var_i, smean, svar, m, eps, parts)
+        spread = (z - z.mean(0)).square().mean(0).sqrt()
+        out[f"disp:{parts}"] = float(spread.mean())
+        out[f"disp:{parts}/median"] = float(spread.median())
+    return out
 
 
-def draw_batches(domain: Tensor, n_domains: int, bs: int, n: int, g: torch.Generator):
-    """``n`` single-domain batches (cycling through the domains) and ``n`` mixed batches."""
-    singles, mixed = [], []
-    for k in range(n):
-        idx = (domain == k % n_domains).nonzero().flatten()
-        singles.append(idx[torch.randperm(len(idx), generator=g)[:bs]])
-        mixed.append(torch.randperm(len(domain), generator=g)[:bs])
-    return singles, mixed
-
-
-def _std(a: Tensor) -> float:
+def _pop_std(a: Tensor) -> float:
     return float((a - a.mean()).square().mean().sqrt())
 
 
-def _fmt(v: list[float]) -> str:
-    t = torch.tensor(v)
-    return f"{float(t.mean()):.4f}±{float(t.std()):.4f}"
+def batch_scores(model: nn.Module, pool: DomainPool, batches: list[Tensor]) -> list[list[dict]]:
+    """``scores[b][layer]``: every score variant of every layer for each batch."""
+    layers = dabn_layers(model)
+    return [[score_variants(x, lyr) for x, lyr in zip(layer_inputs(model, pool.x[idx]), layers)]
+            for idx in batches]
 
 
-def _auc(single: list[float], mixed: list[float]) -> str:
-    return f"{100 * _auroc(single, mixed):5.1f}"
+def auroc_table(single: list[list[dict]], mixed: list[list[dict]]) -> dict[tuple[int, str], float]:
+    """AUROC (%) of "low score = single" for every (layer index, score name)."""
+    out = {}
+    for li in range(len(single[0])):
+        for name in single[0][li]:
+            s = [b[li][name] for b in single]
+            m = [b[li][name] for b in mixed]
+            out[(li, name)] = 100 * _auroc(s, m)
+    return out
 
 
-def _explained(theta: Tensor, groups: Tensor) -> float:
-    """Share of the variance of ``theta`` explained by the group means (one-way ANOVA R²)."""
-    total = float((theta - theta.mean()).square().sum())
-    between = sum(float((groups == k).sum()) * float(theta[groups == k].mean() - theta.mean()) ** 2
-                  for k in groups.unique())
-    return between / max(total, 1e-30)
+def _selector_check(scores_s: list[float], scores_m: list[float], cal_s: list[float],
+                    cal_m: list[float]) -> dict[str, tuple[float, float, float]]:
+    """Precision / recall of "single" on an alternating stream of the given scores, and the
+    share of "single" answers on a stream of the single-domain scores only, for the KDE rule
+    and for a threshold calibrated on separate batches (``cal_s``, ``cal_m``)."""
+    stream = [v for pair in zip(scores_s, scores_m) for v in pair]
+    truth = [k % 2 == 0 for k in range(len(stream))]
+    out = {}
+    kde = KDESelector()
+    thr = ThresholdSelector(calibrate_threshold(cal_s, cal_m))
+    for name, sel in (("kde", kde), ("threshold", thr)):
+        dec = [sel.update(v) == "single" for v in stream]
+        skip = kde.warmup if name == "kde" else 0
+        pairs = list(zip(dec[skip:], truth[skip:]))
+        tp = sum(d and t for d, t in pairs)
+        fp = sum(d and not t for d, t in pairs)
+        fn = sum(t and not d for d, t in pairs)
+        sel.reset()
+        only = [sel.update(v) == "single" for v in scores_s * 2][skip:]
+        out[name] = (tp / (tp + fp) if tp + fp else math.nan, tp / (tp + fn) if tp + fn else math.nan,
+                     sum(only) / max(1, len(only)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--split", choices=("validation", "test"), default="test")
     p.add_argument("--per-domain", type=int, default=500)
     p.add_argument("--severities", default="3,5")
-    p.add_argument("--batch-sizes", default="16,64,256")
+    p.add_argument("--batch-sizes", default="16,64")
     p.add_argument("--batches", type=int, default=120, help="single and mixed batches each")
+    p.add_argument("--selectors", action="store_true",
+                   help="also compare the KDE rule and a calibrated threshold on a dynamic stream")
+    p.add_argument("--all-variants", action="store_true",
+                   help="print every dispersion variant (default: the shipped one and the SPEC modes)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
     data = load_fashion_mnist()
-    model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
-    g = torch.Generator().manual_seed(args.seed)
-    pick = torch.randperm(len(data.test_y), generator=g)[:args.per_domain]
-    clean, y = data.test_x[pick], data.test_y[pick]
-    bns = {name: m for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    first = next(iter(bns))
-    print(f"BatchNorm layers: {list(bns)}; SPEC layer (first): {first}")
-
+    source, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
+    model = convert_model(copy.deepcopy(source), "datta").eval()
+    for lyr in dabn_layers(model):
+        lyr.set_decision("multiple")
+    names = [n for n, m in model.named_modules() if m in set(dabn_layers(model))]
+    auto = first_nonlinear_layer(model, data.test_x[:2])
+    domains = (", ".join(VALIDATION) + " + clean training images" if args.split == "validation"
+               else ", ".join(TEST))
+    print(f"split: {args.split} ({domains})")
+    print(f"layers: {names}; default dispersion score layer: {names[auto]} (first whose input is "
+          f"not affine in the image); SPEC pixel layer: {names[0]}")
+    shown = None if args.all_variants else ("pixel", "instance", f"disp:{DISPERSION_PARTS}")
     for sev in (int(s) for s in args.severities.split(",")):
-        pool = build_pool(corrupt_all(clean, CORRUPTIONS, sev, args.seed), y)
-        n_img = len(y)
-        fg_all = (clean[:, 0] > 0.1).repeat(len(CORRUPTIONS), 1, 1)     # clean-image garment mask
+        make = validation_pool if args.split == "validation" else test_pool
+        pool = make(data, args.per_domain, sev, args.seed)
         for bs in (int(b) for b in args.batch_sizes.split(",")):
-            singles, mixed = draw_batches(pool.domain, len(pool.names), bs, args.batches, g)
-            rows: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
-            theta_mixed, dom_mixed, cls_mixed = [], [], []
-            area_corr = []
-            per_dom: dict[str, list[float]] = {}
-            shift: tuple[list[float], list[float]] = ([], [])
-            for kind, batches in (("single", singles), ("mixed", mixed)):
-                for idx in batches:
-                    acts = bn_inputs(model, pool.x[idx])
-                    for name, x in acts.items():
-                        mu_s = bns[name].running_mean
-                        mean_i, _ = instance_stats(x)
-                        mu_b = mean_i.mean(0)
-                        th_p = diversity_angles(x, mu_s, mu_b)
-                        th_i = diversity_angles_instance(mean_i, mu_s, mu_b)
-                        for mode, th in (("pixel", th_p), ("instance", th_i)):
-                            rows.setdefault((name, mode), ([], []))[kind == "mixed"].append(_std(th))
-                        if name == first:
-                            spread = float(x.var(dim=(0, 2, 3)).sum().sqrt())
-                            shift[0].append(float((mu_b - mu_s).norm()) / spread)
-                            shift[1].append(_std(th_p))
-                            norm = float((mu_b - mu_s).norm()) or 1e-30
-                            rows.setdefault((name, "pixel/÷|δ|"), ([], []))[kind == "mixed"].append(
-                                _std(th_p) / norm)
-                            dom = pool.names[int(pool.domain[idx[0]])] if kind == "single" else "mixed"
-                            per_dom.setdefault(dom, []).append(_std(th_p))
-                            th_fg = angles_masked(x, mu_s, fg_all[idx])
-                            rows.setdefault((name, "pixel/fg-only"), ([], []))[kind == "mixed"].append(
-                                _std(th_fg))
-                            if kind == "mixed":
-                                theta_mixed.append(th_p)
-                                dom_mixed.append(pool.domain[idx])
-                                cls_mixed.append(pool.y[idx])
-                            else:
-                                area = fg_all[idx].float().mean((1, 2))
-                                c = torch.corrcoef(torch.stack([th_p, area]))[0, 1]
-                                if math.isfinite(float(c)):
-                                    area_corr.append(float(c))
-            print(f"\n== severity {sev}, batch size {bs}: {args.batches} single vs {args.batches} mixed "
-                  "batches; score = std of θ (rad); AUROC of 'low score = single' (%)")
-            print(f"{'layer':<16}{'mode':<15}{'single':>18}{'mixed':>18}{'AUROC':>7}")
-            for (name, mode), (s, m) in rows.items():
-                print(f"{name:<16}{mode:<15}{_fmt(s):>18}{_fmt(m):>18}{_auc(s, m):>7}")
-            th, dom, cls = torch.cat(theta_mixed), torch.cat(dom_mixed), torch.cat(cls_mixed)
-            print(f"first layer, θ in mixed batches (θ computed per batch): variance explained by "
-                  f"domain {_explained(th, dom):.2f}, by class {_explained(th, cls):.2f}; "
-                  f"corr(θ, garment area) inside single batches: mean {sum(area_corr) / len(area_corr):+.2f}")
-            c = float(torch.corrcoef(torch.tensor(shift))[0, 1])
-            print(f"first layer: corr(score, |μ_B − μ_s| / pixel spread) over all batches {c:+.2f}; "
-                  "pixel score by domain (mean over batches):")
-            print("  " + ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in
-                                   sorted(per_dom.items(), key=lambda kv: sum(kv[1]) / len(kv[1]))))
-
-        # H-rank: at a bias-free linear stem, mean vectors are (almost) k_sum x mean intensity
-        acts = bn_inputs(model, pool.x)[first]
-        mean_i, var_i = instance_stats(acts)
-        k = model.conv1.weight.sum(dim=(1, 2, 3))
-        k = k / k.norm()
-        on_k = float((mean_i @ k).square().sum() / mean_i.square().sum())
-        cos_s = float(bns[first].running_mean @ k / bns[first].running_mean.norm())
-        img_mean = pool.x.mean(dim=(1, 2, 3))
-        r = float(torch.corrcoef(torch.stack([mean_i @ k, img_mean]))[0, 1])
-        shifts = {nm: float(img_mean[pool.domain == d].mean() - clean.mean())
-                  for d, nm in enumerate(pool.names)}
-        print(f"\nseverity {sev}: first-layer instance means μ_i lie along the kernel-sum direction "
-              f"k = Σ conv1.weight: {on_k:.1%} of Σ|μ_i|² on k, corr(μ_i·k, image mean) {r:+.3f}, "
-              f"cos(μ_s, k) {cos_s:+.3f}; so μ_B − μ_s ≈ k x (mean-intensity shift). Mean-intensity "
-              "shift per corruption: " + ", ".join(f"{nm} {v:+.3f}" for nm, v in
-                                                   sorted(shifts.items(), key=lambda kv: abs(kv[1]))))
-
-        # H-info: is the domain identifiable from first-layer instance statistics at all?
-        feats = torch.cat([mean_i, var_i.clamp(min=0).sqrt()], 1)
-        feats = (feats - feats.mean(0)) / feats.std(0).clamp(min=1e-8)
-        d = pool.domain
-        cent = torch.stack([feats[d == k].mean(0) for k in range(len(pool.names))])
-        cnt = torch.bincount(d).float()
-        # leave-one-out centroids for each sample's own domain
-        own = (cent[d] * cnt[d, None] - feats) / (cnt[d, None] - 1)
-        dist = torch.cdist(feats, cent)
-        dist[torch.arange(len(d)), d] = (feats - own).norm(dim=1)
-        acc = float((dist.argmin(1) == d).float().mean())
-        print(f"\nseverity {sev}: domain from first-layer (μ_i, σ_i), leave-one-out nearest centroid: "
-              f"{acc:.1%} (chance {1 / len(pool.names):.1%}; {n_img} images x {len(pool.names)} domains)")
+            singles, mixed = draw_batches(pool, bs, args.batches, args.seed * 31 + sev)
+            s_scores, m_scores = batch_scores(model, pool, singles), batch_scores(model, pool, mixed)
+            table = auroc_table(s_scores, m_scores)
+            cols = [c for c in s_scores[0][0] if shown is None or c in shown]
+            print(f"\n== severity {sev}, batch size {bs}: AUROC (%) of 'low score = single', "
+                  f"{args.batches} single vs {args.batches} mixed batches")
+            print(f"{'layer':<22}" + "".join(f"{c:>18}" for c in cols))
+            for li, name in enumerate(names):
+                mark = " *" if li == auto else ""
+                print(f"{name + mark:<22}" + "".join(f"{table[(li, c)]:>18.1f}" for c in cols))
+            if args.selectors:
+                key = f"disp:{DISPERSION_PARTS}"
+                half = args.batches // 2
+                ss = [b[auto][key] for b in s_scores]
+                ms = [b[auto][key] for b in m_scores]
+                res = _selector_check(ss[half:], ms[half:], ss[:half], ms[:half])
+                n_stream = 2 * (args.batches - half)
+                print(f"selectors on {names[auto]} / {key}, alternating stream of {n_stream} "
+                      "batches (threshold calibrated on the other half): " +
+                      ", ".join(f"{k} precision {p:.1%} recall {r:.1%}" for k, (p, r, _) in res.items()) +
+                      "; share 'single' on a single-domain-only stream: " +
+                      ", ".join(f"{k} {o:.1%}" for k, (_, _, o) in res.items()))
+    print("\n* = default score layer of DATTA(score_mode='dispersion')")
     return 0
 
 
