@@ -205,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--backend", default=None, help="kernel backend for every method (default auto)")
     d.add_argument("--score-layer", default=None,
                    help="module name of the BatchNorm where DATTA scores diversity (default: the first)")
-    d.add_argument("--score-mode", default=None, choices=("pixel", "instance"),
-                   help="diversity score mode (default pixel; instance is an approximation)")
+    d.add_argument("--score-mode", default=None, choices=("pixel", "instance", "dispersion"),
+                   help="diversity score mode of the datta/datta_icme/datta_noft/datta_oracle rows "
+                   "(default pixel, the authors'; instance is an approximation; the datta_disp row "
+                   "always uses dispersion)")
     d.add_argument("--seed", type=int, default=None, help="seed of test subset, corruptions and streams")
     d.add_argument("--check-batches", type=int, default=None,
                    help="batches of the reference-backend agreement check (0 skips it)")

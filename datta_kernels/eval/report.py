@@ -61,6 +61,12 @@ def format_tables(doc: dict) -> str:
             lines.append(f"{d['method']:<12}{d['stream']:<16}{d['batch_size']:>4}{d['batches']:>9}"
                          f"{_pct(d['precision']):>11}{_pct(d['recall']):>8}{_pct(d['score_auroc']):>8}"
                          f"  {why_text}")
+    cal = doc.get("calibration") or {}
+    if cal:
+        lines += ["", "datta_disp: dispersion score (first layer whose input is nonlinear in the image), "
+                      "ThresholdSelector calibrated per batch size on validation batches of "
+                      + ", ".join(next(iter(cal.values()))["domains"]) + " (never on test data): "
+                      + ", ".join(f"bs {bs}: {c['threshold']:.4g}" for bs, c in cal.items())]
     lines += _per_corruption(doc, methods, sizes)
     chk = doc.get("backend_check")
     if chk:

@@ -18,31 +18,48 @@ from torch import nn
 
 from .. import DATTA, __version__, backends
 from ..adapt import TBN, BNAdapt, Source, Tent
+from ..diversity import ThresholdSelector
 from . import progress_bar
-from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY, corrupt_all
+from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, evaluate, load_or_train
 from .oracle import OracleSelector
-from .streams import STREAMS, DomainPool, Stream, build_pool, make_stream
+from .protocol import TEST, VALIDATION, calibrate, test_pool, validation_pool
+from .streams import STREAMS, DomainPool, Stream, make_stream
 
 __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
            "run_stream"]
 
-#: Method name -> factory ``(model, backend, lr, score_kw, stream) -> adapter``. Tent and DATTA
-#: share one lr so their entropy steps are comparable; ``score_kw`` (``score_layer``,
-#: ``score_mode``) only concerns DATTA; ``stream`` only the oracle, which reads its true batch
-#: types (``datta_oracle``: DATTA deciding single/multiple from the truth, not from the score).
+#: what the calibration batches are drawn from (recorded in results.json)
+VALIDATION_DOMAINS = ("clean_train", *VALIDATION)
+
+#: Method name -> factory ``(model, backend, lr, kw, stream) -> adapter``. Tent and DATTA
+#: share one lr so their entropy steps are comparable; ``kw`` (``score_layer``, ``score_mode``)
+#: only concerns the DATTA rows with the SPEC score; ``stream`` only the oracle, which reads its
+#: true batch types (``datta_oracle``: DATTA deciding single/multiple from the truth, not from
+#: the score) and ``datta_disp``, which reads the threshold calibrated for its batch size on the
+#: validation domains (``kw["disp_thresholds"]``, see :mod:`.protocol`).
 METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] = {
     "source": lambda m, b, lr, kw, s: Source(m, backend=b),
     "tbn": lambda m, b, lr, kw, s: TBN(m, backend=b),
     "bn_adapt": lambda m, b, lr, kw, s: BNAdapt(m, backend=b),
     "tent": lambda m, b, lr, kw, s: Tent(m, lr=lr, backend=b),
-    "datta": lambda m, b, lr, kw, s: DATTA(m, backend=b, lr=lr, **kw),
-    "datta_icme": lambda m, b, lr, kw, s: DATTA(m, preset="datta_icme", backend=b, lr=lr, **kw),
-    "datta_noft": lambda m, b, lr, kw, s: DATTA(m, daft=False, backend=b, lr=lr, **kw),
+    "datta": lambda m, b, lr, kw, s: DATTA(m, backend=b, lr=lr, **_spec(kw)),
+    "datta_icme": lambda m, b, lr, kw, s: DATTA(m, preset="datta_icme", backend=b, lr=lr, **_spec(kw)),
+    "datta_noft": lambda m, b, lr, kw, s: DATTA(m, daft=False, backend=b, lr=lr, **_spec(kw)),
     "datta_oracle": lambda m, b, lr, kw, s: DATTA(m, selector=OracleSelector(s.kinds), backend=b, lr=lr,
-                                                  **kw),
+                                                  **_spec(kw)),
+    "datta_disp": lambda m, b, lr, kw, s: DATTA(
+        m, score_mode="dispersion", selector=ThresholdSelector(kw["disp_thresholds"][s.batch_size]),
+        backend=b, lr=lr),
 }
+#: Methods that need a calibrated threshold per batch size (computed before the streams run).
+CALIBRATED = ("datta_disp",)
+
+
+def _spec(kw: dict) -> dict:
+    """The DATTA keyword arguments of the rows that use the configured (SPEC) score."""
+    return {k: kw[k] for k in ("score_layer", "score_mode")}
 #: Methods whose decision is not the detector's (left out of the detector table).
 ORACLES = ("datta_oracle",)
 
@@ -53,7 +70,8 @@ class DemoConfig:
 
     data_dir: str | None = None
     per_domain: int = 1000
-    corruptions: tuple[str, ...] = tuple(CORRUPTIONS)
+    #: the test corruptions of the protocol (the validation pair decides, never reports)
+    corruptions: tuple[str, ...] = TEST
     severity: int = DEFAULT_SEVERITY
     streams: tuple[str, ...] = STREAMS
     batch_sizes: tuple[int, ...] = (16, 64)
@@ -63,6 +81,8 @@ class DemoConfig:
     #: where DATTA measures diversity: None = the first BatchNorm (SPEC §2), or a module name.
     score_layer: str | None = None
     score_mode: str = "pixel"
+    #: single and mixed validation batches per batch size that calibrate ``datta_disp``
+    calibration_batches: int = 60
     seed: int = 0
     check_batches: int = 30
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -229,12 +249,10 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
         f"trained in {model_info['train_seconds']:.0f} s"
     log(f"model: SmallResNet {how} ({model_info['path']}); clean test accuracy {clean_acc:.1%}")
 
-    g = torch.Generator().manual_seed(cfg.seed)
     n = min(cfg.per_domain, len(data.test_y))
-    pick = torch.randperm(len(data.test_y), generator=g)[:n]
-    x, y = data.test_x[pick], data.test_y[pick]
     t0 = time.perf_counter()
-    pool = build_pool(corrupt_all(x, cfg.corruptions, cfg.severity, cfg.seed), y)
+    pool = test_pool(data, n, cfg.severity, cfg.seed, tuple(cfg.corruptions))
+    y = pool.y[pool.indices(0)]
     source_acc = {name: evaluate(model, pool.x[pool.indices(d)], y) for d, name in enumerate(pool.names)}
     log(f"corruptions: {len(pool.names)} types x {n} test images, severity {cfg.severity} "
         f"({time.perf_counter() - t0:.1f} s)")
@@ -244,6 +262,17 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     total = sum(len(s) for s in streams) * len(cfg.methods)
     runs: list[RunResult] = []
     score_kw = {"score_layer": cfg.score_layer, "score_mode": cfg.score_mode}
+    calibration = {}
+    if any(m in CALIBRATED for m in cfg.methods):
+        t0 = time.perf_counter()
+        val = validation_pool(data, n, cfg.severity, cfg.seed)
+        calibration = {bs: calibrate(model, val, bs, cfg.calibration_batches, cfg.seed,
+                                     score_mode="dispersion", backend=cfg.backend)
+                       for bs in cfg.batch_sizes}
+        score_kw["disp_thresholds"] = {bs: c["threshold"] for bs, c in calibration.items()}
+        log(f"calibration: datta_disp thresholds {score_kw['disp_thresholds']} from "
+            f"{cfg.calibration_batches} single + {cfg.calibration_batches} mixed batches of "
+            f"{', '.join(val.names)} per batch size ({time.perf_counter() - t0:.1f} s)")
     with progress_bar(total=total, desc="adapt", unit="batch", disable=not cfg.progress) as bar:
         for stream in streams:
             for method in cfg.methods:
@@ -257,7 +286,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     check = None
     if cfg.check_batches > 0:
         dyn = next((s for s in streams if s.name == "dynamic"), streams[0])
-        check = backend_check(model, pool, dyn, cfg.check_batches, cfg.lr, resolved, **score_kw)
+        check = backend_check(model, pool, dyn, cfg.check_batches, cfg.lr, resolved, **_spec(score_kw))
         if resolved == "reference":
             check["note"] = ("auto resolved to the reference backend (compiled kernels unavailable), "
                              "so this compares the reference with itself")
@@ -273,6 +302,9 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
         "source_accuracy_per_corruption": source_acc,
         "results": [r.row() for r in runs],
         "detector": detectors,
+        "calibration": {str(bs): {"threshold": c["threshold"], "domains": list(VALIDATION_DOMAINS),
+                                  "single_scores": c["single"], "mixed_scores": c["mixed"]}
+                        for bs, c in calibration.items()},
         "backend_check": check,
         "_runs": runs,
     }
