@@ -243,7 +243,8 @@ def test_run_demo_document(tiny_doc):
         assert {"method", "stream", "batch_size", "accuracy", "ms_per_batch"} <= set(r)
         assert 0 <= r["accuracy"] <= 1 and r["ms_per_batch"] > 0 and r["samples"] == 72
     assert set(rows[0]["per_corruption"]) == {"gaussian_noise", "fog", "contrast"}
-    assert {d["method"] for d in tiny_doc["detector"]} == {"datta", "datta_icme", "datta_noft"}
+    assert {d["method"] for d in tiny_doc["detector"]} == {"datta", "datta_icme", "datta_noft", "datta_disp"}
+    assert set(tiny_doc["calibration"]) == {"8"} and tiny_doc["calibration"]["8"]["single_scores"]
     # the oracle decides "single" exactly on the single-domain batches, from the first batch on
     kinds = {r.stream: r.kinds for r in tiny_doc["_runs"]}
     for r in rows:
