@@ -60,8 +60,10 @@ def test_dabn_with_stats_equals_dabn(backend, dtype, shape_name, blend_name):
     expect = ref.dabn(inp.x, inp.weight, inp.bias, inp.source_mean, inp.source_var,
                       torch.tensor(w, dtype=torch.float64), k, 1e-5)
     torch.testing.assert_close(y, expect, **tol(dtype, 4))
-    # bitwise the backend's own unfused forward (same statistics, same normalize pass)
-    torch.testing.assert_close(y, dk.dabn(*args, shrink_k=k, backend=backend), atol=0, rtol=0)
+    # the backend's own unfused forward: bitwise where both derive the batch statistics from
+    # the instance statistics alike; Triton's forward merges them from its partials instead
+    same = dict(atol=0, rtol=0) if backend != "triton" else tol(dtype, 0.1)
+    torch.testing.assert_close(y, dk.dabn(*args, shrink_k=k, backend=backend), **same)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

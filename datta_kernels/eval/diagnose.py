@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default="16,64")
     p.add_argument("--batches", type=int, default=120, help="single and mixed batches each")
     p.add_argument("--selectors", action="store_true",
-                   help="also compare the KDE rule and a calibrated threshold on a dynamic stream")
+                   help="validation split: also compare the KDE rule and a threshold calibrated on "
+                   "other validation batches, on alternating and on single-domain-only streams")
     p.add_argument("--all-variants", action="store_true",
                    help="print every dispersion variant (default: the shipped one and the SPEC modes)")
     p.add_argument("--seed", type=int, default=0)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             for li, name in enumerate(names):
                 mark = " *" if li == auto else ""
                 print(f"{name + mark:<22}" + "".join(f"{table[(li, c)]:>18.1f}" for c in cols))
-            if args.selectors:
+            if args.selectors and args.split == "validation":
                 key = f"disp:{DISPERSION_PARTS}"
                 half = args.batches // 2
                 ss = [b[auto][key] for b in s_scores]

@@ -1,0 +1,113 @@
+"""Forward time of the score layer divided by a plain ``FusedDABN`` forward on the same input.
+
+    pytest bench/bench_score_layer.py --benchmark-enable      # pytest-benchmark
+    python bench/bench_score_layer.py --table                 # -> bench/results/cpu_score_layer.*
+
+The score layer computes its instance statistics once and both scores and normalises from them
+(``FusedDABN(compute_score=True)``).  Bytes it must move (B = x.nbytes): ``dispersion`` and
+``instance`` 2 reads + 1 write of x, like a plain layer with batch statistics; ``pixel`` one
+more read (the angles need the batch mean first).  ``unfused`` is the path before this
+change, for context: ``diversity_score`` (statistics + angles) and then ``dabn`` (statistics
+again + normalize), 4 reads + 1 write.  Two blends: ``single`` (0.6, 0.4, 0) needs batch
+statistics, so the plain layer reads x twice too; ``multiple`` (0.85, 0, 0.15) has none, and
+the plain ``cpu`` layer then normalises each plane while it is in cache (x read once from
+memory) — the score layer cannot, since its decision needs every plane's statistics first.
+Goal (issue): ratio <= 1.05 with dispersion, <= 1.4 with pixel.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import pytest
+import torch
+
+import datta_kernels as dk
+from datta_kernels.testing import make_inputs
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import describe_machine, save_results, time_interleaved  # noqa: E402
+
+#: SmallResNet's score layer at bs 64; ResNet-50's layer1 / layer2 inputs at bs 32
+SHAPES = [(64, 16, 28, 28), (32, 64, 56, 56), (32, 128, 28, 28)]
+BLENDS = {"single": "single", "multiple": "multiple"}
+CONTESTANTS = ("plain", "dispersion", "instance", "pixel", "unfused_pixel")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def make_case(shape, contestant: str, decision: str, backend: str = "auto"):
+    """A zero-argument callable: one no-grad forward of the layer configured as ``contestant``."""
+    inp = make_inputs(shape)
+    layer = dk.FusedDABN(shape[1], backend=backend)
+    layer.set_source_stats(inp.source_mean, inp.source_var)
+    layer.set_decision(decision)
+    x = inp.x
+    if contestant in ("dispersion", "instance", "pixel"):
+        layer.compute_score, layer.score_mode = True, contestant
+    if contestant == "unfused_pixel":
+        def run():
+            with torch.no_grad():
+                dk.diversity_score(x, layer.source_mean, mode="pixel", backend=backend)
+                return layer(x)
+        return run
+
+    def run():
+        with torch.no_grad():
+            return layer(x)
+    return run
+
+
+def _id(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:1], ids=_id)
+@pytest.mark.parametrize("contestant", CONTESTANTS)
+def test_score_layer_forward(benchmark, shape, contestant):
+    fn = make_case(shape, contestant, "single")
+    benchmark.extra_info["bytes_x"] = torch.empty(shape).nbytes
+    benchmark(fn)
+
+
+def table(reps: int) -> dict:
+    rows = []
+    for shape in SHAPES:
+        for decision in BLENDS:
+            runs = {c: make_case(shape, c, decision) for c in CONTESTANTS}
+            t = time_interleaved(runs, reps)
+            rows.append({"shape": list(shape), "decision": decision,
+                         "ms": {c: 1e3 * v for c, v in t.items()},
+                         "ratio": {c: t[c] / t["plain"] for c in CONTESTANTS}})
+            print(rows[-1], flush=True)
+    return {"machine": describe_machine(), "reps": reps, "rows": rows}
+
+
+def write_markdown(res: dict, path: str) -> None:
+    m = res["machine"]
+    lines = ["# Score layer forward / plain FusedDABN forward (CPU)", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} "
+             f"threads), load average {m['loadavg_1min']:.1f} at the start; median of {res['reps']} "
+             "interleaved reps, no grad, float32 NCHW, backend auto. Goal: dispersion <= 1.05, "
+             "pixel <= 1.4.", "",
+             "| shape | decision | plain ms | dispersion | instance | pixel | unfused pixel |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        q = r["ratio"]
+        lines.append(f"| {_id(r['shape'])} | {r['decision']} | {r['ms']['plain']:.2f} | "
+                     f"{q['dispersion']:.2f} | {q['instance']:.2f} | {q['pixel']:.2f} | "
+                     f"{q['unfused_pixel']:.2f} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--table", action="store_true", help="write bench/results/cpu_score_layer.*")
+    ap.add_argument("--reps", type=int, default=31)
+    args = ap.parse_args()
+    res = table(args.reps)
+    if args.table:
+        save_results(res, os.path.join(RESULTS, "cpu_score_layer"), write_markdown)
+    else:
+        write_markdown(res, "/dev/stdout")
