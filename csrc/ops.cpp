@@ -98,6 +98,9 @@ TORCH_LIBRARY(datta, m) {
       "Tensor source_var, Tensor blend, float? shrink_k, float eps) -> (Tensor y, Tensor mean, "
       "Tensor var)");
   m.def(
+      "_dispersion_score(Tensor mean, Tensor var, Tensor source_mean, Tensor source_var, int m, "
+      "float eps, str parts, str stat) -> (Tensor score, Tensor per_sample)");
+  m.def(
       "_dabn_normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
       "Tensor source_var, Tensor blend, float? shrink_k, float eps, Tensor mean, Tensor var) -> "
       "Tensor");

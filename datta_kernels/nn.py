@@ -175,7 +175,7 @@ class FusedDABN(nn.BatchNorm2d):
         _check_x(x)
         check_score_args(x, self.source_mean, self.source_var, self.score_mode, "std")
         name = _backend_for(x, self.backend)
-        mean_i, var_i = ops.instance_stats(x.detach(), name)
+        mean_i, var_i = ops.stats(x.detach(), name)
         self.last_score, self.last_per_sample = score_from_stats(
             x, mean_i, var_i, self.source_mean, self.source_var, mode=self.score_mode,
             eps=self.eps, backend=name)

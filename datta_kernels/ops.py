@@ -24,7 +24,7 @@ from torch import Tensor
 from . import _ext, backends
 from .reference import acc_dtype
 
-__all__ = ["instance_stats", "diversity_angles", "dabn_forward", "dabn_normalize", "dabn_backward",
+__all__ = ["instance_stats", "stats", "diversity_angles", "dabn_forward", "dabn_normalize", "dabn_backward",
            "dabn", "as_kernel_layout", "is_channels_last"]
 
 
@@ -59,6 +59,14 @@ def instance_stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
 @instance_stats.register_fake
 def _(x, backend):
     return _stats_like(x), _stats_like(x)
+
+
+def stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """:func:`instance_stats`, calling the backend directly on a plain eager call (no graph
+    recorded: the statistics carry no gradient), like :func:`dabn`."""
+    if _is_plain_eager_call(x):
+        return _impl(backend).instance_stats(as_kernel_layout(x))
+    return instance_stats(x, backend)
 
 
 # ---------------------------------------------------------------- diversity angles
@@ -223,6 +231,10 @@ def _register_kernel_fakes() -> None:
         lambda x, sm, bm: x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype)))
     torch.library.register_fake("datta::_dabn_forward")(_fake_dabn_forward)
     torch.library.register_fake("datta::_dabn_normalize")(_fake_dabn_normalize)
+    torch.library.register_fake("datta::_dispersion_score")(
+        lambda mean, var, sm, sv, m, eps, parts, stat: (mean.new_empty((), dtype=torch.float32),
+                                                        mean.new_empty((mean.shape[0],),
+                                                                       dtype=torch.float32)))
     torch.library.register_fake("datta::_dabn_backward")(_fake_dabn_backward)
 
 

@@ -312,3 +312,20 @@ def test_calibrate_threshold():
     assert calibrate_threshold([0.1, float("nan")], [0.2]) == pytest.approx(0.15)
     with pytest.raises(ValueError, match="finite"):
         calibrate_threshold([float("nan")], [0.1])
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="needs the compiled extension")
+@pytest.mark.parametrize("parts", ["mean", "logstd", "both"])
+@pytest.mark.parametrize("stat", ["std", "var"])
+@pytest.mark.parametrize("m", [1, 20])
+def test_cpu_dispersion_kernel_matches_reference(parts, stat, m):
+    g = torch.Generator().manual_seed(2)
+    mean, var = torch.randn(7, 5, generator=g), torch.rand(7, 5, generator=g)
+    sm, sv = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.1
+    got = torch.ops.datta._dispersion_score(mean, var, sm, sv, m, 1e-5, parts, stat)
+    want = ref.dispersion_score(mean, var, sm, sv, m, 1e-5, parts, stat)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    torch.library.opcheck(torch.ops.datta._dispersion_score, (mean, var, sm, sv, m, 1e-5, parts, stat))
+    with pytest.raises(RuntimeError, match="parts must be"):
+        torch.ops.datta._dispersion_score(mean, var, sm, sv, m, 1e-5, "nosuch", stat)
