@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from datta_kernels.cli import main
-from datta_kernels.eval.benchmarks import BenchmarkDataError, decode_image, load_cifar_c, load_imagenet_c
+from datta_kernels.eval.benchmarks import (
+    BenchmarkDataError,
+    decode_image,
+    load_cifar_c,
+    load_imagenet_c,
+    write_synthetic_cifar_c,
+)
 from datta_kernels.eval.protocols import GRADUAL_LEVELS, PROTOCOLS, build_stream
 from datta_kernels.eval.zoo import (
     CheckpointError,
@@ -78,6 +84,9 @@ def test_cifar_c_index_and_pixels(tmp_path):
     # Labels of one severity's length are accepted too.
     write_cifar_c(tmp_path / "short", labels_len=N)
     assert load_cifar_c(tmp_path / "short", CORR, (5,), 5).dataset[[0]][1].item() == labels[0]
+    # The synthetic writer (CI smoke run, loader timing) writes the same layout.
+    syn = load_cifar_c(write_synthetic_cifar_c(tmp_path / "syn", CORR, n=3), CORR, (1, 5), 5)
+    assert len(syn.dataset) == 12 and syn.dataset[[11]][0].shape == (1, 3, 32, 32)
 
 
 @pytest.mark.parametrize("case", ["missing", "shape", "not5", "dtype", "labels_len", "no_labels", "lengths",
@@ -377,7 +386,8 @@ def test_run_rejects_bad_arguments_before_loading(tmp_path, capsys):
         "unknown method": ok + ["--methods", "tent,nope"],
         "--num-ex must be": ok + ["--num-ex", "0"],
         "need 3 values": ok + ["--mean", "0.5", "--std", "0.5"],
-        "--dirichlet must be": ok + ["--dirichlet", "0"],
+        "--dirichlet must be": ok + ["--dirichlet", "0", "--streams", "correlated"],
+        "add correlated": ok + ["--dirichlet", "0.5"],
         "--backend nope": ok + ["--backend", "nope"],
     }
     for expect, args in cases.items():

@@ -106,6 +106,8 @@ class RunConfig:
             raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
         if self.dirichlet is not None and not self.dirichlet > 0:
             raise ValueError(f"--dirichlet must be > 0, got {self.dirichlet}")
+        if self.dirichlet is not None and "correlated" not in self.streams:
+            raise ValueError("--dirichlet shapes the correlated stream; add correlated to --streams")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.workers is not None and self.workers < 0:
@@ -197,6 +199,9 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
     log(f"data: {cfg.dataset} from {bench.root}: {len(cfg.corruptions)} corruptions x {per} images at "
         f"severity {cfg.severity}" + (" (+ severities 1-4 for gradual)" if len(severities) > 1 else "")
         + f", {bench.num_classes} classes; loader workers {workers}")
+    if cfg.dataset == "imagenet-c" and bench.num_classes != 1000:
+        log(f"note: {bench.num_classes} class folders, not ImageNet's 1000: a label is the position of its "
+            "wnid among these folders, which matches an ImageNet classifier's outputs only with all 1000")
     if cfg.random_init:
         warnings.warn(RANDOM_INIT_WARNING, stacklevel=2)
     norm = (tuple(cfg.mean), tuple(cfg.std)) if cfg.mean is not None else default_normalization(cfg.model)
