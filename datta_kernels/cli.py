@@ -259,7 +259,8 @@ def _add_run_parser(sub) -> None:
     r.add_argument("--backend", default=None, help="kernel backend (default auto)")
     r.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     r.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers (default: min(8, CPUs) on CUDA, 1 on CPU)")
+                   help="DataLoader workers (default: ImageNet-C min(8, CPUs) on CUDA, 1 on CPU; "
+                   "CIFAR-C 2 on CUDA, 0 on CPU)")
     r.add_argument("--seed", type=int, default=None, help="seed of the streams (default 0)")
     r.add_argument("--out", default="datta-out", help="output directory (default ./datta-out)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
