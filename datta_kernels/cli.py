@@ -198,7 +198,14 @@ def cmd_run(args) -> int:
             "std", "corruptions", "severity", "num_ex", "subset", "streams", "batch_sizes", "methods",
             "dirichlet", "lr", "backend", "device", "workers", "seed")
     cfg = RunConfig(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+    if (args.subset is not None or args.all_images) and args.dataset != "imagenet-c":
+        print("error: --subset / --all-images apply to --dataset imagenet-c only (CIFAR: --num-ex)",
+              file=sys.stderr)
+        return 2
     if args.all_images:
+        if args.subset is not None:
+            print("error: --subset and --all-images exclude each other", file=sys.stderr)
+            return 2
         cfg.subset = None
     cfg.progress = not args.no_progress
     try:

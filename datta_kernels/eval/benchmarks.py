@@ -106,11 +106,6 @@ class BenchmarkDataset(torch.utils.data.Dataset):
         d = np.searchsorted(self.offsets, idx, side="right") - 1
         return d, idx - self.offsets[d]
 
-    def labels(self, indices) -> Tensor:
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        d, local = self._locate(idx)
-        return torch.tensor([int(self.domains[a].labels[b]) for a, b in zip(d, local)], dtype=torch.int64)
-
     def __getitem__(self, indices) -> tuple[Tensor, Tensor]:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         d, local = self._locate(idx)

@@ -136,11 +136,12 @@ def extract_state_dict(obj, path: str | os.PathLike = "checkpoint") -> dict[str,
     """The tensors of a zoo checkpoint: unwrap ``state_dict`` / ``model`` (repeatedly), drop a
     ``module.`` prefix shared by every key."""
     for _ in range(3):
-        if isinstance(obj, dict) and not any(isinstance(v, Tensor) for v in obj.values()):
-            inner = next((obj[k] for k in ("state_dict", "model") if k in obj), None)
-            if inner is None:
-                break
-            obj = inner
+        if not isinstance(obj, dict):
+            break
+        inner = next((obj[k] for k in ("state_dict", "model") if k in obj), None)
+        if not isinstance(inner, (dict, nn.Module)):
+            break
+        obj = inner
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
