@@ -232,7 +232,7 @@ def test_wrn_block_is_pre_activation():
     from torch.nn.functional import relu
 
     torch.manual_seed(0)
-    net = WideResNet(10, 2).eval()
+    net = WideResNet(16, 2).eval()
     for blk in (net.block2.layer[0], net.block2.layer[1]):
         for bn in (blk.bn1, blk.bn2):
             bn.running_mean.uniform_(-0.5, 0.5)
