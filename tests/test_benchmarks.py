@@ -431,3 +431,14 @@ def test_run_reports_data_and_checkpoint_errors_in_one_line(tmp_path, capsys, fa
     err = _bad(tmp_path, capsys, "--dataset", "imagenet-c", "--data-dir", str(data), "--model",
                "torchvision:resnet50", "--checkpoint", str(tmp_path / "bad.pt"), "--corruptions", "fog")
     assert "missing keys: bn1.weight" in err and str(tmp_path / "bad.pt") in err
+
+
+def test_run_imagenet_c_without_pillow(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "PIL" else real(name, *a))
+    err = _bad(tmp_path, capsys, "--dataset", "imagenet-c", "--data-dir", str(tmp_path), "--model",
+               "resnet26", "--random-init")
+    assert "pip install pillow" in err

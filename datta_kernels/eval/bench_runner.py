@@ -9,6 +9,7 @@ writes ``results.json`` / ``results.csv`` / ``summary.txt`` / ``datta_demo.png``
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import platform
 import sys
@@ -67,6 +68,9 @@ class RunConfig:
         """Raise ValueError (one line) on any bad argument; touches no data and builds no model."""
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose from {list(DATASETS)}")
+        if self.dataset == "imagenet-c" and importlib.util.find_spec("PIL") is None:
+            raise ValueError("imagenet-c decodes JPEGs with Pillow, which is not installed: "
+                             "pip install pillow")
         if not Path(self.data_dir).is_dir():
             raise ValueError(f"--data-dir {self.data_dir}: not a directory")
         builtin = self.model in BUILTIN or self.model.startswith("torchvision:")

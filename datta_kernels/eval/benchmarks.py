@@ -132,7 +132,7 @@ class BenchmarkDataset(torch.utils.data.Dataset):
 
 def decode_image(path: Path, resize: int = 256, crop: int = 224) -> Tensor:
     """PIL decode -> RGB -> shorter side ``resize`` (bilinear) -> center ``crop``: uint8 (3, crop, crop)."""
-    from PIL import Image
+    from PIL import Image  # checked by RunConfig.validate; a dependency of matplotlib ([demo])
 
     try:
         with Image.open(path) as im:
