@@ -343,7 +343,7 @@ def test_run_cifar10c_each_model_kind(tmp_path, capsys, model):
                         "--methods", ",".join(methods))
     assert rc == 0, cap.err
     assert "Top-1 accuracy (%) on CIFAR-10-C" in cap.out and "Per-corruption accuracy" in cap.out
-    assert "device cpu" in cap.out
+    assert "device cpu" in cap.out and "s waiting for data" in cap.out
     doc = json.loads((out / "results.json").read_text())
     assert {(r["method"], r["stream"]) for r in doc["results"]} == {
         (m, s) for m in methods for s in ("continual", "mixed_domains")}
@@ -351,6 +351,7 @@ def test_run_cifar10c_each_model_kind(tmp_path, capsys, model):
     assert cont["samples"] == 2 * N and set(cont["per_corruption"]) == set(CORR)
     assert doc["source_accuracy_per_corruption"] == cont["per_corruption"]
     assert doc["meta"]["device"] == "cpu" and doc["model"]["name"] == margs[1]
+    assert doc["meta"]["seconds_in_methods"] > 0 and doc["meta"]["seconds_waiting_for_data"] > 0
     assert (out / "results.csv").is_file() and (out / "datta_demo.png").read_bytes()[:4] == b"\x89PNG"
 
 

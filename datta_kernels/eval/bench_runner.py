@@ -161,16 +161,25 @@ def _bar(total: int, enabled: bool):
     return None
 
 
-def _run_stream(model, stream, dataset, methods, cfg: RunConfig, device: str, workers: int, bar) -> list:
-    """All ``methods`` on ``stream`` in lockstep; one pass of the loader."""
+def _run_stream(model, stream, dataset, methods, cfg: RunConfig, device: str, workers: int, bar,
+                timing: dict) -> list:
+    """All ``methods`` on ``stream`` in lockstep; one pass of the loader. Adds to ``timing`` the
+    seconds spent waiting for batches (``data``) and in the methods (``methods``)."""
     score_kw = {"score_layer": None, "score_mode": "pixel"}
     adapters = {m: METHODS[m](copy.deepcopy(model), cfg.backend, cfg.lr, score_kw, stream) for m in methods}
     runs = {m: RunResult(m, stream.name, stream.batch_size, [], [], [], [], [], stream.kinds, stream.domains,
                          getattr(getattr(a, "selector", None), "warmup", 0)) for m, a in adapters.items()}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for xb, yb in _loader(dataset, stream, device, workers):
+    batches = iter(_loader(dataset, stream, device, workers))
+    while True:
+        t_wait = time.perf_counter()
+        try:
+            xb, yb = next(batches)
+        except StopIteration:
+            break
         x = xb.to(device, non_blocking=True).float().div_(255)
         y = yb.to(device, non_blocking=True)
+        timing["data"] += time.perf_counter() - t_wait
         for m, adapter in adapters.items():
             res = runs[m]
             sync()
@@ -178,6 +187,7 @@ def _run_stream(model, stream, dataset, methods, cfg: RunConfig, device: str, wo
             logits = adapter(x)
             sync()
             res.ms.append((time.perf_counter() - t0) * 1e3)
+            timing["methods"] += res.ms[-1] / 1e3
             res.correct.append(int((logits.argmax(1) == y).sum()))
             res.sizes.append(len(y))
             res.scores.append(getattr(adapter, "last_score", None))
@@ -231,14 +241,21 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
                for bs in cfg.batch_sizes for s in cfg.streams]
     bar = _bar(sum(len(s) for s in streams), cfg.progress)
     runs: list[RunResult] = []
+    timing = {"data": 0.0, "methods": 0.0}
     try:
         for stream in streams:
             if bar is not None:
                 bar.set_postfix_str(f"{stream.name} / bs{stream.batch_size}", refresh=False)
-            runs += _run_stream(model, stream, bench.dataset, cfg.methods, cfg, device, workers, bar)
+            runs += _run_stream(model, stream, bench.dataset, cfg.methods, cfg, device, workers, bar, timing)
     finally:
         if bar is not None:
             bar.close()
+    images = sum(s.num_samples for s in streams)
+    data_rate = images / max(timing["data"], 1e-9)
+    method_rate = images * len(cfg.methods) / max(timing["methods"], 1e-9)
+    log(f"time: {timing['data']:.1f} s waiting for data ({data_rate:,.0f} images/s), "
+        f"{timing['methods']:.1f} s in the {len(cfg.methods)} methods ({method_rate:,.0f} images/s "
+        "through one method)")
 
     rows = [_row(r) for r in runs]
     cont = [r for r in rows if r["stream"] == "continual" and r["method"] == "source"]
@@ -251,6 +268,7 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
         "meta": {"command": command, "machine": _machine(device), "dataset": TITLES[cfg.dataset],
                  "device": device, "backend": resolved, "backend_requested": cfg.backend,
                  "seeds": {"streams": cfg.seed}, "config": config, "loader_workers": workers,
+                 "seconds_waiting_for_data": timing["data"], "seconds_in_methods": timing["methods"],
                  "wall_seconds": time.perf_counter() - t_start},
         "model": {**model_info, "clean_test_accuracy": None},
         "data": {"root": str(bench.root), "per_domain": bench.per_domain, **bench.info},
