@@ -1,5 +1,6 @@
-"""``datta-kernels``: ``info`` (what can run here), ``bench`` (kernel timings) and ``demo``
-(DATTA and the baselines on corrupted Fashion-MNIST streams, fully offline).
+"""``datta-kernels``: ``info`` (what can run here), ``bench`` (kernel timings), ``demo``
+(DATTA and the baselines on corrupted Fashion-MNIST streams, fully offline) and ``run`` (the
+same on CIFAR-10-C / CIFAR-100-C / ImageNet-C files with a real model).
 
 Run ``datta-kernels <command> --help`` for the options of each command.
 """
@@ -171,6 +172,107 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --- run (published benchmarks) -----------------------------------------------------------
+
+def _error_line(e: BaseException) -> str:
+    """One line for an error that may come back from a DataLoader worker with its traceback."""
+    lines = [x for x in str(e).strip().splitlines() if x.strip()] or [type(e).__name__]
+    last = lines[-1]
+    for prefix in ("BenchmarkDataError: ", "CheckpointError: "):
+        if prefix in last:
+            last = last.split(prefix, 1)[1]
+    return last
+
+
+def cmd_run(args) -> int:
+    from .eval.bench_runner import RunConfig, run_benchmark
+    from .eval.benchmarks import BenchmarkDataError
+    from .eval.report import format_tables, write_outputs
+    from .eval.zoo import CheckpointError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("error: run writes a figure and needs matplotlib: pip install 'datta_kernels[demo]'",
+              file=sys.stderr)
+        return 2
+    keys = ("dataset", "data_dir", "model", "checkpoint", "random_init", "trust_checkpoint", "width", "mean",
+            "std", "corruptions", "severity", "num_ex", "subset", "streams", "batch_sizes", "methods",
+            "dirichlet", "lr", "backend", "device", "workers", "seed")
+    cfg = RunConfig(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+    if (args.subset is not None or args.all_images) and args.dataset != "imagenet-c":
+        print("error: --subset / --all-images apply to --dataset imagenet-c only (CIFAR: --num-ex)",
+              file=sys.stderr)
+        return 2
+    if args.all_images:
+        if args.subset is not None:
+            print("error: --subset and --all-images exclude each other", file=sys.stderr)
+            return 2
+        cfg.subset = None
+    cfg.progress = not args.no_progress
+    try:
+        cfg.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    command = "datta-kernels " + " ".join(shlex.quote(a) for a in args.argv)
+    t0 = time.perf_counter()
+    try:
+        doc = run_benchmark(cfg, command=command)
+    except (BenchmarkDataError, CheckpointError) as e:
+        print(f"error: {_error_line(e)}", file=sys.stderr)
+        return 2
+    paths = write_outputs(doc, args.out)
+    print()
+    print(format_tables(doc))
+    print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['summary']} and {paths['figure']} "
+          f"({time.perf_counter() - t0:.0f} s, device {doc['meta']['device']})")
+    return 0
+
+
+def _add_run_parser(sub) -> None:
+    r = sub.add_parser("run", help="DATTA vs baselines on CIFAR-10-C / CIFAR-100-C / ImageNet-C, real models",
+                       description="Run every method on the published corruption benchmarks, read from "
+                       "local files in their published layouts (nothing is downloaded). Streams: continual, "
+                       "mixed_domains, correlated, dynamic, dynamic_random, gradual (README: 'Running on "
+                       "the published benchmarks').")
+    r.add_argument("--dataset", required=True, help="cifar10-c, cifar100-c or imagenet-c")
+    r.add_argument("--data-dir", required=True, help="CIFAR: folder of <corruption>.npy + labels.npy; "
+                   "ImageNet-C: folder of <corruption>/<severity>/<wnid>/*.JPEG")
+    r.add_argument("--model", required=True, help="wrn28-10, resnet26, torchvision:<name>, or a file "
+                   "written by torch.save(model)")
+    r.add_argument("--checkpoint", default=None, help="weights for --model (a state dict, or one under "
+                   "'state_dict'/'model', 'module.' prefix allowed)")
+    r.add_argument("--random-init", action="store_true", help="no checkpoint: random weights (accuracies "
+                   "mean nothing; for checking the pipeline)")
+    r.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints holding pickled Python objects (only for files you trust)")
+    r.add_argument("--width", type=int, default=None,
+                   help="widen factor of wrn28-10 (default 10) / base width of resnet26 (default 16)")
+    r.add_argument("--mean", type=_csv(float), default=None, help="input mean per channel, e.g. "
+                   "0.485,0.456,0.406 (default: ImageNet's for torchvision:*, none otherwise)")
+    r.add_argument("--std", type=_csv(float), default=None, help="input std per channel (with --mean)")
+    r.add_argument("--corruptions", type=_csv(), default=None, help="comma-separated (default: the 15)")
+    r.add_argument("--severity", type=int, default=None, help="1..5 (default 5)")
+    r.add_argument("--num-ex", type=int, default=None, help="images per corruption (default: all)")
+    r.add_argument("--subset", type=int, default=None,
+                   help="ImageNet-C: the fixed seeded subset size (default 5000)")
+    r.add_argument("--all-images", action="store_true", help="ImageNet-C: all 50000 images, no subset")
+    r.add_argument("--streams", type=_csv(), default=None, help="comma-separated (default continual)")
+    r.add_argument("--batch-size", "--batch-sizes", dest="batch_sizes", type=_csv(int), default=None,
+                   help="e.g. 64 or 16,64 (default 64)")
+    r.add_argument("--methods", type=_csv(), default=None, help="default source,tbn,tent,datta")
+    r.add_argument("--dirichlet", type=float, default=None,
+                   help="correlated stream: Dirichlet concentration (default: label-sorted)")
+    r.add_argument("--lr", type=float, default=None, help="entropy-step lr of tent and datta (default 1e-3)")
+    r.add_argument("--backend", default=None, help="kernel backend (default auto)")
+    r.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    r.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default: ImageNet-C min(8, CPUs) on CUDA, 1 on CPU; "
+                   "CIFAR-C 2 on CUDA, 0 on CPU)")
+    r.add_argument("--seed", type=int, default=None, help="seed of the streams (default 0)")
+    r.add_argument("--out", default="datta-out", help="output directory (default ./datta-out)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="datta-kernels", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None, help="training epochs (default 2)")
     d.add_argument("--width", type=int, default=None, help="ResNet base width (default 16)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_run_parser(sub)
     return p
 
 
@@ -225,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return {"info": cmd_info, "bench": cmd_bench, "demo": cmd_demo}[args.command](args)
+    return {"info": cmd_info, "bench": cmd_bench, "demo": cmd_demo, "run": cmd_run}[args.command](args)
 
 
 if __name__ == "__main__":

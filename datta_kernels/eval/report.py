@@ -16,7 +16,8 @@ __all__ = ["CSV_FIELDS", "format_tables", "plot", "write_outputs"]
 
 CSV_FIELDS = ("method", "stream", "batch_size", "accuracy", "ms_per_batch", "batches", "samples",
               "single_fraction")
-_SHORT = {"single_noniid": "noniid", "dynamic_random": "dyn_rand"}
+_SHORT = {"single_noniid": "noniid", "dynamic_random": "dyn_rand", "continual": "contin",
+          "mixed_domains": "mix_dom", "correlated": "correl"}
 _KIND_COLOURS = {"single": "tab:blue", "mixed": "tab:orange"}
 
 
@@ -37,9 +38,11 @@ def format_tables(doc: dict) -> str:
     streams = _ordered(r["stream"] for r in rows)
     sizes = _ordered(r["batch_size"] for r in rows)
     by = {(r["method"], r["stream"], r["batch_size"]): r for r in rows}
-    lines = [f"Top-1 accuracy (%) on Fashion-MNIST-C: {len(cfg['corruptions'])} corruptions x "
-             f"{cfg['per_domain']} test images, severity {cfg['severity']}; clean "
-             f"{_pct(doc['model']['clean_test_accuracy']).strip()}%; backend {meta['backend']}"]
+    clean = doc["model"].get("clean_test_accuracy")
+    lines = [f"Top-1 accuracy (%) on {meta.get('dataset', 'Fashion-MNIST-C')}: {len(cfg['corruptions'])} "
+             f"corruptions x {cfg['per_domain']} test images, severity {cfg['severity']}; "
+             + (f"clean {_pct(clean).strip()}%; " if clean is not None else "")
+             + f"backend {meta['backend']}"]
     head = (f"{'method':<12}{'bs':>4}" + "".join(f"{_SHORT.get(s, s):>9}" for s in streams)
             + f"{'ms/batch':>10}")
     lines += [head, "-" * len(head)]
@@ -84,7 +87,7 @@ def _per_corruption(doc: dict, methods: list[str], sizes: list) -> list[str]:
     """Per-corruption accuracy on the single-domain stream (largest batch size)."""
     bs = max(sizes)
     per = {r["method"]: r["per_corruption"] for r in doc["results"]
-           if r["stream"] == "single" and r["batch_size"] == bs}
+           if r["stream"] in ("single", "continual") and r["batch_size"] == bs}
     src = doc["source_accuracy_per_corruption"]
     cols = [m for m in methods if m in per]
     lines = ["", f"Per-corruption accuracy (%), single-domain stream, bs {bs} "
@@ -142,11 +145,14 @@ def plot(doc: dict, path: Path) -> Path | None:
     ax.set_xticks(range(len(streams)), [_SHORT.get(s, s) for s in streams])
     lo = min(100 * v for v in by.values())
     ax.set_ylim(max(0, lo - 10), 100)
-    ax.axhline(100 * doc["model"]["clean_test_accuracy"], color="0.3", ls="--", lw=1, label="clean (source)")
+    clean = doc["model"].get("clean_test_accuracy")
+    if clean is not None:
+        ax.axhline(100 * clean, color="0.3", ls="--", lw=1, label="clean (source)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"Accuracy by method and stream (bs {bs})")
     ax.legend(fontsize=8, ncol=2, loc="upper right", framealpha=0.9)
-    fig.suptitle(f"DATTA on Fashion-MNIST-C ({doc['meta']['backend']} backend)", fontsize=11)
+    fig.suptitle(f"DATTA on {doc['meta'].get('dataset', 'Fashion-MNIST-C')} ({doc['meta']['backend']} "
+                 "backend)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
