@@ -42,7 +42,7 @@ from ..reference import (
 )
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, load_or_train
-from .protocol import TEST, VALIDATION, draw_batches, test_pool, validation_pool
+from .validation import TEST, VALIDATION, draw_batches, test_pool, validation_pool
 from .runner import _auroc
 from .streams import DomainPool
 

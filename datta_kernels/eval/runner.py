@@ -24,7 +24,7 @@ from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, evaluate, load_or_train
 from .oracle import OracleSelector
-from .protocol import TEST, VALIDATION, calibrate, test_pool, validation_pool
+from .validation import TEST, VALIDATION, calibrate, test_pool, validation_pool
 from .streams import STREAMS, DomainPool, Stream, make_stream
 
 __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
@@ -38,7 +38,7 @@ VALIDATION_DOMAINS = ("clean_train", *VALIDATION)
 #: only concerns the DATTA rows with the SPEC score; ``stream`` only the oracle, which reads its
 #: true batch types (``datta_oracle``: DATTA deciding single/multiple from the truth, not from
 #: the score) and ``datta_disp``, which reads the threshold calibrated for its batch size on the
-#: validation domains (``kw["disp_thresholds"]``, see :mod:`.protocol`).
+#: validation domains (``kw["disp_thresholds"]``, see :mod:`.validation`).
 METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] = {
     "source": lambda m, b, lr, kw, s: Source(m, backend=b),
     "tbn": lambda m, b, lr, kw, s: TBN(m, backend=b),
@@ -50,11 +50,17 @@ METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] =
     "datta_oracle": lambda m, b, lr, kw, s: DATTA(m, selector=OracleSelector(s.kinds), backend=b, lr=lr,
                                                   **_spec(kw)),
     "datta_disp": lambda m, b, lr, kw, s: DATTA(
-        m, score_mode="dispersion", selector=ThresholdSelector(kw["disp_thresholds"][s.batch_size]),
-        backend=b, lr=lr),
+        m, score_mode="dispersion", selector=_disp_selector(kw, s.batch_size), backend=b, lr=lr),
 }
 #: Methods that need a calibrated threshold per batch size (computed before the streams run).
 CALIBRATED = ("datta_disp",)
+
+
+def _disp_selector(kw: dict, batch_size: int):
+    """The threshold calibrated for ``batch_size`` on validation data, or (a runner without
+    validation data, e.g. ``datta-kernels run``) the KDE rule."""
+    t = kw.get("disp_thresholds", {}).get(batch_size)
+    return ThresholdSelector(t) if t is not None else None
 
 
 def _spec(kw: dict) -> dict:
