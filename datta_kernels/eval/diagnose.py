@@ -42,9 +42,9 @@ from ..reference import (
 )
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, load_or_train
-from .validation import TEST, VALIDATION, draw_batches, test_pool, validation_pool
 from .runner import _auroc
 from .streams import DomainPool
+from .validation import TEST, VALIDATION, draw_batches, test_pool, validation_pool
 
 __all__ = ["auroc_table", "layer_inputs", "main", "score_variants"]
 

@@ -24,8 +24,8 @@ from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, evaluate, load_or_train
 from .oracle import OracleSelector
-from .validation import TEST, VALIDATION, calibrate, test_pool, validation_pool
 from .streams import STREAMS, DomainPool, Stream, make_stream
+from .validation import TEST, VALIDATION, calibrate, test_pool, validation_pool
 
 __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
            "run_stream"]
