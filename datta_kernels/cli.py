@@ -201,6 +201,14 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _seed(text: str) -> int:
+    """argparse type: a seed in [0, 2**32) (the streams multiply it; torch seeds are 64-bit)."""
+    value = _int_at_least(0)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be < 2**32, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     try:
@@ -333,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "layers.0.bn1, layers.1.bn2 (default: the first)")
     d.add_argument("--score-mode", default=None, choices=("pixel", "instance"),
                    help="diversity score mode (default pixel; instance is an approximation)")
-    d.add_argument("--seed", type=int, default=None, help="seed of test subset, corruptions and streams")
+    d.add_argument("--seed", type=_seed, default=None, help="seed of test subset, corruptions and streams")
     d.add_argument("--check-batches", type=_int_at_least(0), default=None,
                    help="batches of the reference-backend agreement check (0 skips it)")
     d.add_argument("--retrain", action="store_true", help="retrain the source model, ignoring the cache")

@@ -108,6 +108,8 @@ def _fails(capsys, argv):
     (["demo", "--epochs", "two"], "'two' is not an integer"),
     (["demo", "--per-domain", "1"], "--per-domain/--subset: must be >= 2, got 1"),
     (["demo", "--width", "0"], "--width: must be >= 1, got 0"),
+    (["demo", "--seed", "-1"], "--seed: must be >= 0, got -1"),
+    (["demo", "--seed", str(2**70)], "--seed: must be < 2**32"),
     (["demo", "--check-batches", "-1"], "--check-batches: must be >= 0, got -1"),
     (["demo", "--streams", "single,sideways"], "unknown stream(s) sideways"),
     (["demo", "--corruptions", "rain"], "unknown corruption(s) rain"),
