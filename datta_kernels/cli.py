@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.streams import STREAMS
 
     p = _Parser(prog="datta-kernels", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("info", help="version, devices, which backends can run and why not")
