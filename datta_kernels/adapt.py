@@ -315,6 +315,7 @@ def _released(cls, model: nn.Module, *, backend: str | None = "auto", score_laye
                episodic=episodic, score_mode=score_mode, backend=backend, score_layer=score_layer)
 
 
+_released.__name__, _released.__qualname__ = "released", "DATTA.released"
 DATTA.released = classmethod(_released)
 
 
