@@ -12,21 +12,31 @@ An adapter is an ``nn.Module`` owning ``model``; its ``state_dict`` holds the mo
 under ``model.`` and the selector / optimizer state under ``_extra_state`` (plain Python and
 tensors: ``torch.save`` and ``weights_only`` loading work).  As with any ``state_dict``, its
 tensors share storage with the live ones: ``copy.deepcopy`` or ``torch.save`` it to keep it.
+Adapters are not thread-safe: one adapter serves one stream, one batch at a time (a call from
+a second thread while a batch is in flight raises ``RuntimeError``).
+
+``DATTA.released(model)`` is the authors' released code as one configuration (preset
+``datta_icme``, ``KDESelector(window=None)``, ``daft=False``).
 """
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .diversity import MULTIPLE, SINGLE, Selector, make_selector
+from . import backends
+from .diversity import MULTIPLE, SINGLE, KDESelector, Selector, make_selector
 from .functional import SCORE_MODES
 from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, convert_model, dabn_layers, first_nonlinear_layer
 
 __all__ = ["Adapter", "DATTA", "Source", "TBN", "BNAdapt", "Tent", "softmax_entropy"]
+
+#: guards the check-and-set of ``Adapter._busy_thread`` (a module lock: adapters stay picklable)
+_BUSY_LOCK = threading.Lock()
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
 
@@ -41,6 +51,8 @@ def _prepare_model(model: nn.Module, preset: str | None, backend: str | None,
                    shrink_k, weights) -> tuple[nn.Module, list[FusedDABN]]:
     """Convert any plain BatchNorm2d and apply preset/backend to every FusedDABN layer
     (``None`` keeps each layer's own setting)."""
+    if backend is not None and backend != "auto":
+        backends.get(backend)                     # an unknown name fails at construction
     kw = {} if weights is None else {"weights": weights}
     if shrink_k is not _PRESET_DEFAULT:
         kw["shrink_k"] = shrink_k
@@ -67,6 +79,11 @@ class Adapter(nn.Module):
     ``gamma, beta`` of every layer; ``optimizer`` may be an optimizer over those parameters or
     a factory ``params -> optimizer``.  Updating adapters set ``requires_grad`` of every other
     parameter of the model to False.
+
+    Not thread-safe: a batch writes the decision into every layer, the score history and the
+    parameters, so one adapter serves one stream, one batch at a time.  Calling it from a
+    second thread while a batch is in flight raises ``RuntimeError``; use one adapter (on its
+    own copy of the model) per thread, or serialise the calls.
     """
 
     def __init__(self, model: nn.Module, preset: str | None, *, update: str = "never",
@@ -121,10 +138,22 @@ class Adapter(nn.Module):
     # ------------------------------------------------------------------ per batch
     def forward(self, x: Tensor) -> Tensor:
         """One test batch ``(N, C, H, W)`` -> logits ``(N, K)`` computed before any update."""
-        if self.episodic:
-            self.reset()
-        self.n_batches += 1
-        return self._step(x)
+        me = threading.get_ident()
+        with _BUSY_LOCK:
+            owner = self.__dict__.get("_busy_thread")
+            if owner is not None and owner != me:
+                raise RuntimeError(f"{type(self).__name__} is not thread-safe: a batch is already "
+                                   "in flight on another thread; use one adapter per thread "
+                                   "(each on its own copy of the model) or serialise the calls")
+            self.__dict__["_busy_thread"] = me
+        try:
+            if self.episodic:
+                self.reset()
+            self.n_batches += 1
+            return self._step(x)
+        finally:
+            if owner is None:
+                self.__dict__["_busy_thread"] = None
 
     def _step(self, x: Tensor) -> Tensor:
         if self.update_rule == "never":
@@ -292,6 +321,25 @@ class DATTA(Adapter):
     def extra_repr(self) -> str:
         return (f"selector={self.selector!r}, daft={self.daft}, episodic={self.episodic}, "
                 f"score_mode={self.score_mode!r}, layers={len(self._layers)}")
+
+
+def _released(cls, model: nn.Module, *, backend: str | None = "auto", score_layer: str | None = None,
+              score_mode: str = "pixel", episodic: bool = False) -> DATTA:
+    """DATTA as the authors' released (ICME 2025) code behaves, in one name.
+
+    That is ``preset="datta_icme"`` (BN-only blends), ``KDESelector(window=None)`` (the KDE
+    over every score of the stream, not the last 1000) and ``daft=False`` (their fine-tuning
+    step never reaches the parameters, so nothing is updated).  Use it to reproduce their
+    numbers; ``DATTA(model)`` is this project's default method.  Being update-free, it has no
+    ``lr`` or optimizer; ``backend``, ``score_layer``, ``score_mode``, ``episodic`` as for
+    :class:`DATTA`.
+    """
+    return cls(model, preset="datta_icme", selector=KDESelector(window=None), daft=False,
+               episodic=episodic, score_mode=score_mode, backend=backend, score_layer=score_layer)
+
+
+_released.__name__, _released.__qualname__ = "released", "DATTA.released"
+DATTA.released = classmethod(_released)
 
 
 class Source(Adapter):

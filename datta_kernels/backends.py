@@ -162,7 +162,6 @@ def get(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {backend_names()}") from None
 
 
-@torch.compiler.assume_constant_result
 def resolve(name: str | None, device_type: str, dtype: torch.dtype) -> str:
     """Return the backend name to use for this device/dtype.
 
@@ -189,9 +188,27 @@ def resolve(name: str | None, device_type: str, dtype: torch.dtype) -> str:
     raise RuntimeError(f"no datta_kernels backend serves {device_type}/{dtype}")
 
 
+def _device_present(device_type: str) -> bool:
+    """Whether this process has a device of ``device_type`` (``cpu`` and ``meta`` always)."""
+    if device_type in ("cpu", "meta"):
+        return True
+    module = getattr(torch, device_type, None)            # torch.cuda, torch.xpu, torch.mps
+    if device_type == "mps":
+        return bool(torch.backends.mps.is_available())
+    return bool(module is not None and hasattr(module, "is_available") and module.is_available())
+
+
+# What ``@torch.compiler.assume_constant_result`` does, without importing torch._dynamo when
+# this module is imported (~1.5 s of CPU; every ``datta-kernels`` command paid it).
+resolve._dynamo_marked_constant = True
+
+
 def available_backends(device_type: str | None = None) -> list[str]:
     """Names of the backends that can run now (on ``device_type`` if given, else on any
-    device this process has) for float32 inputs."""
+    device this process has) for float32 inputs; empty when this process has no device of
+    ``device_type`` (``available_backends("cuda")`` on a CPU-only machine is ``[]``)."""
+    if device_type is not None and not _device_present(device_type):
+        return []
     types = [device_type] if device_type else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     return [b.name for b in BACKENDS if any(not b.reasons(t, torch.float32) for t in types)]
 

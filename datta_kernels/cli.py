@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import math
+import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -141,7 +145,7 @@ def _demo_config(args):
 
 
 def cmd_demo(args) -> int:
-    from .eval.datasets import DataNotFoundError
+    from .eval.datasets import DataFormatError, DataNotFoundError
     from .eval.report import format_tables, write_outputs
     from .eval.runner import run_demo
 
@@ -156,12 +160,15 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     try:
         cfg.validate()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        why = check_demo(cfg, args.out)
+    except (ValueError, DataNotFoundError) as e:
+        why = str(e)
+    if why:
+        print(f"error: {why}", file=sys.stderr)
         return 2
     try:
         doc = run_demo(cfg, command=command)
-    except DataNotFoundError as e:
+    except (DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths = write_outputs(doc, args.out)
@@ -273,9 +280,128 @@ def _add_run_parser(sub) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# --- argument checks: everything that can be wrong is found before anything is computed ------
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` whose mistakes answer with one line, ``prog: error: ...``, and exit status 2
+    (the default prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _seed(text: str) -> int:
+    """argparse type: a seed in [0, 2**32) (the streams multiply it; torch seeds are 64-bit)."""
+    value = _int_at_least(0)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be < 2**32, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """argparse type: a non-empty comma-separated list of integers >= 1."""
+    parse = _int_at_least(1)
+    values = tuple(parse(v) for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one value")
+    return values
+
+
+def _names(what: str, known):
+    """argparse type: a non-empty comma-separated subset of ``known``."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(v.strip() for v in text.split(",") if v.strip())
+        if not names:
+            raise argparse.ArgumentTypeError(f"needs at least one {what}")
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(bad)}; choose from "
+                                             + ", ".join(known))
+        return names
+    return parse
+
+
+def _writable_dir(path: str, flag: str) -> str | None:
+    """Why ``path`` cannot be used as an output directory (None: it can). Creates it and
+    writes (then removes) a probe file, so a finished run is never lost to its output."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        return f"{flag} {path}: not a writable directory ({e.strerror or e})"
+    return None
+
+
+def check_demo(cfg, out: str) -> str | None:
+    """Every mistake in a demo configuration that shows without loading data or training: the
+    first one as a one-line message naming the bad value or file (None: all fine). Checks
+    what argparse types cannot: the backend can run here, the score layer exists in the model
+    (built, not trained), the output and cache directories are writable, the data files read."""
+    from torch import nn
+
+    from . import backends
+    from .eval.datasets import DataFormatError, check_data_files, find_data_dir
+    from .eval.models import cache_dir
+
+    try:
+        backends.resolve(cfg.backend, "cpu", torch.float32)
+    except (ValueError, RuntimeError) as e:
+        return f"--backend {cfg.backend}: {e}"
+    if cfg.score_layer is not None:
+        model = cfg.train.build()
+        layers = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        if cfg.score_layer not in layers:
+            return (f"--score-layer {cfg.score_layer!r} is not a BatchNorm2d of the demo model; "
+                    f"choose from {', '.join(layers)}")
+    why = _writable_dir(out, "--out")
+    if why:
+        return why
+    cache = Path(cfg.cache_dir) if cfg.cache_dir is not None else cache_dir()
+    if cfg.retrain or not any(cache.glob(f"*{cfg.train.key()}.pt")):   # a model will be saved
+        why = _writable_dir(str(cache), "--cache-dir")
+        if why:
+            return why
+    root = find_data_dir(cfg.data_dir)          # DataNotFoundError: the caller prints how to get it
+    try:
+        check_data_files(root)
+    except DataFormatError as e:
+        return f"data: {e}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="datta-kernels", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .backends import backend_names
+    from .eval.corruptions import CORRUPTIONS
+    from .eval.runner import METHODS
+    from .eval.streams import STREAMS
+
+    p = _Parser(prog="datta-kernels", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("info", help="version, devices, which backends can run and why not")
@@ -284,8 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=("cpu", "cuda"))
     b.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    b.add_argument("--shapes", type=int, default=None, help="only the first N shapes")
-    b.add_argument("--min-seconds", type=float, default=0.3, help="time budget per measurement")
+    b.add_argument("--shapes", type=_int_at_least(1), default=None,
+                   help=f"only the first N shapes (1..{len(BENCH_SHAPES)})")
+    b.add_argument("--min-seconds", type=_positive_float, default=0.3, help="time budget per measurement")
 
     d = sub.add_parser("demo", help="DATTA vs baselines on corrupted Fashion-MNIST streams (offline)",
                        description="Train (or load the cached) small ResNet on clean Fashion-MNIST, "
@@ -296,29 +423,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true",
                    help=f"smaller run (~1-2 min): {QUICK['per_domain']} images per corruption, "
                    f"streams {','.join(QUICK['streams'])}")
-    d.add_argument("--per-domain", "--subset", dest="per_domain", type=int, default=None,
+    d.add_argument("--per-domain", "--subset", dest="per_domain", type=_int_at_least(2), default=None,
                    help="test images per corruption (default 1000)")
-    d.add_argument("--corruptions", type=_csv(), default=None, help="comma-separated subset of corruptions")
+    d.add_argument("--corruptions", type=_names("corruption", CORRUPTIONS), default=None,
+                   help="comma-separated subset of: " + ", ".join(CORRUPTIONS) + " (default all)")
     d.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1..5 (default 3)")
-    d.add_argument("--streams", type=_csv(), default=None, help="comma-separated subset of streams")
-    d.add_argument("--batch-sizes", type=_csv(int), default=None, help="e.g. 16,64 (default)")
-    d.add_argument("--methods", type=_csv(), default=None, help="comma-separated subset of methods")
-    d.add_argument("--lr", type=float, default=None, help="entropy-step lr of tent and datta (default 1e-3)")
-    d.add_argument("--backend", default=None, help="kernel backend for every method (default auto)")
+    d.add_argument("--streams", type=_names("stream", STREAMS), default=None,
+                   help="comma-separated subset of: " + ", ".join(STREAMS) + " (default all)")
+    d.add_argument("--batch-sizes", type=_positive_ints, default=None, help="e.g. 16,64 (default)")
+    d.add_argument("--methods", type=_names("method", METHODS), default=None,
+                   help="comma-separated subset of: " + ", ".join(METHODS) + " (default all)")
+    d.add_argument("--lr", type=_positive_float, default=None,
+                   help="entropy-step lr of tent and datta (default 1e-3)")
+    d.add_argument("--backend", default=None, choices=("auto",) + backend_names(),
+                   help="kernel backend for every method: auto (default), " + ", ".join(backend_names())
+                   + "; `datta-kernels info` says which can run here")
     d.add_argument("--score-layer", default=None,
-                   help="module name of the BatchNorm where DATTA scores diversity (default: the first)")
+                   help="module name of the BatchNorm where DATTA scores diversity, e.g. bn1, "
+                   "layers.0.bn1, layers.1.bn2 (default: the first; with --score-mode dispersion the "
+                   "first whose input is nonlinear in the image)")
     d.add_argument("--score-mode", default=None, choices=("pixel", "instance", "dispersion"),
                    help="diversity score mode of the datta/datta_icme/datta_noft/datta_oracle rows "
                    "(default pixel, the authors'; instance is an approximation; the datta_disp row "
                    "always uses dispersion)")
-    d.add_argument("--seed", type=int, default=None, help="seed of test subset, corruptions and streams")
-    d.add_argument("--check-batches", type=int, default=None,
+    d.add_argument("--seed", type=_seed, default=None, help="seed of test subset, corruptions and streams")
+    d.add_argument("--check-batches", type=_int_at_least(0), default=None,
                    help="batches of the reference-backend agreement check (0 skips it)")
     d.add_argument("--retrain", action="store_true", help="retrain the source model, ignoring the cache")
     d.add_argument("--cache-dir", default=None, help="model cache (default $XDG_CACHE_HOME/datta_kernels)")
-    d.add_argument("--train-subset", type=int, default=None, help="training images (default 45000)")
-    d.add_argument("--epochs", type=int, default=None, help="training epochs (default 2)")
-    d.add_argument("--width", type=int, default=None, help="ResNet base width (default 16)")
+    d.add_argument("--train-subset", type=_int_at_least(1), default=None,
+                   help="training images (default 45000)")
+    d.add_argument("--epochs", type=_int_at_least(1), default=None, help="training epochs (default 2)")
+    d.add_argument("--width", type=_int_at_least(1), default=None, help="ResNet base width (default 16)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_run_parser(sub)
     return p

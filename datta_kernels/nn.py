@@ -21,10 +21,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import backends, ops
 from .functional import (
     SCORE_MODES,
     _backend_for,
@@ -105,6 +106,8 @@ class FusedDABN(nn.BatchNorm2d):
         single, multiple, k, label = _resolve_weights(preset, weights, shrink_k)
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
+        if backend != "auto":
+            backends.get(backend)                 # an unknown name fails here, not at forward
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         fk = {"device": device, "dtype": dtype}
         self.register_buffer("source_mean", torch.zeros(num_features, **fk))
@@ -136,13 +139,19 @@ class FusedDABN(nn.BatchNorm2d):
         0-dim bool tensor (copied on device, no host sync)."""
         with torch.no_grad():
             if isinstance(decision, Tensor):
+                if decision.dtype != torch.bool or decision.numel() != 1:
+                    raise TypeError("a decision tensor must hold one bool (True = 'single'), got "
+                                    f"{decision.dtype} of shape {tuple(decision.shape)}")
                 self.decision.copy_(decision.reshape(()))
             elif isinstance(decision, str):
                 if decision not in _DECISIONS:
                     raise ValueError(f"decision must be 'single' or 'multiple', got {decision!r}")
                 self.decision.fill_(_DECISIONS[decision])
-            else:
+            elif isinstance(decision, (bool, np.bool_)):
                 self.decision.fill_(bool(decision))
+            else:
+                raise TypeError("decision must be 'single' / 'multiple', a bool or a bool tensor, "
+                                f"got {decision!r}")
 
     def set_source_stats(self, mean: Tensor, var: Tensor) -> None:
         """Set the source statistics (and the running buffers, when tracked) to ``(C,)`` values."""

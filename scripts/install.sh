@@ -3,10 +3,33 @@
 # torch: TORCH_SPEC (default torch==2.13.0, the CPU build this project is developed on;
 # any torch>=2.4 works: set TORCH_SPEC to the one you use).  The extension is built with
 # --no-build-isolation so it compiles against exactly that torch.
+# Skips everything (in well under a second) when nothing the build depends on changed since the
+# last install: the stamp $VENV/.datta-install-stamp holds a hash of setup.py, pyproject.toml,
+# this script, every file under csrc/, the torch and Python versions and the build's
+# environment variables.  DATTA_REINSTALL=1 forces a full install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+STAMP="$VENV/.datta-install-stamp"
+
+build_key() {  # everything a rebuild or reinstall depends on, hashed
+  {
+    cat setup.py pyproject.toml scripts/install.sh
+    find csrc -type f | LC_ALL=C sort | while read -r f; do echo "$f"; cat "$f"; done
+    echo "TORCH_SPEC=$TORCH_SPEC DATTA_NO_CUDA=${DATTA_NO_CUDA:-} CUDA_HOME=${CUDA_HOME:-}"
+    echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"
+    "$VENV/bin/python" -c "import sys; print(sys.version)" 2>/dev/null || true
+    cat "$VENV"/lib/python*/site-packages/torch/version.py 2>/dev/null || true
+  } | sha256sum | cut -d' ' -f1
+}
+
+if [ "${DATTA_REINSTALL:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(build_key)" ] \
+   && compgen -G "datta_kernels/_C*.so" >/dev/null; then
+  echo "datta_kernels: $VENV is up to date (nothing changed since the last install; DATTA_REINSTALL=1 forces one)"
+  exit 0
+fi
+rm -f "$STAMP"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip setuptools wheel
@@ -15,3 +38,4 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q numpy scipy pytest pytest-benchmark ruff ninja matplotlib tqdm "triton>=3.0"
 "$PY" -m pip install -q --no-build-isolation -e .
 "$PY" -c "import datta_kernels, datta_kernels._ext as e; print('datta_kernels', datta_kernels.__version__, e.build_info())"
+build_key > "$STAMP"

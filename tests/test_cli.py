@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from datta_kernels import available_backends
 from datta_kernels.cli import build_parser, main
@@ -63,8 +66,142 @@ def test_demo_without_its_extras(tmp_path, capsys, monkeypatch):
 
 def test_demo_rejects_unknown_names(tmp_path, capsys):
     data = write_synthetic(tmp_path / "data", n_train=8, n_test=8)
-    assert main(["demo", "--data-dir", str(data), "--methods", "magic"] + TINY) == 2
-    assert "unknown method" in capsys.readouterr().err
+    code, err = _fails(capsys, ["demo", "--data-dir", str(data), "--methods", "magic"] + TINY)
+    assert "unknown method(s) magic" in err and "datta_icme" in err
+
+
+# --- every mistake: one line, non-zero exit, before any data is loaded or model trained ------
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Make any attempt to load data / train / adapt fail the test."""
+    import datta_kernels.eval.runner as runner
+
+    def boom(*a, **k):
+        raise AssertionError("run_demo was reached: the mistake was not caught up front")
+    monkeypatch.setattr(runner, "run_demo", boom)
+
+
+def _fails(capsys, argv):
+    """Run the CLI in-process on a mistake: (exit status, stderr), asserting status != 0, one
+    line on stderr and nothing on stdout (argparse mistakes exit via SystemExit)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code not in (0, None), (argv, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and not out.strip(), (out, err)
+    return code, lines[0]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["demo", "--batch-sizes", "0"], "--batch-sizes: must be >= 1, got 0"),
+    (["demo", "--batch-sizes", "16,-4"], "got -4"),
+    (["demo", "--batch-sizes", ","], "--batch-sizes: needs at least one value"),
+    (["demo", "--backend", "nosuch"], "'nosuch'"),
+    (["demo", "--lr", "-1"], "--lr: must be a finite number > 0, got -1"),
+    (["demo", "--lr", "nan"], "--lr: must be a finite number > 0, got nan"),
+    (["demo", "--epochs", "-1"], "--epochs: must be >= 1, got -1"),
+    (["demo", "--epochs", "two"], "'two' is not an integer"),
+    (["demo", "--per-domain", "1"], "--per-domain/--subset: must be >= 2, got 1"),
+    (["demo", "--width", "0"], "--width: must be >= 1, got 0"),
+    (["demo", "--seed", "-1"], "--seed: must be >= 0, got -1"),
+    (["demo", "--seed", str(2**70)], "--seed: must be < 2**32"),
+    (["demo", "--check-batches", "-1"], "--check-batches: must be >= 0, got -1"),
+    (["demo", "--streams", "single,sideways"], "unknown stream(s) sideways"),
+    (["demo", "--corruptions", "rain"], "unknown corruption(s) rain"),
+    (["bench", "--shapes", "0"], "--shapes: must be >= 1, got 0"),
+    (["bench", "--shapes", "-1"], "--shapes: must be >= 1, got -1"),
+    (["bench", "--min-seconds", "0"], "--min-seconds: must be a finite number > 0"),
+])
+def test_bad_values_are_rejected_while_parsing(capsys, no_run, argv, needle):
+    code, line = _fails(capsys, argv)
+    assert code == 2 and needle in line, line
+    assert line.startswith("datta-kernels ") and "error:" in line
+
+
+def _demo_args(tmp_path, *extra):
+    data = write_synthetic(tmp_path / "data", n_train=16, n_test=16)
+    return ["demo", "--data-dir", str(data), "--out", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache")] + TINY + list(extra)
+
+
+def test_backend_that_cannot_run_here(tmp_path, capsys, no_run, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("DATTA_BACKEND", raising=False)
+    code, line = _fails(capsys, _demo_args(tmp_path, "--backend", "triton"))
+    assert line.startswith("error: --backend triton:") and "TRITON_INTERPRET=1" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_backend_cuda_without_a_gpu(tmp_path, capsys, no_run):
+    code, line = _fails(capsys, _demo_args(tmp_path, "--backend", "cuda"))
+    assert line.startswith("error: --backend cuda:") and "cannot run on cpu" in line
+
+
+def test_score_layer_checked_against_the_architecture(tmp_path, capsys, no_run):
+    code, line = _fails(capsys, _demo_args(tmp_path, "--score-layer", "nosuch"))
+    assert "--score-layer 'nosuch'" in line and "bn1, layers.0.bn1" in line
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_score_layer_that_exists_passes(tmp_path, capsys, monkeypatch):
+    from datta_kernels.cli import _demo_config, check_demo
+
+    args = build_parser().parse_args(_demo_args(tmp_path, "--score-layer", "layers.1.bn2"))
+    assert check_demo(_demo_config(args), args.out) is None
+
+
+def test_unwritable_out_is_rejected_before_the_run(tmp_path, capsys, no_run):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    argv = _demo_args(tmp_path)
+    argv[argv.index("--out") + 1] = str(blocker / "sub")
+    code, line = _fails(capsys, argv)
+    assert line.startswith("error: --out") and str(blocker / "sub") in line
+
+
+def test_truncated_data_file_is_named(tmp_path, capsys, no_run):
+    argv = _demo_args(tmp_path)
+    bad = tmp_path / "data" / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:-200])
+    code, line = _fails(capsys, argv)
+    assert str(bad) in line and "truncated" in line
+
+
+def test_truncated_plain_data_file_is_named(tmp_path):
+    from datta_kernels.eval.datasets import DataFormatError, read_idx
+
+    root = write_synthetic(tmp_path / "d", n_train=4, n_test=4, gz=False)
+    bad = root / "t10k-labels-idx1-ubyte"
+    bad.write_bytes(bad.read_bytes()[:-1])
+    with pytest.raises(DataFormatError, match="t10k-labels-idx1-ubyte.*truncated"):
+        read_idx(bad)
+
+
+def test_help_lists_the_valid_names(capsys):
+    from datta_kernels.backends import backend_names
+    from datta_kernels.eval.corruptions import CORRUPTIONS
+    from datta_kernels.eval.runner import METHODS
+    from datta_kernels.eval.streams import STREAMS
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+    for name in (*METHODS, *STREAMS, *CORRUPTIONS, *backend_names()):
+        assert name in text, name
+
+
+def test_mistake_in_a_fresh_process_is_one_line():
+    """What a user sees: one line on stderr, exit status 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "datta_kernels.cli", "demo", "--backend", "nosuch"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc
+    assert len(proc.stderr.strip().splitlines()) == 1 and "nosuch" in proc.stderr, proc.stderr
 
 
 def test_quick_preset_parses():
@@ -75,3 +212,21 @@ def test_quick_preset_parses():
 def test_no_command_is_an_error():
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_cli_startup_does_not_import_dynamo():
+    """``datta-kernels`` answers quickly: importing the package must not pull in torch._dynamo
+    (~1.5 s of CPU), which ``@torch.compiler.assume_constant_result`` on
+    ``backends.resolve`` used to do; the marker it sets is set directly instead."""
+    code = ("import sys, datta_kernels.cli as c; c.build_parser(); "
+            "print('torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc
+
+
+def test_resolve_carries_the_constant_result_marker():
+    from datta_kernels import backends
+
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    names = [k for k in vars(marked) if k.startswith("_dynamo")]
+    assert names and all(getattr(backends.resolve, k) == getattr(marked, k) for k in names)

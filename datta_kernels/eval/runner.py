@@ -45,7 +45,7 @@ METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] =
     "bn_adapt": lambda m, b, lr, kw, s: BNAdapt(m, backend=b),
     "tent": lambda m, b, lr, kw, s: Tent(m, lr=lr, backend=b),
     "datta": lambda m, b, lr, kw, s: DATTA(m, backend=b, lr=lr, **_spec(kw)),
-    "datta_icme": lambda m, b, lr, kw, s: DATTA(m, preset="datta_icme", backend=b, lr=lr, **_spec(kw)),
+    "datta_icme": lambda m, b, lr, kw, s: DATTA.released(m, backend=b, **_spec(kw)),   # the authors' code
     "datta_noft": lambda m, b, lr, kw, s: DATTA(m, daft=False, backend=b, lr=lr, **_spec(kw)),
     "datta_oracle": lambda m, b, lr, kw, s: DATTA(m, selector=OracleSelector(s.kinds), backend=b, lr=lr,
                                                   **_spec(kw)),
