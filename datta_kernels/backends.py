@@ -20,6 +20,7 @@ other strides contiguous first).
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,6 +176,13 @@ def resolve(name: str | None, device_type: str, dtype: torch.dtype) -> str:
     """
     if name is None or name == "auto":
         name = os.environ.get(ENV_VAR) or "auto"
+    # the answer only changes with the environment (TRITON_INTERPRET gates Triton on CPU):
+    # cache it, a layer asks on every forward and walking the table costs ~30 us
+    return _resolve_cached(name, device_type, dtype, os.environ.get("TRITON_INTERPRET"))
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_cached(name: str, device_type: str, dtype: torch.dtype, _interpret: str | None) -> str:
     if name != "auto":
         why = get(name).reasons(device_type, dtype)
         if why:
