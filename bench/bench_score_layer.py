@@ -36,10 +36,10 @@ CONTESTANTS = ("plain", "dispersion", "instance", "pixel", "unfused_pixel")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def make_case(shape, contestant: str, decision: str, backend: str = "auto"):
+def make_case(shape, contestant: str, decision: str, backend: str = "auto", device: str = "cpu"):
     """A zero-argument callable: one no-grad forward of the layer configured as ``contestant``."""
-    inp = make_inputs(shape)
-    layer = dk.FusedDABN(shape[1], backend=backend)
+    inp = make_inputs(shape, device=device)
+    layer = dk.FusedDABN(shape[1], backend=backend, device=device)
     layer.set_source_stats(inp.source_mean, inp.source_var)
     layer.set_decision(decision)
     x = inp.x
@@ -70,22 +70,33 @@ def test_score_layer_forward(benchmark, shape, contestant):
     benchmark(fn)
 
 
-def table(reps: int) -> dict:
+def _time(runs: dict, reps: int, device: str) -> dict:
+    """Seconds per call: the interleaved CPU timer, or ``triton.testing.do_bench`` on a GPU."""
+    if device == "cpu":
+        return time_interleaved(runs, reps)
+    from triton.testing import do_bench
+    return {k: do_bench(fn, warmup=25, rep=100) * 1e-3 for k, fn in runs.items()}
+
+
+def table(reps: int, device: str = "cpu") -> dict:
     rows = []
     for shape in SHAPES:
         for decision in BLENDS:
-            runs = {c: make_case(shape, c, decision) for c in CONTESTANTS}
-            t = time_interleaved(runs, reps)
+            runs = {c: make_case(shape, c, decision, device=device) for c in CONTESTANTS}
+            t = _time(runs, reps, device)
             rows.append({"shape": list(shape), "decision": decision,
                          "ms": {c: 1e3 * v for c, v in t.items()},
                          "ratio": {c: t[c] / t["plain"] for c in CONTESTANTS}})
             print(rows[-1], flush=True)
-    return {"machine": describe_machine(), "reps": reps, "rows": rows}
+    machine = describe_machine()
+    if device == "cuda":
+        machine["cpu"] = f"{torch.cuda.get_device_name()} (GPU; host {machine['cpu']})"
+    return {"machine": machine, "reps": reps, "device": device, "rows": rows}
 
 
 def write_markdown(res: dict, path: str) -> None:
     m = res["machine"]
-    lines = ["# Score layer forward / plain FusedDABN forward (CPU)", "",
+    lines = [f"# Score layer forward / plain FusedDABN forward ({res.get('device', 'cpu')})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} "
              f"threads), load average {m['loadavg_1min']:.1f} at the start; median of {res['reps']} "
              "interleaved reps, no grad, float32 NCHW, backend auto. Goal: dispersion <= 1.05, "
@@ -105,9 +116,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--table", action="store_true", help="write bench/results/cpu_score_layer.*")
     ap.add_argument("--reps", type=int, default=31)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--out", default=None, help="result stem (default bench/results/<device>_score_layer)")
     args = ap.parse_args()
-    res = table(args.reps)
+    res = table(args.reps, args.device)
     if args.table:
-        save_results(res, os.path.join(RESULTS, "cpu_score_layer"), write_markdown)
+        stem = args.out or os.path.join(RESULTS, f"{args.device}_score_layer")
+        save_results(res, stem, write_markdown)
     else:
         write_markdown(res, "/dev/stdout")

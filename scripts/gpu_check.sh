@@ -9,7 +9,7 @@
 #   tests     the whole test suite on the GPU (CUDA and Triton rows run; no interpreter)
 #   sweep     scripts/gpu_sweep.py: cuda and triton vs the reference on large and odd shapes
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck over the CUDA kernels
-#   bench     bench/bench_gpu.py and bench/bench_adapt.py tables
+#   bench     bench/bench_gpu.py, bench/bench_adapt.py and bench/bench_score_layer.py tables
 # Logs and result tables go to $OUT (default gpu-results/); copy the tables into bench/results/
 # and commit them with the device named.  Exit status: 1 if any step failed.
 # Under a per-command time limit run the steps in separate calls on the same (warm) machine,
@@ -63,7 +63,8 @@ print(dk.available_backends('cuda'))\""
       done ;;
     bench)
       run bench-dabn "$PY" bench/bench_gpu.py --table --out "$OUT/gpu_dabn"
-      run bench-adapt "$PY" bench/bench_adapt.py --table --device cuda --out "$OUT/cuda_adapt" ;;
+      run bench-adapt "$PY" bench/bench_adapt.py --table --device cuda --out "$OUT/cuda_adapt"
+      run bench-score "$PY" bench/bench_score_layer.py --table --device cuda --out "$OUT/cuda_score_layer" ;;
     *) echo "unknown step: $step"; failed+=("$step") ;;
   esac
 done
