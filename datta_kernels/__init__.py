@@ -5,7 +5,7 @@ See ``docs/SPEC.md`` for the math; ``datta_kernels.reference`` is that page as c
 from . import ops  # noqa: F401  (registers torch.ops.datta.*)
 from .adapt import DATTA
 from .backends import available_backends
-from .diversity import KDESelector, ThresholdSelector
+from .diversity import KDESelector, ThresholdSelector, calibrate_threshold
 from .functional import blend_tensor, dabn, diversity_score, instance_stats
 from .nn import FusedDABN, convert_model, revert_model
 from .reference import PRESETS, Preset
@@ -19,6 +19,7 @@ __all__ = [
     "revert_model",
     "KDESelector",
     "ThresholdSelector",
+    "calibrate_threshold",
     "PRESETS",
     "Preset",
     "available_backends",
