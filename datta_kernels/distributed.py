@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from . import ops
 from .adapt import DATTA, softmax_entropy
 from .functional import _backend_for, _check_channel_vec
-from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, convert_model, dabn_layers
+from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, convert_model
 from .reference import (
     DISPERSION_PARTS,
     acc_dtype,
