@@ -96,7 +96,8 @@ def _worker(rank, world, init, shape, reps, out):
         dist.all_reduce(probe)
         lat.append(time.perf_counter() - t0)
     layers = adapter.layers
-    res = {"latency_s": statistics.median(lat), "step_s": statistics.median(times), "coll_s": statistics.median(coll),
+    res = {"latency_s": statistics.median(lat), "step_s": statistics.median(times),
+           "coll_s": statistics.median(coll),
            "calls": calls[-1], "bytes": nbytes[-1], "layers": len(layers),
            "channels": [lyr.num_features for lyr in layers]}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
