@@ -101,6 +101,7 @@ def _worker(rank, world, init, shape, reps, out):
            "calls": calls[-1], "bytes": nbytes[-1], "layers": len(layers),
            "channels": [lyr.num_features for lyr in layers]}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()                                 # no rank leaves while a peer still sends
     dist.destroy_process_group()
 
 
@@ -175,7 +176,10 @@ def main(argv=None):
               f"{2 * info['layers'] + 1} (a 'multiple' batch: the forward ones only)",
               "- the 1-process distributed row against plain DATTA is the cost of the "
               "pure-PyTorch synced normalisation (autograd through torch ops instead of the "
-              "fused kernels) plus gloo's per-call overhead", ""]
+              "fused kernels) plus gloo's per-call overhead",
+              "- 'in collectives' includes waiting for the slower rank at each collective "
+              "(W ranks share the 2 loaded cores here, so skew between them shows up as "
+              "collective time); the 4-byte all_reduce column is the bare per-call latency", ""]
     text = "\n".join(lines)
     Path(args.out).write_text(text)
     print(text)

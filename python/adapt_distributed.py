@@ -107,6 +107,7 @@ def main() -> None:
             print(f"1 process on the whole batches: DATTA accuracy "
                   f"{correct_single / stream.num_samples:.2%} ({single.n_updates} entropy steps); "
                   f"decisions agree on {agree}/{len(stream)} batches")
+    dist.barrier()
     dist.destroy_process_group()
 
 

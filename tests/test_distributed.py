@@ -52,6 +52,7 @@ def _worker(rank: int, world: int, init: str, out: str, scenario: str, kw: dict)
         result = {"error": f"{type(e).__name__}: {e}"}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     try:
+        dist.barrier()              # no rank leaves while a peer still sends
         dist.destroy_process_group()
     except Exception:
         pass
