@@ -140,7 +140,12 @@ def _scenario_moments(rank, world):
     g = torch.Generator().manual_seed(rank)
     v = torch.randn(rank + 1, 5, generator=g) * 1e3 + 1e4
     count, mean, m2 = gather_moments(v)
-    return {"count": count, "mean": mean, "m2": m2}
+    # converting an nn.SyncBatchNorm keeps its process group
+    group = dist.new_group([0, 1, 2])
+    bn = torch.nn.SyncBatchNorm(4, process_group=group)
+    converted = convert_model(torch.nn.Sequential(bn))[0]
+    kept = isinstance(converted, SyncFusedDABN) and converted.process_group is group
+    return {"count": count, "mean": mean, "m2": m2, "kept_group": kept}
 
 
 # ------------------------------------------------------------------ the parent side
@@ -275,6 +280,8 @@ def test_gathered_moments_bitwise_equal_and_exact(tmp_path):
     vals = torch.cat([torch.randn(r + 1, 5, generator=torch.Generator().manual_seed(r)) * 1e3 + 1e4
                       for r in range(3)]).double()
     for r in results:
+        assert "error" not in r, r.get("error")
+        assert r["kept_group"]
         assert r["mean"].equal(results[0]["mean"]) and r["m2"].equal(results[0]["m2"])
         assert float(r["count"]) == vals.shape[0]
         torch.testing.assert_close(r["mean"], vals.mean(0), rtol=1e-12, atol=0)
