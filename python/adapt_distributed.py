@@ -1,6 +1,6 @@
 """DATTA across processes: each batch of a dynamic stream is split over the ranks.
 
-    torchrun --nproc-per-node 2 python/adapt_distributed.py --synthetic --per-domain 16
+    torchrun --standalone --nproc-per-node 2 python/adapt_distributed.py --synthetic --compare
     torchrun --nproc-per-node 2 python/adapt_distributed.py           # real Fashion-MNIST
     torchrun --nproc-per-node 8 python/adapt_distributed.py --batch-size 256   # 8 GPUs (NCCL)
 
@@ -98,7 +98,8 @@ def main() -> None:
             agree += single.last_decision == adapter.last_decision
     dist.all_reduce(correct)
 
-    # 5. report
+    # 5. report (with --compare, a disagreement is exit status 1)
+    status = 0
     if rank == 0:
         acc = int(correct) / stream.num_samples
         print(f"{world} processes ({'nccl' if cuda else 'gloo'}), {len(stream)} batches of "
@@ -107,8 +108,11 @@ def main() -> None:
             print(f"1 process on the whole batches: DATTA accuracy "
                   f"{correct_single / stream.num_samples:.2%} ({single.n_updates} entropy steps); "
                   f"decisions agree on {agree}/{len(stream)} batches")
+            status = int(agree != len(stream) or correct_single != int(correct))
     dist.barrier()
     dist.destroy_process_group()
+    if status:
+        raise SystemExit("the distributed run disagrees with one process")
 
 
 if __name__ == "__main__":
