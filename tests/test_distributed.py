@@ -252,20 +252,27 @@ def _check_adapter(results, score_mode, backend, steps, threshold, sizes):
 def test_adapter_decisions_follow_global_score(tmp_path):
     """A threshold between the scores: decisions switch, and all ranks agree."""
     backend = "cpu" if "cpu" in BACKENDS else "reference"
-    ref = _adapter(tiny_resnet(0), "dispersion", backend, 1e9, False)
+    probe = _adapter(tiny_resnet(0), "dispersion", backend, 1e9, False)
     scores = []
     for x in _stream(4, 6):
-        ref(x)
-        scores.append(ref.last_score)
+        probe(x)
+        scores.append(probe.last_score)
     threshold = sorted(scores)[1] + 0.5 * (sorted(scores)[2] - sorted(scores)[1])
+    ref = _adapter(tiny_resnet(0), "dispersion", backend, threshold, False)
+    ref_logits, ref_decisions = [], []
+    for x in _stream(4, 6):
+        ref_logits.append(ref(x))
+        ref_decisions.append(ref.last_decision)
     results = _run(tmp_path, 2, "adapt", sizes=[2, 4], backend=backend,
                    score_modes=["dispersion"], threshold=threshold, steps=4)
     results = [r["dispersion"] if "error" not in r else r for r in results]
-    expected = ["single" if s < threshold else "multiple" for s in scores]
-    assert set(expected) == {"single", "multiple"}
+    assert set(ref_decisions) == {"single", "multiple"}
     for r in results:
         assert "error" not in r, r.get("error")
-        assert r["decisions"] == expected
+        assert r["decisions"] == ref_decisions
+    for i, logits in enumerate(ref_logits):       # "multiple" batches run the no-grad path
+        _close(torch.cat([r["logits"][i] for r in results]), logits, f"logits step {i}",
+               scaled=True)
 
 
 @pytest.mark.parametrize("what", ["channels", "dtype"])
