@@ -35,9 +35,6 @@ layer also gathers a small header (channels, dtype, layer index) and raises on a
 """
 from __future__ import annotations
 
-import math
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -45,7 +42,7 @@ from torch import Tensor, nn
 from . import ops
 from .adapt import DATTA, softmax_entropy
 from .functional import _backend_for, _check_channel_vec
-from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, convert_model
+from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, _swap, convert_model, first_nonlinear_layer
 from .reference import (
     DISPERSION_PARTS,
     acc_dtype,
@@ -56,11 +53,8 @@ from .reference import (
     shrink_instance_stats,
 )
 
-__all__ = ["SyncFusedDABN", "DistributedDATTA", "merge_moments", "gather_moments",
-           "DEFAULT_TIMEOUT"]
-
-#: a reasonable bound for tests and scripts that create their own group
-DEFAULT_TIMEOUT = timedelta(seconds=60)
+__all__ = ["SyncFusedDABN", "DistributedDATTA", "convert_sync", "merge_moments",
+           "gather_moments"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -234,6 +228,20 @@ class SyncFusedDABN(FusedDABN):
             self.last_bytes_sent += 8 * 3
             return (m2 / count.clamp(min=1)).float().sqrt().reshape(()), angles
 
+    def score(self, x: Tensor) -> Tensor:
+        """The diversity score of the GLOBAL batch (every rank calls it with its slice);
+        ``last_per_sample`` holds the local samples' values."""
+        self._check_input_dim(x)
+        _require_group(self.process_group)
+        if not self._header_checked:
+            self._check_header(x)
+        m = x.shape[2] * x.shape[3]
+        with torch.no_grad():
+            mean_i, var_i = self._local_stats(x, False)
+            mu_b = self._global_batch(mean_i, var_i, m)[0]
+            self.last_score, self.last_per_sample = self._global_score(x, mean_i, var_i, mu_b, m)
+        return self.last_score
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         if not x.is_floating_point():
@@ -299,7 +307,6 @@ def convert_sync(model: nn.Module, preset: str = "datta", process_group=None, **
                 d.requires_grad_(s.requires_grad)
         return new.train(layer.training)
 
-    from .nn import _swap
     if any(_is_plain_bn(m) for m in model.modules()):
         model = convert_model(model, preset, process_group=process_group, **kwargs)
     model, _ = _swap(model, lambda m: isinstance(m, FusedDABN) and not isinstance(m, SyncFusedDABN),
@@ -331,7 +338,6 @@ class DistributedDATTA(DATTA):
     def _step(self, x: Tensor) -> Tensor:
         if self._score_at is None:
             # probe with one zero sample of this shape: a rank with an empty slice probes too
-            from .nn import first_nonlinear_layer
             self._score_at = first_nonlinear_layer(self.model, x.new_zeros((1, *x.shape[1:])))
         return super()._step(x)
 
@@ -355,10 +361,3 @@ class DistributedDATTA(DATTA):
         self.optimizer.zero_grad(set_to_none=True)
         self.n_updates += 1
 
-
-def _bytes_per_layer(c: int, world: int) -> dict[str, int]:
-    """Bytes one rank sends per step for a layer of ``c`` channels (ring algorithms)."""
-    gather = 8 * (2 * c + 2)
-    reduce_ = 8 * 2 * c
-    return {"forward_all_gather": gather * (world - 1),
-            "backward_all_reduce": int(math.ceil(2 * reduce_ * (world - 1) / world))}

@@ -93,7 +93,8 @@ def _scenario_layer(rank, world, sizes):
             out[backend, preset, decision, score_mode] = {
                 "y": y.detach(), "dx": x.grad, "dw": layer.weight.grad, "db": layer.bias.grad,
                 "score": layer.last_score, "per": layer.last_per_sample,
-                "total": float(layer.last_global_batch)}
+                "total": float(layer.last_global_batch),
+                "score_call": layer.score(x_all[sl])}      # score() alone: also global
     return out
 
 
@@ -207,6 +208,7 @@ def _check_layer(results, backend, preset, decision, score_mode):
     _close(torch.cat([r["per"] for r in results]), layer.last_per_sample, f"{what} per-sample score")
     for r in results:
         _close(r["score"], layer.last_score, f"{what} score")
+        _close(r["score_call"], layer.last_score, f"{what} score()")
         assert r["score"].equal(results[0]["score"])      # bitwise the same on every rank
         assert r["total"] == x_all.shape[0]
 
