@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import datta_kernels as dk
+from datta_kernels import ops
 from datta_kernels.distributed import DistributedDATTA, SyncFusedDABN, convert_sync, merge_moments
 from datta_kernels.nn import convert_model, dabn_layers
 
@@ -95,6 +96,11 @@ def _scenario_layer(rank, world, sizes):
                 "score": layer.last_score, "per": layer.last_per_sample,
                 "total": float(layer.last_global_batch),
                 "score_call": layer.score(x_all[sl])}      # score() alone: also global
+    # channels_last in, channels_last out, same values (no grad: the backend's statistics)
+    layer = convert_sync(_layer(BACKENDS[-1], "datta", "single", x_all.shape[1]))
+    with torch.no_grad():
+        y = layer(x_all[sl].contiguous(memory_format=torch.channels_last))
+    out["channels_last"] = {"y": y, "cl": y.shape[0] == 0 or ops.is_channels_last(y)}
     return out
 
 
@@ -190,6 +196,10 @@ def test_layer_matches_single_process(tmp_path, world, sizes):
     for backend in BACKENDS:
         for config in LAYER_CONFIGS:
             _check_layer([r[(backend, *config)] for r in results], backend, *config)
+    assert all(r["channels_last"]["cl"] for r in results)
+    with torch.no_grad():
+        y = _layer(BACKENDS[-1], "datta", "single", 6)(_global_input())
+    _close(torch.cat([r["channels_last"]["y"] for r in results]), y, "channels_last", scaled=True)
 
 
 def _check_layer(results, backend, preset, decision, score_mode):
