@@ -281,10 +281,19 @@ def _swap(model: nn.Module, match, make) -> tuple[nn.Module, int]:
     return model, count
 
 
-def convert_model(model: nn.Module, preset: str = "datta", **kwargs) -> nn.Module:
+_NO_GROUP = object()  # sentinel: "no process_group argument" (None means the default group)
+
+
+def convert_model(model: nn.Module, preset: str = "datta", *, process_group=_NO_GROUP,
+                  **kwargs) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` (and ``nn.SyncBatchNorm``) of ``model`` by a
-    :class:`FusedDABN` (in place).  Converted SyncBatchNorm layers expect 4-D input and use
-    the statistics of the local batch: DABN does not synchronise across processes.
+    :class:`FusedDABN` (in place).
+
+    With ``process_group`` (a group, or ``None`` for the default group) the new layers are
+    :class:`~datta_kernels.distributed.SyncFusedDABN`: batch statistics of the global batch.
+    A converted ``nn.SyncBatchNorm`` keeps its own group when ``torch.distributed`` is
+    initialised; without it (e.g. loading a DDP checkpoint in one process) it becomes a
+    plain FusedDABN using the local batch.  Converted SyncBatchNorm layers expect 4-D input.
 
     Keeps device, dtype, parameters and buffers (the running statistics become the source
     statistics), ``requires_grad`` and the training flag.  ``kwargs`` go to ``FusedDABN``
@@ -295,8 +304,15 @@ def convert_model(model: nn.Module, preset: str = "datta", **kwargs) -> nn.Modul
     _resolve_weights(preset, kwargs.get("weights"), kwargs.get("shrink_k", _PRESET_DEFAULT))
 
     def make(bn: nn.BatchNorm2d) -> FusedDABN:
-        new = FusedDABN(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                        preset=preset, **_factory(bn), **kwargs)
+        cls, extra = FusedDABN, {}
+        group = process_group
+        if group is _NO_GROUP and isinstance(bn, nn.SyncBatchNorm) and _dist_initialized():
+            group = bn.process_group
+        if group is not _NO_GROUP:
+            from .distributed import SyncFusedDABN
+            cls, extra = SyncFusedDABN, {"process_group": group}
+        new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                  preset=preset, **_factory(bn), **extra, **kwargs)
         new.load_state_dict(bn.state_dict(), strict=True)
         _copy_grad_flags(bn, new)
         return new.train(bn.training)
@@ -309,6 +325,10 @@ def convert_model(model: nn.Module, preset: str = "datta", **kwargs) -> nn.Modul
         raise ValueError(f"convert_model: {type(model).__name__} has no nn.BatchNorm2d layer "
                          f"to convert{hint}")
     return model
+
+
+def _dist_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def revert_model(model: nn.Module) -> nn.Module:

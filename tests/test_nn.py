@@ -92,7 +92,8 @@ def test_convert_keeps_everything():
 
 def test_convert_sync_batchnorm():
     """DDP-trained models carry nn.SyncBatchNorm: converted like BatchNorm2d, same outputs as
-    converting the equivalent BatchNorm2d model (local statistics; no process group needed)."""
+    converting the equivalent BatchNorm2d model (local statistics when torch.distributed is
+    not initialised; tests/test_distributed.py covers the synchronised case)."""
     plain = tiny_resnet()
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
     assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())

@@ -1,0 +1,363 @@
+"""DATTA across processes (``torch.distributed``): global batch statistics, one global
+decision, DAFT gradients reduced across ranks.
+
+Each rank holds a slice of the global batch.  Every collective goes through
+``torch.distributed`` on the layer's ``process_group`` (``None``: the default group), so the
+same code runs on CPU with gloo and on GPUs with NCCL.
+
+* :class:`SyncFusedDABN` (``convert_model(model, process_group=...)``; converting an
+  ``nn.SyncBatchNorm`` keeps its group): the batch statistics ``mu_B, var_B`` are those of the
+  global batch.  Each rank packs its per-channel ``(count, mean, M2)`` (from its instance
+  statistics, SPEC §1) into one float64 tensor; one ``all_gather`` per layer; every rank merges
+  the gathered rows in rank order with Chan's formula, so every rank computes bitwise the same
+  ``mu_B, var_B``.  Instance statistics stay local.  Backward: the gradients of the loss with
+  respect to ``(mu_B, var_B)`` are summed across ranks with one ``all_reduce`` of a packed
+  ``(2C,)`` tensor (the ``sum_n dm``, ``sum_n dv`` terms of ``reference.dabn_backward``), then
+  each rank propagates them to its own ``(mean, M2)``.  Uneven batches and ranks with an empty
+  batch work (count 0 drops out of the merge).  The state dict is that of ``FusedDABN`` (plain
+  ``BatchNorm2d`` compatible).  The normalisation is the reference math in PyTorch
+  (autograd), with the backend's instance statistics when no gradient to ``x`` is needed.
+* The score layer scores the global batch: ``dispersion`` merges per-feature ``(count, mean,
+  M2)`` of the standardised statistics ``z``, ``pixel`` / ``instance`` compute local angles
+  against the global ``mu_B`` and merge ``(count, mean, M2)`` of the angles: one more
+  ``all_gather`` on the score layer.  ``last_per_sample`` holds the local samples' values.
+* :class:`DistributedDATTA`: the DATTA adapter whose selector sees the same global score on
+  every rank (same decision) and whose DAFT step uses the loss ``sum of local entropies /
+  global batch size`` and sums the ``gamma, beta`` gradients of all ranks with one packed
+  ``all_reduce`` before the optimizer step: the update of the global batch's mean entropy, so
+  the parameters stay identical on every rank.  (Do not wrap the model in DDP as well: the
+  gradients would be reduced twice.)
+
+Collectives per step of an L-layer model: forward L ``all_gather`` of ``(2C + 2)`` float64
+values per rank (+1 small one on the score layer); backward (DAFT ``single`` batches only) L
+``all_reduce`` of ``2C`` float64 values + 1 of all ``gamma, beta``.  On the first call each
+layer also gathers a small header (channels, dtype, layer index) and raises on a mismatch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import ops
+from .adapt import DATTA, softmax_entropy
+from .functional import _backend_for, _check_channel_vec
+from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, _swap, convert_model, first_nonlinear_layer
+from .reference import (
+    DISPERSION_PARTS,
+    acc_dtype,
+    dispersion_z,
+    diversity_angles_instance,
+    instance_stats,
+    normalize,
+    shrink_instance_stats,
+)
+
+__all__ = ["SyncFusedDABN", "DistributedDATTA", "convert_sync", "merge_moments",
+           "gather_moments"]
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _require_group(group) -> tuple[int, int]:
+    """(rank, world size) in ``group``, or a clear error when there is no process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("SyncFusedDABN / DistributedDATTA need torch.distributed: call "
+                           "torch.distributed.init_process_group(...) first (or use FusedDABN "
+                           "for a single process)")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def merge_moments(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan's merge of per-rank moments, in rank order.
+
+    rows: ``(W, 1 + 2F)`` float64, row r = ``[count_r, mean_r (F), M2_r (F)]`` -> ``(count,
+    mean (F), M2 (F))`` of the union.  A row with count 0 changes nothing.  A fixed sequence
+    of float64 operations on the same gathered tensor: every rank gets bitwise the same result.
+    """
+    f = (rows.shape[1] - 1) // 2
+    count, mean, m2 = rows[0, 0], rows[0, 1:1 + f], rows[0, 1 + f:]
+    for r in range(1, rows.shape[0]):
+        n_b, mean_b, m2_b = rows[r, 0], rows[r, 1:1 + f], rows[r, 1 + f:]
+        n_ab = count + n_b
+        safe = n_ab.clamp(min=1)
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / safe)
+        m2 = m2 + m2_b + delta.square() * (count * n_b / safe)
+        count = n_ab
+    return count, mean, m2
+
+
+def _local_moments(values: Tensor) -> Tensor:
+    """``[count, mean (F), M2 (F)]`` float64 of the rows of ``values`` ``(n, F)`` (n may be 0)."""
+    v = values.detach().to(torch.float64)
+    n = v.shape[0]
+    mean = v.sum(dim=0) / max(n, 1)
+    m2 = (v - mean).square().sum(dim=0)
+    return torch.cat([v.new_full((1,), float(n)), mean, m2])
+
+
+def _all_gather_rows(packed: Tensor, group) -> Tensor:
+    """``(W, K)``: row r = rank r's ``packed`` ``(K,)`` (same K on every rank)."""
+    world = dist.get_world_size(group)
+    out = packed.new_empty((world, packed.shape[0]))
+    dist.all_gather(list(out.unbind(0)), packed.contiguous(), group=group)
+    return out
+
+
+def gather_moments(values: Tensor, group=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Global ``(count, mean (F), M2 (F))`` float64 of the rows of every rank's ``values``
+    ``(n_r, F)``: one ``all_gather`` of ``1 + 2F`` values per rank, merged in rank order."""
+    return merge_moments(_all_gather_rows(_local_moments(values), group))
+
+
+class _GlobalBatchMoments(torch.autograd.Function):
+    """Local per-channel ``(mean_l, M2_l)`` (with the local count) -> global ``(mu_B, var_B)``.
+
+    Forward: one ``all_gather`` of ``[count, mean (C), M2 (C), n_samples]`` float64, Chan merge.
+    Backward: one ``all_reduce`` (sum) of ``[dL/dmu_B, dL/dvar_B]`` ``(2C,)`` (each rank's
+    loss reaches the shared statistics), then ``dmean_l = g_mu n_l / N + g_var 2 n_l (mean_l -
+    mu_B) / (N - 1)``, ``dM2_l = g_var / (N - 1)`` (counts in elements, ``N = sum n_l``).
+    """
+
+    @staticmethod
+    def forward(ctx, mean_l: Tensor, m2_l: Tensor, count_l: float, n_samples: int, group):
+        c = mean_l.shape[0]
+        packed = torch.cat([mean_l.new_full((1,), count_l, dtype=torch.float64),
+                            mean_l.detach().double(), m2_l.detach().double(),
+                            mean_l.new_full((1,), float(n_samples), dtype=torch.float64)])
+        rows = _all_gather_rows(packed, group)
+        total_samples = rows[:, -1].sum()
+        count, mu, m2 = merge_moments(rows[:, :-1])
+        var = torch.where(count > 1, m2 / (count - 1).clamp(min=1), torch.zeros_like(m2))
+        ctx.group, ctx.count_l = group, count_l
+        ctx.save_for_backward(mean_l.detach().double(), mu, count)
+        ctx.mark_non_differentiable(count, total_samples)
+        dt = mean_l.dtype
+        assert mu.shape[0] == c
+        return mu.to(dt), var.to(dt), count, total_samples
+
+    @staticmethod
+    def backward(ctx, g_mu: Tensor, g_var: Tensor, _gc, _gn):
+        mean_l, mu, count = ctx.saved_tensors
+        packed = torch.cat([g_mu.double(), g_var.double()])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)
+        c = mu.shape[0]
+        g_mu_t, g_var_t = packed[:c], packed[c:]
+        n_l = ctx.count_l
+        g_var_n = torch.where(count > 1, g_var_t / (count - 1).clamp(min=1), torch.zeros_like(g_var_t))
+        d_mean = g_mu_t * (n_l / count.clamp(min=1)) + g_var_n * 2 * n_l * (mean_l - mu)
+        d_m2 = g_var_n
+        dt = g_mu.dtype
+        return d_mean.to(dt), d_m2.to(dt), None, None, None
+
+
+class SyncFusedDABN(FusedDABN):
+    """:class:`FusedDABN` whose test-batch statistics (and score, on the score layer) are those
+    of the global batch over ``process_group`` (``None``: the default group).  See the module
+    docstring.  Every rank must call ``forward`` on every layer in the same order (as with
+    ``nn.SyncBatchNorm``); a rank may hold an empty batch ``(0, C, H, W)``.
+
+    Extra state after a forward: ``last_global_batch`` (0-dim float64 tensor, the number of
+    samples over all ranks) and ``last_bytes_sent`` (bytes this rank contributed to the
+    collectives of that forward).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, process_group=None, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **kwargs)
+        self.process_group = process_group
+        self.last_global_batch: Tensor | None = None
+        self.last_bytes_sent = 0
+        self._header_checked = False
+
+    # ------------------------------------------------------------------ checks
+    def _check_header(self, x: Tensor) -> None:
+        """Gather ``[C, dtype, layer call index]`` once and raise on a mismatch between ranks
+        (an all_gather of different sizes could otherwise hang or corrupt)."""
+        head = torch.tensor([self.num_features, x.shape[1], _DTYPE_CODES.get(x.dtype, 9)],
+                            dtype=torch.float64, device=x.device)
+        rows = _all_gather_rows(head, self.process_group)
+        if not bool((rows == rows[0]).all()):
+            got = [tuple(int(v) for v in r) for r in rows.cpu()]
+            raise RuntimeError("SyncFusedDABN: ranks disagree on (num_features, input channels, "
+                               f"dtype code) of this layer: {got} (dtype codes {_DTYPE_CODES}); "
+                               "every rank must run the same model on inputs of the same dtype")
+        self._header_checked = True
+
+    # ------------------------------------------------------------------ forward
+    def _local_stats(self, x: Tensor, need_x_grad: bool) -> tuple[Tensor, Tensor]:
+        if need_x_grad:
+            # differentiable (autograd); also on an empty slice, so that this rank's graph
+            # reaches the backward all_reduce like every other rank's
+            return instance_stats(x)
+        if x.shape[0] == 0:
+            z = x.new_zeros((0, x.shape[1]), dtype=acc_dtype(x.dtype))
+            return z, z
+        return ops.stats(x.detach(), _backend_for(x, self.backend))
+
+    def _global_batch(self, mean_i: Tensor, var_i: Tensor, m: int):
+        n = mean_i.shape[0]
+        mean_l = mean_i.sum(dim=0) / max(n, 1)
+        m2_l = ((m - 1) * var_i + m * (mean_i - mean_l).square()).sum(dim=0)
+        return _GlobalBatchMoments.apply(mean_l, m2_l, float(n * m), n, self.process_group)
+
+    def _global_score(self, x: Tensor, mean_i: Tensor, var_i: Tensor, mu_b: Tensor, m: int):
+        mode = self.score_mode
+        smean = self.source_mean.detach()
+        with torch.no_grad():
+            mean_i, var_i = mean_i.detach(), var_i.detach()
+            if mode == "dispersion":
+                z = dispersion_z(mean_i, var_i, smean, self.source_var.detach(), m, self.eps,
+                                 DISPERSION_PARTS).float()
+                count, mean, m2 = gather_moments(z, self.process_group)
+                var_f = (m2 / count.clamp(min=1)).float()
+                per = (z - mean.float()).square().mean(dim=1).sqrt()
+                self.last_bytes_sent += 8 * (1 + 2 * z.shape[1])
+                return var_f.sqrt().mean(), per
+            if x.shape[0] == 0:
+                angles = x.new_zeros((0,), dtype=torch.float32)
+            elif mode == "pixel":
+                angles = ops.diversity_angles(x.detach(), smean, mu_b.detach().float(),
+                                              _backend_for(x, self.backend)).float()
+            else:
+                angles = diversity_angles_instance(mean_i, smean, mu_b.detach()).float()
+            count, _, m2 = gather_moments(angles[:, None], self.process_group)
+            self.last_bytes_sent += 8 * 3
+            return (m2 / count.clamp(min=1)).float().sqrt().reshape(()), angles
+
+    def score(self, x: Tensor) -> Tensor:
+        """The diversity score of the GLOBAL batch (every rank calls it with its slice);
+        ``last_per_sample`` holds the local samples' values."""
+        self._check_input_dim(x)
+        _require_group(self.process_group)
+        if not self._header_checked:
+            self._check_header(x)
+        m = x.shape[2] * x.shape[3]
+        with torch.no_grad():
+            mean_i, var_i = self._local_stats(x, False)
+            mu_b = self._global_batch(mean_i, var_i, m)[0]
+            self.last_score, self.last_per_sample = self._global_score(x, mean_i, var_i, mu_b, m)
+        return self.last_score
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        _require_group(self.process_group)
+        for t, name in ((self.weight, "weight"), (self.source_mean, "source_mean")):
+            _check_channel_vec(t, name, x)
+        if not self._header_checked:
+            self._check_header(x)
+        n, c, h, w = x.shape
+        m = h * w
+        need_x_grad = torch.is_grad_enabled() and x.requires_grad
+        mean_i, var_i = self._local_stats(x, need_x_grad)
+        mu_b, var_b, count, total = self._global_batch(mean_i, var_i, m)
+        self.last_global_batch = total
+        self.last_bytes_sent = 8 * (2 * c + 2)
+        if self.compute_score:
+            self.last_score, self.last_per_sample = self._global_score(x, mean_i, var_i, mu_b, m)
+            if self.score_callback is not None:
+                self.score_callback(self, self.last_score)
+        return self._normalize(x, mean_i, var_i, mu_b, var_b, count, m)
+
+    def _normalize(self, x, mean_i, var_i, mu_b, var_b, count, m):
+        """SPEC §3 with the global ``mu_B, var_B``; edge rules on the global element count
+        (as tensors: no host sync)."""
+        dt = mean_i.dtype
+        blend = self.blend().to(device=x.device, dtype=dt)
+        w_s, w_b, w_i = blend[0], blend[1], blend[2]
+        if m <= 1:
+            w_s, w_i = w_s + w_i, torch.zeros_like(w_i)
+        has_b = (count > 1).to(dt)
+        w_s, w_b = w_s + w_b * (1 - has_b), w_b * has_b
+        smean, svar = self.source_mean.detach().to(dt), self.source_var.detach().to(dt)
+        mean_t, var_t = mean_i, var_i
+        if self.shrink_k is not None and m > 1:
+            mean_t, var_t = shrink_instance_stats(mean_i, var_i, smean, svar, m, self.shrink_k,
+                                                  self.eps)
+        mean = w_s * smean + w_b * mu_b + w_i * mean_t
+        var = w_s * svar + w_b * var_b + w_i * var_t
+        y = normalize(x, mean, var, self.weight, self.bias, self.eps)
+        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
+        return y.contiguous(memory_format=fmt)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", synced=True"
+
+
+def convert_sync(model: nn.Module, preset: str = "datta", process_group=None, **kwargs) -> nn.Module:
+    """``convert_model`` into :class:`SyncFusedDABN` layers (plain ``FusedDABN`` layers are
+    converted too, keeping their state and configuration)."""
+    def make(layer: FusedDABN) -> SyncFusedDABN:
+        new = SyncFusedDABN(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                            layer.track_running_stats, process_group=process_group,
+                            backend=layer.backend, score_mode=layer.score_mode,
+                            shrink_k=layer.shrink_k, preset="source",
+                            device=layer.source_mean.device, dtype=layer.source_mean.dtype)
+        new.load_state_dict(layer.state_dict(), strict=True)
+        new.preset = layer.preset
+        new.compute_score = layer.compute_score
+        for name in ("weight", "bias"):
+            s, d = getattr(layer, name), getattr(new, name)
+            if s is not None:
+                d.requires_grad_(s.requires_grad)
+        return new.train(layer.training)
+
+    if any(_is_plain_bn(m) for m in model.modules()):
+        model = convert_model(model, preset, process_group=process_group, **kwargs)
+    model, _ = _swap(model, lambda m: isinstance(m, FusedDABN) and not isinstance(m, SyncFusedDABN),
+                     make)
+    return model
+
+
+class DistributedDATTA(DATTA):
+    """:class:`~datta_kernels.DATTA` over a process group: each rank passes its slice of the
+    global batch; scores, decisions, outputs and parameters are those of one process on the
+    concatenated batch (see the module docstring).  Plain BatchNorm2d / FusedDABN layers are
+    converted to :class:`SyncFusedDABN` on ``process_group``.  Other arguments as ``DATTA``.
+    """
+
+    def __init__(self, model: nn.Module, preset: str | None = "datta", *, process_group=None,
+                 backend: str | None = "auto", shrink_k=_PRESET_DEFAULT, weights=None, **kwargs):
+        _require_group(process_group)
+        kw = {} if weights is None else {"weights": weights}
+        if shrink_k is not _PRESET_DEFAULT:
+            kw["shrink_k"] = shrink_k
+        model = convert_sync(model, preset or "datta", process_group=process_group,
+                             backend=backend or "auto", **kw)
+        self.process_group = process_group
+        super().__init__(model, preset, backend=backend, shrink_k=shrink_k, weights=weights,
+                         **kwargs)
+        if not all(isinstance(lyr, SyncFusedDABN) for lyr in self._layers):
+            raise ValueError("DistributedDATTA: every DABN layer must be a SyncFusedDABN")
+
+    def _step(self, x: Tensor) -> Tensor:
+        if self._score_at is None:
+            # probe with one zero sample of this shape: a rank with an empty slice probes too
+            self._score_at = first_nonlinear_layer(self.model, x.new_zeros((1, *x.shape[1:])))
+        return super()._step(x)
+
+    def _entropy_step(self, logits: Tensor) -> None:
+        """Loss = sum of local entropies / global batch size; gradients of ``gamma, beta``
+        summed over ranks (one packed all_reduce) before the step."""
+        total = self._layers[self._score_at].last_global_batch
+        loss = softmax_entropy(logits).sum() / total.to(torch.float32).clamp(min=1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        offset = 0
+        for p in params:
+            k = p.numel()
+            p.grad = flat[offset:offset + k].view_as(p).clone()
+            offset += k
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.n_updates += 1
+
