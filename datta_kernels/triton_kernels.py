@@ -95,10 +95,10 @@ def diversity_angles(x: Tensor, source_mean: Tensor, batch_mean: Tensor) -> Tens
     jit._angles_partial_kernel[(p_tiles, n)](
         x, _vec(source_mean, x), _vec(batch_mean, x), part, n, c, m, p_tiles,
         CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_P=block_p)
-    mean_cos = x.new_empty((n,), dtype=_F32)
+    mean_cos = x.new_empty((n,), dtype=torch.float64)
     jit._angles_finalize_kernel[(n,)](
         part, mean_cos, m, p_tiles, BLOCK=min(cfg.LAUNCH.angles_reduce_block, cfg.next_pow2(p_tiles)))
-    return mean_cos.clamp_(-1.0, 1.0).arccos_()
+    return mean_cos.clamp_(-1.0, 1.0).arccos_().to(_F32)
 
 
 def _blend_vec(blend: Tensor, x: Tensor) -> Tensor:
@@ -141,7 +141,7 @@ def dabn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: Ten
     mean_i = mean_i.detach().to(_F32).contiguous()
     var_i = var_i.detach().to(_F32).contiguous()
     t = cfg.reduce_tiling(n, c, m, cl, x.element_size(), x.device)
-    psdy = x.new_empty((n, t.splits, c), dtype=_F32)
+    psdy = x.new_empty((n, t.splits, c), dtype=torch.float64)  # fp64 totals: see _triton_jit
     psdyxc = torch.empty_like(psdy)
     jit._bwd_partial_kernel[t.grid(n)](
         dy, x, mean_i, psdy, psdyxc, n, c, m, t.iters, t.splits,

@@ -204,22 +204,29 @@ template <typename A> struct MomentsOp {
 };
 
 /// Backward pass 1 sums of one (n, c): sdy = sum dy, sdyxc = sum dy (x - mu_i); `center` is
-/// mu_i, so the products never see the raw offset of x (stable for 1e4 + noise).
+/// mu_i, so the products never see the raw offset of x (stable for 1e4 + noise).  A chunk of
+/// K values is summed in A and added to double totals; States merge in double.  A float
+/// running total per thread (M / 256 values) drifts with M (~1e-4 relative at M = 2^28) and
+/// stops growing once it is 2^24 times its addends; the double totals cost two DADDs per
+/// chunk, not per element.
 template <typename A> struct DySums {
-  A sdy, sdyxc;
+  double sdy, sdyxc;
 };
 template <typename A> struct DySumsOp {
   using State = DySums<A>;
   static constexpr bool kHasDy = true;
-  __device__ static State identity() { return {A(0), A(0)}; }
+  __device__ static State identity() { return {0.0, 0.0}; }
   template <int K>
   __device__ static void add(State& s, const A (&x)[K], const A (&dy)[K], int cnt, A center) {
+    A cdy = A(0), cdyxc = A(0);
 #pragma unroll
     for (int i = 0; i < K; ++i)
       if (i < cnt) {
-        s.sdy += dy[i];
-        s.sdyxc += dy[i] * (x[i] - center);
+        cdy += dy[i];
+        cdyxc += dy[i] * (x[i] - center);
       }
+    s.sdy += double(cdy);
+    s.sdyxc += double(cdyxc);
   }
   __device__ static void merge(State& a, const State& b) {
     a.sdy += b.sdy;
@@ -230,8 +237,8 @@ template <typename A> struct DySumsOp {
             __shfl_down_sync(cfg::kFullMask, s.sdyxc, delta, width)};
   }
   __device__ static void finalize(const State& s, A* out0, A* out1, int64_t i) {
-    out0[i] = s.sdy;
-    out1[i] = s.sdyxc;
+    out0[i] = A(s.sdy);
+    out1[i] = A(s.sdyxc);
   }
 };
 
