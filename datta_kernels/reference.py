@@ -253,6 +253,8 @@ def dabn_backward(
         ``A = g r``,  ``B = 2 dvar_i / (M - 1) + 2 dvar_B / (N M - 1)``
         ``C0 = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1)``
     Pass 2 (reads x, dy, writes dx):  ``dx = A dy + B xc + C0``.
+    Every ``w * term`` is :func:`weighted` (a statistic of weight 0 is not read) and ``B xc``
+    is left out where ``B = 0`` (SPEC §3, "Non-finite input").
     """
     dt = mean_i.dtype
     n, c, h, w = x.shape
