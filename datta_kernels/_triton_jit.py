@@ -9,10 +9,11 @@ Conventions shared by every kernel:
 * Streaming kernels run on the grid ``(N * c_blocks, splits)``; program ``(row, split)`` walks
   pixel tiles ``[split*ITERS, split*ITERS + ITERS)`` of row ``row = n*c_blocks + cb``.
 * Every statistic is fp32; padding lanes are masked out of every sum; no atomics anywhere, so
-  results are bit-identical run to run.  Plain sums that run over a whole plane (the
-  backward's ``sum dy``, ``sum dy (x - mu)``, the angles' ``sum cos``) add fp32 tile sums into
-  fp64 totals: an fp32 running total drifts with M and stops growing once the total is 2^24
-  times the tile sum, at M = 2^28 .. 2^31 that is 1e-4 relative error or worse.
+  results are bit-identical run to run.  Totals that run over a whole plane (the moments'
+  running mean/M2, the backward's ``sum dy``, ``sum dy (x - mu)``, the angles' ``sum cos``)
+  take fp32 tile results into fp64: an fp32 running total drifts with M and stops growing
+  once the total is 2^24 times the tile's share; at M = 2^26 .. 2^31 that is 5e-5 relative
+  error or worse.
 * Per-(n, c) partials are stored ``(N, splits, C)`` (channels contiguous) for the finalize
   kernels, which tile ``[BLOCK_N, BLOCK_C]`` and loop over splits and batch blocks in a fixed
   order.
@@ -132,7 +133,7 @@ def _batch_stats_block(cnt, bmean, bm2, mean_i, m2_i, mask, nb, M):
 @triton.jit
 def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, C, M, ITERS, SPLITS,
                           CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Per-(n, c, split) count/mean/M2 of ``x`` -> ``pmean, pm2 (N, SPLITS, C)`` fp32.
+    """Per-(n, c, split) count/mean/M2 of ``x`` -> ``pmean, pm2 (N, SPLITS, C)`` fp64.
 
     Shifted Chan: every program subtracts the same per-(n, c) shift ``K = x[n, c, 0]`` (exact
     for nearby values), centres each tile on its own mean before squaring (two passes over
@@ -140,7 +141,9 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, C, M, ITERS, SPLITS,
     formula.  The stored means are ``mean - K``, so the merges' ``delta^2`` terms work at the
     noise scale, not at the offset's: ``1e4 + noise`` keeps ~1e-6 relative variance error,
     where ``sum x^2 - (sum x)^2 / M`` in fp32 returns garbage.  The count of a tile,
-    ``min(BLOCK_P, M - p0)``, is the same for every channel, so it stays a scalar.
+    ``min(BLOCK_P, M - p0)``, is the same for every channel, so it stays a scalar.  Tiles are
+    reduced in fp32, the running summary is fp64 (its M2 is a total over every tile: in fp32
+    it drifts with M, see the module notes).
     """
     n, c_offs, c_mask = _row(C, BLOCK_C)
     split = tl.program_id(1)
@@ -150,8 +153,8 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, C, M, ITERS, SPLITS,
     t0 = split * ITERS
     t1 = tl.minimum(t0 + ITERS, tl.cdiv(M, BLOCK_P))
     cnt = 0.0
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
     for t in range(t0, t1):
         p_offs = t * BLOCK_P + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & (p_offs < M)[None, :]
@@ -160,7 +163,8 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, C, M, ITERS, SPLITS,
         cnt_b = tl.minimum(M - t * BLOCK_P, BLOCK_P).to(tl.float32)
         mean_b = tl.sum(x, axis=1) / cnt_b
         d = tl.where(mask, x - mean_b[:, None], 0.0)
-        cnt, mean, m2 = _chan(cnt, mean, m2, cnt_b, mean_b, tl.sum(d * d, axis=1))
+        m2_b = tl.sum(d * d, axis=1)
+        cnt, mean, m2 = _chan(cnt, mean, m2, cnt_b, mean_b.to(tl.float64), m2_b.to(tl.float64))
     out = (n * SPLITS + split) * C + c_offs
     tl.store(pmean_ptr + out, mean, mask=c_mask)
     tl.store(pm2_ptr + out, m2, mask=c_mask)
@@ -173,7 +177,8 @@ def _stats_finalize_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, bmean_p
     """Merge the splits -> ``mean_i, var_i (N, C)`` (unbiased, 0 when M == 1) and fold the
     batch -> ``mu_B, var_B (C,)`` (unbiased, 0 when N*M <= 1).  One program per channel
     block; fixed loop order over batch blocks and splits.  The partial means are relative
-    to the shift ``K = x[n, c, 0]``, added back once here."""
+    to the shift ``K = x[n, c, 0]``, added back once here; the splits merge in fp64, the
+    batch fold (N values) in fp32."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     bcnt = 0.0
@@ -183,8 +188,8 @@ def _stats_finalize_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, bmean_p
         n_offs = n0 + tl.arange(0, BLOCK_N)
         mask = (n_offs < N)[:, None] & c_mask[None, :]
         cnt = 0.0
-        mean = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        m2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
         for s in range(0, SPLITS):
             offs = (n_offs[:, None] * SPLITS + s) * C + c_offs[None, :]
             cnt_b = tl.minimum(M - s * CHUNK, CHUNK).to(tl.float32)
@@ -193,7 +198,8 @@ def _stats_finalize_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, bmean_p
             cnt, mean, m2 = _chan(cnt, mean, m2, cnt_b, mean_b, m2_b)
         shift_offs = n_offs[:, None].to(tl.int64) * C * M + _offsets(c_offs, tl.arange(0, 1), C, M,
                                                                      CHANNELS_LAST).reshape(1, BLOCK_C)
-        mean += tl.load(x_ptr + shift_offs, mask=mask, other=0.0).to(tl.float32)
+        mean = (mean + tl.load(x_ptr + shift_offs, mask=mask, other=0.0).to(tl.float64)).to(tl.float32)
+        m2 = m2.to(tl.float32)
         nc = n_offs[:, None] * C + c_offs[None, :]
         tl.store(mean_ptr + nc, mean, mask=mask)
         tl.store(var_ptr + nc, m2 / tl.maximum(M - 1, 1), mask=mask)

@@ -53,7 +53,7 @@ def _stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     n, c, h, w = x.shape
     m = h * w
     t = cfg.reduce_tiling(n, c, m, channels_last, x.element_size(), x.device)
-    pmean = x.new_empty((n, t.splits, c), dtype=_F32)
+    pmean = x.new_empty((n, t.splits, c), dtype=torch.float64)  # fp64 summaries: see _triton_jit
     pm2 = torch.empty_like(pmean)
     jit._stats_partial_kernel[t.grid(n)](
         x, pmean, pm2, n, c, m, t.iters, t.splits,

@@ -27,7 +27,7 @@ ARCHS = (80, 90)
 #: arguments holding elements of x (its dtype); fp64 totals (plane-long sums); every other
 #: pointer is fp32 statistics/params
 X_ARGS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
-F64_ARGS = {"psdy_ptr", "psdyxc_ptr", "mean_cos_ptr"}
+F64_ARGS = {"pmean_ptr", "pm2_ptr", "psdy_ptr", "psdyxc_ptr", "mean_cos_ptr"}
 FLOAT_ARGS = {"shrink_k", "eps"}
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}

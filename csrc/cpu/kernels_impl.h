@@ -103,30 +103,22 @@ A hsum(const Vectorized<A>& v) {
 #endif
 }
 
-/// Scalar type of a lane: A itself, or Vectorized<A>'s value_type.
-template <typename S, typename = void>
-struct LaneOf { using type = S; };
-template <typename S>
-struct LaneOf<S, std::void_t<typename S::value_type>> { using type = typename S::value_type; };
-
-/// Chan et al. merge of two (count, mean, M2) partials, for scalars or whole vectors of
-/// channels that share one count:  delta = mean_b - mean_a,
+/// Chan et al. merge of two (count, mean, M2) partials, in double (every caller merges float
+/// chunk results into double totals):  delta = mean_b - mean_a,
 /// mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
-template <typename S>
-void chan_merge(int64_t& count, S& mean, S& m2, int64_t nb, const S& mean_b, const S& m2_b) {
+inline void chan_merge(int64_t& count, double& mean, double& m2, int64_t nb, double mean_b, double m2_b) {
   if (count == 0) {
     count = nb;
     mean = mean_b;
     m2 = m2_b;
     return;
   }
-  using A = typename LaneOf<S>::type;
   const int64_t total = count + nb;
-  const A wb = static_cast<A>(nb) / static_cast<A>(total);
-  const A wab = static_cast<A>(count) * wb;
-  const S delta = mean_b - mean;
-  mean = mean + delta * S(wb);
-  m2 = m2 + m2_b + delta * delta * S(wab);
+  const double wb = static_cast<double>(nb) / static_cast<double>(total);
+  const double wab = static_cast<double>(count) * wb;
+  const double delta = mean_b - mean;
+  mean += delta * wb;
+  m2 += m2_b + delta * delta * wab;
   count = total;
 }
 
@@ -188,8 +180,9 @@ typename Io<T>::A centred_ss_run(const T* p, int64_t n, typename Io<T>::A shift,
   return hsum((s0 + s1) + (s2 + s3));
 }
 
-/// Mean and M2 of one plane: per L1 chunk (shifted) sum -> chunk mean -> centred SS from L1,
-/// Chan-merged across chunks.
+/// Mean and M2 of one plane: per L1 chunk (shifted) sum -> chunk mean -> centred SS from L1
+/// (in A), Chan-merged across chunks in double: merged in float, M2 is a running total of
+/// chunk M2s and drifts with M like any float running sum (5e-5 relative at M = 2^26).
 template <typename T>
 void plane_moments(const T* p, int64_t m, typename Io<T>::A& mean, typename Io<T>::A& m2) {
   using A = typename Io<T>::A;
@@ -198,14 +191,15 @@ void plane_moments(const T* p, int64_t m, typename Io<T>::A& mean, typename Io<T
   // small numbers, and the absolute mean is rounded once at the end.
   const A shift = sum_shift(static_cast<A>(p[0]));
   int64_t count = 0;
-  A mean_dev = 0;
-  m2 = 0;
+  double mean_dev = 0, m2_total = 0;
   for (int64_t s = 0; s < m; s += chunk) {
     const int64_t len = std::min(chunk, m - s);
     const A cm = shifted_sum_run(p + s, len, shift) / static_cast<A>(len);
-    chan_merge<A>(count, mean_dev, m2, len, cm, centred_ss_run(p + s, len, shift, cm));
+    const A css = centred_ss_run(p + s, len, shift, cm);
+    chan_merge(count, mean_dev, m2_total, len, static_cast<double>(cm), static_cast<double>(css));
   }
-  mean = shift + mean_dev;
+  mean = static_cast<A>(static_cast<double>(shift) + mean_dev);
+  m2 = static_cast<A>(m2_total);
 }
 
 /// sdy = sum dy, sdyxc = sum dy * (x - mu) over one run of n elements (a chunk), in A.
@@ -283,8 +277,9 @@ inline typename Io<T>::V block_load(const T* p, int j, int64_t tail) {
 }
 
 /// Mean and M2 of channels [c0, c0 + (NV-1)*kW + tail) over rows [r0, r1) of sample xn
-/// (rows of length C), chunked by L1 and shifted like plane_moments, vectorised along channels
-/// (`mean` holds deviations from `shift` until the final store).
+/// (rows of length C), chunked by L1 and shifted like plane_moments, vectorised along channels;
+/// the chunks are Chan-merged per channel in double (`mean` holds deviations from `shift`
+/// until the final store).
 template <typename T, int NV>
 void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t tail,
                       typename Io<T>::A* mean_out, typename Io<T>::A* m2_out) {
@@ -293,7 +288,7 @@ void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0
   using V = typename IO::V;
   constexpr int64_t kW = IO::kW;
   const int64_t chunk_rows = std::max<int64_t>(1, config::kL1ChunkBytes / (sizeof(T) * NV * kW));
-  V mean[NV], m2[NV], shift[NV];
+  V shift[NV];
   for (int j = 0; j < NV; ++j) {  // per-channel shift: the segment's first row (if finite)
     const V first = block_load<T, NV>(xn + r0 * C + c0 + j * kW, j, tail);
     alignas(64) A lanes[kW];
@@ -302,6 +297,7 @@ void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0
     shift[j] = V::loadu(lanes);
   }
   int64_t count = 0;
+  double mean[NV * kW] = {}, m2[NV * kW] = {};
   for (int64_t rs = r0; rs < r1; rs += chunk_rows) {
     const int64_t len = std::min(chunk_rows, r1 - rs);
     V sum[NV], css[NV];
@@ -319,16 +315,26 @@ void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0
         css[j] = at::vec::fmadd(d, d, css[j]);
       }
     }
+    alignas(64) A lanes[2][kW];
     for (int j = 0; j < NV; ++j) {
-      int64_t cnt = count;
-      chan_merge<V>(cnt, mean[j], m2[j], len, sum[j], css[j]);
+      sum[j].store(lanes[0]);
+      css[j].store(lanes[1]);
+      for (int64_t l = 0; l < kW; ++l) {
+        int64_t cnt = count;
+        chan_merge(cnt, mean[j * kW + l], m2[j * kW + l], len, static_cast<double>(lanes[0][l]),
+                           static_cast<double>(lanes[1][l]));
+      }
     }
     count += len;
   }
   for (int j = 0; j < NV; ++j) {
     const int64_t n = j == NV - 1 ? tail : kW;
-    (shift[j] + mean[j]).store(mean_out + j * kW, n);
-    m2[j].store(m2_out + j * kW, n);
+    alignas(64) A lanes[kW];
+    shift[j].store(lanes);
+    for (int64_t l = 0; l < n; ++l) {
+      mean_out[j * kW + l] = static_cast<A>(static_cast<double>(lanes[l]) + mean[j * kW + l]);
+      m2_out[j * kW + l] = static_cast<A>(m2[j * kW + l]);
+    }
   }
 }
 
@@ -431,14 +437,15 @@ void moments_impl(const Geometry& g, const T* x, typename Io<T>::A* mean, typena
       const int64_t n = i / g.c, c = i % g.c;
       const A base = sum_shift(pmean[n * p.segs * g.c + c]);
       int64_t count = 0;
-      A mu = 0, ss = 0;
+      double mu = 0, ss = 0;
       for (int64_t s = 0; s < p.segs; ++s) {
         const int64_t rows = std::min(p.seg_rows, g.m - s * p.seg_rows);
         const int64_t k = (n * p.segs + s) * g.c + c;
-        chan_merge<A>(count, mu, ss, rows, pmean[k] - base, pm2[k]);
+        chan_merge(count, mu, ss, rows, static_cast<double>(pmean[k] - base),
+                           static_cast<double>(pm2[k]));
       }
-      mean[i] = base + mu;
-      m2[i] = ss;
+      mean[i] = static_cast<A>(static_cast<double>(base) + mu);
+      m2[i] = static_cast<A>(ss);
     }
   });
 }
