@@ -49,6 +49,17 @@ def _chunks(total: int, chunk: int):
         yield s, min(total, s + chunk)
 
 
+def _randn(shape, dtype, seed, chunk):
+    """N(0, 1) straight into a ``dtype`` tensor, a chunk at a time (no float32 copy of the
+    whole input: that alone would be 8 GiB for 2^31 pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(shape, dtype=dtype)
+    flat = out.view(-1)
+    for lo, hi in _chunks(flat.numel(), chunk):
+        flat[lo:hi] = torch.randn(hi - lo, generator=g)
+    return out
+
+
 # ---------------------------------------------------------------- float64 oracles
 def _plane_sums(x, dy, chunk):
     """(N, C) float64 mean, unbiased var, sum dy, sum dy (x - mean) of a (N, C, M) view."""
@@ -147,7 +158,7 @@ def check_backward(impl, side, chunk, results):
 
 
 def check_ones(impl, side, chunk, results):
-    x = torch.randn(1, 1, side, side, generator=torch.Generator().manual_seed(1)).half()
+    x = _randn((1, 1, side, side), torch.float16, 1, chunk)
     dy = torch.ones_like(x)
     blend = torch.tensor([0.0, 1.0, 0.0])
     one, zero = torch.ones(1), torch.zeros(1)
@@ -166,7 +177,7 @@ def check_ones(impl, side, chunk, results):
 
 def check_angles(impl, side_one, side_two, chunk, results):
     # the issue's case: one sample, source mean = batch mean -> exact angle 0
-    x = torch.randn(1, 1, side_one, side_one, generator=torch.Generator().manual_seed(2)).half()
+    x = _randn((1, 1, side_one, side_one), torch.float16, 2, chunk)
     t = time.time()
     mean_i, _ = impl.instance_stats(x)
     bmean = mean_i.mean(0)
@@ -180,8 +191,7 @@ def check_angles(impl, side_one, side_two, chunk, results):
     del x
     # two samples with different angles (C = 1: cos = +-1 per pixel, theta = arccos of a mean
     # of signs, so a drifting total shows directly)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 1, side_two, side_two, generator=g).half()
+    x = _randn((2, 1, side_two, side_two), torch.float16, 3, chunk)
     x[1].add_(0.5)
     smean = torch.tensor([-0.3])
     t = time.time()
