@@ -29,9 +29,19 @@ __all__ = ["instance_stats", "diversity_angles", "dabn_forward", "dabn_backward"
 _F32 = torch.float32
 
 
+#: offsets inside one image (c*M + p, p*C + c) are int32 in the kernels
+_MAX_IMAGE_ELEMS = 2**31 - 1
+
+
 def _layout(x: Tensor) -> tuple[Tensor, bool]:
     """``(x, channels_last)``: x dense in NCHW or channels_last order.  A tensor that is both
-    (C == 1 or H*W == 1) maps elements identically under either offset formula."""
+    (C == 1 or H*W == 1) maps elements identically under either offset formula.  Raises for
+    an image of 2^31 elements or more (its int32 offsets would wrap: wrong addresses, not an
+    error, on a GPU)."""
+    if x[0].numel() > _MAX_IMAGE_ELEMS:
+        raise ValueError(f"triton backend: one image of C*H*W = {x[0].numel()} elements; the kernels "
+                         f"index within an image in int32 (at most {_MAX_IMAGE_ELEMS}); use the "
+                         "'cuda' or 'cpu' backend")
     if x.is_contiguous():
         return x, False
     if x.is_contiguous(memory_format=torch.channels_last):

@@ -310,3 +310,16 @@ def test_instance_variance_does_not_drift(backend, layout, shape):
 def test_instance_variance_does_not_drift_triton(long_triton_rows, layout, shape):
     """1024 tiles merged in sequence (old code, in float32: error 8.0e-6 NCHW, 1.3e-6 channels_last)."""
     assert _var_error(_impl("triton"), _periodic(shape, layout)) < 1e-6
+
+
+@pytest.mark.triton
+def test_triton_refuses_images_past_int32_offsets():
+    """Found by scripts/stress_numerics.py: a 46341^2 plane (> 2^31 pixels) overflowed the
+    kernels' int32 pixel offsets (the interpreter raised; a GPU would read wrong addresses).
+    An expanded view: no memory is allocated."""
+    pytest.importorskip("triton")
+    from datta_kernels import triton_kernels as tk
+
+    x = torch.empty(1, 1, 1, 1).expand(1, 2, 2**15, 2**15)
+    with pytest.raises(ValueError, match="int32"):
+        tk.instance_stats(x)
