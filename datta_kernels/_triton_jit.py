@@ -9,7 +9,11 @@ Conventions shared by every kernel:
 * Streaming kernels run on the grid ``(N * c_blocks, splits)``; program ``(row, split)`` walks
   pixel tiles ``[split*ITERS, split*ITERS + ITERS)`` of row ``row = n*c_blocks + cb``.
 * Every statistic is fp32; padding lanes are masked out of every sum; no atomics anywhere, so
-  results are bit-identical run to run.
+  results are bit-identical run to run.  Totals that run over a whole plane (the moments'
+  running mean/M2, the backward's ``sum dy``, ``sum dy (x - mu)``, the angles' ``sum cos``)
+  take fp32 tile results into fp64: an fp32 running total drifts with M and stops growing
+  once the total is 2^24 times the tile's share; at M = 2^26 .. 2^31 that is 5e-5 relative
+  error or worse.
 * Per-(n, c) partials are stored ``(N, splits, C)`` (channels contiguous) for the finalize
   kernels, which tile ``[BLOCK_N, BLOCK_C]`` and loop over splits and batch blocks in a fixed
   order.
@@ -61,6 +65,13 @@ def _chan(cnt_a, mean_a, m2_a, cnt_b, mean_b, m2_b):
 
 
 @triton.jit
+def _weighted(w, s):
+    """``w * s`` where ``w != 0``, else 0: a statistic of weight 0 is never read, so an inf/NaN
+    in it cannot leak through ``0 * inf = NaN`` (SPEC §3, "Non-finite input")."""
+    return tl.where(w != 0, w * s, 0.0)
+
+
+@triton.jit
 def _blend(blend_ptr, N, M):
     """SPEC §3 weights with the edge rules (``M <= 1``: w_i -> w_s; ``N*M <= 1``: w_b -> w_s).
     Read on the device: changing the blend never syncs or recompiles."""
@@ -101,8 +112,8 @@ def _moments(mean_i, var_i, mu_b, var_b, smean, svar, w_s, w_b, w_i, M, shrink_k
         mean_t = smean + tl.where(z_mu > lam_mu, z_mu - lam_mu, tl.where(z_mu < -lam_mu, z_mu + lam_mu, 0.0))
         var_t = svar + tl.where(z_var > lam_var, z_var - lam_var,
                                 tl.where(z_var < -lam_var, z_var + lam_var, 0.0))
-    m = w_s * smean + w_b * mu_b + w_i * mean_t
-    v = w_s * svar + w_b * var_b + w_i * var_t
+    m = _weighted(w_s, smean) + _weighted(w_b, mu_b) + _weighted(w_i, mean_t)
+    v = _weighted(w_s, svar) + _weighted(w_b, var_b) + _weighted(w_i, var_t)
     return m, v, keep_mu, keep_var
 
 
@@ -122,7 +133,7 @@ def _batch_stats_block(cnt, bmean, bm2, mean_i, m2_i, mask, nb, M):
 @triton.jit
 def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, C, M, ITERS, SPLITS,
                           CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Per-(n, c, split) count/mean/M2 of ``x`` -> ``pmean, pm2 (N, SPLITS, C)`` fp32.
+    """Per-(n, c, split) count/mean/M2 of ``x`` -> ``pmean, pm2 (N, SPLITS, C)`` fp64.
 
     Shifted Chan: every program subtracts the same per-(n, c) shift ``K = x[n, c, 0]`` (exact
     for nearby values), centres each tile on its own mean before squaring (two passes over
@@ -130,7 +141,9 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, C, M, ITERS, SPLITS,
     formula.  The stored means are ``mean - K``, so the merges' ``delta^2`` terms work at the
     noise scale, not at the offset's: ``1e4 + noise`` keeps ~1e-6 relative variance error,
     where ``sum x^2 - (sum x)^2 / M`` in fp32 returns garbage.  The count of a tile,
-    ``min(BLOCK_P, M - p0)``, is the same for every channel, so it stays a scalar.
+    ``min(BLOCK_P, M - p0)``, is the same for every channel, so it stays a scalar.  Tiles are
+    reduced in fp32, the running summary is fp64 (its M2 is a total over every tile: in fp32
+    it drifts with M, see the module notes).
     """
     n, c_offs, c_mask = _row(C, BLOCK_C)
     split = tl.program_id(1)
@@ -140,8 +153,8 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, C, M, ITERS, SPLITS,
     t0 = split * ITERS
     t1 = tl.minimum(t0 + ITERS, tl.cdiv(M, BLOCK_P))
     cnt = 0.0
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float64)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
     for t in range(t0, t1):
         p_offs = t * BLOCK_P + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & (p_offs < M)[None, :]
@@ -150,7 +163,8 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, C, M, ITERS, SPLITS,
         cnt_b = tl.minimum(M - t * BLOCK_P, BLOCK_P).to(tl.float32)
         mean_b = tl.sum(x, axis=1) / cnt_b
         d = tl.where(mask, x - mean_b[:, None], 0.0)
-        cnt, mean, m2 = _chan(cnt, mean, m2, cnt_b, mean_b, tl.sum(d * d, axis=1))
+        m2_b = tl.sum(d * d, axis=1)
+        cnt, mean, m2 = _chan(cnt, mean, m2, cnt_b, mean_b.to(tl.float64), m2_b.to(tl.float64))
     out = (n * SPLITS + split) * C + c_offs
     tl.store(pmean_ptr + out, mean, mask=c_mask)
     tl.store(pm2_ptr + out, m2, mask=c_mask)
@@ -163,7 +177,8 @@ def _stats_finalize_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, bmean_p
     """Merge the splits -> ``mean_i, var_i (N, C)`` (unbiased, 0 when M == 1) and fold the
     batch -> ``mu_B, var_B (C,)`` (unbiased, 0 when N*M <= 1).  One program per channel
     block; fixed loop order over batch blocks and splits.  The partial means are relative
-    to the shift ``K = x[n, c, 0]``, added back once here."""
+    to the shift ``K = x[n, c, 0]``, added back once here; the splits merge in fp64, the
+    batch fold (N values) in fp32."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     bcnt = 0.0
@@ -173,8 +188,8 @@ def _stats_finalize_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, bmean_p
         n_offs = n0 + tl.arange(0, BLOCK_N)
         mask = (n_offs < N)[:, None] & c_mask[None, :]
         cnt = 0.0
-        mean = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
+        m2 = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float64)
         for s in range(0, SPLITS):
             offs = (n_offs[:, None] * SPLITS + s) * C + c_offs[None, :]
             cnt_b = tl.minimum(M - s * CHUNK, CHUNK).to(tl.float32)
@@ -183,7 +198,8 @@ def _stats_finalize_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, bmean_p
             cnt, mean, m2 = _chan(cnt, mean, m2, cnt_b, mean_b, m2_b)
         shift_offs = n_offs[:, None].to(tl.int64) * C * M + _offsets(c_offs, tl.arange(0, 1), C, M,
                                                                      CHANNELS_LAST).reshape(1, BLOCK_C)
-        mean += tl.load(x_ptr + shift_offs, mask=mask, other=0.0).to(tl.float32)
+        mean = (mean + tl.load(x_ptr + shift_offs, mask=mask, other=0.0).to(tl.float64)).to(tl.float32)
+        m2 = m2.to(tl.float32)
         nc = n_offs[:, None] * C + c_offs[None, :]
         tl.store(mean_ptr + nc, mean, mask=mask)
         tl.store(var_ptr + nc, m2 / tl.maximum(M - 1, 1), mask=mask)
@@ -243,23 +259,24 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, bmean_ptr, bvar_ptr, smea
 def _bwd_partial_kernel(dy_ptr, x_ptr, mean_ptr, psdy_ptr, psdyxc_ptr, N, C, M, ITERS, SPLITS,
                         CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Backward pass 1: ``sdy = sum_p dy``, ``sdyxc = sum_p dy (x - mu_i)`` per (n, c, split)
-    -> ``(N, SPLITS, C)`` fp32.  Centring on ``mu_i`` keeps the products small."""
+    -> ``(N, SPLITS, C)`` fp64.  Centring on ``mu_i`` keeps the products small.  Each tile is
+    summed in fp32 (a tree), the tile sums in fp64 (see the module notes)."""
     n, c_offs, c_mask = _row(C, BLOCK_C)
     split = tl.program_id(1)
     mu = tl.load(mean_ptr + n * C + c_offs, mask=c_mask, other=0.0)
     base = n.to(tl.int64) * C * M
     t0 = split * ITERS
     t1 = tl.minimum(t0 + ITERS, tl.cdiv(M, BLOCK_P))
-    sdy = tl.zeros([BLOCK_C], dtype=tl.float32)
-    sdyxc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sdy = tl.zeros([BLOCK_C], dtype=tl.float64)
+    sdyxc = tl.zeros([BLOCK_C], dtype=tl.float64)
     for t in range(t0, t1):
         p_offs = t * BLOCK_P + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & (p_offs < M)[None, :]
         offs = base + _offsets(c_offs, p_offs, C, M, CHANNELS_LAST)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        sdy += tl.sum(dy, axis=1)
-        sdyxc += tl.sum(dy * tl.where(mask, x - mu[:, None], 0.0), axis=1)
+        sdy += tl.sum(dy, axis=1).to(tl.float64)
+        sdyxc += tl.sum(dy * tl.where(mask, x - mu[:, None], 0.0), axis=1).to(tl.float64)
     out = (n * SPLITS + split) * C + c_offs
     tl.store(psdy_ptr + out, sdy, mask=c_mask)
     tl.store(psdyxc_ptr + out, sdyxc, mask=c_mask)
@@ -268,13 +285,16 @@ def _bwd_partial_kernel(dy_ptr, x_ptr, mean_ptr, psdy_ptr, psdyxc_ptr, N, C, M, 
 @triton.jit
 def _bwd_terms(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, n_offs, c_offs, mask, mu_b, var_b, smean, svar,
                g, w_s, w_b, w_i, C, M, SPLITS, shrink_k, eps, SHRINK: tl.constexpr):
-    """Per-(n, c) backward terms of one batch block (names as in reference.dabn_backward)."""
-    sdy = tl.zeros(mask.shape, dtype=tl.float32)
-    sdyxc = tl.zeros(mask.shape, dtype=tl.float32)
+    """Per-(n, c) backward terms of one batch block (names as in reference.dabn_backward);
+    the fp64 split partials are added in fp64, then rounded once to fp32."""
+    sdy = tl.zeros(mask.shape, dtype=tl.float64)
+    sdyxc = tl.zeros(mask.shape, dtype=tl.float64)
     for s in range(0, SPLITS):
         offs = (n_offs[:, None] * SPLITS + s) * C + c_offs[None, :]
         sdy += tl.load(psdy_ptr + offs, mask=mask, other=0.0)
         sdyxc += tl.load(psdyxc_ptr + offs, mask=mask, other=0.0)
+    sdy = sdy.to(tl.float32)
+    sdyxc = sdyxc.to(tl.float32)
     nc = n_offs[:, None] * C + c_offs[None, :]
     mean_i = tl.load(mean_ptr + nc, mask=mask, other=0.0)
     var_i = tl.load(var_ptr + nc, mask=mask, other=0.0)
@@ -303,8 +323,10 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
        ``C0 = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1)``  -> (N, C).
 
     Undefined denominators (``M = 1``, ``N M = 1``) meet a zero weight from the edge rules,
-    so ``max(., 1)`` only keeps the arithmetic finite.  dweight/dbias are plain fixed-order
-    sums over the batch: deterministic, no atomics.
+    so ``max(., 1)`` only keeps the arithmetic finite.  Every ``w * term`` is
+    ``_weighted(w, term)`` (and the ``mu_i - mu_B`` term is dropped where ``dvar_B = 0``): a
+    statistic of weight 0, an inf/NaN one included, never reaches the coefficients.
+    dweight/dbias are plain fixed-order sums over the batch: deterministic, no atomics.
     """
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
@@ -344,8 +366,8 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
         sum_dv += tl.sum(tl.where(mask, dv, 0.0), axis=0)
     tl.store(db_ptr + c_offs, dbias, mask=c_mask)
     tl.store(dw_ptr + c_offs, dweight, mask=c_mask)
-    dmu_bt = w_b * sum_dm
-    dvar_bt = w_b * sum_dv
+    dmu_bt = _weighted(w_b, sum_dm)
+    dvar_bt = _weighted(w_b, sum_dv)
     nm = (N * M).to(tl.float32)
     nm1 = tl.maximum(N * M - 1, 1).to(tl.float32)
 
@@ -355,12 +377,12 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
         mean_i, _, _, r, dm, dv, keep_mu, keep_var = _bwd_terms(
             psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, n_offs, c_offs, mask, mu_b, var_b, smean, svar,
             g, w_s, w_b, w_i, C, M, SPLITS, shrink_k, eps, SHRINK)
-        dmu_i = w_i * dm * keep_mu
-        dvar_i = w_i * dv * keep_var
+        dmu_i = _weighted(w_i, dm * keep_mu)
+        dvar_i = _weighted(w_i, dv * keep_var)
         coef_a = g[None, :] * r
         coef_b = 2.0 * dvar_i / tl.maximum(M - 1, 1) + 2.0 * dvar_bt[None, :] / nm1
         coef_c = (dmu_i / M + dmu_bt[None, :] / nm
-                  + 2.0 * dvar_bt[None, :] * (mean_i - mu_b[None, :]) / nm1)
+                  + _weighted(2.0 * dvar_bt[None, :] / nm1, mean_i - mu_b[None, :]))
         nc = n_offs[:, None] * C + c_offs[None, :]
         tl.store(a_ptr + nc, coef_a, mask=mask)
         tl.store(b_ptr + nc, coef_b, mask=mask)
@@ -371,7 +393,8 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
 @triton.jit
 def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, c0_ptr, N, C, M, ITERS,
                    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Backward pass 2: ``dx = A dy + B (x - mu_i) + C0`` with x's dtype and layout."""
+    """Backward pass 2: ``dx = A dy + B (x - mu_i) + C0`` with x's dtype and layout; the B term
+    only where ``B != 0`` (a plane with an inf/NaN pixel has ``x - mu_i`` inf/NaN)."""
     n, c_offs, c_mask = _row(C, BLOCK_C)
     split = tl.program_id(1)
     nc = n * C + c_offs
@@ -388,7 +411,7 @@ def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, c0_ptr, N, C, 
         offs = base + _offsets(c_offs, p_offs, C, M, CHANNELS_LAST)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dx = coef_a[:, None] * dy + coef_b[:, None] * (x - mu[:, None]) + coef_c[:, None]
+        dx = coef_a[:, None] * dy + _weighted(coef_b[:, None], x - mu[:, None]) + coef_c[:, None]
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -429,11 +452,13 @@ def _angles_partial_kernel(x_ptr, smean_ptr, bmean_ptr, part_ptr, N, C, M, P_TIL
 
 
 @triton.jit
-def _angles_finalize_kernel(part_ptr, out_ptr, M, P_TILES, BLOCK: tl.constexpr):
-    """``mean_p cos[n, p]`` -> ``out (N,)``: fixed-order sum of one row of partials."""
+def _angles_finalize_kernel(part_ptr, mean_cos_ptr, M, P_TILES, BLOCK: tl.constexpr):
+    """``mean_p cos[n, p]`` -> ``mean_cos (N,)`` fp64: fixed-order sum of one row of fp32
+    partials in fp64 (an fp32 total of 2^31 cosines of 1 stops at 2^30; and the arccos near 0
+    turns a rounding of the mean into ``sqrt(2 * rounding)``, so the mean stays fp64)."""
     n = tl.program_id(0)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
     for t0 in range(0, P_TILES, BLOCK):
         offs = t0 + tl.arange(0, BLOCK)
-        acc += tl.load(part_ptr + n * P_TILES + offs, mask=offs < P_TILES, other=0.0)
-    tl.store(out_ptr + n, tl.sum(acc, axis=0) / M)
+        acc += tl.load(part_ptr + n * P_TILES + offs, mask=offs < P_TILES, other=0.0).to(tl.float64)
+    tl.store(mean_cos_ptr + n, tl.sum(acc, axis=0) / M)

@@ -130,11 +130,19 @@ def shrink_instance_stats(
     return mean_t, var_t
 
 
+def weighted(w: Tensor, stat: Tensor) -> Tensor:
+    """``w * stat`` where ``w != 0``, else 0: a statistic with weight 0 is never read, so an
+    inf/NaN in it cannot leak into the result through ``0 * inf = NaN`` (SPEC §3,
+    "Non-finite input").  Selected, not multiplied; the gradient of the unselected side is 0."""
+    return torch.where(w != 0, w * stat, torch.zeros_like(stat))
+
+
 def blend_moments(
     mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
     blend: Tensor, m: int, shrink_k: float | None, eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """Blended per-(n, c) mean and variance ``(N, C)`` (SPEC §3)."""
+    """Blended per-(n, c) mean and variance ``(N, C)`` (SPEC §3); terms of weight 0 are
+    selected away (:func:`weighted`)."""
     n = mean_i.shape[0]
     dt = mean_i.dtype
     smean, svar = source_mean.to(dt), source_var.to(dt)
@@ -142,8 +150,8 @@ def blend_moments(
     mu_b, var_b = batch_stats(mean_i, var_i, m)
     if shrink_k is not None and m > 1:
         mean_i, var_i = shrink_instance_stats(mean_i, var_i, smean, svar, m, shrink_k, eps)
-    mean = w_s * smean + w_b * mu_b + w_i * mean_i
-    var = w_s * svar + w_b * var_b + w_i * var_i
+    mean = weighted(w_s, smean) + weighted(w_b, mu_b) + weighted(w_i, mean_i)
+    var = weighted(w_s, svar) + weighted(w_b, var_b) + weighted(w_i, var_i)
     return mean, var
 
 
@@ -311,6 +319,8 @@ def dabn_backward(
         ``A = g r``,  ``B = 2 dvar_i / (M - 1) + 2 dvar_B / (N M - 1)``
         ``C0 = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1)``
     Pass 2 (reads x, dy, writes dx):  ``dx = A dy + B xc + C0``.
+    Every ``w * term`` is :func:`weighted` (a statistic of weight 0 is not read) and ``B xc``
+    is left out where ``B = 0`` (SPEC §3, "Non-finite input").
     """
     dt = mean_i.dtype
     n, c, h, w = x.shape
@@ -326,8 +336,8 @@ def dabn_backward(
         sv = svar + eps
         keep_mu = ((mean_i - smean).abs() > shrink_k * torch.sqrt(sv / m)).to(dt)
         keep_var = ((var_i - svar).abs() > shrink_k * sv * math.sqrt(2.0 / (m - 1))).to(dt)
-    mean = w_s * smean + w_b * mu_b + w_i * mean_t
-    var = w_s * svar + w_b * var_b + w_i * var_t
+    mean = weighted(w_s, smean) + weighted(w_b, mu_b) + weighted(w_i, mean_t)
+    var = weighted(w_s, svar) + weighted(w_b, var_b) + weighted(w_i, var_t)
     r = torch.rsqrt(var.clamp(min=0) + eps)
     g = weight.to(dt).expand(n, c) if weight is not None else torch.ones_like(r)
 
@@ -340,16 +350,19 @@ def dabn_backward(
     dbias, dweight = sdy.sum(dim=0), sdyxh.sum(dim=0)
     dm = -g * r * sdy
     dv = torch.where(var >= 0, -0.5 * g * r * r * sdyxh, torch.zeros_like(var))
-    dmu_i, dvar_i = w_i * dm * keep_mu, w_i * dv * keep_var
-    dmu_b, dvar_b = w_b * dm.sum(dim=0), w_b * dv.sum(dim=0)
+    # Unused statistics stay unread (weighted() selects): with w_i = w_b = 0 an inf pixel
+    # reaches dweight (it is in sum dy xhat) but not dx = g r dy.
+    dmu_i, dvar_i = weighted(w_i, dm * keep_mu), weighted(w_i, dv * keep_var)
+    dmu_b, dvar_b = weighted(w_b, dm.sum(dim=0)), weighted(w_b, dv.sum(dim=0))
     coef_b = torch.zeros_like(r)
     coef_c = dmu_i / m + dmu_b / nm
     if m > 1:
         coef_b = coef_b + 2 * dvar_i / (m - 1)
     if nm > 1:
         coef_b = coef_b + 2 * dvar_b / (nm - 1)
-        coef_c = coef_c + 2 * dvar_b * (mean_i - mu_b) / (nm - 1)
+        coef_c = coef_c + weighted(2 * dvar_b / (nm - 1), mean_i - mu_b)
     a = g * r
-    dx = a[:, :, None, None] * dyf + coef_b[:, :, None, None] * xc + coef_c[:, :, None, None]
+    # the B term only where B != 0: xc is inf/NaN on a plane with a non-finite pixel
+    dx = a[:, :, None, None] * dyf + weighted(coef_b[:, :, None, None], xc) + coef_c[:, :, None, None]
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
     return dx.to(x.dtype).contiguous(memory_format=fmt), dweight, dbias

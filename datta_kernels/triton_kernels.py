@@ -30,9 +30,19 @@ __all__ = ["instance_stats", "diversity_angles", "dabn_forward", "dabn_normalize
 _F32 = torch.float32
 
 
+#: offsets inside one image (c*M + p, p*C + c) are int32 in the kernels
+_MAX_IMAGE_ELEMS = 2**31 - 1
+
+
 def _layout(x: Tensor) -> tuple[Tensor, bool]:
     """``(x, channels_last)``: x dense in NCHW or channels_last order.  A tensor that is both
-    (C == 1 or H*W == 1) maps elements identically under either offset formula."""
+    (C == 1 or H*W == 1) maps elements identically under either offset formula.  Raises for
+    an image of 2^31 elements or more (its int32 offsets would wrap: wrong addresses, not an
+    error, on a GPU)."""
+    if x[0].numel() > _MAX_IMAGE_ELEMS:
+        raise ValueError(f"triton backend: one image of C*H*W = {x[0].numel()} elements; the kernels "
+                         f"index within an image in int32 (at most {_MAX_IMAGE_ELEMS}); use the "
+                         "'cuda' or 'cpu' backend")
     if x.is_contiguous():
         return x, False
     if x.is_contiguous(memory_format=torch.channels_last):
@@ -54,7 +64,7 @@ def _stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     n, c, h, w = x.shape
     m = h * w
     t = cfg.reduce_tiling(n, c, m, channels_last, x.element_size(), x.device)
-    pmean = x.new_empty((n, t.splits, c), dtype=_F32)
+    pmean = x.new_empty((n, t.splits, c), dtype=torch.float64)  # fp64 summaries: see _triton_jit
     pm2 = torch.empty_like(pmean)
     jit._stats_partial_kernel[t.grid(n)](
         x, pmean, pm2, n, c, m, t.iters, t.splits,
@@ -96,10 +106,10 @@ def diversity_angles(x: Tensor, source_mean: Tensor, batch_mean: Tensor) -> Tens
     jit._angles_partial_kernel[(p_tiles, n)](
         x, _vec(source_mean, x), _vec(batch_mean, x), part, n, c, m, p_tiles,
         CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_P=block_p)
-    mean_cos = x.new_empty((n,), dtype=_F32)
+    mean_cos = x.new_empty((n,), dtype=torch.float64)
     jit._angles_finalize_kernel[(n,)](
         part, mean_cos, m, p_tiles, BLOCK=min(cfg.LAUNCH.angles_reduce_block, cfg.next_pow2(p_tiles)))
-    return mean_cos.clamp_(-1.0, 1.0).arccos_()
+    return mean_cos.clamp_(-1.0, 1.0).arccos_().to(_F32)
 
 
 def _blend_vec(blend: Tensor, x: Tensor) -> Tensor:
@@ -168,7 +178,7 @@ def dabn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: Ten
     mean_i = mean_i.detach().to(_F32).contiguous()
     var_i = var_i.detach().to(_F32).contiguous()
     t = cfg.reduce_tiling(n, c, m, cl, x.element_size(), x.device)
-    psdy = x.new_empty((n, t.splits, c), dtype=_F32)
+    psdy = x.new_empty((n, t.splits, c), dtype=torch.float64)  # fp64 totals: see _triton_jit
     psdyxc = torch.empty_like(psdy)
     jit._bwd_partial_kernel[t.grid(n)](
         dy, x, mean_i, psdy, psdyxc, n, c, m, t.iters, t.splits,

@@ -24,8 +24,10 @@ triton = pytest.importorskip("triton")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ARCHS = (80, 90)
 
-#: arguments holding elements of x (its dtype); every other pointer is fp32 statistics/params
+#: arguments holding elements of x (its dtype); fp64 totals (plane-long sums); every other
+#: pointer is fp32 statistics/params
 X_ARGS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
+F64_ARGS = {"pmean_ptr", "pm2_ptr", "psdy_ptr", "psdyxc_ptr", "mean_cos_ptr"}
 FLOAT_ARGS = {"shrink_k", "eps"}
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -48,7 +50,7 @@ def _compile(fn, ints: dict, consts: dict, xdtype: str, arch: int, num_warps: in
         if p.is_constexpr:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = DTYPES[xdtype] if name in X_ARGS else "*fp32"
+            sig[name] = DTYPES[xdtype] if name in X_ARGS else "*fp64" if name in F64_ARGS else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"

@@ -122,6 +122,10 @@ Tensor to_acc(const std::vector<double>& v, at::IntArrayRef shape, at::ScalarTyp
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).reshape(shape).to(acc);
 }
 
+/// w * s where w != 0, else 0: a statistic of weight 0 is never read, so an inf/NaN in it
+/// cannot leak through 0 * inf = NaN (SPEC §3, "Non-finite input").
+double weighted(double w, double s) { return w != 0.0 ? w * s : 0.0; }
+
 /// softshrink(z, lam) = sign(z) max(|z| - lam, 0); NaN stays NaN.
 double softshrink(double z, double lam) {
   if (z > lam) return z - lam;
@@ -194,20 +198,11 @@ struct Blend {
     }
   }
 
-  /// False when a batch statistic is inf or NaN (it then reaches every m, v of its channel,
-  /// through 0 * mu_B when w_b = 0, as in the spec).
-  bool batch_finite() const {
-    for (int64_t ci = 0; ci < c; ++ci) {
-      if (!std::isfinite(mu_b[ci]) || !std::isfinite(var_b[ci])) return false;
-    }
-    return true;
-  }
-
   /// m, v of channel ci with the instance terms mt, vt (raw or shrunk) added to the
-  /// n-independent source + batch part.
+  /// n-independent source + batch part; terms of weight 0 are not read (weighted()).
   At combine(int64_t ci, double mt, double vt, double keep_mu, double keep_var) const {
-    return At{ws * smean[ci] + wb * mu_b[ci] + wi * mt, ws * svar[ci] + wb * var_b[ci] + wi * vt,
-              keep_mu, keep_var};
+    return At{weighted(ws, smean[ci]) + weighted(wb, mu_b[ci]) + weighted(wi, mt),
+              weighted(ws, svar[ci]) + weighted(wb, var_b[ci]) + weighted(wi, vt), keep_mu, keep_var};
   }
 
   /// m, v of channel ci for the raw instance statistics mt, vt (shrunk here if k is set).
@@ -295,15 +290,15 @@ struct Coefficients {
     }
   }
 
-  /// Planes i = n*C + c in [i0, i1) -> center, scale, shift [0, i1 - i0).  A non-finite
-  /// instance statistic still reaches m and v through 0 * mu_i (as in the spec).
+  /// Planes i = n*C + c in [i0, i1) -> center, scale, shift [0, i1 - i0).  With w_i = 0 the
+  /// instance statistics are not read (an inf/NaN one must not reach m and v).
   template <typename A>
   void fill(int64_t i0, int64_t i1, const A* mean_i, const A* var_i, A* center, A* scale,
             A* shift) const {
     for (int64_t i = i0, ci = i0 % b.c; i < i1; ++i, ci = ci + 1 == b.c ? 0 : ci + 1) {
       const int64_t j = i - i0;
       const double mt = static_cast<double>(mean_i[i]), vt = static_cast<double>(var_i[i]);
-      if (!per_c_m.empty() && std::isfinite(mt) && std::isfinite(vt)) {
+      if (!per_c_m.empty()) {
         center[j] = static_cast<A>(per_c_m[ci]);
         scale[j] = static_cast<A>(per_c_scale[ci]);
       } else {
@@ -377,9 +372,6 @@ std::tuple<Tensor, Tensor, Tensor> dabn_forward_cpu(
     const auto opts = x.options().dtype(acc_type(x));
     Tensor mean_i = at::empty({g.n, g.c}, opts), var_i = at::empty({g.n, g.c}, opts);
     forward_in_cache(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
-    b.set_stats(mean_i, var_i);
-    // Rare: an inf/NaN batch statistic reaches every plane of its channel; redo pass 2.
-    if (!b.batch_finite()) normalize(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
     return {y, mean_i, var_i};
   }
   auto [mean_i, var_i] = moments(x);
@@ -425,6 +417,8 @@ Tensor dabn_normalize_cpu(const Tensor& x, const c10::optional<Tensor>& weight,
 //   A = g r,  B = 2 dvar_i / (M - 1) + 2 dvar_B / (N M - 1)
 //   C0 = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1)
 //   pass 2 (kernel):  dx = A dy + B xc + C0
+// Every "w * term" above is weighted(w, term), and B xc is dropped where B = 0: a statistic
+// of weight 0 (an inf/NaN one included) never reaches dx.
 std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
     const Tensor& dy, const Tensor& x, const c10::optional<Tensor>& weight,
     const Tensor& source_mean, const Tensor& source_var, const Tensor& blend,
@@ -474,15 +468,16 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
   for (int64_t ni = 0; ni < g.n; ++ni) {
     for (int64_t ci = 0; ci < g.c; ++ci) {
       const int64_t i = ni * g.c + ci;
-      const double dmu_i = b.wi * dm[i] * keep_mu[i], dvar_i = b.wi * dv[i] * keep_var[i];
-      const double dmb = b.wb * dmu_b[ci], dvb = b.wb * dvar_b[ci];
+      // terms of weight 0 are not read: an unused inf/NaN statistic gives no NaN gradient
+      const double dmu_i = weighted(b.wi, dm[i] * keep_mu[i]), dvar_i = weighted(b.wi, dv[i] * keep_var[i]);
+      const double dmb = weighted(b.wb, dmu_b[ci]), dvb = weighted(b.wb, dvar_b[ci]);
       ca[i] = gamma[ci] * r[i];
       cb[i] = 0.0;
       cc[i] = dmu_i / md + dmb / nmd;
       if (g.m > 1) cb[i] += 2.0 * dvar_i / (md - 1.0);
       if (g.n * g.m > 1) {
         cb[i] += 2.0 * dvb / (nmd - 1.0);
-        cc[i] += 2.0 * dvb * (b.mu_i[i] - b.mu_b[ci]) / (nmd - 1.0);
+        cc[i] += weighted(2.0 * dvb / (nmd - 1.0), b.mu_i[i] - b.mu_b[ci]);
       }
     }
   }

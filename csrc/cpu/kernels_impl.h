@@ -103,30 +103,22 @@ A hsum(const Vectorized<A>& v) {
 #endif
 }
 
-/// Scalar type of a lane: A itself, or Vectorized<A>'s value_type.
-template <typename S, typename = void>
-struct LaneOf { using type = S; };
-template <typename S>
-struct LaneOf<S, std::void_t<typename S::value_type>> { using type = typename S::value_type; };
-
-/// Chan et al. merge of two (count, mean, M2) partials, for scalars or whole vectors of
-/// channels that share one count:  delta = mean_b - mean_a,
+/// Chan et al. merge of two (count, mean, M2) partials, in double (every caller merges float
+/// chunk results into double totals):  delta = mean_b - mean_a,
 /// mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
-template <typename S>
-void chan_merge(int64_t& count, S& mean, S& m2, int64_t nb, const S& mean_b, const S& m2_b) {
+inline void chan_merge(int64_t& count, double& mean, double& m2, int64_t nb, double mean_b, double m2_b) {
   if (count == 0) {
     count = nb;
     mean = mean_b;
     m2 = m2_b;
     return;
   }
-  using A = typename LaneOf<S>::type;
   const int64_t total = count + nb;
-  const A wb = static_cast<A>(nb) / static_cast<A>(total);
-  const A wab = static_cast<A>(count) * wb;
-  const S delta = mean_b - mean;
-  mean = mean + delta * S(wb);
-  m2 = m2 + m2_b + delta * delta * S(wab);
+  const double wb = static_cast<double>(nb) / static_cast<double>(total);
+  const double wab = static_cast<double>(count) * wb;
+  const double delta = mean_b - mean;
+  mean += delta * wb;
+  m2 += m2_b + delta * delta * wab;
   count = total;
 }
 
@@ -188,8 +180,9 @@ typename Io<T>::A centred_ss_run(const T* p, int64_t n, typename Io<T>::A shift,
   return hsum((s0 + s1) + (s2 + s3));
 }
 
-/// Mean and M2 of one plane: per L1 chunk (shifted) sum -> chunk mean -> centred SS from L1,
-/// Chan-merged across chunks.
+/// Mean and M2 of one plane: per L1 chunk (shifted) sum -> chunk mean -> centred SS from L1
+/// (in A), Chan-merged across chunks in double: merged in float, M2 is a running total of
+/// chunk M2s and drifts with M like any float running sum (5e-5 relative at M = 2^26).
 template <typename T>
 void plane_moments(const T* p, int64_t m, typename Io<T>::A& mean, typename Io<T>::A& m2) {
   using A = typename Io<T>::A;
@@ -198,20 +191,21 @@ void plane_moments(const T* p, int64_t m, typename Io<T>::A& mean, typename Io<T
   // small numbers, and the absolute mean is rounded once at the end.
   const A shift = sum_shift(static_cast<A>(p[0]));
   int64_t count = 0;
-  A mean_dev = 0;
-  m2 = 0;
+  double mean_dev = 0, m2_total = 0;
   for (int64_t s = 0; s < m; s += chunk) {
     const int64_t len = std::min(chunk, m - s);
     const A cm = shifted_sum_run(p + s, len, shift) / static_cast<A>(len);
-    chan_merge<A>(count, mean_dev, m2, len, cm, centred_ss_run(p + s, len, shift, cm));
+    const A css = centred_ss_run(p + s, len, shift, cm);
+    chan_merge(count, mean_dev, m2_total, len, static_cast<double>(cm), static_cast<double>(css));
   }
-  mean = shift + mean_dev;
+  mean = static_cast<A>(static_cast<double>(shift) + mean_dev);
+  m2 = static_cast<A>(m2_total);
 }
 
-/// sdy = sum dy, sdyxc = sum dy * (x - mu) over one plane, in a single pass.
+/// sdy = sum dy, sdyxc = sum dy * (x - mu) over one run of n elements (a chunk), in A.
 template <typename T>
-void plane_dy_sums(const T* dy, const T* x, int64_t m, typename Io<T>::A mu,
-                   typename Io<T>::A& sdy, typename Io<T>::A& sdyxc) {
+void dy_sums_run(const T* dy, const T* x, int64_t m, typename Io<T>::A mu, typename Io<T>::A& sdy,
+                 typename Io<T>::A& sdyxc) {
   using IO = Io<T>;
   using V = typename IO::V;
   constexpr int64_t kW = IO::kW;
@@ -233,6 +227,26 @@ void plane_dy_sums(const T* dy, const T* x, int64_t m, typename Io<T>::A mu,
   }
   sdy = hsum(s0 + s1);
   sdyxc = hsum(t0 + t1);
+}
+
+/// sdy, sdyxc of one plane in a single pass, accumulated like the forward's moments: per L1
+/// chunk in A (a few hundred values per lane), chunk totals added in double.  A float
+/// running sum over the whole plane drifts with M (~1e-4 relative at M = 2^28) and stops
+/// growing outright once a lane reaches 2^24 ulps of its addends (2^30 ones: Sigma dy 33-50%
+/// low); chunked, the error stays at the chunk's, whatever M.
+template <typename T>
+void plane_dy_sums(const T* dy, const T* x, int64_t m, typename Io<T>::A mu, double& sdy,
+                   double& sdyxc) {
+  using A = typename Io<T>::A;
+  const int64_t chunk = std::max<int64_t>(config::kL1ChunkBytes / sizeof(T), Io<T>::kW);
+  sdy = 0.0;
+  sdyxc = 0.0;
+  for (int64_t s = 0; s < m; s += chunk) {
+    A cdy, cdyxc;
+    dy_sums_run(dy + s, x + s, std::min(chunk, m - s), mu, cdy, cdyxc);
+    sdy += static_cast<double>(cdy);
+    sdyxc += static_cast<double>(cdyxc);
+  }
 }
 
 // ------------------------------------------------------------------ channels_last blocks
@@ -263,8 +277,9 @@ inline typename Io<T>::V block_load(const T* p, int j, int64_t tail) {
 }
 
 /// Mean and M2 of channels [c0, c0 + (NV-1)*kW + tail) over rows [r0, r1) of sample xn
-/// (rows of length C), chunked by L1 and shifted like plane_moments, vectorised along channels
-/// (`mean` holds deviations from `shift` until the final store).
+/// (rows of length C), chunked by L1 and shifted like plane_moments, vectorised along channels;
+/// the chunks are Chan-merged per channel in double (`mean` holds deviations from `shift`
+/// until the final store).
 template <typename T, int NV>
 void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0, int64_t tail,
                       typename Io<T>::A* mean_out, typename Io<T>::A* m2_out) {
@@ -273,7 +288,7 @@ void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0
   using V = typename IO::V;
   constexpr int64_t kW = IO::kW;
   const int64_t chunk_rows = std::max<int64_t>(1, config::kL1ChunkBytes / (sizeof(T) * NV * kW));
-  V mean[NV], m2[NV], shift[NV];
+  V shift[NV];
   for (int j = 0; j < NV; ++j) {  // per-channel shift: the segment's first row (if finite)
     const V first = block_load<T, NV>(xn + r0 * C + c0 + j * kW, j, tail);
     alignas(64) A lanes[kW];
@@ -282,6 +297,7 @@ void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0
     shift[j] = V::loadu(lanes);
   }
   int64_t count = 0;
+  double mean[NV * kW] = {}, m2[NV * kW] = {};
   for (int64_t rs = r0; rs < r1; rs += chunk_rows) {
     const int64_t len = std::min(chunk_rows, r1 - rs);
     V sum[NV], css[NV];
@@ -299,45 +315,68 @@ void cl_block_moments(const T* xn, int64_t C, int64_t r0, int64_t r1, int64_t c0
         css[j] = at::vec::fmadd(d, d, css[j]);
       }
     }
+    alignas(64) A lanes[2][kW];
     for (int j = 0; j < NV; ++j) {
-      int64_t cnt = count;
-      chan_merge<V>(cnt, mean[j], m2[j], len, sum[j], css[j]);
+      sum[j].store(lanes[0]);
+      css[j].store(lanes[1]);
+      for (int64_t l = 0; l < kW; ++l) {
+        int64_t cnt = count;
+        chan_merge(cnt, mean[j * kW + l], m2[j * kW + l], len, static_cast<double>(lanes[0][l]),
+                           static_cast<double>(lanes[1][l]));
+      }
     }
     count += len;
   }
   for (int j = 0; j < NV; ++j) {
     const int64_t n = j == NV - 1 ? tail : kW;
-    (shift[j] + mean[j]).store(mean_out + j * kW, n);
-    m2[j].store(m2_out + j * kW, n);
+    alignas(64) A lanes[kW];
+    shift[j].store(lanes);
+    for (int64_t l = 0; l < n; ++l) {
+      mean_out[j * kW + l] = static_cast<A>(static_cast<double>(lanes[l]) + mean[j * kW + l]);
+      m2_out[j * kW + l] = static_cast<A>(m2[j * kW + l]);
+    }
   }
 }
 
-/// channels_last backward sums over rows [r0, r1) for one channel block.
+/// channels_last backward sums over rows [r0, r1) for one channel block: vector
+/// accumulators in A per L1 chunk of rows, chunk totals added per channel in double (as
+/// plane_dy_sums).
 template <typename T, int NV>
 void cl_block_dy_sums(const T* dyn, const T* xn, const typename Io<T>::A* mu, int64_t C,
-                      int64_t r0, int64_t r1, int64_t c0, int64_t tail, typename Io<T>::A* sdy_out,
-                      typename Io<T>::A* sdyxc_out) {
+                      int64_t r0, int64_t r1, int64_t c0, int64_t tail, double* sdy_out,
+                      double* sdyxc_out) {
   using IO = Io<T>;
+  using A = typename IO::A;
   using V = typename IO::V;
   constexpr int64_t kW = IO::kW;
-  V mv[NV], sdy[NV], sdyxc[NV];
-  for (int j = 0; j < NV; ++j) {
-    mv[j] = V::loadu(mu + c0 + j * kW, j == NV - 1 ? tail : kW);
-    sdy[j] = sdyxc[j] = V(0);
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t off = r * C + c0;
+  const int64_t chunk_rows = std::max<int64_t>(1, config::kL1ChunkBytes / (sizeof(T) * NV * kW));
+  V mv[NV];
+  for (int j = 0; j < NV; ++j) mv[j] = V::loadu(mu + c0 + j * kW, j == NV - 1 ? tail : kW);
+  double tdy[NV * kW] = {}, tdyxc[NV * kW] = {};
+  for (int64_t rs = r0; rs < r1; rs += chunk_rows) {
+    V sdy[NV], sdyxc[NV];
+    for (int j = 0; j < NV; ++j) sdy[j] = sdyxc[j] = V(0);
+    for (int64_t r = rs; r < std::min(r1, rs + chunk_rows); ++r) {
+      const int64_t off = r * C + c0;
+      for (int j = 0; j < NV; ++j) {
+        const V d = block_load<T, NV>(dyn + off + j * kW, j, tail);
+        sdy[j] += d;  // padding lanes: dy = 0, x - mu = 0 - 0
+        sdyxc[j] = at::vec::fmadd(d, block_load<T, NV>(xn + off + j * kW, j, tail) - mv[j], sdyxc[j]);
+      }
+    }
+    alignas(64) A lanes[2][kW];
     for (int j = 0; j < NV; ++j) {
-      const V d = block_load<T, NV>(dyn + off + j * kW, j, tail);
-      sdy[j] += d;  // padding lanes: dy = 0, x - mu = 0 - 0
-      sdyxc[j] = at::vec::fmadd(d, block_load<T, NV>(xn + off + j * kW, j, tail) - mv[j], sdyxc[j]);
+      sdy[j].store(lanes[0]);
+      sdyxc[j].store(lanes[1]);
+      for (int64_t l = 0; l < kW; ++l) {
+        tdy[j * kW + l] += static_cast<double>(lanes[0][l]);
+        tdyxc[j * kW + l] += static_cast<double>(lanes[1][l]);
+      }
     }
   }
-  for (int j = 0; j < NV; ++j) {
-    const int64_t n = j == NV - 1 ? tail : kW;
-    sdy[j].store(sdy_out + j * kW, n);
-    sdyxc[j].store(sdyxc_out + j * kW, n);
-  }
+  const int64_t nch = (NV - 1) * kW + tail;
+  std::copy(tdy, tdy + nch, sdy_out);
+  std::copy(tdyxc, tdyxc + nch, sdyxc_out);
 }
 
 /// Calls f(std::integral_constant<int, NV>) for the block's vector count (1..kBlockVecs), so
@@ -398,14 +437,15 @@ void moments_impl(const Geometry& g, const T* x, typename Io<T>::A* mean, typena
       const int64_t n = i / g.c, c = i % g.c;
       const A base = sum_shift(pmean[n * p.segs * g.c + c]);
       int64_t count = 0;
-      A mu = 0, ss = 0;
+      double mu = 0, ss = 0;
       for (int64_t s = 0; s < p.segs; ++s) {
         const int64_t rows = std::min(p.seg_rows, g.m - s * p.seg_rows);
         const int64_t k = (n * p.segs + s) * g.c + c;
-        chan_merge<A>(count, mu, ss, rows, pmean[k] - base, pm2[k]);
+        chan_merge(count, mu, ss, rows, static_cast<double>(pmean[k] - base),
+                           static_cast<double>(pm2[k]));
       }
-      mean[i] = base + mu;
-      m2[i] = ss;
+      mean[i] = static_cast<A>(static_cast<double>(base) + mu);
+      m2[i] = static_cast<A>(ss);
     }
   });
 }
@@ -488,13 +528,16 @@ void backward_reduce_impl(const Geometry& g, const T* dy, const T* x, const type
     const int64_t grain = std::max<int64_t>(1, config::kMinTaskElems / g.m);
     at::parallel_for(0, g.n * g.c, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        plane_dy_sums(dy + i * g.m, x + i * g.m, g.m, mu[i], sdy[i], sdyxc[i]);
+        double a, b;
+        plane_dy_sums(dy + i * g.m, x + i * g.m, g.m, mu[i], a, b);
+        sdy[i] = static_cast<A>(a);
+        sdyxc[i] = static_cast<A>(b);
       }
     });
     return;
   }
   const ClPlan p = cl_plan<T>(g);
-  std::vector<A> psdy(g.n * p.segs * g.c), psdyxc(psdy.size());
+  std::vector<double> psdy(g.n * p.segs * g.c), psdyxc(psdy.size());
   cl_for_each_task<T>(g, p, [&](int64_t n, int64_t s, int64_t r0, int64_t r1, int64_t c0,
                                 int64_t nv, int64_t tail) {
     const int64_t out = (n * p.segs + s) * g.c + c0;
@@ -507,37 +550,49 @@ void backward_reduce_impl(const Geometry& g, const T* dy, const T* x, const type
   });
   for (int64_t i = 0; i < g.n * g.c; ++i) {  // fixed segment order: deterministic
     const int64_t n = i / g.c, c = i % g.c;
-    A a = 0, b = 0;
+    double a = 0, b = 0;
     for (int64_t s = 0; s < p.segs; ++s) {
       a += psdy[(n * p.segs + s) * g.c + c];
       b += psdyxc[(n * p.segs + s) * g.c + c];
     }
-    sdy[i] = a;
-    sdyxc[i] = b;
+    sdy[i] = static_cast<A>(a);
+    sdyxc[i] = static_cast<A>(b);
   }
 }
 
-/// dx = a*dy + b*(x - mu) + c0 over NCHW planes [begin, end).  x is centred first: b*x - b*mu
-/// would cancel for large x.
+/// dx = a*dy + b*(x - mu) + c0 over one NCHW plane.  x is centred first: b*x - b*mu would
+/// cancel for large x.  kWithX = false (b == 0) drops the b term and never reads x: a plane
+/// with an inf/NaN pixel (so mu = inf/NaN) must not turn dx into 0 * inf = NaN.
+template <typename T, bool kWithX>
+void apply_plane(int64_t m, const T* dy, const T* x, typename Io<T>::A mu, typename Io<T>::A ca,
+                 typename Io<T>::A cb, typename Io<T>::A cc, T* dx) {
+  using IO = Io<T>;
+  using V = typename IO::V;
+  constexpr int64_t kW = IO::kW;
+  const V a(ca), b(cb), c(cc), mv(mu);
+  int64_t j = 0;
+  for (; j + kW <= m; j += kW) {
+    const V rest = kWithX ? at::vec::fmadd(b, IO::load(x + j) - mv, c) : c;
+    IO::store(dx + j, at::vec::fmadd(a, IO::load(dy + j), rest));
+  }
+  if (j < m) {
+    const int64_t n = m - j;
+    const V rest = kWithX ? at::vec::fmadd(b, IO::load(x + j, n) - mv, c) : c;
+    IO::store(dx + j, at::vec::fmadd(a, IO::load(dy + j, n), rest), n);
+  }
+}
+
+/// NCHW planes [begin, end).
 template <typename T>
 void apply_planes(int64_t begin, int64_t end, int64_t m, const T* dy, const T* x,
                   const typename Io<T>::A* mu, const typename Io<T>::A* ca,
                   const typename Io<T>::A* cb, const typename Io<T>::A* cc, T* dx) {
-  using IO = Io<T>;
-  using V = typename IO::V;
-  constexpr int64_t kW = IO::kW;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t o = i * m;
-    const V a(ca[i]), b(cb[i]), c(cc[i]), mv(mu[i]);
-    int64_t j = 0;
-    for (; j + kW <= m; j += kW) {
-      const V xc = IO::load(x + o + j) - mv;
-      IO::store(dx + o + j, at::vec::fmadd(a, IO::load(dy + o + j), at::vec::fmadd(b, xc, c)));
-    }
-    if (j < m) {
-      const int64_t n = m - j;
-      const V xc = IO::load(x + o + j, n) - mv;
-      IO::store(dx + o + j, at::vec::fmadd(a, IO::load(dy + o + j, n), at::vec::fmadd(b, xc, c)), n);
+    if (cb[i] != 0) {
+      apply_plane<T, true>(m, dy + o, x + o, mu[i], ca[i], cb[i], cc[i], dx + o);
+    } else {
+      apply_plane<T, false>(m, dy + o, x + o, mu[i], ca[i], cb[i], cc[i], dx + o);
     }
   }
 }
@@ -556,7 +611,8 @@ void apply_rows(int64_t begin, int64_t end, const Geometry& g, const T* dy, cons
       const int64_t k = std::min(kW, g.c - c);
       const V a = V::loadu(ca + nc + c, k), b = V::loadu(cb + nc + c, k);
       const V cv = V::loadu(cc + nc + c, k), mv = V::loadu(mu + nc + c, k);
-      const V xc = IO::load(x + o + c, k) - mv;
+      // x - mu only where b != 0 (as apply_planes: no 0 * inf from an unused inf/NaN)
+      const V xc = V::blendv(IO::load(x + o + c, k) - mv, V(0), b == V(0));
       IO::store(dx + o + c, at::vec::fmadd(a, IO::load(dy + o + c, k), at::vec::fmadd(b, xc, cv)), k);
     }
   }
@@ -641,7 +697,10 @@ typename Io<T>::A angle_block_sum(const Geometry& g, const T* x, const typename 
 }
 
 /// theta[n] = arccos(clamp(mean_p cos[n, p], -1, 1)), a = mu_s - x[n,:,p], b = mu_B - x[n,:,p]
-/// (direct differences).  Per-block partial sums of cos are added in block order.
+/// (direct differences).  Per-block partial sums of cos (kAngleBlockVecs vectors of pixels,
+/// in A) are added in block order in double, and the mean and arccos are taken in double: a
+/// float total of 2^31 cosines of 1 stops at 2^30 (mean 0.5, theta = pi/3 instead of 0), and
+/// near theta = 0 arccos turns a rounding of the mean into sqrt(2 * rounding).
 template <typename T>
 void angles_impl(const Geometry& g, const T* x, const typename Io<T>::A* sm,
                  const typename Io<T>::A* bm, typename Io<T>::A* theta) {
@@ -654,11 +713,11 @@ void angles_impl(const Geometry& g, const T* x, const typename Io<T>::A* sm,
     for (int64_t t = begin; t < end; ++t) part[t] = angle_block_sum<T>(g, x, sm, bm, t / blocks, t % blocks);
   });
   for (int64_t n = 0; n < g.n; ++n) {
-    A s = 0;
-    for (int64_t b = 0; b < blocks; ++b) s += part[n * blocks + b];
-    const A mean_cos = s / static_cast<A>(g.m);
+    double s = 0;
+    for (int64_t b = 0; b < blocks; ++b) s += static_cast<double>(part[n * blocks + b]);
+    const double mean_cos = s / static_cast<double>(g.m);
     // clamp written out so a NaN mean stays NaN (std::clamp would also keep it; be explicit)
-    theta[n] = std::acos(mean_cos < A(-1) ? A(-1) : (mean_cos > A(1) ? A(1) : mean_cos));
+    theta[n] = static_cast<A>(std::acos(mean_cos < -1.0 ? -1.0 : (mean_cos > 1.0 ? 1.0 : mean_cos)));
   }
 }
 

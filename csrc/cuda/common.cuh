@@ -172,13 +172,15 @@ __device__ __forceinline__ Welford<A> shfl_down(const Welford<A>& s, int delta, 
           __shfl_down_sync(cfg::kFullMask, s.n, delta, width)};
 }
 
-/// Instance moments: out0 = mean, out1 = unbiased variance (0 when the count is <= 1).
+/// Instance moments: out0 = mean, out1 = unbiased variance (0 when the count is <= 1).  The
+/// State is double: its M2 is a running total over every chunk of the thread (M / 256 values
+/// when a plane is not split), which in float drifts with M (5e-5 relative at M = 2^26).
 template <typename A> struct MomentsOp {
-  using State = Welford<A>;
+  using State = Welford<double>;
   static constexpr bool kHasDy = false;
-  __device__ static State identity() { return {A(0), A(0), A(0)}; }
-  // A chunk of cnt (1..K) values held in registers: exact two-pass mean / M2 of the chunk,
-  // then one Chan merge (one division per chunk, not per element).
+  __device__ static State identity() { return {0.0, 0.0, 0.0}; }
+  // A chunk of cnt (1..K) values held in registers: exact two-pass mean / M2 of the chunk in
+  // A, then one Chan merge in double (one division per chunk, not per element).
   template <int K>
   __device__ static void add(State& s, const A (&x)[K], const A (&)[K], int cnt, A) {
     A sum = A(0);
@@ -193,33 +195,40 @@ template <typename A> struct MomentsOp {
         const A d = x[i] - mean;
         m2 += d * d;
       }
-    welford_merge(s, State{mean, m2, A(cnt)});
+    welford_merge(s, State{double(mean), double(m2), double(cnt)});
   }
   __device__ static void merge(State& a, const State& b) { welford_merge(a, b); }
   __device__ static State shfl(const State& s, int delta, int width) { return shfl_down(s, delta, width); }
   __device__ static void finalize(const State& s, A* out0, A* out1, int64_t i) {
-    out0[i] = s.mean;
-    out1[i] = s.n > A(1) ? s.m2 / (s.n - A(1)) : A(0);
+    out0[i] = A(s.mean);
+    out1[i] = s.n > 1.0 ? A(s.m2 / (s.n - 1.0)) : A(0);
   }
 };
 
 /// Backward pass 1 sums of one (n, c): sdy = sum dy, sdyxc = sum dy (x - mu_i); `center` is
-/// mu_i, so the products never see the raw offset of x (stable for 1e4 + noise).
+/// mu_i, so the products never see the raw offset of x (stable for 1e4 + noise).  A chunk of
+/// K values is summed in A and added to double totals; States merge in double.  A float
+/// running total per thread (M / 256 values) drifts with M (~1e-4 relative at M = 2^28) and
+/// stops growing once it is 2^24 times its addends; the double totals cost two DADDs per
+/// chunk, not per element.
 template <typename A> struct DySums {
-  A sdy, sdyxc;
+  double sdy, sdyxc;
 };
 template <typename A> struct DySumsOp {
   using State = DySums<A>;
   static constexpr bool kHasDy = true;
-  __device__ static State identity() { return {A(0), A(0)}; }
+  __device__ static State identity() { return {0.0, 0.0}; }
   template <int K>
   __device__ static void add(State& s, const A (&x)[K], const A (&dy)[K], int cnt, A center) {
+    A cdy = A(0), cdyxc = A(0);
 #pragma unroll
     for (int i = 0; i < K; ++i)
       if (i < cnt) {
-        s.sdy += dy[i];
-        s.sdyxc += dy[i] * (x[i] - center);
+        cdy += dy[i];
+        cdyxc += dy[i] * (x[i] - center);
       }
+    s.sdy += double(cdy);
+    s.sdyxc += double(cdyxc);
   }
   __device__ static void merge(State& a, const State& b) {
     a.sdy += b.sdy;
@@ -230,8 +239,8 @@ template <typename A> struct DySumsOp {
             __shfl_down_sync(cfg::kFullMask, s.sdyxc, delta, width)};
   }
   __device__ static void finalize(const State& s, A* out0, A* out1, int64_t i) {
-    out0[i] = s.sdy;
-    out1[i] = s.sdyxc;
+    out0[i] = A(s.sdy);
+    out1[i] = A(s.sdyxc);
   }
 };
 

@@ -74,6 +74,13 @@ __device__ Channel<A> load_channel(const ChannelArgs<A>& a, int64_t ci) {
   return ch;
 }
 
+/// w * s where w != 0, else 0: a statistic of weight 0 is never read, so an inf/NaN in it
+/// cannot leak through 0 * inf = NaN (SPEC §3, "Non-finite input").
+template <typename A>
+__device__ __forceinline__ A weighted(A w, A s) {
+  return w != A(0) ? w * s : A(0);
+}
+
 /// Blended moments of one (n, c) and the softshrink pass-through masks.
 template <typename A>
 struct Blended {
@@ -88,7 +95,8 @@ __device__ __forceinline__ A softshrink(A z, A lam) {
 }
 
 /// m = w_s mu_s + w_b mu_B + w_i mu~_i,  v = w_s var_s + w_b var_B + w_i var~_i, with
-/// mu~_i = mu_s + softshrink(mu_i - mu_s, k s_mu) (likewise var~_i) when shrinking (M > 1).
+/// mu~_i = mu_s + softshrink(mu_i - mu_s, k s_mu) (likewise var~_i) when shrinking (M > 1);
+/// terms of weight 0 are not read (weighted()).
 template <typename A>
 __device__ __forceinline__ Blended<A> blend(const ChannelArgs<A>& a, const Channel<A>& ch, A mi, A vi) {
   Blended<A> r{A(0), A(0), A(1), A(1)};
@@ -99,8 +107,8 @@ __device__ __forceinline__ Blended<A> blend(const ChannelArgs<A>& a, const Chann
     mi = ch.ms + softshrink(zmu, ch.lam_mu);
     vi = ch.vs + softshrink(zvar, ch.lam_var);
   }
-  r.m = ch.ws * ch.ms + ch.wb * ch.mu_b + ch.wi * mi;
-  r.v = ch.ws * ch.vs + ch.wb * ch.var_b + ch.wi * vi;
+  r.m = weighted(ch.ws, ch.ms) + weighted(ch.wb, ch.mu_b) + weighted(ch.wi, mi);
+  r.v = weighted(ch.ws, ch.vs) + weighted(ch.wb, ch.var_b) + weighted(ch.wi, vi);
   return r;
 }
 
@@ -134,8 +142,10 @@ forward_coefs_kernel(ChannelArgs<A> a, A* coef_mu, A* coef_b, A* coef_c0) {
 //   coef_a     = g r
 //   coef_b     = 2 dvar_i / (M - 1) [M > 1]  +  2 dvar_B / (N M - 1) [N M > 1]
 //   coef_c0    = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1) [N M > 1]
-// and pass 2 writes dx = coef_a dy + coef_b (x - mu_i) + coef_c0.  The first loop writes the
-// per-n terms; the second adds the batch terms, which need the sums over all n.
+// and pass 2 writes dx = coef_a dy + coef_b (x - mu_i) + coef_c0 (the coef_b term only where
+// coef_b != 0).  Every "w * term" is weighted(w, term): a statistic of weight 0, an inf/NaN
+// one included, never reaches dx.  The first loop writes the per-n terms; the second adds
+// the batch terms, which need the sums over all n.
 template <typename A>
 __global__ void __launch_bounds__(cfg::kTinyThreads)
 backward_coefs_kernel(ChannelArgs<A> a, const A* sdy_in, const A* sdyxc_in, A* coef_a, A* coef_b,
@@ -158,20 +168,20 @@ backward_coefs_kernel(ChannelArgs<A> a, const A* sdy_in, const A* sdyxc_in, A* c
     const A dv = bl.v >= A(0) ? A(-0.5) * ch.g * r * r * sdyxh : A(0);
     sum_dm += dm;
     sum_dv += dv;
-    const A dmu_i = ch.wi * dm * bl.keep_mu, dvar_i = ch.wi * dv * bl.keep_var;
+    const A dmu_i = weighted(ch.wi, dm * bl.keep_mu), dvar_i = weighted(ch.wi, dv * bl.keep_var);
     coef_a[i] = ch.g * r;
     coef_b[i] = a.m > 1 ? A(2) * dvar_i / A(a.m - 1) : A(0);
     coef_c0[i] = dmu_i / A(a.m);
   }
   dbias[ci] = sum_sdy;
   dweight[ci] = sum_sdyxh;
-  const A dmu_b = ch.wb * sum_dm, dvar_b = ch.wb * sum_dv;
+  const A dmu_b = weighted(ch.wb, sum_dm), dvar_b = weighted(ch.wb, sum_dv);
   for (int64_t k = 0; k < a.n; ++k) {
     const int64_t i = k * a.c + ci;
     A cc = coef_c0[i] + dmu_b / A(nm);
     if (nm > 1) {
       coef_b[i] += A(2) * dvar_b / A(nm - 1);
-      cc += A(2) * dvar_b * (a.mean[i] - ch.mu_b) / A(nm - 1);
+      cc += weighted(A(2) * dvar_b / A(nm - 1), a.mean[i] - ch.mu_b);
     }
     coef_c0[i] = cc;
   }
@@ -180,7 +190,7 @@ backward_coefs_kernel(ChannelArgs<A> a, const A* sdy_in, const A* sdyxc_in, A* c
 /// The workspace layout of the DABN launchers, in one place (sizing and launching share it).
 template <typename A>
 struct Scratch {
-  Welford<A>* moment_partials = nullptr;
+  Welford<double>* moment_partials = nullptr;  // MomentsOp<A>::State
   DySums<A>* dy_partials = nullptr;
   A* sdy = nullptr;
   A* sdyxc = nullptr;
@@ -196,7 +206,7 @@ Scratch<A> carve(Op op, const Params& p, const Plan& plan, void* base) {
   const int64_t nc = p.n * p.c, parts = plan.splits > 1 ? nc * plan.splits : 0;
   Carver cv{static_cast<char*>(base)};
   Scratch<A> s;
-  if (op == Op::kInstanceStats || op == Op::kDabnForward) s.moment_partials = cv.take<Welford<A>>(parts);
+  if (op == Op::kInstanceStats || op == Op::kDabnForward) s.moment_partials = cv.take<Welford<double>>(parts);
   if (op == Op::kDabnForward || op == Op::kDabnNormalize) {
     s.coef_mu = cv.take<A>(nc);
     s.coef_b = cv.take<A>(nc);
@@ -227,7 +237,7 @@ bool empty_problem(const Params& p) { return p.n * p.c == 0 || p.m == 0; }
 unsigned tiny_grid(int64_t count) { return unsigned(ceil_div(count, cfg::kTinyThreads)); }
 
 template <typename T>
-void launch_moments(const Params& p, const Plan& plan, Welford<acc_t<T>>* partials, cudaStream_t stream) {
+void launch_moments(const Params& p, const Plan& plan, Welford<double>* partials, cudaStream_t stream) {
   using A = acc_t<T>;
   ReduceArgs<T, MomentsOp<A>> r{static_cast<const T*>(p.x), nullptr, nullptr, p.n, p.c, p.m, plan,
                                 partials, static_cast<A*>(p.mean), static_cast<A*>(p.var)};

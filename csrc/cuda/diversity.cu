@@ -133,15 +133,17 @@ __global__ void __launch_bounds__(cfg::kThreads) angles_rows_kernel(AngleArgs<T>
   if (threadIdx.x == 0) a.partials[blockIdx.x] = cos_sum;
 }
 
-/// One thread per sample: partials in block order, mean over M, clamp, arccos.
+/// One thread per sample: partials in block order, mean over M, clamp, arccos, all in double
+/// (a float total of 2^31 cosines of 1 stops at 2^30, giving pi/3 for 0; and near 0 the
+/// arccos turns a rounding of the mean into sqrt(2 * rounding)).
 template <typename A>
 __global__ void __launch_bounds__(cfg::kTinyThreads)
 angles_finalize_kernel(const A* partials, int64_t n, int64_t blocks_per_sample, int64_t m, A* angles) {
   const int64_t ni = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (ni >= n) return;
-  A sum = A(0);
-  for (int64_t k = 0; k < blocks_per_sample; ++k) sum += partials[ni * blocks_per_sample + k];
-  angles[ni] = acos_(min_(max_(sum / A(m), A(-1)), A(1)));
+  double sum = 0.0;
+  for (int64_t k = 0; k < blocks_per_sample; ++k) sum += double(partials[ni * blocks_per_sample + k]);
+  angles[ni] = A(acos_(min_(max_(sum / double(m), -1.0), 1.0)));
 }
 
 /// Vector width: NCHW packs run along pixels (M a whole number of packs), channels_last

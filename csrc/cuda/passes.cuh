@@ -134,7 +134,9 @@ __global__ void __launch_bounds__(cfg::kThreads) apply_planes_kernel(ApplyArgs<T
   const A mu = a.mu[plane], cb = a.b[plane], c0 = a.c0[plane];
   const A ca = kHasDy ? a.a[plane] : A(0);
   auto f = [&](A x, A dy) {
-    const A r = cb * (x - mu) + c0;
+    // backward: the cb term only where cb != 0 (x - mu is inf/NaN on a plane with an inf/NaN
+    // pixel, and a cb of 0 means no statistic of that plane is used)
+    const A r = (kHasDy && cb == A(0) ? A(0) : cb * (x - mu)) + c0;
     return kHasDy ? ca * dy + r : r;
   };
   auto apply_scalar = [&](int64_t i) {
@@ -288,7 +290,8 @@ __global__ void __launch_bounds__(cfg::kThreads) apply_columns_kernel(ApplyArgs<
         Pack<T, V> py;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const A val = cb[v] * (Elem<T>::load(px[u].v[v]) - mu[v]) + c0[v];
+          const A xc = Elem<T>::load(px[u].v[v]) - mu[v];  // cb term as in apply_planes_kernel
+          const A val = (kHasDy && cb[v] == A(0) ? A(0) : cb[v] * xc) + c0[v];
           py.v[v] = Elem<T>::store(kHasDy ? ca[v] * Elem<T>::load(pd[u].v[v]) + val : val);
         }
         store_pack<T, V>(a.out + base + row * a.c, py);
