@@ -12,6 +12,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 namespace datta::cpu {
@@ -31,21 +32,27 @@ std::tuple<at::Tensor, at::Tensor> dispersion_score_cpu(const at::Tensor& mean, 
               "datta::_dispersion_score: parts must be 'mean', 'logstd' or 'both'");
   TORCH_CHECK(stat == "std" || stat == "var", "datta::_dispersion_score: stat must be 'std' or 'var'");
   const bool use_mu = parts != "logstd" || m <= 1, use_sig = parts != "mean" && m > 1;
-  const at::Tensor mu = mean.to(at::kDouble).contiguous(), vi = var.to(at::kDouble).contiguous();
-  const at::Tensor sm = source_mean.to(at::kDouble).contiguous(), sv = source_var.to(at::kDouble).contiguous();
-  const double* pmu = mu.const_data_ptr<double>();
-  const double* pvi = vi.const_data_ptr<double>();
-  const double* psm = sm.const_data_ptr<double>();
-  const double* psv = sv.const_data_ptr<double>();
+  // read every input in place when it already is a dense float32/float64 tensor (the usual
+  // case: no conversion tensors, which cost more than the loop on small layers)
+  std::vector<double> z(n * (c * (int64_t(use_mu) + int64_t(use_sig))));
   const int64_t f = c * (int64_t(use_mu) + int64_t(use_sig));
-  std::vector<double> z(n * f);
-  for (int64_t ni = 0; ni < n; ++ni) {
-    double* row = z.data() + ni * f;
-    int64_t j = 0;
-    for (int64_t ci = 0; ci < c && use_mu; ++ci) row[j++] = (pmu[ni * c + ci] - psm[ci]) / std::sqrt(psv[ci] + eps);
-    for (int64_t ci = 0; ci < c && use_sig; ++ci)
-      row[j++] = 0.5 * std::log((pvi[ni * c + ci] + eps) / (psv[ci] + eps));
-  }
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "dispersion_score", [&] {
+    const at::Tensor mu = mean.contiguous(), vi = var.to(mean.scalar_type()).contiguous();
+    const at::Tensor sm = source_mean.to(mean.scalar_type()).contiguous();
+    const at::Tensor sv = source_var.to(mean.scalar_type()).contiguous();
+    const scalar_t* pmu = mu.const_data_ptr<scalar_t>();
+    const scalar_t* pvi = vi.const_data_ptr<scalar_t>();
+    const scalar_t* psm = sm.const_data_ptr<scalar_t>();
+    const scalar_t* psv = sv.const_data_ptr<scalar_t>();
+    for (int64_t ni = 0; ni < n; ++ni) {
+      double* row = z.data() + ni * f;
+      int64_t j = 0;
+      for (int64_t ci = 0; ci < c && use_mu; ++ci)
+        row[j++] = (double(pmu[ni * c + ci]) - double(psm[ci])) / std::sqrt(double(psv[ci]) + eps);
+      for (int64_t ci = 0; ci < c && use_sig; ++ci)
+        row[j++] = 0.5 * std::log((double(pvi[ni * c + ci]) + eps) / (double(psv[ci]) + eps));
+    }
+  });
   std::vector<double> per(n, 0.0);
   double total = 0.0;
   for (int64_t fi = 0; fi < f; ++fi) {
@@ -62,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> dispersion_score_cpu(const at::Tensor& mean, 
   }
   at::Tensor score = at::empty({}, mean.options().dtype(at::kFloat));
   at::Tensor per_t = at::empty({n}, mean.options().dtype(at::kFloat));
-  score.fill_(total / double(f));
+  *score.mutable_data_ptr<float>() = static_cast<float>(total / double(f));
   float* pp = per_t.mutable_data_ptr<float>();
   for (int64_t ni = 0; ni < n; ++ni) pp[ni] = static_cast<float>(std::sqrt(per[ni] / double(f)));
   return {score, per_t};
