@@ -16,6 +16,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "datta_cuda.h"
 #include "ops.h"
@@ -105,22 +106,29 @@ at::Tensor diversity_angles_cuda(const at::Tensor& x, const at::Tensor& source_m
   return angles;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dabn_forward_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& source_mean, const at::Tensor& source_var, const at::Tensor& blend,
-    std::optional<double> shrink_k, double eps) {
-  check_inputs("datta::_dabn_forward", x,
+/// The forward (statistics computed: `given` null) or the normalize pass alone (instance
+/// statistics `given`): y and the statistics it used.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& source_mean, const at::Tensor& source_var,
+    const at::Tensor& blend, std::optional<double> shrink_k, double eps,
+    const std::pair<const at::Tensor*, const at::Tensor*>& given) {
+  const at::Tensor undefined;
+  check_inputs(op, x,
                {{"weight", opt(weight), Expect::kChannel},
                 {"bias", opt(bias), Expect::kChannel},
                 {"source_mean", &source_mean, Expect::kChannel},
                 {"source_var", &source_var, Expect::kChannel},
-                {"blend", &blend, Expect::kBlend}});
+                {"blend", &blend, Expect::kBlend},
+                {"mean", given.first ? given.first : &undefined, Expect::kInstanceStats},
+                {"var", given.second ? given.second : &undefined, Expect::kInstanceStats}});
   const c10::cuda::CUDAGuard guard(x.device());
   Params p = problem(x);
   const at::Tensor smean = as_acc(source_mean, x), svar = as_acc(source_var, x), w = as_acc(blend, x);
   const std::optional<at::Tensor> gamma = as_acc(weight, x), beta = as_acc(bias, x);
   at::Tensor y = at::empty_like(x, x.options(), layout_of(x));
-  at::Tensor mean = acc_empty(x, {p.n, p.c}), var = acc_empty(x, {p.n, p.c});
+  at::Tensor mean = given.first ? as_acc(*given.first, x) : acc_empty(x, {p.n, p.c});
+  at::Tensor var = given.second ? as_acc(*given.second, x) : acc_empty(x, {p.n, p.c});
   p.eps = eps;
   p.shrink = shrink_k.has_value();
   p.shrink_k = shrink_k.value_or(0.0);
@@ -130,10 +138,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dabn_forward_cuda(
   p.weight = ptr_or_null(gamma);
   p.bias = ptr_or_null(beta);
   p.y = y.data_ptr();
-  p.mean = mean.data_ptr();
+  p.mean = mean.data_ptr();  // written by dabn_forward, read by dabn_normalize
   p.var = var.data_ptr();
-  launch(Op::kDabnForward, p, x, &dabn_forward);
+  if (given.first) {
+    launch(Op::kDabnNormalize, p, x, &dabn_normalize);
+  } else {
+    launch(Op::kDabnForward, p, x, &dabn_forward);
+  }
   return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dabn_forward_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& source_mean, const at::Tensor& source_var, const at::Tensor& blend,
+    std::optional<double> shrink_k, double eps) {
+  return forward_impl("datta::_dabn_forward", x, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+                      {nullptr, nullptr});
 }
 
 at::Tensor dabn_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -141,33 +161,8 @@ at::Tensor dabn_normalize_cuda(const at::Tensor& x, const std::optional<at::Tens
                               const at::Tensor& source_var, const at::Tensor& blend,
                               std::optional<double> shrink_k, double eps, const at::Tensor& mean,
                               const at::Tensor& var) {
-  check_inputs("datta::_dabn_normalize", x,
-               {{"weight", opt(weight), Expect::kChannel},
-                {"bias", opt(bias), Expect::kChannel},
-                {"source_mean", &source_mean, Expect::kChannel},
-                {"source_var", &source_var, Expect::kChannel},
-                {"blend", &blend, Expect::kBlend},
-                {"mean", &mean, Expect::kInstanceStats},
-                {"var", &var, Expect::kInstanceStats}});
-  const c10::cuda::CUDAGuard guard(x.device());
-  Params p = problem(x);
-  const at::Tensor smean = as_acc(source_mean, x), svar = as_acc(source_var, x), w = as_acc(blend, x);
-  const at::Tensor mean_i = as_acc(mean, x), var_i = as_acc(var, x);
-  const std::optional<at::Tensor> gamma = as_acc(weight, x), beta = as_acc(bias, x);
-  at::Tensor y = at::empty_like(x, x.options(), layout_of(x));
-  p.eps = eps;
-  p.shrink = shrink_k.has_value();
-  p.shrink_k = shrink_k.value_or(0.0);
-  p.source_mean = smean.data_ptr();
-  p.source_var = svar.data_ptr();
-  p.blend = w.data_ptr();
-  p.weight = ptr_or_null(gamma);
-  p.bias = ptr_or_null(beta);
-  p.y = y.data_ptr();
-  p.mean = const_cast<void*>(mean_i.data_ptr());
-  p.var = const_cast<void*>(var_i.data_ptr());
-  launch(Op::kDabnNormalize, p, x, &dabn_normalize);
-  return y;
+  return std::get<0>(forward_impl("datta::_dabn_normalize", x, weight, bias, source_mean, source_var, blend,
+                                  shrink_k, eps, {&mean, &var}));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dabn_backward_cuda(
