@@ -1,4 +1,4 @@
-"""A whole DATTA step vs the plain BatchNorm model's forward, on a ResNet-50 (issue 4 goal:
+"""A whole DATTA step vs the plain BatchNorm model's forward, on a ResNet-50 (goal:
 one DATTA step costs less than twice the BatchNorm model's forward).
 
     pytest bench/bench_adapt.py --benchmark-enable      # pytest-benchmark
@@ -234,7 +234,7 @@ def write_markdown(res: dict, path: str) -> None:
         "`datta_step_multiple`: forced \"multiple\" (no graph, no backward); `datta_noft`: "
         "`daft=False`, threshold selector answering \"single\" on the device (no host sync)",
         "- median wall time of one call (after an untimed one), contestants taking turns in one "
-        "process; goal (issue 4): **datta_step_single / bn_forward < 2**",
+        "process; goal: **datta_step_single / bn_forward < 2**",
         "",
     ]
     for r in res["rows"]:

@@ -192,7 +192,7 @@ def table(device: str, reps: int, smoke: bool, compile_main: bool = True) -> dic
 
 
 def goal_lines(res: dict) -> list[str]:
-    """One line per fused backend: the issue-4/5 goals at MAIN_SHAPE, met or not."""
+    """One line per fused backend: the bandwidth and speed goals at MAIN_SHAPE, met or not."""
     lines = []
     for r in res["rows"]:
         if tuple(r["shape"]) != MAIN_SHAPE or r["dtype"] not in ("float32", "bfloat16"):

@@ -12,7 +12,7 @@ again + normalize), 4 reads + 1 write.  Two blends: ``single`` (0.6, 0.4, 0) nee
 statistics, so the plain layer reads x twice too; ``multiple`` (0.85, 0, 0.15) has none, and
 the plain ``cpu`` layer then normalises each plane while it is in cache (x read once from
 memory) — the score layer cannot, since its decision needs every plane's statistics first.
-Goal (issue): ratio <= 1.05 with dispersion, <= 1.4 with pixel.
+Goal: ratio <= 1.05 with dispersion, <= 1.4 with pixel.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 // the setup.py build only, the Python module init of datta_kernels._C.
 //
 // Kernels are registered per device elsewhere: cpu/dabn_cpu.cpp (CPU) and csrc/cuda/ (CUDA).
-// Fake (meta) implementations live in datta_kernels/ops.py.  Semantics: shared/SPEC.md and
+// Fake (meta) implementations live in datta_kernels/ops.py.  Semantics: docs/SPEC.md and
 // datta_kernels/reference.py.
 #include "ops.h"
 

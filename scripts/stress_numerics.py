@@ -1,4 +1,4 @@
-"""Stress check of the issue-13 numerics on planes too large for CI (run on demand).
+"""Stress check of the large-plane numerics (SPEC §1) on planes too large for CI (run on demand).
 
 Three checks, each against a float64 computation done here in chunks (its own code, not the
 reference module's full-size tensors):

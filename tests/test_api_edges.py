@@ -1,4 +1,4 @@
-"""Edges of the public API (issue 13, item 5 and 6): low-precision blend tensors, backend names
+"""Edges of the public API: low-precision blend tensors, backend names
 checked at construction, ``available_backends`` for an absent device, meta tensors, clear
 errors for ``blend=None`` and non-bool decisions, adapters used from several threads, and
 ``DATTA.released`` (the authors' released configuration in one name).
