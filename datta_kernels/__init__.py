@@ -8,7 +8,7 @@ from .backends import available_backends
 from .diversity import KDESelector, ThresholdSelector, calibrate_threshold
 from .functional import blend_tensor, dabn, diversity_score, instance_stats
 from .nn import FusedDABN, convert_model, revert_model
-from .reference import PRESETS, Preset
+from .presets import PRESETS, Preset
 
 __version__ = "0.1.0"
 

@@ -82,7 +82,7 @@ def _time_ms(fn, device: str, min_seconds: float) -> float:
 def _bench_impls(x, names: list[str]) -> dict:
     """Zero-argument callables timing one DABN forward on ``x`` per implementation."""
     from . import dabn, reference
-    from .reference import PRESETS
+    from .presets import PRESETS
 
     preset, c, dev = PRESETS["datta"], x.shape[1], x.device
     w, b = torch.rand(c, device=dev) + 0.5, torch.randn(c, device=dev)
@@ -99,7 +99,7 @@ def _bench_impls(x, names: list[str]) -> dict:
 
 def cmd_bench(args) -> int:
     from . import available_backends
-    from .reference import PRESETS
+    from .presets import PRESETS
 
     device, dtype = args.device, getattr(torch, args.dtype)
     if device == "cuda" and not torch.cuda.is_available():

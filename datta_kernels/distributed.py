@@ -40,18 +40,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import ops
+from . import reference as ref
 from .adapt import DATTA, softmax_entropy
+from .backends.base import acc_dtype
 from .functional import _backend_for, _check_channel_vec
 from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, _swap, convert_model, first_nonlinear_layer
-from .reference import (
-    DISPERSION_PARTS,
-    acc_dtype,
-    dispersion_z,
-    diversity_angles_instance,
-    instance_stats,
-    normalize,
-    shrink_instance_stats,
-)
+from .presets import DISPERSION_PARTS
 
 __all__ = ["SyncFusedDABN", "DistributedDATTA", "convert_sync", "merge_moments",
            "gather_moments"]
@@ -192,11 +186,11 @@ class SyncFusedDABN(FusedDABN):
         if need_x_grad:
             # differentiable (autograd); also on an empty slice, so that this rank's graph
             # reaches the backward all_reduce like every other rank's
-            return instance_stats(x)
+            return ref.instance_stats(x)
         if x.shape[0] == 0:
             z = x.new_zeros((0, x.shape[1]), dtype=acc_dtype(x.dtype))
             return z, z
-        return ops.stats(x.detach(), _backend_for(x, self.backend))
+        return ops.run_instance_stats(x.detach(), _backend_for(x, self.backend))
 
     def _global_batch(self, mean_i: Tensor, var_i: Tensor, m: int):
         n = mean_i.shape[0]
@@ -210,7 +204,7 @@ class SyncFusedDABN(FusedDABN):
         with torch.no_grad():
             mean_i, var_i = mean_i.detach(), var_i.detach()
             if mode == "dispersion":
-                z = dispersion_z(mean_i, var_i, smean, self.source_var.detach(), m, self.eps,
+                z = ref.dispersion_z(mean_i, var_i, smean, self.source_var.detach(), m, self.eps,
                                  DISPERSION_PARTS).float()
                 count, mean, m2 = gather_moments(z, self.process_group)
                 var_f = (m2 / count.clamp(min=1)).float()
@@ -220,10 +214,10 @@ class SyncFusedDABN(FusedDABN):
             if x.shape[0] == 0:
                 angles = x.new_zeros((0,), dtype=torch.float32)
             elif mode == "pixel":
-                angles = ops.diversity_angles(x.detach(), smean, mu_b.detach().float(),
+                angles = ops.diversity_angles_op(x.detach(), smean, mu_b.detach().float(),
                                               _backend_for(x, self.backend)).float()
             else:
-                angles = diversity_angles_instance(mean_i, smean, mu_b.detach()).float()
+                angles = ref.diversity_angles_instance(mean_i, smean, mu_b.detach()).float()
             count, _, m2 = gather_moments(angles[:, None], self.process_group)
             self.last_bytes_sent += 8 * 3
             return (m2 / count.clamp(min=1)).float().sqrt().reshape(()), angles
@@ -277,11 +271,11 @@ class SyncFusedDABN(FusedDABN):
         smean, svar = self.source_mean.detach().to(dt), self.source_var.detach().to(dt)
         mean_t, var_t = mean_i, var_i
         if self.shrink_k is not None and m > 1:
-            mean_t, var_t = shrink_instance_stats(mean_i, var_i, smean, svar, m, self.shrink_k,
+            mean_t, var_t = ref.shrink_instance_stats(mean_i, var_i, smean, svar, m, self.shrink_k,
                                                   self.eps)
         mean = w_s * smean + w_b * mu_b + w_i * mean_t
         var = w_s * svar + w_b * var_b + w_i * var_t
-        y = normalize(x, mean, var, self.weight, self.bias, self.eps)
+        y = ref.normalize(x, mean, var, self.weight, self.bias, self.eps)
         fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
         return y.contiguous(memory_format=fmt)
 

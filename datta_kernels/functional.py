@@ -1,7 +1,7 @@
 """Public functional API (mirrors ``torch.nn.functional`` style).
 
 ``instance_stats``, ``diversity_score`` and ``dabn`` validate their inputs once, pick a
-backend from the table in ``backends.py`` and call the ``torch.ops.datta`` custom ops.
+backend from the table in ``backends/`` and call the ``torch.ops.datta`` custom ops.
 No function here syncs with the device: shape checks are host-side, blend tensors on an
 accelerator are checked with an asynchronous device assert.
 """
@@ -14,13 +14,8 @@ import torch
 from torch import Tensor
 
 from . import backends, ops
-from .reference import (
-    DISPERSION_PARTS,
-    PRESETS,
-    dispersion_score,
-    diversity_angles_instance,
-    score_from_angles,
-)
+from . import reference as ref
+from .presets import DISPERSION_PARTS, PRESETS
 
 __all__ = ["instance_stats", "diversity_score", "dabn", "blend_tensor", "available_backends",
            "PRESETS", "SCORE_MODES"]
@@ -122,7 +117,7 @@ def instance_stats(x: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]
     if x.shape[2] * x.shape[3] < 2:
         raise ValueError(f"instance variance is undefined for H*W = {x.shape[2] * x.shape[3]} "
                          "(unbiased variance needs at least 2 pixels)")
-    return ops.instance_stats(x.detach(), _backend_for(x, backend))
+    return ops.instance_stats_op(x.detach(), _backend_for(x, backend))
 
 
 def diversity_score(x: Tensor, source_mean: Tensor, *, mode: str = "pixel", stat: str = "std",
@@ -147,7 +142,7 @@ def diversity_score(x: Tensor, source_mean: Tensor, *, mode: str = "pixel", stat
     _check_x(x)
     check_score_args(x, source_mean, source_var, mode, stat)
     name = _backend_for(x, backend)
-    mean_i, var_i = ops.stats(x.detach(), name)
+    mean_i, var_i = ops.run_instance_stats(x.detach(), name)
     return score_from_stats(x, mean_i, var_i, source_mean, source_var, mode=mode, stat=stat,
                             eps=eps, backend=name)
 
@@ -173,19 +168,16 @@ def score_from_stats(x: Tensor, mean_i: Tensor, var_i: Tensor, source_mean: Tens
     by the caller, who reuses them to normalise).  Only ``"pixel"`` reads x again."""
     source_mean = source_mean.detach()
     if mode == "dispersion":
-        m = x.shape[2] * x.shape[3]
-        if backend == "cpu":   # one C++ loop instead of ~18 tiny ops (dispatch-bound on CPU)
-            return torch.ops.datta._dispersion_score(mean_i, var_i, source_mean,
-                                                     source_var.detach(), m, float(eps),
-                                                     DISPERSION_PARTS, stat)
-        return dispersion_score(mean_i, var_i, source_mean, source_var.detach(), m, eps, stat=stat)
+        return backends.get(backend).impl().dispersion_score(
+            mean_i, var_i, source_mean, source_var.detach(), x.shape[2] * x.shape[3], eps,
+            DISPERSION_PARTS, stat)
     mu_b = mean_i.mean(dim=0)
     if mode == "pixel":
-        angles = ops.diversity_angles(x.detach(), source_mean, mu_b, backend)
-    else:
-        angles = diversity_angles_instance(mean_i, source_mean, mu_b)
+        angles = ops.diversity_angles_op(x.detach(), source_mean, mu_b, backend)
+    else:   # a few (N, C) torch ops: the reference's are the implementation
+        angles = ref.diversity_angles_instance(mean_i, source_mean, mu_b)
     angles = angles.float()
-    return score_from_angles(angles, stat), angles
+    return ref.score_from_angles(angles, stat), angles
 
 
 def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
@@ -224,7 +216,7 @@ def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Ten
     if stats is not None:
         _check_stats(stats, x)
     name = _backend_for(x, backend)
-    return ops.dabn(x, weight, bias, source_mean.detach(), source_var.detach(), blend.detach(),
+    return ops.run_dabn(x, weight, bias, source_mean.detach(), source_var.detach(), blend.detach(),
                     shrink_k, float(eps), name, stats=stats)
 
 

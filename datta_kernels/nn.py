@@ -35,7 +35,7 @@ from .functional import (
     dabn,
     score_from_stats,
 )
-from .reference import PRESETS
+from .presets import PRESETS
 
 __all__ = ["FusedDABN", "convert_model", "revert_model", "dabn_layers", "first_nonlinear_layer"]
 
@@ -184,7 +184,7 @@ class FusedDABN(nn.BatchNorm2d):
         _check_x(x)
         check_score_args(x, self.source_mean, self.source_var, self.score_mode, "std")
         name = _backend_for(x, self.backend)
-        mean_i, var_i = ops.stats(x.detach(), name)
+        mean_i, var_i = ops.run_instance_stats(x.detach(), name)
         self.last_score, self.last_per_sample = score_from_stats(
             x, mean_i, var_i, self.source_mean, self.source_var, mode=self.score_mode,
             eps=self.eps, backend=name)

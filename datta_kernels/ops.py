@@ -3,18 +3,21 @@
 Two layers of ops live in the ``datta`` namespace:
 
 * kernel ops declared in C++ (``csrc/ops.cpp``) with a leading underscore
-  (``_instance_stats``, ``_diversity_angles``, ``_dabn_forward``, ``_dabn_backward``),
-  dispatched by device to the fused CPU or CUDA kernels;
-* the public ops below (``instance_stats``, ``diversity_angles``, ``dabn_forward``,
-  ``dabn_backward``), which take the backend name as a string argument (a constant to
-  ``torch.compile``), normalise the memory layout and call that backend.  ``dabn_forward``
-  carries the autograd formula; every op has a fake implementation.
+  (``_instance_stats``, ``_diversity_angles``, ``_dabn_forward``, ``_dabn_normalize``,
+  ``_dabn_backward``, ``_dispersion_score``), dispatched by device to the fused CPU or CUDA
+  kernels (the ``cpu`` / ``cuda`` backends);
+* the public ops defined here (``datta::instance_stats``, ``diversity_angles``,
+  ``dabn_forward``, ``dabn_normalize``, ``dabn_backward``; in Python ``*_op``), which take the
+  backend name as a string argument (a constant to ``torch.compile``), normalise the memory
+  layout and call that backend (``backends/``).  ``dabn_forward`` and ``dabn_normalize``
+  carry the autograd formula; every op has a fake implementation.
 
 ``dabn_forward`` returns ``(y, mean_i, var_i)``; the instance statistics are saved for the
 backward pass (two passes over x and dy, no recomputation of the statistics).
 ``dabn_normalize`` is the same forward given those statistics (the score layer computes them
-once, scores from them, then normalises: one pass over x fewer); its backward is the same.  ``dabn`` is
-the entry of ``functional.dabn``: it skips the custom-op dispatch when no graph is recorded.
+once, scores from them, then normalises: one pass over x fewer); its backward is the same.
+``run_dabn`` / ``run_instance_stats`` are the entries of ``functional``: they skip the
+custom-op dispatch when no graph is recorded.
 """
 from __future__ import annotations
 
@@ -22,10 +25,10 @@ import torch
 from torch import Tensor
 
 from . import _ext, backends
-from .reference import acc_dtype
+from .backends.base import acc_dtype
 
-__all__ = ["instance_stats", "stats", "diversity_angles", "dabn_forward", "dabn_normalize", "dabn_backward",
-           "dabn", "as_kernel_layout", "is_channels_last"]
+__all__ = ["instance_stats_op", "diversity_angles_op", "dabn_forward_op", "dabn_normalize_op",
+           "dabn_backward_op", "run_instance_stats", "run_dabn", "as_kernel_layout", "is_channels_last"]
 
 
 def is_channels_last(x: Tensor) -> bool:
@@ -51,32 +54,32 @@ def _stats_like(x: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- instance statistics
 @torch.library.custom_op("datta::instance_stats", mutates_args=())
-def instance_stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def instance_stats_op(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Per-(n, c) mean and unbiased variance, ``(N, C)`` fp32 (fp64 for fp64 input)."""
     return _impl(backend).instance_stats(as_kernel_layout(x))
 
 
-@instance_stats.register_fake
+@instance_stats_op.register_fake
 def _(x, backend):
     return _stats_like(x), _stats_like(x)
 
 
-def stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    """:func:`instance_stats`, calling the backend directly on a plain eager call (no graph
-    recorded: the statistics carry no gradient), like :func:`dabn`."""
+def run_instance_stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """:func:`instance_stats_op`, calling the backend directly on a plain eager call (no graph
+    recorded: the statistics carry no gradient), like :func:`run_dabn`."""
     if _is_plain_eager_call(x):
         return _impl(backend).instance_stats(as_kernel_layout(x))
-    return instance_stats(x, backend)
+    return instance_stats_op(x, backend)
 
 
 # ---------------------------------------------------------------- diversity angles
 @torch.library.custom_op("datta::diversity_angles", mutates_args=())
-def diversity_angles(x: Tensor, source_mean: Tensor, batch_mean: Tensor, backend: str) -> Tensor:
+def diversity_angles_op(x: Tensor, source_mean: Tensor, batch_mean: Tensor, backend: str) -> Tensor:
     """Pixel-mode angles ``(N,)`` (SPEC §2); one read of x."""
     return _impl(backend).diversity_angles(as_kernel_layout(x), source_mean, batch_mean)
 
 
-@diversity_angles.register_fake
+@diversity_angles_op.register_fake
 def _(x, source_mean, batch_mean, backend):
     return x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype))
 
@@ -88,7 +91,7 @@ def _dabn_forward_body(x, weight, bias, source_mean, source_var, blend, shrink_k
 
 
 @torch.library.custom_op("datta::dabn_forward", mutates_args=())
-def dabn_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+def dabn_forward_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
                  source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(y, mean_i, var_i)``: the blended normalization of SPEC §3 and the instance stats."""
@@ -103,22 +106,22 @@ def _dabn_normalize_body(x, weight, bias, source_mean, source_var, blend, shrink
 
 
 @torch.library.custom_op("datta::dabn_normalize", mutates_args=())
-def dabn_normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+def dabn_normalize_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
                    source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
                    mean_i: Tensor, var_i: Tensor, backend: str) -> Tensor:
-    """``y`` of :func:`dabn_forward` given ``mean_i, var_i = instance_stats(x)`` ``(N, C)``.
+    """``y`` of :func:`dabn_forward_op` given ``mean_i, var_i = instance_stats(x)`` ``(N, C)``.
 
     The gradient with respect to x includes the paths through the instance statistics (they
-    are functions of x, as in :func:`dabn_forward`); ``mean_i, var_i`` themselves get none.
+    are functions of x, as in :func:`dabn_forward_op`); ``mean_i, var_i`` themselves get none.
     """
     return _dabn_normalize_body(x, weight, bias, source_mean, source_var, blend, shrink_k, eps,
                                 mean_i, var_i, backend)
 
 
-def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+def run_dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
          source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
          backend: str, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """``y`` of :func:`dabn_forward` (of :func:`dabn_normalize` when ``stats`` are given).
+    """``y`` of :func:`dabn_forward_op` (of :func:`dabn_normalize_op` when ``stats`` are given).
 
     A plain eager call that records no autograd graph runs the backend directly: the custom
     op's Python dispatch (autograd wrapper, dynamo guard; ~10 us) would change nothing then.
@@ -129,11 +132,11 @@ def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Ten
         args = (x, weight, bias, source_mean, source_var, blend, shrink_k, eps, *stats, backend)
         if _is_plain_eager_call(x, weight, bias, source_mean, source_var, blend):
             return _dabn_normalize_body(*args)
-        return dabn_normalize(*args)
+        return dabn_normalize_op(*args)
     args = (x, weight, bias, source_mean, source_var, blend, shrink_k, eps, backend)
     if _is_plain_eager_call(x, weight, bias, source_mean, source_var, blend):
         return _dabn_forward_body(*args)[0]
-    return dabn_forward(*args)[0]
+    return dabn_forward_op(*args)[0]
 
 
 def _is_plain_eager_call(*tensors: Tensor | None) -> bool:
@@ -152,7 +155,7 @@ def _fake_dabn_forward(x, weight, bias, source_mean, source_var, blend, shrink_k
 
 
 @torch.library.custom_op("datta::dabn_backward", mutates_args=())
-def dabn_backward(dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: Tensor,
+def dabn_backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: Tensor,
                   source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
                   mean_i: Tensor, var_i: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)``; the formula is :func:`datta_kernels.reference.dabn_backward`."""
@@ -178,9 +181,9 @@ def _fake_dabn_normalize(x, weight, bias, source_mean, source_var, blend, shrink
     return torch.empty_like(x, memory_format=fmt)
 
 
-dabn_forward.register_fake(_fake_dabn_forward)
-dabn_normalize.register_fake(_fake_dabn_normalize)
-dabn_backward.register_fake(_fake_dabn_backward)
+dabn_forward_op.register_fake(_fake_dabn_forward)
+dabn_normalize_op.register_fake(_fake_dabn_normalize)
+dabn_backward_op.register_fake(_fake_dabn_backward)
 
 
 def _save(ctx, x, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i, var_i,
@@ -202,14 +205,14 @@ def _backward(ctx, dy, _dmean, _dvar):
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     if not (need_x or need_w or need_b):
         return (None,) * 9
-    dx, dweight, dbias = dabn_backward(dy, x, weight, source_mean, source_var, blend,
+    dx, dweight, dbias = dabn_backward_op(dy, x, weight, source_mean, source_var, blend,
                                        ctx.shrink_k, ctx.eps, mean_i, var_i, ctx.backend)
     dweight = dweight.to(weight.dtype) if (need_w and weight is not None) else None
     dbias = dbias.to(x.dtype if weight is None else weight.dtype) if (need_b and ctx.has_bias) else None
     return (dx if need_x else None, dweight, dbias, None, None, None, None, None, None)
 
 
-dabn_forward.register_autograd(_backward, setup_context=_setup_context)
+dabn_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _setup_context_normalize(ctx, inputs, output):
@@ -220,7 +223,7 @@ def _backward_normalize(ctx, dy):
     return (*_backward(ctx, dy, None, None)[:8], None, None, None)
 
 
-dabn_normalize.register_autograd(_backward_normalize, setup_context=_setup_context_normalize)
+dabn_normalize_op.register_autograd(_backward_normalize, setup_context=_setup_context_normalize)
 
 
 # ---------------------------------------------------------------- fakes for the C++ kernel ops

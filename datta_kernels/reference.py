@@ -12,15 +12,14 @@ tensor ``(w_s, w_b, w_i)``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .backends.base import acc_dtype
+from .presets import DISPERSION_PARTS
+
 __all__ = [
-    "PRESETS",
-    "Preset",
-    "acc_dtype",
     "instance_stats",
     "batch_stats",
     "effective_blend",
@@ -34,33 +33,8 @@ __all__ = [
     "score_from_angles",
     "dispersion_z",
     "dispersion_score",
-    "DISPERSION_PARTS",
     "diversity_score",
 ]
-
-
-class Preset(NamedTuple):
-    """Blend weights ``(w_s, w_b, w_i)`` for each decision, and the shrink of instance terms."""
-
-    single: tuple[float, float, float]
-    multiple: tuple[float, float, float]
-    shrink_k: float | None = None
-
-
-#: SPEC §3 preset table.  ``shrink_k`` only matters where ``w_i > 0``.
-PRESETS: dict[str, Preset] = {
-    "datta": Preset((0.6, 0.4, 0.0), (0.85, 0.0, 0.15), 4.0),
-    "datta_icme": Preset((0.6, 0.4, 0.0), (0.85, 0.15, 0.0)),
-    "bn_adapt": Preset((0.6, 0.4, 0.0), (0.6, 0.4, 0.0)),
-    "tbn": Preset((0.0, 1.0, 0.0), (0.0, 1.0, 0.0)),
-    "source": Preset((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)),
-    "instance": Preset((0.0, 0.0, 1.0), (0.0, 0.0, 1.0)),
-}
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64 (for gradcheck), everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -231,12 +205,6 @@ def score_from_angles(angles: Tensor, stat: str = "std") -> Tensor:
     """Population std (``stat="std"``) or variance (``"var"``) of the angles -> 0-dim tensor."""
     var = (angles - angles.mean()).square().mean()
     return var.sqrt() if stat == "std" else var
-
-
-#: Which parts of the standardised instance statistics the shipped ``"dispersion"`` score uses
-#: (SPEC §2): ``"mean"`` (z_mu), ``"logstd"`` (z_sigma) or ``"both"``.  Chosen on the validation
-#: corruptions only (``python -m datta_kernels.eval.diagnose --split validation``).
-DISPERSION_PARTS = "both"
 
 
 def dispersion_z(mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,

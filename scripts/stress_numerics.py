@@ -214,7 +214,7 @@ def check_angles(impl, side_one, side_two, chunk, results, one_limit=None):
 
 def _coarse_triton(tile_pixels: int):
     """Interpreter-friendly Triton launch: tiles of tile_pixels, no row splits."""
-    from datta_kernels import _triton_config as tcfg
+    from datta_kernels.backends.triton import config as tcfg
 
     tcfg.LAUNCH = dataclasses.replace(tcfg.LAUNCH, tile_bytes=4 * tile_pixels, nchw_block_p=(tile_pixels,),
                                       programs_per_sm=0)

@@ -52,7 +52,7 @@ def long_triton_rows(monkeypatch):
     """Triton launch config with 16-pixel tiles and no row splits: every (n, c) row is one
     program summing thousands of tile sums in sequence (what a 2^28 plane gets on a GPU)."""
     pytest.importorskip("triton")
-    from datta_kernels import _triton_config as tcfg
+    from datta_kernels.backends.triton import config as tcfg
 
     small = dataclasses.replace(tcfg.LAUNCH, tile_bytes=64, nchw_block_p=(16,), cl_block_c=4,
                                 programs_per_sm=0, angles_reduce_block=1)
@@ -318,7 +318,8 @@ def test_triton_refuses_images_past_int32_offsets():
     kernels' int32 pixel offsets (the interpreter raised; a GPU would read wrong addresses).
     An expanded view: no memory is allocated."""
     pytest.importorskip("triton")
-    from datta_kernels import triton_kernels as tk
+    from datta_kernels.backends.triton import TritonBackend
+    tk = TritonBackend()
 
     x = torch.empty(1, 1, 1, 1).expand(1, 2, 2**15, 2**15)
     with pytest.raises(ValueError, match="int32"):

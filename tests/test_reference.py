@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from datta_kernels import reference as ref
+from datta_kernels.presets import PRESETS
 from datta_kernels.testing import make_inputs, tol
 
 SHAPES = [(4, 6, 5, 7), (1, 3, 4, 4), (8, 2, 1, 9)]
 
 
 def _blend(preset: str, decision: str = "single") -> torch.Tensor:
-    return torch.tensor(getattr(ref.PRESETS[preset], decision), dtype=torch.float64)
+    return torch.tensor(getattr(PRESETS[preset], decision), dtype=torch.float64)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -159,9 +160,9 @@ def test_diversity_score_is_population_std_of_angles():
 
 
 def test_presets_table_is_the_spec():
-    assert ref.PRESETS["datta"] == ((0.6, 0.4, 0.0), (0.85, 0.0, 0.15), 4.0)
-    assert ref.PRESETS["datta_icme"].multiple == (0.85, 0.15, 0.0)
-    for p in ref.PRESETS.values():
+    assert PRESETS["datta"] == ((0.6, 0.4, 0.0), (0.85, 0.0, 0.15), 4.0)
+    assert PRESETS["datta_icme"].multiple == (0.85, 0.15, 0.0)
+    for p in PRESETS.values():
         assert sum(p.single) == pytest.approx(1) and sum(p.multiple) == pytest.approx(1)
 
 

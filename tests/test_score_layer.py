@@ -55,7 +55,7 @@ def test_dabn_with_stats_equals_dabn(backend, dtype, shape_name, blend_name):
     w, k = BLENDS[blend_name]
     inp = make_inputs(SHAPES[shape_name], dtype, _device(backend), seed=3)
     args = (inp.x, inp.weight, inp.bias, inp.source_mean, inp.source_var, w)
-    stats = ops.instance_stats(inp.x, backend)
+    stats = ops.instance_stats_op(inp.x, backend)
     y = dk.dabn(*args, shrink_k=k, backend=backend, stats=stats)
     expect = ref.dabn(inp.x, inp.weight, inp.bias, inp.source_mean, inp.source_var,
                       torch.tensor(w, dtype=torch.float64), k, 1e-5)
@@ -80,7 +80,7 @@ def test_fused_gradients_unchanged(backend, layout, blend_name):
         x = inp.x.detach().clone().requires_grad_()
         wt = inp.weight.detach().clone().requires_grad_()
         b = inp.bias.detach().clone().requires_grad_()
-        stats = ops.instance_stats(x.detach(), backend) if use_stats else None
+        stats = ops.instance_stats_op(x.detach(), backend) if use_stats else None
         y = dk.dabn(x, wt, b, inp.source_mean, inp.source_var, w, shrink_k=k, backend=backend,
                     stats=stats)
         (y * dy).sum().backward()
@@ -95,16 +95,16 @@ def test_dabn_normalize_gradcheck_and_opcheck():
     blend = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     for backend in [b for b in BACKENDS if b in ("reference", "cpu")]:
         def f(x, w, b, backend=backend):
-            st = ops.instance_stats(x.detach(), backend)
-            return ops.dabn_normalize(x, w, b, inp.source_mean, inp.source_var, blend, 4.0, 1e-5,
+            st = ops.instance_stats_op(x.detach(), backend)
+            return ops.dabn_normalize_op(x, w, b, inp.source_mean, inp.source_var, blend, 4.0, 1e-5,
                                       *st, backend)
 
         xs = (inp.x.clone().requires_grad_(), inp.weight.clone().requires_grad_(),
               inp.bias.clone().requires_grad_())
         assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-6)
         x32 = make_inputs((2, 3, 3, 4), torch.float32, "cpu", seed=8)
-        st = ops.instance_stats(x32.x, backend)
-        torch.library.opcheck(ops.dabn_normalize, (
+        st = ops.instance_stats_op(x32.x, backend)
+        torch.library.opcheck(ops.dabn_normalize_op, (
             x32.x.requires_grad_(), x32.weight.requires_grad_(), x32.bias, x32.source_mean,
             x32.source_var, blend.float(), 4.0, 1e-5, *st, backend))
 
@@ -209,7 +209,8 @@ class _Counter:
 
 
 #: reads of x per backend call (writes: one for each forward/normalize)
-READS = {"instance_stats": 1, "diversity_angles": 1, "dabn_forward": 2, "dabn_normalize": 1}
+READS = {"instance_stats": 1, "diversity_angles": 1, "dispersion_score": 0, "dabn_forward": 2,
+         "dabn_normalize": 1}
 
 
 @pytest.mark.parametrize("mode,reads", [("dispersion", 2), ("instance", 2), ("pixel", 3)])

@@ -28,8 +28,10 @@ pytestmark = [
 ]
 triton = pytest.importorskip("triton")
 
-from datta_kernels import _triton_config as tcfg  # noqa: E402
-from datta_kernels import triton_kernels as tk  # noqa: E402
+from datta_kernels.backends.triton import TritonBackend  # noqa: E402
+from datta_kernels.backends.triton import config as tcfg  # noqa: E402
+
+tk = TritonBackend()
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 LAYOUTS = ("nchw", "channels_last")

@@ -3,7 +3,7 @@ with no GPU: a kernel that only the interpreter accepts fails here, in CI.
 
 Each case compiles one kernel for one specialisation that changes the generated code:
 element dtype of ``x`` (fp32/fp16/bf16), layout (NCHW / channels_last), flags (weight, bias,
-shrink) and the block sizes ``_triton_config`` picks for representative shapes.  Pointers
+shrink) and the block sizes ````backends/triton/config.py`` picks for representative shapes.  Pointers
 and 16-divisible ints carry the ``tt.divisibility`` hint a real launch would give them, so the
 vectorised load paths are the ones compiled.
 
@@ -67,7 +67,7 @@ def _cases():
     """(id, kernel name, ints, constexprs, x dtype, num_warps) for every specialisation."""
     import torch
 
-    from datta_kernels import _triton_config as cfg
+    from datta_kernels.backends.triton import config as cfg
 
     cpu = torch.device("cpu")
     cases = []
@@ -138,7 +138,7 @@ def test_compiles(case, arch):
         pytest.skip(_MISSING)
     from triton.runtime.autotuner import Autotuner
 
-    from datta_kernels import _triton_jit as jit
+    from datta_kernels.backends.triton import kernels as jit
 
     _, kname, ints, consts, dt, nw = case
     kernel = getattr(jit, kname)

@@ -30,16 +30,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .. import reference as ref
 from ..diversity import KDESelector, ThresholdSelector, calibrate_threshold
 from ..nn import convert_model, dabn_layers, first_nonlinear_layer
-from ..reference import (
-    DISPERSION_PARTS,
-    batch_stats,
-    dispersion_z,
-    diversity_angles,
-    diversity_angles_instance,
-    instance_stats,
-)
+from ..presets import DISPERSION_PARTS
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, load_or_train
 from .runner import _auroc
@@ -66,13 +60,13 @@ def layer_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
 def score_variants(x: Tensor, layer) -> dict[str, float]:
     """Every candidate score of batch ``x`` (the input of ``layer``), by name."""
     m = x.shape[2] * x.shape[3]
-    mean_i, var_i = instance_stats(x)
+    mean_i, var_i = ref.instance_stats(x)
     smean, svar, eps = layer.source_mean, layer.source_var, layer.eps
-    mu_b, _ = batch_stats(mean_i, var_i, m)
-    out = {"pixel": _pop_std(diversity_angles(x, smean, mu_b)),
-           "instance": _pop_std(diversity_angles_instance(mean_i, smean, mu_b))}
+    mu_b, _ = ref.batch_stats(mean_i, var_i, m)
+    out = {"pixel": _pop_std(ref.diversity_angles(x, smean, mu_b)),
+           "instance": _pop_std(ref.diversity_angles_instance(mean_i, smean, mu_b))}
     for parts in ("mean", "logstd", "both"):
-        z = dispersion_z(mean_i, var_i, smean, svar, m, eps, parts)
+        z = ref.dispersion_z(mean_i, var_i, smean, svar, m, eps, parts)
         spread = (z - z.mean(0)).square().mean(0).sqrt()
         out[f"disp:{parts}"] = float(spread.mean())
         out[f"disp:{parts}/median"] = float(spread.median())

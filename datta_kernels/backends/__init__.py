@@ -1,34 +1,24 @@
-"""The ordered backend table (DESIGN principle 4: backends are declared, not guessed).
+"""The backends and the ordered table that picks one (DESIGN principle 4: declared, not guessed).
 
-Each backend says which device types and dtypes it serves and, for a given input,
-returns the reasons it cannot run (an empty list means it can).  ``"auto"`` picks the
-first entry that fits; an explicitly requested backend (argument or the
-``DATTA_BACKEND`` environment variable) that cannot run raises with every reason.
-
-Every backend implementation exposes the same five functions (all statistics fp32,
-float64 for float64 inputs)::
-
-    instance_stats(x) -> (mean, var)                                 # (N, C) each
-    diversity_angles(x, source_mean, batch_mean) -> angles           # (N,)
-    dabn_forward(x, weight, bias, smean, svar, blend, shrink_k, eps) -> (y, mean_i, var_i)
-    dabn_normalize(x, weight, bias, smean, svar, blend, shrink_k, eps, mean_i, var_i) -> y
-    dabn_backward(dy, x, weight, smean, svar, blend, shrink_k, eps, mean_i, var_i)
-        -> (dx, dweight, dbias)                                      # dweight/dbias (C,)
-
-``x`` and ``dy`` reach a backend contiguous in NCHW or channels_last (``ops.py`` makes
-other strides contiguous first).
+Each backend is a module of this folder implementing :class:`base.KernelBackend` (read that
+file for the contract): ``reference.py``, ``cpu.py``, ``cuda.py``, ``triton/``.  Each row of the
+table says which device types and dtypes a backend serves and, for a given input, returns the
+reasons it cannot run (an empty list means it can).  ``"auto"`` picks the first row that fits;
+an explicitly requested backend (argument or the ``DATTA_BACKEND`` environment variable) that
+cannot run raises with every reason.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
-from . import _ext
+from .. import _ext
+from .base import KernelBackend
 
 ENV_VAR = "DATTA_BACKEND"
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -41,7 +31,7 @@ class Backend:
     name: str
     device_types: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
-    load: Callable[[], object] = field(repr=False)
+    load: Callable[[], KernelBackend] = field(repr=False)
     #: global reasons this backend cannot run at all (missing build, missing package...).
     unavailable: Callable[[], list[str]] = field(repr=False, default=lambda: [])
     #: extra device types accepted only under a condition, with the reason when unmet.
@@ -67,7 +57,7 @@ class Backend:
             why.append(f"does not support dtype {dtype}")
         return why
 
-    def impl(self):
+    def impl(self) -> KernelBackend:
         """The implementation, loaded on first use and cached (``load`` may raise with the
         reason; nothing is cached then)."""
         impl = _LOADED.get(self.name)
@@ -76,41 +66,13 @@ class Backend:
         return impl
 
 
-_LOADED: dict[str, object] = {}
+_LOADED: dict[str, KernelBackend] = {}
 
 
-def _reference_impl():
-    from . import reference as ref
-
-    def dabn_forward(x, weight, bias, smean, svar, blend, shrink_k, eps):
-        mean_i, var_i = ref.instance_stats(x)
-        y = ref.dabn(x, weight, bias, smean, svar, blend, shrink_k, eps)
-        return y, mean_i, var_i
-
-    def diversity_angles(x, smean, bmean):
-        return ref.diversity_angles(x, smean, bmean)
-
-    return SimpleNamespace(instance_stats=ref.instance_stats, diversity_angles=diversity_angles,
-                           dabn_forward=dabn_forward, dabn_normalize=ref.dabn_normalize,
-                           dabn_backward=ref.dabn_backward)
-
-
-def _compiled_impl():
-    _ext.require()
-    ops = torch.ops.datta
-    return SimpleNamespace(
-        instance_stats=ops._instance_stats,
-        diversity_angles=ops._diversity_angles,
-        dabn_forward=ops._dabn_forward,
-        dabn_normalize=ops._dabn_normalize,
-        dabn_backward=ops._dabn_backward,
-    )
-
-
-def _triton_impl():
-    from . import triton_kernels
-
-    return triton_kernels
+def _load(module: str, cls: str) -> Callable[[], KernelBackend]:
+    """A loader importing ``.<module>`` only when the backend is first used (Triton's import
+    costs seconds and may be missing)."""
+    return lambda: getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
 
 
 def _triton_unavailable() -> list[str]:
@@ -119,9 +81,9 @@ def _triton_unavailable() -> list[str]:
     except ImportError as e:
         return [f"triton is not importable ({e})"]
     try:
-        from . import triton_kernels  # noqa: F401
+        from . import triton  # noqa: F401
     except ImportError as e:
-        return [f"datta_kernels.triton_kernels failed to import ({e})"]
+        return [f"datta_kernels.backends.triton failed to import ({e})"]
     return []
 
 
@@ -143,11 +105,12 @@ def _cuda_unavailable() -> list[str]:
 #: The ordered table.  ``auto`` takes the first row whose ``reasons`` are empty.
 BACKENDS: tuple[Backend, ...] = (
     Backend("cuda", ("cuda",), (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-            _compiled_impl, _cuda_unavailable),
+            _load("cuda", "CudaBackend"), _cuda_unavailable),
     Backend("triton", ("cuda",), (torch.float32, torch.float16, torch.bfloat16),
-            _triton_impl, _triton_unavailable, _triton_interpret_cpu),
-    Backend("cpu", ("cpu",), FLOAT_DTYPES, _compiled_impl, _ext.unavailable_reasons),
-    Backend("reference", ("cpu", "cuda", "meta", "mps", "xpu"), FLOAT_DTYPES, _reference_impl),
+            _load("triton", "TritonBackend"), _triton_unavailable, _triton_interpret_cpu),
+    Backend("cpu", ("cpu",), FLOAT_DTYPES, _load("cpu", "CpuBackend"), _ext.unavailable_reasons),
+    Backend("reference", ("cpu", "cuda", "meta", "mps", "xpu"), FLOAT_DTYPES,
+            _load("reference", "ReferenceBackend")),
 )
 _BY_NAME = {b.name: b for b in BACKENDS}
 

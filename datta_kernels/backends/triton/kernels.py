@@ -1,4 +1,5 @@
-"""Triton kernels of the ``triton`` backend (launchers in ``triton_kernels.py``).
+"""Triton kernels of the ``triton`` backend (launchers in ``__init__.py``, block sizes in
+``config.py``).
 
 Conventions shared by every kernel:
 
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from ._triton_config import AUTOTUNE_KEY, autotune_configs
+from .config import AUTOTUNE_KEY, autotune_configs
 
 #: Memory-bound kernels time steadily, so a short benchmark (5 ms warm-up, 20 ms of runs per
 #: config) picks the winner; a new layer shape then costs ~0.1 s once, not seconds.
@@ -88,8 +89,8 @@ def _blend(blend_ptr, N, M):
 
 
 @triton.jit
-def _moments(mean_i, var_i, mu_b, var_b, smean, svar, w_s, w_b, w_i, M, shrink_k, eps,
-             SHRINK: tl.constexpr):
+def _blended_moments(mean_i, var_i, mu_b, var_b, smean, svar, w_s, w_b, w_i, M, shrink_k, eps,
+                     SHRINK: tl.constexpr):
     """Blended ``m, v`` (SPEC §3) and the softshrink pass-through masks ``keep_mu, keep_var``
     (1 where the shrunk statistic moves with the raw one, 0 inside the dead zone).
 
@@ -233,7 +234,7 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, bmean_ptr, bvar_ptr, smea
     smean = tl.load(smean_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
     svar = tl.load(svar_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
     w_s, w_b, w_i = _blend(blend_ptr, N, M)
-    m, v, _, _ = _moments(mean_i, var_i, mu_b, var_b, smean, svar, w_s, w_b, w_i, M, shrink_k, eps,
+    m, v, _, _ = _blended_moments(mean_i, var_i, mu_b, var_b, smean, svar, w_s, w_b, w_i, M, shrink_k, eps,
                           SHRINK)
     scale = tl.rsqrt(tl.maximum(v, 0.0) + eps)
     if HAS_WEIGHT:
@@ -298,7 +299,7 @@ def _bwd_terms(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, n_offs, c_offs, mask, mu
     nc = n_offs[:, None] * C + c_offs[None, :]
     mean_i = tl.load(mean_ptr + nc, mask=mask, other=0.0)
     var_i = tl.load(var_ptr + nc, mask=mask, other=0.0)
-    m, v, keep_mu, keep_var = _moments(mean_i, var_i, mu_b[None, :], var_b[None, :], smean[None, :],
+    m, v, keep_mu, keep_var = _blended_moments(mean_i, var_i, mu_b[None, :], var_b[None, :], smean[None, :],
                                        svar[None, :], w_s, w_b, w_i, M, shrink_k, eps, SHRINK)
     r = tl.rsqrt(tl.maximum(v, 0.0) + eps)
     sdyxh = r * (sdyxc + (mean_i - m) * sdy)

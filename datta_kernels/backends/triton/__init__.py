@@ -1,0 +1,206 @@
+"""The ``triton`` backend: launchers (here) for the kernels in ``kernels.py``, with the block
+sizes and tilings of ``config.py``.
+
+The interface of ``backends/base.py``; inputs ``x``/``dy`` are
+``(N, C, H, W)`` NCHW- or channels_last-contiguous, float32/float16/bfloat16, on CUDA (or
+on CPU under ``TRITON_INTERPRET=1``).  Statistics are float32.  Nothing here syncs with the
+device: the blend weights are read inside the kernels, every shape decision is static.
+
+Bytes moved (``|x|`` = one pass over x in its dtype; per-(n, c) traffic is negligible):
+
+* ``instance_stats``:    1 read of x.
+* ``diversity_angles``:  1 read of x.
+* ``dabn_forward``:      2 reads + 1 write of x (statistics pass, normalize pass).
+* ``dabn_normalize``:    1 read + 1 write of x (the normalize pass; statistics given).
+* ``dabn_backward``:     2 reads of x, 2 reads of dy, 1 write of dx (two passes).
+
+Launch sequence: forward = stats partials -> (N, C) finalize -> normalize; backward =
+partial sums -> (N, C) finalize (dweight, dbias and the dx coefficients) -> dx.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from ..base import KernelBackend
+from . import config as cfg
+from . import kernels as jit
+
+__all__ = ["TritonBackend"]
+
+_F32 = torch.float32
+
+
+#: offsets inside one image (c*M + p, p*C + c) are int32 in the kernels
+_MAX_IMAGE_ELEMS = 2**31 - 1
+
+
+def _layout(x: Tensor) -> tuple[Tensor, bool]:
+    """``(x, channels_last)``: x dense in NCHW or channels_last order.  A tensor that is both
+    (C == 1 or H*W == 1) maps elements identically under either offset formula.  Raises for
+    an image of 2^31 elements or more (its int32 offsets would wrap: wrong addresses, not an
+    error, on a GPU)."""
+    if x[0].numel() > _MAX_IMAGE_ELEMS:
+        raise ValueError(f"triton backend: one image of C*H*W = {x[0].numel()} elements; the kernels "
+                         f"index within an image in int32 (at most {_MAX_IMAGE_ELEMS}); use the "
+                         "'cuda' or 'cpu' backend")
+    if x.is_contiguous():
+        return x, False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
+def _like_layout(t: Tensor, channels_last: bool) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _vec(t: Tensor, x: Tensor) -> Tensor:
+    """A (C,) parameter as a contiguous vector on x's device (its dtype is cast in-kernel)."""
+    return t.detach().to(device=x.device).contiguous()
+
+
+def _stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One read of x -> ``mean_i, var_i (N, C)``, ``mu_B, var_B (C,)``, all fp32."""
+    n, c, h, w = x.shape
+    m = h * w
+    t = cfg.reduce_tiling(n, c, m, channels_last, x.element_size(), x.device)
+    pmean = x.new_empty((n, t.splits, c), dtype=torch.float64)  # fp64 summaries: see kernels.py
+    pm2 = torch.empty_like(pmean)
+    jit._stats_partial_kernel[t.grid(n)](
+        x, pmean, pm2, n, c, m, t.iters, t.splits,
+        CHANNELS_LAST=channels_last, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
+    mean = x.new_empty((n, c), dtype=_F32)
+    var = torch.empty_like(mean)
+    bmean = x.new_empty((c,), dtype=_F32)
+    bvar = torch.empty_like(bmean)
+    block_n, block_c = cfg.finalize_blocks(n, c)
+    jit._stats_finalize_kernel[(triton.cdiv(c, block_c),)](
+        x, pmean, pm2, mean, var, bmean, bvar, n, c, m, t.chunk, t.splits,
+        CHANNELS_LAST=channels_last, BLOCK_N=block_n, BLOCK_C=block_c)
+    return mean, var, bmean, bvar
+
+
+def _shrink_flag(shrink_k: float | None, m: int) -> tuple[bool, float]:
+    """SPEC: shrink applies only when ``M >= 2`` (for ``M <= 1`` the instance weight is 0)."""
+    if shrink_k is None or m <= 1:
+        return False, 0.0
+    return True, float(shrink_k)
+
+
+def _blend_vec(blend: Tensor, x: Tensor) -> Tensor:
+    return blend.detach().to(device=x.device, dtype=_F32).contiguous()
+
+
+def _normalize(x, cl, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+               mean, var, bmean, bvar) -> Tensor:
+    """The normalize pass: y from x and its instance / batch statistics (fp32)."""
+    n, c, h, w = x.shape
+    m = h * w
+    smean, svar = _vec(source_mean, x), _vec(source_var, x)
+    shrink, k = _shrink_flag(shrink_k, m)
+    y = torch.empty_like(x)
+    t = cfg.reduce_tiling(n, c, m, cl, x.element_size(), x.device)
+    jit._normalize_kernel[t.grid(n)](
+        x, y, mean, var, bmean, bvar, smean, svar,
+        _vec(weight, x) if weight is not None else smean,
+        _vec(bias, x) if bias is not None else smean,
+        _blend_vec(blend, x), n, c, m, t.iters, k, float(eps),
+        CHANNELS_LAST=cl, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SHRINK=shrink,
+        BLOCK_C=t.block_c, BLOCK_P=t.block_p)
+    return y
+
+
+class TritonBackend(KernelBackend):
+    name = "triton"
+
+    def instance_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (N, C, H, W) -> (mean, var), each (N, C) fp32; unbiased var, 0 when H*W == 1."""
+        x, cl = _layout(x.detach())
+        mean, var, _, _ = _stats(x, cl)
+        return mean, var
+
+    def diversity_angles(self, x: Tensor, source_mean: Tensor, batch_mean: Tensor) -> Tensor:
+        """x (N, C, H, W), source_mean (C,), batch_mean (C,) -> angles (N,) fp32 radians (SPEC §2,
+        pixel mode).  One read of x; the arccos of the N means runs as one tiny torch op (the
+        interpreter has no libdevice ``acos``)."""
+        x, cl = _layout(x.detach())
+        n, c, h, w = x.shape
+        m = h * w
+        block_c, block_p, p_tiles = cfg.angles_tiling(c, m, cl, x.element_size())
+        part = x.new_empty((n, p_tiles), dtype=_F32)
+        jit._angles_partial_kernel[(p_tiles, n)](
+            x, _vec(source_mean, x), _vec(batch_mean, x), part, n, c, m, p_tiles,
+            CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_P=block_p)
+        mean_cos = x.new_empty((n,), dtype=torch.float64)
+        jit._angles_finalize_kernel[(n,)](
+            part, mean_cos, m, p_tiles, BLOCK=min(cfg.LAUNCH.angles_reduce_block, cfg.next_pow2(p_tiles)))
+        return mean_cos.clamp_(-1.0, 1.0).arccos_().to(_F32)
+
+    def dabn_forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+                     source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, C, H, W); weight, bias (C,) or None; source stats (C,); blend (3,) on x's device
+        -> (y with x's shape/dtype/layout, mean_i (N, C) fp32, var_i (N, C) fp32)."""
+        x, cl = _layout(x.detach())
+        mean, var, bmean, bvar = _stats(x, cl)
+        return _normalize(x, cl, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+                          mean, var, bmean, bvar), mean, var
+
+    def dabn_normalize(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+                       source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
+                       mean_i: Tensor, var_i: Tensor) -> Tensor:
+        """:func:`dabn_forward`'s y given the instance statistics ``mean_i, var_i`` (N, C) of x: one
+        read of x.  The batch statistics follow from them (SPEC §1) in a few (N, C) torch ops."""
+        x, cl = _layout(x.detach())
+        m = x.shape[2] * x.shape[3]
+        mean = mean_i.detach().to(_F32).contiguous()
+        var = var_i.detach().to(_F32).contiguous()
+        bmean = mean.mean(dim=0)
+        nm = x.shape[0] * m
+        if nm > 1:
+            bvar = ((m - 1) * var + m * (mean - bmean).square()).sum(dim=0) / (nm - 1)
+        else:
+            bvar = torch.zeros_like(bmean)
+        return _normalize(x, cl, weight, bias, source_mean, source_var, blend, shrink_k, eps,
+                          mean, var, bmean, bvar)
+
+    def dabn_backward(self, dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: Tensor,
+                      source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
+                      mean_i: Tensor, var_i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """dy, x (N, C, H, W) in the same layout; mean_i, var_i (N, C) fp32 from the forward
+        -> (dx with x's shape/dtype/layout, dweight (C,) fp32, dbias (C,) fp32).
+        The formula is :func:`datta_kernels.reference.dabn_backward`."""
+        x, cl = _layout(x.detach())
+        dy = _like_layout(dy.detach(), cl)
+        n, c, h, w = x.shape
+        m = h * w
+        mean_i = mean_i.detach().to(_F32).contiguous()
+        var_i = var_i.detach().to(_F32).contiguous()
+        t = cfg.reduce_tiling(n, c, m, cl, x.element_size(), x.device)
+        psdy = x.new_empty((n, t.splits, c), dtype=torch.float64)  # fp64 totals: see kernels.py
+        psdyxc = torch.empty_like(psdy)
+        jit._bwd_partial_kernel[t.grid(n)](
+            dy, x, mean_i, psdy, psdyxc, n, c, m, t.iters, t.splits,
+            CHANNELS_LAST=cl, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
+
+        smean, svar = _vec(source_mean, x), _vec(source_var, x)
+        shrink, k = _shrink_flag(shrink_k, m)
+        coef_a = torch.empty_like(mean_i)
+        coef_b = torch.empty_like(mean_i)
+        coef_c = torch.empty_like(mean_i)
+        dweight = x.new_empty((c,), dtype=_F32)
+        dbias = torch.empty_like(dweight)
+        block_n, block_c = cfg.finalize_blocks(n, c)
+        jit._bwd_finalize_kernel[(triton.cdiv(c, block_c),)](
+            psdy, psdyxc, mean_i, var_i, smean, svar,
+            _vec(weight, x) if weight is not None else smean, _blend_vec(blend, x),
+            coef_a, coef_b, coef_c, dweight, dbias, n, c, m, t.splits, k, float(eps),
+            HAS_WEIGHT=weight is not None, SHRINK=shrink, BLOCK_N=block_n, BLOCK_C=block_c)
+
+        dx = torch.empty_like(x)
+        jit._bwd_dx_kernel[t.grid(n)](
+            dy, x, dx, mean_i, coef_a, coef_b, coef_c, n, c, m, t.iters,
+            CHANNELS_LAST=cl, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
+        return dx, dweight, dbias

@@ -1,0 +1,33 @@
+"""The named configurations of the method (SPEC §2, §3): blend presets and the shipped score.
+
+Tables only (no math): product code and the reference both read them from here.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["Preset", "PRESETS", "DISPERSION_PARTS"]
+
+
+class Preset(NamedTuple):
+    """Blend weights ``(w_s, w_b, w_i)`` for each decision, and the shrink of instance terms."""
+
+    single: tuple[float, float, float]
+    multiple: tuple[float, float, float]
+    shrink_k: float | None = None
+
+
+#: SPEC §3 preset table.  ``shrink_k`` only matters where ``w_i > 0``.
+PRESETS: dict[str, Preset] = {
+    "datta": Preset((0.6, 0.4, 0.0), (0.85, 0.0, 0.15), 4.0),
+    "datta_icme": Preset((0.6, 0.4, 0.0), (0.85, 0.15, 0.0)),
+    "bn_adapt": Preset((0.6, 0.4, 0.0), (0.6, 0.4, 0.0)),
+    "tbn": Preset((0.0, 1.0, 0.0), (0.0, 1.0, 0.0)),
+    "source": Preset((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)),
+    "instance": Preset((0.0, 0.0, 1.0), (0.0, 0.0, 1.0)),
+}
+
+#: Which parts of the standardised instance statistics the shipped ``"dispersion"`` score uses
+#: (SPEC §2): ``"mean"`` (z_mu), ``"logstd"`` (z_sigma) or ``"both"``.  Chosen on the validation
+#: corruptions only (``python -m datta_kernels.eval.diagnose --split validation``).
+DISPERSION_PARTS = "both"
