@@ -11,9 +11,9 @@ Selectors are plain, stateful Python objects::
     sel.load_state_dict(state)
 
 ``KDESelector`` reproduces the authors' released rule (SciPy ``gaussian_kde`` with Scott's
-bandwidth evaluated on a 1000-point grid, extrema as in ``scipy.signal.argrelextrema``) without
-SciPy and at a cost bounded by the window (well under 1 ms at window 1000, see
-``bench/bench_selector.py``).
+bandwidth evaluated on a 1000-point grid, extrema as ``scipy.signal.find_peaks`` finds them,
+flat plateaus included) without SciPy and at a cost bounded by the window (well under 1 ms at
+window 1000, see ``bench/bench_selector.py``).
 """
 from __future__ import annotations
 
@@ -127,12 +127,21 @@ def scott_kde(history: np.ndarray, grid_size: int = GRID_SIZE) -> tuple[np.ndarr
 
 
 def _local_extrema(density: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of strict local maxima and minima, as ``argrelextrema(d, np.greater/np.less)``
-    (order 1, mode "clip": the two end points and flat plateaus are never extrema)."""
-    mid, left, right = density[1:-1], density[:-2], density[2:]
-    peaks = np.flatnonzero((mid > left) & (mid > right)) + 1
-    mins = np.flatnonzero((mid < left) & (mid < right)) + 1
-    return peaks, mins
+    """Indices of local maxima and minima with ``scipy.signal.find_peaks`` semantics (what the
+    authors call, on ``density`` and ``-density``): a sample, or a flat run of equal samples,
+    whose neighbours on both sides are strictly lower (maxima) / higher (minima); a flat run
+    reports its middle index ``(first + last) // 2``; runs touching either end never count.
+
+    Unlike ``argrelextrema(d, np.greater)`` (strict comparisons), a peak whose top is two or
+    more equal grid values is found, not missed.  Real KDE densities rarely tie, so the two
+    agree on almost every stream; tests/test_diversity.py pins the plateau case to find_peaks.
+    """
+    starts = np.flatnonzero(np.r_[True, density[1:] != density[:-1]])  # first index of each run
+    ends = np.r_[starts[1:], density.size] - 1                        # last index of each run
+    vals = density[starts]
+    mid, left, right = vals[1:-1], vals[:-2], vals[2:]
+    centre = (starts[1:-1] + ends[1:-1]) // 2
+    return centre[(mid > left) & (mid > right)], centre[(mid < left) & (mid < right)]
 
 
 def kde_decision(history: np.ndarray, score: float, warmup: int = 50) -> KDEInfo:

@@ -7,23 +7,23 @@ import json
 import numpy as np
 import pytest
 import torch
-from scipy.signal import argrelextrema
+from scipy.signal import find_peaks
 from scipy.stats import gaussian_kde
 
 import datta_kernels as dk
 from datta_kernels import reference as ref
-from datta_kernels.diversity import KDESelector, ThresholdSelector, kde_decision, scott_kde
+from datta_kernels.diversity import KDESelector, ThresholdSelector, _local_extrema, kde_decision, scott_kde
 from datta_kernels.testing import make_inputs, tol
 
 
 def naive_decision(history: list[float], score: float, warmup: int = 50) -> str:
-    """SPEC §2 written the obvious way (the authors' tools: gaussian_kde + argrelextrema)."""
+    """SPEC §2 written the obvious way (the authors' tools: gaussian_kde + find_peaks)."""
     if len(history) < warmup or np.std(history) == 0:
         return "multiple"
     grid = np.linspace(min(history), max(history), 1000)
     density = gaussian_kde(history)(grid)
-    peaks = argrelextrema(density, np.greater)[0]
-    mins = argrelextrema(density, np.less)[0]
+    peaks = find_peaks(density)[0]
+    mins = find_peaks(-density)[0]
     if len(peaks) < 2:
         return "multiple"
     top2 = sorted(peaks, key=lambda i: density[i])[-2:]
@@ -179,3 +179,21 @@ def test_diversity_score_vs_reference(backend, mode, stat, shape):
     torch.testing.assert_close(angles, want_angles, **tol(torch.float32, 10))
     torch.testing.assert_close(score, want_score, **tol(torch.float32, 10))
     assert 0 <= float(angles.min()) and float(angles.max()) <= np.pi
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_extrema_match_find_peaks_on_plateaus(seed):
+    """Flat runs (ties between neighbouring grid values) count as one extremum at their middle,
+    as in find_peaks; runs touching an end never count.  argrelextrema would miss them."""
+    rng = np.random.default_rng(seed)
+    d = np.repeat(rng.integers(0, 5, 40).astype(np.float64), rng.integers(1, 5, 40))
+    peaks, mins = _local_extrema(d)
+    np.testing.assert_array_equal(peaks, find_peaks(d)[0])
+    np.testing.assert_array_equal(mins, find_peaks(-d)[0])
+
+
+def test_plateau_peak_is_a_peak():
+    d = np.array([0.0, 1.0, 3.0, 3.0, 1.0, 2.0, 2.0, 2.0, 0.5, 0.5])
+    peaks, mins = _local_extrema(d)
+    assert peaks.tolist() == [2, 6]          # (2 + 3) // 2 and (5 + 7) // 2
+    assert mins.tolist() == [4]              # the trailing 0.5-run touches the end: not a minimum
