@@ -112,7 +112,7 @@ def run(adapter, pool, args, start: int, stop: int, rec: dict, measure: bool) ->
                 rec["rss"][i // args.sample_every] = rss_bytes()
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="See the module docstring for what is checked.")
     p.add_argument("--batches", type=int, default=20_000)
@@ -126,39 +126,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-growth", type=float, default=0.01, help="allowed RSS growth after warm-up")
     p.add_argument("--max-drift", type=float, default=1.5, help="allowed ratio of median latencies")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
-    args = p.parse_args(argv)
-    if args.batches < 60 or args.batch_size < 2 or args.images < args.batch_size or args.sample_every < 1:
-        p.error("need --batches >= 60, --batch-size >= 2, --images >= --batch-size, --sample-every >= 1")
+    return p
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    t_setup = time.perf_counter()
-    model, pool = build(args)
-    source = copy.deepcopy(model)
-    adapter = dk.DATTA(model)
+
+def summarize(rec: dict, args, adapter, *, warm: int, mid: int, stop: int, mismatch: np.ndarray,
+              setup_s: float, stream_s: float) -> dict:
+    """The soak's numbers and its failures (memory growth, latency drift, resume mismatches)."""
     n = args.batches
-    rec = {"hash": np.zeros(n, np.int64), "ms": np.zeros(n), "cpu_ms": np.zeros(n),
-           "single": np.zeros(n, bool), "rss": np.zeros((n - 1) // args.sample_every + 1, np.int64)}
-    setup_s = time.perf_counter() - t_setup
-    warm = min(max(n // 10, 100), n // 3)
-    mid = n // 2
     tenth = max((n - warm) // 10, 1)
-
-    t0 = time.perf_counter()
-    run(adapter, pool, args, 0, mid, rec, measure=True)
-    saved = io.BytesIO()
-    torch.save(adapter.state_dict(), saved)
-    run(adapter, pool, args, mid, n, rec, measure=True)
-    stream_s = time.perf_counter() - t0
-
-    stop = n if args.resume_batches is None else min(n, mid + args.resume_batches)
-    resumed = dk.DATTA(copy.deepcopy(source))
-    saved.seek(0)
-    resumed.load_state_dict(torch.load(saved, weights_only=True))
-    replay = {"hash": np.zeros(n, np.int64)}
-    run(resumed, pool, args, mid, stop, replay, measure=False)
-    mismatch = np.flatnonzero(replay["hash"][mid:stop] != rec["hash"][mid:stop])
-
     # memory: highest sample in the tenth after warm-up vs in the last tenth
     k = args.sample_every
     rss = rec["rss"]
@@ -199,25 +174,70 @@ def main(argv=None) -> int:
         failures.append(f"resume at batch {mid}: {len(mismatch)} of {stop - mid} replayed batches "
                         f"differ, first at batch {mid + int(mismatch[0])}")
     result["failures"] = failures
+    return result
 
-    lat = result["latency_ms"]
-    print(f"soak: {n} batches of {args.batch_size} in {stream_s:.1f} s (+{setup_s:.1f} s setup), "
+
+def report(result: dict, args) -> None:
+    lat, rss, res, drift = (result["latency_ms"], result["rss_mib"], result["resume"],
+                            result["latency_drift"])
+    print(f"soak: {result['batches']} batches of {args.batch_size} in "
+          f"{result['stream_seconds']:.1f} s (+{result['setup_seconds']:.1f} s setup), "
           f"{args.threads} thread(s), backend {result['backend']}, "
-          f"{result['single_fraction']:.1%} single, {adapter.n_updates} updates")
+          f"{result['single_fraction']:.1%} single, {result['updates']} updates")
     print(f"  latency after warm-up: p50 {lat['p50']:.2f} ms, p90 {lat['p90']:.2f}, p99 {lat['p99']:.2f}, "
           f"max {lat['max']:.1f} (CPU time p50 {lat['cpu_p50']:.2f} ms); drift "
           + ", ".join(f"{k} x{d['ratio']:.3f}" for k, d in drift.items()))
-    print(f"  RSS after warm-up {base / 2**20:.1f} MiB, at the end {last / 2**20:.1f} MiB "
-          f"(growth {growth:+.3%})")
-    print(f"  resume at batch {mid}: {stop - mid - len(mismatch)}/{stop - mid} replayed batches "
-          "bit-identical")
+    print(f"  RSS after warm-up {rss['after_warmup']:.1f} MiB, at the end {rss['end']:.1f} MiB "
+          f"(growth {result['rss_growth']:+.3%})")
+    print(f"  resume at batch {res['at']}: {res['replayed'] - res['mismatched_batches']}/"
+          f"{res['replayed']} replayed batches bit-identical")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    for msg in failures:
+    for msg in result["failures"]:
         print(f"FAIL: {msg}", file=sys.stderr)
-    print("soak: " + ("FAILED" if failures else "all checks passed"))
-    return 1 if failures else 0
+    print("soak: " + ("FAILED" if result["failures"] else "all checks passed"))
+
+
+def main(argv=None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.batches < 60 or args.batch_size < 2 or args.images < args.batch_size or args.sample_every < 1:
+        p.error("need --batches >= 60, --batch-size >= 2, --images >= --batch-size, --sample-every >= 1")
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_setup = time.perf_counter()
+    model, pool = build(args)
+    source = copy.deepcopy(model)
+    adapter = dk.DATTA(model)
+    n = args.batches
+    rec = {"hash": np.zeros(n, np.int64), "ms": np.zeros(n), "cpu_ms": np.zeros(n),
+           "single": np.zeros(n, bool), "rss": np.zeros((n - 1) // args.sample_every + 1, np.int64)}
+    setup_s = time.perf_counter() - t_setup
+    warm = min(max(n // 10, 100), n // 3)
+    mid = n // 2
+
+    t0 = time.perf_counter()
+    run(adapter, pool, args, 0, mid, rec, measure=True)
+    saved = io.BytesIO()
+    torch.save(adapter.state_dict(), saved)
+    run(adapter, pool, args, mid, n, rec, measure=True)
+    stream_s = time.perf_counter() - t0
+
+    stop = n if args.resume_batches is None else min(n, mid + args.resume_batches)
+    resumed = dk.DATTA(copy.deepcopy(source))
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    replay = {"hash": np.zeros(n, np.int64)}
+    run(resumed, pool, args, mid, stop, replay, measure=False)
+    mismatch = np.flatnonzero(replay["hash"][mid:stop] != rec["hash"][mid:stop])
+
+    result = summarize(rec, args, adapter, warm=warm, mid=mid, stop=stop, mismatch=mismatch,
+                       setup_s=setup_s, stream_s=stream_s)
+
+    report(result, args)
+    return 1 if result["failures"] else 0
 
 
 if __name__ == "__main__":
