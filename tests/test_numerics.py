@@ -1,4 +1,4 @@
-"""Issue 13: no silent wrong answers in the numerics, on every backend that runs here.
+"""No silent wrong answers in the numerics, on every backend that runs here.
 
 * plane-long sums (the backward's ``sum dy`` and ``sum dy (x - mu)``, the angles' sum of
   cosines) must not drift with the plane size: checked on inputs crafted so that a float32
