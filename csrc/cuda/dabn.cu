@@ -8,7 +8,8 @@
 // The reduce / apply passes stream the tensors (passes.cuh); the coefficient kernels are
 // tiny: one thread per channel walks the batch in order n = 0..N-1, so batch statistics,
 // dweight and dbias are fixed-order sums (deterministic, no atomics).  The blend weights are
-// read from device memory here, never copied to the host.
+// read from device memory here, never copied to the host.  The labels D1-D5 of docs/SPEC.md
+// are cited where each per-(n, c) formula is implemented.
 #include "passes.cuh"
 
 namespace datta::cuda {
@@ -29,7 +30,8 @@ struct ChannelArgs {
   bool shrink;
 };
 
-/// Per-channel constants: effective weights (SPEC §3 edge rules), batch and source moments.
+/// Per-channel constants: effective weights (SPEC D1), batch (D4) and source moments, shrink
+/// thresholds (D2).
 template <typename A>
 struct Channel {
   A ws, wb, wi;
@@ -44,7 +46,8 @@ __device__ Channel<A> load_channel(const ChannelArgs<A>& a, int64_t ci) {
   ch.ws = a.blend[0];
   ch.wb = a.blend[1];
   ch.wi = a.blend[2];
-  // Shape facts, no data dependence: undefined statistics hand their weight to the source.
+  // SPEC D1: shape facts, no data dependence: undefined statistics hand their weight to the
+  // source.
   if (a.m <= 1) {
     ch.ws += ch.wi;
     ch.wi = A(0);
@@ -53,7 +56,7 @@ __device__ Channel<A> load_channel(const ChannelArgs<A>& a, int64_t ci) {
     ch.ws += ch.wb;
     ch.wb = A(0);
   }
-  // mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2].
+  // SPEC D4: mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2].
   A sum = A(0);
   for (int64_t k = 0; k < a.n; ++k) sum += a.mean[k * a.c + ci];
   ch.mu_b = sum / A(a.n);
@@ -67,15 +70,15 @@ __device__ Channel<A> load_channel(const ChannelArgs<A>& a, int64_t ci) {
   ch.vs = a.svar[ci];
   ch.g = a.weight ? a.weight[ci] : A(1);
   ch.beta = a.bias ? a.bias[ci] : A(0);
-  // s_mu = sqrt((var_s + eps) / M),  s_sigma = (var_s + eps) sqrt(2 / (M - 1)).
+  // SPEC D2: s_mu = sqrt((var_s + eps) / M),  s_sigma = (var_s + eps) sqrt(2 / (M - 1)).
   const A sv = ch.vs + a.eps;
   ch.lam_mu = a.k * sqrt_(sv / A(a.m));
   ch.lam_var = a.k * (sv * A(sqrt(2.0 / double(a.m > 1 ? a.m - 1 : 1))));
   return ch;
 }
 
-/// w * s where w != 0, else 0: a statistic of weight 0 is never read, so an inf/NaN in it
-/// cannot leak through 0 * inf = NaN (SPEC §3, "Non-finite input").
+/// SPEC D3's weighted term: w * s where w != 0, else 0: a statistic of weight 0 is never read,
+/// so an inf/NaN in it cannot leak through 0 * inf = NaN (SPEC §3, "Non-finite input").
 template <typename A>
 __device__ __forceinline__ A weighted(A w, A s) {
   return w != A(0) ? w * s : A(0);
@@ -94,6 +97,7 @@ __device__ __forceinline__ A softshrink(A z, A lam) {
   return z > A(0) ? mag : (z < A(0) ? -mag : A(0));
 }
 
+/// SPEC D3 (and D2 when shrinking):
 /// m = w_s mu_s + w_b mu_B + w_i mu~_i,  v = w_s var_s + w_b var_B + w_i var~_i, with
 /// mu~_i = mu_s + softshrink(mu_i - mu_s, k s_mu) (likewise var~_i) when shrinking (M > 1);
 /// terms of weight 0 are not read (weighted()).
@@ -112,8 +116,8 @@ __device__ __forceinline__ Blended<A> blend(const ChannelArgs<A>& a, const Chann
   return r;
 }
 
-/// Forward coefficients: y = b (x - mu) + c0 with mu = m, b = rsqrt(max(v, 0) + eps) gamma,
-/// c0 = beta.  (x - m) is formed before scaling, as in the reference, so a large common
+/// SPEC D3, forward coefficients: y = b (x - mu) + c0 with mu = m,
+/// b = rsqrt(max(v, 0) + eps) gamma, c0 = beta.  (x - m) is formed before scaling, as in the reference, so a large common
 /// offset of x and m cancels exactly instead of through x * scale - m * scale.
 template <typename A>
 __global__ void __launch_bounds__(cfg::kTinyThreads)
@@ -130,7 +134,7 @@ forward_coefs_kernel(ChannelArgs<A> a, A* coef_mu, A* coef_b, A* coef_c0) {
   }
 }
 
-// Backward coefficients, one thread per channel c, in this kernel's names (SPEC §3; the
+// SPEC D5, backward coefficients, one thread per channel c, in this kernel's names (the
 // reference is datta_kernels.reference.dabn_backward).  Per n, with i = (n, c):
 //   m, v       blended moments;  r = rsqrt(max(v, 0) + eps);  g = gamma[c]
 //   sdy        = sum_p dy,   sdyxc = sum_p dy (x - mu_i)                  (pass 1)
