@@ -25,6 +25,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "common/dabn_math.h"
 #include "cpu/kernels.h"
 #include "cpu/launch_config.h"
 #include "ops.h"
@@ -123,9 +124,8 @@ Tensor to_acc(const std::vector<double>& v, at::IntArrayRef shape, at::ScalarTyp
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).reshape(shape).to(acc);
 }
 
-/// SPEC D3's weighted term: w * s where w != 0, else 0: a statistic of weight 0 is never read,
-/// so an inf/NaN in it cannot leak through 0 * inf = NaN (SPEC §3, "Non-finite input").
-double weighted(double w, double s) { return w != 0.0 ? w * s : 0.0; }
+// SPEC D3's weighted term, shared with CUDA (common/dabn_math.h).
+using math::weighted;
 
 /// SPEC D2: softshrink(z, lam) = sign(z) max(|z| - lam, 0); NaN stays NaN.
 double softshrink(double z, double lam) {
@@ -155,9 +155,7 @@ struct Blend {
       : n(g.n), c(g.c), m(g.m), eps(eps_), k(shrink_k) {
     const std::vector<double> w = host_doubles(&blend, 3, 0.0);
     ws = w[0], wb = w[1], wi = w[2];
-    // SPEC D1: the edge rules
-    if (m <= 1) ws += wi, wi = 0.0;      // instance variance undefined
-    if (n * m <= 1) ws += wb, wb = 0.0;  // batch variance undefined
+    math::edge_rules(ws, wb, wi, n, m);  // SPEC D1 (common/dabn_math.h)
     smean = host_doubles(&source_mean, c, 0.0);
     svar = host_doubles(&source_var, c, 0.0);
     mu_b.assign(c, 0.0);
@@ -193,18 +191,17 @@ struct Blend {
       if (n * m <= 1) continue;
       double ss = 0.0;
       for (int64_t ni = 0; ni < n; ++ni) {
-        const double d = mu_i[ni * c + ci] - mu_b[ci];
-        ss += static_cast<double>(m - 1) * var_i[ni * c + ci] + static_cast<double>(m) * d * d;
+        ss += math::batch_ss_term(mu_i[ni * c + ci], var_i[ni * c + ci], mu_b[ci], m);
       }
-      var_b[ci] = ss / static_cast<double>(n * m - 1);
+      var_b[ci] = math::batch_var(ss, n, m);
     }
   }
 
   /// SPEC D3: m, v of channel ci with the instance terms mt, vt (raw or shrunk) added to the
   /// n-independent source + batch part; terms of weight 0 are not read (weighted()).
   At combine(int64_t ci, double mt, double vt, double keep_mu, double keep_var) const {
-    return At{weighted(ws, smean[ci]) + weighted(wb, mu_b[ci]) + weighted(wi, mt),
-              weighted(ws, svar[ci]) + weighted(wb, var_b[ci]) + weighted(wi, vt), keep_mu, keep_var};
+    return At{math::blend3(ws, smean[ci], wb, mu_b[ci], wi, mt),
+              math::blend3(ws, svar[ci], wb, var_b[ci], wi, vt), keep_mu, keep_var};
   }
 
   /// m, v of channel ci for the raw instance statistics mt, vt (shrunk here if k is set: SPEC
@@ -456,11 +453,12 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
       const int64_t i = ni * g.c + ci;
       const Blend::At a = b.at(ni, ci);
       r[i] = rstd(a.v, eps);
-      const double sdyxh = r[i] * (sdyxc[i] + (b.mu_i[i] - a.m) * sdy[i]);
+      const math::BackwardTerms<double> t =
+          math::backward_terms(gamma[ci], r[i], a.v, a.m, b.mu_i[i], sdy[i], sdyxc[i]);
       dbias[ci] += sdy[i];
-      dweight[ci] += sdyxh;
-      dm[i] = -gamma[ci] * r[i] * sdy[i];
-      dv[i] = a.v >= 0 ? -0.5 * gamma[ci] * r[i] * r[i] * sdyxh : 0.0;
+      dweight[ci] += t.sdyxh;
+      dm[i] = t.dm;
+      dv[i] = t.dv;
       keep_mu[i] = a.keep_mu;
       keep_var[i] = a.keep_var;
       dmu_b[ci] += dm[i];
@@ -468,7 +466,6 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
     }
   }
   // SPEC D5: A, B, C0 per (n, c)
-  const double md = static_cast<double>(g.m), nmd = static_cast<double>(g.n * g.m);
   std::vector<double> ca(nc), cb(nc), cc(nc);
   for (int64_t ni = 0; ni < g.n; ++ni) {
     for (int64_t ci = 0; ci < g.c; ++ci) {
@@ -477,13 +474,8 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
       const double dmu_i = weighted(b.wi, dm[i] * keep_mu[i]), dvar_i = weighted(b.wi, dv[i] * keep_var[i]);
       const double dmb = weighted(b.wb, dmu_b[ci]), dvb = weighted(b.wb, dvar_b[ci]);
       ca[i] = gamma[ci] * r[i];
-      cb[i] = 0.0;
-      cc[i] = dmu_i / md + dmb / nmd;
-      if (g.m > 1) cb[i] += 2.0 * dvar_i / (md - 1.0);
-      if (g.n * g.m > 1) {
-        cb[i] += 2.0 * dvb / (nmd - 1.0);
-        cc[i] += weighted(2.0 * dvb / (nmd - 1.0), b.mu_i[i] - b.mu_b[ci]);
-      }
+      math::instance_coefs(dmu_i, dvar_i, g.m, cb[i], cc[i]);
+      math::add_batch_coefs(dmb, dvb, b.mu_i[i], b.mu_b[ci], g.n, g.m, cb[i], cc[i]);
     }
   }
   const Tensor ca_t = to_acc(ca, {g.n, g.c}, acc), cb_t = to_acc(cb, {g.n, g.c}, acc);
