@@ -41,8 +41,8 @@ def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-(n, c) mean and unbiased variance over (H, W) -> two ``(N, C)`` tensors.
 
     Centred two-pass formula (never E[x^2] - E[x]^2).  When ``M == 1`` the unbiased
-    variance is undefined; it is returned as 0 and SPEC's edge rule moves the
-    instance weight to the source, so it is never used.
+    variance is undefined; it is returned as 0 (SPEC D4) and SPEC's edge rule (D1) moves
+    the instance weight to the source, so it is never used.
     """
     xf = x.to(acc_dtype(x.dtype))
     m = x.shape[2] * x.shape[3]
@@ -54,7 +54,7 @@ def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def batch_stats(mean_i: Tensor, var_i: Tensor, m: int) -> tuple[Tensor, Tensor]:
-    """Batch mean and unbiased variance ``(C,)`` from instance statistics (exact, SPEC §1).
+    """SPEC D4: batch mean and unbiased variance ``(C,)`` from instance statistics (exact, §1).
 
     ``mu_B = mean_n mu_i``;  ``(N*M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2]``.
     Returns variance 0 when ``N*M <= 1`` (the batch weight then moves to the source).
@@ -68,7 +68,7 @@ def batch_stats(mean_i: Tensor, var_i: Tensor, m: int) -> tuple[Tensor, Tensor]:
 
 
 def effective_blend(blend: Tensor, n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
-    """SPEC §3 edge rules: weights whose statistics are undefined move to the source.
+    """SPEC D1 (§3 edge rules): weights whose statistics are undefined move to the source.
 
     ``M <= 1``: ``w_s += w_i, w_i = 0``; ``N*M <= 1``: ``w_s += w_b, w_b = 0``.
     The shapes are static, so this never syncs.
@@ -90,7 +90,7 @@ def shrink_instance_stats(
     mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
     m: int, k: float, eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """NOTE-style shrinkage of instance statistics towards the source (SPEC §3).
+    """SPEC D2: NOTE-style shrinkage of instance statistics towards the source (§3).
 
     ``s_mu = sqrt((var_s + eps) / M)``, ``s_sig = (var_s + eps) sqrt(2 / (M - 1))``,
     ``mu~ = mu_s + softshrink(mu_i - mu_s, k s_mu)``, ``var~ = var_s + softshrink(var_i - var_s, k s_sig)``.
@@ -105,9 +105,10 @@ def shrink_instance_stats(
 
 
 def weighted(w: Tensor, stat: Tensor) -> Tensor:
-    """``w * stat`` where ``w != 0``, else 0: a statistic with weight 0 is never read, so an
-    inf/NaN in it cannot leak into the result through ``0 * inf = NaN`` (SPEC §3,
-    "Non-finite input").  Selected, not multiplied; the gradient of the unselected side is 0."""
+    """SPEC D3's weighted term: ``w * stat`` where ``w != 0``, else 0: a statistic with weight
+    0 is never read, so an inf/NaN in it cannot leak into the result through
+    ``0 * inf = NaN`` (SPEC §3, "Non-finite input").  Selected, not multiplied; the gradient
+    of the unselected side is 0."""
     return torch.where(w != 0, w * stat, torch.zeros_like(stat))
 
 
@@ -115,8 +116,8 @@ def blend_moments(
     mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
     blend: Tensor, m: int, shrink_k: float | None, eps: float,
 ) -> tuple[Tensor, Tensor]:
-    """Blended per-(n, c) mean and variance ``(N, C)`` (SPEC §3); terms of weight 0 are
-    selected away (:func:`weighted`)."""
+    """SPEC D3: blended per-(n, c) mean and variance ``(N, C)`` (after D1, D4 and D2);
+    terms of weight 0 are selected away (:func:`weighted`)."""
     n = mean_i.shape[0]
     dt = mean_i.dtype
     smean, svar = source_mean.to(dt), source_var.to(dt)
@@ -131,7 +132,7 @@ def blend_moments(
 
 def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
               bias: Tensor | None, eps: float) -> Tensor:
-    """``y = gamma (x - m) rsqrt(max(v, 0) + eps) + beta`` with per-(n, c) ``m, v``."""
+    """SPEC D3: ``y = gamma (x - m) rsqrt(max(v, 0) + eps) + beta`` with per-(n, c) ``m, v``."""
     dt = mean.dtype
     scale = torch.rsqrt(torch.clamp(var, min=0) + eps)
     if weight is not None:
@@ -273,7 +274,8 @@ def dabn_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Explicit backward of :func:`dabn` -> ``(dx, dweight, dbias)`` (dweight/dbias ``(C,)`` fp32).
 
-    This is the formula the fused kernels implement (tested against autograd).  Names:
+    SPEC D5 (the backward coefficients).  This is the formula the fused kernels implement
+    (tested against autograd).  Names:
     ``m, v`` blended moments ``(N, C)``, ``r = rsqrt(max(v, 0) + eps)``, ``g = gamma``,
     ``xc = x - mu_i`` (centred on the instance mean: stable for large offsets).
 
@@ -314,6 +316,7 @@ def dabn_backward(
     sdy = dyf.sum(dim=(2, 3))
     sdyxc = (dyf * xc).sum(dim=(2, 3))
 
+    # SPEC D5: the per-(n, c) coefficients (m, v above are D1-D4 again, as in the forward)
     sdyxh = r * (sdyxc + (mean_i - mean) * sdy)
     dbias, dweight = sdy.sum(dim=0), sdyxh.sum(dim=0)
     dm = -g * r * sdy

@@ -1,5 +1,6 @@
 // CPU glue of the datta:: kernel ops: input checks, output allocation, the tiny per-(n, c)
-// prologue / coefficient math (SPEC §1 and §3, in double), and the registration.
+// prologue / coefficient math (SPEC §1 and §3, in double: the labels D1-D5 of docs/SPEC.md are
+// cited where each is implemented), and the registration.
 //
 // The heavy passes over x and dy are the vectorised kernels of kernels_impl.h, reached through
 // the run-time-dispatched table of kernels.h.  Data movement of one call:
@@ -24,6 +25,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "common/dabn_math.h"
 #include "cpu/kernels.h"
 #include "cpu/launch_config.h"
 #include "ops.h"
@@ -122,11 +124,10 @@ Tensor to_acc(const std::vector<double>& v, at::IntArrayRef shape, at::ScalarTyp
   return at::tensor(v, at::TensorOptions().dtype(at::kDouble)).reshape(shape).to(acc);
 }
 
-/// w * s where w != 0, else 0: a statistic of weight 0 is never read, so an inf/NaN in it
-/// cannot leak through 0 * inf = NaN (SPEC §3, "Non-finite input").
-double weighted(double w, double s) { return w != 0.0 ? w * s : 0.0; }
+// SPEC D3's weighted term, shared with CUDA (common/dabn_math.h).
+using math::weighted;
 
-/// softshrink(z, lam) = sign(z) max(|z| - lam, 0); NaN stays NaN.
+/// SPEC D2: softshrink(z, lam) = sign(z) max(|z| - lam, 0); NaN stays NaN.
 double softshrink(double z, double lam) {
   if (z > lam) return z - lam;
   if (z < -lam) return z + lam;
@@ -154,8 +155,7 @@ struct Blend {
       : n(g.n), c(g.c), m(g.m), eps(eps_), k(shrink_k) {
     const std::vector<double> w = host_doubles(&blend, 3, 0.0);
     ws = w[0], wb = w[1], wi = w[2];
-    if (m <= 1) ws += wi, wi = 0.0;      // instance variance undefined
-    if (n * m <= 1) ws += wb, wb = 0.0;  // batch variance undefined
+    math::edge_rules(ws, wb, wi, n, m);  // SPEC D1 (common/dabn_math.h)
     smean = host_doubles(&source_mean, c, 0.0);
     svar = host_doubles(&source_var, c, 0.0);
     mu_b.assign(c, 0.0);
@@ -164,7 +164,7 @@ struct Blend {
       lam_mu.resize(c);
       lam_var.resize(c);
       for (int64_t ci = 0; ci < c; ++ci) {
-        // s_mu = sqrt((var_s + eps) / M),  s_sig = (var_s + eps) sqrt(2 / (M - 1))
+        // SPEC D2: s_mu = sqrt((var_s + eps) / M),  s_sig = (var_s + eps) sqrt(2 / (M - 1))
         const double sv = svar[ci] + eps;
         lam_mu[ci] = *k * std::sqrt(sv / static_cast<double>(m));
         lam_var[ci] = *k * sv * std::sqrt(2.0 / static_cast<double>(m - 1));
@@ -183,7 +183,7 @@ struct Blend {
   void set_stats(const Tensor& mean_i, const Tensor& var_i_t) {
     mu_i = host_doubles(&mean_i, n * c, 0.0);
     var_i = host_doubles(&var_i_t, n * c, 0.0);
-    // mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2]
+    // SPEC D4: mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2]
     for (int64_t ci = 0; ci < c; ++ci) {
       double s = 0.0;
       for (int64_t ni = 0; ni < n; ++ni) s += mu_i[ni * c + ci];
@@ -191,21 +191,21 @@ struct Blend {
       if (n * m <= 1) continue;
       double ss = 0.0;
       for (int64_t ni = 0; ni < n; ++ni) {
-        const double d = mu_i[ni * c + ci] - mu_b[ci];
-        ss += static_cast<double>(m - 1) * var_i[ni * c + ci] + static_cast<double>(m) * d * d;
+        ss += math::batch_ss_term(mu_i[ni * c + ci], var_i[ni * c + ci], mu_b[ci], m);
       }
-      var_b[ci] = ss / static_cast<double>(n * m - 1);
+      var_b[ci] = math::batch_var(ss, n, m);
     }
   }
 
-  /// m, v of channel ci with the instance terms mt, vt (raw or shrunk) added to the
+  /// SPEC D3: m, v of channel ci with the instance terms mt, vt (raw or shrunk) added to the
   /// n-independent source + batch part; terms of weight 0 are not read (weighted()).
   At combine(int64_t ci, double mt, double vt, double keep_mu, double keep_var) const {
-    return At{weighted(ws, smean[ci]) + weighted(wb, mu_b[ci]) + weighted(wi, mt),
-              weighted(ws, svar[ci]) + weighted(wb, var_b[ci]) + weighted(wi, vt), keep_mu, keep_var};
+    return At{math::blend3(ws, smean[ci], wb, mu_b[ci], wi, mt),
+              math::blend3(ws, svar[ci], wb, var_b[ci], wi, vt), keep_mu, keep_var};
   }
 
-  /// m, v of channel ci for the raw instance statistics mt, vt (shrunk here if k is set).
+  /// m, v of channel ci for the raw instance statistics mt, vt (shrunk here if k is set: SPEC
+  /// D2, and its pass-through masks for D5).
   At at_stats(int64_t ci, double mt, double vt) const {
     double keep_mu = 1.0, keep_var = 1.0;
     if (!lam_mu.empty()) {
@@ -223,11 +223,12 @@ struct Blend {
   }
 };
 
-/// r = rsqrt(max(v, 0) + eps); std::max keeps a NaN v as NaN (it returns its first argument).
+/// SPEC D3: r = rsqrt(max(v, 0) + eps); std::max keeps a NaN v as NaN (it returns its first
+/// argument).
 double rstd(double v, double eps) { return 1.0 / std::sqrt(std::max(v, 0.0) + eps); }
 
-/// M2 -> unbiased variance in place; 0 when M == 1 (the instance weight then moves to the
-/// source).
+/// M2 -> unbiased variance in place; 0 when M == 1 (SPEC D4; D1 then moves the instance
+/// weight to the source).
 template <typename A>
 void m2_to_var(A* var, int64_t len, int64_t m) {
   const A d = static_cast<A>(m - 1);
@@ -267,7 +268,7 @@ Tensor diversity_angles_cpu(const Tensor& x, const Tensor& source_mean, const Te
   return theta;
 }
 
-/// Pass-2 coefficients, y = (x - center) * scale + shift per (n, c): center = m,
+/// SPEC D3, pass-2 coefficients, y = (x - center) * scale + shift per (n, c): center = m,
 /// scale = gamma rsqrt(max(v, 0) + eps), shift = beta.  x is centred before scaling (not
 /// x*scale + (beta - m*scale)): for x ~ 1e4 + noise the product form cancels two ~1e4*scale
 /// terms and loses ~1e-3 absolute in float32.
@@ -407,8 +408,8 @@ Tensor dabn_normalize_cpu(const Tensor& x, const c10::optional<Tensor>& weight,
   return y;
 }
 
-// Backward (reference.dabn_backward, in this file's names; r = rsqrt(max(v, 0) + eps),
-// g = gamma, xc = x - mu_i):
+// SPEC D5, the backward coefficients (reference.dabn_backward, in this file's names;
+// r = rsqrt(max(v, 0) + eps), g = gamma, xc = x - mu_i):
 //   pass 1 (kernel):  sdy = sum_p dy,  sdyxc = sum_p dy xc
 //   sdyxh = r (sdyxc + (mu_i - m) sdy)                    (= sum_p dy xhat)
 //   dbias = sum_n sdy,  dweight = sum_n sdyxh             (fixed n order: deterministic)
@@ -452,18 +453,19 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
       const int64_t i = ni * g.c + ci;
       const Blend::At a = b.at(ni, ci);
       r[i] = rstd(a.v, eps);
-      const double sdyxh = r[i] * (sdyxc[i] + (b.mu_i[i] - a.m) * sdy[i]);
+      const math::BackwardTerms<double> t =
+          math::backward_terms(gamma[ci], r[i], a.v, a.m, b.mu_i[i], sdy[i], sdyxc[i]);
       dbias[ci] += sdy[i];
-      dweight[ci] += sdyxh;
-      dm[i] = -gamma[ci] * r[i] * sdy[i];
-      dv[i] = a.v >= 0 ? -0.5 * gamma[ci] * r[i] * r[i] * sdyxh : 0.0;
+      dweight[ci] += t.sdyxh;
+      dm[i] = t.dm;
+      dv[i] = t.dv;
       keep_mu[i] = a.keep_mu;
       keep_var[i] = a.keep_var;
       dmu_b[ci] += dm[i];
       dvar_b[ci] += dv[i];
     }
   }
-  const double md = static_cast<double>(g.m), nmd = static_cast<double>(g.n * g.m);
+  // SPEC D5: A, B, C0 per (n, c)
   std::vector<double> ca(nc), cb(nc), cc(nc);
   for (int64_t ni = 0; ni < g.n; ++ni) {
     for (int64_t ci = 0; ci < g.c; ++ci) {
@@ -472,13 +474,8 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
       const double dmu_i = weighted(b.wi, dm[i] * keep_mu[i]), dvar_i = weighted(b.wi, dv[i] * keep_var[i]);
       const double dmb = weighted(b.wb, dmu_b[ci]), dvb = weighted(b.wb, dvar_b[ci]);
       ca[i] = gamma[ci] * r[i];
-      cb[i] = 0.0;
-      cc[i] = dmu_i / md + dmb / nmd;
-      if (g.m > 1) cb[i] += 2.0 * dvar_i / (md - 1.0);
-      if (g.n * g.m > 1) {
-        cb[i] += 2.0 * dvb / (nmd - 1.0);
-        cc[i] += weighted(2.0 * dvb / (nmd - 1.0), b.mu_i[i] - b.mu_b[ci]);
-      }
+      math::instance_coefs(dmu_i, dvar_i, g.m, cb[i], cc[i]);
+      math::add_batch_coefs(dmb, dvb, b.mu_i[i], b.mu_b[ci], g.n, g.m, cb[i], cc[i]);
     }
   }
   const Tensor ca_t = to_acc(ca, {g.n, g.c}, acc), cb_t = to_acc(cb, {g.n, g.c}, acc);

@@ -451,6 +451,7 @@ void moments_impl(const Geometry& g, const T* x, typename Io<T>::A* mean, typena
 }
 
 // ------------------------------------------------------------------ pass 2: y = (x - m)*scale + shift
+// (SPEC D3 applied per element; center, scale, shift come from dabn_cpu.cpp's Coefficients)
 // Note: vector code lives in named functions, never directly in the at::parallel_for lambdas:
 // GCC does not give lambdas the target of a `#pragma GCC target` region, so Vectorized code in
 // a lambda body would compile at the baseline ISA (with out-of-line AVX calls).
@@ -560,9 +561,9 @@ void backward_reduce_impl(const Geometry& g, const T* dy, const T* x, const type
   }
 }
 
-/// dx = a*dy + b*(x - mu) + c0 over one NCHW plane.  x is centred first: b*x - b*mu would
-/// cancel for large x.  kWithX = false (b == 0) drops the b term and never reads x: a plane
-/// with an inf/NaN pixel (so mu = inf/NaN) must not turn dx into 0 * inf = NaN.
+/// SPEC D5 pass 2: dx = a*dy + b*(x - mu) + c0 over one NCHW plane.  x is centred first:
+/// b*x - b*mu would cancel for large x.  kWithX = false (b == 0) drops the b term and never
+/// reads x: a plane with an inf/NaN pixel (so mu = inf/NaN) must not turn dx into 0 * inf = NaN.
 template <typename T, bool kWithX>
 void apply_plane(int64_t m, const T* dy, const T* x, typename Io<T>::A mu, typename Io<T>::A ca,
                  typename Io<T>::A cb, typename Io<T>::A cc, T* dx) {

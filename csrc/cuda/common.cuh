@@ -172,8 +172,8 @@ __device__ __forceinline__ Welford<A> shfl_down(const Welford<A>& s, int delta, 
           __shfl_down_sync(cfg::kFullMask, s.n, delta, width)};
 }
 
-/// Instance moments: out0 = mean, out1 = unbiased variance (0 when the count is <= 1).  The
-/// State is double: its M2 is a running total over every chunk of the thread (M / 256 values
+/// Instance moments (SPEC D4's instance side): out0 = mean, out1 = unbiased variance (0 when
+/// the count is <= 1).  The State is double: its M2 is a running total over every chunk of the thread (M / 256 values
 /// when a plane is not split), which in float drifts with M (5e-5 relative at M = 2^26).
 template <typename A> struct MomentsOp {
   using State = Welford<double>;

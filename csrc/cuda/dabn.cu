@@ -8,7 +8,9 @@
 // The reduce / apply passes stream the tensors (passes.cuh); the coefficient kernels are
 // tiny: one thread per channel walks the batch in order n = 0..N-1, so batch statistics,
 // dweight and dbias are fixed-order sums (deterministic, no atomics).  The blend weights are
-// read from device memory here, never copied to the host.
+// read from device memory here, never copied to the host.  The labels D1-D5 of docs/SPEC.md
+// are cited where each per-(n, c) formula is implemented.
+#include "../common/dabn_math.h"
 #include "passes.cuh"
 
 namespace datta::cuda {
@@ -29,7 +31,8 @@ struct ChannelArgs {
   bool shrink;
 };
 
-/// Per-channel constants: effective weights (SPEC §3 edge rules), batch and source moments.
+/// Per-channel constants: effective weights (SPEC D1), batch (D4) and source moments, shrink
+/// thresholds (D2).
 template <typename A>
 struct Channel {
   A ws, wb, wi;
@@ -44,42 +47,31 @@ __device__ Channel<A> load_channel(const ChannelArgs<A>& a, int64_t ci) {
   ch.ws = a.blend[0];
   ch.wb = a.blend[1];
   ch.wi = a.blend[2];
-  // Shape facts, no data dependence: undefined statistics hand their weight to the source.
-  if (a.m <= 1) {
-    ch.ws += ch.wi;
-    ch.wi = A(0);
-  }
-  if (a.n * a.m <= 1) {
-    ch.ws += ch.wb;
-    ch.wb = A(0);
-  }
-  // mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2].
+  // SPEC D1: shape facts, no data dependence: undefined statistics hand their weight to the
+  // source (common/dabn_math.h, shared with the CPU).
+  math::edge_rules(ch.ws, ch.wb, ch.wi, a.n, a.m);
+  // SPEC D4: mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2].
   A sum = A(0);
   for (int64_t k = 0; k < a.n; ++k) sum += a.mean[k * a.c + ci];
   ch.mu_b = sum / A(a.n);
   A ss = A(0);
   for (int64_t k = 0; k < a.n; ++k) {
-    const A d = a.mean[k * a.c + ci] - ch.mu_b;
-    ss += A(a.m - 1) * a.var[k * a.c + ci] + A(a.m) * d * d;
+    ss += math::batch_ss_term(a.mean[k * a.c + ci], a.var[k * a.c + ci], ch.mu_b, a.m);
   }
-  ch.var_b = a.n * a.m > 1 ? ss / A(a.n * a.m - 1) : A(0);
+  ch.var_b = math::batch_var(ss, a.n, a.m);
   ch.ms = a.smean[ci];
   ch.vs = a.svar[ci];
   ch.g = a.weight ? a.weight[ci] : A(1);
   ch.beta = a.bias ? a.bias[ci] : A(0);
-  // s_mu = sqrt((var_s + eps) / M),  s_sigma = (var_s + eps) sqrt(2 / (M - 1)).
+  // SPEC D2: s_mu = sqrt((var_s + eps) / M),  s_sigma = (var_s + eps) sqrt(2 / (M - 1)).
   const A sv = ch.vs + a.eps;
   ch.lam_mu = a.k * sqrt_(sv / A(a.m));
   ch.lam_var = a.k * (sv * A(sqrt(2.0 / double(a.m > 1 ? a.m - 1 : 1))));
   return ch;
 }
 
-/// w * s where w != 0, else 0: a statistic of weight 0 is never read, so an inf/NaN in it
-/// cannot leak through 0 * inf = NaN (SPEC §3, "Non-finite input").
-template <typename A>
-__device__ __forceinline__ A weighted(A w, A s) {
-  return w != A(0) ? w * s : A(0);
-}
+// SPEC D3's weighted term, shared with the CPU (common/dabn_math.h).
+using math::weighted;
 
 /// Blended moments of one (n, c) and the softshrink pass-through masks.
 template <typename A>
@@ -94,6 +86,7 @@ __device__ __forceinline__ A softshrink(A z, A lam) {
   return z > A(0) ? mag : (z < A(0) ? -mag : A(0));
 }
 
+/// SPEC D3 (and D2 when shrinking):
 /// m = w_s mu_s + w_b mu_B + w_i mu~_i,  v = w_s var_s + w_b var_B + w_i var~_i, with
 /// mu~_i = mu_s + softshrink(mu_i - mu_s, k s_mu) (likewise var~_i) when shrinking (M > 1);
 /// terms of weight 0 are not read (weighted()).
@@ -107,14 +100,15 @@ __device__ __forceinline__ Blended<A> blend(const ChannelArgs<A>& a, const Chann
     mi = ch.ms + softshrink(zmu, ch.lam_mu);
     vi = ch.vs + softshrink(zvar, ch.lam_var);
   }
-  r.m = weighted(ch.ws, ch.ms) + weighted(ch.wb, ch.mu_b) + weighted(ch.wi, mi);
-  r.v = weighted(ch.ws, ch.vs) + weighted(ch.wb, ch.var_b) + weighted(ch.wi, vi);
+  r.m = math::blend3(ch.ws, ch.ms, ch.wb, ch.mu_b, ch.wi, mi);
+  r.v = math::blend3(ch.ws, ch.vs, ch.wb, ch.var_b, ch.wi, vi);
   return r;
 }
 
-/// Forward coefficients: y = b (x - mu) + c0 with mu = m, b = rsqrt(max(v, 0) + eps) gamma,
-/// c0 = beta.  (x - m) is formed before scaling, as in the reference, so a large common
-/// offset of x and m cancels exactly instead of through x * scale - m * scale.
+/// SPEC D3, forward coefficients: y = b (x - mu) + c0 with mu = m,
+/// b = rsqrt(max(v, 0) + eps) gamma, c0 = beta.  (x - m) is formed before scaling, as in the
+/// reference, so a large common offset of x and m cancels exactly instead of through
+/// x * scale - m * scale.
 template <typename A>
 __global__ void __launch_bounds__(cfg::kTinyThreads)
 forward_coefs_kernel(ChannelArgs<A> a, A* coef_mu, A* coef_b, A* coef_c0) {
@@ -130,7 +124,7 @@ forward_coefs_kernel(ChannelArgs<A> a, A* coef_mu, A* coef_b, A* coef_c0) {
   }
 }
 
-// Backward coefficients, one thread per channel c, in this kernel's names (SPEC §3; the
+// SPEC D5, backward coefficients, one thread per channel c, in this kernel's names (the
 // reference is datta_kernels.reference.dabn_backward).  Per n, with i = (n, c):
 //   m, v       blended moments;  r = rsqrt(max(v, 0) + eps);  g = gamma[c]
 //   sdy        = sum_p dy,   sdyxc = sum_p dy (x - mu_i)                  (pass 1)
@@ -153,7 +147,6 @@ backward_coefs_kernel(ChannelArgs<A> a, const A* sdy_in, const A* sdyxc_in, A* c
   const int64_t ci = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (ci >= a.c) return;
   const Channel<A> ch = load_channel(a, ci);
-  const int64_t nm = a.n * a.m;
   A sum_sdy = A(0), sum_sdyxh = A(0), sum_dm = A(0), sum_dv = A(0);
   for (int64_t k = 0; k < a.n; ++k) {
     const int64_t i = k * a.c + ci;
@@ -161,28 +154,26 @@ backward_coefs_kernel(ChannelArgs<A> a, const A* sdy_in, const A* sdyxc_in, A* c
     const Blended<A> bl = blend(a, ch, mi, a.var[i]);
     const A r = rsqrt_(max_(bl.v, A(0)) + a.eps);
     const A sdy = sdy_in[i];
-    const A sdyxh = r * (sdyxc_in[i] + (mi - bl.m) * sdy);
+    const math::BackwardTerms<A> t = math::backward_terms(ch.g, r, bl.v, bl.m, mi, sdy, sdyxc_in[i]);
     sum_sdy += sdy;
-    sum_sdyxh += sdyxh;
-    const A dm = -ch.g * r * sdy;
-    const A dv = bl.v >= A(0) ? A(-0.5) * ch.g * r * r * sdyxh : A(0);
-    sum_dm += dm;
-    sum_dv += dv;
-    const A dmu_i = weighted(ch.wi, dm * bl.keep_mu), dvar_i = weighted(ch.wi, dv * bl.keep_var);
+    sum_sdyxh += t.sdyxh;
+    sum_dm += t.dm;
+    sum_dv += t.dv;
+    const A dmu_i = weighted(ch.wi, t.dm * bl.keep_mu), dvar_i = weighted(ch.wi, t.dv * bl.keep_var);
     coef_a[i] = ch.g * r;
-    coef_b[i] = a.m > 1 ? A(2) * dvar_i / A(a.m - 1) : A(0);
-    coef_c0[i] = dmu_i / A(a.m);
+    A cb, cc;
+    math::instance_coefs(dmu_i, dvar_i, a.m, cb, cc);
+    coef_b[i] = cb;
+    coef_c0[i] = cc;
   }
   dbias[ci] = sum_sdy;
   dweight[ci] = sum_sdyxh;
   const A dmu_b = weighted(ch.wb, sum_dm), dvar_b = weighted(ch.wb, sum_dv);
   for (int64_t k = 0; k < a.n; ++k) {
     const int64_t i = k * a.c + ci;
-    A cc = coef_c0[i] + dmu_b / A(nm);
-    if (nm > 1) {
-      coef_b[i] += A(2) * dvar_b / A(nm - 1);
-      cc += weighted(A(2) * dvar_b / A(nm - 1), a.mean[i] - ch.mu_b);
-    }
+    A cb = coef_b[i], cc = coef_c0[i];
+    math::add_batch_coefs(dmu_b, dvar_b, a.mean[i], ch.mu_b, a.n, a.m, cb, cc);
+    coef_b[i] = cb;
     coef_c0[i] = cc;
   }
 }

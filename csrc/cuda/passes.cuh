@@ -1,7 +1,8 @@
 // The two streaming passes every DATTA op is built from, for both memory layouts:
 //
 //   reduce: per-(n, c) fold of x (and dy) with an Op from common.cuh   (stats, backward pass 1)
-//   apply:  out = a dy + b (x - mu) + c0 with per-(n, c) coefficients   (normalize, backward pass 2)
+//   apply:  out = a dy + b (x - mu) + c0 with per-(n, c) coefficients   (normalize, backward
+//           pass 2; SPEC D3's y and D5's dx, coefficients from dabn.cu)
 //
 // NCHW: an (n, c) plane is M contiguous elements; a "group" (one warp for small planes, else
 // the whole CTA) walks one piece of a plane with 16-byte vectors (scalar head until aligned,

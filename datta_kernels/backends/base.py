@@ -11,11 +11,12 @@ Contract of every method:
   other strides once); ``M = H*W``.  Outputs keep x's shape, dtype and memory format.
 * Statistics are float32 (float64 for float64 input, see :func:`acc_dtype`).
 * ``blend`` is a ``(3,)`` tensor ``(w_s, w_b, w_i)`` on x's device, validated by the caller
-  (``>= 0``, sums to 1).  The backend applies SPEC §3's edge rules to it per call (D1): with
-  ``M <= 1`` the instance weight moves to the source, with ``N*M <= 1`` the batch weight does;
-  then the optional NOTE shrink (D2, ``shrink_k``, only where ``M > 1``), the blended moments and
-  the normalisation (D3); batch statistics come from the instance statistics (D4); the backward
-  uses the coefficients of D5.  A statistic whose weight is 0 is selected away, never
+  (``>= 0``, sums to 1).  In the labels of docs/SPEC.md (D1–D5): the backend applies SPEC
+  §3's edge rules to it per call (D1): with ``M <= 1`` the instance weight moves to the
+  source, with ``N*M <= 1`` the batch weight does; then the optional NOTE shrink (D2,
+  ``shrink_k``, only where ``M > 1``), the blended moments and the normalisation (D3); batch
+  statistics come from the instance statistics (D4); the backward uses the coefficients of
+  D5.  A statistic whose weight is 0 is selected away, never
   multiplied by 0 (SPEC "Non-finite input").
 * No method syncs with the device (nothing reads a device value on the host).
 """

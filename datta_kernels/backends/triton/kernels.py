@@ -67,14 +67,15 @@ def _chan(cnt_a, mean_a, m2_a, cnt_b, mean_b, m2_b):
 
 @triton.jit
 def _weighted(w, s):
-    """``w * s`` where ``w != 0``, else 0: a statistic of weight 0 is never read, so an inf/NaN
-    in it cannot leak through ``0 * inf = NaN`` (SPEC §3, "Non-finite input")."""
+    """SPEC D3's weighted term: ``w * s`` where ``w != 0``, else 0: a statistic of weight 0 is
+    never read, so an inf/NaN in it cannot leak through ``0 * inf = NaN`` (SPEC §3,
+    "Non-finite input")."""
     return tl.where(w != 0, w * s, 0.0)
 
 
 @triton.jit
 def _blend(blend_ptr, N, M):
-    """SPEC §3 weights with the edge rules (``M <= 1``: w_i -> w_s; ``N*M <= 1``: w_b -> w_s).
+    """SPEC D1: §3 weights with the edge rules (``M <= 1``: w_i -> w_s; ``N*M <= 1``: w_b -> w_s).
     Read on the device: changing the blend never syncs or recompiles."""
     w_s = tl.load(blend_ptr).to(tl.float32)
     w_b = tl.load(blend_ptr + 1).to(tl.float32)
@@ -91,7 +92,8 @@ def _blend(blend_ptr, N, M):
 @triton.jit
 def _blended_moments(mean_i, var_i, mu_b, var_b, smean, svar, w_s, w_b, w_i, M, shrink_k, eps,
                      SHRINK: tl.constexpr):
-    """Blended ``m, v`` (SPEC §3) and the softshrink pass-through masks ``keep_mu, keep_var``
+    """SPEC D3 blended ``m, v`` (with D2's shrink when SHRINK) and the softshrink pass-through
+    masks for D5, ``keep_mu, keep_var``
     (1 where the shrunk statistic moves with the raw one, 0 inside the dead zone).
 
     ``lam_mu = k sqrt((var_s + eps) / M)``, ``lam_var = k (var_s + eps) sqrt(2 / (M - 1))``,
@@ -120,7 +122,7 @@ def _blended_moments(mean_i, var_i, mu_b, var_b, smean, svar, w_s, w_b, w_i, M, 
 
 @triton.jit
 def _batch_stats_block(cnt, bmean, bm2, mean_i, m2_i, mask, nb, M):
-    """Fold one batch block into the running batch summary (SPEC §1):
+    """SPEC D4: fold one batch block into the running batch summary (§1):
     block mean ``mean_n mu_i``, block M2 ``sum_n [M2_i + M (mu_i - block mean)^2]``,
     merged with Chan's formula (count ``nb*M`` per block)."""
     mu = tl.sum(tl.where(mask, mean_i, 0.0), axis=0) / nb
@@ -203,11 +205,11 @@ def _stats_finalize_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, bmean_p
         m2 = m2.to(tl.float32)
         nc = n_offs[:, None] * C + c_offs[None, :]
         tl.store(mean_ptr + nc, mean, mask=mask)
-        tl.store(var_ptr + nc, m2 / tl.maximum(M - 1, 1), mask=mask)
+        tl.store(var_ptr + nc, m2 / tl.maximum(M - 1, 1), mask=mask)  # 0 when M == 1 (SPEC D4)
         nb = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
         bcnt, bmean, bm2 = _batch_stats_block(bcnt, bmean, bm2, mean, m2, mask, nb, M)
     tl.store(bmean_ptr + c_offs, bmean, mask=c_mask)
-    tl.store(bvar_ptr + c_offs, bm2 / tl.maximum(N * M - 1, 1), mask=c_mask)
+    tl.store(bvar_ptr + c_offs, bm2 / tl.maximum(N * M - 1, 1), mask=c_mask)  # SPEC D4
 
 
 # ---------------------------------------------------------------- forward: normalize
@@ -217,7 +219,7 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, bmean_ptr, bvar_ptr, smea
                       w_ptr, b_ptr, blend_ptr, N, C, M, ITERS, shrink_k, eps,
                       CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                       SHRINK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """``y = gamma (x - m) rsqrt(max(v, 0) + eps) + beta`` with x's dtype and layout.
+    """SPEC D3: ``y = gamma (x - m) rsqrt(max(v, 0) + eps) + beta`` with x's dtype and layout.
 
     The prologue forms ``m, v`` for its ``(n, channel block)`` from the (N, C) instance stats,
     the (C,) batch stats and the source stats (a few BLOCK_C-vectors, amortised over ITERS
@@ -286,7 +288,7 @@ def _bwd_partial_kernel(dy_ptr, x_ptr, mean_ptr, psdy_ptr, psdyxc_ptr, N, C, M, 
 @triton.jit
 def _bwd_terms(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, n_offs, c_offs, mask, mu_b, var_b, smean, svar,
                g, w_s, w_b, w_i, C, M, SPLITS, shrink_k, eps, SHRINK: tl.constexpr):
-    """Per-(n, c) backward terms of one batch block (names as in reference.dabn_backward);
+    """SPEC D5: per-(n, c) backward terms of one batch block (names as in reference.dabn_backward);
     the fp64 split partials are added in fp64, then rounded once to fp32."""
     sdy = tl.zeros(mask.shape, dtype=tl.float64)
     sdyxc = tl.zeros(mask.shape, dtype=tl.float64)
@@ -313,9 +315,10 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
                          a_ptr, b_ptr, c0_ptr, dw_ptr, db_ptr, N, C, M, SPLITS, shrink_k, eps,
                          HAS_WEIGHT: tl.constexpr, SHRINK: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Backward, per channel block (three fixed-order sweeps over batch blocks):
+    """SPEC D5, the backward coefficients, per channel block (three fixed-order sweeps over
+    batch blocks):
 
-    1. batch stats ``mu_B, var_B`` from the saved ``mu_i, var_i`` (SPEC §1, as in the forward);
+    1. batch stats ``mu_B, var_B`` from the saved ``mu_i, var_i`` (SPEC D4, as in the forward);
     2. ``sdyxh = r (sdyxc + (mu_i - m) sdy)``, ``dbias = sum_n sdy``, ``dweight = sum_n sdyxh``,
        ``dm = -g r sdy``, ``dv = -g r^2 sdyxh / 2`` (0 where v < 0),
        ``dmu_B = w_b sum_n dm``, ``dvar_B = w_b sum_n dv``;
@@ -394,7 +397,7 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
 @triton.jit
 def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, c0_ptr, N, C, M, ITERS,
                    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Backward pass 2: ``dx = A dy + B (x - mu_i) + C0`` with x's dtype and layout; the B term
+    """SPEC D5 pass 2: ``dx = A dy + B (x - mu_i) + C0`` with x's dtype and layout; the B term
     only where ``B != 0`` (a plane with an inf/NaN pixel has ``x - mu_i`` inf/NaN)."""
     n, c_offs, c_mask = _row(C, BLOCK_C)
     split = tl.program_id(1)
