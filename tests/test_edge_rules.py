@@ -233,12 +233,8 @@ def test_zero_variance_everywhere_is_beta(backend):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy (Triton interpreter) on NaN
 @pytest.mark.parametrize("backend", [
     "reference", "cpu",
-    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.xfail(
-        strict=True, reason="known divergence: Triton's softshrink maps a NaN statistic to 0 "
-        "(tl.where on z > lam / z < -lam), so the plane is normalised with the source moments")]),
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.xfail(
-        strict=False, reason="by reading dabn.cu: softshrink uses fmax(|z| - lam, 0), which maps "
-        "NaN to 0 as Triton does (not run here without a GPU)")]),
+    pytest.param("triton", marks=pytest.mark.triton),
+    pytest.param("cuda", marks=pytest.mark.cuda),
 ])
 def test_nan_plane_with_shrink_stays_nan(backend):
     """D2 with a NaN instance statistic: SPEC §3 ("Non-finite input") says an inf/NaN pixel

@@ -3,9 +3,8 @@
 // the acc type A) share: one source of truth for both compiled backends.  Header-only, inline,
 // torch-free; `__host__ __device__` under nvcc, plain `inline` for the host compiler.
 //
-// Left out on purpose (the two backends differ there today, and this header changes no
-// behaviour): softshrink and rsqrt(max(v, 0) + eps), whose NaN handling differs (std::max vs
-// fmax), and the loops themselves (CPU: host vectors; CUDA: one thread per channel).
+// Left out: rsqrt(max(v, 0) + eps) (each backend clamps with its own max/fmax) and the loops
+// themselves (CPU: host vectors; CUDA: one thread per channel).
 #pragma once
 
 #include <cstdint>
@@ -30,6 +29,15 @@ DATTA_HD void edge_rules(A& ws, A& wb, A& wi, int64_t n, int64_t m) {
     ws += wb;
     wb = A(0);
   }
+}
+
+/// SPEC D2: softshrink(z, lam) = sign(z) max(|z| - lam, 0), written with comparisons so a NaN
+/// statistic stays NaN (z * 0) instead of being shrunk to 0, as in the reference.
+template <typename A>
+DATTA_HD A softshrink(A z, A lam) {
+  if (z > lam) return z - lam;
+  if (z < -lam) return z + lam;
+  return z * A(0);
 }
 
 /// SPEC D3's weighted term: w * s where w != 0, else 0 (a statistic of weight 0 is never read,

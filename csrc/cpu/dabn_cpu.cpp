@@ -127,13 +127,6 @@ Tensor to_acc(const std::vector<double>& v, at::IntArrayRef shape, at::ScalarTyp
 // SPEC D3's weighted term, shared with CUDA (common/dabn_math.h).
 using math::weighted;
 
-/// SPEC D2: softshrink(z, lam) = sign(z) max(|z| - lam, 0); NaN stays NaN.
-double softshrink(double z, double lam) {
-  if (z > lam) return z - lam;
-  if (z < -lam) return z + lam;
-  return z * 0.0;
-}
-
 /// SPEC §3 per-(n, c) math: batch statistics from instance statistics (exact, §1), the edge
 /// rules, the optional NOTE shrink and the blended moments m, v.  Shared by forward and
 /// backward so the two can never disagree.
@@ -212,8 +205,8 @@ struct Blend {
       const double zm = mt - smean[ci], zv = vt - svar[ci];
       keep_mu = std::abs(zm) > lam_mu[ci] ? 1.0 : 0.0;
       keep_var = std::abs(zv) > lam_var[ci] ? 1.0 : 0.0;
-      mt = smean[ci] + softshrink(zm, lam_mu[ci]);
-      vt = svar[ci] + softshrink(zv, lam_var[ci]);
+      mt = smean[ci] + math::softshrink(zm, lam_mu[ci]);
+      vt = svar[ci] + math::softshrink(zv, lam_var[ci]);
     }
     return combine(ci, mt, vt, keep_mu, keep_var);
   }

@@ -80,12 +80,6 @@ struct Blended {
   A keep_mu, keep_var;  // d(shrunk)/d(raw): 1 outside the dead zone, 0 inside
 };
 
-template <typename A>
-__device__ __forceinline__ A softshrink(A z, A lam) {
-  const A mag = max_(abs_(z) - lam, A(0));
-  return z > A(0) ? mag : (z < A(0) ? -mag : A(0));
-}
-
 /// SPEC D3 (and D2 when shrinking):
 /// m = w_s mu_s + w_b mu_B + w_i mu~_i,  v = w_s var_s + w_b var_B + w_i var~_i, with
 /// mu~_i = mu_s + softshrink(mu_i - mu_s, k s_mu) (likewise var~_i) when shrinking (M > 1);
@@ -97,8 +91,8 @@ __device__ __forceinline__ Blended<A> blend(const ChannelArgs<A>& a, const Chann
     const A zmu = mi - ch.ms, zvar = vi - ch.vs;
     r.keep_mu = abs_(zmu) > ch.lam_mu ? A(1) : A(0);
     r.keep_var = abs_(zvar) > ch.lam_var ? A(1) : A(0);
-    mi = ch.ms + softshrink(zmu, ch.lam_mu);
-    vi = ch.vs + softshrink(zvar, ch.lam_var);
+    mi = ch.ms + math::softshrink(zmu, ch.lam_mu);
+    vi = ch.vs + math::softshrink(zvar, ch.lam_var);
   }
   r.m = math::blend3(ch.ws, ch.ms, ch.wb, ch.mu_b, ch.wi, mi);
   r.v = math::blend3(ch.ws, ch.vs, ch.wb, ch.var_b, ch.wi, vi);

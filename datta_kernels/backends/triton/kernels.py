@@ -97,7 +97,8 @@ def _blended_moments(mean_i, var_i, mu_b, var_b, smean, svar, w_s, w_b, w_i, M, 
     (1 where the shrunk statistic moves with the raw one, 0 inside the dead zone).
 
     ``lam_mu = k sqrt((var_s + eps) / M)``, ``lam_var = k (var_s + eps) sqrt(2 / (M - 1))``,
-    ``softshrink(z, lam) = z - lam`` (z > lam), ``z + lam`` (z < -lam), else 0.
+    ``softshrink(z, lam) = z - lam`` (z > lam), ``z + lam`` (z < -lam), else ``z * 0`` (0, or
+    NaN for a NaN statistic, as in the reference).
     SHRINK is only set when ``M >= 2``.
     """
     keep_mu = tl.zeros_like(mean_i) + 1.0
@@ -112,9 +113,10 @@ def _blended_moments(mean_i, var_i, mu_b, var_b, smean, svar, w_s, w_b, w_i, M, 
         z_var = var_i - svar
         keep_mu = (tl.abs(z_mu) > lam_mu).to(tl.float32)
         keep_var = (tl.abs(z_var) > lam_var).to(tl.float32)
-        mean_t = smean + tl.where(z_mu > lam_mu, z_mu - lam_mu, tl.where(z_mu < -lam_mu, z_mu + lam_mu, 0.0))
+        mean_t = smean + tl.where(z_mu > lam_mu, z_mu - lam_mu,
+                                 tl.where(z_mu < -lam_mu, z_mu + lam_mu, z_mu * 0.0))
         var_t = svar + tl.where(z_var > lam_var, z_var - lam_var,
-                                tl.where(z_var < -lam_var, z_var + lam_var, 0.0))
+                                tl.where(z_var < -lam_var, z_var + lam_var, z_var * 0.0))
     m = _weighted(w_s, smean) + _weighted(w_b, mu_b) + _weighted(w_i, mean_t)
     v = _weighted(w_s, svar) + _weighted(w_b, var_b) + _weighted(w_i, var_t)
     return m, v, keep_mu, keep_var
