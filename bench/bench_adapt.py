@@ -36,10 +36,12 @@ from torch import nn
 
 import datta_kernels as dk
 from datta_kernels import backends
+from datta_kernels.benchmarking import describe_gpu, describe_machine, time_contestants
+from datta_kernels.benchmarking import write_markdown as write_result
 from datta_kernels.diversity import MULTIPLE, SINGLE, Selector, ThresholdSelector
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import describe_gpu, describe_machine, save_results, time_interleaved  # noqa: E402
+from conftest import save_results  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HAS_CUDA = torch.cuda.is_available()
@@ -196,7 +198,7 @@ def table(device: str, reps: int, threads: list[int], shape) -> dict:
             pairs = contestants(device)
             key = {(i, b): i if b is None else f"{i}[{b}]" for i, b in pairs}
             runs = {key[i, b]: make_case(device, dtype, shape, i, b) for i, b in pairs}
-            t = time_interleaved(runs, reps)
+            t = time_contestants(runs, device, reps)
             ms = {k: v * 1e3 for k, v in t.items()}
             for k, v in ms.items():
                 print(f"{device} {nt} {dtype} {k:32s} {v:9.2f} ms", flush=True)
@@ -215,41 +217,33 @@ def table(device: str, reps: int, threads: list[int], shape) -> dict:
 
 def write_markdown(res: dict, path: str) -> None:
     m, dev = res["machine"], res["device"]
-    where = (f"GPU: {m['gpu']}, CUDA {m['cuda']}, triton {m['triton']}" if dev == "cuda" else
-             f"CPU: {m['cpu']}, {m['cores']} cores")
-    lines = [
-        f"# A DATTA step vs the BatchNorm forward, ResNet-50 on {dev}",
-        "",
-        f"- device {dev}; {where}; torch threads {', '.join(str(r['threads']) for r in res['rows'])}"
-        f" (per row), 1-min load average {m['loadavg_1min_start']:.2f} at the start, "
-        f"{m['loadavg_1min']:.2f} at the end",
-        f"- torch {m['torch']} (ATen CPU capability {m['torch_cpu_capability']}), "
-        f"python {m['python']}; datta_kernels._C: {m['datta_build']}",
-        "- model: ResNet-50 (bottlenecks [3, 4, 6, 3], 25.6M parameters, 53 BatchNorm2d), "
+    notes = [
+        f"device {dev}; torch threads {', '.join(str(r['threads']) for r in res['rows'])} (per "
+        f"row), 1-min load average {m['loadavg_1min_start']:.2f} at the start",
+        "model: ResNet-50 (bottlenecks [3, 4, 6, 3], 25.6M parameters, 53 BatchNorm2d), "
         "running statistics calibrated on random batches; input "
         f"{'x'.join(map(str, res['rows'][0]['shape']))}, NCHW",
-        "- `bn_forward`: plain model, train mode (batch statistics), no grad. "
+        "`bn_forward`: plain model, train mode (batch statistics), no grad. "
         "`datta_step_single`: one full `DATTA` call forced to \"single\" (score, host-synced "
         "decision, DABN forward, entropy backward to gamma/beta, SGD step); "
         "`datta_step_multiple`: forced \"multiple\" (no graph, no backward); `datta_noft`: "
         "`daft=False`, threshold selector answering \"single\" on the device (no host sync)",
-        "- median wall time of one call (after an untimed one), contestants taking turns in one "
+        "median wall time of one call (after an untimed one), contestants taking turns in one "
         "process; goal: **datta_step_single / bn_forward < 2**",
-        "",
     ]
+    tables: list = []
     for r in res["rows"]:
-        lines += [f"## {r['threads']} thread(s), {r['dtype']}", "",
-                  "| contestant | ms | images/s |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.1f} | {r['images_per_s'][k]:.1f} |" for k, v in r["ms"].items()]
-        lines += ["", "| backend (resolves to) | step single / bn_forward | step multiple / "
-                  "bn_forward | noft / bn_forward | goal < 2 |", "|---|---|---|---|---|"]
+        tables += [f"## {r['threads']} thread(s), {r['dtype']}",
+                   (["contestant", "ms", "images/s"],
+                    [[k, f"{v:.1f}", f"{r['images_per_s'][k]:.1f}"] for k, v in r["ms"].items()])]
+        rows = []
         for b, rat in r["ratio_vs_bn_forward"].items():
             ok = "met" if rat["datta_step_single"] < 2 else "**not met**"
-            lines.append(f"| {b} ({r['resolved_backend'][b]}) | {rat['datta_step_single']:.2f} | "
-                         f"{rat['datta_step_multiple']:.2f} | {rat['datta_noft']:.2f} | {ok} |")
-        lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+            rows.append([f"{b} ({r['resolved_backend'][b]})", f"{rat['datta_step_single']:.2f}",
+                         f"{rat['datta_step_multiple']:.2f}", f"{rat['datta_noft']:.2f}", ok])
+        tables.append((["backend (resolves to)", "step single / bn_forward",
+                        "step multiple / bn_forward", "noft / bn_forward", "goal < 2"], rows))
+    write_result(path, f"A DATTA step vs the BatchNorm forward, ResNet-50 on {dev}", m, notes, tables)
 
 
 def main(argv=None) -> None:

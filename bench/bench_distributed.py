@@ -10,9 +10,11 @@ threshold selector: every step runs the DAFT backward, the worst case for collec
 Measured per rank: median step time, time inside ``torch.distributed`` collectives (the
 functions are wrapped with timers in the worker), number of collectives and bytes this rank
 put into them per step.  The row ``DATTA (1 process)`` is the plain single-process adapter on
-the whole batch.  On this shared 2-core machine two ranks also share the cores, so the
-wall-time ratio says little about scaling; the collective share and the bytes are what carry
-over (the scaling model in docs/DISTRIBUTED.md uses them).
+the whole batch.  Where the ranks share fewer cores than there are ranks, the wall-time ratio
+says little about scaling; the collective share and the bytes are what carry over (the
+scaling model in docs/DISTRIBUTED.md uses them).  The ranks' steps are timed between barriers
+in the worker (each step needs every rank), the single-process row with
+``datta_kernels.benchmarking.cpu_time_interleaved``.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_adapt import base_model  # noqa: E402
 
 import datta_kernels as dk  # noqa: E402
+from datta_kernels.benchmarking import cpu_time_interleaved, describe_machine  # noqa: E402
+from datta_kernels.benchmarking import write_markdown as write_result  # noqa: E402
 from datta_kernels.distributed import DistributedDATTA  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -117,13 +121,8 @@ def run_single(shape, reps):
     adapter = dk.DATTA(base_model("cpu", torch.float32, shape), selector=dk.ThresholdSelector(1e9),
                        score_mode="dispersion")
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    adapter(x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        adapter(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return cpu_time_interleaved({"step": lambda: adapter(x)}, reps, warmup=1,
+                                warm_each=False)["step"]
 
 
 def main(argv=None):
@@ -147,40 +146,40 @@ def main(argv=None):
     c = info["channels"]
     fwd = [8 * (2 * ch + 2) for ch in c]
     bwd = [8 * 2 * ch for ch in c]
-    lines = [
-        "# DATTA across processes: one step, W gloo processes vs 1 (CPU)", "",
-        f"- ResNet-50 of bench_adapt.py ({info['layers']} BatchNorm layers, {sum(c)} channels "
+    notes = [
+        f"ResNet-50 of bench_adapt.py ({info['layers']} BatchNorm layers, {sum(c)} channels "
         f"in all), global batch {'x'.join(map(str, shape))} split evenly, decision forced "
         "'single' (DAFT backward every step), score mode dispersion",
-        f"- torch {torch.__version__}, {os.cpu_count()} CPU cores shared by all ranks, "
-        "1 torch thread per rank; 1-min load average "
-        f"{load0:.2f} at the start, {os.getloadavg()[0]:.2f} at the end",
-        f"- median of {args.reps} steps after an untimed one; slowest rank", "",
-        "| configuration | step ms | in collectives ms | share | collectives/step | "
-        "bytes sent by a rank/step | one 4-byte all_reduce ms |", "|---|---|---|---|---|---|---|"]
+        f"{os.cpu_count()} CPU cores shared by all ranks, 1 torch thread per rank; 1-min load "
+        f"average {load0:.2f} at the start",
+        f"median of {args.reps} steps after an untimed one; slowest rank"]
+    table = []
     for name, _w, step, coll, calls, nbytes, r0 in rows:
         share = f"{coll / step:.1%}" if calls else "-"
         lat = f"{r0['latency_s'] * 1e3:.3f}" if r0 else "-"
-        lines.append(f"| {name} | {step * 1e3:.1f} | {coll * 1e3:.1f} | {share} | {calls} | "
-                     f"{nbytes} | {lat} |")
-    lines += ["", "Bytes one rank contributes per layer per step (from the code: forward "
-              "`all_gather` of `[count, mean (C), M2 (C), n]` float64; backward `all_reduce` of "
-              "`[dmu_B, dvar_B]` (2C) float64; plus one `all_gather` of 3 or 1+2·2C values on the "
-              "score layer and one `all_reduce` of all gamma/beta (4·ΣC bytes) for DAFT):", "",
-              f"- per layer: forward {min(fwd)}–{max(fwd)} B (C = {min(c)}–{max(c)}), backward "
-              f"{min(bwd)}–{max(bwd)} B; whole model: forward {sum(fwd)} B, backward {sum(bwd)} B, "
-              f"gamma/beta {4 * 2 * sum(c)} B",
-              f"- collectives per step: {info['layers']} forward + 1 score + "
-              f"{info['layers'] - 1} backward (not the first layer: its input, the stem conv's "
-              "output, needs no gradient) + 1 gamma/beta = "
-              f"{2 * info['layers'] + 1} (a 'multiple' batch: the forward ones only)",
-              "- the 1-process distributed row against plain DATTA is the cost of the "
-              "pure-PyTorch synced normalisation (autograd through torch ops instead of the "
-              "fused kernels) plus gloo's per-call overhead",
-              "- 'in collectives' includes waiting for the slower rank at each collective "
-              "(W ranks share the 2 loaded cores here, so skew between them shows up as "
-              "collective time); the 4-byte all_reduce column is the bare per-call latency", ""]
-    text = "\n".join(lines)
+        table.append([name, f"{step * 1e3:.1f}", f"{coll * 1e3:.1f}", share, calls, nbytes, lat])
+    columns = ["configuration", "step ms", "in collectives ms", "share", "collectives/step",
+               "bytes sent by a rank/step", "one 4-byte all_reduce ms"]
+    after = "\n".join([
+        "Bytes one rank contributes per layer per step (from the code: forward "
+        "`all_gather` of `[count, mean (C), M2 (C), n]` float64; backward `all_reduce` of "
+        "`[dmu_B, dvar_B]` (2C) float64; plus one `all_gather` of 3 or 1+2·2C values on the "
+        "score layer and one `all_reduce` of all gamma/beta (4·ΣC bytes) for DAFT):", "",
+        f"- per layer: forward {min(fwd)}–{max(fwd)} B (C = {min(c)}–{max(c)}), backward "
+        f"{min(bwd)}–{max(bwd)} B; whole model: forward {sum(fwd)} B, backward {sum(bwd)} B, "
+        f"gamma/beta {4 * 2 * sum(c)} B",
+        f"- collectives per step: {info['layers']} forward + 1 score + "
+        f"{info['layers'] - 1} backward (not the first layer: its input, the stem conv's "
+        "output, needs no gradient) + 1 gamma/beta = "
+        f"{2 * info['layers'] + 1} (a 'multiple' batch: the forward ones only)",
+        "- the 1-process distributed row against plain DATTA is the cost of the "
+        "pure-PyTorch synced normalisation (autograd through torch ops instead of the "
+        "fused kernels) plus gloo's per-call overhead",
+        "- 'in collectives' includes waiting for the slower rank at each collective "
+        "(where ranks share cores, skew between them shows up as collective time); the "
+        "4-byte all_reduce column is the bare per-call latency"])
+    text = write_result("", "DATTA across processes: one step, W gloo processes vs 1 (CPU)",
+                        describe_machine(), notes, [(columns, table), after])
     Path(args.out).write_text(text)
     print(text)
 

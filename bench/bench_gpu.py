@@ -13,9 +13,9 @@ Minimal bytes moved (B = x.nbytes; parameter- and (N, C)-sized traffic ignored):
               read is shared with the layer's statistics, so the score costs 1 B extra
   copy   2 B  ``dst.copy_(x)``: what this device really sustains (the practical roofline)
 
-Timing: CUDA events around each call, median over reps, the L2 cache flushed (a 256 MiB
-write) before every timed call, so small shapes are measured from memory as in a network.
-Issue-4/5 goals at (64, 256, 56, 56), fp32 and bf16: fwd >= 85 % and bwd >= 75 % of peak,
+Timing: ``datta_kernels.benchmarking.gpu_time`` (``triton.testing.do_bench``: median, the L2
+cache flushed before every timed call, so small shapes are measured from memory as in a
+network).  Goals at (64, 256, 56, 56), fp32 and bf16: fwd >= 85 % and bwd >= 75 % of peak,
 fwd >= 3x the eager reference and faster than torch.compile(reference) and BatchNorm2d.
 """
 from __future__ import annotations
@@ -23,19 +23,19 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import sys
-import time
 
 import torch
 
 import datta_kernels as dk
 from datta_kernels import backends
 from datta_kernels import reference as ref
+from datta_kernels.benchmarking import cpu_time_interleaved, describe_gpu, describe_machine, gbps, gpu_time
+from datta_kernels.benchmarking import write_markdown as write_result
 from datta_kernels.testing import make_inputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import describe_gpu, describe_machine, save_results  # noqa: E402
+from conftest import save_results  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MAIN_SHAPE = (64, 256, 56, 56)
@@ -74,31 +74,11 @@ def kernel_backends(device: str, dtype: torch.dtype) -> list[str]:
     return [b for b in ("cuda", "triton", "cpu") if b in why and not why[b]]
 
 
-class Timer:
-    """Median seconds of ``fn()``: CUDA events with an L2 flush on CUDA, wall clock elsewhere."""
-
-    def __init__(self, device: str):
-        self.cuda = device == "cuda"
-        self.flush = torch.empty(64 * 2**20, dtype=torch.float32, device=device) if self.cuda else None
-
-    def __call__(self, fn, reps: int, warmup: int = 3) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                self.flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+def time_one(run, device: str, reps: int, warmup: int) -> float:
+    """Seconds per call: :func:`gpu_time` on CUDA, the CPU timer elsewhere (the smoke run)."""
+    if device == "cuda":
+        return gpu_time(run)
+    return cpu_time_interleaved({"run": run}, reps, warmup=warmup)["run"]
 
 
 def make_case(inp, impl: str, mode: str):
@@ -160,7 +140,7 @@ def cases(smoke: bool) -> list[tuple]:
 
 
 def table(device: str, reps: int, smoke: bool, compile_main: bool = True) -> dict:
-    timer, peak, rows = Timer(device), peak_bandwidth(device), []
+    peak, rows = peak_bandwidth(device), []
     for shape, dtype, layout in cases(smoke):
         inp = make_inputs(shape, dtype=dtype, device=device, layout=layout)
         compiled = compile_main and not smoke and shape == MAIN_SHAPE and dtype != torch.float16
@@ -173,16 +153,16 @@ def table(device: str, reps: int, smoke: bool, compile_main: bool = True) -> dic
                 if run is None:
                     continue
                 try:
-                    t = timer(run, 1 if smoke else reps, warmup=1 if smoke else 3)
+                    t = time_one(run, device, 1 if smoke else reps, warmup=1 if smoke else 3)
                 except (RuntimeError, NotImplementedError) as e:  # e.g. no bf16 BatchNorm here
                     print(f"  {impl}: skipped ({str(e).splitlines()[0][:100]})", flush=True)
                     continue
                 row["ms"][impl] = t * 1e3
-                row["gbps"][impl] = nbytes / t / 1e9
+                row["gbps"][impl] = gbps(nbytes, t)
                 if peak:
                     row["pct_peak"][impl] = 100 * nbytes / t / peak
                 print(f"{mode:6s} {str(tuple(shape)):18s} {row['dtype']:9s} {layout:13s} {impl:18s}"
-                      f" {t * 1e3:9.3f} ms {nbytes / t / 1e9:8.1f} GB/s", flush=True)
+                      f" {t * 1e3:9.3f} ms {gbps(nbytes, t):8.1f} GB/s", flush=True)
             rows.append(row)
     info = describe_machine()
     if device == "cuda":
@@ -219,21 +199,15 @@ def goal_lines(res: dict) -> list[str]:
 
 def write_markdown(res: dict, path: str) -> None:
     m = res["machine"]
-    where = (f"{m.get('gpu')} (peak {m['peak_bw'] / 1e12:.2f} TB/s), driver {m.get('driver')}, "
-             f"CUDA {m.get('cuda')}, triton {m.get('triton')}" if res["device"] == "cuda"
-             else f"CPU {m['cpu']}, {m['cores']} cores (smoke run: timings meaningless)")
     impls = sorted({i for r in res["rows"] for i in r["ms"]})
-    lines = [f"# DABN kernels on {res['device']}", "",
-             f"- device: {where}", f"- torch {m['torch']}, python {m['python']}, "
-             f"datta_kernels._C: {m['datta_build']}",
-             f"- blend {tuple(res['blend'])}; bytes per call = factor x x.nbytes, factors "
+    notes = [(f"peak memory bandwidth {m['peak_bw'] / 1e12:.2f} TB/s" if m.get("peak_bw")
+              else "no peak bandwidth known for this device")
+             + ("" if res["device"] == "cuda" else " (smoke run on the CPU: timings meaningless)"),
+             f"blend {tuple(res['blend'])}; bytes per call = factor x x.nbytes, factors "
              f"{res['bytes_per_x']}; "
-             + ("median of CUDA-event times, L2 flushed before each call" if res["device"] == "cuda"
-                else "median wall time"),
-             "", "## Goals at 64x256x56x56", "", *goal_lines(res), "",
-             "## All rows: ms (GB/s, % of peak)", "",
-             "| mode | shape | dtype | layout | " + " | ".join(impls) + " |",
-             "|---|---|---|---|" + "---|" * len(impls)]
+             + ("median of `triton.testing.do_bench`, L2 flushed before each call"
+                if res["device"] == "cuda" else "median wall time")]
+    rows = []
     for r in res["rows"]:
         cells = []
         for i in impls:
@@ -242,10 +216,11 @@ def write_markdown(res: dict, path: str) -> None:
                 continue
             pct = f", {r['pct_peak'][i]:.0f} %" if i in r["pct_peak"] else ""
             cells.append(f"{r['ms'][i]:.3f} ({r['gbps'][i]:.0f}{pct})")
-        lines.append(f"| {r['mode']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | "
-                     f"{r['layout']} | " + " | ".join(cells) + " |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        rows.append([r["mode"], "x".join(map(str, r["shape"])), r["dtype"], r["layout"], *cells])
+    tables = ["\n\n".join(["## Goals at 64x256x56x56", "\n".join(goal_lines(res))]),
+              "## All rows: ms (GB/s, % of peak)",
+              (["mode", "shape", "dtype", "layout", *impls], rows)]
+    write_result(path, f"DABN kernels on {res['device']}", m, notes, tables)
 
 
 def main(argv=None) -> None:

@@ -15,14 +15,13 @@ measures images/s of
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
 import tempfile
 import time
 
 import torch
 
+from datta_kernels.benchmarking import cpu_time_interleaved, describe_machine, write_markdown
 from datta_kernels.eval.bench_runner import _loader
 from datta_kernels.eval.benchmarks import load_cifar_c, write_synthetic_cifar_c
 from datta_kernels.eval.protocols import build_stream
@@ -47,13 +46,8 @@ def loader_rate(bench, stream_name: str, bs: int, workers: int, max_batches: int
 def model_rate(model, bs: int, reps: int) -> float:
     model.eval()
     x = torch.rand(bs, 3, 32, 32)
-    model(x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return bs / statistics.median(times)
+    return bs / cpu_time_interleaved({"model": lambda: model(x)}, reps, warmup=1,
+                                     warm_each=False)["model"]
 
 
 def main(argv=None) -> int:
@@ -63,29 +57,31 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--quick", action="store_true", help="fewer loader batches and model repeats")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (on a shared 2-core VM, 1 avoids OpenMP waits on a busy core)")
+                   help="torch threads (on a busy machine, 1 avoids OpenMP waits on a busy core)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     max_batches = 40 if args.quick else None
-    print(f"# CIFAR-10-C loader vs model, images/s (bs {args.batch_size}); {platform.processor() or ''} "
-          f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"python {sys.version.split()[0]}")
+    rows = []
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         t0 = time.perf_counter()
         root = write_synthetic_cifar_c(tmp, CORR, n=args.n)
         print(f"wrote 2 x ({5 * args.n}, 32, 32, 3) uint8 in {time.perf_counter() - t0:.1f} s")
         bench = load_cifar_c(root, CORR, (5,), 5)
-        print("| what | stream | workers | images/s |\n|---|---|---|---|")
         for w in (int(v) for v in args.workers.split(",")):
             for s in ("continual", "mixed_domains"):
                 rate = loader_rate(bench, s, args.batch_size, w, max_batches)
-                print(f"| loader (mmap read + to float) | {s} | {w} | {rate:,.0f} |", flush=True)
+                rows.append(["loader (mmap read + to float)", s, w, f"{rate:,.0f}"])
+                print(rows[-1], flush=True)
     reps = 3 if args.quick else 10
     torch.manual_seed(0)
     for name, model in (("WRN-28-10 forward", wrn28_10()), ("ResNet-26 forward", resnet26())):
         rate = model_rate(model, args.batch_size, reps)
-        print(f"| {name} (eval, no grad) | - | - | {rate:,.0f} |", flush=True)
+        rows.append([f"{name} (eval, no grad)", "-", "-", f"{rate:,.0f}"])
+        print(rows[-1], flush=True)
+    print(write_markdown("", f"CIFAR-10-C loader vs model, images/s (bs {args.batch_size})",
+                         describe_machine(), (),
+                         [(["what", "stream", "workers", "images/s"], rows)]))
     return 0
 
 

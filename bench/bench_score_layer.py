@@ -24,10 +24,12 @@ import pytest
 import torch
 
 import datta_kernels as dk
+from datta_kernels.benchmarking import describe_gpu, describe_machine, time_contestants
+from datta_kernels.benchmarking import write_markdown as write_result
 from datta_kernels.testing import make_inputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import describe_machine, save_results, time_interleaved  # noqa: E402
+from conftest import save_results  # noqa: E402
 
 #: SmallResNet's score layer at bs 64; ResNet-50's layer1 / layer2 inputs at bs 32
 SHAPES = [(64, 16, 28, 28), (32, 64, 56, 56), (32, 128, 28, 28)]
@@ -70,46 +72,32 @@ def test_score_layer_forward(benchmark, shape, contestant):
     benchmark(fn)
 
 
-def _time(runs: dict, reps: int, device: str) -> dict:
-    """Seconds per call: the interleaved CPU timer, or ``triton.testing.do_bench`` on a GPU."""
-    if device == "cpu":
-        return time_interleaved(runs, reps)
-    from triton.testing import do_bench
-    return {k: do_bench(fn, warmup=25, rep=100) * 1e-3 for k, fn in runs.items()}
-
-
 def table(reps: int, device: str = "cpu") -> dict:
     rows = []
     for shape in SHAPES:
         for decision in BLENDS:
             runs = {c: make_case(shape, c, decision, device=device) for c in CONTESTANTS}
-            t = _time(runs, reps, device)
+            t = time_contestants(runs, device, reps)
             rows.append({"shape": list(shape), "decision": decision,
                          "ms": {c: 1e3 * v for c, v in t.items()},
                          "ratio": {c: t[c] / t["plain"] for c in CONTESTANTS}})
             print(rows[-1], flush=True)
-    machine = describe_machine()
-    if device == "cuda":
-        machine["cpu"] = f"{torch.cuda.get_device_name()} (GPU; host {machine['cpu']})"
+    machine = {**describe_machine(), **(describe_gpu() if device == "cuda" else {})}
     return {"machine": machine, "reps": reps, "device": device, "rows": rows}
 
 
 def write_markdown(res: dict, path: str) -> None:
-    m = res["machine"]
-    lines = [f"# Score layer forward / plain FusedDABN forward ({res.get('device', 'cpu')})", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} "
-             f"threads), load average {m['loadavg_1min']:.1f} at the start; median of {res['reps']} "
-             "interleaved reps, no grad, float32 NCHW, backend auto. Goal: dispersion <= 1.05, "
-             "pixel <= 1.4.", "",
-             "| shape | decision | plain ms | dispersion | instance | pixel | unfused pixel |",
-             "|---|---|---|---|---|---|---|"]
+    notes = [f"median of {res['reps']} interleaved reps (CPU) or `triton.testing.do_bench` (GPU), "
+             "no grad, float32 NCHW, backend auto; cells: forward time / plain FusedDABN "
+             "forward time. Goal: dispersion <= 1.05, pixel <= 1.4."]
+    rows = []
     for r in res["rows"]:
         q = r["ratio"]
-        lines.append(f"| {_id(r['shape'])} | {r['decision']} | {r['ms']['plain']:.2f} | "
-                     f"{q['dispersion']:.2f} | {q['instance']:.2f} | {q['pixel']:.2f} | "
-                     f"{q['unfused_pixel']:.2f} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        rows.append([_id(r["shape"]), r["decision"], f"{r['ms']['plain']:.2f}"]
+                    + [f"{q[c]:.2f}" for c in ("dispersion", "instance", "pixel", "unfused_pixel")])
+    columns = ["shape", "decision", "plain ms", "dispersion", "instance", "pixel", "unfused pixel"]
+    write_result(path, f"Score layer forward / plain FusedDABN forward ({res.get('device', 'cpu')})",
+                 res["machine"], notes, [(columns, rows)])
 
 
 if __name__ == "__main__":

@@ -7,77 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import statistics
-import subprocess
-import time
 
-import torch
+from datta_kernels.benchmarking import describe_gpu, describe_machine
 
-from datta_kernels import _ext
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def describe_machine() -> dict[str, object]:
-    """CPU, cores, threads, load, torch version and how datta_kernels._C was built."""
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_1min": os.getloadavg()[0],
-        "torch": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "datta_build": _ext.build_info(),
-        "python": platform.python_version(),
-    }
-
-
-def describe_gpu() -> dict[str, object]:
-    """GPU name, CUDA runtime, triton and driver versions (call only with a CUDA device)."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
-        driver = out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        driver = None
-    return {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
-            "triton": triton_version, "driver": driver}
-
-
-def time_interleaved(runs: dict, reps: int | dict, warmup: int = 2) -> dict:
-    """Median wall seconds of one call per contestant (``runs``: name -> callable), the
-    contestants taking turns rep by rep so that load changes on a shared machine hit all of
-    them alike.  Each timed call follows an untimed call of the same contestant: every one is
-    measured with its own data warm in cache, as when it runs alone.  ``reps`` is one count
-    for all or a count per contestant."""
-    reps = reps if isinstance(reps, dict) else dict.fromkeys(runs, reps)
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    times = {k: [] for k in runs}
-    for i in range(max(reps.values())):
-        for k, run in runs.items():
-            if i < reps[k]:
-                run()
-                t0 = time.perf_counter()
-                run()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+__all__ = ["describe_gpu", "describe_machine", "save_results"]
 
 
 def save_results(res: dict, stem: str, write_markdown) -> None:

@@ -12,7 +12,6 @@ import importlib.util
 import math
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -64,21 +63,6 @@ def cmd_info(args) -> int:
 
 # --- bench --------------------------------------------------------------------------------
 
-def _time_ms(fn, device: str, min_seconds: float) -> float:
-    """Median milliseconds of ``fn()`` over repeats filling ``min_seconds`` (after warm-up)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
-    sync()
-    times, start = [], time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def _bench_impls(x, names: list[str]) -> dict:
     """Zero-argument callables timing one DABN forward on ``x`` per implementation."""
     from . import dabn, reference
@@ -99,6 +83,7 @@ def _bench_impls(x, names: list[str]) -> dict:
 
 def cmd_bench(args) -> int:
     from . import available_backends
+    from .benchmarking import describe_machine, gbps, time_contestants, write_markdown
     from .presets import PRESETS
 
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -109,17 +94,20 @@ def cmd_bench(args) -> int:
     names = [b for b in available_backends(device) if b != "reference"] + ["reference"]
     print(f"DABN forward, preset datta 'multiple' blend {preset.multiple} (shrink k={preset.shrink_k}), "
           f"{device} {args.dtype}; minimal bytes = 2 reads + 1 write of x")
-    head = f"{'shape (N,C,H,W)':<22}{'impl':<21}{'ms':>9}{'GB/s':>9}{'vs eager ref':>14}"
-    print(head + "\n" + "-" * len(head))
+    rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
     for shape in BENCH_SHAPES[:args.shapes] if args.shapes else BENCH_SHAPES:
         x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
         nbytes = 3 * x.numel() * x.element_size()
+        impls = _bench_impls(x, names)
         with torch.no_grad():
-            times = {k: _time_ms(f, device, args.min_seconds) for k, f in _bench_impls(x, names).items()}
-        ref_ms = times["eager reference"]
-        for k, ms in times.items():
-            print(f"{str(tuple(shape)):<22}{k:<21}{ms:>9.3f}{nbytes / ms / 1e6:>9.1f}{ref_ms / ms:>13.2f}x")
+            secs = time_contestants(impls, device, reps=5, min_seconds=args.min_seconds * len(impls),
+                                    warm_each=False)
+        ref_s = secs["eager reference"]
+        rows += [["x".join(map(str, shape)), k, f"{s * 1e3:.3f}", f"{gbps(nbytes, s):.1f}",
+                  f"{ref_s / s:.2f}x"] for k, s in secs.items()]
+    print(write_markdown("", "datta-kernels bench", describe_machine(), (),
+                         [(["shape (N,C,H,W)", "impl", "ms", "GB/s", "vs eager ref"], rows)]))
     return 0
 
 

@@ -8,13 +8,13 @@ x, weight and bias, and the median forward time.  Backends that cannot run say w
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import datta_kernels as dk
 from datta_kernels import backends
 from datta_kernels import reference as ref
+from datta_kernels.benchmarking import cpu_time_interleaved
 from datta_kernels.testing import make_inputs
 
 
@@ -25,13 +25,7 @@ def grads(fn, inp, dy):
 
 
 def median_ms(fn, reps: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[len(times) // 2]
+    return 1e3 * cpu_time_interleaved({"fn": fn}, reps, warmup=1, warm_each=False)["fn"]
 
 
 def main() -> None:

@@ -18,12 +18,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #include "common/dabn_math.h"
 #include "cpu/kernels.h"
@@ -53,56 +48,12 @@ Geometry geometry_of(const Tensor& x) {
   return Geometry{x.size(0), x.size(1), x.size(2) * x.size(3), is_channels_last(x)};
 }
 
-#ifdef __linux__
-/// A fresh mapping of `len` bytes (a multiple of kHugePageBytes) at a huge-page boundary,
-/// advised for transparent huge pages; unmapped by the deleter.
-struct HugeMapping {
-  void* base;
-  size_t total;
-
-  static void release(void* ctx) {
-    auto* h = static_cast<HugeMapping*>(ctx);
-    munmap(h->base, h->total);
-    delete h;
-  }
-};
-
-void* map_huge(size_t len, HugeMapping** ctx) {
-  const size_t huge = config::kHugePageBytes, total = len + huge;
-  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED) return nullptr;
-  const uintptr_t b = reinterpret_cast<uintptr_t>(base);
-  void* p = reinterpret_cast<void*>((b + huge - 1) / huge * huge);
-  madvise(p, len, MADV_HUGEPAGE);  // a hint: no effect (and no harm) where THP is "never"
-  *ctx = new HugeMapping{base, total};
-  return p;
-}
-#endif
-
-/// An uninitialised tensor shaped like x, in x's memory layout.
-///
-/// Outputs of kLargeOutputBytes or more live in their own huge-page mapping: malloc maps such
-/// blocks afresh on every call anyway (they exceed glibc's largest mmap threshold), and in
-/// 4 KiB pages the first write faults once per page (~12k faults, ~20 ms for a 51 MB y: four
-/// times the kernels).  The storage keeps the CPU allocator, so resize_ still works.
+/// An uninitialised tensor shaped like x, in x's memory layout.  Large outputs are faulted in
+/// in 4 KiB pages unless PyTorch's CPU allocator is asked for transparent huge pages
+/// (THP_MEM_ALLOC_ENABLE=1, docs/DESIGN.md).
 Tensor empty_like_layout(const Tensor& x) {
   const at::MemoryFormat fmt =
       is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-#ifdef __linux__
-  const size_t bytes = static_cast<size_t>(x.numel()) * x.element_size();
-  if (bytes >= static_cast<size_t>(config::kLargeOutputBytes)) {
-    const size_t huge = config::kHugePageBytes, len = (bytes + huge - 1) / huge * huge;
-    HugeMapping* ctx = nullptr;
-    if (void* p = map_huge(len, &ctx)) {
-      c10::Storage storage(c10::Storage::use_byte_size_t(), bytes,
-                           c10::DataPtr(p, ctx, &HugeMapping::release, x.device()),
-                           c10::GetCPUAllocator(), /*resizable=*/true);
-      Tensor t = at::empty({0}, x.options()).set_(storage);
-      t.resize_(x.sizes(), fmt);  // strides of the layout; the storage is already large enough
-      return t;
-    }
-  }
-#endif
   return at::empty(x.sizes(), x.options().memory_format(fmt));
 }
 

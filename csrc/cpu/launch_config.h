@@ -16,13 +16,6 @@ constexpr int64_t kL1ChunkBytes = 16 * 1024;
 // 512 KiB+ ones; smaller blocks restart the hardware prefetchers too often).
 constexpr int64_t kCacheBlockBytes = 256 * 1024;
 
-// Outputs (y, dx) of at least this many bytes get their own mapping advised for transparent
-// huge pages: glibc's malloc maps blocks above its largest mmap threshold (32 MiB on 64-bit)
-// afresh on every call, and faulting them in 4 KiB pages costs more than the kernels.
-// Smaller blocks are recycled by malloc without faults and keep the default allocator.
-constexpr int64_t kLargeOutputBytes = 32 * 1024 * 1024;
-constexpr int64_t kHugePageBytes = 2 * 1024 * 1024;  // x86-64 transparent huge page
-
 // Smallest amount of work (elements of x) handed to one thread: below ~32K elements the
 // OpenMP fork/join (a few microseconds) costs more than streaming the data.
 constexpr int64_t kMinTaskElems = 32 * 1024;

@@ -1,0 +1,180 @@
+"""The one timing harness of bench/ and ``datta-kernels bench``.
+
+* :func:`gpu_time` — seconds per call on a GPU: ``triton.testing.do_bench`` (median, L2 flushed
+  between calls); CUDA events only where triton is missing.
+* :func:`cpu_time_interleaved` — seconds per call on the CPU, the contestants taking turns
+  (round-robin over passes) so load changes on a shared machine hit all of them alike; median.
+* :func:`gbps` — bandwidth from bytes and seconds.
+* :func:`describe_machine` / :func:`describe_gpu` and :func:`markdown_table` /
+  :func:`write_markdown` — the header (versions, device, threads) and tables of every result file.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import timeit
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["gpu_time", "cpu_time_interleaved", "time_contestants", "gbps", "describe_machine",
+           "describe_gpu", "header_lines", "markdown_table", "write_markdown"]
+
+
+def gpu_time(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median seconds of one ``fn()`` on the current CUDA device."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e-3
+    flush = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda")  # 256 MiB > any L2
+    fn()
+    torch.cuda.synchronize()
+    times, spent = [], 0.0
+    while len(times) < 5 or spent < rep_ms:
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+        spent += times[-1]
+    return statistics.median(times) * 1e-3
+
+
+def cpu_time_interleaved(runs: dict[str, Callable[[], object]], reps: int | dict[str, int] = 9,
+                         warmup: int = 2, min_seconds: float = 0.0,
+                         warm_each: bool = True) -> dict[str, float]:
+    """Median wall seconds of one call per contestant (``runs``: name -> callable).
+
+    The contestants take turns, one timed call each per pass, so load changes hit all of them
+    alike.  With ``warm_each`` each timed call follows an untimed call of the same contestant:
+    every one is measured with its own data warm in cache, as when it runs alone.  ``reps`` is the number
+    of passes (one count, or one per contestant); passes continue until ``min_seconds`` of
+    timed calls have been spent as well.
+    """
+    reps = reps if isinstance(reps, dict) else dict.fromkeys(runs, reps)
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    timers = {k: timeit.Timer(run) for k, run in runs.items()}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    spent, i = 0.0, 0
+    while i < max(reps.values()) or spent < min_seconds:
+        for k, run in runs.items():
+            if i < reps[k] or spent < min_seconds:
+                if warm_each:
+                    run()
+                times[k].append(timers[k].timeit(number=1))
+                spent += times[k][-1]
+        i += 1
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_contestants(runs: dict[str, Callable[[], object]], device: str, reps: int = 9,
+                     min_seconds: float = 0.0, warm_each: bool = True) -> dict[str, float]:
+    """Seconds per call of each contestant: :func:`gpu_time` on CUDA, else
+    :func:`cpu_time_interleaved`."""
+    if device == "cuda":
+        rep_ms = max(100.0, 1e3 * min_seconds)
+        return {k: gpu_time(fn, rep_ms=rep_ms) for k, fn in runs.items()}
+    return cpu_time_interleaved(runs, reps, min_seconds=min_seconds, warm_each=warm_each)
+
+
+def gbps(nbytes: float, seconds: float) -> float:
+    """Gigabytes (1e9) per second."""
+    return nbytes / seconds / 1e9
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def describe_machine() -> dict[str, object]:
+    """CPU, cores, threads, load, versions, the CPU allocator's huge-page switch and how
+    datta_kernels._C was built."""
+    from . import _ext
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1min": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+        "datta_build": _ext.build_info(),
+        "python": platform.python_version(),
+    }
+
+
+def describe_gpu() -> dict[str, object]:
+    """GPU name, CUDA runtime, triton and driver versions (call only with a CUDA device)."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        driver = out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        driver = None
+    return {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
+            "triton": triton_version, "driver": driver}
+
+
+def header_lines(machine: dict) -> list[str]:
+    """Markdown bullets naming the device, threads and versions of ``machine``
+    (:func:`describe_machine`, optionally merged with :func:`describe_gpu`)."""
+    m = machine
+    lines = []
+    if m.get("gpu"):
+        lines.append(f"- GPU: {m['gpu']}, CUDA {m.get('cuda')}, driver {m.get('driver')}, "
+                     f"triton {m.get('triton')}")
+    lines.append(f"- CPU: {m.get('cpu')}, {m.get('cores')} cores, torch threads "
+                 f"{m.get('torch_threads')}, 1-min load average {m.get('loadavg_1min', 0):.2f}")
+    lines.append(f"- torch {m.get('torch')} (ATen CPU capability "
+                 f"{m.get('torch_cpu_capability')}), python {m.get('python')}, "
+                 f"THP_MEM_ALLOC_ENABLE={m.get('thp_mem_alloc_enable', '0')}")
+    lines.append(f"- datta_kernels._C: {m.get('datta_build')}")
+    return lines
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Lines of a markdown table; cells are written with ``str``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def write_markdown(path: str, title: str, machine: dict | None, notes: Sequence[str] = (),
+                   tables: Sequence[tuple[Sequence[str], Sequence[Sequence[object]]] | str] = ()
+                   ) -> str:
+    """Write a result file: ``# title``, the machine header, ``notes`` as bullets, then each
+    table (a ``(columns, rows)`` pair, or a string for a paragraph or sub-heading between
+    tables).  Returns the text."""
+    lines = [f"# {title}", ""]
+    if machine is not None:
+        lines += header_lines(machine)
+    lines += [f"- {n}" for n in notes]
+    for t in tables:
+        lines.append("")
+        lines += [t] if isinstance(t, str) else markdown_table(*t)
+    text = "\n".join(lines) + "\n"
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+    return text

@@ -1,0 +1,58 @@
+"""``datta_kernels.benchmarking``: the timers, the GB/s helper and the result-file writer."""
+from __future__ import annotations
+
+import torch
+
+from datta_kernels import benchmarking as bm
+
+
+def test_cpu_timer_interleaves_and_returns_positive_medians():
+    order = []
+    runs = {"a": lambda: order.append("a"), "b": lambda: order.append("b") or sum(range(1000))}
+    t = bm.cpu_time_interleaved(runs, reps={"a": 3, "b": 2}, warmup=1)
+    assert set(t) == {"a", "b"} and all(v > 0 for v in t.values())
+    # warm-up a, b; then per pass an untimed + a timed call of each contestant in turn
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2 + ["a", "a"]
+
+
+def test_cpu_timer_min_seconds_and_no_warm_call():
+    calls = []
+    t = bm.cpu_time_interleaved({"x": lambda: calls.append(1)}, reps=1, warmup=0,
+                                min_seconds=1e-4, warm_each=False)
+    assert t["x"] > 0 and len(calls) >= 1
+
+
+def test_time_contestants_cpu():
+    t = bm.time_contestants({"mm": lambda: torch.ones(8, 8) @ torch.ones(8, 8)}, "cpu", reps=3)
+    assert t["mm"] > 0
+
+
+def test_gbps():
+    assert bm.gbps(3e9, 1.5) == 2.0
+    assert bm.gbps(1e6, 1e-3) == 1.0
+
+
+def test_markdown_table():
+    assert bm.markdown_table(["a", "b"], [[1, "x"], [2.5, None]]) == [
+        "| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | None |"]
+
+
+def test_write_markdown(tmp_path):
+    machine = bm.describe_machine()
+    path = tmp_path / "r.md"
+    text = bm.write_markdown(str(path), "Title", machine, ["a note"],
+                             ["## sub", (["k", "v"], [["n", 1]])])
+    assert path.read_text() == text
+    lines = text.splitlines()
+    assert lines[0] == "# Title"
+    assert any(line.startswith("- CPU: ") and "torch threads" in line for line in lines)
+    assert any(f"torch {torch.__version__}" in line and "THP_MEM_ALLOC_ENABLE=" in line
+               for line in lines)
+    assert "- a note" in lines and "## sub" in lines
+    assert lines[-3:] == ["| k | v |", "|---|---|", "| n | 1 |"]
+    assert bm.write_markdown("", "T", None) == "# T\n\n"
+
+
+def test_header_names_the_gpu():
+    lines = bm.header_lines({"gpu": "H200", "cuda": "12.8", "driver": "570", "triton": "3.4"})
+    assert lines[0] == "- GPU: H200, CUDA 12.8, driver 570, triton 3.4"
