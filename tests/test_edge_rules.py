@@ -197,6 +197,9 @@ def _check(backend, dtype, shape_id, kind, blend, shrink_k):
 @pytest.mark.parametrize("shape_id,kind", list(_cases()))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_edges_float32(backend, shape_id, kind, label, blend, shrink_k):
+    if backend == "triton" and INTERPRET and kind == "random":
+        # the interpreter is slow; random planes under every preset are tests/test_triton.py's
+        pytest.skip("random planes: covered by test_triton (interpreter time)")
     _check(backend, torch.float32, shape_id, kind, blend, shrink_k)
 
 
