@@ -43,77 +43,89 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class _CollectiveTimer:
-    """Wraps ``dist.all_gather`` / ``dist.all_reduce`` in this process: seconds, calls, bytes."""
+    """Wraps the ``torch.distributed`` collectives in this process: per call (entry, exit)
+    times, and bytes this rank put in."""
+
+    NAMES = ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_reduce")
 
     def __init__(self):
-        self.seconds, self.calls, self.bytes = 0.0, 0, 0
-        for name in ("all_gather", "all_reduce"):
-            setattr(dist, name, self._wrap(getattr(dist, name)))
+        self.reset()
+        for name in self.NAMES:
+            if hasattr(dist, name):
+                setattr(dist, name, self._wrap(getattr(dist, name)))
 
     def _wrap(self, fn):
         def timed(*args, **kwargs):
-            t = args[1] if fn.__name__ == "all_gather" else args[0]
+            t = args[1] if fn.__name__.startswith("all_gather") else args[0]
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            self.seconds += time.perf_counter() - t0
-            self.calls += 1
+            self.spans.append((t0, time.perf_counter()))
             self.bytes += t.numel() * t.element_size()
             return out
         timed.__name__ = fn.__name__
         return timed
 
     def reset(self):
-        self.seconds, self.calls, self.bytes = 0.0, 0, 0
+        self.spans, self.bytes = [], 0
 
 
-def _step_runner(adapter, x):
-    def run():
-        adapter(x)
-    return run
-
-
-def _worker(rank, world, init, shape, reps, out):
+def _worker(rank, world, init, shape, reps, out, mode, pin):
+    if pin:                                        # rank r on core r (its gloo threads too)
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))
     timer = _CollectiveTimer()
     model = base_model("cpu", torch.float32, shape)
-    adapter = DistributedDATTA(model, selector=dk.ThresholdSelector(1e9), score_mode="dispersion")
+    cls = DistributedDATTA if mode == "sync" else dk.DATTA
+    adapter = cls(model, selector=dk.ThresholdSelector(1e9), score_mode="dispersion")
     g = torch.Generator().manual_seed(0)
-    x_all = torch.randn(shape, generator=g)
-    x = x_all.tensor_split(world)[rank]
+    x = torch.randn(shape, generator=g).tensor_split(world)[rank]
     adapter(x)                                     # untimed: score layer probe, header checks
-    times, coll, calls, nbytes = [], [], [], []
+    steps = []
     for _ in range(reps):
         dist.barrier()
         timer.reset()
         t0 = time.perf_counter()
         adapter(x)
-        times.append(time.perf_counter() - t0)
-        coll.append(timer.seconds)
-        calls.append(timer.calls)
-        nbytes.append(timer.bytes)
+        steps.append({"t": time.perf_counter() - t0, "bytes": timer.bytes,
+                      "spans": [(a - t0, b - t0) for a, b in timer.spans]})
     lat = []
     probe = torch.zeros(1)
     for _ in range(21):                            # latency of one tiny collective
         t0 = time.perf_counter()
         dist.all_reduce(probe)
         lat.append(time.perf_counter() - t0)
-    layers = adapter.layers
-    res = {"latency_s": statistics.median(lat), "step_s": statistics.median(times),
-           "coll_s": statistics.median(coll),
-           "calls": calls[-1], "bytes": nbytes[-1], "layers": len(layers),
-           "channels": [lyr.num_features for lyr in layers]}
+    res = {"latency_s": statistics.median(lat), "steps": steps,
+           "channels": [lyr.num_features for lyr in adapter.layers]}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()                                 # no rank leaves while a peer still sends
     dist.destroy_process_group()
 
 
-def run_world(world, shape, reps):
+def run_world(world, shape, reps, mode="sync", pin=True):
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{tmp}/rendezvous"
-        mp.spawn(_worker, args=(world, init, shape, reps, tmp), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, init, shape, reps, tmp, mode, pin), nprocs=world,
+                 join=True)
         return [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
+
+
+def summarize(res: list[dict]) -> dict:
+    """Per step: the slowest rank's step time and time in collectives; the collectives' own
+    cost (for each call the shortest time any rank spent in it: the last rank to arrive waits
+    for nobody) and the wait for slower ranks (the rest).  Medians over the steps."""
+    per = []
+    for i in range(len(res[0]["steps"])):
+        steps = [r["steps"][i] for r in res]
+        durs = [[b - a for a, b in s["spans"]] for s in steps]
+        own = sum(min(d[k] for d in durs) for k in range(len(durs[0])))
+        total = max(sum(d) for d in durs)
+        per.append((max(s["t"] for s in steps), total, own))
+    med = [statistics.median(v[j] for v in per) for j in range(3)]
+    s0 = res[0]["steps"][-1]
+    return {"step": med[0], "coll": med[1], "own": med[2], "calls": len(s0["spans"]),
+            "bytes": s0["bytes"], "latency": res[0]["latency_s"], "channels": res[0]["channels"]}
 
 
 def run_single(shape, reps):
@@ -125,61 +137,78 @@ def run_single(shape, reps):
                                 warm_each=False)["step"]
 
 
+def _table(rows):
+    columns = ["configuration", "step ms", "in collectives ms (share)",
+               "collectives' own cost ms (share)", "waiting for slower ranks ms",
+               "collectives/step", "bytes sent by a rank/step", "one 4-byte all_reduce ms"]
+    table = []
+    for name, r in rows:
+        if not r["calls"]:
+            table.append([name, f"{r['step'] * 1e3:.1f}", "-", "-", "-", 0, 0, "-"])
+            continue
+        table.append([name, f"{r['step'] * 1e3:.1f}",
+                      f"{r['coll'] * 1e3:.1f} ({r['coll'] / r['step']:.1%})",
+                      f"{r['own'] * 1e3:.1f} ({r['own'] / r['step']:.1%})",
+                      f"{(r['coll'] - r['own']) * 1e3:.1f}", r["calls"], r["bytes"],
+                      f"{r['latency'] * 1e3:.3f}"])
+    return columns, table
+
+
+def _bytes_text(c: list[int]) -> str:
+    fwd = [8 * (2 * ch + 2) for ch in c]
+    bwd = [8 * 2 * ch for ch in c]
+    return "\n".join([
+        "Bytes one rank contributes per layer per step (from the code: forward "
+        "`all_gather` of `[count, mean (C), M2 (C), n]` float64; backward `[dmu_B, dvar_B]` "
+        "(2C) float64, an `all_gather` + rank-order sum on gloo, an `all_reduce` on NCCL; plus "
+        "one `all_gather` of 3 or 1+2·2C values on the score layer and one `all_reduce` of all "
+        "gamma/beta (4·ΣC bytes) for DAFT):", "",
+        f"- per layer: forward {min(fwd)}–{max(fwd)} B (C = {min(c)}–{max(c)}), backward "
+        f"{min(bwd)}–{max(bwd)} B; whole model: forward {sum(fwd)} B, backward {sum(bwd)} B, "
+        f"gamma/beta {4 * 2 * sum(c)} B",
+        f"- collectives per step: {len(c)} forward + 1 score + {len(c) - 1} backward (not the "
+        "first layer: its input, the stem conv's output, needs no gradient) + 1 gamma/beta = "
+        f"{2 * len(c) + 1} (a 'multiple' batch: the forward ones only)",
+        "- 'in collectives': the slowest rank's time inside collective calls; 'own cost': for "
+        "each call the shortest time any rank spent in it (the last rank to arrive waits for "
+        "nobody), summed; 'waiting': the difference, time a rank waited for a slower one",
+        "- 'local statistics' rows: the same W processes running plain DATTA on their slices "
+        "concurrently, no collectives (not the method: it shows what sharing the cores costs); "
+        "the 1-process distributed row against plain DATTA is the synced layer's own cost "
+        "(its (N, C) statistics math in torch ops and the collective calls)"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shape", default="8,3,96,96", help="GLOBAL batch N,C,H,W")
     p.add_argument("--worlds", default="1,2")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-pin", action="store_true", help="do not pin rank r to core r")
     p.add_argument("--out", default=str(RESULTS / "cpu_distributed.md"))
     args = p.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
+    pin = not args.no_pin
     load0 = os.getloadavg()[0]
-    rows = [("DATTA (1 process)", 1, run_single(shape, args.reps), 0.0, 0, 0, None)]
+    single = {"step": run_single(shape, args.reps), "calls": 0}
+    rows = [("DATTA (1 process)", single)]
+    info = None
     for w in (int(v) for v in args.worlds.split(",")):
-        res = run_world(w, shape, args.reps)
-        r0 = res[0]
-        step = max(r["step_s"] for r in res)
-        coll = max(r["coll_s"] for r in res)
-        rows.append((f"DistributedDATTA, {w} gloo process(es)", w, step, coll, r0["calls"],
-                     r0["bytes"], r0))
-    info = rows[-1][6]
+        if w > 1:
+            rows.append((f"DATTA, {w} processes, local statistics",
+                         summarize(run_world(w, shape, args.reps, "local", pin))))
+        info = summarize(run_world(w, shape, args.reps, "sync", pin))
+        rows.append((f"DistributedDATTA, {w} gloo process(es)", info))
     c = info["channels"]
-    fwd = [8 * (2 * ch + 2) for ch in c]
-    bwd = [8 * 2 * ch for ch in c]
     notes = [
-        f"ResNet-50 of bench_adapt.py ({info['layers']} BatchNorm layers, {sum(c)} channels "
-        f"in all), global batch {'x'.join(map(str, shape))} split evenly, decision forced "
-        "'single' (DAFT backward every step), score mode dispersion",
-        f"{os.cpu_count()} CPU cores shared by all ranks, 1 torch thread per rank; 1-min load "
-        f"average {load0:.2f} at the start",
-        f"median of {args.reps} steps after an untimed one; slowest rank"]
-    table = []
-    for name, _w, step, coll, calls, nbytes, r0 in rows:
-        share = f"{coll / step:.1%}" if calls else "-"
-        lat = f"{r0['latency_s'] * 1e3:.3f}" if r0 else "-"
-        table.append([name, f"{step * 1e3:.1f}", f"{coll * 1e3:.1f}", share, calls, nbytes, lat])
-    columns = ["configuration", "step ms", "in collectives ms", "share", "collectives/step",
-               "bytes sent by a rank/step", "one 4-byte all_reduce ms"]
-    after = "\n".join([
-        "Bytes one rank contributes per layer per step (from the code: forward "
-        "`all_gather` of `[count, mean (C), M2 (C), n]` float64; backward `all_reduce` of "
-        "`[dmu_B, dvar_B]` (2C) float64; plus one `all_gather` of 3 or 1+2·2C values on the "
-        "score layer and one `all_reduce` of all gamma/beta (4·ΣC bytes) for DAFT):", "",
-        f"- per layer: forward {min(fwd)}–{max(fwd)} B (C = {min(c)}–{max(c)}), backward "
-        f"{min(bwd)}–{max(bwd)} B; whole model: forward {sum(fwd)} B, backward {sum(bwd)} B, "
-        f"gamma/beta {4 * 2 * sum(c)} B",
-        f"- collectives per step: {info['layers']} forward + 1 score + "
-        f"{info['layers'] - 1} backward (not the first layer: its input, the stem conv's "
-        "output, needs no gradient) + 1 gamma/beta = "
-        f"{2 * info['layers'] + 1} (a 'multiple' batch: the forward ones only)",
-        "- the 1-process distributed row against plain DATTA is the cost of the "
-        "pure-PyTorch synced normalisation (autograd through torch ops instead of the "
-        "fused kernels) plus gloo's per-call overhead",
-        "- 'in collectives' includes waiting for the slower rank at each collective "
-        "(where ranks share cores, skew between them shows up as collective time); the "
-        "4-byte all_reduce column is the bare per-call latency"])
+        f"ResNet-50 of bench_adapt.py ({len(c)} BatchNorm layers, {sum(c)} channels in all), "
+        f"global batch {'x'.join(map(str, shape))} split evenly, decision forced 'single' "
+        "(DAFT backward every step), score mode dispersion",
+        f"{os.cpu_count()} CPU cores, 1 torch thread per rank, "
+        + ("rank r pinned to core r (sched_setaffinity)" if pin else "ranks not pinned")
+        + f"; 1-min load average {load0:.2f} at the start",
+        f"median of {args.reps} steps after an untimed one; step time of the slowest rank"]
     text = write_result("", "DATTA across processes: one step, W gloo processes vs 1 (CPU)",
-                        describe_machine(), notes, [(columns, table), after])
+                        describe_machine(), notes, [_table(rows), _bytes_text(c)])
     Path(args.out).write_text(text)
     print(text)
 

@@ -10,13 +10,13 @@ same code runs on CPU with gloo and on GPUs with NCCL.
   global batch.  Each rank packs its per-channel ``(count, mean, M2)`` (from its instance
   statistics, SPEC §1) into one float64 tensor; one ``all_gather`` per layer; every rank merges
   the gathered rows in rank order with Chan's formula, so every rank computes bitwise the same
-  ``mu_B, var_B``.  Instance statistics stay local.  Backward: the gradients of the loss with
-  respect to ``(mu_B, var_B)`` are summed across ranks with one ``all_reduce`` of a packed
-  ``(2C,)`` tensor (the ``sum_n dm``, ``sum_n dv`` terms of ``reference.dabn_backward``), then
-  each rank propagates them to its own ``(mean, M2)``.  Uneven batches and ranks with an empty
-  batch work (count 0 drops out of the merge).  The state dict is that of ``FusedDABN`` (plain
-  ``BatchNorm2d`` compatible).  The normalisation is the reference math in PyTorch
-  (autograd), with the backend's instance statistics when no gradient to ``x`` is needed.
+  ``mu_B, var_B``.  Instance statistics stay local.  The normalisation is SPEC D1–D3 on the
+  tiny ``(N, C)`` statistics (``reference.blend_moments`` with the global batch) and one pass
+  of the backend's fused kernel over x.  Backward (:class:`_SyncNormalize`): SPEC D5
+  (``reference.dabn_backward_coefficients``) with its batch terms ``[sum_n dm, sum_n dv]``
+  ``(2C,)`` summed over the ranks in one collective (:func:`_sum_over_ranks`).  Uneven batches
+  and ranks with an empty batch work (count 0 drops out of the merge).  The state dict is
+  that of ``FusedDABN`` (plain ``BatchNorm2d`` compatible).
 * The score layer scores the global batch: ``dispersion`` merges per-feature ``(count, mean,
   M2)`` of the standardised statistics ``z``, ``pixel`` / ``instance`` compute local angles
   against the global ``mu_B`` and merge ``(count, mean, M2)`` of the angles: one more
@@ -29,8 +29,9 @@ same code runs on CPU with gloo and on GPUs with NCCL.
   gradients would be reduced twice.)
 
 Collectives per step of an L-layer model: forward L ``all_gather`` of ``(2C + 2)`` float64
-values per rank (+1 small one on the score layer); backward (DAFT ``single`` batches only) L
-``all_reduce`` of ``2C`` float64 values + 1 of all ``gamma, beta``.  On the first call each
+values per rank (+1 small one on the score layer); backward (DAFT ``single`` batches only) one
+per layer whose input needs a gradient, of ``2C`` float64 values (``all_gather`` on gloo,
+``all_reduce`` elsewhere), + 1 ``all_reduce`` of all ``gamma, beta``.  On the first call each
 layer also gathers a small header (channels, dtype, layer index) and raises on a mismatch.
 """
 from __future__ import annotations
@@ -94,9 +95,28 @@ def _local_moments(values: Tensor) -> Tensor:
 def _all_gather_rows(packed: Tensor, group) -> Tensor:
     """``(W, K)``: row r = rank r's ``packed`` ``(K,)`` (same K on every rank)."""
     world = dist.get_world_size(group)
-    out = packed.new_empty((world, packed.shape[0]))
-    dist.all_gather(list(out.unbind(0)), packed.contiguous(), group=group)
-    return out
+    out = packed.new_empty((world * packed.shape[0],))
+    # one flat output buffer (no list of views); all_gather_single from torch 2.10 on
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, packed.contiguous(), group=group)
+    return out.view(world, packed.shape[0])
+
+
+def _sum_over_ranks(packed: Tensor, group) -> Tensor:
+    """Sum of every rank's ``packed`` ``(K,)``, bitwise the same on every rank.  On gloo: one
+    ``all_gather`` and the rows added in rank order (for these small per-layer vectors about
+    half the latency of gloo's ``all_reduce``, bench/results/cpu_distributed.md); on other
+    backends (NCCL) one ``all_reduce``, whose ring / tree algorithms hand every rank the same
+    bits and receive ``O(K)`` instead of ``O(W K)`` bytes."""
+    if dist.get_backend(group) != "gloo":
+        out = packed.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+    rows = _all_gather_rows(packed, group)
+    total = rows[0].clone()
+    for r in range(1, rows.shape[0]):
+        total += rows[r]
+    return total
 
 
 def gather_moments(values: Tensor, group=None) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,45 +125,81 @@ def gather_moments(values: Tensor, group=None) -> tuple[Tensor, Tensor, Tensor]:
     return merge_moments(_all_gather_rows(_local_moments(values), group))
 
 
-class _GlobalBatchMoments(torch.autograd.Function):
-    """Local per-channel ``(mean_l, M2_l)`` (with the local count) -> global ``(mu_B, var_B)``.
+def _global_batch_moments(mean_i: Tensor, var_i: Tensor, m: int, group):
+    """Local instance statistics ``(n, C)`` -> ``(mu_B, var_B, count, samples)`` of the global
+    batch: one ``all_gather`` of ``[count, mean (C), M2 (C), n]`` float64 per rank, merged in
+    rank order (:func:`merge_moments`).  ``count`` (elements) and ``samples`` are 0-dim
+    float64 tensors; nothing is read on the host."""
+    n = mean_i.shape[0]
+    mi, vi = mean_i.detach().double(), var_i.detach().double()
+    mean_l = mi.sum(dim=0) / max(n, 1)
+    m2_l = ((m - 1) * vi + m * (mi - mean_l).square()).sum(dim=0)
+    packed = torch.cat([mean_l.new_full((1,), float(n * m)), mean_l, m2_l,
+                        mean_l.new_full((1,), float(n))])
+    rows = _all_gather_rows(packed, group)
+    count, mu, m2 = merge_moments(rows[:, :-1])
+    var = torch.where(count > 1, m2 / (count - 1).clamp(min=1), torch.zeros_like(m2))
+    dt = mean_i.dtype
+    return mu.to(dt), var.to(dt), count, rows[:, -1].sum()
 
-    Forward: one ``all_gather`` of ``[count, mean (C), M2 (C), n_samples]`` float64, Chan merge.
-    Backward: one ``all_reduce`` (sum) of ``[dL/dmu_B, dL/dvar_B]`` ``(2C,)`` (each rank's
-    loss reaches the shared statistics), then ``dmean_l = g_mu n_l / N + g_var 2 n_l (mean_l -
-    mu_B) / (N - 1)``, ``dM2_l = g_var / (N - 1)`` (counts in elements, ``N = sum n_l``).
-    """
+
+_PURE_INSTANCE: dict = {}
+
+
+def _apply_moments(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                   bias: Tensor | None, eps: float, backend: str) -> Tensor:
+    """SPEC D3's last step with given per-(n, c) moments ``(N, C)``: ``y = gamma (x - m)
+    rsqrt(max(v, 0) + eps) + beta`` in x's dtype and memory format.  One read and one write of
+    x by the backend's fused ``dabn_normalize`` called with the blend ``(0, 0, 1)``: the given
+    moments take the place of the instance statistics (no shrink, source unused)."""
+    if backend == "reference" or x.shape[0] == 0 or x.shape[2] * x.shape[3] <= 1:
+        y = ref.normalize(x, mean, var, weight, bias, eps)
+        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
+        return y.contiguous(memory_format=fmt)
+    key = (x.device, mean.dtype)
+    if key not in _PURE_INSTANCE:
+        _PURE_INSTANCE[key] = torch.tensor([0.0, 0.0, 1.0], dtype=mean.dtype, device=x.device)
+    zeros = mean.new_zeros(mean.shape[1])
+    return ops.run_dabn(x, weight, bias, zeros, zeros, _PURE_INSTANCE[key], None, eps, backend,
+                        stats=(mean, var))
+
+
+class _SyncNormalize(torch.autograd.Function):
+    """SPEC §3 with the global batch statistics.  Forward: D1–D3 on the tiny ``(N, C)``
+    statistics (:func:`reference.blend_moments`), then one fused pass over x.  Backward: SPEC
+    D5 (:func:`reference.dabn_backward_coefficients`) with ``[dmu_B, dvar_B]`` summed over the
+    ranks (one ``all_gather``, :func:`_sum_over_ranks`) when x needs a gradient; the
+    ``gamma, beta`` gradients stay this rank's share (the adapter sums them)."""
 
     @staticmethod
-    def forward(ctx, mean_l: Tensor, m2_l: Tensor, count_l: float, n_samples: int, group):
-        c = mean_l.shape[0]
-        packed = torch.cat([mean_l.new_full((1,), count_l, dtype=torch.float64),
-                            mean_l.detach().double(), m2_l.detach().double(),
-                            mean_l.new_full((1,), float(n_samples), dtype=torch.float64)])
-        rows = _all_gather_rows(packed, group)
-        total_samples = rows[:, -1].sum()
-        count, mu, m2 = merge_moments(rows[:, :-1])
-        var = torch.where(count > 1, m2 / (count - 1).clamp(min=1), torch.zeros_like(m2))
-        ctx.group, ctx.count_l = group, count_l
-        ctx.save_for_backward(mean_l.detach().double(), mu, count)
-        ctx.mark_non_differentiable(count, total_samples)
-        dt = mean_l.dtype
-        assert mu.shape[0] == c
-        return mu.to(dt), var.to(dt), count, total_samples
+    def forward(ctx, x, weight, bias, st: dict):
+        mean, var = ref.blend_moments(st["mean_i"], st["var_i"], st["smean"], st["svar"],
+                                      st["blend"], st["m"], st["shrink_k"], st["eps"],
+                                      batch=st["batch"])
+        ctx.save_for_backward(x, weight)
+        ctx.st = st
+        return _apply_moments(x, mean, var, weight, bias, st["eps"], st["backend"])
 
     @staticmethod
-    def backward(ctx, g_mu: Tensor, g_var: Tensor, _gc, _gn):
-        mean_l, mu, count = ctx.saved_tensors
-        packed = torch.cat([g_mu.double(), g_var.double()])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)
-        c = mu.shape[0]
-        g_mu_t, g_var_t = packed[:c], packed[c:]
-        n_l = ctx.count_l
-        g_var_n = torch.where(count > 1, g_var_t / (count - 1).clamp(min=1), torch.zeros_like(g_var_t))
-        d_mean = g_mu_t * (n_l / count.clamp(min=1)) + g_var_n * 2 * n_l * (mean_l - mu)
-        d_m2 = g_var_n
-        dt = g_mu.dtype
-        return d_mean.to(dt), d_m2.to(dt), None, None, None
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        st = ctx.st
+        mean_i = st["mean_i"]
+        dt = mean_i.dtype
+        xc = x.to(dt) - mean_i[:, :, None, None]
+        dyf = dy.to(dt)
+        sdy = dyf.sum(dim=(2, 3))
+        sdyxc = (dyf * xc).sum(dim=(2, 3))
+        need_x = ctx.needs_input_grad[0]
+        group = st["group"]
+        a, coef_b, coef_c, dweight, dbias = ref.dabn_backward_coefficients(
+            sdy, sdyxc, weight, st["smean"], st["svar"], st["blend"], st["shrink_k"], st["eps"],
+            mean_i, st["var_i"], st["m"], batch=st["batch"],
+            sum_batch=(lambda t: _sum_over_ranks(t.double(), group)) if need_x else None)
+        dx = ref.dabn_backward_dx(dyf, xc, a, coef_b, coef_c, x) if need_x else None
+        dw = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = dbias.to(weight.dtype if weight is not None else dt) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
 
 
 class SyncFusedDABN(FusedDABN):
@@ -182,21 +238,13 @@ class SyncFusedDABN(FusedDABN):
         self._header_checked = True
 
     # ------------------------------------------------------------------ forward
-    def _local_stats(self, x: Tensor, need_x_grad: bool) -> tuple[Tensor, Tensor]:
-        if need_x_grad:
-            # differentiable (autograd); also on an empty slice, so that this rank's graph
-            # reaches the backward all_reduce like every other rank's
-            return ref.instance_stats(x)
+    def _local_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Instance statistics of this rank's slice from the backend (no graph: the backward
+        of :class:`_SyncNormalize` accounts for them)."""
         if x.shape[0] == 0:
             z = x.new_zeros((0, x.shape[1]), dtype=acc_dtype(x.dtype))
             return z, z
         return ops.run_instance_stats(x.detach(), _backend_for(x, self.backend))
-
-    def _global_batch(self, mean_i: Tensor, var_i: Tensor, m: int):
-        n = mean_i.shape[0]
-        mean_l = mean_i.sum(dim=0) / max(n, 1)
-        m2_l = ((m - 1) * var_i + m * (mean_i - mean_l).square()).sum(dim=0)
-        return _GlobalBatchMoments.apply(mean_l, m2_l, float(n * m), n, self.process_group)
 
     def _global_score(self, x: Tensor, mean_i: Tensor, var_i: Tensor, mu_b: Tensor, m: int):
         mode = self.score_mode
@@ -231,8 +279,8 @@ class SyncFusedDABN(FusedDABN):
             self._check_header(x)
         m = x.shape[2] * x.shape[3]
         with torch.no_grad():
-            mean_i, var_i = self._local_stats(x, False)
-            mu_b = self._global_batch(mean_i, var_i, m)[0]
+            mean_i, var_i = self._local_stats(x)
+            mu_b = _global_batch_moments(mean_i, var_i, m, self.process_group)[0]
             self.last_score, self.last_per_sample = self._global_score(x, mean_i, var_i, mu_b, m)
         return self.last_score
 
@@ -247,37 +295,21 @@ class SyncFusedDABN(FusedDABN):
             self._check_header(x)
         n, c, h, w = x.shape
         m = h * w
-        need_x_grad = torch.is_grad_enabled() and x.requires_grad
-        mean_i, var_i = self._local_stats(x, need_x_grad)
-        mu_b, var_b, count, total = self._global_batch(mean_i, var_i, m)
+        mean_i, var_i = self._local_stats(x)
+        mu_b, var_b, count, total = _global_batch_moments(mean_i, var_i, m, self.process_group)
         self.last_global_batch = total
         self.last_bytes_sent = 8 * (2 * c + 2)
         if self.compute_score:
             self.last_score, self.last_per_sample = self._global_score(x, mean_i, var_i, mu_b, m)
             if self.score_callback is not None:
                 self.score_callback(self, self.last_score)
-        return self._normalize(x, mean_i, var_i, mu_b, var_b, count, m)
-
-    def _normalize(self, x, mean_i, var_i, mu_b, var_b, count, m):
-        """SPEC §3 with the global ``mu_B, var_B``; edge rules on the global element count
-        (as tensors: no host sync)."""
         dt = mean_i.dtype
-        blend = self.blend().to(device=x.device, dtype=dt)
-        w_s, w_b, w_i = blend[0], blend[1], blend[2]
-        if m <= 1:
-            w_s, w_i = w_s + w_i, torch.zeros_like(w_i)
-        has_b = (count > 1).to(dt)
-        w_s, w_b = w_s + w_b * (1 - has_b), w_b * has_b
-        smean, svar = self.source_mean.detach().to(dt), self.source_var.detach().to(dt)
-        mean_t, var_t = mean_i, var_i
-        if self.shrink_k is not None and m > 1:
-            mean_t, var_t = ref.shrink_instance_stats(mean_i, var_i, smean, svar, m, self.shrink_k,
-                                                  self.eps)
-        mean = w_s * smean + w_b * mu_b + w_i * mean_t
-        var = w_s * svar + w_b * var_b + w_i * var_t
-        y = ref.normalize(x, mean, var, self.weight, self.bias, self.eps)
-        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
-        return y.contiguous(memory_format=fmt)
+        st = {"mean_i": mean_i, "var_i": var_i, "m": m, "batch": (mu_b, var_b, count),
+              "smean": self.source_mean.detach().to(dt), "svar": self.source_var.detach().to(dt),
+              "blend": self.blend().detach().to(device=x.device, dtype=dt),
+              "shrink_k": self.shrink_k, "eps": self.eps, "group": self.process_group,
+              "backend": _backend_for(x, self.backend)}
+        return _SyncNormalize.apply(x, self.weight, self.bias, st)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", synced=True"

@@ -34,6 +34,9 @@ __all__ = [
     "dispersion_z",
     "dispersion_score",
     "diversity_score",
+    "dabn_backward",
+    "dabn_backward_coefficients",
+    "dabn_backward_dx",
 ]
 
 
@@ -67,16 +70,23 @@ def batch_stats(mean_i: Tensor, var_i: Tensor, m: int) -> tuple[Tensor, Tensor]:
     return mu_b, ss / (n * m - 1)
 
 
-def effective_blend(blend: Tensor, n: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
+def effective_blend(blend: Tensor, n: int, m: int,
+                    batch_count: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SPEC D1 (§3 edge rules): weights whose statistics are undefined move to the source.
 
     ``M <= 1``: ``w_s += w_i, w_i = 0``; ``N*M <= 1``: ``w_s += w_b, w_b = 0``.
-    The shapes are static, so this never syncs.
+    The shapes are static, so this never syncs.  ``batch_count``: the element count of the
+    batch whose statistics are used when it is not this one (a 0-dim tensor, e.g. a process
+    group's global batch, :mod:`datta_kernels.distributed`); the batch rule then tests it as a
+    tensor (still no sync).
     """
     w_s, w_b, w_i = blend[0], blend[1], blend[2]
     if m <= 1:
         w_s, w_i = w_s + w_i, torch.zeros_like(w_i)
-    if n * m <= 1:
+    if batch_count is not None:
+        has_b = (batch_count > 1).to(w_b.dtype)
+        w_s, w_b = w_s + w_b * (1 - has_b), w_b * has_b
+    elif n * m <= 1:
         w_s, w_b = w_s + w_b, torch.zeros_like(w_b)
     return w_s, w_b, w_i
 
@@ -115,14 +125,21 @@ def weighted(w: Tensor, stat: Tensor) -> Tensor:
 def blend_moments(
     mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
     blend: Tensor, m: int, shrink_k: float | None, eps: float,
+    batch: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SPEC D3: blended per-(n, c) mean and variance ``(N, C)`` (after D1, D4 and D2);
-    terms of weight 0 are selected away (:func:`weighted`)."""
+    terms of weight 0 are selected away (:func:`weighted`).  ``batch``: ``(mu_B, var_B,
+    count)`` of another batch (``count`` its element count, a 0-dim tensor) instead of D4 on
+    these instance statistics."""
     n = mean_i.shape[0]
     dt = mean_i.dtype
     smean, svar = source_mean.to(dt), source_var.to(dt)
-    w_s, w_b, w_i = (w.to(dt) for w in effective_blend(blend, n, m))
-    mu_b, var_b = batch_stats(mean_i, var_i, m)
+    if batch is None:
+        mu_b, var_b = batch_stats(mean_i, var_i, m)
+        count = None
+    else:
+        mu_b, var_b, count = (t.to(dt) for t in batch)
+    w_s, w_b, w_i = (w.to(dt) for w in effective_blend(blend, n, m, count))
     if shrink_k is not None and m > 1:
         mean_i, var_i = shrink_instance_stats(mean_i, var_i, smean, svar, m, shrink_k, eps)
     mean = weighted(w_s, smean) + weighted(w_b, mu_b) + weighted(w_i, mean_i)
@@ -280,25 +297,50 @@ def dabn_backward(
     ``xc = x - mu_i`` (centred on the instance mean: stable for large offsets).
 
     Pass 1 (reads x, dy):  ``sdy = sum_p dy``,  ``sdyxc = sum_p dy * xc``.
-    Per (n, c) (tiny):
-        ``sdyxh = r * (sdyxc + (mu_i - m) * sdy)``                  (= sum_p dy * xhat)
-        ``dbias = sum_n sdy``,  ``dweight = sum_n sdyxh``
-        ``dm = -g r sdy``,  ``dv = -g r^2 sdyxh / 2`` (0 where v < 0, the clamp)
-        ``dmu_i = w_i dm [|mu_i - mu_s| > k s_mu]``,  ``dvar_i = w_i dv [|var_i - var_s| > k s_sig]``
-        ``dmu_B = w_b sum_n dm``,  ``dvar_B = w_b sum_n dv``
-        ``A = g r``,  ``B = 2 dvar_i / (M - 1) + 2 dvar_B / (N M - 1)``
-        ``C0 = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1)``
-    Pass 2 (reads x, dy, writes dx):  ``dx = A dy + B xc + C0``.
-    Every ``w * term`` is :func:`weighted` (a statistic of weight 0 is not read) and ``B xc``
-    is left out where ``B = 0`` (SPEC §3, "Non-finite input").
+    Per (n, c) (tiny): :func:`dabn_backward_coefficients`.
+    Pass 2 (reads x, dy, writes dx):  ``dx = A dy + B xc + C0`` (:func:`dabn_backward_dx`).
     """
     dt = mean_i.dtype
-    n, c, h, w = x.shape
-    m = h * w
-    nm = n * m
+    xc = x.to(dt) - mean_i[:, :, None, None]
+    dyf = dy.to(dt)
+    sdy = dyf.sum(dim=(2, 3))
+    sdyxc = (dyf * xc).sum(dim=(2, 3))
+    a, coef_b, coef_c, dweight, dbias = dabn_backward_coefficients(
+        sdy, sdyxc, weight, source_mean, source_var, blend, shrink_k, eps, mean_i, var_i,
+        x.shape[2] * x.shape[3])
+    return dabn_backward_dx(dyf, xc, a, coef_b, coef_c, x), dweight, dbias
+
+
+def dabn_backward_coefficients(
+    sdy: Tensor, sdyxc: Tensor, weight: Tensor | None, source_mean: Tensor, source_var: Tensor,
+    blend: Tensor, shrink_k: float | None, eps: float, mean_i: Tensor, var_i: Tensor, m: int,
+    batch: tuple[Tensor, Tensor, Tensor] | None = None, sum_batch=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SPEC D5, the per-(n, c) step of :func:`dabn_backward` -> ``(A, B, C0, dweight, dbias)``::
+
+        sdyxh = r * (sdyxc + (mu_i - m) * sdy)                  (= sum_p dy * xhat)
+        dbias = sum_n sdy,  dweight = sum_n sdyxh
+        dm = -g r sdy,  dv = -g r^2 sdyxh / 2 (0 where v < 0, the clamp)
+        dmu_i = w_i dm [|mu_i - mu_s| > k s_mu],  dvar_i = w_i dv [|var_i - var_s| > k s_sig]
+        dmu_B = w_b sum_n dm,  dvar_B = w_b sum_n dv
+        A = g r,  B = 2 dvar_i / (M - 1) + 2 dvar_B / (N M - 1)
+        C0 = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1)
+
+    Every ``w * term`` is :func:`weighted` (a statistic of weight 0 is not read).  ``batch``
+    ``(mu_B, var_B, count)`` as in :func:`blend_moments` (``N M`` is then ``count``);
+    ``sum_batch``: applied to the packed ``(2C,)`` ``[dmu_B, dvar_B]`` (a sum over the ranks
+    of a process group), or None to leave ``B, C0`` without the batch terms' other members.
+    """
+    dt = mean_i.dtype
+    n = mean_i.shape[0]
     smean, svar = source_mean.to(dt), source_var.to(dt)
-    w_s, w_b, w_i = (t.to(dt) for t in effective_blend(blend.to(dt), n, m))
-    mu_b, var_b = batch_stats(mean_i, var_i, m)
+    if batch is None:
+        mu_b, var_b = batch_stats(mean_i, var_i, m)
+        count = torch.full((), float(n * m), dtype=dt, device=mean_i.device)
+        w_s, w_b, w_i = (t.to(dt) for t in effective_blend(blend.to(dt), n, m))
+    else:
+        mu_b, var_b, count = (t.to(dt) for t in batch)
+        w_s, w_b, w_i = (t.to(dt) for t in effective_blend(blend.to(dt), n, m, count))
     mean_t, var_t = mean_i, var_i
     keep_mu = keep_var = torch.ones_like(mean_i)
     if shrink_k is not None and m > 1:
@@ -309,14 +351,8 @@ def dabn_backward(
     mean = weighted(w_s, smean) + weighted(w_b, mu_b) + weighted(w_i, mean_t)
     var = weighted(w_s, svar) + weighted(w_b, var_b) + weighted(w_i, var_t)
     r = torch.rsqrt(var.clamp(min=0) + eps)
-    g = weight.to(dt).expand(n, c) if weight is not None else torch.ones_like(r)
+    g = weight.to(dt).expand_as(r) if weight is not None else torch.ones_like(r)
 
-    xc = x.to(dt) - mean_i[:, :, None, None]
-    dyf = dy.to(dt)
-    sdy = dyf.sum(dim=(2, 3))
-    sdyxc = (dyf * xc).sum(dim=(2, 3))
-
-    # SPEC D5: the per-(n, c) coefficients (m, v above are D1-D4 again, as in the forward)
     sdyxh = r * (sdyxc + (mean_i - mean) * sdy)
     dbias, dweight = sdy.sum(dim=0), sdyxh.sum(dim=0)
     dm = -g * r * sdy
@@ -325,15 +361,23 @@ def dabn_backward(
     # reaches dweight (it is in sum dy xhat) but not dx = g r dy.
     dmu_i, dvar_i = weighted(w_i, dm * keep_mu), weighted(w_i, dv * keep_var)
     dmu_b, dvar_b = weighted(w_b, dm.sum(dim=0)), weighted(w_b, dv.sum(dim=0))
+    if sum_batch is not None:
+        dmu_b, dvar_b = sum_batch(torch.cat([dmu_b, dvar_b])).to(dt).chunk(2)
     coef_b = torch.zeros_like(r)
-    coef_c = dmu_i / m + dmu_b / nm
+    coef_c = dmu_i / m + dmu_b / count.clamp(min=1)
     if m > 1:
         coef_b = coef_b + 2 * dvar_i / (m - 1)
-    if nm > 1:
-        coef_b = coef_b + 2 * dvar_b / (nm - 1)
-        coef_c = coef_c + weighted(2 * dvar_b / (nm - 1), mean_i - mu_b)
-    a = g * r
-    # the B term only where B != 0: xc is inf/NaN on a plane with a non-finite pixel
+    # the batch variance terms only where count > 1 (w_b is 0 there otherwise: D1)
+    inv_c1 = torch.where(count > 1, 1 / (count - 1).clamp(min=1), torch.zeros_like(count))
+    coef_b = coef_b + 2 * dvar_b * inv_c1
+    coef_c = coef_c + weighted(2 * dvar_b * inv_c1, mean_i - mu_b)
+    return g * r, coef_b, coef_c, dweight, dbias
+
+
+def dabn_backward_dx(dyf: Tensor, xc: Tensor, a: Tensor, coef_b: Tensor, coef_c: Tensor,
+                     x: Tensor) -> Tensor:
+    """SPEC D5's pass 2: ``dx = A dy + B xc + C0`` in x's dtype and memory format; the B term
+    only where ``B != 0`` (xc is inf/NaN on a plane with a non-finite pixel)."""
     dx = a[:, :, None, None] * dyf + weighted(coef_b[:, :, None, None], xc) + coef_c[:, :, None, None]
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
-    return dx.to(x.dtype).contiguous(memory_format=fmt), dweight, dbias
+    return dx.to(x.dtype).contiguous(memory_format=fmt)
