@@ -3,22 +3,23 @@
     python bench/bench_distributed.py                     # -> bench/results/cpu_distributed.md
     python bench/bench_distributed.py --shape 8,3,64,64 --worlds 1,2 --reps 3   # quicker
 
-Each configuration spawns W processes (gloo, file:// rendezvous, 1 torch thread each) that
-run ``DistributedDATTA`` on the ResNet-50 of ``bench_adapt.py`` (53 BatchNorm layers) with the
-GLOBAL batch ``shape`` split evenly over the ranks, the decision forced to "single" (a
-threshold selector: every step runs the DAFT backward, the worst case for collectives).
-Measured per rank: median step time, time inside ``torch.distributed`` collectives (the
-functions are wrapped with timers in the worker), number of collectives and bytes this rank
-put into them per step.  The row ``DATTA (1 process)`` is the plain single-process adapter on
-the whole batch.  Where the ranks share fewer cores than there are ranks, the wall-time ratio
-says little about scaling; the collective share and the bytes are what carry over (the
-scaling model in docs/DISTRIBUTED.md uses them).  The ranks' steps are timed between barriers
-in the worker (each step needs every rank), the single-process row with
-``datta_kernels.benchmarking.cpu_time_interleaved``.
+Each configuration spawns W processes (gloo, file:// rendezvous, 1 torch thread each, rank r
+pinned to core r unless --no-pin) that run ``DistributedDATTA`` on the ResNet-50 of
+``bench_adapt.py`` (53 BatchNorm layers) with the GLOBAL batch ``shape`` split evenly over the
+ranks, the decision forced to "single" (a threshold selector: every step runs the DAFT
+backward, the worst case for collectives).  Each step is timed between barriers (it needs
+every rank); the collectives are wrapped with timers in the worker, which record each call's
+entry and exit: the table splits the time in collectives into their own cost and the wait for
+slower ranks (``summarize``).  With W = 1 the worker also runs plain ``DATTA`` on the same
+batch, step by step in turn with the distributed one (the ratio of the two is the synced
+layer's own cost, measured under the same conditions).  For W > 1 a second spawn runs plain
+``DATTA`` on each rank's slice at the same time (local statistics, no collectives): what
+sharing the machine costs, without any synchronisation.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_adapt import base_model  # noqa: E402
 
 import datta_kernels as dk  # noqa: E402
-from datta_kernels.benchmarking import cpu_time_interleaved, describe_machine  # noqa: E402
+from datta_kernels.benchmarking import describe_machine  # noqa: E402
 from datta_kernels.benchmarking import write_markdown as write_result  # noqa: E402
 from datta_kernels.distributed import DistributedDATTA  # noqa: E402
 
@@ -76,13 +77,20 @@ def _worker(rank, world, init, shape, reps, out, mode, pin):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))
     timer = _CollectiveTimer()
-    model = base_model("cpu", torch.float32, shape)
-    cls = DistributedDATTA if mode == "sync" else dk.DATTA
-    adapter = cls(model, selector=dk.ThresholdSelector(1e9), score_mode="dispersion")
+
+    def make(cls):
+        return cls(copy.deepcopy(base_model("cpu", torch.float32, shape)),
+                   selector=dk.ThresholdSelector(1e9), score_mode="dispersion")
+
+    adapter = make(DistributedDATTA if mode == "sync" else dk.DATTA)
+    # one process: plain DATTA timed in the same process, step by step in turn with it
+    single = make(dk.DATTA) if (mode == "sync" and world == 1) else None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).tensor_split(world)[rank]
     adapter(x)                                     # untimed: score layer probe, header checks
-    steps = []
+    if single is not None:
+        single(x)
+    steps, single_s = [], []
     for _ in range(reps):
         dist.barrier()
         timer.reset()
@@ -90,13 +98,17 @@ def _worker(rank, world, init, shape, reps, out, mode, pin):
         adapter(x)
         steps.append({"t": time.perf_counter() - t0, "bytes": timer.bytes,
                       "spans": [(a - t0, b - t0) for a, b in timer.spans]})
+        if single is not None:
+            t0 = time.perf_counter()
+            single(x)
+            single_s.append(time.perf_counter() - t0)
     lat = []
     probe = torch.zeros(1)
     for _ in range(21):                            # latency of one tiny collective
         t0 = time.perf_counter()
         dist.all_reduce(probe)
         lat.append(time.perf_counter() - t0)
-    res = {"latency_s": statistics.median(lat), "steps": steps,
+    res = {"latency_s": statistics.median(lat), "steps": steps, "single_s": single_s,
            "channels": [lyr.num_features for lyr in adapter.layers]}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()                                 # no rank leaves while a peer still sends
@@ -124,17 +136,9 @@ def summarize(res: list[dict]) -> dict:
         per.append((max(s["t"] for s in steps), total, own))
     med = [statistics.median(v[j] for v in per) for j in range(3)]
     s0 = res[0]["steps"][-1]
-    return {"step": med[0], "coll": med[1], "own": med[2], "calls": len(s0["spans"]),
+    single = statistics.median(res[0]["single_s"]) if res[0]["single_s"] else None
+    return {"step": med[0], "coll": med[1], "own": med[2], "calls": len(s0["spans"]), "single": single,
             "bytes": s0["bytes"], "latency": res[0]["latency_s"], "channels": res[0]["channels"]}
-
-
-def run_single(shape, reps):
-    torch.set_num_threads(1)
-    adapter = dk.DATTA(base_model("cpu", torch.float32, shape), selector=dk.ThresholdSelector(1e9),
-                       score_mode="dispersion")
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    return cpu_time_interleaved({"step": lambda: adapter(x)}, reps, warmup=1,
-                                warm_each=False)["step"]
 
 
 def _table(rows):
@@ -189,14 +193,16 @@ def main(argv=None):
     shape = tuple(int(v) for v in args.shape.split(","))
     pin = not args.no_pin
     load0 = os.getloadavg()[0]
-    single = {"step": run_single(shape, args.reps), "calls": 0}
-    rows = [("DATTA (1 process)", single)]
+    rows = []
     info = None
     for w in (int(v) for v in args.worlds.split(",")):
         if w > 1:
             rows.append((f"DATTA, {w} processes, local statistics",
                          summarize(run_world(w, shape, args.reps, "local", pin))))
         info = summarize(run_world(w, shape, args.reps, "sync", pin))
+        if info["single"] is not None:
+            rows.append(("DATTA (1 process, steps in turn with the next row)",
+                         {"step": info["single"], "calls": 0}))
         rows.append((f"DistributedDATTA, {w} gloo process(es)", info))
     c = info["channels"]
     notes = [

@@ -108,6 +108,11 @@ TORCH_LIBRARY(datta, m) {
       "_dabn_backward(Tensor dy, Tensor x, Tensor? weight, Tensor source_mean, "
       "Tensor source_var, Tensor blend, float? shrink_k, float eps, Tensor mean, Tensor var) -> "
       "(Tensor dx, Tensor dweight, Tensor dbias)");
+  // SPEC D5's passes alone: (sdy, sdyxc) = sums over pixels; dx = a dy + b (x - mean) + c0
+  m.def("_dabn_backward_sums(Tensor dy, Tensor x, Tensor mean) -> (Tensor sdy, Tensor sdyxc)");
+  m.def(
+      "_dabn_backward_apply(Tensor dy, Tensor x, Tensor mean, Tensor a, Tensor b, Tensor c0) -> "
+      "Tensor");
 }
 
 #ifdef DATTA_PYTHON_MODULE

@@ -167,8 +167,9 @@ def _apply_moments(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
 class _SyncNormalize(torch.autograd.Function):
     """SPEC §3 with the global batch statistics.  Forward: D1–D3 on the tiny ``(N, C)``
     statistics (:func:`reference.blend_moments`), then one fused pass over x.  Backward: SPEC
-    D5 (:func:`reference.dabn_backward_coefficients`) with ``[dmu_B, dvar_B]`` summed over the
-    ranks (one ``all_gather``, :func:`_sum_over_ranks`) when x needs a gradient; the
+    D5: the backend's two passes (``dabn_backward_sums``, ``dabn_backward_apply``: kernels on
+    ``cpu``) around :func:`reference.dabn_backward_coefficients`, whose ``[dmu_B, dvar_B]`` are
+    summed over the ranks (:func:`_sum_over_ranks`) when x needs a gradient; the
     ``gamma, beta`` gradients stay this rank's share (the adapter sums them)."""
 
     @staticmethod
@@ -176,6 +177,7 @@ class _SyncNormalize(torch.autograd.Function):
         mean, var = ref.blend_moments(st["mean_i"], st["var_i"], st["smean"], st["svar"],
                                       st["blend"], st["m"], st["shrink_k"], st["eps"],
                                       batch=st["batch"])
+        x = ops.as_kernel_layout(x)
         ctx.save_for_backward(x, weight)
         ctx.st = st
         return _apply_moments(x, mean, var, weight, bias, st["eps"], st["backend"])
@@ -185,20 +187,20 @@ class _SyncNormalize(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         st = ctx.st
         mean_i = st["mean_i"]
-        dt = mean_i.dtype
-        xc = x.to(dt) - mean_i[:, :, None, None]
-        dyf = dy.to(dt)
-        sdy = dyf.sum(dim=(2, 3))
-        sdyxc = (dyf * xc).sum(dim=(2, 3))
+        # the backend's two D5 passes (kernels reject an empty x: the reference's there)
+        impl = ops.kernel_backend("reference" if x.shape[0] == 0 else st["backend"])
+        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
+        dy = dy.contiguous(memory_format=fmt)
+        sdy, sdyxc = impl.dabn_backward_sums(dy, x, mean_i)
         need_x = ctx.needs_input_grad[0]
         group = st["group"]
         a, coef_b, coef_c, dweight, dbias = ref.dabn_backward_coefficients(
             sdy, sdyxc, weight, st["smean"], st["svar"], st["blend"], st["shrink_k"], st["eps"],
             mean_i, st["var_i"], st["m"], batch=st["batch"],
             sum_batch=(lambda t: _sum_over_ranks(t.double(), group)) if need_x else None)
-        dx = ref.dabn_backward_dx(dyf, xc, a, coef_b, coef_c, x) if need_x else None
+        dx = impl.dabn_backward_apply(dy, x, mean_i, a, coef_b, coef_c) if need_x else None
         dw = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = dbias.to(weight.dtype if weight is not None else dt) if ctx.needs_input_grad[2] else None
+        db = dbias.to(weight.dtype) if ctx.needs_input_grad[2] else None   # affine: both
         return dx, dw, db, None
 
 

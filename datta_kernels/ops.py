@@ -44,7 +44,8 @@ def as_kernel_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _impl(backend: str):
+def kernel_backend(backend: str):
+    """The :class:`~datta_kernels.backends.base.KernelBackend` instance named ``backend``."""
     return backends.get(backend).impl()
 
 
@@ -56,7 +57,7 @@ def _stats_like(x: Tensor) -> Tensor:
 @torch.library.custom_op("datta::instance_stats", mutates_args=())
 def instance_stats_op(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """Per-(n, c) mean and unbiased variance, ``(N, C)`` fp32 (fp64 for fp64 input)."""
-    return _impl(backend).instance_stats(as_kernel_layout(x))
+    return kernel_backend(backend).instance_stats(as_kernel_layout(x))
 
 
 @instance_stats_op.register_fake
@@ -68,7 +69,7 @@ def run_instance_stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """:func:`instance_stats_op`, calling the backend directly on a plain eager call (no graph
     recorded: the statistics carry no gradient), like :func:`run_dabn`."""
     if _is_plain_eager_call(x):
-        return _impl(backend).instance_stats(as_kernel_layout(x))
+        return kernel_backend(backend).instance_stats(as_kernel_layout(x))
     return instance_stats_op(x, backend)
 
 
@@ -76,7 +77,7 @@ def run_instance_stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op("datta::diversity_angles", mutates_args=())
 def diversity_angles_op(x: Tensor, source_mean: Tensor, batch_mean: Tensor, backend: str) -> Tensor:
     """Pixel-mode angles ``(N,)`` (SPEC §2); one read of x."""
-    return _impl(backend).diversity_angles(as_kernel_layout(x), source_mean, batch_mean)
+    return kernel_backend(backend).diversity_angles(as_kernel_layout(x), source_mean, batch_mean)
 
 
 @diversity_angles_op.register_fake
@@ -86,7 +87,7 @@ def _(x, source_mean, batch_mean, backend):
 
 # ---------------------------------------------------------------- DABN forward/backward
 def _dabn_forward_body(x, weight, bias, source_mean, source_var, blend, shrink_k, eps, backend):
-    return _impl(backend).dabn_forward(as_kernel_layout(x), weight, bias, source_mean,
+    return kernel_backend(backend).dabn_forward(as_kernel_layout(x), weight, bias, source_mean,
                                        source_var, blend, shrink_k, eps)
 
 
@@ -101,7 +102,7 @@ def dabn_forward_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, sourc
 
 def _dabn_normalize_body(x, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i,
                          var_i, backend):
-    return _impl(backend).dabn_normalize(as_kernel_layout(x), weight, bias, source_mean, source_var,
+    return kernel_backend(backend).dabn_normalize(as_kernel_layout(x), weight, bias, source_mean, source_var,
                                          blend, shrink_k, eps, mean_i, var_i)
 
 
@@ -162,7 +163,7 @@ def dabn_backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: 
     x = as_kernel_layout(x)
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     dy = dy.contiguous(memory_format=fmt)
-    return _impl(backend).dabn_backward(dy, x, weight, source_mean, source_var, blend,
+    return kernel_backend(backend).dabn_backward(dy, x, weight, source_mean, source_var, blend,
                                         shrink_k, eps, mean_i, var_i)
 
 
@@ -239,6 +240,11 @@ def _register_kernel_fakes() -> None:
                                                         mean.new_empty((mean.shape[0],),
                                                                        dtype=torch.float32)))
     torch.library.register_fake("datta::_dabn_backward")(_fake_dabn_backward)
+    torch.library.register_fake("datta::_dabn_backward_sums")(
+        lambda dy, x, mean: (_stats_like(x), _stats_like(x)))
+    torch.library.register_fake("datta::_dabn_backward_apply")(
+        lambda dy, x, mean, a, b, c0: _fake_dabn_backward(dy, x, None, None, None, None, None,
+                                                          0.0, mean, mean)[0])
 
 
 if not _ext.unavailable_reasons():

@@ -35,6 +35,7 @@ __all__ = [
     "dispersion_score",
     "diversity_score",
     "dabn_backward",
+    "dabn_backward_sums",
     "dabn_backward_coefficients",
     "dabn_backward_dx",
 ]
@@ -119,7 +120,7 @@ def weighted(w: Tensor, stat: Tensor) -> Tensor:
     0 is never read, so an inf/NaN in it cannot leak into the result through
     ``0 * inf = NaN`` (SPEC §3, "Non-finite input").  Selected, not multiplied; the gradient
     of the unselected side is 0."""
-    return torch.where(w != 0, w * stat, torch.zeros_like(stat))
+    return torch.where(w != 0, w * stat, 0.0)
 
 
 def blend_moments(
@@ -300,15 +301,21 @@ def dabn_backward(
     Per (n, c) (tiny): :func:`dabn_backward_coefficients`.
     Pass 2 (reads x, dy, writes dx):  ``dx = A dy + B xc + C0`` (:func:`dabn_backward_dx`).
     """
-    dt = mean_i.dtype
-    xc = x.to(dt) - mean_i[:, :, None, None]
-    dyf = dy.to(dt)
-    sdy = dyf.sum(dim=(2, 3))
-    sdyxc = (dyf * xc).sum(dim=(2, 3))
+    dyf, xc, sdy, sdyxc = dabn_backward_sums(dy, x, mean_i)
     a, coef_b, coef_c, dweight, dbias = dabn_backward_coefficients(
         sdy, sdyxc, weight, source_mean, source_var, blend, shrink_k, eps, mean_i, var_i,
         x.shape[2] * x.shape[3])
     return dabn_backward_dx(dyf, xc, a, coef_b, coef_c, x), dweight, dbias
+
+
+def dabn_backward_sums(dy: Tensor, x: Tensor, mean_i: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SPEC D5's pass 1 -> ``(dy, xc, sdy, sdyxc)``: dy and ``xc = x - mu_i`` in the statistics
+    dtype, ``sdy = sum_p dy`` and ``sdyxc = sum_p dy * xc`` ``(N, C)``."""
+    dt = mean_i.dtype
+    xc = x.to(dt) - mean_i[:, :, None, None]
+    dyf = dy.to(dt)
+    sdyxc = torch.linalg.vecdot(dyf.flatten(2), xc.flatten(2))   # no dy * xc temporary
+    return dyf, xc, dyf.sum(dim=(2, 3)), sdyxc
 
 
 def dabn_backward_coefficients(
@@ -378,6 +385,8 @@ def dabn_backward_dx(dyf: Tensor, xc: Tensor, a: Tensor, coef_b: Tensor, coef_c:
                      x: Tensor) -> Tensor:
     """SPEC D5's pass 2: ``dx = A dy + B xc + C0`` in x's dtype and memory format; the B term
     only where ``B != 0`` (xc is inf/NaN on a plane with a non-finite pixel)."""
-    dx = a[:, :, None, None] * dyf + weighted(coef_b[:, :, None, None], xc) + coef_c[:, :, None, None]
+    b = coef_b[:, :, None, None]
+    dx = torch.addcmul(coef_c[:, :, None, None], dyf, a[:, :, None, None])
+    dx.addcmul_(torch.where(b != 0, xc, 0.0), b)       # weighted(b, xc) in two passes
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
     return dx.to(x.dtype).contiguous(memory_format=fmt)

@@ -134,7 +134,7 @@ def test_gradients_dispatcher_vs_backend(backend):
     y.backward(dy)
     with torch.no_grad():
         y_fast, mean_i, var_i = ops._dabn_forward_body(inp.x, w, b, sm, sv, blend, k, eps, backend)
-        dx, dw, db = ops._impl(backend).dabn_backward(dy, inp.x, w, sm, sv, blend, k, eps,
+        dx, dw, db = ops.kernel_backend(backend).dabn_backward(dy, inp.x, w, sm, sv, blend, k, eps,
                                                       mean_i, var_i)
     torch.testing.assert_close(y.detach(), y_fast, rtol=0, atol=0)
     torch.testing.assert_close((x.grad, w_.grad, b_.grad), (dx, dw.to(w.dtype), db.to(b.dtype)),

@@ -9,6 +9,7 @@
 //                     statistics (w_b = 0, NCHW) 1 read from memory, the 2nd from cache
 //   _dabn_normalize   1 read of x + 1 write of y (instance statistics given)
 //   _dabn_backward    2 reads of x and dy (sums, apply) + 1 write of dx
+//   _dabn_backward_sums / _dabn_backward_apply   its two passes alone (coefficients given)
 //   _diversity_angles 1 read of x
 #include <cmath>
 #include <cstdint>
@@ -431,10 +432,48 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
   return {dx, to_acc(dweight, {g.c}, acc), to_acc(dbias, {g.c}, acc)};
 }
 
+// SPEC D5's two passes on their own, for a caller that computes the coefficients itself
+// (datta_kernels.distributed: its batch terms are summed over a process group in between).
+std::tuple<Tensor, Tensor> dabn_backward_sums_cpu(const Tensor& dy, const Tensor& x,
+                                                  const Tensor& mean) {
+  check_inputs("datta::_dabn_backward_sums", x,
+               {{"dy", &dy, Expect::kLikeX}, {"mean", &mean, Expect::kInstanceStats}});
+  const Geometry g = geometry_of(x);
+  const at::ScalarType acc = acc_type(x);
+  const Tensor mu_acc = mean.detach().to(acc).contiguous();
+  Tensor sdy = at::empty({g.n, g.c}, x.options().dtype(acc));
+  Tensor sdyxc = at::empty({g.n, g.c}, x.options().dtype(acc));
+  kernels().backward_reduce(dtype_of(x), g, dy.const_data_ptr(), x.const_data_ptr(),
+                            mu_acc.const_data_ptr(), sdy.mutable_data_ptr(),
+                            sdyxc.mutable_data_ptr());
+  return {sdy, sdyxc};
+}
+
+Tensor dabn_backward_apply_cpu(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                               const Tensor& a, const Tensor& b, const Tensor& c0) {
+  check_inputs("datta::_dabn_backward_apply", x,
+               {{"dy", &dy, Expect::kLikeX},
+                {"mean", &mean, Expect::kInstanceStats},
+                {"a", &a, Expect::kInstanceStats},
+                {"b", &b, Expect::kInstanceStats},
+                {"c0", &c0, Expect::kInstanceStats}});
+  const Geometry g = geometry_of(x);
+  const at::ScalarType acc = acc_type(x);
+  auto as_acc = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
+  const Tensor mu_acc = as_acc(mean), a_acc = as_acc(a), b_acc = as_acc(b), c_acc = as_acc(c0);
+  Tensor dx = empty_like_layout(x);
+  kernels().backward_apply(dtype_of(x), g, dy.const_data_ptr(), x.const_data_ptr(),
+                           mu_acc.const_data_ptr(), a_acc.const_data_ptr(), b_acc.const_data_ptr(),
+                           c_acc.const_data_ptr(), dx.mutable_data_ptr());
+  return dx;
+}
+
 }  // namespace
 }  // namespace datta::cpu
 
 TORCH_LIBRARY_IMPL(datta, CPU, m) {
+  m.impl("_dabn_backward_sums", &datta::cpu::dabn_backward_sums_cpu);
+  m.impl("_dabn_backward_apply", &datta::cpu::dabn_backward_apply_cpu);
   m.impl("_instance_stats", &datta::cpu::instance_stats_cpu);
   m.impl("_diversity_angles", &datta::cpu::diversity_angles_cpu);
   m.impl("_dabn_forward", &datta::cpu::dabn_forward_cpu);

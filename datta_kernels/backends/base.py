@@ -84,3 +84,22 @@ class KernelBackend(abc.ABC):
                       mean_i: Tensor, var_i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """SPEC §3 (D5): ``(dx, dweight, dbias)``, dweight/dbias ``(C,)`` (statistics dtype),
         given the forward's instance statistics.  Two reads of x and dy, one write of dx."""
+
+    # SPEC D5's two passes alone, for a caller that computes the coefficients in between
+    # (datta_kernels.distributed sums its batch terms over a process group there).  By default
+    # the reference's torch ops; a backend with the passes as kernels overrides them.
+    def dabn_backward_sums(self, dy: Tensor, x: Tensor, mean_i: Tensor) -> tuple[Tensor, Tensor]:
+        """SPEC D5 pass 1: ``(sdy, sdyxc)`` ``(N, C)``, ``sum_p dy`` and ``sum_p dy (x - mu_i)``.
+        One read of x and dy."""
+        from .. import reference
+        return reference.dabn_backward_sums(dy, x, mean_i)[2:]
+
+    def dabn_backward_apply(self, dy: Tensor, x: Tensor, mean_i: Tensor, a: Tensor, b: Tensor,
+                            c0: Tensor) -> Tensor:
+        """SPEC D5 pass 2: ``dx = a dy + b (x - mu_i) + c0`` with ``(N, C)`` coefficients (the
+        b term only where ``b != 0``), in x's dtype and memory format.  One read of x and dy,
+        one write of dx."""
+        from .. import reference
+        dyf, xc, _, _ = reference.dabn_backward_sums(dy, x, mean_i)
+        return reference.dabn_backward_dx(dyf, xc, a, b, c0, x)
+

@@ -3,7 +3,8 @@ through the kernel ops ``torch.ops.datta._*`` declared in ``csrc/ops.cpp``.
 
 Bytes moved: instance_stats 1 read of x; diversity_angles 1 read; dabn_forward 2 reads + 1
 write (1 + 1 when the planes fit in cache); dabn_normalize 1 read + 1 write; dabn_backward
-2 reads of x and dy + 1 write of dx.
+2 reads of x and dy + 1 write of dx (dabn_backward_sums and dabn_backward_apply: its two
+passes alone, one read each, the second also one write).
 """
 from __future__ import annotations
 
@@ -44,3 +45,9 @@ class CpuBackend(KernelBackend):
                       mean_i, var_i):
         return self._ops._dabn_backward(dy, x, weight, source_mean, source_var, blend, shrink_k,
                                         eps, mean_i, var_i)
+
+    def dabn_backward_sums(self, dy, x, mean_i):
+        return self._ops._dabn_backward_sums(dy, x, mean_i)
+
+    def dabn_backward_apply(self, dy, x, mean_i, a, b, c0):
+        return self._ops._dabn_backward_apply(dy, x, mean_i, a, b, c0)
