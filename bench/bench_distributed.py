@@ -109,10 +109,32 @@ def _worker(rank, world, init, shape, reps, out, mode, pin):
         dist.all_reduce(probe)
         lat.append(time.perf_counter() - t0)
     res = {"latency_s": statistics.median(lat), "steps": steps, "single_s": single_s,
+           "per_call": _per_call(world),
            "channels": [lyr.num_features for lyr in adapter.layers]}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()                                 # no rank leaves while a peer still sends
     dist.destroy_process_group()
+
+
+def _per_call(world: int, reps: int = 21) -> dict:
+    """Median seconds of one gloo all_gather and one all_reduce of the synced layer's smallest
+    and largest per-layer vectors (2C + 2 float64 for C = 64 and 2048), in a tight loop."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    out = {}
+    for k in (130, 4098):
+        t = torch.randn(k, dtype=torch.float64)
+        flat = t.new_empty(world * k)
+        for name in ("all_gather", "all_reduce"):
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                if name == "all_gather":
+                    gather(flat, t)
+                else:
+                    dist.all_reduce(t)
+                times.append(time.perf_counter() - t0)
+            out[name, 8 * k] = statistics.median(times)
+    return out
 
 
 def run_world(world, shape, reps, mode="sync", pin=True):
@@ -137,7 +159,9 @@ def summarize(res: list[dict]) -> dict:
     med = [statistics.median(v[j] for v in per) for j in range(3)]
     s0 = res[0]["steps"][-1]
     single = statistics.median(res[0]["single_s"]) if res[0]["single_s"] else None
+    per_call = {k: max(r["per_call"][k] for r in res) for k in res[0]["per_call"]}
     return {"step": med[0], "coll": med[1], "own": med[2], "calls": len(s0["spans"]), "single": single,
+            "per_call": per_call,
             "bytes": s0["bytes"], "latency": res[0]["latency_s"], "channels": res[0]["channels"]}
 
 
@@ -186,7 +210,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shape", default="8,3,96,96", help="GLOBAL batch N,C,H,W")
     p.add_argument("--worlds", default="1,2")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=9)
     p.add_argument("--no-pin", action="store_true", help="do not pin rank r to core r")
     p.add_argument("--out", default=str(RESULTS / "cpu_distributed.md"))
     args = p.parse_args(argv)
@@ -213,6 +237,10 @@ def main(argv=None):
         + ("rank r pinned to core r (sched_setaffinity)" if pin else "ranks not pinned")
         + f"; 1-min load average {load0:.2f} at the start",
         f"median of {args.reps} steps after an untimed one; step time of the slowest rank"]
+    calls = ", ".join(f"{name} of {nbytes} B {sec * 1e3:.3f} ms"
+                      for (name, nbytes), sec in sorted(info["per_call"].items(), key=lambda kv: kv[0][1]))
+    notes.append(f"one gloo call between {w} process(es), tight loop, median (slowest rank): "
+                 f"{calls}")
     text = write_result("", "DATTA across processes: one step, W gloo processes vs 1 (CPU)",
                         describe_machine(), notes, [_table(rows), _bytes_text(c)])
     Path(args.out).write_text(text)

@@ -24,14 +24,14 @@ same code runs on CPU with gloo and on GPUs with NCCL.
 * :class:`DistributedDATTA`: the DATTA adapter whose selector sees the same global score on
   every rank (same decision) and whose DAFT step uses the loss ``sum of local entropies /
   global batch size`` and sums the ``gamma, beta`` gradients of all ranks with one packed
-  ``all_reduce`` before the optimizer step: the update of the global batch's mean entropy, so
-  the parameters stay identical on every rank.  (Do not wrap the model in DDP as well: the
-  gradients would be reduced twice.)
+  collective (:func:`_sum_over_ranks`) before the optimizer step: the update of the global
+  batch's mean entropy, so the parameters stay identical on every rank.  (Do not wrap the
+  model in DDP as well: the gradients would be reduced twice.)
 
 Collectives per step of an L-layer model: forward L ``all_gather`` of ``(2C + 2)`` float64
 values per rank (+1 small one on the score layer); backward (DAFT ``single`` batches only) one
 per layer whose input needs a gradient, of ``2C`` float64 values (``all_gather`` on gloo,
-``all_reduce`` elsewhere), + 1 ``all_reduce`` of all ``gamma, beta``.  On the first call each
+``all_reduce`` elsewhere), + 1 of all ``gamma, beta`` (the same kind).  On the first call each
 layer also gathers a small header (channels, dtype, layer index) and raises on a mismatch.
 """
 from __future__ import annotations
@@ -104,8 +104,8 @@ def _all_gather_rows(packed: Tensor, group) -> Tensor:
 
 def _sum_over_ranks(packed: Tensor, group) -> Tensor:
     """Sum of every rank's ``packed`` ``(K,)``, bitwise the same on every rank.  On gloo: one
-    ``all_gather`` and the rows added in rank order (for these small per-layer vectors about
-    half the latency of gloo's ``all_reduce``, bench/results/cpu_distributed.md); on other
+    ``all_gather`` and the rows added in rank order (for the per-layer vectors a fraction of
+    the latency of gloo's ``all_reduce``, bench/results/cpu_distributed.md); on other
     backends (NCCL) one ``all_reduce``, whose ring / tree algorithms hand every rank the same
     bits and receive ``O(K)`` instead of ``O(W K)`` bytes."""
     if dist.get_backend(group) != "gloo":
@@ -371,15 +371,14 @@ class DistributedDATTA(DATTA):
 
     def _entropy_step(self, logits: Tensor) -> None:
         """Loss = sum of local entropies / global batch size; gradients of ``gamma, beta``
-        summed over ranks (one packed all_reduce) before the step."""
+        summed over ranks (one packed collective, :func:`_sum_over_ranks`) before the step."""
         total = self._layers[self._score_at].last_global_batch
         loss = softmax_entropy(logits).sum() / total.to(torch.float32).clamp(min=1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        flat = _sum_over_ranks(torch.cat([g.reshape(-1) for g in grads]), self.process_group)
         offset = 0
         for p in params:
             k = p.numel()
