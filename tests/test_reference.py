@@ -127,6 +127,57 @@ def test_explicit_backward_matches_autograd(blend, shrink_k, shape):
         assert_close(g, e, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("blend", [(0.6, 0.4, 0.0), (0.2, 0.3, 0.5), (0, 1, 0)])
+@pytest.mark.parametrize("shrink_k", [None, 0.5])
+def test_split_batch_with_global_statistics_matches_whole_batch(blend, shrink_k):
+    """The hooks the synced layer uses (datta_kernels.distributed), without processes: two
+    slices, each with the whole batch's (mu_B, var_B, count) and the other slice's batch terms
+    added by ``sum_batch``, give the whole batch's forward moments and backward slices."""
+    inp = make_inputs((5, 4, 3, 3), torch.float64, offset=10.0)
+    x, m = inp.x, 9
+    bl = torch.tensor(blend, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    mean_i, var_i = ref.instance_stats(x)
+    mu_b, var_b = ref.batch_stats(mean_i, var_i, m)
+    batch = (mu_b, var_b, torch.tensor(5.0 * m, dtype=torch.float64))
+    whole = ref.blend_moments(mean_i, var_i, inp.source_mean, inp.source_var, bl, m, shrink_k,
+                              1e-5)
+    dx, dw, db = ref.dabn_backward(dy, x, inp.weight, inp.source_mean, inp.source_var, bl,
+                                   shrink_k, 1e-5, mean_i, var_i)
+    parts = [slice(0, 2), slice(2, 5)]
+    local = []        # each slice's packed [dmu_B, dvar_B] (what a rank contributes)
+    for sl in parts:
+        ref.dabn_backward_coefficients(*ref.dabn_backward_sums(dy[sl], x[sl], mean_i[sl])[2:],
+                                       inp.weight, inp.source_mean, inp.source_var, bl, shrink_k,
+                                       1e-5, mean_i[sl], var_i[sl], m, batch=batch,
+                                       sum_batch=lambda t: local.append(t) or t)
+    total = local[0] + local[1]
+    dws, dbs = [], []
+    for sl in parts:
+        got = ref.blend_moments(mean_i[sl], var_i[sl], inp.source_mean, inp.source_var, bl, m,
+                                shrink_k, 1e-5, batch=batch)
+        assert_close(got[0], whole[0][sl])
+        assert_close(got[1], whole[1][sl])
+        dyf, xc, sdy, sdyxc = ref.dabn_backward_sums(dy[sl], x[sl], mean_i[sl])
+        a, cb, cc, dw_s, db_s = ref.dabn_backward_coefficients(
+            sdy, sdyxc, inp.weight, inp.source_mean, inp.source_var, bl, shrink_k, 1e-5,
+            mean_i[sl], var_i[sl], m, batch=batch, sum_batch=lambda t: total)
+        assert_close(ref.dabn_backward_dx(dyf, xc, a, cb, cc, x[sl]), dx[sl])
+        dws.append(dw_s)
+        dbs.append(db_s)
+    assert_close(dws[0] + dws[1], dw)
+    assert_close(dbs[0] + dbs[1], db)
+
+
+def test_external_batch_count_applies_the_batch_edge_rule():
+    bl = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    w = ref.effective_blend(bl, 0, 4, batch_count=one)          # a global batch of 1 element
+    assert [float(t) for t in w] == pytest.approx([0.5, 0.0, 0.5])
+    w = ref.effective_blend(bl, 0, 4, batch_count=one * 8)
+    assert [float(t) for t in w] == pytest.approx([0.2, 0.3, 0.5])
+
+
 def test_reference_gradcheck():
     inp = make_inputs((2, 3, 3, 2), torch.float64)
     bl = torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64)
