@@ -168,7 +168,7 @@ class _SyncNormalize(torch.autograd.Function):
     """SPEC §3 with the global batch statistics.  Forward: D1–D3 on the tiny ``(N, C)``
     statistics (:func:`reference.blend_moments`), then one fused pass over x.  Backward: SPEC
     D5: the backend's two passes (``dabn_backward_sums``, ``dabn_backward_apply``: kernels on
-    ``cpu``) around :func:`reference.dabn_backward_coefficients`, whose ``[dmu_B, dvar_B]`` are
+    ``cpu`` and ``triton``) around :func:`reference.dabn_backward_coefficients`, whose ``[dmu_B, dvar_B]`` are
     summed over the ranks (:func:`_sum_over_ranks`) when x needs a gradient; the
     ``gamma, beta`` gradients stay this rank's share (the adapter sums them)."""
 

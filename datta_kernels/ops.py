@@ -28,7 +28,8 @@ from . import _ext, backends
 from .backends.base import acc_dtype
 
 __all__ = ["instance_stats_op", "diversity_angles_op", "dabn_forward_op", "dabn_normalize_op",
-           "dabn_backward_op", "run_instance_stats", "run_dabn", "as_kernel_layout", "is_channels_last"]
+           "dabn_backward_op", "run_instance_stats", "run_dabn", "as_kernel_layout", "is_channels_last",
+           "kernel_backend"]
 
 
 def is_channels_last(x: Tensor) -> bool:

@@ -219,6 +219,30 @@ def test_backward_split_rows(layout, small_launch):
     _check_backward(inp, blend, 0.5, mean_i, var_i)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_passes_alone(layout, small_launch):
+    """dabn_backward_sums / dabn_backward_apply (the synced layer's backward) == the
+    reference's passes, and around the reference's coefficients == tk.dabn_backward."""
+    from datta_kernels.backends.base import KernelBackend
+    inp = _inputs((5, 3, 6, 7), layout=layout, offset=100.0)
+    blend = _blend(BLENDS["mix"])
+    g = torch.Generator().manual_seed(2)
+    dy = torch.randn(inp.x.shape, generator=g).to(DEVICE).contiguous(memory_format=_fmt(layout))
+    mean_i, var_i = ref.instance_stats(inp.x)
+    sdy, sdyxc = tk.dabn_backward_sums(dy, inp.x, mean_i)
+    _, _, sdy_ref, sdyxc_ref = ref.dabn_backward_sums(dy, inp.x, mean_i)
+    torch.testing.assert_close(sdy, sdy_ref, **tol(torch.float32, 10.0))
+    torch.testing.assert_close(sdyxc, sdyxc_ref, **tol(torch.float32, 10.0))
+    a, b, c0, _, _ = ref.dabn_backward_coefficients(sdy_ref, sdyxc_ref, inp.weight, inp.source_mean,
+                                                    inp.source_var, blend, 0.5, EPS, mean_i, var_i,
+                                                    6 * 7)
+    b[0, 1] = 0.0
+    dx = tk.dabn_backward_apply(dy, inp.x, mean_i, a, b, c0)
+    exp = KernelBackend.dabn_backward_apply(None, dy, inp.x, mean_i, a, b, c0)
+    assert dx.stride() == exp.stride()
+    torch.testing.assert_close(dx, exp, **tol(torch.float32, 10.0))
+
+
 # ---------------------------------------------------------------- through the public API
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("blend,shrink_k", [(BLENDS["mix"], 0.5), (BLENDS["bn_adapt"], None),

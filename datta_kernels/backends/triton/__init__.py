@@ -12,7 +12,8 @@ Bytes moved (``|x|`` = one pass over x in its dtype; per-(n, c) traffic is negli
 * ``diversity_angles``:  1 read of x.
 * ``dabn_forward``:      2 reads + 1 write of x (statistics pass, normalize pass).
 * ``dabn_normalize``:    1 read + 1 write of x (the normalize pass; statistics given).
-* ``dabn_backward``:     2 reads of x, 2 reads of dy, 1 write of dx (two passes).
+* ``dabn_backward``:     2 reads of x, 2 reads of dy, 1 write of dx (two passes);
+  ``dabn_backward_sums`` / ``dabn_backward_apply`` are those passes alone.
 
 Launch sequence: forward = stats partials -> (N, C) finalize -> normalize; backward =
 partial sums -> (N, C) finalize (dweight, dbias and the dx coefficients) -> dx.
@@ -172,18 +173,12 @@ class TritonBackend(KernelBackend):
         """dy, x (N, C, H, W) in the same layout; mean_i, var_i (N, C) fp32 from the forward
         -> (dx with x's shape/dtype/layout, dweight (C,) fp32, dbias (C,) fp32).
         The formula is :func:`datta_kernels.reference.dabn_backward`."""
-        x, cl = _layout(x.detach())
-        dy = _like_layout(dy.detach(), cl)
+        x, dy, cl = _bwd_layout(dy, x)
         n, c, h, w = x.shape
         m = h * w
         mean_i = mean_i.detach().to(_F32).contiguous()
         var_i = var_i.detach().to(_F32).contiguous()
-        t = cfg.reduce_tiling(n, c, m, cl, x.element_size(), x.device)
-        psdy = x.new_empty((n, t.splits, c), dtype=torch.float64)  # fp64 totals: see kernels.py
-        psdyxc = torch.empty_like(psdy)
-        jit._bwd_partial_kernel[t.grid(n)](
-            dy, x, mean_i, psdy, psdyxc, n, c, m, t.iters, t.splits,
-            CHANNELS_LAST=cl, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
+        psdy, psdyxc, splits = _bwd_partials(dy, x, cl, mean_i)
 
         smean, svar = _vec(source_mean, x), _vec(source_var, x)
         shrink, k = _shrink_flag(shrink_k, m)
@@ -196,11 +191,49 @@ class TritonBackend(KernelBackend):
         jit._bwd_finalize_kernel[(triton.cdiv(c, block_c),)](
             psdy, psdyxc, mean_i, var_i, smean, svar,
             _vec(weight, x) if weight is not None else smean, _blend_vec(blend, x),
-            coef_a, coef_b, coef_c, dweight, dbias, n, c, m, t.splits, k, float(eps),
+            coef_a, coef_b, coef_c, dweight, dbias, n, c, m, splits, k, float(eps),
             HAS_WEIGHT=weight is not None, SHRINK=shrink, BLOCK_N=block_n, BLOCK_C=block_c)
+        return _bwd_dx(dy, x, cl, mean_i, coef_a, coef_b, coef_c), dweight, dbias
 
-        dx = torch.empty_like(x)
-        jit._bwd_dx_kernel[t.grid(n)](
-            dy, x, dx, mean_i, coef_a, coef_b, coef_c, n, c, m, t.iters,
-            CHANNELS_LAST=cl, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
-        return dx, dweight, dbias
+    def dabn_backward_sums(self, dy: Tensor, x: Tensor, mean_i: Tensor) -> tuple[Tensor, Tensor]:
+        """Backward pass 1 alone: ``(sdy, sdyxc)`` (N, C) fp32 (the fp64 partials summed)."""
+        x, dy, cl = _bwd_layout(dy, x)
+        psdy, psdyxc, _ = _bwd_partials(dy, x, cl, mean_i.detach().to(_F32).contiguous())
+        return psdy.sum(dim=1).to(_F32), psdyxc.sum(dim=1).to(_F32)
+
+    def dabn_backward_apply(self, dy: Tensor, x: Tensor, mean_i: Tensor, a: Tensor, b: Tensor,
+                            c0: Tensor) -> Tensor:
+        """Backward pass 2 alone, with given (N, C) coefficients."""
+        x, dy, cl = _bwd_layout(dy, x)
+        f32 = [t.detach().to(_F32).contiguous() for t in (mean_i, a, b, c0)]
+        return _bwd_dx(dy, x, cl, *f32)
+
+
+def _bwd_layout(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """x in a kernel layout and dy in the same one."""
+    x, cl = _layout(x.detach())
+    return x, _like_layout(dy.detach(), cl), cl
+
+
+def _bwd_partials(dy: Tensor, x: Tensor, cl: bool, mean_i: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Backward pass 1: fp64 partial sums ``(N, splits, C)`` of ``dy`` and ``dy (x - mu_i)``."""
+    n, c, h, w = x.shape
+    t = cfg.reduce_tiling(n, c, h * w, cl, x.element_size(), x.device)
+    psdy = x.new_empty((n, t.splits, c), dtype=torch.float64)  # fp64 totals: see kernels.py
+    psdyxc = torch.empty_like(psdy)
+    jit._bwd_partial_kernel[t.grid(n)](
+        dy, x, mean_i, psdy, psdyxc, n, c, h * w, t.iters, t.splits,
+        CHANNELS_LAST=cl, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
+    return psdy, psdyxc, t.splits
+
+
+def _bwd_dx(dy: Tensor, x: Tensor, cl: bool, mean_i: Tensor, a: Tensor, b: Tensor,
+            c0: Tensor) -> Tensor:
+    """Backward pass 2: ``dx = a dy + b (x - mu_i) + c0`` (fp32 (N, C) coefficients)."""
+    n, c, h, w = x.shape
+    t = cfg.reduce_tiling(n, c, h * w, cl, x.element_size(), x.device)
+    dx = torch.empty_like(x)
+    jit._bwd_dx_kernel[t.grid(n)](
+        dy, x, dx, mean_i, a, b, c0, n, c, h * w, t.iters,
+        CHANNELS_LAST=cl, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
+    return dx
