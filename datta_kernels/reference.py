@@ -36,6 +36,7 @@ __all__ = [
     "diversity_score",
     "dabn_backward",
     "dabn_backward_sums",
+    "dabn_backward_centred",
     "dabn_backward_coefficients",
     "dabn_backward_dx",
 ]
@@ -311,11 +312,15 @@ def dabn_backward(
 def dabn_backward_sums(dy: Tensor, x: Tensor, mean_i: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """SPEC D5's pass 1 -> ``(dy, xc, sdy, sdyxc)``: dy and ``xc = x - mu_i`` in the statistics
     dtype, ``sdy = sum_p dy`` and ``sdyxc = sum_p dy * xc`` ``(N, C)``."""
-    dt = mean_i.dtype
-    xc = x.to(dt) - mean_i[:, :, None, None]
-    dyf = dy.to(dt)
+    dyf, xc = dabn_backward_centred(dy, x, mean_i)
     sdyxc = torch.linalg.vecdot(dyf.flatten(2), xc.flatten(2))   # no dy * xc temporary
     return dyf, xc, dyf.sum(dim=(2, 3)), sdyxc
+
+
+def dabn_backward_centred(dy: Tensor, x: Tensor, mean_i: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dy, xc = x - mu_i)`` in the statistics dtype: what both D5 passes read."""
+    dt = mean_i.dtype
+    return dy.to(dt), x.to(dt) - mean_i[:, :, None, None]
 
 
 def dabn_backward_coefficients(

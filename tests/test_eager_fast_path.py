@@ -141,11 +141,9 @@ def test_gradients_dispatcher_vs_backend(backend):
                                rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_func_grad_goes_through_the_op(backend, monkeypatch):
-    """Under torch.func.grad the fast path must not run: the custom op is reached (its
-    autograd.Function then has no functorch support, which it says)."""
-    inp, (w, b, sm, sv, blend, k, eps) = _args(backend)
+@pytest.fixture
+def op_calls(monkeypatch) -> list:
+    """Spies on ``ops.dabn_forward_op``: one entry per call (the call itself goes through)."""
     calls = []
     real = ops.dabn_forward_op
 
@@ -154,12 +152,20 @@ def test_func_grad_goes_through_the_op(backend, monkeypatch):
         return real(*a)
 
     monkeypatch.setattr(ops, "dabn_forward_op", spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_func_grad_goes_through_the_op(backend, op_calls):
+    """Under torch.func.grad the fast path must not run: the custom op is reached (its
+    autograd.Function then has no functorch support, which it says)."""
+    inp, (w, b, sm, sv, blend, k, eps) = _args(backend)
     try:
         torch.func.grad(lambda t: ops.run_dabn(t, w, b, sm, sv, blend, k, eps,
                                                backend=backend).sum())(inp.x)
     except RuntimeError as e:
         assert "functorch" in str(e) or "setup_context" in str(e)
-    assert calls, "torch.func.grad took the eager fast path"
+    assert op_calls, "torch.func.grad took the eager fast path"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -173,24 +179,16 @@ def test_dispatch_mode_sees_the_op(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_vmap_goes_through_the_op(backend, monkeypatch):
+def test_vmap_goes_through_the_op(backend, op_calls):
     """Under vmap the fast path must not run (the backend would see a batched tensor): the
     custom op is called, and its missing vmap rule says so."""
     inp, rest = _args(backend)
-    calls = []
-    real = ops.dabn_forward_op
-
-    def spy(*a):
-        calls.append(1)
-        return real(*a)
-
-    monkeypatch.setattr(ops, "dabn_forward_op", spy)
     xs = torch.stack([inp.x, inp.x])
     try:
         out = torch.func.vmap(lambda t: ops.run_dabn(t, *rest, backend=backend))(xs)
     except RuntimeError:
         out = None  # no vmap rule registered for the custom op: fine, it was reached
-    assert calls, "vmap took the eager fast path"
+    assert op_calls, "vmap took the eager fast path"
     if out is not None:
         expect = ops.run_dabn(inp.x, *rest, backend=backend)
         torch.testing.assert_close(out[0], expect)

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -353,6 +354,29 @@ Tensor dabn_normalize_cpu(const Tensor& x, const c10::optional<Tensor>& weight,
   return y;
 }
 
+/// SPEC D5 pass 1 (kernel): sdy = sum_p dy, sdyxc = sum_p dy (x - mu) -> two (N, C) acc
+/// tensors; mu_acc: (N, C) acc, contiguous.
+std::pair<Tensor, Tensor> backward_sums(const Tensor& dy, const Tensor& x, const Tensor& mu_acc) {
+  const Geometry g = geometry_of(x);
+  Tensor sdy = at::empty({g.n, g.c}, mu_acc.options());
+  Tensor sdyxc = at::empty({g.n, g.c}, mu_acc.options());
+  kernels().backward_reduce(dtype_of(x), g, dy.const_data_ptr(), x.const_data_ptr(),
+                            mu_acc.const_data_ptr(), sdy.mutable_data_ptr(),
+                            sdyxc.mutable_data_ptr());
+  return {sdy, sdyxc};
+}
+
+/// SPEC D5 pass 2 (kernel): dx = a dy + b (x - mu) + c0, in x's dtype and layout; mu_acc, a,
+/// b, c0: (N, C) acc, contiguous.
+Tensor backward_apply(const Tensor& dy, const Tensor& x, const Tensor& mu_acc, const Tensor& a,
+                      const Tensor& b, const Tensor& c0) {
+  Tensor dx = empty_like_layout(x);
+  kernels().backward_apply(dtype_of(x), geometry_of(x), dy.const_data_ptr(), x.const_data_ptr(),
+                           mu_acc.const_data_ptr(), a.const_data_ptr(), b.const_data_ptr(),
+                           c0.const_data_ptr(), dx.mutable_data_ptr());
+  return dx;
+}
+
 // SPEC D5, the backward coefficients (reference.dabn_backward, in this file's names;
 // r = rsqrt(max(v, 0) + eps), g = gamma, xc = x - mu_i):
 //   pass 1 (kernel):  sdy = sum_p dy,  sdyxc = sum_p dy xc
@@ -380,11 +404,7 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
   const Geometry g = geometry_of(x);
   const at::ScalarType acc = acc_type(x);
   const Tensor mu_acc = mean.detach().to(acc).contiguous();
-  Tensor sdy_t = at::empty({g.n, g.c}, x.options().dtype(acc));
-  Tensor sdyxc_t = at::empty({g.n, g.c}, x.options().dtype(acc));
-  kernels().backward_reduce(dtype_of(x), g, dy.const_data_ptr(), x.const_data_ptr(),
-                            mu_acc.const_data_ptr(), sdy_t.mutable_data_ptr(),
-                            sdyxc_t.mutable_data_ptr());
+  const auto [sdy_t, sdyxc_t] = backward_sums(dy, x, mu_acc);
 
   const Blend b(g, blend, source_mean, source_var, shrink_k, eps, mean, var);
   const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
@@ -425,11 +445,8 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
   }
   const Tensor ca_t = to_acc(ca, {g.n, g.c}, acc), cb_t = to_acc(cb, {g.n, g.c}, acc);
   const Tensor cc_t = to_acc(cc, {g.n, g.c}, acc);
-  Tensor dx = empty_like_layout(x);
-  kernels().backward_apply(dtype_of(x), g, dy.const_data_ptr(), x.const_data_ptr(),
-                           mu_acc.const_data_ptr(), ca_t.const_data_ptr(), cb_t.const_data_ptr(),
-                           cc_t.const_data_ptr(), dx.mutable_data_ptr());
-  return {dx, to_acc(dweight, {g.c}, acc), to_acc(dbias, {g.c}, acc)};
+  return {backward_apply(dy, x, mu_acc, ca_t, cb_t, cc_t), to_acc(dweight, {g.c}, acc),
+          to_acc(dbias, {g.c}, acc)};
 }
 
 // SPEC D5's two passes on their own, for a caller that computes the coefficients itself
@@ -438,14 +455,7 @@ std::tuple<Tensor, Tensor> dabn_backward_sums_cpu(const Tensor& dy, const Tensor
                                                   const Tensor& mean) {
   check_inputs("datta::_dabn_backward_sums", x,
                {{"dy", &dy, Expect::kLikeX}, {"mean", &mean, Expect::kInstanceStats}});
-  const Geometry g = geometry_of(x);
-  const at::ScalarType acc = acc_type(x);
-  const Tensor mu_acc = mean.detach().to(acc).contiguous();
-  Tensor sdy = at::empty({g.n, g.c}, x.options().dtype(acc));
-  Tensor sdyxc = at::empty({g.n, g.c}, x.options().dtype(acc));
-  kernels().backward_reduce(dtype_of(x), g, dy.const_data_ptr(), x.const_data_ptr(),
-                            mu_acc.const_data_ptr(), sdy.mutable_data_ptr(),
-                            sdyxc.mutable_data_ptr());
+  auto [sdy, sdyxc] = backward_sums(dy, x, mean.detach().to(acc_type(x)).contiguous());
   return {sdy, sdyxc};
 }
 
@@ -457,15 +467,9 @@ Tensor dabn_backward_apply_cpu(const Tensor& dy, const Tensor& x, const Tensor& 
                 {"a", &a, Expect::kInstanceStats},
                 {"b", &b, Expect::kInstanceStats},
                 {"c0", &c0, Expect::kInstanceStats}});
-  const Geometry g = geometry_of(x);
   const at::ScalarType acc = acc_type(x);
   auto as_acc = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
-  const Tensor mu_acc = as_acc(mean), a_acc = as_acc(a), b_acc = as_acc(b), c_acc = as_acc(c0);
-  Tensor dx = empty_like_layout(x);
-  kernels().backward_apply(dtype_of(x), g, dy.const_data_ptr(), x.const_data_ptr(),
-                           mu_acc.const_data_ptr(), a_acc.const_data_ptr(), b_acc.const_data_ptr(),
-                           c_acc.const_data_ptr(), dx.mutable_data_ptr());
-  return dx;
+  return backward_apply(dy, x, as_acc(mean), as_acc(a), as_acc(b), as_acc(c0));
 }
 
 }  // namespace

@@ -100,6 +100,6 @@ class KernelBackend(abc.ABC):
         b term only where ``b != 0``), in x's dtype and memory format.  One read of x and dy,
         one write of dx."""
         from .. import reference
-        dyf, xc, _, _ = reference.dabn_backward_sums(dy, x, mean_i)
+        dyf, xc = reference.dabn_backward_centred(dy, x, mean_i)
         return reference.dabn_backward_dx(dyf, xc, a, b, c0, x)
 
