@@ -14,6 +14,7 @@ errors fail.  Skipped with a reason when nvcc / a host compiler is missing.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,55 @@ def _run(cmd: list[str], what: str) -> None:
     assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{out}"
     if out:
         warnings.warn(f"{what}: compiler output:\n{out}", stacklevel=2)
+
+
+#: kernel ops of csrc/ops.cpp with no CUDA kernel, and why: the op runs without one on CUDA
+CUDA_EXEMPT = {
+    "_build_info": "takes no tensor: its kernel is the catch-all one m.def registers",
+    "_dispersion_score": "the cuda backend computes it with torch ops (backends/cuda.py), "
+                         "it reads only (N, C) statistics",
+}
+
+
+def _declared_ops() -> set[str]:
+    return set(re.findall(r'm\.def\(\s*"(\w+)\(', (ROOT / "csrc" / "ops.cpp").read_text()))
+
+
+def _registered(key: str) -> set[str]:
+    """Op names registered under TORCH_LIBRARY_IMPL(datta, key, m) anywhere in csrc/."""
+    names = set()
+    for src in (ROOT / "csrc").rglob("*.cpp"):
+        text = src.read_text()
+        for block in re.findall(r"TORCH_LIBRARY_IMPL\(datta,\s*" + key + r",\s*m\)\s*\{(.*?)\n\}",
+                                text, flags=re.S):
+            names |= set(re.findall(r'm\.impl\(\s*"(\w+)"', block))
+    return names
+
+
+def test_every_kernel_op_has_a_cuda_registration():
+    """Every op csrc/ops.cpp declares has a CUDA kernel (or a stated reason not to): the cuda
+    backend calls the CPU backend's ops on CUDA tensors, so a missing one is a
+    NotImplementedError on the GPU only (issue 21: _dabn_backward_sums / _apply were)."""
+    declared = _declared_ops()
+    assert {"_instance_stats", "_dabn_backward_sums", "_dabn_backward_apply"} <= declared
+    cuda, cpu = _registered("CUDA"), _registered("CPU")
+    assert not cuda - declared, f"CUDA registrations of undeclared ops: {sorted(cuda - declared)}"
+    missing = declared - cuda - set(CUDA_EXEMPT)
+    assert not missing, f"ops declared in csrc/ops.cpp without a CUDA kernel: {sorted(missing)}"
+    assert not (set(CUDA_EXEMPT) & cuda), "an exempt op has a CUDA kernel: drop its exemption"
+    assert declared - cpu <= {"_build_info"}, f"ops without a CPU kernel: {sorted(declared - cpu)}"
+    from datta_kernels.backends.base import KernelBackend
+    from datta_kernels.backends.cuda import CudaBackend
+    assert CudaBackend.dispersion_score is KernelBackend.dispersion_score  # the exemption's reason
+
+
+def test_cuda_launchers_declared_for_every_cuda_op():
+    """Each CUDA glue function calls a launcher that datta_cuda.h declares and a .cu defines."""
+    header = (CUDA_DIR / "datta_cuda.h").read_text()
+    cu = "".join(p.read_text() for p in CU_FILES)
+    for name in ("dabn_backward_sums", "dabn_backward_apply", "dabn_backward", "dabn_forward"):
+        assert f"cudaError_t {name}(const Params& p, cudaStream_t stream);" in header, name
+        assert f"cudaError_t {name}(const Params& p, cudaStream_t stream) {{" in cu, name
 
 
 def test_sources_present():

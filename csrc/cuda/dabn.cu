@@ -4,6 +4,8 @@
 //   dabn_forward:   reduce(MomentsOp) -> forward_coefs -> apply  -> y            (reads x twice)
 //   dabn_normalize: forward_coefs -> apply -> y  (instance statistics given; reads x once)
 //   dabn_backward:  reduce(DySumsOp)  -> backward_coefs -> apply(dy) -> dx      (reads x, dy twice)
+//   dabn_backward_sums / dabn_backward_apply: the backward's two passes alone (the caller,
+//                   datta_kernels.distributed, computes the coefficients in between)
 //
 // The reduce / apply passes stream the tensors (passes.cuh); the coefficient kernels are
 // tiny: one thread per channel walks the batch in order n = 0..N-1, so batch statistics,
@@ -197,8 +199,8 @@ Scratch<A> carve(Op op, const Params& p, const Plan& plan, void* base) {
     s.coef_b = cv.take<A>(nc);
     s.coef_c0 = cv.take<A>(nc);
   }
+  if (op == Op::kDabnBackward || op == Op::kDabnBackwardSums) s.dy_partials = cv.take<DySums<A>>(parts);
   if (op == Op::kDabnBackward) {
-    s.dy_partials = cv.take<DySums<A>>(parts);
     s.sdy = cv.take<A>(nc);
     s.sdyxc = cv.take<A>(nc);
     s.coef_a = cv.take<A>(nc);
@@ -239,6 +241,16 @@ void launch_normalize(const Params& p, const Plan& plan, const Scratch<acc_t<T>>
   ApplyArgs<T> ap{static_cast<const T*>(p.x), nullptr, static_cast<T*>(p.y), s.coef_mu, nullptr,
                   s.coef_b, s.coef_c0, p.n, p.c, p.m, plan};
   launch_apply<T, false>(p, ap, stream);
+}
+
+/// Backward pass 1: sdy, sdyxc <- sum_p dy, sum_p dy (x - p.mean) per (n, c).
+template <typename T>
+void launch_dy_sums(const Params& p, const Plan& plan, DySums<acc_t<T>>* partials, acc_t<T>* sdy,
+                    acc_t<T>* sdyxc, cudaStream_t stream) {
+  using A = acc_t<T>;
+  ReduceArgs<T, DySumsOp<A>> r{static_cast<const T*>(p.x), static_cast<const T*>(p.dy),
+                              static_cast<const A*>(p.mean), p.n, p.c, p.m, plan, partials, sdy, sdyxc};
+  launch_reduce(p, r, stream);
 }
 
 }  // namespace
@@ -293,14 +305,38 @@ cudaError_t dabn_backward(const Params& p, cudaStream_t stream) {
     const Plan plan = make_plan(p);
     const auto s = carve<A>(Op::kDabnBackward, p, plan, p.workspace);
     const A* mean = static_cast<const A*>(p.mean);
-    ReduceArgs<T, DySumsOp<A>> r{static_cast<const T*>(p.x), static_cast<const T*>(p.dy), mean, p.n, p.c, p.m,
-                                plan, s.dy_partials, s.sdy, s.sdyxc};
-    launch_reduce(p, r, stream);
+    launch_dy_sums<T>(p, plan, s.dy_partials, s.sdy, s.sdyxc, stream);
     backward_coefs_kernel<A><<<tiny_grid(p.c), cfg::kTinyThreads, 0, stream>>>(
         channel_args<A>(p), s.sdy, s.sdyxc, s.coef_a, s.coef_b, s.coef_c0, static_cast<A*>(p.dweight),
         static_cast<A*>(p.dbias));
     ApplyArgs<T> ap{static_cast<const T*>(p.x), static_cast<const T*>(p.dy), static_cast<T*>(p.dx), mean,
                     s.coef_a, s.coef_b, s.coef_c0, p.n, p.c, p.m, plan};
+    launch_apply<T, true>(p, ap, stream);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t dabn_backward_sums(const Params& p, cudaStream_t stream) {
+  if (empty_problem(p)) return cudaSuccess;
+  return dispatch_elem(p.dtype, cudaErrorInvalidValue, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const Plan plan = make_plan(p);
+    const auto s = carve<A>(Op::kDabnBackwardSums, p, plan, p.workspace);
+    launch_dy_sums<T>(p, plan, s.dy_partials, static_cast<A*>(p.sdy), static_cast<A*>(p.sdyxc), stream);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t dabn_backward_apply(const Params& p, cudaStream_t stream) {
+  if (empty_problem(p)) return cudaSuccess;
+  return dispatch_elem(p.dtype, cudaErrorInvalidValue, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const Plan plan = make_plan(p);
+    ApplyArgs<T> ap{static_cast<const T*>(p.x), static_cast<const T*>(p.dy), static_cast<T*>(p.dx),
+                    static_cast<const A*>(p.mean), static_cast<const A*>(p.coef_a),
+                    static_cast<const A*>(p.coef_b), static_cast<const A*>(p.coef_c0), p.n, p.c, p.m, plan};
     launch_apply<T, true>(p, ap, stream);
     return cudaGetLastError();
   });

@@ -20,7 +20,15 @@ namespace datta::cuda {
 enum class ElemType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
 
 /// Which launcher a workspace is sized for.
-enum class Op : int { kInstanceStats, kDiversityAngles, kDabnForward, kDabnNormalize, kDabnBackward };
+enum class Op : int {
+  kInstanceStats,
+  kDiversityAngles,
+  kDabnForward,
+  kDabnNormalize,
+  kDabnBackward,
+  kDabnBackwardSums,
+  kDabnBackwardApply,
+};
 
 struct Params {
   // ---- problem: x is (n, c, H, W) with m = H*W, dense in NCHW order or, when
@@ -53,6 +61,11 @@ struct Params {
   void* angles = nullptr;             // (N,) theta in radians
   void* dweight = nullptr;            // (C,) backward output
   void* dbias = nullptr;              // (C,) backward output
+  void* sdy = nullptr;                // (N, C) sum_p dy: output of dabn_backward_sums
+  void* sdyxc = nullptr;              // (N, C) sum_p dy (x - mean), likewise
+  const void* coef_a = nullptr;       // (N, C) dabn_backward_apply's a, b, c0 (inputs)
+  const void* coef_b = nullptr;
+  const void* coef_c0 = nullptr;
 
   // ---- scratch owned by the caller: at least workspace_bytes(op, *this) bytes,
   // 256-byte aligned (any caching-allocator block is).
@@ -79,5 +92,12 @@ cudaError_t dabn_normalize(const Params& p, cudaStream_t stream);
 
 /// dx, dweight, dbias <- backward of dabn_forward, given dy and the saved mean, var.
 cudaError_t dabn_backward(const Params& p, cudaStream_t stream);
+
+/// SPEC D5 pass 1 alone: sdy, sdyxc <- sum_p dy, sum_p dy (x - mean) (mean an input).
+cudaError_t dabn_backward_sums(const Params& p, cudaStream_t stream);
+
+/// SPEC D5 pass 2 alone: dx <- coef_a dy + coef_b (x - mean) + coef_c0 (the coef_b term only
+/// where coef_b != 0), with given (N, C) coefficients.
+cudaError_t dabn_backward_apply(const Params& p, cudaStream_t stream);
 
 }  // namespace datta::cuda

@@ -201,6 +201,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dabn_backward_cuda(
   return {dx, dweight, dbias};
 }
 
+// SPEC D5's two passes on their own (datta_kernels.distributed computes the coefficients in
+// between, with its batch terms summed over a process group).
+std::tuple<at::Tensor, at::Tensor> dabn_backward_sums_cuda(const at::Tensor& dy, const at::Tensor& x,
+                                                           const at::Tensor& mean) {
+  check_inputs("datta::_dabn_backward_sums", x,
+               {{"dy", &dy, Expect::kLikeX}, {"mean", &mean, Expect::kInstanceStats}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  Params p = problem(x);
+  const at::Tensor mu = as_acc(mean, x);
+  at::Tensor sdy = acc_empty(x, {p.n, p.c}), sdyxc = acc_empty(x, {p.n, p.c});
+  p.dy = dy.data_ptr();
+  p.mean = mu.data_ptr();
+  p.sdy = sdy.data_ptr();
+  p.sdyxc = sdyxc.data_ptr();
+  launch(Op::kDabnBackwardSums, p, x, &dabn_backward_sums);
+  return {sdy, sdyxc};
+}
+
+at::Tensor dabn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                    const at::Tensor& a, const at::Tensor& b, const at::Tensor& c0) {
+  check_inputs("datta::_dabn_backward_apply", x,
+               {{"dy", &dy, Expect::kLikeX},
+                {"mean", &mean, Expect::kInstanceStats},
+                {"a", &a, Expect::kInstanceStats},
+                {"b", &b, Expect::kInstanceStats},
+                {"c0", &c0, Expect::kInstanceStats}});
+  const c10::cuda::CUDAGuard guard(x.device());
+  Params p = problem(x);
+  const at::Tensor mu = as_acc(mean, x), ca = as_acc(a, x), cb = as_acc(b, x), cc = as_acc(c0, x);
+  at::Tensor dx = at::empty_like(x, x.options(), layout_of(x));
+  p.dy = dy.data_ptr();
+  p.mean = mu.data_ptr();
+  p.coef_a = ca.data_ptr();
+  p.coef_b = cb.data_ptr();
+  p.coef_c0 = cc.data_ptr();
+  p.dx = dx.data_ptr();
+  launch(Op::kDabnBackwardApply, p, x, &dabn_backward_apply);
+  return dx;
+}
+
 }  // namespace
 }  // namespace datta::cuda
 
@@ -210,6 +250,8 @@ TORCH_LIBRARY_IMPL(datta, CUDA, m) {
   m.impl("_dabn_forward", TORCH_FN(datta::cuda::dabn_forward_cuda));
   m.impl("_dabn_normalize", TORCH_FN(datta::cuda::dabn_normalize_cuda));
   m.impl("_dabn_backward", TORCH_FN(datta::cuda::dabn_backward_cuda));
+  m.impl("_dabn_backward_sums", TORCH_FN(datta::cuda::dabn_backward_sums_cuda));
+  m.impl("_dabn_backward_apply", TORCH_FN(datta::cuda::dabn_backward_apply_cuda));
 }
 
 #endif  // DATTA_WITH_CUDA
