@@ -76,14 +76,17 @@ def _load(module: str, cls: str) -> Callable[[], KernelBackend]:
 
 
 def _triton_unavailable() -> list[str]:
+    """Why the Triton backend cannot load.  Any exception counts, not only ImportError: a
+    Triton too old or too new for an API the backend uses fails at import with a TypeError or
+    AttributeError, and ``info`` / ``auto`` must report it, not crash."""
     try:
         import triton  # noqa: F401
-    except ImportError as e:
-        return [f"triton is not importable ({e})"]
+    except Exception as e:  # noqa: BLE001 - a broken install may raise anything
+        return [f"triton is not importable ({type(e).__name__}: {e})"]
     try:
-        from . import triton  # noqa: F401
-    except ImportError as e:
-        return [f"datta_kernels.backends.triton failed to import ({e})"]
+        importlib.import_module(f"{__name__}.triton")
+    except Exception as e:  # noqa: BLE001 - see above
+        return [f"datta_kernels.backends.triton failed to import ({type(e).__name__}: {e})"]
     return []
 
 

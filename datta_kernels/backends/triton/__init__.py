@@ -17,8 +17,15 @@ Bytes moved (``|x|`` = one pass over x in its dtype; per-(n, c) traffic is negli
 
 Launch sequence: forward = stats partials -> (N, C) finalize -> normalize; backward =
 partial sums -> (N, C) finalize (dweight, dbias and the dx coefficients) -> dx.
+
+Host-side facts the kernels are given rather than compute: the edge rules of SPEC D1 and
+the batch count ``N*M`` (an int32 product in a kernel wraps at 2^31 elements), and the
+device: every launch runs under a guard for x's device (Triton launches on the current one).
 """
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 import triton
@@ -35,6 +42,51 @@ _F32 = torch.float32
 
 #: offsets inside one image (c*M + p, p*C + c) are int32 in the kernels
 _MAX_IMAGE_ELEMS = 2**31 - 1
+#: CUDA grid limits: axis 0 up to 2^31 - 1 programs, axes 1 and 2 up to 65,535
+_MAX_GRID = (2**31 - 1, 65535, 65535)
+
+
+def _device_guard(device: torch.device):
+    """A context making ``device`` current for the launches inside it (Triton launches on the
+    current device and its current stream; a tensor on ``cuda:1`` while ``cuda:0`` is current
+    would otherwise fault or race with its stream).  Nothing to do off CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _guarded(method):
+    """Runs a backend method under :func:`_device_guard` for the device of its tensor ``x``
+    (the second argument of the backward's, the first of the others')."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        i = 1 if method.__name__.startswith("dabn_backward") else 0
+        x = kwargs["x"] if "x" in kwargs else args[i]
+        with _device_guard(x.device):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _check_grid(grid: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """The grid, or a clear error where it exceeds CUDA's limits (a launch would fail with an
+    opaque error, or not at all)."""
+    for axis, (size, limit) in enumerate(zip(grid, _MAX_GRID, strict=False)):
+        if size > limit:
+            raise ValueError(f"triton backend: {what} needs {size} programs on grid axis {axis} "
+                             f"(CUDA allows {limit}); use the 'cuda' backend for this shape")
+    return grid
+
+
+def _edge_rules(n: int, m: int) -> dict:
+    """SPEC D1 as shape facts for the kernels: ``M <= 1`` (no instance statistics) and
+    ``N*M <= 1`` (no batch statistics), decided here in Python ints, never in a kernel's int32."""
+    return {"NO_INST": m <= 1, "NO_BATCH": n * m <= 1}
+
+
+def _batch_counts(n: int, m: int) -> tuple[float, float]:
+    """``(N*M, max(N*M - 1, 1))`` as floats: the batch divisors of SPEC D4/D5 (an fp32 kernel
+    argument holds 2^31 and beyond; an int32 product of N and M does not)."""
+    return float(n * m), float(max(n * m - 1, 1))
 
 
 def _layout(x: Tensor) -> tuple[Tensor, bool]:
@@ -69,7 +121,7 @@ def _stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     t = cfg.reduce_tiling(n, c, m, channels_last, x.element_size(), x.device)
     pmean = x.new_empty((n, t.splits, c), dtype=torch.float64)  # fp64 summaries: see kernels.py
     pm2 = torch.empty_like(pmean)
-    jit._stats_partial_kernel[t.grid(n)](
+    jit._stats_partial_kernel[_check_grid(t.grid(n), "the statistics pass")](
         x, pmean, pm2, n, c, m, t.iters, t.splits,
         CHANNELS_LAST=channels_last, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
     mean = x.new_empty((n, c), dtype=_F32)
@@ -78,7 +130,7 @@ def _stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     bvar = torch.empty_like(bmean)
     block_n, block_c = cfg.finalize_blocks(n, c)
     jit._stats_finalize_kernel[(triton.cdiv(c, block_c),)](
-        x, pmean, pm2, mean, var, bmean, bvar, n, c, m, t.chunk, t.splits,
+        x, pmean, pm2, mean, var, bmean, bvar, n, c, m, t.chunk, t.splits, _batch_counts(n, m)[1],
         CHANNELS_LAST=channels_last, BLOCK_N=block_n, BLOCK_C=block_c)
     return mean, var, bmean, bvar
 
@@ -103,25 +155,27 @@ def _normalize(x, cl, weight, bias, source_mean, source_var, blend, shrink_k, ep
     shrink, k = _shrink_flag(shrink_k, m)
     y = torch.empty_like(x)
     t = cfg.reduce_tiling(n, c, m, cl, x.element_size(), x.device)
-    jit._normalize_kernel[t.grid(n)](
+    jit._normalize_kernel[_check_grid(t.grid(n), "the normalize pass")](
         x, y, mean, var, bmean, bvar, smean, svar,
         _vec(weight, x) if weight is not None else smean,
         _vec(bias, x) if bias is not None else smean,
         _blend_vec(blend, x), n, c, m, t.iters, k, float(eps),
         CHANNELS_LAST=cl, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SHRINK=shrink,
-        BLOCK_C=t.block_c, BLOCK_P=t.block_p)
+        **_edge_rules(n, m), BLOCK_C=t.block_c, BLOCK_P=t.block_p)
     return y
 
 
 class TritonBackend(KernelBackend):
     name = "triton"
 
+    @_guarded
     def instance_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, C, H, W) -> (mean, var), each (N, C) fp32; unbiased var, 0 when H*W == 1."""
         x, cl = _layout(x.detach())
         mean, var, _, _ = _stats(x, cl)
         return mean, var
 
+    @_guarded
     def diversity_angles(self, x: Tensor, source_mean: Tensor, batch_mean: Tensor) -> Tensor:
         """x (N, C, H, W), source_mean (C,), batch_mean (C,) -> angles (N,) fp32 radians (SPEC §2,
         pixel mode).  One read of x; the arccos of the N means runs as one tiny torch op (the
@@ -131,14 +185,15 @@ class TritonBackend(KernelBackend):
         m = h * w
         block_c, block_p, p_tiles = cfg.angles_tiling(c, m, cl, x.element_size())
         part = x.new_empty((n, p_tiles), dtype=_F32)
-        jit._angles_partial_kernel[(p_tiles, n)](
+        jit._angles_partial_kernel[_check_grid((n * p_tiles,), "the angles pass")](
             x, _vec(source_mean, x), _vec(batch_mean, x), part, n, c, m, p_tiles,
             CHANNELS_LAST=cl, BLOCK_C=block_c, BLOCK_P=block_p)
         mean_cos = x.new_empty((n,), dtype=torch.float64)
-        jit._angles_finalize_kernel[(n,)](
+        jit._angles_finalize_kernel[_check_grid((n,), "the angles' mean")](
             part, mean_cos, m, p_tiles, BLOCK=min(cfg.LAUNCH.angles_reduce_block, cfg.next_pow2(p_tiles)))
         return mean_cos.clamp_(-1.0, 1.0).arccos_().to(_F32)
 
+    @_guarded
     def dabn_forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
                      source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float
                      ) -> tuple[Tensor, Tensor, Tensor]:
@@ -149,6 +204,7 @@ class TritonBackend(KernelBackend):
         return _normalize(x, cl, weight, bias, source_mean, source_var, blend, shrink_k, eps,
                           mean, var, bmean, bvar), mean, var
 
+    @_guarded
     def dabn_normalize(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
                        source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
                        mean_i: Tensor, var_i: Tensor) -> Tensor:
@@ -167,6 +223,7 @@ class TritonBackend(KernelBackend):
         return _normalize(x, cl, weight, bias, source_mean, source_var, blend, shrink_k, eps,
                           mean, var, bmean, bvar)
 
+    @_guarded
     def dabn_backward(self, dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: Tensor,
                       source_var: Tensor, blend: Tensor, shrink_k: float | None, eps: float,
                       mean_i: Tensor, var_i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -191,16 +248,19 @@ class TritonBackend(KernelBackend):
         jit._bwd_finalize_kernel[(triton.cdiv(c, block_c),)](
             psdy, psdyxc, mean_i, var_i, smean, svar,
             _vec(weight, x) if weight is not None else smean, _blend_vec(blend, x),
-            coef_a, coef_b, coef_c, dweight, dbias, n, c, m, splits, k, float(eps),
-            HAS_WEIGHT=weight is not None, SHRINK=shrink, BLOCK_N=block_n, BLOCK_C=block_c)
+            coef_a, coef_b, coef_c, dweight, dbias, n, c, m, splits, k, float(eps), *_batch_counts(n, m),
+            HAS_WEIGHT=weight is not None, SHRINK=shrink, **_edge_rules(n, m),
+            BLOCK_N=block_n, BLOCK_C=block_c)
         return _bwd_dx(dy, x, cl, mean_i, coef_a, coef_b, coef_c), dweight, dbias
 
+    @_guarded
     def dabn_backward_sums(self, dy: Tensor, x: Tensor, mean_i: Tensor) -> tuple[Tensor, Tensor]:
         """Backward pass 1 alone: ``(sdy, sdyxc)`` (N, C) fp32 (the fp64 partials summed)."""
         x, dy, cl = _bwd_layout(dy, x)
         psdy, psdyxc, _ = _bwd_partials(dy, x, cl, mean_i.detach().to(_F32).contiguous())
         return psdy.sum(dim=1).to(_F32), psdyxc.sum(dim=1).to(_F32)
 
+    @_guarded
     def dabn_backward_apply(self, dy: Tensor, x: Tensor, mean_i: Tensor, a: Tensor, b: Tensor,
                             c0: Tensor) -> Tensor:
         """Backward pass 2 alone, with given (N, C) coefficients."""
@@ -221,7 +281,7 @@ def _bwd_partials(dy: Tensor, x: Tensor, cl: bool, mean_i: Tensor) -> tuple[Tens
     t = cfg.reduce_tiling(n, c, h * w, cl, x.element_size(), x.device)
     psdy = x.new_empty((n, t.splits, c), dtype=torch.float64)  # fp64 totals: see kernels.py
     psdyxc = torch.empty_like(psdy)
-    jit._bwd_partial_kernel[t.grid(n)](
+    jit._bwd_partial_kernel[_check_grid(t.grid(n), "the backward sums")](
         dy, x, mean_i, psdy, psdyxc, n, c, h * w, t.iters, t.splits,
         CHANNELS_LAST=cl, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
     return psdy, psdyxc, t.splits
@@ -233,7 +293,7 @@ def _bwd_dx(dy: Tensor, x: Tensor, cl: bool, mean_i: Tensor, a: Tensor, b: Tenso
     n, c, h, w = x.shape
     t = cfg.reduce_tiling(n, c, h * w, cl, x.element_size(), x.device)
     dx = torch.empty_like(x)
-    jit._bwd_dx_kernel[t.grid(n)](
+    jit._bwd_dx_kernel[_check_grid(t.grid(n), "the dx pass")](
         dy, x, dx, mean_i, a, b, c0, n, c, h * w, t.iters,
         CHANNELS_LAST=cl, BLOCK_C=t.block_c, BLOCK_P=t.block_p)
     return dx

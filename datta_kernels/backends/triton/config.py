@@ -6,9 +6,13 @@ Two kinds of choice are made in this file:
   split one ``(n, c)`` row) is a pure function of the shape, the layout and the device's SM
   count.  It fixes the order of every floating-point reduction, so the same input on the same
   device gives the same bits on every run and in every process;
-* the *launch knobs* that do not change any result (``num_warps``, ``num_stages``) are left to
-  ``triton.autotune``, keyed on the shape and layout.  Whichever config wins the timing race,
-  the output bits are the same.
+* the *launch knobs* are left to ``triton.autotune``, keyed on the shape and layout, only
+  where they cannot change a result.  ``num_stages`` (software pipelining of the loads) never
+  does.  ``num_warps`` changes how Triton lays a tile over threads, and so the order of a
+  ``tl.sum`` over the tile: the kernels that reduce (statistics, backward sums, angles) run
+  with one pinned ``num_warps`` (``LaunchConfig.reduce_num_warps``) and autotune only
+  ``num_stages``; the element-wise kernels (normalize, dx) autotune both.  Whichever config
+  wins the timing race, the output bits are the same.
 
 Under ``TRITON_INTERPRET=1`` the autotuner gets a single config, so it never benchmarks.
 """
@@ -53,6 +57,10 @@ class LaunchConfig:
     finalize_block_n: int = 64
     #: partial sums reduced per step by the angles' second stage.
     angles_reduce_block: int = 1024
+    #: num_warps of every kernel that reduces over a tile (pinned: it sets the tl.sum order, so
+    #: the bits).  4 warps: 32 fp32 values per thread for a 16 KiB tile, the layout Triton's
+    #: default gives; the element-wise kernels autotune between 4 and 8.
+    reduce_num_warps: int = 4
 
 
 #: The configuration the backend uses (tests may swap in a smaller one to force splits).
@@ -147,12 +155,14 @@ def finalize_blocks(n: int, c: int, cfg: LaunchConfig | None = None) -> tuple[in
     return block_n, block_c
 
 
-def autotune_configs() -> list[triton.Config]:
-    """Launch knobs that never change a result.  The interpreter gets one config (the
-    autotuner then skips benchmarking)."""
-    if INTERPRET:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+def autotune_configs(reduces: bool, interpret: bool | None = None) -> list[triton.Config]:
+    """Launch knobs that never change a result: ``num_stages``, and ``num_warps`` only for a
+    kernel that does not reduce over its tile (``reduces=False``; see the module notes).  The
+    interpreter gets one config (the autotuner then skips benchmarking)."""
+    if INTERPRET if interpret is None else interpret:
+        return [triton.Config({}, num_warps=LAUNCH.reduce_num_warps, num_stages=1)]
+    warps = (LAUNCH.reduce_num_warps,) if reduces else (4, 8)
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in (2, 3)]
 
 
 #: autotune key of the streaming kernels: shape and layout (dtypes are added by Triton).

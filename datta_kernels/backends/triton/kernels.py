@@ -21,6 +21,8 @@ Conventions shared by every kernel:
 """
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
 import triton.testing
@@ -29,9 +31,28 @@ from .config import AUTOTUNE_KEY, autotune_configs
 
 #: Memory-bound kernels time steadily, so a short benchmark (5 ms warm-up, 20 ms of runs per
 #: config) picks the winner; a new layer shape then costs ~0.1 s once, not seconds.
-_autotune = triton.autotune(
-    configs=autotune_configs(), key=AUTOTUNE_KEY,
-    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles))
+_BENCH_MS = {"warmup": 5, "rep": 20}
+
+
+def _autotune_timing() -> dict:
+    """How to hand the short benchmark to ``triton.autotune``: ``do_bench=`` where this
+    Triton's ``autotune`` has that argument, else the older ``warmup=`` / ``rep=``
+    milliseconds (``do_bench=`` on a Triton without it is a TypeError at import)."""
+    params = inspect.signature(triton.autotune).parameters
+    if "do_bench" in params:
+        def do_bench(fn, quantiles):
+            return triton.testing.do_bench(fn, quantiles=quantiles, **_BENCH_MS)
+        return {"do_bench": do_bench}
+    return {k: v for k, v in _BENCH_MS.items() if k in params}
+
+
+def _autotuner(reduces: bool):
+    return triton.autotune(configs=autotune_configs(reduces), key=AUTOTUNE_KEY, **_autotune_timing())
+
+
+#: kernels that reduce over a tile (pinned num_warps: it sets the sum order) / element-wise ones
+_autotune_reduce = _autotuner(reduces=True)
+_autotune_map = _autotuner(reduces=False)
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -74,18 +95,20 @@ def _weighted(w, s):
 
 
 @triton.jit
-def _blend(blend_ptr, N, M):
-    """SPEC D1: §3 weights with the edge rules (``M <= 1``: w_i -> w_s; ``N*M <= 1``: w_b -> w_s).
-    Read on the device: changing the blend never syncs or recompiles."""
+def _blend(blend_ptr, NO_INST: tl.constexpr, NO_BATCH: tl.constexpr):
+    """SPEC D1: §3 weights with the edge rules (``NO_INST``, i.e. ``M <= 1``: w_i -> w_s;
+    ``NO_BATCH``, i.e. ``N*M <= 1``: w_b -> w_s).  The rules are shape facts decided on the
+    host (``N*M`` overflows int32 here at 2^31 elements); the weights are read on the device,
+    so changing the blend never syncs or recompiles."""
     w_s = tl.load(blend_ptr).to(tl.float32)
     w_b = tl.load(blend_ptr + 1).to(tl.float32)
     w_i = tl.load(blend_ptr + 2).to(tl.float32)
-    no_inst = M <= 1
-    w_s = tl.where(no_inst, w_s + w_i, w_s)
-    w_i = tl.where(no_inst, 0.0, w_i)
-    no_batch = N * M <= 1
-    w_s = tl.where(no_batch, w_s + w_b, w_s)
-    w_b = tl.where(no_batch, 0.0, w_b)
+    if NO_INST:
+        w_s = w_s + w_i
+        w_i = 0.0 * w_i
+    if NO_BATCH:
+        w_s = w_s + w_b
+        w_b = 0.0 * w_b
     return w_s, w_b, w_i
 
 
@@ -134,7 +157,7 @@ def _batch_stats_block(cnt, bmean, bm2, mean_i, m2_i, mask, nb, M):
 
 
 # ---------------------------------------------------------------- forward: statistics
-@_autotune
+@_autotune_reduce
 @triton.jit
 def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, C, M, ITERS, SPLITS,
                           CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -177,13 +200,14 @@ def _stats_partial_kernel(x_ptr, pmean_ptr, pm2_ptr, N, C, M, ITERS, SPLITS,
 
 @triton.jit
 def _stats_finalize_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, bmean_ptr, bvar_ptr,
-                           N, C, M, CHUNK, SPLITS, CHANNELS_LAST: tl.constexpr,
+                           N, C, M, CHUNK, SPLITS, nm1, CHANNELS_LAST: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge the splits -> ``mean_i, var_i (N, C)`` (unbiased, 0 when M == 1) and fold the
     batch -> ``mu_B, var_B (C,)`` (unbiased, 0 when N*M <= 1).  One program per channel
     block; fixed loop order over batch blocks and splits.  The partial means are relative
     to the shift ``K = x[n, c, 0]``, added back once here; the splits merge in fp64, the
-    batch fold (N values) in fp32."""
+    batch fold (N values) in fp32.  ``nm1 = max(N*M - 1, 1)`` comes from the host as a float
+    (``N*M`` is not an int32)."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
     bcnt = 0.0
@@ -211,16 +235,17 @@ def _stats_finalize_kernel(x_ptr, pmean_ptr, pm2_ptr, mean_ptr, var_ptr, bmean_p
         nb = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
         bcnt, bmean, bm2 = _batch_stats_block(bcnt, bmean, bm2, mean, m2, mask, nb, M)
     tl.store(bmean_ptr + c_offs, bmean, mask=c_mask)
-    tl.store(bvar_ptr + c_offs, bm2 / tl.maximum(N * M - 1, 1), mask=c_mask)  # SPEC D4
+    tl.store(bvar_ptr + c_offs, bm2 / nm1, mask=c_mask)  # SPEC D4
 
 
 # ---------------------------------------------------------------- forward: normalize
-@_autotune
+@_autotune_map
 @triton.jit
 def _normalize_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, bmean_ptr, bvar_ptr, smean_ptr, svar_ptr,
                       w_ptr, b_ptr, blend_ptr, N, C, M, ITERS, shrink_k, eps,
                       CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SHRINK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                      SHRINK: tl.constexpr, NO_INST: tl.constexpr, NO_BATCH: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """SPEC D3: ``y = gamma (x - m) rsqrt(max(v, 0) + eps) + beta`` with x's dtype and layout.
 
     The prologue forms ``m, v`` for its ``(n, channel block)`` from the (N, C) instance stats,
@@ -237,7 +262,7 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, bmean_ptr, bvar_ptr, smea
     var_b = tl.load(bvar_ptr + c_offs, mask=c_mask, other=0.0)
     smean = tl.load(smean_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
     svar = tl.load(svar_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    w_s, w_b, w_i = _blend(blend_ptr, N, M)
+    w_s, w_b, w_i = _blend(blend_ptr, NO_INST, NO_BATCH)
     m, v, _, _ = _blended_moments(mean_i, var_i, mu_b, var_b, smean, svar, w_s, w_b, w_i, M, shrink_k, eps,
                           SHRINK)
     scale = tl.rsqrt(tl.maximum(v, 0.0) + eps)
@@ -259,7 +284,7 @@ def _normalize_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, bmean_ptr, bvar_ptr, smea
 
 
 # ---------------------------------------------------------------- backward
-@_autotune
+@_autotune_reduce
 @triton.jit
 def _bwd_partial_kernel(dy_ptr, x_ptr, mean_ptr, psdy_ptr, psdyxc_ptr, N, C, M, ITERS, SPLITS,
                         CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -314,9 +339,9 @@ def _bwd_terms(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, n_offs, c_offs, mask, mu
 
 @triton.jit
 def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, svar_ptr, w_ptr, blend_ptr,
-                         a_ptr, b_ptr, c0_ptr, dw_ptr, db_ptr, N, C, M, SPLITS, shrink_k, eps,
-                         HAS_WEIGHT: tl.constexpr, SHRINK: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+                         a_ptr, b_ptr, c0_ptr, dw_ptr, db_ptr, N, C, M, SPLITS, shrink_k, eps, nm, nm1,
+                         HAS_WEIGHT: tl.constexpr, SHRINK: tl.constexpr, NO_INST: tl.constexpr,
+                         NO_BATCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """SPEC D5, the backward coefficients, per channel block (three fixed-order sweeps over
     batch blocks):
 
@@ -329,7 +354,9 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
        ``C0 = dmu_i / M + dmu_B / (N M) + 2 dvar_B (mu_i - mu_B) / (N M - 1)``  -> (N, C).
 
     Undefined denominators (``M = 1``, ``N M = 1``) meet a zero weight from the edge rules,
-    so ``max(., 1)`` only keeps the arithmetic finite.  Every ``w * term`` is
+    so ``max(., 1)`` only keeps the arithmetic finite.  The edge rules (``NO_INST``,
+    ``NO_BATCH``) and ``nm = N M``, ``nm1 = max(N M - 1, 1)`` (floats) come from the host:
+    ``N * M`` in int32 wraps at 2^31 elements.  Every ``w * term`` is
     ``_weighted(w, term)`` (and the ``mu_i - mu_B`` term is dropped where ``dvar_B = 0``): a
     statistic of weight 0, an inf/NaN one included, never reaches the coefficients.
     dweight/dbias are plain fixed-order sums over the batch: deterministic, no atomics.
@@ -341,7 +368,7 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
     g = tl.zeros([BLOCK_C], dtype=tl.float32) + 1.0
     if HAS_WEIGHT:
         g = tl.load(w_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
-    w_s, w_b, w_i = _blend(blend_ptr, N, M)
+    w_s, w_b, w_i = _blend(blend_ptr, NO_INST, NO_BATCH)
 
     bcnt = 0.0
     mu_b = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -354,7 +381,7 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
         m2_i = tl.load(var_ptr + nc, mask=mask, other=0.0) * (M - 1)
         nb = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
         bcnt, mu_b, bm2 = _batch_stats_block(bcnt, mu_b, bm2, mean_i, m2_i, mask, nb, M)
-    var_b = bm2 / tl.maximum(N * M - 1, 1)
+    var_b = bm2 / nm1
 
     dbias = tl.zeros([BLOCK_C], dtype=tl.float32)
     dweight = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -374,8 +401,6 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
     tl.store(dw_ptr + c_offs, dweight, mask=c_mask)
     dmu_bt = _weighted(w_b, sum_dm)
     dvar_bt = _weighted(w_b, sum_dv)
-    nm = (N * M).to(tl.float32)
-    nm1 = tl.maximum(N * M - 1, 1).to(tl.float32)
 
     for n0 in range(0, N, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
@@ -395,7 +420,7 @@ def _bwd_finalize_kernel(psdy_ptr, psdyxc_ptr, mean_ptr, var_ptr, smean_ptr, sva
         tl.store(c0_ptr + nc, coef_c, mask=mask)
 
 
-@_autotune
+@_autotune_map
 @triton.jit
 def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, c0_ptr, N, C, M, ITERS,
                    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -422,18 +447,21 @@ def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, c0_ptr, N, C, 
 
 
 # ---------------------------------------------------------------- diversity angles (SPEC §2)
-@_autotune
+@_autotune_reduce
 @triton.jit
 def _angles_partial_kernel(x_ptr, smean_ptr, bmean_ptr, part_ptr, N, C, M, P_TILES,
                            CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Per (pixel tile, n): ``sum_p cos[n, p]`` -> ``part (N, P_TILES)`` fp32.
+    """Per (n, pixel tile): ``sum_p cos[n, p]`` -> ``part (N, P_TILES)`` fp32.  One-axis grid
+    of ``N * P_TILES`` programs, program ``n * P_TILES + pt`` (grid axes 1 and 2 stop at 65,535:
+    a batch on one of them would not launch beyond that).
 
     ``a = mu_s - x``, ``b = mu_B - x`` as direct fp32 differences (no expanded dot product),
     accumulated over channel blocks: ``<a, b>``, ``|a|^2``, ``|b|^2`` per pixel, then
     ``cos = <a, b> / (max(|a|, 1e-10) max(|b|, 1e-10))``; padding pixels add 0.
     """
-    pt = tl.program_id(0)
-    n = tl.program_id(1)
+    pid = tl.program_id(0)
+    n = pid // P_TILES
+    pt = pid % P_TILES
     p_offs = pt * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p_offs < M
     base = x_ptr + n.to(tl.int64) * C * M
