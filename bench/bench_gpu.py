@@ -3,7 +3,11 @@
 device's peak memory bandwidth.
 
     python bench/bench_gpu.py --table     # CUDA machine -> bench/results/<gpu>_dabn.{md,json}
+    python bench/bench_gpu.py --quick     # CUDA machine: the goal shape only, no torch.compile
     python bench/bench_gpu.py --smoke     # any machine: tiny shape, every contestant once (CI)
+
+A contestant that raises is a failure, not a skip: its cell reads FAILED, the error is kept
+in the results, and the script exits 1 after writing them.
 
 Minimal bytes moved (B = x.nbytes; parameter- and (N, C)-sized traffic ignored):
   fwd    3 B  pass 1 reads x (per-(n, c) moments), pass 2 reads x and writes y
@@ -129,33 +133,41 @@ def contestants(device: str, dtype: torch.dtype, compiled: bool) -> list[str]:
     return kernel_backends(device, dtype) + ["reference"] + compiled + ["batchnorm2d", "torch"]
 
 
-def cases(smoke: bool) -> list[tuple]:
+def cases(smoke: bool, quick: bool = False) -> list[tuple]:
     """(shape, dtype, layout) rows: the goal shape in every dtype x layout, the others in
-    fp32 and bf16 NCHW."""
+    fp32 and bf16 NCHW (``quick``: the goal shape in fp32 and bf16, NCHW and bf16
+    channels_last)."""
     if smoke:
         return [(SMOKE_SHAPE, torch.float32, "nchw"), (SMOKE_SHAPE, torch.bfloat16, "channels_last")]
+    if quick:
+        return [(MAIN_SHAPE, torch.float32, "nchw"), (MAIN_SHAPE, torch.bfloat16, "nchw"),
+                (MAIN_SHAPE, torch.bfloat16, "channels_last")]
     main = [(MAIN_SHAPE, dt, lay) for dt in (torch.float32, torch.bfloat16)
             for lay in ("nchw", "channels_last")] + [(MAIN_SHAPE, torch.float16, "nchw")]
     return main + [(s, dt, "nchw") for s in OTHER_SHAPES for dt in (torch.float32, torch.bfloat16)]
 
 
-def table(device: str, reps: int, smoke: bool, compile_main: bool = True) -> dict:
-    peak, rows = peak_bandwidth(device), []
-    for shape, dtype, layout in cases(smoke):
+def table(device: str, reps: int, smoke: bool, compile_main: bool = True, quick: bool = False) -> dict:
+    peak, rows, errors = peak_bandwidth(device), [], []
+    for shape, dtype, layout in cases(smoke, quick):
         inp = make_inputs(shape, dtype=dtype, device=device, layout=layout)
         compiled = compile_main and not smoke and shape == MAIN_SHAPE and dtype != torch.float16
         for mode in BYTES_PER_X:
             row = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
-                   "layout": layout, "mode": mode, "ms": {}, "gbps": {}, "pct_peak": {}}
+                   "layout": layout, "mode": mode, "ms": {}, "gbps": {}, "pct_peak": {}, "errors": {}}
             nbytes = BYTES_PER_X[mode] * torch.Size(shape).numel() * dtype.itemsize
             for impl in contestants(device, dtype, compiled):
-                run = make_case(inp, impl, mode)
-                if run is None:
-                    continue
                 try:
+                    run = make_case(inp, impl, mode)
+                    if run is None:  # the contestant does not do this mode
+                        continue
                     t = time_one(run, device, 1 if smoke else reps, warmup=1 if smoke else 3)
-                except (RuntimeError, NotImplementedError) as e:  # e.g. no bf16 BatchNorm here
-                    print(f"  {impl}: skipped ({str(e).splitlines()[0][:100]})", flush=True)
+                except Exception as e:  # noqa: BLE001 - a crash is a failure: recorded, reported, exit 1
+                    msg = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                    row["errors"][impl] = msg
+                    errors.append(f"{mode} {tuple(shape)} {row['dtype']} {layout} {impl}: {msg}")
+                    print(f"{mode:6s} {str(tuple(shape)):18s} {row['dtype']:9s} {layout:13s} {impl:18s}"
+                          f" FAILED {msg}", flush=True)
                     continue
                 row["ms"][impl] = t * 1e3
                 row["gbps"][impl] = gbps(nbytes, t)
@@ -168,7 +180,7 @@ def table(device: str, reps: int, smoke: bool, compile_main: bool = True) -> dic
     if device == "cuda":
         info.update(describe_gpu(), peak_bw=peak)
     return {"device": device, "machine": info, "blend": BLEND, "bytes_per_x": BYTES_PER_X,
-            "rows": rows}
+            "rows": rows, "errors": errors}
 
 
 def goal_lines(res: dict) -> list[str]:
@@ -199,7 +211,7 @@ def goal_lines(res: dict) -> list[str]:
 
 def write_markdown(res: dict, path: str) -> None:
     m = res["machine"]
-    impls = sorted({i for r in res["rows"] for i in r["ms"]})
+    impls = sorted({i for r in res["rows"] for i in (*r["ms"], *r.get("errors", {}))})
     notes = [(f"peak memory bandwidth {m['peak_bw'] / 1e12:.2f} TB/s" if m.get("peak_bw")
               else "no peak bandwidth known for this device")
              + ("" if res["device"] == "cuda" else " (smoke run on the CPU: timings meaningless)"),
@@ -211,13 +223,18 @@ def write_markdown(res: dict, path: str) -> None:
     for r in res["rows"]:
         cells = []
         for i in impls:
+            if i in r.get("errors", {}):
+                cells.append("FAILED")
+                continue
             if i not in r["ms"]:
                 cells.append("-")
                 continue
             pct = f", {r['pct_peak'][i]:.0f} %" if i in r["pct_peak"] else ""
             cells.append(f"{r['ms'][i]:.3f} ({r['gbps'][i]:.0f}{pct})")
         rows.append([r["mode"], "x".join(map(str, r["shape"])), r["dtype"], r["layout"], *cells])
+    failed = [f"- {e}" for e in res.get("errors", [])]
     tables = ["\n\n".join(["## Goals at 64x256x56x56", "\n".join(goal_lines(res))]),
+              *(["\n\n".join(["## FAILED contestants", "\n".join(failed)])] if failed else []),
               "## All rows: ms (GB/s, % of peak)",
               (["mode", "shape", "dtype", "layout", *impls], rows)]
     write_result(path, f"DABN kernels on {res['device']}", m, notes, tables)
@@ -227,18 +244,23 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--table", action="store_true", help="full table on the CUDA device")
+    g.add_argument("--quick", action="store_true", help="the goal shape only, no torch.compile (CUDA)")
     g.add_argument("--smoke", action="store_true", help="tiny shapes, one call each, any device")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     p.add_argument("--out", default=None, help="output stem (default bench/results/<device>_dabn)")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.table and device != "cuda":
-        p.error("--table needs a CUDA device (CPU numbers: bench/bench_dabn.py --table)")
-    res = table(device, args.reps, args.smoke, compile_main=not args.no_compile)
+    if (args.table or args.quick) and device != "cuda":
+        p.error("--table / --quick need a CUDA device (CPU numbers: bench/bench_dabn.py --table)")
+    res = table(device, args.reps, args.smoke, compile_main=not (args.no_compile or args.quick),
+                quick=args.quick)
     stem = args.out or os.path.join(
         RESULTS, re.sub(r"[^a-z0-9]+", "_", res["machine"].get("gpu", device).lower()).strip("_") + "_dabn")
     save_results(res, stem, write_markdown)
+    if res["errors"]:
+        print(f"FAILED: {len(res['errors'])} contestant calls raised:", *res["errors"], sep="\n  ")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

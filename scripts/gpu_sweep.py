@@ -10,6 +10,8 @@ Each case runs instance statistics, the pixel-mode score and the DABN forward + 
 in float64 from the same input, within ``testing.TOL`` of the dtype.  Shapes are chosen to hit
 the kernels' edges: tails of vector widths and tiles, HW = 1 and 2, one channel, many
 channels, large batches of tiny planes, a large offset (``1e4 + noise``, fp32), strided views.
+Every (shape, dtype, layout, offset) case runs under its own try: an exception is reported as
+a failure of that case (with its type and message) and the sweep goes on to the next.
 """
 from __future__ import annotations
 
@@ -88,32 +90,48 @@ def dabn_case(backend, tag, x, inp, w, k, dtype, offset: bool, failures: list, s
         check(f"{tag} blend={w} k={k} {name}", g, r, failures, **t)
 
 
+def one_case(backend: str, device: str, shape, dtype, layout, offset: float, failures: list,
+             seed: int) -> int:
+    """Statistics, angles and every blend's forward + backward of one input; returns the
+    number of DABN cases run."""
+    inp = make_inputs(shape, dtype=dtype, device=device, layout=layout, offset=offset)
+    x, tag = inp.x, f"{backend} {shape} {dtype} {layout} offset={offset}"
+    if shape[2] * shape[3] >= 2:
+        pdt = ref.acc_dtype(dtype)
+        stats = dk.instance_stats(x, backend=backend)
+        stats_r = ref.instance_stats(x.double() if offset else x)
+        for name, g, r in zip(("mean", "var"), stats, stats_r):
+            check(f"{tag} instance {name}", g, r, failures,
+                  **(dict(atol=0, rtol=1e-3) if offset else tol(pdt)))
+        if not offset:
+            _, a = dk.diversity_score(x, inp.source_mean, backend=backend)
+            _, ar = dk.diversity_score(x, inp.source_mean, backend="reference")
+            check(f"{tag} angles", a, ar, failures, **tol(pdt, 10.0))
+    n = 0
+    for w, k in blends():
+        n += 1
+        dabn_case(backend, tag, x, inp, w, k, dtype, bool(offset), failures, seed=seed + n)
+    if device == "cuda":
+        torch.cuda.synchronize()  # an asynchronous fault belongs to this case
+    return n
+
+
 def sweep(backend: str, device: str, shapes) -> list[str]:
-    failures, n = [], 0
+    failures, n, crashed = [], 0, 0
     for shape in shapes:
         for dtype in DTYPES[backend]:
             for layout in LAYOUTS:
-                offsets = (0.0, 1e4) if dtype == torch.float32 else (0.0,)
-                for offset in offsets:
-                    inp = make_inputs(shape, dtype=dtype, device=device, layout=layout, offset=offset)
-                    x, tag = inp.x, f"{backend} {shape} {dtype} {layout} offset={offset}"
-                    if shape[2] * shape[3] >= 2:
-                        pdt = ref.acc_dtype(dtype)
-                        stats = dk.instance_stats(x, backend=backend)
-                        stats_r = ref.instance_stats(x.double() if offset else x)
-                        for name, g, r in zip(("mean", "var"), stats, stats_r):
-                            check(f"{tag} instance {name}", g, r, failures,
-                                  **(dict(atol=0, rtol=1e-3) if offset else tol(pdt)))
-                        if not offset:
-                            _, a = dk.diversity_score(x, inp.source_mean, backend=backend)
-                            _, ar = dk.diversity_score(x, inp.source_mean, backend="reference")
-                            check(f"{tag} angles", a, ar, failures, **tol(pdt, 10.0))
-                    for w, k in blends():
-                        n += 1
-                        dabn_case(backend, tag, x, inp, w, k, dtype, bool(offset), failures, seed=n)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    print(f"{backend}: {n} dabn cases over {len(shapes)} shapes, {len(failures)} mismatches")
+                for offset in (0.0, 1e4) if dtype == torch.float32 else (0.0,):
+                    try:
+                        n += one_case(backend, device, shape, dtype, layout, offset, failures, seed=n)
+                    except Exception as e:  # noqa: BLE001 - report the case, go on with the next
+                        crashed += 1
+                        failures.append(f"CRASH {backend} {shape} {dtype} {layout} offset={offset}: "
+                                        f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+                        print(failures[-1], flush=True)
+        print(f"  {shape} done ({len(failures)} failures so far)", flush=True)
+    print(f"{backend}: {n} dabn cases over {len(shapes)} shapes, {len(failures)} failures "
+          f"({crashed} crashed cases)")
     return failures
 
 

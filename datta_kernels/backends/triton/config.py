@@ -14,7 +14,10 @@ Two kinds of choice are made in this file:
   ``num_stages``; the element-wise kernels (normalize, dx) autotune both.  Whichever config
   wins the timing race, the output bits are the same.
 
-Under ``TRITON_INTERPRET=1`` the autotuner gets a single config, so it never benchmarks.
+Under ``TRITON_INTERPRET=1``, or with ``DATTA_TRITON_AUTOTUNE=0`` in the environment at
+import, the autotuner gets a single config, so it never benchmarks (each new shape then costs
+one compile per kernel, not one per config: ``scripts/gpu_check.sh`` sets it for its
+correctness steps).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ __all__ = ["LaunchConfig", "LAUNCH", "Tiling", "reduce_tiling", "angles_tiling",
            "autotune_configs", "next_pow2", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: DATTA_TRITON_AUTOTUNE=0: one launch config per kernel, no timing race
+AUTOTUNE = os.environ.get("DATTA_TRITON_AUTOTUNE", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,8 @@ def autotune_configs(reduces: bool, interpret: bool | None = None) -> list[trito
     interpreter gets one config (the autotuner then skips benchmarking)."""
     if INTERPRET if interpret is None else interpret:
         return [triton.Config({}, num_warps=LAUNCH.reduce_num_warps, num_stages=1)]
+    if not AUTOTUNE:
+        return [triton.Config({}, num_warps=LAUNCH.reduce_num_warps, num_stages=2)]
     warps = (LAUNCH.reduce_num_warps,) if reduces else (4, 8)
     return [triton.Config({}, num_warps=w, num_stages=s) for w in warps for s in (2, 3)]
 
