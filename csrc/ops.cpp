@@ -113,6 +113,31 @@ TORCH_LIBRARY(datta, m) {
   m.def(
       "_dabn_backward_apply(Tensor dy, Tensor x, Tensor mean, Tensor a, Tensor b, Tensor c0) -> "
       "Tensor");
+  // The synced layer's per-(n, c) math with another batch's statistics (batch_count: its
+  // element count, 0-dim): SPEC D1-D3's blended moments; D5's batch terms
+  // [w_b sum_n dm, w_b sum_n dv] (float64), dweight, dbias; D5's A, B, C0 given those terms
+  // summed over a process group.
+  // The global batch's moments from per-rank packs [N M, mean (C), M2 (C), N] (float64):
+  // this rank's pack from its instance statistics (SPEC D4), and the rank-ordered Chan merge
+  // of the gathered packs (W, 2C + 2) -> mu_B, var_B (dtype), count and samples (0-dim f64).
+  m.def("_batch_moments_local(Tensor mean_i, Tensor var_i, int m) -> Tensor");
+  m.def(
+      "_batch_moments_merge(Tensor rows, ScalarType dtype) -> (Tensor mean, Tensor var, "
+      "Tensor count, Tensor samples)");
+  m.def(
+      "_blend_moments(Tensor mean_i, Tensor var_i, Tensor source_mean, Tensor source_var, "
+      "Tensor blend, Tensor batch_mean, Tensor batch_var, Tensor batch_count, int m, "
+      "float? shrink_k, float eps) -> (Tensor mean, Tensor var)");
+  m.def(
+      "_dabn_backward_batch_terms(Tensor sdy, Tensor sdyxc, Tensor? weight, Tensor source_mean, "
+      "Tensor source_var, Tensor blend, Tensor batch_mean, Tensor batch_var, Tensor batch_count, "
+      "Tensor mean_i, Tensor var_i, int m, float? shrink_k, float eps) -> (Tensor batch_terms, "
+      "Tensor dweight, Tensor dbias)");
+  m.def(
+      "_dabn_backward_coefficients(Tensor sdy, Tensor sdyxc, Tensor? weight, Tensor source_mean, "
+      "Tensor source_var, Tensor blend, Tensor batch_mean, Tensor batch_var, Tensor batch_count, "
+      "Tensor mean_i, Tensor var_i, int m, float? shrink_k, float eps, Tensor batch_terms) -> "
+      "(Tensor a, Tensor b, Tensor c0)");
 }
 
 #ifdef DATTA_PYTHON_MODULE

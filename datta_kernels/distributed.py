@@ -125,22 +125,15 @@ def gather_moments(values: Tensor, group=None) -> tuple[Tensor, Tensor, Tensor]:
     return merge_moments(_all_gather_rows(_local_moments(values), group))
 
 
-def _global_batch_moments(mean_i: Tensor, var_i: Tensor, m: int, group):
+def _global_batch_moments(mean_i: Tensor, var_i: Tensor, m: int, group, backend: str):
     """Local instance statistics ``(n, C)`` -> ``(mu_B, var_B, count, samples)`` of the global
     batch: one ``all_gather`` of ``[count, mean (C), M2 (C), n]`` float64 per rank, merged in
-    rank order (:func:`merge_moments`).  ``count`` (elements) and ``samples`` are 0-dim
-    float64 tensors; nothing is read on the host."""
-    n = mean_i.shape[0]
-    mi, vi = mean_i.detach().double(), var_i.detach().double()
-    mean_l = mi.sum(dim=0) / max(n, 1)
-    m2_l = ((m - 1) * vi + m * (mi - mean_l).square()).sum(dim=0)
-    packed = torch.cat([mean_l.new_full((1,), float(n * m)), mean_l, m2_l,
-                        mean_l.new_full((1,), float(n))])
-    rows = _all_gather_rows(packed, group)
-    count, mu, m2 = merge_moments(rows[:, :-1])
-    var = torch.where(count > 1, m2 / (count - 1).clamp(min=1), torch.zeros_like(m2))
-    dt = mean_i.dtype
-    return mu.to(dt), var.to(dt), count, rows[:, -1].sum()
+    rank order (the backend's ``batch_moments_local`` / ``batch_moments_merge``: Chan's merge
+    as in :func:`merge_moments`).  ``count`` (elements) and ``samples`` are 0-dim float64
+    tensors; nothing is read on the host."""
+    impl = ops.kernel_backend(backend)
+    rows = _all_gather_rows(impl.batch_moments_local(mean_i, var_i, m), group)
+    return impl.batch_moments_merge(rows, mean_i.dtype)
 
 
 _PURE_INSTANCE: dict = {}
@@ -166,17 +159,20 @@ def _apply_moments(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
 
 class _SyncNormalize(torch.autograd.Function):
     """SPEC §3 with the global batch statistics.  Forward: D1–D3 on the tiny ``(N, C)``
-    statistics (:func:`reference.blend_moments`), then one fused pass over x.  Backward: SPEC
-    D5: the backend's two passes (``dabn_backward_sums``, ``dabn_backward_apply``: kernels on
-    ``cpu`` and ``triton``) around :func:`reference.dabn_backward_coefficients`, whose ``[dmu_B, dvar_B]`` are
-    summed over the ranks (:func:`_sum_over_ranks`) when x needs a gradient; the
-    ``gamma, beta`` gradients stay this rank's share (the adapter sums them)."""
+    statistics (the backend's ``blend_moments``), then one fused pass over x.  Backward: SPEC
+    D5: the backend's two passes (``dabn_backward_sums``, ``dabn_backward_apply``) around its
+    ``dabn_backward_batch_terms`` / ``dabn_backward_coefficients``, between which the packed
+    ``[dmu_B, dvar_B]`` are summed over the ranks (:func:`_sum_over_ranks`) when x needs a
+    gradient; the ``gamma, beta`` gradients stay this rank's share (the adapter sums them).
+    The per-(n, c) steps are one kernel op each on ``cpu``, ``cuda`` and ``triton`` (the
+    reference's torch ops, ``reference.blend_moments`` / ``dabn_backward_coefficients``, on
+    ``reference`` and for an empty slice)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, st: dict):
-        mean, var = ref.blend_moments(st["mean_i"], st["var_i"], st["smean"], st["svar"],
-                                      st["blend"], st["m"], st["shrink_k"], st["eps"],
-                                      batch=st["batch"])
+        impl = _stat_backend(x, st)
+        mean, var = impl.blend_moments(st["mean_i"], st["var_i"], st["smean"], st["svar"],
+                                       st["blend"], st["batch"], st["m"], st["shrink_k"], st["eps"])
         x = ops.as_kernel_layout(x)
         ctx.save_for_backward(x, weight)
         ctx.st = st
@@ -186,22 +182,28 @@ class _SyncNormalize(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         st = ctx.st
-        mean_i = st["mean_i"]
-        # the backend's two D5 passes (kernels reject an empty x: the reference's there)
-        impl = ops.kernel_backend("reference" if x.shape[0] == 0 else st["backend"])
+        mean_i, var_i = st["mean_i"], st["var_i"]
+        # the backend's D5 kernels (they reject an empty x: the reference's there)
+        impl = _stat_backend(x, st)
         fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
         dy = dy.contiguous(memory_format=fmt)
         sdy, sdyxc = impl.dabn_backward_sums(dy, x, mean_i)
-        need_x = ctx.needs_input_grad[0]
-        group = st["group"]
-        a, coef_b, coef_c, dweight, dbias = ref.dabn_backward_coefficients(
-            sdy, sdyxc, weight, st["smean"], st["svar"], st["blend"], st["shrink_k"], st["eps"],
-            mean_i, st["var_i"], st["m"], batch=st["batch"],
-            sum_batch=(lambda t: _sum_over_ranks(t.double(), group)) if need_x else None)
-        dx = impl.dabn_backward_apply(dy, x, mean_i, a, coef_b, coef_c) if need_x else None
+        coef_args = (sdy, sdyxc, weight, st["smean"], st["svar"], st["blend"], st["batch"], mean_i,
+                     var_i, st["m"], st["shrink_k"], st["eps"])
+        terms, dweight, dbias = impl.dabn_backward_batch_terms(*coef_args)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            terms = _sum_over_ranks(terms, st["group"])
+            a, coef_b, coef_c = impl.dabn_backward_coefficients(*coef_args, terms)
+            dx = impl.dabn_backward_apply(dy, x, mean_i, a, coef_b, coef_c)
         dw = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = dbias.to(weight.dtype) if ctx.needs_input_grad[2] else None   # affine: both
         return dx, dw, db, None
+
+
+def _stat_backend(x: Tensor, st: dict):
+    """The kernel backend of the synced layer's steps (the reference's for an empty slice)."""
+    return ops.kernel_backend("reference" if x.shape[0] == 0 else st["backend"])
 
 
 class SyncFusedDABN(FusedDABN):
@@ -282,7 +284,8 @@ class SyncFusedDABN(FusedDABN):
         m = x.shape[2] * x.shape[3]
         with torch.no_grad():
             mean_i, var_i = self._local_stats(x)
-            mu_b = _global_batch_moments(mean_i, var_i, m, self.process_group)[0]
+            mu_b = _global_batch_moments(mean_i, var_i, m, self.process_group,
+                                        _backend_for(x, self.backend))[0]
             self.last_score, self.last_per_sample = self._global_score(x, mean_i, var_i, mu_b, m)
         return self.last_score
 
@@ -298,7 +301,8 @@ class SyncFusedDABN(FusedDABN):
         n, c, h, w = x.shape
         m = h * w
         mean_i, var_i = self._local_stats(x)
-        mu_b, var_b, count, total = _global_batch_moments(mean_i, var_i, m, self.process_group)
+        mu_b, var_b, count, total = _global_batch_moments(mean_i, var_i, m, self.process_group,
+                                        _backend_for(x, self.backend))
         self.last_global_batch = total
         self.last_bytes_sent = 8 * (2 * c + 2)
         if self.compute_score:

@@ -243,6 +243,28 @@ def _register_kernel_fakes() -> None:
     torch.library.register_fake("datta::_dabn_backward")(_fake_dabn_backward)
     torch.library.register_fake("datta::_dabn_backward_sums")(
         lambda dy, x, mean: (_stats_like(x), _stats_like(x)))
+    torch.library.register_fake("datta::_batch_moments_local")(
+        lambda mean_i, var_i, m: mean_i.new_empty((2 * mean_i.shape[1] + 2,), dtype=torch.float64))
+
+    def merge(rows, dtype):
+        c = (rows.shape[1] - 2) // 2
+        return (rows.new_empty((c,), dtype=dtype), rows.new_empty((c,), dtype=dtype),
+                rows.new_empty(()), rows.new_empty(()))
+    torch.library.register_fake("datta::_batch_moments_merge")(merge)
+
+    def stats2(mean_i, *_):
+        return torch.empty_like(mean_i), torch.empty_like(mean_i)
+    torch.library.register_fake("datta::_blend_moments")(stats2)
+
+    def batch_terms(sdy, sdyxc, weight, sm, sv, blend, bm, bv, bc, mean_i, *_):
+        c = mean_i.shape[1]
+        return (mean_i.new_empty((2 * c,), dtype=torch.float64), mean_i.new_empty((c,)),
+                mean_i.new_empty((c,)))
+    torch.library.register_fake("datta::_dabn_backward_batch_terms")(batch_terms)
+
+    def coefficients(sdy, sdyxc, weight, sm, sv, blend, bm, bv, bc, mean_i, *_):
+        return tuple(torch.empty_like(mean_i) for _ in range(3))
+    torch.library.register_fake("datta::_dabn_backward_coefficients")(coefficients)
     torch.library.register_fake("datta::_dabn_backward_apply")(
         lambda dy, x, mean, a, b, c0: _fake_dabn_backward(dy, x, None, None, None, None, None,
                                                           0.0, mean, mean)[0])

@@ -31,7 +31,7 @@ ARCHS = (80, 90)
 #: arguments holding elements of x (its dtype); fp64 totals (plane-long sums); every other
 #: pointer is fp32 statistics/params
 X_ARGS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
-F64_ARGS = {"pmean_ptr", "pm2_ptr", "psdy_ptr", "psdyxc_ptr", "mean_cos_ptr"}
+F64_ARGS = {"pmean_ptr", "pm2_ptr", "psdy_ptr", "psdyxc_ptr", "mean_cos_ptr", "count_ptr", "terms_ptr"}
 FLOAT_ARGS = {"shrink_k", "eps", "nm", "nm1"}
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -125,6 +125,11 @@ def _cases():
             cases.append((f"bwd_finalize-{sname}-w{int(hw)}s{int(sh)}", "_bwd_finalize_kernel", ints,
                           dict(HAS_WEIGHT=hw, SHRINK=sh and m > 1, **edge, BLOCK_N=fbn, BLOCK_C=fbc),
                           "fp32", 4))
+        sync = dict(NO_INST=m <= 1, SHRINK=m > 1, BLOCK_N=fbn, BLOCK_C=fbc)  # the synced layer's
+        cases.append((f"sync_blend-{sname}", "_sync_blend_kernel", ints, sync, "fp32", 4))
+        for kname in ("_sync_terms_kernel", "_sync_coefs_kernel"):
+            consts = {**sync, "HAS_WEIGHT": True}
+            cases.append((f"{kname.strip('_')}-{sname}", kname, ints, consts, "fp32", 4))
         cases.append((f"angles_finalize-{sname}", "_angles_finalize_kernel", ints,
                       dict(BLOCK=min(cfg.LAUNCH.angles_reduce_block, cfg.next_pow2(ptiles))), "fp32", 4))
     return cases

@@ -31,6 +31,20 @@ DATTA_HD void edge_rules(A& ws, A& wb, A& wi, int64_t n, int64_t m) {
   }
 }
 
+/// SPEC D1 with the batch of another tensor (a process group's global batch, counted in
+/// elements; datta_kernels.distributed): its weight moves to the source unless count > 1.
+template <typename A>
+DATTA_HD void edge_rules_count(A& ws, A& wb, A& wi, A count, int64_t m) {
+  if (m <= 1) {
+    ws += wi;
+    wi = A(0);
+  }
+  if (!(count > A(1))) {
+    ws += wb;
+    wb = A(0);
+  }
+}
+
 /// SPEC D2: softshrink(z, lam) = sign(z) max(|z| - lam, 0), written with comparisons so a NaN
 /// statistic stays NaN (z * 0) instead of being shrunk to 0, as in the reference.
 template <typename A>
@@ -101,6 +115,19 @@ DATTA_HD void add_batch_coefs(A dmu_b, A dvar_b, A mu_i, A mu_b, int64_t n, int6
   if (nm > 1) {
     coef_b += A(2) * dvar_b / A(nm - 1);
     coef_c0 += weighted(A(2) * dvar_b / A(nm - 1), mu_i - mu_b);
+  }
+}
+
+/// add_batch_coefs with the batch counted in elements (count = N M of the batch whose terms
+/// these are, e.g. a process group's): C0 += dmu_B / max(count, 1); [count > 1]:
+/// B += 2 dvar_B / (count - 1), C0 += 2 dvar_B (mu_i - mu_B) / (count - 1) (weighted).
+template <typename A>
+DATTA_HD void add_batch_coefs_count(A dmu_b, A dvar_b, A mu_i, A mu_b, A count, A& coef_b,
+                                    A& coef_c0) {
+  coef_c0 = coef_c0 + dmu_b / (count > A(1) ? count : A(1));
+  if (count > A(1)) {
+    coef_b += A(2) * dvar_b / (count - A(1));
+    coef_c0 += weighted(A(2) * dvar_b / (count - A(1)), mu_i - mu_b);
   }
 }
 

@@ -93,6 +93,60 @@ cudaError_t dabn_normalize(const Params& p, cudaStream_t stream);
 /// dx, dweight, dbias <- backward of dabn_forward, given dy and the saved mean, var.
 cudaError_t dabn_backward(const Params& p, cudaStream_t stream);
 
+/// The synced layer's per-(n, c) math (datta_kernels.distributed): the statistics of another
+/// batch are given (batch_mean, batch_var (C,) and its element count, a 0-dim double read on
+/// the device).  Every array is dense, on one device; "acc" is double when f64, else float.
+struct SyncCoefParams {
+  bool f64 = false;
+  int64_t n = 0, c = 0, m = 0;
+  double eps = 1e-5;
+  bool shrink = false;
+  double shrink_k = 0;
+  // inputs (acc): (N, C) statistics and sums, (C,) per channel, (3,) blend; weight may be null
+  const void* mean_i = nullptr;
+  const void* var_i = nullptr;
+  const void* source_mean = nullptr;
+  const void* source_var = nullptr;
+  const void* blend = nullptr;
+  const void* weight = nullptr;
+  const void* batch_mean = nullptr;
+  const void* batch_var = nullptr;
+  const double* batch_count = nullptr;
+  const void* sdy = nullptr;
+  const void* sdyxc = nullptr;
+  const double* batch_terms_in = nullptr;  // (2C,) summed [dmu_B, dvar_B]
+  // batch moments across ranks: packs [N M, mean (C), M2 (C), N] (2C + 2,) float64
+  double* packed = nullptr;       // batch_moments_local's output
+  const double* rows = nullptr;   // batch_moments_merge's input (world, 2C + 2)
+  int64_t world = 0;
+  double* count_out = nullptr;    // 0-dim outputs of batch_moments_merge
+  double* samples_out = nullptr;
+  // outputs
+  void* mean = nullptr;          // (N, C) acc: blend_moments; (C,) acc: batch_moments_merge
+  void* var = nullptr;
+  double* batch_terms = nullptr;  // (2C,): backward_batch_terms
+  void* dweight = nullptr;        // (C,) acc
+  void* dbias = nullptr;
+  void* coef_a = nullptr;         // (N, C) acc: backward_coefficients
+  void* coef_b = nullptr;
+  void* coef_c0 = nullptr;
+};
+
+/// packed <- SPEC D4 for this slice (mean_i, var_i (N, C), m).
+cudaError_t batch_moments_local(const SyncCoefParams& p, cudaStream_t stream);
+
+/// mean, var (C,), count_out, samples_out <- Chan's merge of `rows` in rank order.
+cudaError_t batch_moments_merge(const SyncCoefParams& p, cudaStream_t stream);
+
+/// mean, var <- SPEC D1-D3 with the given batch.
+cudaError_t blend_moments(const SyncCoefParams& p, cudaStream_t stream);
+
+/// batch_terms, dweight, dbias <- SPEC D5's [w_b sum_n dm, w_b sum_n dv] and this slice's sums.
+cudaError_t backward_batch_terms(const SyncCoefParams& p, cudaStream_t stream);
+
+/// coef_a, coef_b, coef_c0 <- SPEC D5's A, B, C0 given batch_terms_in.
+cudaError_t backward_coefficients(const SyncCoefParams& p, cudaStream_t stream);
+
 /// SPEC D5 pass 1 alone: sdy, sdyxc <- sum_p dy, sum_p dy (x - mean) (mean an input).
 cudaError_t dabn_backward_sums(const Params& p, cudaStream_t stream);
 

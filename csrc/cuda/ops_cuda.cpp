@@ -17,6 +17,7 @@
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "datta_cuda.h"
 #include "ops.h"
@@ -241,6 +242,168 @@ at::Tensor dabn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, c
   return dx;
 }
 
+// ---- the synced layer's per-(n, c) math (csrc/cuda/sync_coefs.cu); no x: the (N, C)
+// statistics set the device, the shape and the acc dtype.
+SyncCoefParams sync_params(const char* op, const at::Tensor& mean_i, const at::Tensor& var_i,
+                           const at::Tensor& source_mean, const at::Tensor& source_var, const at::Tensor& blend,
+                           const at::Tensor& batch_mean, const at::Tensor& batch_var,
+                           const at::Tensor& batch_count, int64_t m, std::optional<double> shrink_k, double eps,
+                           std::vector<at::Tensor>& keep) {
+  TORCH_CHECK(mean_i.dim() == 2 && var_i.sizes() == mean_i.sizes(), op, ": mean_i and var_i must be (N, C) alike");
+  TORCH_CHECK(mean_i.scalar_type() == at::kFloat || mean_i.scalar_type() == at::kDouble, op,
+              ": statistics must be float32 or float64, got ", mean_i.scalar_type());
+  const int64_t c = mean_i.size(1);
+  for (const at::Tensor* t : {&var_i, &source_mean, &source_var, &blend, &batch_mean, &batch_var, &batch_count}) {
+    TORCH_CHECK(t->device() == mean_i.device(), op, ": every argument must be on ", mean_i.device());
+  }
+  for (const at::Tensor* t : {&source_mean, &source_var, &batch_mean, &batch_var}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == c, op, ": per-channel arguments must be (", c, ",)");
+  }
+  TORCH_CHECK(blend.numel() == 3 && batch_count.numel() == 1 && m >= 1, op,
+              ": blend must be (3,), batch_count one value, m >= 1");
+  const at::ScalarType acc = mean_i.scalar_type();
+  auto acc_of = [&](const at::Tensor& t) { return keep.emplace_back(t.to(acc).contiguous()).data_ptr(); };
+  SyncCoefParams p;
+  p.f64 = acc == at::kDouble;
+  p.n = mean_i.size(0);
+  p.c = c;
+  p.m = m;
+  p.eps = eps;
+  p.shrink = shrink_k.has_value() && m > 1;
+  p.shrink_k = shrink_k.value_or(0.0);
+  p.mean_i = acc_of(mean_i);
+  p.var_i = acc_of(var_i);
+  p.source_mean = acc_of(source_mean);
+  p.source_var = acc_of(source_var);
+  p.blend = acc_of(blend);
+  p.batch_mean = acc_of(batch_mean);
+  p.batch_var = acc_of(batch_var);
+  p.batch_count = static_cast<const double*>(keep.emplace_back(batch_count.to(at::kDouble).reshape({1}).contiguous()).data_ptr());
+  return p;
+}
+
+at::Tensor batch_moments_local_cuda(const at::Tensor& mean_i, const at::Tensor& var_i, int64_t m) {
+  TORCH_CHECK(mean_i.dim() == 2 && var_i.sizes() == mean_i.sizes() && var_i.device() == mean_i.device(),
+              "datta::_batch_moments_local: mean_i and var_i must be (N, C) alike, on one device");
+  TORCH_CHECK(mean_i.scalar_type() == at::kFloat || mean_i.scalar_type() == at::kDouble,
+              "datta::_batch_moments_local: statistics must be float32 or float64");
+  const c10::cuda::CUDAGuard guard(mean_i.device());
+  const at::Tensor mu = mean_i.contiguous(), vr = var_i.to(mean_i.scalar_type()).contiguous();
+  SyncCoefParams p;
+  p.f64 = mean_i.scalar_type() == at::kDouble;
+  p.n = mean_i.size(0);
+  p.c = mean_i.size(1);
+  p.m = m;
+  p.mean_i = mu.data_ptr();
+  p.var_i = vr.data_ptr();
+  at::Tensor packed = at::empty({2 * p.c + 2}, mean_i.options().dtype(at::kDouble));
+  p.packed = packed.data_ptr<double>();
+  C10_CUDA_CHECK(batch_moments_local(p, c10::cuda::getCurrentCUDAStream(mean_i.get_device()).stream()));
+  return packed;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_moments_merge_cuda(const at::Tensor& rows,
+                                                                                     at::ScalarType dtype) {
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) >= 2 && rows.size(1) % 2 == 0,
+              "datta::_batch_moments_merge: rows must be (W, 2C + 2), got ", rows.sizes());
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "datta::_batch_moments_merge: dtype must be float32 or "
+              "float64");
+  const c10::cuda::CUDAGuard guard(rows.device());
+  const at::Tensor r = rows.to(at::kDouble).contiguous();
+  SyncCoefParams p;
+  p.f64 = dtype == at::kDouble;
+  p.c = (rows.size(1) - 2) / 2;
+  p.world = rows.size(0);
+  p.rows = r.data_ptr<double>();
+  at::Tensor mean = at::empty({p.c}, rows.options().dtype(dtype)), var = at::empty_like(mean);
+  at::Tensor count = at::empty({}, rows.options().dtype(at::kDouble)), samples = at::empty_like(count);
+  p.mean = mean.data_ptr();
+  p.var = var.data_ptr();
+  p.count_out = count.data_ptr<double>();
+  p.samples_out = samples.data_ptr<double>();
+  C10_CUDA_CHECK(batch_moments_merge(p, c10::cuda::getCurrentCUDAStream(rows.get_device()).stream()));
+  return {mean, var, count, samples};
+}
+
+std::tuple<at::Tensor, at::Tensor> blend_moments_cuda(const at::Tensor& mean_i, const at::Tensor& var_i,
+                                                      const at::Tensor& source_mean, const at::Tensor& source_var,
+                                                      const at::Tensor& blend, const at::Tensor& batch_mean,
+                                                      const at::Tensor& batch_var, const at::Tensor& batch_count,
+                                                      int64_t m, std::optional<double> shrink_k, double eps) {
+  const c10::cuda::CUDAGuard guard(mean_i.device());
+  std::vector<at::Tensor> keep;
+  SyncCoefParams p = sync_params("datta::_blend_moments", mean_i, var_i, source_mean, source_var, blend, batch_mean,
+                                 batch_var, batch_count, m, shrink_k, eps, keep);
+  at::Tensor mean = at::empty_like(mean_i, at::MemoryFormat::Contiguous), var = at::empty_like(mean);
+  p.mean = mean.data_ptr();
+  p.var = var.data_ptr();
+  C10_CUDA_CHECK(blend_moments(p, c10::cuda::getCurrentCUDAStream(mean_i.get_device()).stream()));
+  return {mean, var};
+}
+
+/// The backward ops' common arguments: SyncCoefParams plus the pass-1 sums and gamma.
+SyncCoefParams sync_backward_params(const char* op, const at::Tensor& sdy, const at::Tensor& sdyxc,
+                                    const std::optional<at::Tensor>& weight, const at::Tensor& source_mean,
+                                    const at::Tensor& source_var, const at::Tensor& blend,
+                                    const at::Tensor& batch_mean, const at::Tensor& batch_var,
+                                    const at::Tensor& batch_count, const at::Tensor& mean_i, const at::Tensor& var_i,
+                                    int64_t m, std::optional<double> shrink_k, double eps,
+                                    std::vector<at::Tensor>& keep) {
+  SyncCoefParams p = sync_params(op, mean_i, var_i, source_mean, source_var, blend, batch_mean, batch_var,
+                                 batch_count, m, shrink_k, eps, keep);
+  TORCH_CHECK(sdy.sizes() == mean_i.sizes() && sdyxc.sizes() == mean_i.sizes(), op,
+              ": sdy and sdyxc must be (N, C) like mean_i");
+  const at::ScalarType acc = mean_i.scalar_type();
+  p.sdy = keep.emplace_back(sdy.to(acc).contiguous()).data_ptr();
+  p.sdyxc = keep.emplace_back(sdyxc.to(acc).contiguous()).data_ptr();
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == p.c, op, ": weight must be (", p.c, ",)");
+    p.weight = keep.emplace_back(weight->to(acc).contiguous()).data_ptr();
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_batch_terms_cuda(
+    const at::Tensor& sdy, const at::Tensor& sdyxc, const std::optional<at::Tensor>& weight,
+    const at::Tensor& source_mean, const at::Tensor& source_var, const at::Tensor& blend,
+    const at::Tensor& batch_mean, const at::Tensor& batch_var, const at::Tensor& batch_count,
+    const at::Tensor& mean_i, const at::Tensor& var_i, int64_t m, std::optional<double> shrink_k, double eps) {
+  const c10::cuda::CUDAGuard guard(mean_i.device());
+  std::vector<at::Tensor> keep;
+  SyncCoefParams p = sync_backward_params("datta::_dabn_backward_batch_terms", sdy, sdyxc, weight, source_mean,
+                                          source_var, blend, batch_mean, batch_var, batch_count, mean_i, var_i, m,
+                                          shrink_k, eps, keep);
+  at::Tensor terms = at::empty({2 * p.c}, mean_i.options().dtype(at::kDouble));
+  at::Tensor dweight = at::empty({p.c}, mean_i.options()), dbias = at::empty({p.c}, mean_i.options());
+  p.batch_terms = terms.data_ptr<double>();
+  p.dweight = dweight.data_ptr();
+  p.dbias = dbias.data_ptr();
+  C10_CUDA_CHECK(backward_batch_terms(p, c10::cuda::getCurrentCUDAStream(mean_i.get_device()).stream()));
+  return {terms, dweight, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_coefficients_cuda(
+    const at::Tensor& sdy, const at::Tensor& sdyxc, const std::optional<at::Tensor>& weight,
+    const at::Tensor& source_mean, const at::Tensor& source_var, const at::Tensor& blend,
+    const at::Tensor& batch_mean, const at::Tensor& batch_var, const at::Tensor& batch_count,
+    const at::Tensor& mean_i, const at::Tensor& var_i, int64_t m, std::optional<double> shrink_k, double eps,
+    const at::Tensor& batch_terms) {
+  const c10::cuda::CUDAGuard guard(mean_i.device());
+  std::vector<at::Tensor> keep;
+  SyncCoefParams p = sync_backward_params("datta::_dabn_backward_coefficients", sdy, sdyxc, weight, source_mean,
+                                          source_var, blend, batch_mean, batch_var, batch_count, mean_i, var_i, m,
+                                          shrink_k, eps, keep);
+  TORCH_CHECK(batch_terms.numel() == 2 * p.c && batch_terms.device() == mean_i.device(),
+              "datta::_dabn_backward_coefficients: batch_terms must be (2C,) on ", mean_i.device());
+  p.batch_terms_in = static_cast<const double*>(keep.emplace_back(batch_terms.to(at::kDouble).contiguous()).data_ptr());
+  at::Tensor a = at::empty_like(mean_i, at::MemoryFormat::Contiguous), b = at::empty_like(a), c0 = at::empty_like(a);
+  p.coef_a = a.data_ptr();
+  p.coef_b = b.data_ptr();
+  p.coef_c0 = c0.data_ptr();
+  C10_CUDA_CHECK(backward_coefficients(p, c10::cuda::getCurrentCUDAStream(mean_i.get_device()).stream()));
+  return {a, b, c0};
+}
+
 }  // namespace
 }  // namespace datta::cuda
 
@@ -252,6 +415,11 @@ TORCH_LIBRARY_IMPL(datta, CUDA, m) {
   m.impl("_dabn_backward", TORCH_FN(datta::cuda::dabn_backward_cuda));
   m.impl("_dabn_backward_sums", TORCH_FN(datta::cuda::dabn_backward_sums_cuda));
   m.impl("_dabn_backward_apply", TORCH_FN(datta::cuda::dabn_backward_apply_cuda));
+  m.impl("_batch_moments_local", TORCH_FN(datta::cuda::batch_moments_local_cuda));
+  m.impl("_batch_moments_merge", TORCH_FN(datta::cuda::batch_moments_merge_cuda));
+  m.impl("_blend_moments", TORCH_FN(datta::cuda::blend_moments_cuda));
+  m.impl("_dabn_backward_batch_terms", TORCH_FN(datta::cuda::backward_batch_terms_cuda));
+  m.impl("_dabn_backward_coefficients", TORCH_FN(datta::cuda::backward_coefficients_cuda));
 }
 
 #endif  // DATTA_WITH_CUDA

@@ -94,6 +94,80 @@ class KernelBackend(abc.ABC):
         from .. import reference
         return reference.dabn_backward_sums(dy, x, mean_i)[2:]
 
+    # The synced layer's per-(n, c) math (datta_kernels.distributed), with the statistics of
+    # another batch given as ``batch = (mu_B (C,), var_B (C,), count)``, ``count`` the batch's
+    # element count as a 0-dim tensor (never read on the host by a device backend).  By
+    # default the reference's torch ops (~100 small ops each); a backend with kernels for
+    # them overrides these.
+    def batch_moments_local(self, mean_i: Tensor, var_i: Tensor, m: int) -> Tensor:
+        """SPEC D4 for this slice, packed for a gather: float64 ``(2C + 2,)`` ``[N M, mean_n
+        mu_i (C), sum_n ((M - 1) var_i + M (mu_i - mean)^2) (C), N]`` (zeros for N = 0)."""
+        n = mean_i.shape[0]
+        mi, vi = mean_i.detach().double(), var_i.detach().double()
+        mean_l = mi.sum(dim=0) / max(n, 1)
+        m2_l = ((m - 1) * vi + m * (mi - mean_l).square()).sum(dim=0)
+        return torch.cat([mean_l.new_full((1,), float(n * m)), mean_l, m2_l,
+                          mean_l.new_full((1,), float(n))])
+
+    def batch_moments_merge(self, rows: Tensor, dtype: torch.dtype
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Chan's merge of gathered packs ``(W, 2C + 2)`` in rank order (the same bits on every
+        rank) -> ``(mu_B, var_B)`` ``(C,)`` in ``dtype``, ``count`` and ``samples`` 0-dim
+        float64; ``var_B = M2 / (count - 1)`` where ``count > 1``, else 0."""
+        c = (rows.shape[1] - 2) // 2
+        count, mean, m2 = rows[0, 0], rows[0, 1:1 + c], rows[0, 1 + c:1 + 2 * c]
+        for r in range(1, rows.shape[0]):
+            n_b, mean_b, m2_b = rows[r, 0], rows[r, 1:1 + c], rows[r, 1 + c:1 + 2 * c]
+            n_ab = count + n_b
+            safe = n_ab.clamp(min=1)
+            delta = mean_b - mean
+            mean = mean + delta * (n_b / safe)
+            m2 = m2 + m2_b + delta.square() * (count * n_b / safe)
+            count = n_ab
+        var = torch.where(count > 1, m2 / (count - 1).clamp(min=1), torch.zeros_like(m2))
+        return mean.to(dtype), var.to(dtype), count, rows[:, -1].sum()
+
+    def blend_moments(self, mean_i: Tensor, var_i: Tensor, source_mean: Tensor,
+                      source_var: Tensor, blend: Tensor, batch: tuple[Tensor, Tensor, Tensor],
+                      m: int, shrink_k: float | None, eps: float) -> tuple[Tensor, Tensor]:
+        """SPEC D1-D3 with the given batch: blended ``(mean, var)``, ``(N, C)`` in the
+        statistics dtype (D1's batch rule tests ``count > 1``)."""
+        from .. import reference
+        return reference.blend_moments(mean_i, var_i, source_mean, source_var, blend, m, shrink_k,
+                                       eps, batch=batch)
+
+    def dabn_backward_batch_terms(self, sdy: Tensor, sdyxc: Tensor, weight: Tensor | None,
+                                  source_mean: Tensor, source_var: Tensor, blend: Tensor,
+                                  batch: tuple[Tensor, Tensor, Tensor], mean_i: Tensor,
+                                  var_i: Tensor, m: int, shrink_k: float | None,
+                                  eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """SPEC D5's batch terms of this slice: ``(terms, dweight, dbias)``, ``terms`` the
+        float64 ``(2C,)`` ``[w_b sum_n dm, w_b sum_n dv]`` a process group sums before
+        :meth:`dabn_backward_coefficients`; dweight, dbias ``(C,)`` this slice's share."""
+        from .. import reference
+        kept = []
+
+        def keep(t):
+            kept.append(t.double())
+            return t
+        *_, dweight, dbias = reference.dabn_backward_coefficients(
+            sdy, sdyxc, weight, source_mean, source_var, blend, shrink_k, eps, mean_i, var_i, m,
+            batch=batch, sum_batch=keep)
+        return kept[0], dweight, dbias
+
+    def dabn_backward_coefficients(self, sdy: Tensor, sdyxc: Tensor, weight: Tensor | None,
+                                   source_mean: Tensor, source_var: Tensor, blend: Tensor,
+                                   batch: tuple[Tensor, Tensor, Tensor], mean_i: Tensor,
+                                   var_i: Tensor, m: int, shrink_k: float | None, eps: float,
+                                   batch_terms: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """SPEC D5's ``(A, B, C0)`` ``(N, C)`` for :meth:`dabn_backward_apply`, given the batch
+        terms of :meth:`dabn_backward_batch_terms` summed over the group."""
+        from .. import reference
+        a, b, c0, _, _ = reference.dabn_backward_coefficients(
+            sdy, sdyxc, weight, source_mean, source_var, blend, shrink_k, eps, mean_i, var_i, m,
+            batch=batch, sum_batch=lambda t: batch_terms)
+        return a, b, c0
+
     def dabn_backward_apply(self, dy: Tensor, x: Tensor, mean_i: Tensor, a: Tensor, b: Tensor,
                             c0: Tensor) -> Tensor:
         """SPEC D5 pass 2: ``dx = a dy + b (x - mu_i) + c0`` with ``(N, C)`` coefficients (the

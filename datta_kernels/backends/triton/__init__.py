@@ -60,7 +60,8 @@ def _guarded(method):
     (the second argument of the backward's, the first of the others')."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        i = 1 if method.__name__.startswith("dabn_backward") else 0
+        # the tensor whose device counts: x (2nd argument of the backward passes), else the first
+        i = 1 if method.__name__ in ("dabn_backward", "dabn_backward_sums", "dabn_backward_apply") else 0
         x = kwargs["x"] if "x" in kwargs else args[i]
         with _device_guard(x.device):
             return method(self, *args, **kwargs)
@@ -261,12 +262,76 @@ class TritonBackend(KernelBackend):
         return psdy.sum(dim=1).to(_F32), psdyxc.sum(dim=1).to(_F32)
 
     @_guarded
+    def blend_moments(self, mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
+                      blend: Tensor, batch: tuple[Tensor, Tensor, Tensor], m: int,
+                      shrink_k: float | None, eps: float) -> tuple[Tensor, Tensor]:
+        """The synced layer's blended moments (N, C) fp32 with the given batch (one kernel)."""
+        (mean_i, var_i, smean, svar, bl, bmean, bvar, count), k, flags, grid = _sync_args(
+            mean_i, var_i, source_mean, source_var, blend, batch, m, shrink_k)
+        mean, var = torch.empty_like(mean_i), torch.empty_like(mean_i)
+        n, c = mean_i.shape
+        jit._sync_blend_kernel[grid](mean_i, var_i, smean, svar, bl, bmean, bvar, count, mean, var,
+                                     n, c, m, k, float(eps), **flags)
+        return mean, var
+
+    @_guarded
+    def dabn_backward_batch_terms(self, sdy, sdyxc, weight, source_mean, source_var, blend, batch,
+                                  mean_i, var_i, m, shrink_k, eps):
+        """The synced layer's D5 batch terms (2C,) fp64, dweight, dbias (C,) fp32 (one kernel)."""
+        (mean_i, var_i, smean, svar, bl, bmean, bvar, count), k, flags, grid = _sync_args(
+            mean_i, var_i, source_mean, source_var, blend, batch, m, shrink_k)
+        n, c = mean_i.shape
+        sdy, sdyxc = _f32(sdy, sdyxc)
+        terms = mean_i.new_empty((2 * c,), dtype=torch.float64)
+        dweight, dbias = mean_i.new_empty((c,)), mean_i.new_empty((c,))
+        jit._sync_terms_kernel[grid](sdy, sdyxc, mean_i, var_i, smean, svar,
+                                     _vec(weight, mean_i) if weight is not None else smean, bl,
+                                     bmean, bvar, count, terms, dweight, dbias, n, c, m, k, float(eps),
+                                     HAS_WEIGHT=weight is not None, **flags)
+        return terms, dweight, dbias
+
+    @_guarded
+    def dabn_backward_coefficients(self, sdy, sdyxc, weight, source_mean, source_var, blend, batch,
+                                   mean_i, var_i, m, shrink_k, eps, batch_terms):
+        """The synced layer's D5 coefficients A, B, C0 (N, C) fp32 (one kernel)."""
+        (mean_i, var_i, smean, svar, bl, bmean, bvar, count), k, flags, grid = _sync_args(
+            mean_i, var_i, source_mean, source_var, blend, batch, m, shrink_k)
+        n, c = mean_i.shape
+        sdy, sdyxc = _f32(sdy, sdyxc)
+        terms = batch_terms.detach().to(torch.float64).contiguous()
+        a, b, c0 = (torch.empty_like(mean_i) for _ in range(3))
+        jit._sync_coefs_kernel[grid](sdy, sdyxc, mean_i, var_i, smean, svar,
+                                     _vec(weight, mean_i) if weight is not None else smean, bl,
+                                     bmean, bvar, count, terms, a, b, c0, n, c, m, k, float(eps),
+                                     HAS_WEIGHT=weight is not None, **flags)
+        return a, b, c0
+
+    @_guarded
     def dabn_backward_apply(self, dy: Tensor, x: Tensor, mean_i: Tensor, a: Tensor, b: Tensor,
                             c0: Tensor) -> Tensor:
         """Backward pass 2 alone, with given (N, C) coefficients."""
         x, dy, cl = _bwd_layout(dy, x)
         f32 = [t.detach().to(_F32).contiguous() for t in (mean_i, a, b, c0)]
         return _bwd_dx(dy, x, cl, *f32)
+
+
+def _f32(*ts: Tensor) -> list[Tensor]:
+    return [t.detach().to(_F32).contiguous() for t in ts]
+
+
+def _sync_args(mean_i, var_i, source_mean, source_var, blend, batch, m, shrink_k):
+    """The synced layer's kernels' common arguments: fp32 (N, C) / (C,) statistics, the batch
+    count as fp64 (read on the device), the shrink flag and the instance edge rule (a shape
+    fact), the finalize blocks and grid."""
+    mean_i, var_i, smean, svar, bl, bmean, bvar = _f32(mean_i, var_i, source_mean, source_var, blend,
+                                                      batch[0], batch[1])
+    count = batch[2].detach().to(torch.float64).reshape(1)
+    n, c = mean_i.shape
+    shrink, k = _shrink_flag(shrink_k, m)
+    block_n, block_c = cfg.finalize_blocks(n, c)
+    grid = _check_grid((triton.cdiv(c, block_c),), "the synced layer's coefficients")
+    return (mean_i, var_i, smean, svar, bl, bmean, bvar, count), k, dict(
+        NO_INST=m <= 1, SHRINK=shrink, BLOCK_N=block_n, BLOCK_C=block_c), grid
 
 
 def _bwd_layout(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor, bool]:
