@@ -322,6 +322,21 @@ def opcheck_kernel_ops(layout: str) -> None:
     torch.library.opcheck(ops._instance_stats.default, (x,))
     torch.library.opcheck(ops._dabn_backward_sums.default, (dy, x, mean_i))
     torch.library.opcheck(ops._dabn_backward_apply.default, (dy, x, mean_i, mean_i, var_i, mean_i))
+    # the synced layer's (N, C) steps
+    c = x.shape[1]
+    blend = torch.tensor([0.2, 0.3, 0.5], device=DEVICE)
+    count = torch.tensor(40.0, device=DEVICE, dtype=torch.float64)
+    batch = (inp.source_mean + 0.1, inp.source_var * 1.5, count)
+    packed = ops._batch_moments_local(mean_i, var_i, 20)
+    torch.library.opcheck(ops._batch_moments_local.default, (mean_i, var_i, 20))
+    torch.library.opcheck(ops._batch_moments_merge.default, (torch.stack([packed, packed]), torch.float32))
+    torch.library.opcheck(ops._blend_moments.default,
+                          (mean_i, var_i, inp.source_mean, inp.source_var, blend, *batch, 20, 2.0, 1e-5))
+    args = (mean_i, var_i, inp.weight, inp.source_mean, inp.source_var, blend, *batch, mean_i, var_i,
+            20, None, 1e-5)
+    torch.library.opcheck(ops._dabn_backward_batch_terms.default, args)
+    terms = torch.zeros(2 * c, device=DEVICE, dtype=torch.float64)
+    torch.library.opcheck(ops._dabn_backward_coefficients.default, (*args, terms))
 
 
 def step_opcheck(rep: Report) -> None:

@@ -135,6 +135,23 @@ def test_zero_weight_statistics_are_not_read(backend):
     assert torch.isfinite(a).all() and torch.isfinite(b).all() and torch.isfinite(c0).all()
 
 
+@pytest.mark.skipif(bool(_ext.unavailable_reasons()), reason="needs datta_kernels._C")
+def test_opcheck_sync_kernel_ops():
+    """The five kernel ops and their fakes (torch.library.opcheck, CPU)."""
+    ops = torch.ops.datta
+    mean_i, var_i, smean, svar, batch, sdy, sdyxc, weight = _stats(3, 4, 5)
+    bl = torch.tensor([0.2, 0.3, 0.5])
+    packed = ops._batch_moments_local(mean_i, var_i, 5)
+    torch.library.opcheck(ops._batch_moments_local.default, (mean_i, var_i, 5))
+    torch.library.opcheck(ops._batch_moments_merge.default, (torch.stack([packed, packed]), torch.float32))
+    torch.library.opcheck(ops._blend_moments.default,
+                          (mean_i, var_i, smean, svar, bl, *batch, 5, 2.0, 1e-5))
+    args = (sdy, sdyxc, weight, smean, svar, bl, *batch, mean_i, var_i, 5, None, 1e-5)
+    torch.library.opcheck(ops._dabn_backward_batch_terms.default, args)
+    terms = ops._dabn_backward_batch_terms(*args)[0]
+    torch.library.opcheck(ops._dabn_backward_coefficients.default, (*args, terms))
+
+
 # ---------------------------------------------------------------- aten calls per layer
 @pytest.fixture(scope="module")
 def gloo_group():

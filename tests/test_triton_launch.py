@@ -196,6 +196,14 @@ def test_reducing_kernels_pin_num_warps():
     assert len({c.num_warps for c in tcfg.autotune_configs(reduces=False, interpret=False)}) > 1
 
 
+def test_autotune_off_gives_one_config(monkeypatch):
+    """DATTA_TRITON_AUTOTUNE=0 (gpu_check.sh's correctness steps): one config, no timing race."""
+    monkeypatch.setattr(tcfg, "AUTOTUNE", False)
+    for reduces in (True, False):
+        configs = tcfg.autotune_configs(reduces=reduces, interpret=False)
+        assert len(configs) == 1 and configs[0].num_warps == tcfg.LAUNCH.reduce_num_warps
+
+
 # ---------------------------------------------------------------- defect 7: older / broken Triton
 def test_autotune_timing_follows_the_signature(monkeypatch):
     def old_autotune(configs, key, prune_configs_by=None, reset_to_zero=None, restore_value=None,
