@@ -71,6 +71,23 @@ def test_step_over_budget_is_timed_out(tmp_path):
     assert "| env | timed out |" in summary, summary
 
 
+def test_steps_run_through_timeout_as_exported_functions(tmp_path):
+    """Every step's function reaches its commands under `timeout` (PYTHON=/bin/echo stands in
+    for the interpreter: the Python steps then pass without a GPU, the others fail for want
+    of nvidia-smi / compute-sanitizer, each reported on its own line)."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON="/bin/echo")
+    names = [n for n, _ in _plan()]
+    proc = subprocess.run(["bash", str(CHECK)], capture_output=True, text=True, env=env, timeout=120)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    rows = dict(re.findall(r"^\| (\S+) \| ([^|]+?) \|", summary, flags=re.M)[1:])
+    assert list(rows) == names
+    python_steps = [n for n in names if n not in ("env", "edge-tests") and "check-" not in n]
+    for name in python_steps:
+        assert rows[name] == "passed", (name, rows[name], (tmp_path / "out" / f"{name}.log").read_text())
+    assert "-m pip install --no-build-isolation" in (tmp_path / "out" / "build.log").read_text()
+    assert proc.returncode == (0 if all(v == "passed" for v in rows.values()) else 1)
+
+
 def test_gpu_check_cases_report_crashes_as_failures(capsys):
     gc = _load(ROOT / "scripts" / "gpu_check.py", "gpu_check_under_test")
     rep = gc.Report()
