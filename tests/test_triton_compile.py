@@ -31,7 +31,8 @@ ARCHS = (80, 90)
 #: arguments holding elements of x (its dtype); fp64 totals (plane-long sums); every other
 #: pointer is fp32 statistics/params
 X_ARGS = {"x_ptr", "y_ptr", "dy_ptr", "dx_ptr"}
-F64_ARGS = {"pmean_ptr", "pm2_ptr", "psdy_ptr", "psdyxc_ptr", "mean_cos_ptr", "count_ptr", "terms_ptr"}
+F64_ARGS = {"pmean_ptr", "pm2_ptr", "psdy_ptr", "psdyxc_ptr", "mean_cos_ptr", "count_ptr", "terms_ptr",
+            "packed_ptr", "rows_ptr", "samples_ptr"}
 FLOAT_ARGS = {"shrink_k", "eps", "nm", "nm1"}
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -127,6 +128,11 @@ def _cases():
                           "fp32", 4))
         sync = dict(NO_INST=m <= 1, SHRINK=m > 1, BLOCK_N=fbn, BLOCK_C=fbc)  # the synced layer's
         cases.append((f"sync_blend-{sname}", "_sync_blend_kernel", ints, sync, "fp32", 4))
+        cases.append((f"batch_local-{sname}", "_batch_local_kernel", {**ints, "NM": n * m},
+                      dict(BLOCK_N=fbn, BLOCK_C=fbc), "fp32", 4))
+        for world in (1, 3):  # one rank (W the constexpr 1) and several
+            cases.append((f"batch_merge-{sname}-w{world}", "_batch_merge_kernel", {**ints, "W": world},
+                          dict(BLOCK_C=min(cfg.next_pow2(c), cfg.LAUNCH.finalize_elems)), "fp32", 4))
         for kname in ("_sync_terms_kernel", "_sync_coefs_kernel"):
             consts = {**sync, "HAS_WEIGHT": True}
             cases.append((f"{kname.strip('_')}-{sname}", kname, ints, consts, "fp32", 4))

@@ -262,6 +262,35 @@ class TritonBackend(KernelBackend):
         return psdy.sum(dim=1).to(_F32), psdyxc.sum(dim=1).to(_F32)
 
     @_guarded
+    def batch_moments_local(self, mean_i: Tensor, var_i: Tensor, m: int) -> Tensor:
+        """This slice's batch-moment pack (2C + 2,) fp64 (one kernel; fp32 statistics, the
+        only ones this backend makes)."""
+        if mean_i.dtype != _F32:
+            return super().batch_moments_local(mean_i, var_i, m)
+        mean_i, var_i = _f32(mean_i, var_i)
+        n, c = mean_i.shape
+        packed = mean_i.new_empty((2 * c + 2,), dtype=torch.float64)
+        block_n, block_c = cfg.finalize_blocks(max(n, 1), max(c, 1))
+        jit._batch_local_kernel[(max(triton.cdiv(c, block_c), 1),)](
+            mean_i, var_i, packed, n, c, m, n * m, BLOCK_N=block_n, BLOCK_C=block_c)
+        return packed
+
+    @_guarded
+    def batch_moments_merge(self, rows: Tensor, dtype: torch.dtype):
+        """The rank-ordered merge of gathered packs (one kernel; fp32 statistics, the only
+        ones this backend makes)."""
+        if dtype != _F32:
+            return super().batch_moments_merge(rows, dtype)
+        rows = rows.detach().to(torch.float64).contiguous()
+        c = (rows.shape[1] - 2) // 2
+        mean, var = rows.new_empty((c,), dtype=_F32), rows.new_empty((c,), dtype=_F32)
+        count, samples = rows.new_empty(()), rows.new_empty(())
+        block_c = min(cfg.next_pow2(c), cfg.LAUNCH.finalize_elems)
+        jit._batch_merge_kernel[(max(triton.cdiv(c, block_c), 1),)](
+            rows, mean, var, count, samples, rows.shape[0], c, BLOCK_C=block_c)
+        return mean, var, count, samples
+
+    @_guarded
     def blend_moments(self, mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
                       blend: Tensor, batch: tuple[Tensor, Tensor, Tensor], m: int,
                       shrink_k: float | None, eps: float) -> tuple[Tensor, Tensor]:

@@ -452,6 +452,66 @@ def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, a_ptr, b_ptr, c0_ptr, N, C, 
 # ``count > 1``, a value, not a shape).  One program per channel block, batch blocks in a
 # fixed order.  The oracle: reference.blend_moments / dabn_backward_coefficients.
 @triton.jit
+def _batch_local_kernel(mean_ptr, var_ptr, packed_ptr, N, C, M, NM, BLOCK_N: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """SPEC D4 for this slice, packed for a gather: ``packed (2C + 2,)`` fp64 = ``[N M, mean_n
+    mu_i (C), sum_n ((M - 1) var_i + M (mu_i - mean)^2) (C), N]`` (``NM = N*M`` from the host, an
+    int: it becomes an exact fp64 in the store).  fp64 sums over the batch in a fixed order."""
+    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    if tl.program_id(0) == 0:
+        tl.store(packed_ptr, NM)
+        tl.store(packed_ptr + 2 * C + 1, N)
+    total = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for n0 in range(0, N, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        mask = (n_offs < N)[:, None] & c_mask[None, :]
+        mean_i = tl.load(mean_ptr + n_offs[:, None] * C + c_offs[None, :], mask=mask, other=0.0)
+        total += tl.sum(mean_i.to(tl.float64), axis=0)
+    mean = total / tl.maximum(N, 1)
+    ss = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for n0 in range(0, N, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        mask = (n_offs < N)[:, None] & c_mask[None, :]
+        nc = n_offs[:, None] * C + c_offs[None, :]
+        d = tl.load(mean_ptr + nc, mask=mask, other=0.0).to(tl.float64) - mean[None, :]
+        v = tl.load(var_ptr + nc, mask=mask, other=0.0).to(tl.float64)
+        ss += tl.sum(tl.where(mask, (M - 1) * v + M * d * d, 0.0), axis=0)
+    tl.store(packed_ptr + 1 + c_offs, mean, mask=c_mask)
+    tl.store(packed_ptr + 1 + C + c_offs, ss, mask=c_mask)
+
+
+@triton.jit
+def _batch_merge_kernel(rows_ptr, mean_ptr, var_ptr, count_ptr, samples_ptr, W, C, BLOCK_C: tl.constexpr):
+    """Chan's merge of the gathered packs ``rows (W, 2C + 2)`` fp64 in rank order (the same
+    fp64 operations on every rank: the same bits) -> ``mu_B, var_B (C,)`` fp32 (var 0 where
+    count <= 1), ``count``, ``samples`` fp64."""
+    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    k = 2 * C + 2
+    cnt = tl.load(rows_ptr)
+    mu = tl.load(rows_ptr + 1 + c_offs, mask=c_mask, other=0.0)
+    m2 = tl.load(rows_ptr + 1 + C + c_offs, mask=c_mask, other=0.0)
+    samples = tl.load(rows_ptr + k - 1)
+    for q in range(1, W):
+        n_b = tl.load(rows_ptr + q * k)
+        n_ab = cnt + n_b
+        safe = tl.maximum(n_ab, 1.0)
+        delta = tl.load(rows_ptr + q * k + 1 + c_offs, mask=c_mask, other=0.0) - mu
+        mu = mu + delta * (n_b / safe)
+        m2_b = tl.load(rows_ptr + q * k + 1 + C + c_offs, mask=c_mask, other=0.0)
+        m2 = m2 + m2_b + delta * delta * (cnt * n_b / safe)
+        cnt = n_ab
+        samples += tl.load(rows_ptr + q * k + k - 1)
+    tl.store(mean_ptr + c_offs, mu.to(tl.float32), mask=c_mask)
+    tl.store(var_ptr + c_offs, tl.where(cnt > 1.0, m2 / tl.maximum(cnt - 1.0, 1.0), 0.0).to(tl.float32),
+             mask=c_mask)
+    if tl.program_id(0) == 0:
+        tl.store(count_ptr, cnt)
+        tl.store(samples_ptr, samples)
+
+
+@triton.jit
 def _sync_channel(smean_ptr, svar_ptr, bmean_ptr, bvar_ptr, blend_ptr, count_ptr, c_offs, c_mask,
                   NO_INST: tl.constexpr):
     smean = tl.load(smean_ptr + c_offs, mask=c_mask, other=0.0).to(tl.float32)
