@@ -146,11 +146,9 @@ def _all_ones_cases():
     a (1, 1, 1, 1) launch of it specialises to, whatever the tiling would pick)."""
     from triton.runtime.autotuner import Autotuner
 
-    from datta_kernels.backends.triton import kernels as jit
-
     cases = []
-    for kname in sorted(k for k in vars(jit) if k.endswith("_kernel")):
-        kernel = getattr(jit, kname)
+    for kname in sorted(k for mod in _kernel_modules() for k in vars(mod) if k.endswith("_kernel")):
+        kernel = _kernel(kname)
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
         ints, consts = {}, {}
         for p in fn.params:
@@ -161,6 +159,16 @@ def _all_ones_cases():
                 ints[p.name] = 1
         cases.append((f"ones-{kname.strip('_')}", kname, ints, consts, "fp32", 4))
     return cases
+
+
+def _kernel_modules():
+    from datta_kernels.backends.triton import kernels, sync_kernels
+    return kernels, sync_kernels
+
+
+def _kernel(name: str):
+    """The kernel ``name`` of the backend's kernel modules (an Autotuner or a JITFunction)."""
+    return next(getattr(mod, name) for mod in _kernel_modules() if hasattr(mod, name))
 
 
 def _toolchain_missing() -> str | None:
@@ -195,10 +203,8 @@ def test_compiles(case, arch):
         pytest.skip(_MISSING)
     from triton.runtime.autotuner import Autotuner
 
-    from datta_kernels.backends.triton import kernels as jit
-
     _, kname, ints, consts, dt, nw = case
-    kernel = getattr(jit, kname)
+    kernel = _kernel(kname)
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     asm = _compile(fn, ints, consts, dt, arch, num_warps=nw)
     assert ".entry" in asm["ptx"] and f"sm_{arch}" in asm["ptx"]

@@ -1,5 +1,5 @@
-"""The ``triton`` backend: launchers (here) for the kernels in ``kernels.py``, with the block
-sizes and tilings of ``config.py``.
+"""The ``triton`` backend: launchers (here) for the kernels in ``kernels.py`` (and the synced
+layer's in ``sync_kernels.py``), with the block sizes and tilings of ``config.py``.
 
 The interface of ``backends/base.py``; inputs ``x``/``dy`` are
 ``(N, C, H, W)`` NCHW- or channels_last-contiguous, float32/float16/bfloat16, on CUDA (or
@@ -34,6 +34,7 @@ from torch import Tensor
 from ..base import KernelBackend
 from . import config as cfg
 from . import kernels as jit
+from . import sync_kernels as sync_jit
 
 __all__ = ["TritonBackend"]
 
@@ -271,7 +272,7 @@ class TritonBackend(KernelBackend):
         n, c = mean_i.shape
         packed = mean_i.new_empty((2 * c + 2,), dtype=torch.float64)
         block_n, block_c = cfg.finalize_blocks(max(n, 1), max(c, 1))
-        jit._batch_local_kernel[(max(triton.cdiv(c, block_c), 1),)](
+        sync_jit._batch_local_kernel[(max(triton.cdiv(c, block_c), 1),)](
             mean_i, var_i, packed, n, c, m, n * m, BLOCK_N=block_n, BLOCK_C=block_c)
         return packed
 
@@ -286,7 +287,7 @@ class TritonBackend(KernelBackend):
         mean, var = rows.new_empty((c,), dtype=_F32), rows.new_empty((c,), dtype=_F32)
         count, samples = rows.new_empty(()), rows.new_empty(())
         block_c = min(cfg.next_pow2(c), cfg.LAUNCH.finalize_elems)
-        jit._batch_merge_kernel[(max(triton.cdiv(c, block_c), 1),)](
+        sync_jit._batch_merge_kernel[(max(triton.cdiv(c, block_c), 1),)](
             rows, mean, var, count, samples, rows.shape[0], c, BLOCK_C=block_c)
         return mean, var, count, samples
 
@@ -299,7 +300,7 @@ class TritonBackend(KernelBackend):
             mean_i, var_i, source_mean, source_var, blend, batch, m, shrink_k)
         mean, var = torch.empty_like(mean_i), torch.empty_like(mean_i)
         n, c = mean_i.shape
-        jit._sync_blend_kernel[grid](mean_i, var_i, smean, svar, bl, bmean, bvar, count, mean, var,
+        sync_jit._sync_blend_kernel[grid](mean_i, var_i, smean, svar, bl, bmean, bvar, count, mean, var,
                                      n, c, m, k, float(eps), **flags)
         return mean, var
 
@@ -313,7 +314,7 @@ class TritonBackend(KernelBackend):
         sdy, sdyxc = _f32(sdy, sdyxc)
         terms = mean_i.new_empty((2 * c,), dtype=torch.float64)
         dweight, dbias = mean_i.new_empty((c,)), mean_i.new_empty((c,))
-        jit._sync_terms_kernel[grid](sdy, sdyxc, mean_i, var_i, smean, svar,
+        sync_jit._sync_terms_kernel[grid](sdy, sdyxc, mean_i, var_i, smean, svar,
                                      _vec(weight, mean_i) if weight is not None else smean, bl,
                                      bmean, bvar, count, terms, dweight, dbias, n, c, m, k, float(eps),
                                      HAS_WEIGHT=weight is not None, **flags)
@@ -329,7 +330,7 @@ class TritonBackend(KernelBackend):
         sdy, sdyxc = _f32(sdy, sdyxc)
         terms = batch_terms.detach().to(torch.float64).contiguous()
         a, b, c0 = (torch.empty_like(mean_i) for _ in range(3))
-        jit._sync_coefs_kernel[grid](sdy, sdyxc, mean_i, var_i, smean, svar,
+        sync_jit._sync_coefs_kernel[grid](sdy, sdyxc, mean_i, var_i, smean, svar,
                                      _vec(weight, mean_i) if weight is not None else smean, bl,
                                      bmean, bvar, count, terms, a, b, c0, n, c, m, k, float(eps),
                                      HAS_WEIGHT=weight is not None, **flags)
