@@ -25,14 +25,14 @@ MAX_TOTAL_S=480
 # name  budget_s  what
 PLAN="
 env              5  nvidia-smi; torch, CUDA, Triton versions; compute-sanitizer present
-build          120  pip install -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, ninja, MAX_JOBS=$MAX_JOBS); cuda=1, every kernel op on CUDA
-rows            70  gpu_check.py rows: cuda and triton vs the reference (edge rules, fp16/bf16, channels_last, (1,C,1,1), (256,2048,7,7), (1,3,1024,1024), misaligned view)
-edge-tests      25  pytest tests/test_edge_rules.py tests/test_triton_launch.py (their CUDA rows)
-repro           45  gpu_check.py repro: issue 21's defects 1-6 on the device
-opcheck         20  gpu_check.py opcheck: torch.library.opcheck on CUDA tensors
+build          110  pip install -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, ninja, MAX_JOBS=$MAX_JOBS); cuda=1, every kernel op on CUDA
+rows            90  gpu_check.py rows: cuda and triton vs the reference (edge rules, fp16/bf16, channels_last, (1,C,1,1), (256,2048,7,7), (1,3,1024,1024), misaligned view)
+edge-tests      20  pytest tests/test_edge_rules.py tests/test_triton_launch.py (their CUDA rows)
+repro           40  gpu_check.py repro: issue 21's defects 1-6 on the device
+opcheck         15  gpu_check.py opcheck: torch.library.opcheck on CUDA tensors
 syncdebug       20  gpu_check.py syncdebug: no host sync after warm-up, cuda and triton; the sanitizer workload once, plain (compiles its Triton kernels)
-sweep-cuda      30  gpu_sweep.py --backend cuda (large and odd shapes, a try per case)
-sweep-triton    30  gpu_sweep.py --backend triton --small (a try per case)
+sweep-cuda      25  gpu_sweep.py --backend cuda (large and odd shapes, a try per case)
+sweep-triton    40  gpu_sweep.py --backend triton --small --dtypes float32 (a try per case; each new shape is a Triton compile)
 memcheck-cuda   15  compute-sanitizer memcheck on the cuda kernels (split + merge shape, both layouts)
 racecheck-cuda  15  compute-sanitizer racecheck, likewise
 memcheck-triton 20  compute-sanitizer memcheck on the triton kernels, likewise
@@ -86,7 +86,7 @@ step_syncdebug() {
     DATTA_TRITON_AUTOTUNE=0 "$PY" scripts/gpu_check.py sanitize --backend triton
 }
 step_sweep_cuda() { "$PY" scripts/gpu_sweep.py --backend cuda; }
-step_sweep_triton() { DATTA_TRITON_AUTOTUNE=0 "$PY" scripts/gpu_sweep.py --backend triton --small; }
+step_sweep_triton() { DATTA_TRITON_AUTOTUNE=0 "$PY" scripts/gpu_sweep.py --backend triton --small --dtypes float32; }
 # no caching allocator under the sanitizer: an access past a tensor's end then leaves its block
 sanitize() {  # sanitize TOOL BACKEND FILTER...
   local tool=$1 backend=$2; shift 2

@@ -116,10 +116,10 @@ def one_case(backend: str, device: str, shape, dtype, layout, offset: float, fai
     return n
 
 
-def sweep(backend: str, device: str, shapes) -> list[str]:
+def sweep(backend: str, device: str, shapes, dtypes=None) -> list[str]:
     failures, n, crashed = [], 0, 0
     for shape in shapes:
-        for dtype in DTYPES[backend]:
+        for dtype in dtypes or DTYPES[backend]:
             for layout in LAYOUTS:
                 for offset in (0.0, 1e4) if dtype == torch.float32 else (0.0,):
                     try:
@@ -139,9 +139,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", default="cuda", choices=sorted(DTYPES))
     p.add_argument("--small", action="store_true", help="small shapes only (sanitizers, interpreter)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated subset, e.g. float32,bfloat16 (default: all the backend serves)")
     args = p.parse_args()
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes else None
     device = "cpu" if args.backend == "cpu" or not torch.cuda.is_available() else "cuda"
-    failures = sweep(args.backend, device, SHAPES_SMALL if args.small else SHAPES_LARGE)
+    failures = sweep(args.backend, device, SHAPES_SMALL if args.small else SHAPES_LARGE, dtypes)
     for f in failures[:50]:
         print("MISMATCH", f)
     sys.exit(1 if failures else 0)
