@@ -32,6 +32,7 @@ from .functional import (
     _check_x,
     blend_tensor,
     check_score_args,
+    cluster_dabn,
     dabn,
     score_from_stats,
 )
@@ -45,8 +46,9 @@ _BLEND_KEYS = ("blend_single", "blend_multiple")
 _DECISIONS = {"single": True, "multiple": False}
 
 
-def _resolve_weights(preset: str, weights, shrink_k):
-    """(single, multiple, shrink_k, preset label) from a preset name and optional overrides."""
+def _resolve_weights(preset: str, weights, shrink_k, cluster=_PRESET_DEFAULT):
+    """(single, multiple, shrink_k, preset label, cluster) from a preset name and optional
+    overrides."""
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} "
                          "or pass weights=(single, multiple)")
@@ -69,7 +71,13 @@ def _resolve_weights(preset: str, weights, shrink_k):
         k = float(k)
         if not math.isfinite(k) or k < 0:
             raise ValueError(f"shrink_k must be a finite number >= 0 or None, got {k}")
-    return single, multiple, k, label
+    cluster = p.cluster if cluster is _PRESET_DEFAULT else cluster
+    if not isinstance(cluster, (bool, np.bool_)):
+        raise TypeError(f"cluster must be a bool, got {cluster!r}")
+    if cluster and k is not None:
+        raise ValueError("cluster-pooled instance statistics (cluster=True) take no shrink: "
+                         "pass shrink_k=None")
+    return single, multiple, k, label, bool(cluster)
 
 
 class FusedDABN(nn.BatchNorm2d):
@@ -91,6 +99,8 @@ class FusedDABN(nn.BatchNorm2d):
             normalization (2 reads + 1 write of x; 3 reads in ``"pixel"`` mode).
         score_mode: ``"pixel"`` (exact, the authors'), ``"instance"`` (approximation) or
             ``"dispersion"``, see ``diversity_score``.
+        cluster: the instance terms use the pooled statistics of the sample's FINCH cluster
+            (SPEC §3b, DYN's CABN; default: the preset's, True only for ``"dyn"``); no shrink.
 
     Unlike ``nn.BatchNorm2d``, ``train()`` / ``eval()`` do not change what the layer computes:
     it always normalises with the blend of the current decision, and the running buffers and
@@ -102,8 +112,9 @@ class FusedDABN(nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, preset: str = "datta", shrink_k=_PRESET_DEFAULT, weights=None,
-                 backend: str = "auto", compute_score: bool = False, score_mode: str = "pixel"):
-        single, multiple, k, label = _resolve_weights(preset, weights, shrink_k)
+                 backend: str = "auto", compute_score: bool = False, score_mode: str = "pixel",
+                 cluster=_PRESET_DEFAULT):
+        single, multiple, k, label, cl = _resolve_weights(preset, weights, shrink_k, cluster)
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         if backend != "auto":
@@ -116,7 +127,7 @@ class FusedDABN(nn.BatchNorm2d):
         self.register_buffer("blend_multiple",
                              torch.tensor(multiple, dtype=torch.float32, device=device))
         self.register_buffer("decision", torch.tensor(True, device=device))
-        self.preset, self.shrink_k, self.backend = label, k, backend
+        self.preset, self.shrink_k, self.backend, self.cluster = label, k, backend, cl
         self.compute_score, self.score_mode = compute_score, score_mode
         self.last_score: Tensor | None = None
         self.last_per_sample: Tensor | None = None
@@ -125,14 +136,15 @@ class FusedDABN(nn.BatchNorm2d):
         self.score_callback = None
 
     # ------------------------------------------------------------------ configuration
-    def set_preset(self, preset: str = "datta", *, shrink_k=_PRESET_DEFAULT, weights=None) -> None:
+    def set_preset(self, preset: str = "datta", *, shrink_k=_PRESET_DEFAULT, weights=None,
+                   cluster=_PRESET_DEFAULT) -> None:
         """Switch preset / weights in place (tensor values only: no recompilation unless
-        ``shrink_k`` changes)."""
-        single, multiple, k, label = _resolve_weights(preset, weights, shrink_k)
+        ``shrink_k`` or ``cluster`` changes)."""
+        single, multiple, k, label, cl = _resolve_weights(preset, weights, shrink_k, cluster)
         with torch.no_grad():
             self.blend_single.copy_(torch.tensor(single))
             self.blend_multiple.copy_(torch.tensor(multiple))
-        self.preset, self.shrink_k = label, k
+        self.preset, self.shrink_k, self.cluster = label, k, cl
 
     def set_decision(self, decision: str | bool | Tensor) -> None:
         """Write the decision in place: ``"single"``/``True`` or ``"multiple"``/``False``, or a
@@ -203,6 +215,9 @@ class FusedDABN(nn.BatchNorm2d):
             stats = self._score(x)
             if self.score_callback is not None:
                 self.score_callback(self, self.last_score)
+        if self.cluster:
+            return cluster_dabn(x, self.weight, self.bias, self.source_mean, self.source_var,
+                                self.blend(), eps=self.eps, backend=self.backend, stats=stats)
         return dabn(x, self.weight, self.bias, self.source_mean, self.source_var, self.blend(),
                     shrink_k=self.shrink_k, eps=self.eps, backend=self.backend, stats=stats)
 
@@ -238,8 +253,11 @@ class FusedDABN(nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", preset={self.preset!r}"
-        if self.shrink_k != PRESETS.get(self.preset, (None, None, None))[2]:
+        known = PRESETS.get(self.preset)
+        if self.shrink_k != (known.shrink_k if known else None):
             s += f", shrink_k={self.shrink_k}"
+        if self.cluster != (known.cluster if known else False):
+            s += f", cluster={self.cluster}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -301,7 +319,8 @@ def convert_model(model: nn.Module, preset: str = "datta", *, process_group=_NO_
     layer when ``model`` itself is a BatchNorm2d).  Raises ``ValueError`` when there is no
     BatchNorm2d to convert.
     """
-    _resolve_weights(preset, kwargs.get("weights"), kwargs.get("shrink_k", _PRESET_DEFAULT))
+    _resolve_weights(preset, kwargs.get("weights"), kwargs.get("shrink_k", _PRESET_DEFAULT),
+                     kwargs.get("cluster", _PRESET_DEFAULT))
 
     def make(bn: nn.BatchNorm2d) -> FusedDABN:
         cls, extra = FusedDABN, {}
