@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .diversity import MULTIPLE, SINGLE, KDESelector, Selector, make_selector
+from .diversity import MULTIPLE, SINGLE, SKEWED, KDESelector, Selector, make_selector
 from .functional import SCORE_MODES
 from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, convert_model, dabn_layers, first_nonlinear_layer
 from .presets import PRESETS
@@ -106,6 +106,7 @@ class Adapter(nn.Module):
         self._last_score: Tensor | None = None
         self._last_decision: str | None = None
         self._last_decision_t: Tensor | None = None
+        self._last_skewed_t: Tensor | None = None
         self._initial = self._snapshot()
 
     # ------------------------------------------------------------------ setup
@@ -183,9 +184,13 @@ class Adapter(nn.Module):
 
     @property
     def last_decision(self) -> str | None:
-        """``"single"`` / ``"multiple"`` for the latest batch (None for score-free baselines)."""
+        """``"single"`` / ``"multiple"`` (/ ``"skewed"``, from a selector with a low cut) for the
+        latest batch (None for score-free baselines)."""
         if self._last_decision is None and self._last_decision_t is not None:
-            return SINGLE if bool(self._last_decision_t) else MULTIPLE
+            if bool(self._last_decision_t):
+                return SINGLE
+            skewed = self._last_skewed_t
+            return SKEWED if skewed is not None and bool(skewed) else MULTIPLE
         return self._last_decision
 
     # ------------------------------------------------------------------ state
@@ -196,7 +201,7 @@ class Adapter(nn.Module):
             self.optimizer.load_state_dict(copy.deepcopy(self._initial["optimizer"]))
         if self.selector is not None:
             self.selector.load_state_dict(self._initial["selector"])
-        self._last_score = self._last_decision = self._last_decision_t = None
+        self._last_score = self._last_decision = self._last_decision_t = self._last_skewed_t = None
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"selector": self.selector.state_dict() if self.selector else None,
@@ -279,15 +284,16 @@ class DATTA(Adapter):
         self._last_score = score
         if self._sync_free:
             single = self.selector.decide_tensor(score)
+            skewed = self.selector.skewed_tensor(score)
             for lyr in self._layers:
-                lyr.set_decision(single)
-            self._last_decision, self._last_decision_t = None, single
+                lyr.set_decision(single, False if skewed is None else skewed)
+            self._last_decision, self._last_decision_t, self._last_skewed_t = None, single, skewed
             return
         decision = self.selector.update(score)      # the one host sync of the batch
         for lyr in self._layers:
             lyr.set_decision(decision)
         self._last_decision, self._last_decision_t = decision, None
-        if self.daft and decision == MULTIPLE:
+        if self.daft and decision != SINGLE:
             # no update will follow: stop recording the graph for the rest of this forward
             # (the enclosing enable_grad() restores the mode on exit)
             torch.set_grad_enabled(False)
@@ -310,7 +316,7 @@ class DATTA(Adapter):
         first = self._layers[self._score_at]
         saved = first.compute_score, first.score_mode, first.score_callback
         first.compute_score, first.score_mode, first.score_callback = True, self.score_mode, self._on_score
-        self._last_score = self._last_decision = self._last_decision_t = None
+        self._last_score = self._last_decision = self._last_decision_t = self._last_skewed_t = None
         try:
             with torch.enable_grad() if self.daft else torch.no_grad():
                 logits = self.model(x)

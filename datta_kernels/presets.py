@@ -11,12 +11,15 @@ __all__ = ["Preset", "PRESETS", "DISPERSION_PARTS"]
 
 class Preset(NamedTuple):
     """Blend weights ``(w_s, w_b, w_i)`` for each decision, the shrink of instance terms, and
-    whether the instance terms are cluster-pooled (SPEC §3b: DYN's CABN; no shrink then)."""
+    whether the instance terms are cluster-pooled (SPEC §3b: DYN's CABN; no shrink then).
+    The third decision, ``skewed``, only comes from a selector with a low cut (SPEC §6)."""
 
     single: tuple[float, float, float]
     multiple: tuple[float, float, float]
     shrink_k: float | None = None
     cluster: bool = False
+    #: the blend of "skewed" batches (less diverse than one i.i.d. domain); None = ``multiple``
+    skewed: tuple[float, float, float] | None = None
 
 
 #: SPEC §3 preset table.  ``shrink_k`` only matters where ``w_i > 0``.
