@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import DATTA, __version__, backends
 from ..adapt import DYN, TBN, BNAdapt, Source, Tent
-from ..calibrate import calibrate
+from ..calibrate import BLEND_GRID, calibrate
 from ..diversity import ThresholdSelector
 from . import progress_bar
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY
@@ -104,6 +104,8 @@ class DemoConfig:
     calibration_batches: int = 40
     #: images per validation domain (clean held-out + validation corruptions at severities 1-5)
     validation_per_domain: int = 1000
+    #: candidate blends of ``datta_cal`` (None: ``datta_kernels.calibrate.BLEND_GRID``)
+    calibration_grid: tuple | None = None
     seed: int = 0
     check_batches: int = 30
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -298,7 +300,8 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                                                      score_mode="dispersion", backend=cfg.backend)
             if any(m.startswith("datta_cal") for m in cfg.methods):
                 cal_reports[bs] = calibrate(copy.deepcopy(model), vdom, bs, n_batches=cfg.calibration_batches,
-                                            lr=cfg.lr, backend=cfg.backend, seed=cfg.seed).calibration
+                                            lr=cfg.lr, backend=cfg.backend, seed=cfg.seed,
+                                            grid=cfg.calibration_grid or BLEND_GRID).calibration
                 log(str(cal_reports[bs]))
         score_kw["disp_thresholds"] = {bs: c["threshold"] for bs, c in calibration.items()}
         score_kw["cal"] = cal_reports
