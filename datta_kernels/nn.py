@@ -261,7 +261,8 @@ class FusedDABN(nn.BatchNorm2d):
         del missing_keys[n_missing:]
         missing_keys.extend(k for k in new if k not in dabn_missing)
         with torch.no_grad():
-            for src, dst in (("running_mean", "source_mean"), ("running_var", "source_var")):
+            for src, dst in (("running_mean", "source_mean"), ("running_var", "source_var"),
+                             ("blend_multiple", "blend_skewed")):
                 value = state_dict.get(prefix + src)
                 if prefix + dst in dabn_missing and value is not None:
                     getattr(self, dst).copy_(value)
