@@ -3,8 +3,9 @@
 See ``docs/SPEC.md`` for the math; ``datta_kernels.reference`` is that page as code.
 """
 from . import ops  # noqa: F401  (registers torch.ops.datta.*)
-from .adapt import DATTA
+from .adapt import DATTA, DYN
 from .backends import available_backends
+from .cluster import cluster_labels
 from .diversity import KDESelector, ThresholdSelector, calibrate_threshold
 from .functional import blend_tensor, dabn, diversity_score, instance_stats
 from .nn import FusedDABN, convert_model, revert_model
@@ -14,6 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DATTA",
+    "DYN",
+    "cluster_labels",
     "FusedDABN",
     "convert_model",
     "revert_model",

@@ -29,11 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .diversity import MULTIPLE, SINGLE, KDESelector, Selector, make_selector
+from .diversity import MULTIPLE, SINGLE, SKEWED, KDESelector, Selector, make_selector
 from .functional import SCORE_MODES
 from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, convert_model, dabn_layers, first_nonlinear_layer
+from .presets import PRESETS
 
-__all__ = ["Adapter", "DATTA", "Source", "TBN", "BNAdapt", "Tent", "softmax_entropy"]
+__all__ = ["Adapter", "DATTA", "DYN", "Source", "TBN", "BNAdapt", "Tent", "softmax_entropy"]
 
 #: guards the check-and-set of ``Adapter._busy_thread`` (a module lock: adapters stay picklable)
 _BUSY_LOCK = threading.Lock()
@@ -48,7 +49,7 @@ def softmax_entropy(logits: Tensor) -> Tensor:
 
 
 def _prepare_model(model: nn.Module, preset: str | None, backend: str | None,
-                   shrink_k, weights) -> tuple[nn.Module, list[FusedDABN]]:
+                   shrink_k, weights, cluster=_PRESET_DEFAULT) -> tuple[nn.Module, list[FusedDABN]]:
     """Convert any plain BatchNorm2d and apply preset/backend to every FusedDABN layer
     (``None`` keeps each layer's own setting)."""
     if backend is not None and backend != "auto":
@@ -56,6 +57,8 @@ def _prepare_model(model: nn.Module, preset: str | None, backend: str | None,
     kw = {} if weights is None else {"weights": weights}
     if shrink_k is not _PRESET_DEFAULT:
         kw["shrink_k"] = shrink_k
+    if cluster is not _PRESET_DEFAULT:
+        kw["cluster"] = cluster
     if any(_is_plain_bn(m) for m in model.modules()):
         model = convert_model(model, preset or "datta", backend=backend or "auto", **kw)
     layers = dabn_layers(model)
@@ -89,11 +92,11 @@ class Adapter(nn.Module):
     def __init__(self, model: nn.Module, preset: str | None, *, update: str = "never",
                  lr: float = 1e-4, optimizer: OptimizerArg = None, episodic: bool = False,
                  backend: str | None = "auto", shrink_k=_PRESET_DEFAULT, weights=None,
-                 selector: Selector | None = None):
+                 selector: Selector | None = None, cluster=_PRESET_DEFAULT):
         super().__init__()
         if update not in ("never", "single", "always"):
             raise ValueError(f"update must be 'never', 'single' or 'always', got {update!r}")
-        model, layers = _prepare_model(model, preset, backend, shrink_k, weights)
+        model, layers = _prepare_model(model, preset, backend, shrink_k, weights, cluster)
         self.model = model
         self._layers = layers
         self.update_rule, self.episodic, self.selector = update, bool(episodic), selector
@@ -103,6 +106,7 @@ class Adapter(nn.Module):
         self._last_score: Tensor | None = None
         self._last_decision: str | None = None
         self._last_decision_t: Tensor | None = None
+        self._last_skewed_t: Tensor | None = None
         self._initial = self._snapshot()
 
     # ------------------------------------------------------------------ setup
@@ -180,9 +184,13 @@ class Adapter(nn.Module):
 
     @property
     def last_decision(self) -> str | None:
-        """``"single"`` / ``"multiple"`` for the latest batch (None for score-free baselines)."""
+        """``"single"`` / ``"multiple"`` (/ ``"skewed"``, from a selector with a low cut) for the
+        latest batch (None for score-free baselines)."""
         if self._last_decision is None and self._last_decision_t is not None:
-            return SINGLE if bool(self._last_decision_t) else MULTIPLE
+            if bool(self._last_decision_t):
+                return SINGLE
+            skewed = self._last_skewed_t
+            return SKEWED if skewed is not None and bool(skewed) else MULTIPLE
         return self._last_decision
 
     # ------------------------------------------------------------------ state
@@ -193,7 +201,7 @@ class Adapter(nn.Module):
             self.optimizer.load_state_dict(copy.deepcopy(self._initial["optimizer"]))
         if self.selector is not None:
             self.selector.load_state_dict(self._initial["selector"])
-        self._last_score = self._last_decision = self._last_decision_t = None
+        self._last_score = self._last_decision = self._last_decision_t = self._last_skewed_t = None
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"selector": self.selector.state_dict() if self.selector else None,
@@ -240,6 +248,7 @@ class DATTA(Adapter):
             approximation) or ``"dispersion"`` (spread of source-standardised instance
             statistics; separates single-domain from mixed batches far better, SPEC §2).
         backend: kernel backend for every layer (``None``: keep the layers' own).
+        shrink_k, weights, cluster: override the preset's (see :class:`FusedDABN`).
 
     Host syncs: one per batch (the selector needs the score as a float), except with a
     threshold selector and ``daft=False``, which decides on the device with no sync.
@@ -249,12 +258,13 @@ class DATTA(Adapter):
                  selector: Selector | float | None = None, daft: bool = True, lr: float = 1e-4,
                  optimizer: OptimizerArg = None, episodic: bool = False, score_mode: str = "pixel",
                  backend: str | None = "auto", *, shrink_k=_PRESET_DEFAULT, weights=None,
-                 score_layer: str | None = None):
+                 score_layer: str | None = None, cluster=_PRESET_DEFAULT):
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         super().__init__(model, preset, update="single" if daft else "never", lr=lr,
                          optimizer=optimizer, episodic=episodic, backend=backend,
-                         shrink_k=shrink_k, weights=weights, selector=make_selector(selector))
+                         shrink_k=shrink_k, weights=weights, selector=make_selector(selector),
+                         cluster=cluster)
         self.daft = bool(daft)
         self.score_mode = score_mode
         # an index, not a module attribute: the layer must not be registered twice; None =
@@ -274,15 +284,16 @@ class DATTA(Adapter):
         self._last_score = score
         if self._sync_free:
             single = self.selector.decide_tensor(score)
+            skewed = self.selector.skewed_tensor(score)
             for lyr in self._layers:
-                lyr.set_decision(single)
-            self._last_decision, self._last_decision_t = None, single
+                lyr.set_decision(single, False if skewed is None else skewed)
+            self._last_decision, self._last_decision_t, self._last_skewed_t = None, single, skewed
             return
         decision = self.selector.update(score)      # the one host sync of the batch
         for lyr in self._layers:
             lyr.set_decision(decision)
         self._last_decision, self._last_decision_t = decision, None
-        if self.daft and decision == MULTIPLE:
+        if self.daft and decision != SINGLE:
             # no update will follow: stop recording the graph for the rest of this forward
             # (the enclosing enable_grad() restores the mode on exit)
             torch.set_grad_enabled(False)
@@ -305,7 +316,7 @@ class DATTA(Adapter):
         first = self._layers[self._score_at]
         saved = first.compute_score, first.score_mode, first.score_callback
         first.compute_score, first.score_mode, first.score_callback = True, self.score_mode, self._on_score
-        self._last_score = self._last_decision = self._last_decision_t = None
+        self._last_score = self._last_decision = self._last_decision_t = self._last_skewed_t = None
         try:
             with torch.enable_grad() if self.daft else torch.no_grad():
                 logits = self.model(x)
@@ -371,3 +382,26 @@ class Tent(Adapter):
                  episodic: bool = False, backend: str | None = "auto"):
         super().__init__(model, "tbn", update="always", lr=lr, optimizer=optimizer,
                          episodic=episodic, backend=backend)
+
+
+class DYN(Adapter):
+    """DYN (Discover Your Neighbours, the DATTA authors' backward-free method for dynamic
+    streams), faithful to their released layer: every BatchNorm2d normalises each sample with
+    the statistics of its FINCH cluster of the batch (clustered by instance means, at every
+    layer and batch) blended with the source statistics, ``source_rate`` on the source
+    (SPEC §3b; preset ``"dyn"``: weights ``(r, 0, 1 - r)``, cluster-pooled instance terms).
+    No backward, no parameter update; ``adapter(x)`` returns the logits.
+    """
+
+    def __init__(self, model: nn.Module, source_rate: float = 0.8, *, episodic: bool = False,
+                 backend: str | None = "auto"):
+        r = float(source_rate)
+        if not 0.0 <= r <= 1.0:
+            raise ValueError(f"source_rate must be in [0, 1], got {source_rate!r}")
+        w = (r, 0.0, 1.0 - r)
+        super().__init__(model, "dyn", episodic=episodic, backend=backend,
+                         weights=None if r == PRESETS["dyn"].single[0] else (w, w))
+        self.source_rate = r
+
+    def extra_repr(self) -> str:
+        return f"source_rate={self.source_rate}, " + super().extra_repr()

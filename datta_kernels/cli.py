@@ -23,7 +23,7 @@ __all__ = ["main"]
 
 #: ``--quick``: fewer images and streams, one model; about 1-2 minutes on a 2-core CPU.
 QUICK = {"per_domain": 300, "streams": ("single", "mixed", "dynamic"), "batch_sizes": (16, 64),
-         "check_batches": 10}
+         "check_batches": 10, "validation_per_domain": 200, "calibration_batches": 12}
 #: (N, C, H, W) of ``bench``: the SmallResNet's stem and last stage at bs 64, then ResNet-50-like
 #: layers (early wide-spatial, late many-channel) at bs 32.
 BENCH_SHAPES = ((64, 16, 28, 28), (64, 64, 7, 7), (32, 64, 56, 56), (32, 256, 28, 28), (32, 2048, 7, 7))
@@ -129,6 +129,9 @@ def _demo_config(args):
         if value is not None:
             setattr(cfg, key, value)
     cfg.retrain, cfg.progress = args.retrain, not args.no_progress
+    cfg.report_validation = args.report_validation
+    if args.calibration_batches is not None:
+        cfg.calibration_batches = args.calibration_batches
     return cfg
 
 
@@ -415,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test images per corruption (default 1000)")
     d.add_argument("--corruptions", type=_names("corruption", CORRUPTIONS), default=None,
                    help="comma-separated subset of: " + ", ".join(CORRUPTIONS) + " (default all)")
+    d.add_argument("--report-validation", action="store_true",
+                   help="allow --corruptions to name a validation corruption (speckle_noise, "
+                   "gaussian_blur); its numbers are labelled as validation numbers")
+    d.add_argument("--calibration-batches", type=_int_at_least(2), default=None,
+                   help="validation batches of each type that calibrate datta_disp / datta_cal (default 40)")
     d.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1..5 (default 3)")
     d.add_argument("--streams", type=_names("stream", STREAMS), default=None,
                    help="comma-separated subset of: " + ", ".join(STREAMS) + " (default all)")

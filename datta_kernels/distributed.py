@@ -44,7 +44,7 @@ from . import ops
 from . import reference as ref
 from .adapt import DATTA, softmax_entropy
 from .backends.base import acc_dtype
-from .functional import _backend_for, _check_channel_vec
+from .functional import _backend_for, _check_channel_vec, normalize_with_moments
 from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, _swap, convert_model, first_nonlinear_layer
 from .presets import DISPERSION_PARTS
 
@@ -136,27 +136,6 @@ def _global_batch_moments(mean_i: Tensor, var_i: Tensor, m: int, group, backend:
     return impl.batch_moments_merge(rows, mean_i.dtype)
 
 
-_PURE_INSTANCE: dict = {}
-
-
-def _apply_moments(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
-                   bias: Tensor | None, eps: float, backend: str) -> Tensor:
-    """SPEC D3's last step with given per-(n, c) moments ``(N, C)``: ``y = gamma (x - m)
-    rsqrt(max(v, 0) + eps) + beta`` in x's dtype and memory format.  One read and one write of
-    x by the backend's fused ``dabn_normalize`` called with the blend ``(0, 0, 1)``: the given
-    moments take the place of the instance statistics (no shrink, source unused)."""
-    if backend == "reference" or x.shape[0] == 0 or x.shape[2] * x.shape[3] <= 1:
-        y = ref.normalize(x, mean, var, weight, bias, eps)
-        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
-        return y.contiguous(memory_format=fmt)
-    key = (x.device, mean.dtype)
-    if key not in _PURE_INSTANCE:
-        _PURE_INSTANCE[key] = torch.tensor([0.0, 0.0, 1.0], dtype=mean.dtype, device=x.device)
-    zeros = mean.new_zeros(mean.shape[1])
-    return ops.run_dabn(x, weight, bias, zeros, zeros, _PURE_INSTANCE[key], None, eps, backend,
-                        stats=(mean, var))
-
-
 class _SyncNormalize(torch.autograd.Function):
     """SPEC §3 with the global batch statistics.  Forward: D1–D3 on the tiny ``(N, C)``
     statistics (the backend's ``blend_moments``), then one fused pass over x.  Backward: SPEC
@@ -176,7 +155,7 @@ class _SyncNormalize(torch.autograd.Function):
         x = ops.as_kernel_layout(x)
         ctx.save_for_backward(x, weight)
         ctx.st = st
-        return _apply_moments(x, mean, var, weight, bias, st["eps"], st["backend"])
+        return normalize_with_moments(x, mean, var, weight, bias, st["eps"], st["backend"])
 
     @staticmethod
     def backward(ctx, dy):

@@ -26,10 +26,12 @@ from torch import Tensor
 from .functional import diversity_score
 
 __all__ = ["diversity_score", "Selector", "KDESelector", "ThresholdSelector", "KDEInfo",
-           "kde_decision", "scott_kde", "calibrate_threshold", "SINGLE", "MULTIPLE"]
+           "kde_decision", "scott_kde", "calibrate_threshold", "SINGLE", "MULTIPLE", "SKEWED"]
 
 SINGLE = "single"
 MULTIPLE = "multiple"
+#: a batch less diverse than one i.i.d. domain (label-sorted): only from a selector with a low cut
+SKEWED = "skewed"
 
 #: Grid size of the authors' KDE (``np.linspace(min, max, 1000)``).
 GRID_SIZE = 1000
@@ -190,6 +192,10 @@ class Selector:
     def update(self, score: float | Tensor) -> str:
         raise NotImplementedError
 
+    def skewed_tensor(self, score: Tensor) -> Tensor | None:
+        """Device-side ``"skewed"`` flag of a sync-free selector (None: it never answers it)."""
+        return None
+
     def reset(self) -> None:
         """Forget the stream (history, counters); keep the configuration."""
 
@@ -201,39 +207,54 @@ class Selector:
 
 
 class ThresholdSelector(Selector):
-    """``single`` iff ``score < threshold``.  Stateless apart from its threshold, so it can
-    also decide on the device (:meth:`decide_tensor`) without a host sync."""
+    """``single`` iff ``low <= score < threshold``, ``skewed`` below ``low``, else
+    ``multiple`` (``low`` defaults to -inf: plain ``score < threshold``).  A finite ``low``
+    catches batches *less* diverse than a single i.i.d. domain, e.g. label-sorted ones whose
+    batch statistics mislead (``datta_kernels.calibrate`` sets it from validation streams).
+    Stateless apart from its thresholds, so it can also decide on the device
+    (:meth:`decide_tensor`, :meth:`skewed_tensor`) without a host sync."""
 
     sync_free = True
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, low: float = -math.inf):
         self.threshold = float(threshold)
+        self.low = float(low)
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be finite, got {threshold!r}")
+        if math.isnan(self.low) or self.low == math.inf or self.low >= self.threshold:
+            raise ValueError(f"low must be -inf or a number < threshold ({self.threshold}), got {low!r}")
         self.last_decision: str | None = None
 
     def update(self, score: float | Tensor) -> str:
-        self.last_decision = SINGLE if _as_float(score) < self.threshold else MULTIPLE
+        s = _as_float(score)
+        self.last_decision = SKEWED if s < self.low else SINGLE if s < self.threshold else MULTIPLE
         return self.last_decision
 
     def decide_tensor(self, score: Tensor) -> Tensor:
         """Device-side decision: a 0-dim bool tensor, True for ``single`` (no host sync)."""
-        return score.detach().reshape(()) < self.threshold
+        s = score.detach().reshape(())
+        return (s < self.threshold) & (s >= self.low)
+
+    def skewed_tensor(self, score: Tensor) -> Tensor | None:
+        return None if self.low == -math.inf else score.detach().reshape(()) < self.low
 
     def reset(self) -> None:
         self.last_decision = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "threshold", "threshold": self.threshold, "last_decision": self.last_decision}
+        return {"kind": "threshold", "threshold": self.threshold, "low": self.low,
+                "last_decision": self.last_decision}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "threshold":
             raise ValueError(f"not a ThresholdSelector state (kind={state.get('kind')!r})")
         self.threshold = float(state["threshold"])
+        self.low = float(state.get("low", -math.inf))
         self.last_decision = state.get("last_decision")
 
     def __repr__(self) -> str:
-        return f"ThresholdSelector(threshold={self.threshold})"
+        low = "" if self.low == -math.inf else f", low={self.low}"
+        return f"ThresholdSelector(threshold={self.threshold}{low})"
 
 
 class KDESelector(Selector):

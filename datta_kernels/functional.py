@@ -15,10 +15,11 @@ from torch import Tensor
 
 from . import backends, ops
 from . import reference as ref
+from .cluster import cluster_labels, cluster_moments
 from .presets import DISPERSION_PARTS, PRESETS
 
-__all__ = ["instance_stats", "diversity_score", "dabn", "blend_tensor", "available_backends",
-           "PRESETS", "SCORE_MODES"]
+__all__ = ["instance_stats", "diversity_score", "dabn", "cluster_dabn", "blend_tensor",
+           "available_backends", "PRESETS", "SCORE_MODES"]
 
 #: Diversity score modes (SPEC §2): exact per-pixel angles, their instance-mean approximation,
 #: and the spread of source-standardised instance statistics.
@@ -220,6 +221,49 @@ def dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Ten
                     shrink_k, float(eps), name, stats=stats)
 
 
+def cluster_dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean: Tensor,
+                 source_var: Tensor, blend: Tensor, *, eps: float = 1e-5, backend: str = "auto",
+                 stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Cluster-aware DABN (SPEC §3b, DYN's CABN): :func:`dabn` whose instance terms are the
+    pooled statistics of each sample's FINCH cluster (:func:`~datta_kernels.cluster_labels` on
+    the instance means), the batch and source terms as in D3.
+
+    ``blend`` a length-3 tensor (as :func:`dabn`); no shrink.  Without a graph to record: one
+    pass of the backend's instance statistics (skipped when ``stats`` are given), the tiny
+    ``(N, C)`` clustering and blend on the device, one fused normalisation pass: 2 reads and 1
+    write of x, no host sync.  When ``x`` needs a gradient the statistics are recomputed by
+    differentiable PyTorch ops (the labels are constants); when only ``weight``/``bias`` do,
+    the normalisation is.
+    """
+    _check_x(x)
+    for t, name in ((weight, "weight"), (bias, "bias"), (source_mean, "source_mean"),
+                    (source_var, "source_var")):
+        _check_channel_vec(t, name, x)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    if not isinstance(blend, Tensor) or blend.shape != (3,) or blend.device != x.device:
+        raise ValueError(f"blend must be a length-3 tensor on {x.device}")
+    name = _backend_for(x, backend)
+    grad = torch.is_grad_enabled()
+    x_grad = grad and x.requires_grad
+    if x_grad:
+        mean_i, var_i = ref.instance_stats(x)
+    elif stats is not None:
+        _check_stats(stats, x)
+        mean_i, var_i = stats
+    else:
+        mean_i, var_i = ops.run_instance_stats(x, name)
+    pooled = cluster_moments(mean_i, var_i, cluster_labels(mean_i.detach()), eps)
+    m = x.shape[2] * x.shape[3]
+    mean, var = ref.blend_moments(mean_i, var_i, source_mean.detach(), source_var.detach(),
+                                  blend.detach().to(mean_i.dtype), m, None, eps, instance=pooled)
+    if x_grad or (grad and any(t is not None and t.requires_grad for t in (weight, bias))):
+        y = ref.normalize(x, mean, var, weight, bias, eps)
+        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
+        return y.contiguous(memory_format=fmt)
+    return normalize_with_moments(x, mean, var, weight, bias, eps, name)
+
+
 def _check_stats(stats, x: Tensor) -> None:
     if not (isinstance(stats, (tuple, list)) and len(stats) == 2
             and all(isinstance(t, Tensor) for t in stats)):
@@ -229,3 +273,29 @@ def _check_stats(stats, x: Tensor) -> None:
             raise ValueError(f"stats {name} must be a floating-point {tuple(x.shape[:2])} tensor "
                              f"on {x.device} (instance_stats(x)), got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
+
+
+#: the blend (0, 0, 1) per (device, dtype): given moments stand in for the instance statistics
+_PURE_INSTANCE: dict = {}
+
+
+def normalize_with_moments(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
+                           bias: Tensor | None, eps: float, backend: str) -> Tensor:
+    """SPEC D3's last step with given per-(n, c) moments ``(N, C)``: ``y = gamma (x - m)
+    rsqrt(max(v, 0) + eps) + beta`` in x's dtype and memory format.  One read and one write of
+    x by the backend's fused ``dabn_normalize`` called with the blend ``(0, 0, 1)``: the given
+    moments take the place of the instance statistics (no shrink, source unused).
+
+    Forward only: an autograd graph through the result would treat the moments as x's
+    instance statistics.  Callers record no graph (the cluster-aware layer without grad) or
+    wrap it in their own ``autograd.Function`` (the synced layer)."""
+    if backend == "reference" or x.shape[0] == 0 or x.shape[2] * x.shape[3] <= 1:
+        y = ref.normalize(x, mean, var, weight, bias, eps)
+        fmt = torch.channels_last if ops.is_channels_last(x) else torch.contiguous_format
+        return y.contiguous(memory_format=fmt)
+    key = (x.device, mean.dtype)
+    if key not in _PURE_INSTANCE:
+        _PURE_INSTANCE[key] = torch.tensor([0.0, 0.0, 1.0], dtype=mean.dtype, device=x.device)
+    zeros = mean.new_zeros(mean.shape[1])
+    return ops.run_dabn(x, weight, bias, zeros, zeros, _PURE_INSTANCE[key], None, eps, backend,
+                        stats=(mean, var))

@@ -13,7 +13,11 @@ num_batches_tracked ()       as BatchNorm2d; never updated by DABN
 source_mean/var     (C,)     frozen copy of the source statistics used by DABN
 blend_single        (3,)     (w_s, w_b, w_i) for "single" batches, float32
 blend_multiple      (3,)     (w_s, w_b, w_i) for "multiple" batches, float32
-decision            ()       bool, True = "single"; blend = where(decision, single, multiple)
+blend_skewed        (3,)     (w_s, w_b, w_i) for "skewed" batches (less diverse than one
+                             i.i.d. domain, e.g. label-sorted), float32; default = multiple
+decision            ()       bool, True = "single"
+skewed              ()       bool, True = "skewed" (only read when decision is False);
+                             blend = where(decision, single, where(skewed, skewed, multiple))
 ==================  =======  ==============================================================
 """
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .functional import (
     _check_x,
     blend_tensor,
     check_score_args,
+    cluster_dabn,
     dabn,
     score_from_stats,
 )
@@ -40,26 +45,31 @@ from .presets import PRESETS
 __all__ = ["FusedDABN", "convert_model", "revert_model", "dabn_layers", "first_nonlinear_layer"]
 
 _PRESET_DEFAULT = object()  # sentinel: "shrink_k of the preset"
-_DABN_KEYS = ("source_mean", "source_var", "blend_single", "blend_multiple", "decision")
-_BLEND_KEYS = ("blend_single", "blend_multiple")
-_DECISIONS = {"single": True, "multiple": False}
+_DABN_KEYS = ("source_mean", "source_var", "blend_single", "blend_multiple", "blend_skewed",
+              "decision", "skewed")
+_BLEND_KEYS = ("blend_single", "blend_multiple", "blend_skewed")
+#: decision name -> (decision, skewed) buffer values
+_DECISIONS = {"single": (True, False), "multiple": (False, False), "skewed": (False, True)}
 
 
-def _resolve_weights(preset: str, weights, shrink_k):
-    """(single, multiple, shrink_k, preset label) from a preset name and optional overrides."""
+def _resolve_weights(preset: str, weights, shrink_k, cluster=_PRESET_DEFAULT):
+    """(single, multiple, skewed, shrink_k, preset label, cluster) from a preset name and
+    optional overrides; ``weights`` is ``(single, multiple)`` or ``(single, multiple, skewed)``."""
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} "
                          "or pass weights=(single, multiple)")
     p = PRESETS[preset]
-    single, multiple, label = p.single, p.multiple, preset
+    single, multiple, skewed, label = p.single, p.multiple, p.skewed, preset
     if weights is not None:
         if (isinstance(weights, (str, Tensor)) or not isinstance(weights, Sequence)
-                or len(weights) != 2):
-            raise ValueError("weights must be a pair (single, multiple) of (w_s, w_b, w_i) "
-                             f"triples, got {weights!r}")
-        single, multiple = (tuple(float(v) for v in w) for w in weights)
+                or len(weights) not in (2, 3)):
+            raise ValueError("weights must be (single, multiple) or (single, multiple, skewed) "
+                             f"(w_s, w_b, w_i) triples, got {weights!r}")
+        single, multiple, *rest = (tuple(float(v) for v in w) for w in weights)
+        skewed = rest[0] if rest else None
         label = "custom"
-    for name, w in (("single", single), ("multiple", multiple)):
+    skewed = multiple if skewed is None else skewed
+    for name, w in (("single", single), ("multiple", multiple), ("skewed", skewed)):
         try:
             blend_tensor(w)
         except ValueError as e:
@@ -69,7 +79,13 @@ def _resolve_weights(preset: str, weights, shrink_k):
         k = float(k)
         if not math.isfinite(k) or k < 0:
             raise ValueError(f"shrink_k must be a finite number >= 0 or None, got {k}")
-    return single, multiple, k, label
+    cluster = p.cluster if cluster is _PRESET_DEFAULT else cluster
+    if not isinstance(cluster, (bool, np.bool_)):
+        raise TypeError(f"cluster must be a bool, got {cluster!r}")
+    if cluster and k is not None:
+        raise ValueError("cluster-pooled instance statistics (cluster=True) take no shrink: "
+                         "pass shrink_k=None")
+    return single, multiple, skewed, k, label, bool(cluster)
 
 
 class FusedDABN(nn.BatchNorm2d):
@@ -91,6 +107,8 @@ class FusedDABN(nn.BatchNorm2d):
             normalization (2 reads + 1 write of x; 3 reads in ``"pixel"`` mode).
         score_mode: ``"pixel"`` (exact, the authors'), ``"instance"`` (approximation) or
             ``"dispersion"``, see ``diversity_score``.
+        cluster: the instance terms use the pooled statistics of the sample's FINCH cluster
+            (SPEC §3b, DYN's CABN; default: the preset's, True only for ``"dyn"``); no shrink.
 
     Unlike ``nn.BatchNorm2d``, ``train()`` / ``eval()`` do not change what the layer computes:
     it always normalises with the blend of the current decision, and the running buffers and
@@ -102,8 +120,9 @@ class FusedDABN(nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, preset: str = "datta", shrink_k=_PRESET_DEFAULT, weights=None,
-                 backend: str = "auto", compute_score: bool = False, score_mode: str = "pixel"):
-        single, multiple, k, label = _resolve_weights(preset, weights, shrink_k)
+                 backend: str = "auto", compute_score: bool = False, score_mode: str = "pixel",
+                 cluster=_PRESET_DEFAULT):
+        single, multiple, skewed, k, label, cl = _resolve_weights(preset, weights, shrink_k, cluster)
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         if backend != "auto":
@@ -115,8 +134,10 @@ class FusedDABN(nn.BatchNorm2d):
         self.register_buffer("blend_single", torch.tensor(single, dtype=torch.float32, device=device))
         self.register_buffer("blend_multiple",
                              torch.tensor(multiple, dtype=torch.float32, device=device))
+        self.register_buffer("blend_skewed", torch.tensor(skewed, dtype=torch.float32, device=device))
         self.register_buffer("decision", torch.tensor(True, device=device))
-        self.preset, self.shrink_k, self.backend = label, k, backend
+        self.register_buffer("skewed", torch.tensor(False, device=device))
+        self.preset, self.shrink_k, self.backend, self.cluster = label, k, backend, cl
         self.compute_score, self.score_mode = compute_score, score_mode
         self.last_score: Tensor | None = None
         self.last_per_sample: Tensor | None = None
@@ -125,33 +146,38 @@ class FusedDABN(nn.BatchNorm2d):
         self.score_callback = None
 
     # ------------------------------------------------------------------ configuration
-    def set_preset(self, preset: str = "datta", *, shrink_k=_PRESET_DEFAULT, weights=None) -> None:
+    def set_preset(self, preset: str = "datta", *, shrink_k=_PRESET_DEFAULT, weights=None,
+                   cluster=_PRESET_DEFAULT) -> None:
         """Switch preset / weights in place (tensor values only: no recompilation unless
-        ``shrink_k`` changes)."""
-        single, multiple, k, label = _resolve_weights(preset, weights, shrink_k)
+        ``shrink_k`` or ``cluster`` changes)."""
+        single, multiple, skewed, k, label, cl = _resolve_weights(preset, weights, shrink_k, cluster)
         with torch.no_grad():
             self.blend_single.copy_(torch.tensor(single))
             self.blend_multiple.copy_(torch.tensor(multiple))
-        self.preset, self.shrink_k = label, k
+            self.blend_skewed.copy_(torch.tensor(skewed))
+        self.preset, self.shrink_k, self.cluster = label, k, cl
 
-    def set_decision(self, decision: str | bool | Tensor) -> None:
-        """Write the decision in place: ``"single"``/``True`` or ``"multiple"``/``False``, or a
-        0-dim bool tensor (copied on device, no host sync)."""
+    def set_decision(self, decision: str | bool | Tensor, skewed: bool | Tensor = False) -> None:
+        """Write the decision in place: ``"single"``/``True``, ``"multiple"``/``False`` or
+        ``"skewed"``, or a 0-dim bool tensor (True = single; copied on device, no host sync).
+        ``skewed`` (a bool or 0-dim bool tensor) marks a non-single decision as ``"skewed"``;
+        a decision string sets it by itself."""
         with torch.no_grad():
-            if isinstance(decision, Tensor):
-                if decision.dtype != torch.bool or decision.numel() != 1:
-                    raise TypeError("a decision tensor must hold one bool (True = 'single'), got "
-                                    f"{decision.dtype} of shape {tuple(decision.shape)}")
-                self.decision.copy_(decision.reshape(()))
-            elif isinstance(decision, str):
+            if isinstance(decision, str):
                 if decision not in _DECISIONS:
-                    raise ValueError(f"decision must be 'single' or 'multiple', got {decision!r}")
-                self.decision.fill_(_DECISIONS[decision])
-            elif isinstance(decision, (bool, np.bool_)):
-                self.decision.fill_(bool(decision))
-            else:
-                raise TypeError("decision must be 'single' / 'multiple', a bool or a bool tensor, "
-                                f"got {decision!r}")
+                    raise ValueError(f"decision must be one of {list(_DECISIONS)}, got {decision!r}")
+                decision, skewed = _DECISIONS[decision]
+            for value, buf in ((decision, self.decision), (skewed, self.skewed)):
+                if isinstance(value, Tensor):
+                    if value.dtype != torch.bool or value.numel() != 1:
+                        raise TypeError("a decision tensor must hold one bool (True = 'single' / "
+                                        f"'skewed'), got {value.dtype} of shape {tuple(value.shape)}")
+                    buf.copy_(value.reshape(()))
+                elif isinstance(value, (bool, np.bool_)):
+                    buf.fill_(bool(value))
+                else:
+                    raise TypeError("decision must be 'single' / 'multiple' / 'skewed', a bool or "
+                                    f"a bool tensor, got {value!r}")
 
     def set_source_stats(self, mean: Tensor, var: Tensor) -> None:
         """Set the source statistics (and the running buffers, when tracked) to ``(C,)`` values."""
@@ -170,7 +196,8 @@ class FusedDABN(nn.BatchNorm2d):
 
     def blend(self) -> Tensor:
         """The effective ``(w_s, w_b, w_i)`` for the current decision, on device (no sync)."""
-        return torch.where(self.decision, self.blend_single, self.blend_multiple)
+        return torch.where(self.decision, self.blend_single,
+                           torch.where(self.skewed, self.blend_skewed, self.blend_multiple))
 
     # ------------------------------------------------------------------ forward
     @property
@@ -203,6 +230,9 @@ class FusedDABN(nn.BatchNorm2d):
             stats = self._score(x)
             if self.score_callback is not None:
                 self.score_callback(self, self.last_score)
+        if self.cluster:
+            return cluster_dabn(x, self.weight, self.bias, self.source_mean, self.source_var,
+                                self.blend(), eps=self.eps, backend=self.backend, stats=stats)
         return dabn(x, self.weight, self.bias, self.source_mean, self.source_var, self.blend(),
                     shrink_k=self.shrink_k, eps=self.eps, backend=self.backend, stats=stats)
 
@@ -231,15 +261,19 @@ class FusedDABN(nn.BatchNorm2d):
         del missing_keys[n_missing:]
         missing_keys.extend(k for k in new if k not in dabn_missing)
         with torch.no_grad():
-            for src, dst in (("running_mean", "source_mean"), ("running_var", "source_var")):
+            for src, dst in (("running_mean", "source_mean"), ("running_var", "source_var"),
+                             ("blend_multiple", "blend_skewed")):
                 value = state_dict.get(prefix + src)
                 if prefix + dst in dabn_missing and value is not None:
                     getattr(self, dst).copy_(value)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", preset={self.preset!r}"
-        if self.shrink_k != PRESETS.get(self.preset, (None, None, None))[2]:
+        known = PRESETS.get(self.preset)
+        if self.shrink_k != (known.shrink_k if known else None):
             s += f", shrink_k={self.shrink_k}"
+        if self.cluster != (known.cluster if known else False):
+            s += f", cluster={self.cluster}"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -301,7 +335,8 @@ def convert_model(model: nn.Module, preset: str = "datta", *, process_group=_NO_
     layer when ``model`` itself is a BatchNorm2d).  Raises ``ValueError`` when there is no
     BatchNorm2d to convert.
     """
-    _resolve_weights(preset, kwargs.get("weights"), kwargs.get("shrink_k", _PRESET_DEFAULT))
+    _resolve_weights(preset, kwargs.get("weights"), kwargs.get("shrink_k", _PRESET_DEFAULT),
+                     kwargs.get("cluster", _PRESET_DEFAULT))
 
     def make(bn: nn.BatchNorm2d) -> FusedDABN:
         cls, extra = FusedDABN, {}
@@ -372,7 +407,8 @@ def first_nonlinear_layer(model: nn.Module, example: Tensor, rtol: float = 1e-3)
     shape = (1, *example.shape[1:])
     a = torch.randn(shape, generator=g).to(example)
     b = torch.randn(shape, generator=g).to(example)
-    saved = [(lyr.blend_single.clone(), lyr.blend_multiple.clone(), lyr.compute_score) for lyr in layers]
+    saved = [(lyr.blend_single.clone(), lyr.blend_multiple.clone(), lyr.blend_skewed.clone(),
+              lyr.compute_score) for lyr in layers]
     modes = [m.training for m in model.modules()]
     inputs: dict[int, list[Tensor]] = {i: [] for i in range(len(layers))}
     hooks = [lyr.register_forward_pre_hook(lambda mod, inp, i=i: inputs[i].append(inp[0].float()))
@@ -382,15 +418,17 @@ def first_nonlinear_layer(model: nn.Module, example: Tensor, rtol: float = 1e-3)
         for lyr in layers:
             lyr.blend_single.copy_(torch.tensor((1.0, 0.0, 0.0)))
             lyr.blend_multiple.copy_(torch.tensor((1.0, 0.0, 0.0)))
+            lyr.blend_skewed.copy_(torch.tensor((1.0, 0.0, 0.0)))
             lyr.compute_score = False
         for probe in (a, b, (a + b) / 2):
             model(probe)
     finally:
         for h in hooks:
             h.remove()
-        for lyr, (s, mu, cs) in zip(layers, saved):
+        for lyr, (s, mu, sk, cs) in zip(layers, saved):
             lyr.blend_single.copy_(s)
             lyr.blend_multiple.copy_(mu)
+            lyr.blend_skewed.copy_(sk)
             lyr.compute_score = cs
         for m, t in zip(model.modules(), modes):
             m.training = t

@@ -10,11 +10,16 @@ __all__ = ["Preset", "PRESETS", "DISPERSION_PARTS"]
 
 
 class Preset(NamedTuple):
-    """Blend weights ``(w_s, w_b, w_i)`` for each decision, and the shrink of instance terms."""
+    """Blend weights ``(w_s, w_b, w_i)`` for each decision, the shrink of instance terms, and
+    whether the instance terms are cluster-pooled (SPEC §3b: DYN's CABN; no shrink then).
+    The third decision, ``skewed``, only comes from a selector with a low cut (SPEC §6)."""
 
     single: tuple[float, float, float]
     multiple: tuple[float, float, float]
     shrink_k: float | None = None
+    cluster: bool = False
+    #: the blend of "skewed" batches (less diverse than one i.i.d. domain); None = ``multiple``
+    skewed: tuple[float, float, float] | None = None
 
 
 #: SPEC §3 preset table.  ``shrink_k`` only matters where ``w_i > 0``.
@@ -25,6 +30,8 @@ PRESETS: dict[str, Preset] = {
     "tbn": Preset((0.0, 1.0, 0.0), (0.0, 1.0, 0.0)),
     "source": Preset((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)),
     "instance": Preset((0.0, 0.0, 1.0), (0.0, 0.0, 1.0)),
+    # DYN (Discover Your Neighbours): source_rate 0.8 with the sample's cluster statistics
+    "dyn": Preset((0.8, 0.0, 0.2), (0.8, 0.0, 0.2), None, True),
 }
 
 #: Which parts of the standardised instance statistics the shipped ``"dispersion"`` score uses

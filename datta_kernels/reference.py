@@ -128,11 +128,14 @@ def blend_moments(
     mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
     blend: Tensor, m: int, shrink_k: float | None, eps: float,
     batch: tuple[Tensor, Tensor, Tensor] | None = None,
+    instance: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SPEC D3: blended per-(n, c) mean and variance ``(N, C)`` (after D1, D4 and D2);
     terms of weight 0 are selected away (:func:`weighted`).  ``batch``: ``(mu_B, var_B,
     count)`` of another batch (``count`` its element count, a 0-dim tensor) instead of D4 on
-    these instance statistics."""
+    these instance statistics.  ``instance``: the ``(N, C)`` statistics of the instance terms
+    when they are not ``mean_i, var_i`` (the cluster-pooled ones of SPEC §3b; D4 still reads
+    ``mean_i, var_i``)."""
     n = mean_i.shape[0]
     dt = mean_i.dtype
     smean, svar = source_mean.to(dt), source_var.to(dt)
@@ -142,6 +145,8 @@ def blend_moments(
     else:
         mu_b, var_b, count = (t.to(dt) for t in batch)
     w_s, w_b, w_i = (w.to(dt) for w in effective_blend(blend, n, m, count))
+    if instance is not None:
+        mean_i, var_i = instance
     if shrink_k is not None and m > 1:
         mean_i, var_i = shrink_instance_stats(mean_i, var_i, smean, svar, m, shrink_k, eps)
     mean = weighted(w_s, smean) + weighted(w_b, mu_b) + weighted(w_i, mean_i)

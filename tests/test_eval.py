@@ -231,7 +231,9 @@ def test_oracle_selector():
 def tiny_doc(synth_dir, tmp_path_factory):
     cfg = DemoConfig(data_dir=str(synth_dir), per_domain=24,
                      corruptions=("gaussian_noise", "fog", "contrast"),
-                     batch_sizes=(8,), check_batches=2, train=TINY_TRAIN,
+                     batch_sizes=(8,), check_batches=2, train=TINY_TRAIN, validation_per_domain=16,
+                     calibration_batches=2,
+                     calibration_grid=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4)),
                      cache_dir=str(tmp_path_factory.mktemp("cache")), progress=False)
     return run_demo(cfg, command="test", log=lambda *a: None)
 
@@ -243,14 +245,23 @@ def test_run_demo_document(tiny_doc):
         assert {"method", "stream", "batch_size", "accuracy", "ms_per_batch"} <= set(r)
         assert 0 <= r["accuracy"] <= 1 and r["ms_per_batch"] > 0 and r["samples"] == 72
     assert set(rows[0]["per_corruption"]) == {"gaussian_noise", "fog", "contrast"}
-    assert {d["method"] for d in tiny_doc["detector"]} == {"datta", "datta_icme", "datta_noft", "datta_disp"}
+    assert {d["method"] for d in tiny_doc["detector"]} == {"datta", "datta_icme", "datta_noft", "datta_disp",
+                                                          "datta_cal"}
     assert set(tiny_doc["calibration"]) == {"8"} and tiny_doc["calibration"]["8"]["single_scores"]
-    # the oracle decides "single" exactly on the single-domain batches, from the first batch on
+    assert set(tiny_doc["datta_cal"]) == {"8"} and tiny_doc["datta_cal"]["8"]["domains"][0] == "clean_heldout"
+    assert tiny_doc["reported_on_validation"] == []
+    # each oracle decides "single" exactly on the single-domain batches, from the first batch on
+    # (datta_cal's: label-sorted batches are "skewed"), with its rule's score layer
     kinds = {r.stream: r.kinds for r in tiny_doc["_runs"]}
+    runs = {(r.method, r.stream): r for r in tiny_doc["_runs"]}
     for r in rows:
-        if r["method"] == "datta_oracle":
+        if r["method"] in ("datta_oracle", "datta_disp_oracle", "datta_cal_oracle"):
             truth = kinds[r["stream"]]
-            assert r["single_fraction"] == pytest.approx(truth.count("single") / len(truth))
+            single = 0 if r["method"] == "datta_cal_oracle" and r["stream"] == "single_noniid" else \
+                truth.count("single") / len(truth)
+            assert r["single_fraction"] == pytest.approx(single)
+    skewed = runs[("datta_cal_oracle", "single_noniid")].decisions
+    assert set(skewed) == {"skewed"}
     chk = tiny_doc["backend_check"]
     assert chk["prediction_agreement"] == 1.0 and chk["batches"] == 2
     meta = tiny_doc["meta"]
@@ -268,3 +279,43 @@ def test_report_outputs(tiny_doc, tmp_path):
     table = format_tables(tiny_doc)
     assert "datta_icme" in table and "precision" in table and "Backend check" in table
     assert paths["summary"].read_text().strip() == table.strip()
+
+
+# --- the protocol -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("per_domain", [2, 17, 1000, 5000])
+def test_reported_and_validation_images_are_disjoint(per_domain):
+    from datta_kernels.eval.validation import reported_images, validation_images
+    for seed in (0, 3):
+        rep, val = reported_images(10000, per_domain, seed), validation_images(10000, per_domain, seed)
+        assert len(rep) == len(val) == per_domain
+        assert len(set(rep.tolist())) == per_domain and len(set(val.tolist())) == per_domain
+        assert not set(rep.tolist()) & set(val.tolist())
+        assert rep.max() < 5000 <= val.min()
+
+
+def test_protocol_refuses_overlap_and_validation_corruptions(synth_dir):
+    from datta_kernels.eval.models import held_out_indices, training_indices
+    from datta_kernels.eval.validation import VALIDATION, reported_images, test_pool, validation_domains
+    with pytest.raises(ValueError, match="disjoint halves"):
+        reported_images(10000, 5001, 0)
+    data = ds.load_fashion_mnist(synth_dir)
+    with pytest.raises(ValueError, match="validation corruptions"):
+        test_pool(data, 8, 3, 0, ("fog", VALIDATION[0]))
+    pool = test_pool(data, 8, 3, 0, ("fog", VALIDATION[0]), allow_validation=True)
+    assert pool.names == ["fog", VALIDATION[0]]
+    with pytest.raises(ValueError, match="report-validation"):
+        DemoConfig(corruptions=("fog", "speckle_noise")).validate()
+    # clean held-out images: never in the training subset
+    train = set(training_indices(TINY_TRAIN, 256).tolist())
+    held = held_out_indices(TINY_TRAIN, 256)
+    assert len(train) == 128 and not train & set(held.tolist()) and len(held) == 128
+    dom = validation_domains(data, 8, 0, severities=(2, 5), train=TINY_TRAIN)
+    assert list(dom) == ["clean_heldout", "speckle_noise@2", "gaussian_blur@2", "speckle_noise@5",
+                         "gaussian_blur@5"]
+    # the validation images are test images of the second half: none is a reported image
+    val_x = dom["speckle_noise@2"][0]
+    assert val_x.shape == (8, 1, 28, 28)
+    rep = set(reported_images(len(data.test_y), 32, 0).tolist())
+    from datta_kernels.eval.validation import validation_images
+    assert not rep & set(validation_images(len(data.test_y), 8, 0).tolist())

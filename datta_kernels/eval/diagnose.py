@@ -142,15 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         lyr.set_decision("multiple")
     names = [n for n, m in model.named_modules() if m in set(dabn_layers(model))]
     auto = first_nonlinear_layer(model, data.test_x[:2])
-    domains = (", ".join(VALIDATION) + " + clean training images" if args.split == "validation"
+    domains = (", ".join(VALIDATION) + " + clean held-out training images" if args.split == "validation"
                else ", ".join(TEST))
     print(f"split: {args.split} ({domains})")
     print(f"layers: {names}; default dispersion score layer: {names[auto]} (first whose input is "
           f"not affine in the image); SPEC pixel layer: {names[0]}")
     shown = None if args.all_variants else ("pixel", "instance", f"disp:{DISPERSION_PARTS}")
     for sev in (int(s) for s in args.severities.split(",")):
-        make = validation_pool if args.split == "validation" else test_pool
-        pool = make(data, args.per_domain, sev, args.seed)
+        if args.split == "validation":
+            pool = validation_pool(data, args.per_domain, args.seed, severities=(sev,))
+        else:
+            pool = test_pool(data, args.per_domain, sev, args.seed)
         for bs in (int(b) for b in args.batch_sizes.split(",")):
             singles, mixed = draw_batches(pool, bs, args.batches, args.seed * 31 + sev)
             s_scores, m_scores = batch_scores(model, pool, singles), batch_scores(model, pool, mixed)

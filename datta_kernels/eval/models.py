@@ -105,6 +105,22 @@ def _augment(x: Tensor, g: torch.Generator) -> Tensor:
     return torch.roll(F.pad(x, (2, 2, 2, 2)), shifts=(dy, dx), dims=(2, 3))[..., 2:-2, 2:-2]
 
 
+def training_indices(cfg: TrainConfig, n: int) -> Tensor:
+    """The indices of the ``n`` training images :func:`train` fits on (all of them when
+    ``cfg.train_subset`` is None or not smaller than ``n``): the first draw of its generator."""
+    if cfg.train_subset is None or cfg.train_subset >= n:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(cfg.seed)
+    return torch.randperm(n, generator=g)[: cfg.train_subset]
+
+
+def held_out_indices(cfg: TrainConfig, n: int) -> Tensor:
+    """The training images :func:`train` never fits on (sorted): clean held-out data."""
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[training_indices(cfg, n)] = False
+    return keep.nonzero().flatten()
+
+
 def train(cfg: TrainConfig, x: Tensor, y: Tensor, progress: bool = True) -> SmallResNet:
     """SGD + Nesterov with a one-cycle schedule on ``x`` ``(N, 1, 28, 28)``, ``y`` ``(N,)``."""
     from . import progress_bar
@@ -112,6 +128,7 @@ def train(cfg: TrainConfig, x: Tensor, y: Tensor, progress: bool = True) -> Smal
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.train_subset is not None and cfg.train_subset < len(x):
+        # the first draw of g, as training_indices makes it (g goes on to shuffle the epochs)
         idx = torch.randperm(len(x), generator=g)[: cfg.train_subset]
         x, y = x[idx], y[idx]
     model = cfg.build()

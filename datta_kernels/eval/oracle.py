@@ -13,13 +13,14 @@ from typing import Any
 
 from torch import Tensor
 
-from ..diversity import MULTIPLE, SINGLE, Selector
+from ..diversity import MULTIPLE, SINGLE, SKEWED, Selector
 
 __all__ = ["OracleSelector"]
 
 
 class OracleSelector(Selector):
-    """Answers ``kinds[i]`` (``"single"`` -> single, anything else -> multiple) at the i-th
+    """Answers ``kinds[i]`` (``"single"`` -> single, ``"skewed"`` -> skewed, anything else ->
+    multiple) at the i-th
     ``update``; the score is ignored. Past the end of ``kinds`` it raises, so a stream and its
     selector that went out of step are caught rather than silently mislabelled."""
 
@@ -35,7 +36,8 @@ class OracleSelector(Selector):
         if self.position >= len(self.kinds):
             raise IndexError(f"OracleSelector knows {len(self.kinds)} batches; got batch "
                              f"{self.position + 1}")
-        self.last_decision = SINGLE if self.kinds[self.position] == SINGLE else MULTIPLE
+        kind = self.kinds[self.position]
+        self.last_decision = kind if kind in (SINGLE, SKEWED) else MULTIPLE
         self.position += 1
         return self.last_decision
 

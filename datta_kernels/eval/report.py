@@ -43,7 +43,11 @@ def format_tables(doc: dict) -> str:
              f"corruptions x {cfg['per_domain']} test images, severity {cfg['severity']}; "
              + (f"clean {_pct(clean).strip()}%; " if clean is not None else "")
              + f"backend {meta['backend']}"]
-    head = (f"{'method':<12}{'bs':>4}" + "".join(f"{_SHORT.get(s, s):>9}" for s in streams)
+    leaked = doc.get("reported_on_validation") or []
+    if leaked:
+        lines.append(f"NOTE: includes VALIDATION corruptions {leaked} (--report-validation): these are "
+                     "not test numbers; the methods were calibrated on them")
+    head = (f"{'method':<18}{'bs':>4}" + "".join(f"{_SHORT.get(s, s):>9}" for s in streams)
             + f"{'ms/batch':>10}")
     lines += [head, "-" * len(head)]
     for bs in sizes:
@@ -51,25 +55,31 @@ def format_tables(doc: dict) -> str:
             cells = [by.get((m, s, bs)) for s in streams]
             accs = "".join(f"{_pct(c['accuracy'] if c else None):>9}" for c in cells)
             ms = [c["ms_per_batch"] for c in cells if c]
-            lines.append(f"{m:<12}{bs:>4}{accs}{sum(ms) / len(ms):>10.1f}")
+            lines.append(f"{m:<18}{bs:>4}{accs}{sum(ms) / len(ms):>10.1f}")
     if doc["detector"]:
         lines += ["", "Diversity detector vs the true batch type (positive = single-domain batch); "
                       "precision/recall after the selector's warm-up, AUROC of the raw score",
                   f"{'method':<12}{'stream':<16}{'bs':>4}{'batches':>9}{'precision':>11}{'recall':>8}"
-                  f"{'AUROC':>8}  KDE rule that decided (share of batches)"]
+                  f"{'AUROC':>8}{'skewed':>8}  KDE rule that decided (share of batches)"]
         for d in doc["detector"]:
             why = d.get("kde_reasons") or {}
             total = sum(why.values())
             why_text = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in why.items()) if total else "-"
             lines.append(f"{d['method']:<12}{d['stream']:<16}{d['batch_size']:>4}{d['batches']:>9}"
                          f"{_pct(d['precision']):>11}{_pct(d['recall']):>8}{_pct(d['score_auroc']):>8}"
-                         f"  {why_text}")
+                         f"{_pct(d.get('skewed')):>8}  {why_text}")
     cal = doc.get("calibration") or {}
     if cal:
         lines += ["", "datta_disp: dispersion score (first layer whose input is nonlinear in the image), "
                       "ThresholdSelector calibrated per batch size on validation batches of "
                       + ", ".join(next(iter(cal.values()))["domains"]) + " (never on test data): "
                       + ", ".join(f"bs {bs}: {c['threshold']:.4g}" for bs, c in cal.items())]
+    for bs, c in (doc.get("datta_cal") or {}).items():
+        lines += ["", f"datta_cal, bs {bs} (datta_kernels.calibrate on the validation domains): instance "
+                      f"terms {c['instance_mode']}, blends single {tuple(c['single_blend'])}, multiple "
+                      f"{tuple(c['multiple_blend'])}, skewed {tuple(c['skewed_blend'])}; dispersion score "
+                      f"at {c['score_layer']}: skewed below {c['low']:.4g}, single below "
+                      f"{c['threshold']:.4g}; DAFT {'on' if c['daft'] else 'off'}"]
     lines += _per_corruption(doc, methods, sizes)
     chk = doc.get("backend_check")
     if chk:

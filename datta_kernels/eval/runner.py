@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .. import DATTA, __version__, backends
-from ..adapt import TBN, BNAdapt, Source, Tent
+from ..adapt import DYN, TBN, BNAdapt, Source, Tent
+from ..calibrate import BLEND_GRID, calibrate
 from ..diversity import ThresholdSelector
 from . import progress_bar
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY
@@ -25,20 +26,18 @@ from .datasets import load_fashion_mnist
 from .models import TrainConfig, evaluate, load_or_train
 from .oracle import OracleSelector
 from .streams import STREAMS, DomainPool, Stream, make_stream
-from .validation import TEST, VALIDATION, calibrate, test_pool, validation_pool
+from .validation import TEST, VALIDATION, calibrate_threshold_on, test_pool, validation_domains
 
 __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
            "run_stream"]
 
-#: what the calibration batches are drawn from (recorded in results.json)
-VALIDATION_DOMAINS = ("clean_train", *VALIDATION)
-
 #: Method name -> factory ``(model, backend, lr, kw, stream) -> adapter``. Tent and DATTA
 #: share one lr so their entropy steps are comparable; ``kw`` (``score_layer``, ``score_mode``)
 #: only concerns the DATTA rows with the SPEC score; ``stream`` only the oracle, which reads its
-#: true batch types (``datta_oracle``: DATTA deciding single/multiple from the truth, not from
-#: the score) and ``datta_disp``, which reads the threshold calibrated for its batch size on the
-#: validation domains (``kw["disp_thresholds"]``, see :mod:`.validation`).
+#: true batch types (``*_oracle``: the row named before it deciding from the truth, not from
+#: the score, with the same score layer and the same layers before it) and ``datta_disp`` /
+#: ``datta_cal``, which read what was calibrated for their batch size on the validation
+#: domains (``kw["disp_thresholds"]``, ``kw["cal"]``; see :mod:`.validation`).
 METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] = {
     "source": lambda m, b, lr, kw, s: Source(m, backend=b),
     "tbn": lambda m, b, lr, kw, s: TBN(m, backend=b),
@@ -51,9 +50,21 @@ METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] =
                                                   **_spec(kw)),
     "datta_disp": lambda m, b, lr, kw, s: DATTA(
         m, score_mode="dispersion", selector=_disp_selector(kw, s.batch_size), backend=b, lr=lr),
+    "datta_disp_oracle": lambda m, b, lr, kw, s: DATTA(
+        m, score_mode="dispersion", selector=OracleSelector(s.kinds), backend=b, lr=lr),
+    "dyn": lambda m, b, lr, kw, s: DYN(m, backend=b),
+    "datta_cal": lambda m, b, lr, kw, s: kw["cal"][s.batch_size].adapter(m, backend=b),
+    "datta_cal_oracle": lambda m, b, lr, kw, s: kw["cal"][s.batch_size].adapter(
+        m, selector=OracleSelector(_skewed_kinds(s)), backend=b),
 }
-#: Methods that need a calibrated threshold per batch size (computed before the streams run).
-CALIBRATED = ("datta_disp",)
+#: Methods that need something calibrated per batch size (computed before the streams run).
+CALIBRATED = ("datta_disp", "datta_disp_oracle", "datta_cal", "datta_cal_oracle")
+
+
+def _skewed_kinds(stream: Stream) -> list[str]:
+    """The true decision of each batch for a rule that knows ``skewed``: a label-sorted
+    stream's batches are skewed, the others as the stream says."""
+    return ["skewed" if stream.name == "single_noniid" else k for k in stream.kinds]
 
 
 def _disp_selector(kw: dict, batch_size: int):
@@ -67,7 +78,7 @@ def _spec(kw: dict) -> dict:
     """The DATTA keyword arguments of the rows that use the configured (SPEC) score."""
     return {k: kw[k] for k in ("score_layer", "score_mode")}
 #: Methods whose decision is not the detector's (left out of the detector table).
-ORACLES = ("datta_oracle",)
+ORACLES = ("datta_oracle", "datta_disp_oracle", "datta_cal_oracle")
 
 
 @dataclass
@@ -78,6 +89,8 @@ class DemoConfig:
     per_domain: int = 1000
     #: the test corruptions of the protocol (the validation pair decides, never reports)
     corruptions: tuple[str, ...] = TEST
+    #: allow reporting on a validation corruption (its numbers are then labelled as validation)
+    report_validation: bool = False
     severity: int = DEFAULT_SEVERITY
     streams: tuple[str, ...] = STREAMS
     batch_sizes: tuple[int, ...] = (16, 64)
@@ -87,8 +100,12 @@ class DemoConfig:
     #: where DATTA measures diversity: None = the first BatchNorm (SPEC §2), or a module name.
     score_layer: str | None = None
     score_mode: str = "pixel"
-    #: single and mixed validation batches per batch size that calibrate ``datta_disp``
-    calibration_batches: int = 60
+    #: validation batches of each type per batch size that calibrate ``datta_disp`` and ``datta_cal``
+    calibration_batches: int = 40
+    #: images per validation domain (clean held-out + validation corruptions at severities 1-5)
+    validation_per_domain: int = 1000
+    #: candidate blends of ``datta_cal`` (None: ``datta_kernels.calibrate.BLEND_GRID``)
+    calibration_grid: tuple | None = None
     seed: int = 0
     check_batches: int = 30
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -104,6 +121,11 @@ class DemoConfig:
                 raise ValueError(f"unknown {name}(s) {bad}; choose from {list(known)}")
         if self.per_domain < 2:
             raise ValueError(f"per_domain must be >= 2, got {self.per_domain}")
+        leaked = [c for c in self.corruptions if c in VALIDATION]
+        if leaked and not self.report_validation:
+            raise ValueError(f"{leaked} are validation corruptions (they decide methods and are never "
+                             "reported on); pass --report-validation to report on them anyway, "
+                             "labelled as validation numbers")
 
 
 @dataclass
@@ -209,6 +231,7 @@ def detector_metrics(res: RunResult) -> dict:
             "precision": tp / (tp + fp) if tp + fp else None,
             "recall": tp / (tp + fn) if tp + fn else None,
             "score_auroc": _auroc(single, mixed),
+            "skewed": sum(d == "skewed" for d in res.decisions) / max(1, len(res.decisions)),
             "kde_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
 
 
@@ -257,7 +280,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
 
     n = min(cfg.per_domain, len(data.test_y))
     t0 = time.perf_counter()
-    pool = test_pool(data, n, cfg.severity, cfg.seed, tuple(cfg.corruptions))
+    pool = test_pool(data, n, cfg.severity, cfg.seed, tuple(cfg.corruptions), cfg.report_validation)
     y = pool.y[pool.indices(0)]
     source_acc = {name: evaluate(model, pool.x[pool.indices(d)], y) for d, name in enumerate(pool.names)}
     log(f"corruptions: {len(pool.names)} types x {n} test images, severity {cfg.severity} "
@@ -268,17 +291,23 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     total = sum(len(s) for s in streams) * len(cfg.methods)
     runs: list[RunResult] = []
     score_kw = {"score_layer": cfg.score_layer, "score_mode": cfg.score_mode}
-    calibration = {}
+    calibration, cal_reports = {}, {}
     if any(m in CALIBRATED for m in cfg.methods):
         t0 = time.perf_counter()
-        val = validation_pool(data, n, cfg.severity, cfg.seed)
-        calibration = {bs: calibrate(model, val, bs, cfg.calibration_batches, cfg.seed,
-                                     score_mode="dispersion", backend=cfg.backend)
-                       for bs in cfg.batch_sizes}
+        vdom = validation_domains(data, cfg.validation_per_domain, cfg.seed, train=cfg.train)
+        for bs in cfg.batch_sizes:
+            calibration[bs] = calibrate_threshold_on(model, vdom, bs, cfg.calibration_batches, cfg.seed,
+                                                     score_mode="dispersion", backend=cfg.backend)
+            if any(m.startswith("datta_cal") for m in cfg.methods):
+                cal_reports[bs] = calibrate(copy.deepcopy(model), vdom, bs, n_batches=cfg.calibration_batches,
+                                            lr=cfg.lr, backend=cfg.backend, seed=cfg.seed,
+                                            grid=cfg.calibration_grid or BLEND_GRID).calibration
+                log(str(cal_reports[bs]))
         score_kw["disp_thresholds"] = {bs: c["threshold"] for bs, c in calibration.items()}
-        log(f"calibration: datta_disp thresholds {score_kw['disp_thresholds']} from "
-            f"{cfg.calibration_batches} single + {cfg.calibration_batches} mixed batches of "
-            f"{', '.join(val.names)} per batch size ({time.perf_counter() - t0:.1f} s)")
+        score_kw["cal"] = cal_reports
+        log(f"calibration on {len(vdom)} validation domains ({', '.join(vdom)}): datta_disp thresholds "
+            f"{score_kw['disp_thresholds']}; datta_cal {len(cal_reports)} batch sizes "
+            f"({time.perf_counter() - t0:.1f} s)")
     with progress_bar(total=total, desc="adapt", unit="batch", disable=not cfg.progress) as bar:
         for stream in streams:
             for method in cfg.methods:
@@ -308,9 +337,11 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
         "source_accuracy_per_corruption": source_acc,
         "results": [r.row() for r in runs],
         "detector": detectors,
-        "calibration": {str(bs): {"threshold": c["threshold"], "domains": list(VALIDATION_DOMAINS),
+        "calibration": {str(bs): {"threshold": c["threshold"], "domains": c["domains"],
                                   "single_scores": c["single"], "mixed_scores": c["mixed"]}
                         for bs, c in calibration.items()},
+        "datta_cal": {str(bs): rep.as_dict() for bs, rep in cal_reports.items()},
+        "reported_on_validation": [c for c in cfg.corruptions if c in VALIDATION],
         "backend_check": check,
         "_runs": runs,
     }

@@ -1,11 +1,19 @@
 """The evaluation protocol: which data may decide a method, which data may report it.
 
-Every method choice — score mode and its parts, score layer, selector, threshold — is made on
-the **validation** domains: the corruptions ``speckle_noise`` and ``gaussian_blur`` (the
-held-out pair of the CIFAR-10-C protocol) plus clean *training* images. Every reported number is
-on the **test** domains: the other 13 corruptions of the test images. The threshold of the
-demo's ``datta_disp`` row is calibrated here, per batch size, from batches whose type
-(single-domain or mixed) is known by construction — no test label and no test image is used.
+Images: the Fashion-MNIST test set is cut in two halves.  The **first half** (images
+``0 .. 4999``) is the only source of reported numbers: the test corruptions are applied to up to
+``per_domain`` of them.  The **second half** (``5000 .. 9999``) is never reported on: the
+validation corruptions are applied to it.  Clean held-out data are the training images the
+source model never trained on (:func:`~.models.held_out_indices`).  So validation and test
+images are disjoint for every ``per_domain`` (a larger one is refused), and
+``tests/test_eval.py`` asserts it.
+
+Corruptions: every method choice — score mode and its parts, score layer, selector, threshold,
+the blends and rates of ``datta_cal`` — is made on the **validation** domains: ``speckle_noise``
+and ``gaussian_blur`` (the held-out pair of the CIFAR-10-C protocol) plus clean held-out images.
+Every reported number is on the **test** domains, the other 13 corruptions.  Reporting on a
+validation corruption needs ``allow_validation=True`` (the demo's ``--report-validation``) and is
+labelled as such in the results.
 """
 from __future__ import annotations
 
@@ -17,41 +25,92 @@ from torch import Tensor, nn
 from ..adapt import DATTA
 from ..diversity import ThresholdSelector, calibrate_threshold
 from .corruptions import CORRUPTIONS, corrupt_all
+from .models import TrainConfig, held_out_indices
 from .streams import DomainPool, build_pool
 
-__all__ = ["VALIDATION", "TEST", "validation_pool", "test_pool", "draw_batches", "batch_scores",
-           "calibrate"]
+__all__ = ["VALIDATION", "TEST", "CLEAN", "validation_pool", "test_pool", "reported_images",
+           "validation_images", "validation_domains", "pool_of", "draw_batches", "batch_scores",
+           "calibrate_threshold_on"]
 
 #: The validation corruptions (decide methods here) and the test corruptions (report here).
 VALIDATION = ("speckle_noise", "gaussian_blur")
 TEST = tuple(c for c in CORRUPTIONS if c not in VALIDATION)
+#: the name of the clean held-out validation domain
+CLEAN = "clean_heldout"
 
 
-def _pick(n_total: int, n: int, seed: int, offset: int) -> Tensor:
-    """Images ``offset .. offset + n`` of a seeded permutation of ``range(n_total)``."""
+def _halves(n_test: int) -> tuple[int, int]:
+    """``(size of the reported half, size of the validation half)`` of a test set of ``n_test``."""
+    return n_test - n_test // 2, n_test // 2
+
+
+def _pick(lo: int, hi: int, n: int, seed: int) -> Tensor:
+    """``n`` images of ``range(lo, hi)`` in a seeded order; refuses more than there are."""
+    if n > hi - lo:
+        raise ValueError(f"per_domain {n} exceeds the {hi - lo} images of this half of the test set "
+                         "(reported and validation images are disjoint halves)")
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_total, generator=g)[offset:offset + n]
+    return lo + torch.randperm(hi - lo, generator=g)[:n]
+
+
+def reported_images(n_test: int, per_domain: int, seed: int) -> Tensor:
+    """Indices of the test images the demo reports on: from the first half only."""
+    return _pick(0, _halves(n_test)[0], per_domain, seed)
+
+
+def validation_images(n_test: int, per_domain: int, seed: int) -> Tensor:
+    """Indices of the test images the validation corruptions are applied to: second half only."""
+    first, _ = _halves(n_test)
+    return _pick(first, n_test, per_domain, seed + 1)
 
 
 def test_pool(data, per_domain: int, severity: int, seed: int,
-              corruptions: tuple[str, ...] = TEST) -> DomainPool:
-    """The test domains: ``corruptions`` of the first ``per_domain`` images of a seeded
-    permutation of the test set (the images the demo reports on)."""
-    pick = _pick(len(data.test_y), per_domain, seed, 0)
+              corruptions: tuple[str, ...] = TEST, allow_validation: bool = False) -> DomainPool:
+    """The test domains: ``corruptions`` of ``per_domain`` images of the first half of the test
+    set.  A validation corruption is refused unless ``allow_validation`` (then its numbers are
+    validation numbers, and must be labelled so)."""
+    leaked = [c for c in corruptions if c in VALIDATION]
+    if leaked and not allow_validation:
+        raise ValueError(f"{leaked} decide methods (validation corruptions) and are never reported "
+                         "on; pass allow_validation=True (demo: --report-validation) to report on "
+                         "them anyway, labelled as validation numbers")
+    pick = reported_images(len(data.test_y), per_domain, seed)
     return build_pool(corrupt_all(data.test_x[pick], corruptions, severity, seed), data.test_y[pick])
 
 
-def validation_pool(data, per_domain: int, severity: int, seed: int) -> DomainPool:
-    """The validation domains: clean training images, and the validation corruptions of test
-    images disjoint from those :func:`test_pool` uses (the next ``per_domain`` of the same
-    permutation, or its tail when the test set is too small)."""
-    n_test = len(data.test_y)
-    pick = _pick(n_test, per_domain, seed, min(per_domain, max(0, n_test - per_domain)))
-    domains = corrupt_all(data.test_x[pick], VALIDATION, severity, seed)
-    tpick = _pick(len(data.train_y), len(pick), seed + 1, 0)
-    pool = build_pool({"clean_train": data.train_x[tpick], **domains}, data.test_y[pick])
-    pool.y[:len(pick)] = data.train_y[tpick]
-    return pool
+def validation_domains(data, per_domain: int, seed: int, severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+                       train: TrainConfig | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{name: (images, labels)}``: ``per_domain`` clean held-out training images (never trained
+    on under ``train``, default :class:`TrainConfig`) as ``clean_heldout`` (left out when fewer
+    are held out), and the validation
+    corruptions at each of ``severities`` (``speckle_noise@3``, ...) of ``per_domain`` images of
+    the second half of the test set."""
+    held = held_out_indices(train or TrainConfig(), len(data.train_y))
+    g = torch.Generator().manual_seed(seed + 2)
+    out = {}
+    if len(held) >= per_domain:     # (a model trained on every training image has none)
+        clean = held[torch.randperm(len(held), generator=g)[:per_domain]]
+        out[CLEAN] = (data.train_x[clean], data.train_y[clean])
+    pick = validation_images(len(data.test_y), per_domain, seed)
+    for sev in severities:
+        for name, x in corrupt_all(data.test_x[pick], VALIDATION, sev, seed).items():
+            out[f"{name}@{sev}"] = (x, data.test_y[pick])
+    return out
+
+
+def validation_pool(data, per_domain: int, seed: int, severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+                    train: TrainConfig | None = None) -> DomainPool:
+    """:func:`validation_domains` as one pool (each domain its own labels)."""
+    return pool_of(validation_domains(data, per_domain, seed, severities, train))
+
+
+def pool_of(domains: dict[str, tuple[Tensor, Tensor]]) -> DomainPool:
+    """A :class:`DomainPool` of ``{name: (images, labels)}`` domains of any sizes."""
+    names = list(domains)
+    x = torch.cat([domains[n][0] for n in names])
+    y = torch.cat([domains[n][1] for n in names])
+    dom = torch.cat([torch.full((len(domains[n][1]),), i) for i, n in enumerate(names)])
+    return DomainPool(x, y, dom, names)
 
 
 def draw_batches(pool: DomainPool, batch_size: int, n: int, seed: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -77,12 +136,14 @@ def batch_scores(model: nn.Module, pool: DomainPool, batches: list[Tensor], **da
     return out
 
 
-def calibrate(model: nn.Module, pool: DomainPool, batch_size: int, n: int = 60, seed: int = 0,
-              **datta_kw) -> dict:
+def calibrate_threshold_on(model: nn.Module, domains: dict[str, tuple[Tensor, Tensor]], batch_size: int,
+                           n: int = 40, seed: int = 0, **datta_kw) -> dict:
     """A :class:`ThresholdSelector` threshold for DATTA on ``model`` with ``datta_kw`` (e.g.
-    ``score_mode="dispersion"``), from ``n`` single and ``n`` mixed validation batches of
-    ``batch_size``; returns ``{"threshold", "single", "mixed"}`` (the scores, for reports)."""
+    ``score_mode="dispersion"``), from ``n`` single and ``n`` mixed batches of ``batch_size``
+    drawn from the validation ``domains``; returns ``{"threshold", "single", "mixed",
+    "domains"}`` (the scores, for reports)."""
+    pool = pool_of(domains)
     singles, mixed = draw_batches(pool, batch_size, n, seed)
     s = batch_scores(model, pool, singles, **datta_kw)
     m = batch_scores(model, pool, mixed, **datta_kw)
-    return {"threshold": calibrate_threshold(s, m), "single": s, "mixed": m}
+    return {"threshold": calibrate_threshold(s, m), "single": s, "mixed": m, "domains": list(domains)}

@@ -1,0 +1,354 @@
+"""``calibrate``: DATTA configured for a user's model from labelled validation domains (SPEC §6).
+
+The user supplies domains they may tune on (``{name: (images, labels)}``: e.g. validation
+corruptions and clean held-out images, never the data they report on).  From validation streams
+built of them, whose batch types are known by construction, :func:`calibrate` chooses
+
+1. the blend of ``multiple`` batches: the candidate (source / batch / cluster-pooled instance
+   weights, SPEC §3b) with the best mean accuracy over mixed-domain and label-sorted batches;
+2. the blend of ``single`` batches: the best on single-domain i.i.d. batches (the layers before
+   the score layer keep the ``multiple`` blend, as DATTA runs them);
+3. the decision: the dispersion score (SPEC §2) and a band ``low <= score < high`` answered
+   ``single`` (:class:`~datta_kernels.ThresholdSelector` with ``low``), the pair of cuts that
+   maximises the mean over the three batch types of the accuracy those blends give; a finite
+   ``low`` sends batches less diverse than an i.i.d. domain (label-sorted) to ``multiple``;
+4. DAFT on or off (entropy steps on ``single`` batches at ``lr``): on only if it raises the mean
+   accuracy of a validation dynamic stream and a validation single-domain stream.
+
+It returns the configured :class:`~datta_kernels.DATTA` (the model converted in place) with the
+report of what it chose and the validation numbers behind each choice in ``adapter.calibration``.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .adapt import DATTA
+from .diversity import Selector, ThresholdSelector
+from .nn import FusedDABN, convert_model, dabn_layers, first_nonlinear_layer
+
+__all__ = ["calibrate", "Calibration", "BLEND_GRID"]
+
+#: candidate blends ``(w_s, w_b, w_c)``: source, test-batch and cluster-pooled instance weights
+#: on a 0.2 grid (the instance terms are cluster-pooled, SPEC §3b).
+BLEND_GRID = tuple((round(float(s), 1), round(float(b), 1), abs(round(float(1 - s - b), 1)))
+                   for s, b in itertools.product(np.arange(0, 1.01, 0.2), repeat=2)
+                   if s + b <= 1.0 + 1e-9)
+KINDS = ("single", "mixed", "sorted")
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` chose and the validation accuracies behind each choice."""
+
+    batch_size: int
+    domains: list[str]
+    batches: dict[str, int]
+    score_layer: str
+    #: ``"cluster"`` (cluster-pooled instance terms) or ``"instance"`` (per sample, shrunk)
+    instance_mode: str
+    single_blend: tuple[float, float, float]
+    multiple_blend: tuple[float, float, float]
+    skewed_blend: tuple[float, float, float]
+    threshold: float
+    low: float
+    daft: bool
+    lr: float
+    #: blend -> accuracy (%) per batch type, every candidate
+    blend_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
+    #: accuracy (%) per batch type of the chosen rule, and of the rule without ``low``
+    decision_table: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: ``"on"`` / ``"off"`` -> accuracy (%) per validation stream
+    daft_table: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: instance mode -> the cuts' objective it reached (the higher one is chosen)
+    modes: dict[str, float] = field(default_factory=dict)
+
+    def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
+        """The calibrated :class:`DATTA` around ``model`` (converted / reconfigured in place);
+        ``selector`` replaces the calibrated cuts (e.g. an oracle for a bound)."""
+        if any(isinstance(m, nn.BatchNorm2d) and not isinstance(m, FusedDABN) for m in model.modules()):
+            model = convert_model(model, "datta", backend=backend, **INSTANCE_MODES[self.instance_mode])
+        layers = dabn_layers(model)
+        _configure(layers, self.single_blend, self.multiple_blend, self.skewed_blend,
+                   [True] * len(layers), self.instance_mode)
+        for layer in layers:
+            layer.backend = backend
+        adapter = DATTA(model, preset=None, daft=self.daft, lr=self.lr, score_mode="dispersion",
+                        selector=selector or ThresholdSelector(self.threshold, self.low),
+                        backend=None, score_layer=self.score_layer)
+        adapter.calibration = self
+        return adapter
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "blend_table"}
+        d["blend_table"] = {",".join(map(str, k)): v for k, v in self.blend_table.items()}
+        return d
+
+    def __str__(self) -> str:
+        fmt = lambda w: "(" + ", ".join(f"{abs(v):.1f}" for v in w) + ")"  # noqa: E731
+        chosen = {"single": self.single_blend, "mixed": self.multiple_blend, "sorted": self.skewed_blend}
+        lines = [f"datta_cal for batch size {self.batch_size}, calibrated on {', '.join(self.domains)} "
+                 f"({', '.join(f'{n} {k}' for k, n in self.batches.items())} validation batches)",
+                 f"blend (w_s, w_b, w_i), {self.instance_mode} instance terms -> validation "
+                 "accuracy % on single / mixed / sorted batches (mixed: all layers on the "
+                 "blend; single, sorted: the layers from the score layer on)"]
+        for w, acc in sorted(self.blend_table.items()):
+            marks = [f"<- {name}" for name, c in chosen.items() if c == w]
+            cols = " ".join(f"{acc[k]:6.1f}" for k in KINDS)
+            lines.append(f"  {fmt(w):<18} {cols}  {' '.join(marks)}".rstrip())
+        lines.append(f"chosen: instance terms {self.instance_mode} (objective by mode: "
+                     + ", ".join(f"{m} {v:.2f} %" for m, v in self.modes.items()) + f"); single "
+                     f"{fmt(self.single_blend)}, multiple {fmt(self.multiple_blend)}, skewed "
+                     f"{fmt(self.skewed_blend)}")
+        lines.append(f"decision: dispersion score at {self.score_layer}; skewed below {self.low:.4g}, "
+                     f"single below {self.threshold:.4g}, else multiple (the cuts with the best mean "
+                     "accuracy over the three batch types)")
+        for name, acc in self.decision_table.items():
+            lines.append(f"  {name:<20} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items()))
+        lines.append(f"DAFT {'on' if self.daft else 'off'} (lr {self.lr:g}), validation streams:")
+        for name, acc in self.daft_table.items():
+            lines.append(f"  daft {name:<4} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items()))
+        return "\n".join(lines)
+
+
+def _check_domains(domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int) -> None:
+    if not isinstance(domains, Mapping) or not domains:
+        raise ValueError("domains must be a non-empty mapping name -> (images, labels)")
+    for name, pair in domains.items():
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"domain {name!r}: expected (images, labels)")
+        x, y = pair
+        if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"domain {name!r}: images must be a float (N, C, H, W) tensor")
+        if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
+            raise ValueError(f"domain {name!r}: labels must be an integer ({x.shape[0]},) tensor")
+        if x.shape[0] < batch_size:
+            raise ValueError(f"domain {name!r} has {x.shape[0]} images, fewer than batch_size {batch_size}")
+
+
+def _batches(domains, batch_size: int, n: int, g: torch.Generator) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """``n`` validation batches of each type: single-domain i.i.d. (cycling the domains),
+    mixed (all domains pooled), label-sorted single-domain (consecutive slices of a domain
+    sorted by label, as a label-sorted stream delivers them)."""
+    names = list(domains)
+    xs = torch.cat([domains[k][0] for k in names])
+    ys = torch.cat([domains[k][1] for k in names])
+    starts = np.cumsum([0] + [len(domains[k][1]) for k in names])
+    out: dict[str, list] = {k: [] for k in KINDS}
+    for i in range(n):
+        d = i % len(names)
+        lo, hi = int(starts[d]), int(starts[d + 1])
+        idx = lo + torch.randperm(hi - lo, generator=g)[:batch_size]
+        out["single"].append(idx)
+        out["mixed"].append(torch.randperm(len(ys), generator=g)[:batch_size])
+        order = lo + torch.randperm(hi - lo, generator=g)
+        order = order[torch.sort(ys[order], stable=True).indices]
+        k = int(torch.randint(0, (hi - lo) // batch_size, (1,), generator=g))
+        out["sorted"].append(order[k * batch_size:(k + 1) * batch_size])
+    return {k: [(xs[i], ys[i]) for i in v] for k, v in out.items()}
+
+
+#: how the instance terms of a blend are formed: cluster-pooled (SPEC §3b) or per sample with
+#: the NOTE shrink of the ``datta`` preset (SPEC D2)
+INSTANCE_MODES = {"cluster": {"cluster": True, "shrink_k": None},
+                  "instance": {"cluster": False, "shrink_k": 4.0}}
+
+
+def _configure(layers: list[FusedDABN], single, multiple, skewed, decisions: list[bool],
+               mode: str = "cluster") -> None:
+    for layer, dec in zip(layers, decisions):
+        layer.set_preset("datta", weights=(single, multiple, skewed), **INSTANCE_MODES[mode])
+        layer.set_decision(bool(dec))
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, batches) -> np.ndarray:
+    return np.array([float((model(x).argmax(1) == y).float().mean()) for x, y in batches])
+
+
+def _run_middle(good: np.ndarray, k: int) -> int:
+    """The middle index of the run of consecutive True values of ``good`` that holds ``k``."""
+    lo = hi = k
+    while lo > 0 and good[lo - 1]:
+        lo -= 1
+    while hi + 1 < len(good) and good[hi + 1]:
+        hi += 1
+    return (lo + hi) // 2
+
+
+#: the three decisions, in the order of :func:`_decide`'s codes
+DECISIONS = ("skewed", "single", "multiple")
+#: the right decision for each validation batch type
+_TRUE = {"single": "single", "mixed": "multiple", "sorted": "skewed"}
+
+
+def _decide(scores: np.ndarray, low: float, high: float) -> np.ndarray:
+    """0 = skewed (score < low), 1 = single (low <= score < high), 2 = multiple (else, NaN too)."""
+    out = np.full(len(scores), 2)
+    out[scores < high] = 1
+    out[scores < low] = 0
+    return out
+
+
+def _objective(got: np.ndarray, kinds: np.ndarray) -> float:
+    """What the cuts maximise: the mean over the batch types (single-domain, mixed,
+    label-sorted) of the mean accuracy of each type's batches."""
+    return float(np.mean([got[kinds == k].mean() for k in KINDS if (kinds == k).any()]))
+
+
+def _best_band(scores: np.ndarray, acc: dict[str, np.ndarray], kinds: np.ndarray,
+               allow_low: bool = True) -> tuple[float, float, float]:
+    """The cuts ``low < high`` (``low`` may be -inf) maximising :func:`_objective` of the
+    accuracy each batch gets under the decision :func:`_decide` gives it; returns ``(low, high,
+    objective)``.  Ties: no low cut when it is as good, each cut in the middle of its run of
+    equally good cuts."""
+    u = np.unique(scores[np.isfinite(scores)])
+    top = u[-1] + max(1.0, abs(u[-1])) if len(u) else 1.0
+    highs = np.concatenate([(u[:-1] + u[1:]) / 2, [top]])
+    lows = np.concatenate([[-math.inf], highs[:-1]]) if allow_low else np.array([-math.inf])
+    table = np.stack([acc[d] for d in DECISIONS])
+    objective = np.full((len(lows), len(highs)), -np.inf)
+    for i, lo in enumerate(lows):
+        for j in np.flatnonzero(highs > lo):
+            objective[i, j] = _objective(np.choose(_decide(scores, lo, highs[j]), table), kinds)
+    best = objective.max()
+    good = objective >= best - 1e-9
+    i, j = np.argwhere(good)[0]
+    j = _run_middle(good[i], j)
+    if i > 0:
+        i = _run_middle(good[:, j] & (np.arange(len(lows)) > 0), i)
+    return float(lows[i]), float(highs[j]), float(best)
+
+
+def _stream_accuracy(adapter: DATTA, batches) -> float:
+    correct = total = 0
+    for x, y in batches:
+        correct += int((adapter(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / max(1, total)
+
+
+def _scores(work: nn.Module, val) -> np.ndarray:
+    """The dispersion score of every validation batch (as DATTA computes it, no update)."""
+    probe = DATTA(copy.deepcopy(work), preset=None, selector=ThresholdSelector(0.0), daft=False,
+                  score_mode="dispersion", backend=None)
+    out = []
+    for k in KINDS:
+        for x, _ in val[k]:
+            probe(x)
+            out.append(probe.last_score)
+    return np.array(out, dtype=float)
+
+
+def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid, mode: str) -> dict:
+    """Steps 1-3 of the module doc for one way of forming the instance terms."""
+    kinds = np.array([k for k in KINDS for _ in val[k]])
+    # 1. the multiple blend: all layers on it (as on a "multiple" batch), best on mixed batches
+    all_on = {}
+    for w in grid:
+        _configure(layers, w, w, w, [False] * len(layers), mode)
+        all_on[w] = {k: _accuracy(work, val[k]) for k in KINDS}
+    multiple = max(grid, key=lambda w: (all_on[w]["mixed"].mean(), -grid.index(w)))
+    # 2. the single and skewed blends: the layers before the score layer stay on `multiple`
+    #    (they run before the decision exists), the others on the candidate
+    decisions = [i >= pre for i in range(len(layers))]
+    after = {}
+    for w in grid:
+        _configure(layers, w, multiple, w, decisions, mode)
+        after[w] = {k: _accuracy(work, val[k]) for k in KINDS}
+    single = max(grid, key=lambda w: (after[w]["single"].mean(), -grid.index(w)))
+    skewed = max(grid, key=lambda w: (after[w]["sorted"].mean(), -grid.index(w)))
+    # 3. the cuts on the dispersion scores (the pre-score layers on `multiple`)
+    _configure(layers, single, multiple, skewed, [False] * len(layers), mode)
+    scores = _scores(work, val)
+    acc = {"single": np.concatenate([after[single][k] for k in KINDS]),
+           "multiple": np.concatenate([all_on[multiple][k] for k in KINDS]),
+           "skewed": np.concatenate([after[skewed][k] for k in KINDS])}
+    low, high, objective = _best_band(scores, acc, kinds)
+    low0, high0, _ = _best_band(scores, acc, kinds, allow_low=False)
+    table = np.stack([acc[d] for d in DECISIONS])
+
+    def rule(said):
+        got = np.choose(said, table)
+        return {k: 100.0 * float(got[kinds == k].mean()) for k in KINDS} | \
+               {f"said {name}": 100.0 * float((said == i).mean()) for i, name in enumerate(DECISIONS)}
+    truth = np.array([DECISIONS.index(_TRUE[k]) for k in kinds])
+    return {"mode": mode, "single": single, "multiple": multiple, "skewed": skewed, "low": low,
+            "high": high, "objective": 100.0 * objective,
+            "blend_table": {w: {"single": 100.0 * float(after[w]["single"].mean()),
+                                "mixed": 100.0 * float(all_on[w]["mixed"].mean()),
+                                "sorted": 100.0 * float(after[w]["sorted"].mean())} for w in grid},
+            "decision_table": {"chosen cuts": rule(_decide(scores, low, high)),
+                               "no low cut": rule(_decide(scores, low0, high0)),
+                               "oracle (true type)": rule(truth)}}
+
+
+def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int = 64, *,
+              n_batches: int = 60, lr: float = 1e-3, backend: str = "auto", seed: int = 0,
+              grid=BLEND_GRID) -> DATTA:
+    """DATTA for ``model`` calibrated on labelled validation ``domains`` (see the module doc).
+
+    Args:
+        model: a CNN with BatchNorm2d (converted in place to cluster-capable FusedDABN) or
+            FusedDABN layers, in eval mode; its source statistics are the running buffers.
+        domains: ``{name: (images (N, C, H, W) float, labels (N,) int)}``, data the user may
+            tune on (never the data they report on); each with at least ``batch_size`` images.
+        batch_size: the batch size the adapter will see (the choices depend on it).
+        n_batches: validation batches of each type (single, mixed, label-sorted).
+        lr: the DAFT learning rate tried.  backend: kernel backend.  seed: the batches' draw.
+        grid: candidate blends ``(w_s, w_b, w_cluster)``.
+
+    Returns a :class:`DATTA` with ``score_mode="dispersion"``, a band
+    :class:`ThresholdSelector` and the chosen blends and DAFT setting;
+    ``adapter.calibration`` is the :class:`Calibration` report (``print`` it).
+    """
+    if int(batch_size) != batch_size or batch_size < 2:
+        raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
+    _check_domains(domains, batch_size)
+    g = torch.Generator().manual_seed(seed)
+    val = _batches(domains, batch_size, n_batches, g)
+    work = copy.deepcopy(model).eval()
+    if any(isinstance(m, (nn.BatchNorm2d,)) and not isinstance(m, FusedDABN) for m in work.modules()):
+        work = convert_model(work, "datta", shrink_k=None, cluster=True, backend=backend)
+    layers = dabn_layers(work)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer to calibrate")
+    for layer in layers:
+        layer.backend = backend
+    pre = first_nonlinear_layer(work, val["single"][0][0])
+    names = {m: n for n, m in work.named_modules()}
+    found = [_calibrate_mode(work, layers, pre, val, grid, mode) for mode in INSTANCE_MODES]
+    best = max(found, key=lambda r: r["objective"])
+    mode, single, multiple, skewed = best["mode"], best["single"], best["multiple"], best["skewed"]
+    low, high = best["low"], best["high"]
+    _configure(layers, single, multiple, skewed, [True] * len(layers), mode)
+
+    # 4. DAFT on or off, on validation streams: single-domain (one domain after another),
+    #    dynamic (single and mixed batches alternating) and label-sorted
+    d = len(domains)
+    streams = {"single": [val["single"][i] for k in range(d) for i in range(k, len(val["single"]), d)],
+               "dynamic": [b for pair in zip(val["single"], val["mixed"]) for b in pair],
+               "sorted": val["sorted"]}
+    daft_table = {}
+    for flag in (False, True):
+        daft_table["on" if flag else "off"] = {
+            name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=flag, lr=lr,
+                                         selector=ThresholdSelector(high, low),
+                                         score_mode="dispersion", backend=None), batches)
+            for name, batches in streams.items()}
+    daft = bool(np.mean(list(daft_table["on"].values())) > np.mean(list(daft_table["off"].values())))
+
+    report = Calibration(
+        batch_size=int(batch_size), domains=list(domains), batches={k: len(v) for k, v in val.items()},
+        score_layer=names[layers[pre]], instance_mode=mode, single_blend=single,
+        multiple_blend=multiple, skewed_blend=skewed, threshold=high, low=low, daft=daft, lr=lr,
+        blend_table=best["blend_table"], decision_table=best["decision_table"],
+        daft_table=daft_table, modes={r["mode"]: r["objective"] for r in found})
+    return report.adapter(model, backend=backend)
