@@ -5,6 +5,7 @@ See ``docs/SPEC.md`` for the math; ``datta_kernels.reference`` is that page as c
 from . import ops  # noqa: F401  (registers torch.ops.datta.*)
 from .adapt import DATTA, DYN
 from .backends import available_backends
+from .calibration import calibrate
 from .cluster import cluster_labels
 from .diversity import KDESelector, ThresholdSelector, calibrate_threshold
 from .functional import blend_tensor, dabn, diversity_score, instance_stats
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DATTA",
     "DYN",
+    "calibrate",
     "cluster_labels",
     "FusedDABN",
     "convert_model",

@@ -62,9 +62,10 @@ def _resolve_weights(preset: str, weights, shrink_k, cluster=_PRESET_DEFAULT):
     single, multiple, skewed, label = p.single, p.multiple, p.skewed, preset
     if weights is not None:
         if (isinstance(weights, (str, Tensor)) or not isinstance(weights, Sequence)
-                or len(weights) not in (2, 3)):
-            raise ValueError("weights must be (single, multiple) or (single, multiple, skewed) "
-                             f"(w_s, w_b, w_i) triples, got {weights!r}")
+                or len(weights) not in (2, 3)
+                or not all(isinstance(w, (Sequence, Tensor)) and not isinstance(w, str) for w in weights)):
+            raise ValueError("weights must be a pair (single, multiple) or a triple (single, multiple, "
+                             f"skewed) of (w_s, w_b, w_i) triples, got {weights!r}")
         single, multiple, *rest = (tuple(float(v) for v in w) for w in weights)
         skewed = rest[0] if rest else None
         label = "custom"

@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 import datta_kernels as dk
-from datta_kernels.calibrate import DECISIONS, INSTANCE_MODES, KINDS, _batches, _best_band, _decide, calibrate
+from datta_kernels.calibration import (
+    DECISIONS,
+    INSTANCE_MODES,
+    KINDS,
+    _batches,
+    _best_band,
+    _decide,
+    calibrate,
+)
 from datta_kernels.diversity import SKEWED
 
 

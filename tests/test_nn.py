@@ -15,7 +15,8 @@ from datta_kernels.nn import dabn_layers
 from datta_kernels.testing import tol
 
 BACKENDS = dk.available_backends("cpu")
-DABN_KEYS = {"source_mean", "source_var", "blend_single", "blend_multiple", "decision"}
+DABN_KEYS = {"source_mean", "source_var", "blend_single", "blend_multiple", "blend_skewed", "decision",
+             "skewed"}
 
 
 class Block(nn.Module):
@@ -289,7 +290,7 @@ def test_bad_arguments():
         FusedDABN(4, weights=(0.6, 0.4, 0.0))
     with pytest.raises(ValueError, match="shrink_k"):
         FusedDABN(4, shrink_k=-1.0)
-    with pytest.raises(ValueError, match="'single' or 'multiple'"):
+    with pytest.raises(ValueError, match="'single', 'multiple', 'skewed'"):
         FusedDABN(4).set_decision("singel")
     with pytest.raises(ValueError, match="no nn.BatchNorm2d"):
         convert_model(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()))

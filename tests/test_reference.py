@@ -211,7 +211,8 @@ def test_diversity_score_is_population_std_of_angles():
 
 
 def test_presets_table_is_the_spec():
-    assert PRESETS["datta"] == ((0.6, 0.4, 0.0), (0.85, 0.0, 0.15), 4.0)
+    assert PRESETS["datta"] == ((0.6, 0.4, 0.0), (0.85, 0.0, 0.15), 4.0, False, None)
+    assert PRESETS["dyn"] == ((0.8, 0.0, 0.2), (0.8, 0.0, 0.2), None, True, None)
     assert PRESETS["datta_icme"].multiple == (0.85, 0.15, 0.0)
     for p in PRESETS.values():
         assert sum(p.single) == pytest.approx(1) and sum(p.multiple) == pytest.approx(1)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import DATTA, __version__, backends
 from ..adapt import DYN, TBN, BNAdapt, Source, Tent
-from ..calibrate import BLEND_GRID, calibrate
+from ..calibration import BLEND_GRID, calibrate
 from ..diversity import ThresholdSelector
 from . import progress_bar
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY
@@ -104,7 +104,7 @@ class DemoConfig:
     calibration_batches: int = 40
     #: images per validation domain (clean held-out + validation corruptions at severities 1-5)
     validation_per_domain: int = 1000
-    #: candidate blends of ``datta_cal`` (None: ``datta_kernels.calibrate.BLEND_GRID``)
+    #: candidate blends of ``datta_cal`` (None: ``datta_kernels.calibration.BLEND_GRID``)
     calibration_grid: tuple | None = None
     seed: int = 0
     check_batches: int = 30
