@@ -9,8 +9,9 @@ from .calibration import calibrate
 from .cluster import cluster_labels
 from .diversity import KDESelector, ThresholdSelector, calibrate_threshold
 from .functional import blend_tensor, dabn, diversity_score, instance_stats
-from .nn import FusedDABN, convert_model, revert_model
+from .nn import FusedDABN
 from .presets import PRESETS, Preset
+from .surgery import convert_model, revert_model
 
 __version__ = "0.1.0"
 

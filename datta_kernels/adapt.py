@@ -31,8 +31,9 @@ from torch import Tensor, nn
 from . import backends
 from .diversity import MULTIPLE, SINGLE, SKEWED, KDESelector, Selector, make_selector
 from .functional import SCORE_MODES
-from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, convert_model, dabn_layers, first_nonlinear_layer
-from .presets import PRESETS
+from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
+from .presets import _PRESET_DEFAULT, PRESETS
+from .surgery import _is_plain_bn, convert_model
 
 __all__ = ["Adapter", "DATTA", "DYN", "Source", "TBN", "BNAdapt", "Tent", "softmax_entropy"]
 
@@ -48,17 +49,24 @@ def softmax_entropy(logits: Tensor) -> Tensor:
     return -(logits.softmax(dim=1) * logits.log_softmax(dim=1)).sum(dim=1)
 
 
+def _overrides(shrink_k=_PRESET_DEFAULT, weights=None, cluster=_PRESET_DEFAULT) -> dict:
+    """The preset overrides a caller gave, as keyword arguments of ``convert_model`` /
+    ``FusedDABN.set_preset`` (the preset's own value where none was given)."""
+    kw = {} if weights is None else {"weights": weights}
+    if shrink_k is not _PRESET_DEFAULT:
+        kw["shrink_k"] = shrink_k
+    if cluster is not _PRESET_DEFAULT:
+        kw["cluster"] = cluster
+    return kw
+
+
 def _prepare_model(model: nn.Module, preset: str | None, backend: str | None,
                    shrink_k, weights, cluster=_PRESET_DEFAULT) -> tuple[nn.Module, list[FusedDABN]]:
     """Convert any plain BatchNorm2d and apply preset/backend to every FusedDABN layer
     (``None`` keeps each layer's own setting)."""
     if backend is not None and backend != "auto":
         backends.get(backend)                     # an unknown name fails at construction
-    kw = {} if weights is None else {"weights": weights}
-    if shrink_k is not _PRESET_DEFAULT:
-        kw["shrink_k"] = shrink_k
-    if cluster is not _PRESET_DEFAULT:
-        kw["cluster"] = cluster
+    kw = _overrides(shrink_k, weights, cluster)
     if any(_is_plain_bn(m) for m in model.modules()):
         model = convert_model(model, preset or "datta", backend=backend or "auto", **kw)
     layers = dabn_layers(model)

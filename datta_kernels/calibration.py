@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from .adapt import DATTA
 from .diversity import Selector, ThresholdSelector
-from .nn import FusedDABN, convert_model, dabn_layers, first_nonlinear_layer
+from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
+from .surgery import convert_model
 
 __all__ = ["calibrate", "Calibration", "BLEND_GRID"]
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _ext, backends
-from .backends.base import acc_dtype
+from .presets import acc_dtype
 
 __all__ = ["instance_stats_op", "diversity_angles_op", "dabn_forward_op", "dabn_normalize_op",
            "dabn_backward_op", "run_instance_stats", "run_dabn", "as_kernel_layout", "is_channels_last",

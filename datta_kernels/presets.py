@@ -6,7 +6,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["Preset", "PRESETS", "DISPERSION_PARTS"]
+import torch
+
+__all__ = ["Preset", "PRESETS", "DISPERSION_PARTS", "acc_dtype"]
+
+#: sentinel: "the preset's value" (``shrink_k``, ``cluster``) where ``None`` means something else
+_PRESET_DEFAULT = object()
 
 
 class Preset(NamedTuple):
@@ -38,3 +43,8 @@ PRESETS: dict[str, Preset] = {
 #: (SPEC §2): ``"mean"`` (z_mu), ``"logstd"`` (z_sigma) or ``"both"``.  Chosen on the validation
 #: corruptions only (``python -m datta_kernels.eval.diagnose --split validation``).
 DISPERSION_PARTS = "both"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of every statistic: float64 stays float64 (for gradcheck), everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -16,8 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .backends.base import acc_dtype
-from .presets import DISPERSION_PARTS
+from .presets import DISPERSION_PARTS, acc_dtype
 
 __all__ = [
     "instance_stats",

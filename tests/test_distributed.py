@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 import datta_kernels as dk
 from datta_kernels import ops
 from datta_kernels.distributed import DistributedDATTA, SyncFusedDABN, convert_sync, merge_moments
-from datta_kernels.nn import convert_model, dabn_layers
+from datta_kernels.nn import dabn_layers
+from datta_kernels.surgery import convert_model
 
 from .test_adapt import tiny_resnet
 

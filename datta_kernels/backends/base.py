@@ -27,12 +27,9 @@ import abc
 import torch
 from torch import Tensor
 
+from ..presets import acc_dtype
+
 __all__ = ["KernelBackend", "acc_dtype"]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of every statistic: float64 stays float64 (for gradcheck), everything else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class KernelBackend(abc.ABC):

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 
 from .. import reference as ref
 from ..diversity import KDESelector, ThresholdSelector, calibrate_threshold
-from ..nn import convert_model, dabn_layers, first_nonlinear_layer
+from ..nn import dabn_layers, first_nonlinear_layer
 from ..presets import DISPERSION_PARTS
+from ..surgery import convert_model
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, load_or_train
 from .runner import _auroc
