@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before any process group exists: see below)
 from torch import Tensor, nn
 
 from . import ops
@@ -47,6 +48,12 @@ from .backends.base import acc_dtype
 from .functional import _backend_for, _check_channel_vec
 from .nn import _PRESET_DEFAULT, FusedDABN, _is_plain_bn, _swap, convert_model, first_nonlinear_layer
 from .presets import DISPERSION_PARTS
+
+# torch.distributed.nn, imported above, binds the default group (``group.WORLD``) into default
+# arguments when it is first imported, and torch.optim imports it (through torch._dynamo) on
+# first use.  Imported after init_process_group it would keep the group alive past
+# destroy_process_group; gloo's threads would then die in interpreter shutdown: a rare SIGABRT,
+# "terminate called without an active exception" (issue 22).  Imported first, it binds None.
 
 __all__ = ["SyncFusedDABN", "DistributedDATTA", "convert_sync", "merge_moments",
            "gather_moments"]
