@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["TOL", "tol", "make_inputs", "DabnInputs", "to_layout", "LAYOUTS", "SHAPES_ODD",
-           "close_process_group"]
+__all__ = ["TOL", "tol", "rounding_tol", "make_inputs", "DabnInputs", "to_layout", "LAYOUTS",
+           "SHAPES_ODD", "close_process_group"]
 
 
 #: One tolerance per dtype, with the reason.
@@ -29,6 +29,22 @@ def tol(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
     """Tolerance kwargs for ``torch.testing.assert_close``; ``scale`` widens both."""
     t = TOL[dtype]
     return dict(atol=t["atol"] * scale, rtol=t["rtol"] * scale)
+
+
+def rounding_tol(ref: Tensor, dtype: torch.dtype, k: float = 1.0) -> dict[str, float]:
+    """``assert_close`` kwargs for a result stored in ``dtype`` (float16 / bfloat16), compared
+    (in float32) with ``ref``: the float32 reference computed from the same ``dtype`` inputs
+    (exact in float32), not the reference's own 16-bit result.
+
+    Bound: ``|got - ref| <= k * eps * (|ref| + s)``, ``eps = finfo(dtype).eps``, ``s`` the RMS of
+    ``ref``.  Storing the result in ``dtype`` costs at most half an ulp (``<= eps/2 * |ref|``);
+    float32 arithmetic in another order costs ~1e-6 of the terms' size, well inside
+    ``k * eps * s``, which also covers values near 0.  With ``k = 1`` a result 1.2x the right
+    one, or another blend's, fails (``tests/test_testing.py``).
+    """
+    eps = torch.finfo(dtype).eps
+    s = float(ref.detach().double().square().mean().sqrt())
+    return dict(rtol=k * eps, atol=k * eps * s)
 
 
 LAYOUTS = ("nchw", "channels_last", "strided")
