@@ -23,10 +23,10 @@ from datta_kernels.eval.models import SmallResNet
 from datta_kernels.nn import dabn_layers, first_nonlinear_layer
 from datta_kernels.testing import LAYOUTS, SHAPES_ODD, make_inputs, tol
 
-from .conftest import HAS_CUDA, HAS_EXT, TRITON_INTERPRET
+from .conftest import HAS_EXT, backend_param, backend_params
 
-BACKENDS = (["reference"] + (["cpu"] if HAS_EXT else []) + (["triton"] if TRITON_INTERPRET else [])
-            + (["cuda"] if HAS_CUDA and HAS_EXT else []))
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+BACKENDS = backend_params(*BACKEND_NAMES)   # rows that cannot run here skip with the reason
 DTYPES = {"reference": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
           "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
           "triton": (torch.float32, torch.float16, torch.bfloat16),
@@ -42,10 +42,10 @@ def _device(backend: str) -> str:
 
 
 def _cases():
-    for backend in BACKENDS:
+    for backend in BACKEND_NAMES:
         for dtype in DTYPES[backend]:
             for shape_name in SHAPES:
-                yield backend, dtype, shape_name
+                yield backend_param(backend, dtype, shape_name)
 
 
 # ------------------------------------------------------------------ dabn given its statistics
