@@ -194,9 +194,10 @@ CASES = [  # (world, sizes): even, uneven, an empty rank, 3 ranks with an empty 
 
 
 @pytest.mark.parametrize("world,sizes", CASES)
-def test_layer_matches_single_process(tmp_path, world, sizes):
+def test_layer_matches_single_process(tmp_path, world, sizes, request):
     """Forward, dx, dgamma, dbeta, score and per-sample score of SyncFusedDABN on W ranks ==
     FusedDABN on the concatenated batch, for each CPU backend and three configurations."""
+    request.node.user_properties += [("backend", b) for b in BACKENDS]   # counted (conftest)
     results = _run(tmp_path, world, "layer", sizes=sizes)
     for r in results:
         assert "error" not in r, r.get("error")
@@ -234,10 +235,11 @@ SCORE_MODES = ["dispersion", "pixel", "instance"]
 
 
 @pytest.mark.parametrize("world,sizes", [(2, [5, 3]), (3, [4, 0, 4])])
-def test_adapter_matches_single_process(tmp_path, world, sizes):
+def test_adapter_matches_single_process(tmp_path, world, sizes, request):
     """DistributedDATTA on W ranks == DATTA on the concatenated batch, 5 DAFT steps, every
     score mode: logits, scores (bitwise equal across ranks), decisions, parameters."""
     backend = "cpu" if "cpu" in BACKENDS else "reference"
+    request.node.user_properties.append(("backend", backend))   # counted (conftest)
     steps, threshold = 5, 1e9          # every batch "single": 5 DAFT steps
     results = _run(tmp_path, world, "adapt", sizes=sizes, backend=backend,
                    score_modes=SCORE_MODES, threshold=threshold, steps=steps)
