@@ -39,6 +39,7 @@ import datta_kernels as dk  # noqa: E402
 from datta_kernels.benchmarking import describe_machine  # noqa: E402
 from datta_kernels.benchmarking import write_markdown as write_result  # noqa: E402
 from datta_kernels.distributed import DistributedDATTA  # noqa: E402
+from datta_kernels.testing import close_process_group  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -112,8 +113,7 @@ def _worker(rank, world, init, shape, reps, out, mode, pin):
            "per_call": _per_call(world),
            "channels": [lyr.num_features for lyr in adapter.layers]}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()                                 # no rank leaves while a peer still sends
-    dist.destroy_process_group()
+    close_process_group()                          # barrier, destroy, the group freed here
 
 
 def _per_call(world: int, reps: int = 21) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before any process group exists: see below)
 from torch import Tensor
 
 from . import ops
@@ -14,6 +15,13 @@ from . import reference as ref
 from .functional import _backend_for, _check_channel_vec, normalize_with_moments
 from .nn import FusedDABN
 from .presets import DISPERSION_PARTS, acc_dtype
+
+# torch.distributed.nn, imported above, binds the default group (``group.WORLD``) into default
+# arguments when it is first imported, and torch.optim imports it (through torch._dynamo) on
+# first use.  Imported after init_process_group it would keep the group alive past
+# destroy_process_group; gloo's threads would then die in interpreter shutdown: a rare SIGABRT,
+# "terminate called without an active exception".  Imported first (this module is imported by
+# ``import datta_kernels``), it binds None.
 
 __all__ = ["SyncFusedDABN", "merge_moments", "gather_moments"]
 

@@ -1,12 +1,15 @@
-"""Input builders and the tolerance table, shared by ``tests/`` and ``bench/``."""
+"""Input builders, the tolerance table and a worker process's group teardown, shared by ``tests/``
+and ``bench/``."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["TOL", "tol", "make_inputs", "DabnInputs", "to_layout", "LAYOUTS", "SHAPES_ODD"]
+__all__ = ["TOL", "tol", "rounding_tol", "make_inputs", "DabnInputs", "to_layout", "LAYOUTS",
+           "SHAPES_ODD", "close_process_group"]
 
 
 #: One tolerance per dtype, with the reason.
@@ -26,6 +29,22 @@ def tol(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
     """Tolerance kwargs for ``torch.testing.assert_close``; ``scale`` widens both."""
     t = TOL[dtype]
     return dict(atol=t["atol"] * scale, rtol=t["rtol"] * scale)
+
+
+def rounding_tol(ref: Tensor, dtype: torch.dtype, k: float = 1.0) -> dict[str, float]:
+    """``assert_close`` kwargs for a result stored in ``dtype`` (float16 / bfloat16), compared
+    (in float32) with ``ref``: the float32 reference computed from the same ``dtype`` inputs
+    (exact in float32), not the reference's own 16-bit result.
+
+    Bound: ``|got - ref| <= k * eps * (|ref| + s)``, ``eps = finfo(dtype).eps``, ``s`` the RMS of
+    ``ref``.  Storing the result in ``dtype`` costs at most half an ulp (``<= eps/2 * |ref|``);
+    float32 arithmetic in another order costs ~1e-6 of the terms' size, well inside
+    ``k * eps * s``, which also covers values near 0.  With ``k = 1`` a result 1.2x the right
+    one, or another blend's, fails (``tests/test_testing.py``).
+    """
+    eps = torch.finfo(dtype).eps
+    s = float(ref.detach().double().square().mean().sqrt())
+    return dict(rtol=k * eps, atol=k * eps * s)
 
 
 LAYOUTS = ("nchw", "channels_last", "strided")
@@ -85,3 +104,28 @@ def make_inputs(shape, dtype=torch.float32, device="cpu", layout="nchw", offset:
     bias = 0.5 * torch.randn(c, generator=g, dtype=torch.float64)
     cast = lambda t: t.to(dtype=pd, device=device)
     return DabnInputs(x, cast(weight), cast(bias), cast(source_mean), cast(source_var))
+
+
+def close_process_group() -> None:
+    """End a worker process's default process group so that none of it is left for interpreter
+    shutdown: a barrier (no rank leaves while a peer still sends), ``destroy_process_group``,
+    then a check that the group object dies here, where its destructor joins gloo's threads.
+
+    A group still referenced elsewhere (e.g. by a module that bound ``group.WORLD`` as a
+    default argument when imported after ``init_process_group``: see
+    ``datta_kernels/distributed.py``) outlives ``destroy_process_group`` and is torn down during
+    interpreter shutdown, where it aborted a process now and then ("terminate called without an
+    active exception", SIGABRT; issue 22).  Raises ``RuntimeError`` in that case, every time,
+    instead of that rare abort.
+    """
+    import torch.distributed as dist
+
+    group = dist.group.WORLD
+    dist.barrier()
+    dist.destroy_process_group()
+    held = sys.getrefcount(group) - 2          # minus `group` and getrefcount's argument
+    if held > 0:
+        raise RuntimeError(f"the default process group is still referenced {held} time(s) "
+                           "after destroy_process_group: it would be torn down during "
+                           "interpreter shutdown (a module imported after init_process_group "
+                           "that keeps group.WORLD?)")

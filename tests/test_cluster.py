@@ -16,9 +16,9 @@ import datta_kernels as dk
 from datta_kernels.cluster import cluster_moments, first_neighbours
 from datta_kernels.functional import cluster_dabn
 
-from .conftest import HAS_EXT
+from .conftest import backend_params
 
-BACKENDS = ["reference"] + (["cpu"] if HAS_EXT else [])
+BACKENDS = backend_params("reference", "cpu")     # a row that cannot run skips with the reason
 
 
 # ---------------------------------------------------------------- the authors' formulas, float64

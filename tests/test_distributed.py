@@ -19,6 +19,7 @@ from datta_kernels import ops
 from datta_kernels.distributed import DistributedDATTA, SyncFusedDABN, convert_sync, merge_moments
 from datta_kernels.nn import dabn_layers
 from datta_kernels.surgery import convert_model
+from datta_kernels.testing import close_process_group
 
 from .test_adapt import tiny_resnet
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 RTOL, ATOL = 1e-5, 1e-6
 BACKENDS = [b for b in ("reference", "cpu") if b in dk.available_backends()]
-JOIN_TIMEOUT_S = 90
+JOIN_TIMEOUT_S = 300     # a whole scenario, imports included, on a loaded 2-core machine
 
 
 def _split(n_total: int, sizes: list[int]) -> list[slice]:
@@ -47,17 +48,13 @@ def _global_input(seed: int = 0, n: int = 7, c: int = 6, hw: int = 5) -> torch.T
 def _worker(rank: int, world: int, init: str, out: str, scenario: str, kw: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=30))
+                            timeout=timedelta(seconds=120))
     try:
         result = globals()["_scenario_" + scenario](rank, world, **kw)
     except Exception as e:          # recorded for the parent to assert on
         result = {"error": f"{type(e).__name__}: {e}"}
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    try:
-        dist.barrier()              # no rank leaves while a peer still sends
-        dist.destroy_process_group()
-    except Exception:
-        pass
+    close_process_group()           # raises (the parent sees it) if the group would outlive us
 
 
 def _layer(backend: str, preset: str, decision: str, c: int) -> dk.FusedDABN:
@@ -142,6 +139,16 @@ def _scenario_mismatch(rank, world, what):
     return {"error": None}
 
 
+_HELD = []
+
+
+def _scenario_held_group(rank, world):
+    """Keeps a reference to the default group past the teardown (what a module imported after
+    init_process_group that binds group.WORLD does)."""
+    _HELD.append(dist.group.WORLD)
+    return {}
+
+
 def _scenario_moments(rank, world):
     """gather_moments: bitwise-equal result on every rank."""
     from datta_kernels.distributed import gather_moments
@@ -188,9 +195,10 @@ CASES = [  # (world, sizes): even, uneven, an empty rank, 3 ranks with an empty 
 
 
 @pytest.mark.parametrize("world,sizes", CASES)
-def test_layer_matches_single_process(tmp_path, world, sizes):
+def test_layer_matches_single_process(tmp_path, world, sizes, request):
     """Forward, dx, dgamma, dbeta, score and per-sample score of SyncFusedDABN on W ranks ==
     FusedDABN on the concatenated batch, for each CPU backend and three configurations."""
+    request.node.user_properties += [("backend", b) for b in BACKENDS]   # counted (conftest)
     results = _run(tmp_path, world, "layer", sizes=sizes)
     for r in results:
         assert "error" not in r, r.get("error")
@@ -228,10 +236,11 @@ SCORE_MODES = ["dispersion", "pixel", "instance"]
 
 
 @pytest.mark.parametrize("world,sizes", [(2, [5, 3]), (3, [4, 0, 4])])
-def test_adapter_matches_single_process(tmp_path, world, sizes):
+def test_adapter_matches_single_process(tmp_path, world, sizes, request):
     """DistributedDATTA on W ranks == DATTA on the concatenated batch, 5 DAFT steps, every
     score mode: logits, scores (bitwise equal across ranks), decisions, parameters."""
     backend = "cpu" if "cpu" in BACKENDS else "reference"
+    request.node.user_properties.append(("backend", backend))   # counted (conftest)
     steps, threshold = 5, 1e9          # every batch "single": 5 DAFT steps
     results = _run(tmp_path, world, "adapt", sizes=sizes, backend=backend,
                    score_modes=SCORE_MODES, threshold=threshold, steps=steps)
@@ -293,6 +302,15 @@ def test_mismatch_between_ranks_is_an_error(tmp_path, what):
     results = _run(tmp_path, 2, "mismatch", what=what)
     for r in results:
         assert r["error"] is not None and "ranks disagree" in r["error"]
+
+
+def test_teardown_refuses_a_group_that_outlives_it(tmp_path):
+    """close_process_group raises when something still holds the default group after
+    destroy_process_group (it would be torn down during interpreter shutdown, issue 22); every
+    other scenario passing through it shows that none of them, DAFT's optimizer included
+    (torch.optim imports torch.distributed.nn), leaves such a reference."""
+    with pytest.raises(mp.ProcessRaisedException, match="still referenced"):
+        _run(tmp_path, 2, "held_group")
 
 
 def test_gathered_moments_bitwise_equal_and_exact(tmp_path):

@@ -14,9 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from datta_kernels import ops
 from datta_kernels.testing import make_inputs
 
-from .conftest import HAS_EXT
+from .conftest import backend_params
 
-BACKENDS = ["reference"] + (["cpu"] if HAS_EXT else [])
+BACKENDS = backend_params("reference", "cpu")   # a row that cannot run skips with the reason
 SHAPE = (3, 4, 5, 6)
 BLEND = (0.6, 0.4, 0.0)  # batch statistics: the gradient has every path
 

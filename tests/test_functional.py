@@ -16,9 +16,10 @@ from datta_kernels import reference as ref
 from datta_kernels.backends.base import acc_dtype
 from datta_kernels.testing import LAYOUTS, SHAPES_ODD, make_inputs, to_layout, tol
 
-from .conftest import HAS_CUDA, HAS_EXT
+from .conftest import HAS_EXT, backend_params
 
-SWEEP_BACKENDS = ["reference"] + (["cpu"] if HAS_EXT else []) + (["cuda"] if HAS_CUDA and HAS_EXT else [])
+#: a row per backend; rows that cannot run here skip with the reason (conftest)
+SWEEP_BACKENDS = backend_params("reference", "cpu", "cuda")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 #: (label, blend, shrink_k): every SPEC preset/decision that differs, plus arbitrary weights

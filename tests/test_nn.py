@@ -14,7 +14,9 @@ from datta_kernels import FusedDABN, convert_model, revert_model
 from datta_kernels.nn import dabn_layers
 from datta_kernels.testing import tol
 
-BACKENDS = dk.available_backends("cpu")
+from .conftest import backend_params
+
+BACKENDS = backend_params("reference", "cpu", "triton")   # a row that cannot run skips with the reason
 DABN_KEYS = {"source_mean", "source_var", "blend_single", "blend_multiple", "blend_skewed", "decision",
              "skewed"}
 

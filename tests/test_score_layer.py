@@ -14,6 +14,8 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import datta_kernels as dk
 from datta_kernels import backends, ops
@@ -23,10 +25,10 @@ from datta_kernels.eval.models import SmallResNet
 from datta_kernels.nn import dabn_layers, first_nonlinear_layer
 from datta_kernels.testing import LAYOUTS, SHAPES_ODD, make_inputs, tol
 
-from .conftest import HAS_CUDA, HAS_EXT, TRITON_INTERPRET
+from .conftest import HAS_EXT, backend_param, backend_params
 
-BACKENDS = (["reference"] + (["cpu"] if HAS_EXT else []) + (["triton"] if TRITON_INTERPRET else [])
-            + (["cuda"] if HAS_CUDA and HAS_EXT else []))
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+BACKENDS = backend_params(*BACKEND_NAMES)   # rows that cannot run here skip with the reason
 DTYPES = {"reference": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
           "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
           "triton": (torch.float32, torch.float16, torch.bfloat16),
@@ -42,10 +44,10 @@ def _device(backend: str) -> str:
 
 
 def _cases():
-    for backend in BACKENDS:
+    for backend in BACKEND_NAMES:
         for dtype in DTYPES[backend]:
             for shape_name in SHAPES:
-                yield backend, dtype, shape_name
+                yield backend_param(backend, dtype, shape_name)
 
 
 # ------------------------------------------------------------------ dabn given its statistics
@@ -228,6 +230,67 @@ def test_score_layer_reads_x_at_most(mode, reads, grad, monkeypatch):
     # and the output is the plain layer's
     plain = dk.FusedDABN(4, backend=name)
     torch.testing.assert_close(y, plain(x), atol=0, rtol=0)
+
+
+class _XReads(TorchDispatchMode):
+    """Records every aten op that reads ``x``'s memory and is not a view of it (a view moves
+    no bytes): measured traffic over x, not a table."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.ptr, self.ops = x.untyped_storage().data_ptr(), []
+
+    def _touches(self, tree):
+        return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == self.ptr
+                   for t in tree_leaves(tree))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self._touches((args, kwargs)) and not self._touches(out):
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+class _Measured:
+    """Wraps the (pure PyTorch) reference backend: each call runs under ``_XReads``."""
+
+    def __init__(self, impl, x):
+        self.impl, self.x, self.calls = impl, x, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.impl, name)
+
+        def wrapped(*a, **k):
+            with _XReads(self.x) as mode:
+                out = fn(*a, **k)
+            self.calls.append((name, mode.ops))
+            return out
+        return wrapped
+
+
+@pytest.mark.parametrize("mode", ["dispersion", "instance", "pixel"])
+def test_score_layer_reference_reads_measured(mode, monkeypatch):
+    """The reference path's passes over x, measured op by op: the same backend calls as the
+    kernels (no dabn_forward: the statistics are computed once and reused), and each call's
+    reads of x are those of its PyTorch ops.  The compiled kernels fuse each call into the
+    passes of ``READS`` (their design, not measurable from Python: bench_score_layer times it)."""
+    x = torch.randn(3, 4, 5, 5)
+    measured = _Measured(backends.get("reference").impl(), x)
+    monkeypatch.setitem(backends._LOADED, "reference", measured)
+    layer = dk.FusedDABN(4, compute_score=True, score_mode=mode, backend="reference")
+    with torch.no_grad():
+        layer(x)
+    score_call = {"pixel": "diversity_angles", "instance": None, "dispersion": "dispersion_score"}
+    assert [name for name, _ in measured.calls] == [
+        c for c in ("instance_stats", score_call[mode], "dabn_normalize") if c], measured.calls
+    reads = {name: len(ops) for name, ops in measured.calls}
+    # measured: instance_stats reads x twice (mean, then the centred variance), the angles
+    # twice (x - mu_s, x - mu_B), normalize once, the dispersion score never; the kernels'
+    # design is one read per call (READS): 2, 2, 3 against these 3, 3, 5
+    assert reads == {"instance_stats": 2, "dabn_normalize": 1,
+                     **({"diversity_angles": 2} if mode == "pixel" else {}),
+                     **({"dispersion_score": 0} if mode == "dispersion" else {})}, measured.calls
+    assert sum(reads.values()) == {"dispersion": 3, "instance": 3, "pixel": 5}[mode]
 
 
 # ------------------------------------------------------------------ score layer, prefix, selector
