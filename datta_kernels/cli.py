@@ -194,7 +194,7 @@ def cmd_run(args) -> int:
         return 2
     keys = ("dataset", "data_dir", "model", "checkpoint", "random_init", "trust_checkpoint", "width", "mean",
             "std", "corruptions", "severity", "num_ex", "subset", "streams", "batch_sizes", "methods",
-            "dirichlet", "lr", "backend", "device", "workers", "seed")
+            "dirichlet", "lr", "backend", "device", "workers", "seed", "calibrate_on")
     cfg = RunConfig(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
     if (args.subset is not None or args.all_images) and args.dataset != "imagenet-c":
         print("error: --subset / --all-images apply to --dataset imagenet-c only (CIFAR: --num-ex)",
@@ -258,6 +258,9 @@ def _add_run_parser(sub) -> None:
     r.add_argument("--batch-size", "--batch-sizes", dest="batch_sizes", type=_csv(int), default=None,
                    help="e.g. 64 or 16,64 (default 64)")
     r.add_argument("--methods", type=_csv(), default=None, help="default source,tbn,tent,datta")
+    r.add_argument("--calibrate-on", type=_csv(), default=None,
+                   help="validation corruptions that calibrate datta_disp / datta_cal, never reported "
+                   "(CIFAR-10-C's extra: speckle_noise,gaussian_blur,spatter,saturate)")
     r.add_argument("--dirichlet", type=float, default=None,
                    help="correlated stream: Dirichlet concentration (default: label-sorted)")
     r.add_argument("--lr", type=float, default=None, help="entropy-step lr of tent and datta (default 1e-3)")

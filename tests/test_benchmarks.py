@@ -443,3 +443,22 @@ def test_run_imagenet_c_without_pillow(tmp_path, capsys, monkeypatch):
     err = _bad(tmp_path, capsys, "--dataset", "imagenet-c", "--data-dir", str(tmp_path), "--model",
                "resnet26", "--random-init")
     assert "pip install pillow" in err
+
+
+def test_run_calibrates_on_validation_corruptions(tmp_path, capsys):
+    """--calibrate-on: datta_disp's threshold from corruptions that are never reported; dyn runs;
+    datta_cal without validation corruptions, or with reported ones, is refused."""
+    data = write_cifar_c(tmp_path / "c10c", corruptions=(*CORR, "speckle_noise", "spatter"))
+    common = ["--dataset", "cifar10-c", "--data-dir", str(data), "--model", "resnet26", "--width", "4",
+              "--random-init", "--corruptions", ",".join(CORR), "--streams", "dynamic"]
+    with pytest.warns(UserWarning, match="meaningless"):
+        rc, cap, out = _run(tmp_path, capsys, *common, "--methods", "source,dyn,datta_disp",
+                            "--calibrate-on", "speckle_noise,spatter")
+    assert rc == 0, cap.err
+    doc = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in doc["results"]} == {"source", "dyn", "datta_disp"}
+    assert "calibration on speckle_noise, spatter" in cap.out
+    rc, cap, _ = _run(tmp_path, capsys, *common, "--methods", "datta_cal")
+    assert rc == 2 and "--calibrate-on" in cap.err
+    rc, cap, _ = _run(tmp_path, capsys, *common, "--methods", "datta_cal", "--calibrate-on", CORR[0])
+    assert rc == 2 and "disjoint" in cap.err

@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 
 from .. import __version__, backends
+from ..calibration import calibrate
 from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, SEVERITIES, load_benchmark
 from .protocols import build_stream, canonical
-from .runner import METHODS, ORACLES, RunResult, detector_metrics
+from .runner import CALIBRATED, METHODS, ORACLES, RunResult, detector_metrics
+from .validation import calibrate_threshold_on
 from .zoo import BUILTIN, build_model, default_normalization
 
 __all__ = ["RunConfig", "run_benchmark"]
@@ -54,6 +56,12 @@ class RunConfig:
     batch_sizes: tuple[int, ...] = (64,)
     methods: tuple[str, ...] = ("source", "tbn", "tent", "datta")
     dirichlet: float | None = None
+    #: validation corruptions (e.g. CIFAR-10-C's extra speckle_noise, gaussian_blur, spatter,
+    #: saturate) that calibrate datta_disp and datta_cal; never reported on
+    calibrate_on: tuple[str, ...] = ()
+    #: images per calibration corruption, and validation batches of each type per batch size
+    calibration_images: int = 1000
+    calibration_batches: int = 40
     lr: float = 1e-3
     backend: str = "auto"
     device: str = "auto"
@@ -108,6 +116,13 @@ class RunConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
+        if any(m.startswith("datta_cal") for m in self.methods) and not self.calibrate_on:
+            raise ValueError("datta_cal is calibrated on validation corruptions: pass --calibrate-on "
+                             "(e.g. speckle_noise,gaussian_blur,spatter,saturate for CIFAR-10-C)")
+        both = sorted(set(self.calibrate_on) & set(self.corruptions))
+        if both:
+            raise ValueError(f"{both} are both calibrated on (--calibrate-on) and reported on "
+                             "(--corruptions): the two lists must be disjoint")
         if self.dirichlet is not None and not self.dirichlet > 0:
             raise ValueError(f"--dirichlet must be > 0, got {self.dirichlet}")
         if self.dirichlet is not None and "correlated" not in self.streams:
@@ -162,10 +177,9 @@ def _bar(total: int, enabled: bool):
 
 
 def _run_stream(model, stream, dataset, methods, cfg: RunConfig, device: str, workers: int, bar,
-                timing: dict) -> list:
+                timing: dict, score_kw: dict) -> list:
     """All ``methods`` on ``stream`` in lockstep; one pass of the loader. Adds to ``timing`` the
     seconds spent waiting for batches (``data``) and in the methods (``methods``)."""
-    score_kw = {"score_layer": None, "score_mode": "pixel"}
     adapters = {m: METHODS[m](copy.deepcopy(model), cfg.backend, cfg.lr, score_kw, stream) for m in methods}
     runs = {m: RunResult(m, stream.name, stream.batch_size, [], [], [], [], [], stream.kinds, stream.domains,
                          getattr(getattr(a, "selector", None), "warmup", 0)) for m, a in adapters.items()}
@@ -207,6 +221,31 @@ def _row(res: RunResult) -> dict:
     return row
 
 
+def _calibrate(cfg: RunConfig, model, device: str, log) -> dict:
+    """The ``datta_disp`` thresholds and ``datta_cal`` reports per batch size, from the
+    ``--calibrate-on`` corruptions at the run's severity (``{}`` without them)."""
+    if not cfg.calibrate_on or not any(m in CALIBRATED for m in cfg.methods):
+        return {}
+    t0 = time.perf_counter()
+    val = load_benchmark(cfg.dataset, cfg.data_dir, tuple(cfg.calibrate_on), (cfg.severity,), cfg.severity,
+                         cfg.calibration_images, cfg.subset)
+    domains = {}
+    for d, name in enumerate(val.pool.names):
+        x, y = val.dataset[val.pool.indices(d).numpy()]
+        domains[name] = (x.to(device).float().div_(255), y.to(device))
+    thresholds, reports = {}, {}
+    for bs in cfg.batch_sizes:
+        thresholds[bs] = calibrate_threshold_on(model, domains, bs, cfg.calibration_batches, cfg.seed,
+                                                score_mode="dispersion", backend=cfg.backend)["threshold"]
+        if any(m.startswith("datta_cal") for m in cfg.methods):
+            reports[bs] = calibrate(copy.deepcopy(model), domains, bs, n_batches=cfg.calibration_batches,
+                                    lr=cfg.lr, backend=cfg.backend, seed=cfg.seed).calibration
+            log(str(reports[bs]))
+    log(f"calibration on {', '.join(domains)} ({time.perf_counter() - t0:.1f} s): datta_disp thresholds "
+        f"{thresholds}")
+    return {"disp_thresholds": thresholds, "cal": reports}
+
+
 def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
     """Index the benchmark, build the model, run every method on every stream; return the
     results document (plus the raw :class:`RunResult` s under ``"_runs"``)."""
@@ -236,6 +275,7 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
         "parameters" + (f", {cfg.checkpoint}" if cfg.checkpoint else "") + f"); device {device} ({where}); "
         f"backend {resolved}")
 
+    score_kw = {"score_layer": None, "score_mode": "pixel", **_calibrate(cfg, model, device, log)}
     streams = [build_stream(bench.pool, s, bs, cfg.seed, severity=cfg.severity,
                             corruptions=list(cfg.corruptions), dirichlet=cfg.dirichlet)
                for bs in cfg.batch_sizes for s in cfg.streams]
@@ -246,7 +286,8 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
         for stream in streams:
             if bar is not None:
                 bar.set_postfix_str(f"{stream.name} / bs{stream.batch_size}", refresh=False)
-            runs += _run_stream(model, stream, bench.dataset, cfg.methods, cfg, device, workers, bar, timing)
+            runs += _run_stream(model, stream, bench.dataset, cfg.methods, cfg, device, workers, bar, timing,
+                                score_kw)
     finally:
         if bar is not None:
             bar.close()
