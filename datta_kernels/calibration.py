@@ -263,9 +263,12 @@ def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, gri
     after = {}
     for w in grid:
         _configure(layers, w, multiple, w, decisions, mode)
-        after[w] = {k: _accuracy(work, val[k]) for k in KINDS}
+        after[w] = {k: _accuracy(work, val[k]) for k in ("single", "sorted")}
     single = max(grid, key=lambda w: (after[w]["single"].mean(), -grid.index(w)))
     skewed = max(grid, key=lambda w: (after[w]["sorted"].mean(), -grid.index(w)))
+    for w in {single, skewed}:          # any batch may be decided single or skewed
+        _configure(layers, w, multiple, w, decisions, mode)
+        after[w]["mixed"] = _accuracy(work, val["mixed"])
     # 3. the cuts on the dispersion scores (the pre-score layers on `multiple`)
     _configure(layers, single, multiple, skewed, [False] * len(layers), mode)
     scores = _scores(work, val)
