@@ -37,24 +37,7 @@ def _require_group(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def merge_moments(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Chan's merge of per-rank moments, in rank order.
-
-    rows: ``(W, 1 + 2F)`` float64, row r = ``[count_r, mean_r (F), M2_r (F)]`` -> ``(count,
-    mean (F), M2 (F))`` of the union.  A row with count 0 changes nothing.  A fixed sequence
-    of float64 operations on the same gathered tensor: every rank gets bitwise the same result.
-    """
-    f = (rows.shape[1] - 1) // 2
-    count, mean, m2 = rows[0, 0], rows[0, 1:1 + f], rows[0, 1 + f:]
-    for r in range(1, rows.shape[0]):
-        n_b, mean_b, m2_b = rows[r, 0], rows[r, 1:1 + f], rows[r, 1 + f:]
-        n_ab = count + n_b
-        safe = n_ab.clamp(min=1)
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / safe)
-        m2 = m2 + m2_b + delta.square() * (count * n_b / safe)
-        count = n_ab
-    return count, mean, m2
+merge_moments = ref.merge_moments
 
 
 def _local_moments(values: Tensor) -> Tensor:

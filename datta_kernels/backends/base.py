@@ -111,16 +111,9 @@ class KernelBackend(abc.ABC):
         """Chan's merge of gathered packs ``(W, 2C + 2)`` in rank order (the same bits on every
         rank) -> ``(mu_B, var_B)`` ``(C,)`` in ``dtype``, ``count`` and ``samples`` 0-dim
         float64; ``var_B = M2 / (count - 1)`` where ``count > 1``, else 0."""
-        c = (rows.shape[1] - 2) // 2
-        count, mean, m2 = rows[0, 0], rows[0, 1:1 + c], rows[0, 1 + c:1 + 2 * c]
-        for r in range(1, rows.shape[0]):
-            n_b, mean_b, m2_b = rows[r, 0], rows[r, 1:1 + c], rows[r, 1 + c:1 + 2 * c]
-            n_ab = count + n_b
-            safe = n_ab.clamp(min=1)
-            delta = mean_b - mean
-            mean = mean + delta * (n_b / safe)
-            m2 = m2 + m2_b + delta.square() * (count * n_b / safe)
-            count = n_ab
+        from .. import reference
+
+        count, mean, m2 = reference.merge_moments(rows[:, :-1])
         var = torch.where(count > 1, m2 / (count - 1).clamp(min=1), torch.zeros_like(m2))
         return mean.to(dtype), var.to(dtype), count, rows[:, -1].sum()
 
