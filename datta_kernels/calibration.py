@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .adapt import DATTA
 from .diversity import Selector, ThresholdSelector
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
-from .surgery import convert_model
+from .surgery import _is_plain_bn, convert_model
 
 __all__ = ["calibrate", "Calibration", "BLEND_GRID"]
 
@@ -74,7 +74,7 @@ class Calibration:
     def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
         """The calibrated :class:`DATTA` around ``model`` (converted / reconfigured in place);
         ``selector`` replaces the calibrated cuts (e.g. an oracle for a bound)."""
-        if any(isinstance(m, nn.BatchNorm2d) and not isinstance(m, FusedDABN) for m in model.modules()):
+        if any(_is_plain_bn(m) for m in model.modules()):
             model = convert_model(model, "datta", backend=backend, **INSTANCE_MODES[self.instance_mode])
         layers = dabn_layers(model)
         _configure(layers, self.single_blend, self.multiple_blend, self.skewed_blend,
@@ -319,7 +319,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     g = torch.Generator().manual_seed(seed)
     val = _batches(domains, batch_size, n_batches, g)
     work = copy.deepcopy(model).eval()
-    if any(isinstance(m, (nn.BatchNorm2d,)) and not isinstance(m, FusedDABN) for m in work.modules()):
+    if any(_is_plain_bn(m) for m in work.modules()):
         work = convert_model(work, "datta", shrink_k=None, cluster=True, backend=backend)
     layers = dabn_layers(work)
     if not layers:
