@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapt import DATTA
-from .diversity import Selector, ThresholdSelector
+from .diversity import BalanceProbe, Selector, ThresholdSelector, prediction_balance
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
 from .surgery import _is_plain_bn, convert_model
 
@@ -60,16 +60,23 @@ class Calibration:
     skewed_blend: tuple[float, float, float]
     threshold: float
     low: float
+    #: cut on the previous batch's prediction balance below which a batch is ``skewed``
+    #: (None: the rule does not read it)
+    skew_cut: float | None
     daft: bool
     lr: float
     #: blend -> accuracy (%) per batch type, every candidate
     blend_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
     #: accuracy (%) per batch type of the chosen rule, and of the rule without ``low``
     decision_table: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: decision rule -> accuracy (%) per validation stream (no DAFT), every candidate
+    rule_table: dict[str, dict[str, float]] = field(default_factory=dict)
     #: ``"on"`` / ``"off"`` -> accuracy (%) per validation stream
     daft_table: dict[str, dict[str, float]] = field(default_factory=dict)
     #: instance mode -> the cuts' objective it reached (the higher one is chosen)
     modes: dict[str, float] = field(default_factory=dict)
+    #: the class probe at the score layer whose prediction balance ``skew_cut`` reads
+    probe: BalanceProbe | None = None
 
     def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
         """The calibrated :class:`DATTA` around ``model`` (converted / reconfigured in place);
@@ -82,13 +89,19 @@ class Calibration:
         for layer in layers:
             layer.backend = backend
         adapter = DATTA(model, preset=None, daft=self.daft, lr=self.lr, score_mode="dispersion",
-                        selector=selector or ThresholdSelector(self.threshold, self.low),
-                        backend=None, score_layer=self.score_layer)
+                        selector=selector or self.selector(), backend=None,
+                        score_layer=self.score_layer,
+                        balance_probe=None if self.probe is None else
+                        copy.deepcopy(self.probe).to(layers[0].running_mean.device))
         adapter.calibration = self
         return adapter
 
+    def selector(self) -> ThresholdSelector:
+        """The calibrated decision rule."""
+        return ThresholdSelector(self.threshold, self.low, self.skew_cut)
+
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "blend_table"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("blend_table", "probe")}
         d["blend_table"] = {",".join(map(str, k)): v for k, v in self.blend_table.items()}
         return d
 
@@ -108,11 +121,15 @@ class Calibration:
                      + ", ".join(f"{m} {v:.2f} %" for m, v in self.modes.items()) + f"); single "
                      f"{fmt(self.single_blend)}, multiple {fmt(self.multiple_blend)}, skewed "
                      f"{fmt(self.skewed_blend)}")
-        lines.append(f"decision: dispersion score at {self.score_layer}; skewed below {self.low:.4g}, "
-                     f"single below {self.threshold:.4g}, else multiple (the cuts with the best mean "
-                     "accuracy over the three batch types)")
+        lines.append(f"cuts on the dispersion score at {self.score_layer} (the best mean accuracy over "
+                     "the three batch types), per validation batch:")
         for name, acc in self.decision_table.items():
             lines.append(f"  {name:<20} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items()))
+        lines.append(f"decision rule: {rule_name(self.threshold, self.low, self.skew_cut)} (the best "
+                     "mean over validation streams without DAFT; candidates:)")
+        for name, acc in self.rule_table.items():
+            lines.append(f"  {name:<46} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+                         + f"  mean {np.mean(list(acc.values())):5.1f}")
         lines.append(f"DAFT {'on' if self.daft else 'off'} (lr {self.lr:g}), validation streams:")
         for name, acc in self.daft_table.items():
             lines.append(f"  daft {name:<4} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items()))
@@ -154,6 +171,35 @@ def _batches(domains, batch_size: int, n: int, g: torch.Generator) -> dict[str, 
         k = int(torch.randint(0, (hi - lo) // batch_size, (1,), generator=g))
         out["sorted"].append(order[k * batch_size:(k + 1) * batch_size])
     return {k: [(xs[i], ys[i]) for i in v] for k, v in out.items()}
+
+
+def _sorted_stream(domains, batch_size: int, n: int, g: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+    """``n`` batches of a label-sorted stream: each domain in turn delivers a run of
+    consecutive batches (from a random start) of its images sorted by label, so the label skew
+    persists from batch to batch as in a label-sorted test stream."""
+    names = list(domains)
+    run = max(2, math.ceil(n / len(names)))
+    out: list[tuple[Tensor, Tensor]] = []
+    d = 0
+    while len(out) < n:
+        x, y = domains[names[d % len(names)]]
+        order = torch.randperm(len(y), generator=g)
+        order = order[torch.sort(y[order], stable=True).indices]
+        full = len(y) // batch_size
+        r = min(run, full, n - len(out))
+        start = int(torch.randint(0, full - r + 1, (1,), generator=g))
+        out += [(x[i], y[i]) for i in order[start * batch_size:(start + r) * batch_size].split(batch_size)]
+        d += 1
+    return out
+
+
+def rule_name(high: float, low: float, skew_cut: float | None) -> str:
+    parts = [f"multiple if score >= {high:.4g}"]
+    if low != -math.inf:
+        parts.append(f"skewed if score < {low:.4g}")
+    if skew_cut is not None:
+        parts.append(f"skewed if balance < {skew_cut:.4g}")
+    return "; ".join(parts) + "; else single"
 
 
 #: how the instance terms of a blend are formed: cluster-pooled (SPEC §3b) or per sample with
@@ -236,19 +282,48 @@ def _stream_accuracy(adapter: DATTA, batches) -> float:
     return 100.0 * correct / max(1, total)
 
 
-def _scores(work: nn.Module, val) -> np.ndarray:
-    """The dispersion score of every validation batch (as DATTA computes it, no update)."""
+def _scores(work: nn.Module, batches) -> tuple[np.ndarray, list[Tensor]]:
+    """The dispersion score of every batch (as DATTA computes it, every decision ``multiple``,
+    no update) and the :meth:`BalanceProbe.features` of its score layer's instance statistics."""
     probe = DATTA(copy.deepcopy(work), preset=None, selector=ThresholdSelector(0.0), daft=False,
                   score_mode="dispersion", backend=None)
-    out = []
-    for k in KINDS:
-        for x, _ in val[k]:
-            probe(x)
-            out.append(probe.last_score)
-    return np.array(out, dtype=float)
+    scores, feats = [], []
+    for x in batches:
+        probe(x)
+        layer = probe.layers[probe._score_at]
+        scores.append(probe.last_score)
+        feats.append(BalanceProbe.features(*layer.last_stats, layer.source_mean, layer.source_var,
+                                           layer.eps))
+    return np.array(scores, dtype=float), feats
 
 
-def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid, mode: str) -> dict:
+def _best_skew_rule(scores: np.ndarray, balance: np.ndarray, acc: dict[str, np.ndarray],
+                    kinds: np.ndarray) -> tuple[float, float, float]:
+    """The cuts ``(high, skew_cut)`` of the rule multiple if ``score >= high``, else skewed if
+    ``balance < skew_cut``, else single, maximising :func:`_objective`; returns ``(high,
+    skew_cut, objective)`` (each cut in the middle of its run of equally good cuts)."""
+    def cuts(v):
+        u = np.unique(v[np.isfinite(v)])
+        top = u[-1] + max(1.0, abs(u[-1])) if len(u) else 1.0
+        return np.concatenate([(u[:-1] + u[1:]) / 2, [top]])
+    highs, skews = cuts(scores), np.concatenate([[-math.inf], cuts(balance)])
+    table = np.stack([acc[d] for d in DECISIONS])
+    objective = np.empty((len(skews), len(highs)))
+    for j, hi in enumerate(highs):
+        below = scores < hi
+        for i, cut in enumerate(skews):
+            said = np.where(below, np.where(balance < cut, 0, 1), 2)
+            objective[i, j] = _objective(np.choose(said, table), kinds)
+    best = objective.max()
+    good = objective >= best - 1e-9
+    i, j = np.argwhere(good)[0]
+    j = _run_middle(good[i], j)
+    i = _run_middle(good[:, j], i)
+    return float(highs[j]), float(skews[i]), float(best)
+
+
+def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, num_classes: int,
+                    grid, mode: str) -> dict:
     """Steps 1-3 of the module doc for one way of forming the instance terms."""
     kinds = np.array([k for k in KINDS for _ in val[k]])
     # 1. the multiple blend: all layers on it (as on a "multiple" batch), best on mixed batches
@@ -271,12 +346,20 @@ def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, gri
         after[w]["mixed"] = _accuracy(work, val["mixed"])
     # 3. the cuts on the dispersion scores (the pre-score layers on `multiple`)
     _configure(layers, single, multiple, skewed, [False] * len(layers), mode)
-    scores = _scores(work, val)
+    scores, feats = _scores(work, [x for k in KINDS for x, _ in val[k]])
+    # 3b. a class probe at the score layer, fitted on other i.i.d. validation batches, and the
+    #     cuts of the rule that reads its prediction balance
+    fit_x = [x for k in ("single", "mixed") for x, _ in fit[k]]
+    fit_y = torch.cat([y for k in ("single", "mixed") for _, y in fit[k]])
+    probe = BalanceProbe.fit(torch.cat(_scores(work, fit_x)[1]), fit_y, num_classes)
+    with torch.no_grad():
+        balance = np.array([float(prediction_balance(probe.logits(f))) for f in feats])
     acc = {"single": np.concatenate([after[single][k] for k in KINDS]),
            "multiple": np.concatenate([all_on[multiple][k] for k in KINDS]),
            "skewed": np.concatenate([after[skewed][k] for k in KINDS])}
     low, high, objective = _best_band(scores, acc, kinds)
     low0, high0, _ = _best_band(scores, acc, kinds, allow_low=False)
+    high_b, skew_cut, objective_b = _best_skew_rule(scores, balance, acc, kinds)
     table = np.stack([acc[d] for d in DECISIONS])
 
     def rule(said):
@@ -284,13 +367,16 @@ def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, gri
         return {k: 100.0 * float(got[kinds == k].mean()) for k in KINDS} | \
                {f"said {name}": 100.0 * float((said == i).mean()) for i, name in enumerate(DECISIONS)}
     truth = np.array([DECISIONS.index(_TRUE[k]) for k in kinds])
+    said_b = np.where(scores < high_b, np.where(balance < skew_cut, 0, 1), 2)
     return {"mode": mode, "single": single, "multiple": multiple, "skewed": skewed, "low": low,
-            "high": high, "objective": 100.0 * objective,
+            "high": high, "objective": 100.0 * max(objective, objective_b), "probe": probe,
+            "high_b": high_b, "skew_cut": skew_cut,
             "blend_table": {w: {"single": 100.0 * float(after[w]["single"].mean()),
                                 "mixed": 100.0 * float(all_on[w]["mixed"].mean()),
                                 "sorted": 100.0 * float(after[w]["sorted"].mean())} for w in grid},
-            "decision_table": {"chosen cuts": rule(_decide(scores, low, high)),
-                               "no low cut": rule(_decide(scores, low0, high0)),
+            "decision_table": {"score band": rule(_decide(scores, low, high)),
+                               "score, no low cut": rule(_decide(scores, low0, high0)),
+                               "score + balance": rule(said_b),
                                "oracle (true type)": rule(truth)}}
 
 
@@ -328,31 +414,44 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         layer.backend = backend
     pre = first_nonlinear_layer(work, val["single"][0][0])
     names = {m: n for n, m in work.named_modules()}
-    found = [_calibrate_mode(work, layers, pre, val, grid, mode) for mode in INSTANCE_MODES]
+    fit = _batches(domains, batch_size, n_batches, g)      # other i.i.d. batches: the probe's
+    num_classes = max(2, int(torch.cat([y for _, y in domains.values()]).max()) + 1)
+    found = [_calibrate_mode(work, layers, pre, val, fit, num_classes, grid, mode)
+             for mode in INSTANCE_MODES]
     best = max(found, key=lambda r: r["objective"])
     mode, single, multiple, skewed = best["mode"], best["single"], best["multiple"], best["skewed"]
-    low, high = best["low"], best["high"]
     _configure(layers, single, multiple, skewed, [True] * len(layers), mode)
 
-    # 4. DAFT on or off, on validation streams: single-domain (one domain after another),
-    #    dynamic (single and mixed batches alternating) and label-sorted
+    # 4. the decision rule, on validation streams without DAFT: the score band of step 3, or
+    #    the score cut with the skew cut on the probe's prediction balance (step 3b)
     d = len(domains)
     streams = {"single": [val["single"][i] for k in range(d) for i in range(k, len(val["single"]), d)],
+               "mixed": val["mixed"],
                "dynamic": [b for pair in zip(val["single"], val["mixed"]) for b in pair],
-               "sorted": val["sorted"]}
-    daft_table = {}
-    for flag in (False, True):
-        daft_table["on" if flag else "off"] = {
-            name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=flag, lr=lr,
-                                         selector=ThresholdSelector(high, low),
-                                         score_mode="dispersion", backend=None), batches)
-            for name, batches in streams.items()}
+               "sorted": _sorted_stream(domains, batch_size, n_batches, g)}
+    probe = best["probe"]
+
+    def run(rule, daft: bool) -> dict[str, float]:
+        return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=lr,
+                                             selector=ThresholdSelector(*rule), balance_probe=probe,
+                                             score_mode="dispersion", backend=None), batches)
+                for name, batches in streams.items()}
+    cut = best["skew_cut"]
+    rules = [(best["high"], best["low"], None),
+             (best["high_b"], -math.inf, None if cut == -math.inf else min(cut, 1.0))]
+    rule_table = {rule_name(*r): run(r, False) for r in rules}
+    means = [np.mean(list(rule_table[rule_name(*r)].values())) for r in rules]
+    high, low, skew_cut = rules[int(np.argmax(means))]      # ties: the first
+
+    # 5. DAFT on or off, on the same streams with the chosen rule
+    daft_table = {"on" if flag else "off": run((high, low, skew_cut), flag) for flag in (False, True)}
     daft = bool(np.mean(list(daft_table["on"].values())) > np.mean(list(daft_table["off"].values())))
 
     report = Calibration(
         batch_size=int(batch_size), domains=list(domains), batches={k: len(v) for k, v in val.items()},
         score_layer=names[layers[pre]], instance_mode=mode, single_blend=single,
-        multiple_blend=multiple, skewed_blend=skewed, threshold=high, low=low, daft=daft, lr=lr,
-        blend_table=best["blend_table"], decision_table=best["decision_table"],
-        daft_table=daft_table, modes={r["mode"]: r["objective"] for r in found})
+        multiple_blend=multiple, skewed_blend=skewed, threshold=high, low=low, skew_cut=skew_cut,
+        daft=daft, lr=lr, blend_table=best["blend_table"], decision_table=best["decision_table"],
+        rule_table=rule_table, daft_table=daft_table, modes={r["mode"]: r["objective"] for r in found},
+        probe=probe)
     return report.adapter(model, backend=backend)

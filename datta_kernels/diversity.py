@@ -21,12 +21,14 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from .functional import diversity_score
 
-__all__ = ["diversity_score", "Selector", "KDESelector", "ThresholdSelector", "KDEInfo",
-           "kde_decision", "scott_kde", "calibrate_threshold", "SINGLE", "MULTIPLE", "SKEWED"]
+__all__ = ["diversity_score", "prediction_balance", "BalanceProbe", "Selector", "KDESelector",
+           "ThresholdSelector", "KDEInfo", "kde_decision", "scott_kde", "calibrate_threshold",
+           "SINGLE", "MULTIPLE", "SKEWED"]
 
 SINGLE = "single"
 MULTIPLE = "multiple"
@@ -54,6 +56,95 @@ def _as_float(score: float | Tensor) -> float:
             raise ValueError(f"score must be a scalar, got a tensor of shape {tuple(score.shape)}")
         return float(score.detach().reshape(()).item())
     return float(score)
+
+
+def prediction_balance(logits: Tensor) -> Tensor:
+    """How evenly a batch's predictions spread over the classes: the entropy of the batch-mean
+    softmax of ``logits`` ``(N, K)`` divided by ``log K``, a 0-dim float32 tensor in [0, 1]
+    (SPEC §6).  An i.i.d. batch of a balanced task is near 1; a label-sorted batch, whose
+    samples share one or two classes, is low.  On the device, no host sync.  ``DATTA`` takes
+    the logits of a :class:`BalanceProbe` at its score layer (before any decision)."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError("logits must be a float (N, K) tensor")
+    n, k = logits.shape
+    if n == 0 or k < 2:
+        raise ValueError(f"prediction balance needs N >= 1 and K >= 2 classes, got {tuple(logits.shape)}")
+    p = torch.softmax(logits.detach().float(), dim=1).mean(dim=0)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum() / math.log(k)
+
+
+class BalanceProbe(nn.Module):
+    """A linear class probe on a layer's instance statistics, giving the batch's
+    :func:`prediction_balance` at that layer, before the model's own prediction exists
+    (SPEC §6).
+
+    Features per sample (``2C``): the source-standardised instance mean and log standard
+    deviation, ``(mu_i - mu_s) / sqrt(var_s + eps)`` and ``log((var_i + eps) / (var_s + eps)) / 2``
+    (the parts of the dispersion score, SPEC §2), centred and scaled by the fitting data's
+    moments; logits ``features @ weight + bias``.  Its class accuracy need not be high: a batch
+    whose samples share a class gets concentrated probe predictions, an i.i.d. batch spread
+    ones.  :meth:`fit` trains it (multinomial logistic regression, L-BFGS) on labelled
+    validation features; ``datta_kernels.calibrate`` does this at the score layer.
+    Its buffers follow ``.to()`` and are saved in ``state_dict``.
+    """
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        if channels < 1 or num_classes < 2:
+            raise ValueError(f"need channels >= 1 and num_classes >= 2, got {channels}, {num_classes}")
+        self.register_buffer("center", torch.zeros(2 * channels))
+        self.register_buffer("scale", torch.ones(2 * channels))
+        self.register_buffer("weight", torch.zeros(2 * channels, num_classes))
+        self.register_buffer("bias", torch.zeros(num_classes))
+
+    @staticmethod
+    def features(mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
+                 eps: float) -> Tensor:
+        """``(N, 2C)`` float32 features of the instance statistics ``(N, C)``."""
+        sv = source_var.detach().float() + eps
+        z_mean = (mean_i.detach().float() - source_mean.detach().float()) * torch.rsqrt(sv)
+        z_std = 0.5 * (torch.log(var_i.detach().float().clamp_min(0) + eps) - torch.log(sv))
+        return torch.cat([z_mean, z_std], dim=1)
+
+    def logits(self, feats: Tensor) -> Tensor:
+        if feats.dim() != 2 or feats.shape[1] != self.center.numel():
+            raise ValueError(f"expected (N, {self.center.numel()}) features, got {tuple(feats.shape)}")
+        return ((feats - self.center) / self.scale) @ self.weight + self.bias
+
+    def forward(self, mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
+                eps: float) -> Tensor:
+        """The batch's prediction balance (0-dim, on the device, no host sync)."""
+        return prediction_balance(self.logits(self.features(mean_i, var_i, source_mean, source_var, eps)))
+
+    @classmethod
+    def fit(cls, feats: Tensor, labels: Tensor, num_classes: int, *, l2: float = 1e-3,
+            max_iter: int = 200) -> BalanceProbe:
+        """Fit on ``feats`` ``(N, 2C)`` (from :meth:`features`) and integer ``labels`` ``(N,)``:
+        mean cross-entropy + ``l2 * |weight|^2``, L-BFGS with a strong-Wolfe line search."""
+        if feats.dim() != 2 or feats.shape[1] % 2 or labels.shape != feats.shape[:1]:
+            raise ValueError("feats must be (N, 2C) and labels (N,)")
+        if not torch.isfinite(feats).all():
+            raise ValueError("probe features are not finite")
+        probe = cls(feats.shape[1] // 2, num_classes)
+        x = feats.detach().float().cpu()
+        y = labels.detach().long().cpu()
+        probe.center.copy_(x.mean(0))
+        probe.scale.copy_(x.std(0).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1]))
+        x = (x - probe.center) / probe.scale
+        w = torch.zeros_like(probe.weight, requires_grad=True)
+        b = torch.zeros_like(probe.bias, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(x @ w + b, y) + l2 * w.square().sum()
+            loss.backward()
+            return loss
+        with torch.enable_grad():
+            opt.step(closure)
+        probe.weight.copy_(w.detach())
+        probe.bias.copy_(b.detach())
+        return probe
 
 
 class KDEInfo(NamedTuple):
@@ -188,6 +279,9 @@ class Selector:
 
     #: True when the decision can be taken on the device (``decide_tensor``) with no host sync.
     sync_free = False
+    #: True when ``update`` / ``decide_tensor`` read ``balance=``, the batch's
+    #: :func:`prediction_balance` (DATTA passes it only then).
+    uses_balance = False
 
     def update(self, score: float | Tensor) -> str:
         raise NotImplementedError
@@ -207,54 +301,88 @@ class Selector:
 
 
 class ThresholdSelector(Selector):
-    """``single`` iff ``low <= score < threshold``, ``skewed`` below ``low``, else
-    ``multiple`` (``low`` defaults to -inf: plain ``score < threshold``).  A finite ``low``
-    catches batches *less* diverse than a single i.i.d. domain, e.g. label-sorted ones whose
-    batch statistics mislead (``datta_kernels.calibrate`` sets it from validation streams).
-    Stateless apart from its thresholds, so it can also decide on the device
-    (:meth:`decide_tensor`, :meth:`skewed_tensor`) without a host sync."""
+    """``multiple`` when ``score >= threshold``; otherwise ``skewed`` when ``score < low`` or
+    the batch's ``balance`` is below ``skew_cut``, else ``single``.
+
+    ``low`` (default -inf) and ``skew_cut`` (default None: unused) catch batches *less*
+    diverse than a single i.i.d. domain, e.g. label-sorted ones whose batch statistics
+    mislead: ``low`` from the diversity score alone, ``skew_cut`` from the batch's prediction
+    balance (:func:`prediction_balance` of a :class:`BalanceProbe` at the score layer, which
+    :class:`~datta_kernels.DATTA` passes as ``balance=``; without one, nothing is skewed by it).
+    ``datta_kernels.calibrate`` sets both from validation batches.  Stateless apart from its
+    cuts, so it can also decide on the device (:meth:`decide_tensor`, :meth:`skewed_tensor`)
+    without a host sync."""
 
     sync_free = True
 
-    def __init__(self, threshold: float, low: float = -math.inf):
+    def __init__(self, threshold: float, low: float = -math.inf, skew_cut: float | None = None):
         self.threshold = float(threshold)
         self.low = float(low)
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be finite, got {threshold!r}")
         if math.isnan(self.low) or self.low == math.inf or self.low >= self.threshold:
             raise ValueError(f"low must be -inf or a number < threshold ({self.threshold}), got {low!r}")
+        if skew_cut is not None and not (0.0 < float(skew_cut) <= 1.0):
+            raise ValueError(f"skew_cut must be None or in (0, 1] (a prediction balance), got {skew_cut!r}")
+        self.skew_cut = None if skew_cut is None else float(skew_cut)
         self.last_decision: str | None = None
 
-    def update(self, score: float | Tensor) -> str:
+    @property
+    def uses_balance(self) -> bool:
+        """True when the decision reads the previous batch's prediction balance."""
+        return self.skew_cut is not None
+
+    def _skewed_by_balance(self, balance) -> bool:
+        return self.skew_cut is not None and balance is not None and _as_float(balance) < self.skew_cut
+
+    def update(self, score: float | Tensor, balance: float | Tensor | None = None) -> str:
         s = _as_float(score)
-        self.last_decision = SKEWED if s < self.low else SINGLE if s < self.threshold else MULTIPLE
+        if s >= self.threshold or math.isnan(s):
+            self.last_decision = MULTIPLE
+        elif s < self.low or self._skewed_by_balance(balance):
+            self.last_decision = SKEWED
+        else:
+            self.last_decision = SINGLE
         return self.last_decision
 
-    def decide_tensor(self, score: Tensor) -> Tensor:
+    def decide_tensor(self, score: Tensor, balance: Tensor | None = None) -> Tensor:
         """Device-side decision: a 0-dim bool tensor, True for ``single`` (no host sync)."""
         s = score.detach().reshape(())
-        return (s < self.threshold) & (s >= self.low)
+        single = (s < self.threshold) & (s >= self.low)
+        if self.skew_cut is not None and balance is not None:
+            single = single & (balance.detach().reshape(()) >= self.skew_cut)
+        return single
 
-    def skewed_tensor(self, score: Tensor) -> Tensor | None:
-        return None if self.low == -math.inf else score.detach().reshape(()) < self.low
+    def skewed_tensor(self, score: Tensor, balance: Tensor | None = None) -> Tensor | None:
+        """Device-side ``skewed`` flag (None when this selector never answers it)."""
+        if self.low == -math.inf and self.skew_cut is None:
+            return None
+        s = score.detach().reshape(())
+        skewed = (s < self.threshold) & (s < self.low)
+        if self.skew_cut is not None and balance is not None:
+            skewed = skewed | ((s < self.threshold) & (balance.detach().reshape(()) < self.skew_cut))
+        return skewed
 
     def reset(self) -> None:
         self.last_decision = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "threshold", "threshold": self.threshold, "low": self.low,
-                "last_decision": self.last_decision}
+                "skew_cut": self.skew_cut, "last_decision": self.last_decision}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "threshold":
             raise ValueError(f"not a ThresholdSelector state (kind={state.get('kind')!r})")
         self.threshold = float(state["threshold"])
         self.low = float(state.get("low", -math.inf))
+        cut = state.get("skew_cut")
+        self.skew_cut = None if cut is None else float(cut)
         self.last_decision = state.get("last_decision")
 
     def __repr__(self) -> str:
         low = "" if self.low == -math.inf else f", low={self.low}"
-        return f"ThresholdSelector(threshold={self.threshold}{low})"
+        cut = "" if self.skew_cut is None else f", skew_cut={self.skew_cut}"
+        return f"ThresholdSelector(threshold={self.threshold}{low}{cut})"
 
 
 class KDESelector(Selector):

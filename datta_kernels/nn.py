@@ -140,6 +140,7 @@ class FusedDABN(nn.BatchNorm2d):
         self.preset, self.shrink_k, self.backend, self.cluster = label, k, backend, cl
         self.compute_score, self.score_mode = compute_score, score_mode
         self.last_score: Tensor | None = None
+        self.last_stats: tuple[Tensor, Tensor] | None = None
         self.last_per_sample: Tensor | None = None
         #: called as ``score_callback(layer, score)`` after the score is computed and before
         #: the layer normalises (the DATTA adapter sets the decision of every layer there)
@@ -228,6 +229,8 @@ class FusedDABN(nn.BatchNorm2d):
         stats = None
         if self.compute_score:
             stats = self._score(x)
+            #: the instance statistics the score came from (for the score callback)
+            self.last_stats = stats
             if self.score_callback is not None:
                 self.score_callback(self, self.last_score)
         if self.cluster:

@@ -12,6 +12,8 @@ import csv
 import json
 from pathlib import Path
 
+from ..calibration import rule_name
+
 __all__ = ["CSV_FIELDS", "format_tables", "goal_lines", "plot", "write_outputs"]
 
 #: the baselines datta_cal is held to (issue goal: >= the best of them - 0.5 point on every
@@ -82,8 +84,8 @@ def format_tables(doc: dict) -> str:
         lines += ["", f"datta_cal, bs {bs} (datta_kernels.calibrate on the validation domains): instance "
                       f"terms {c['instance_mode']}, blends single {tuple(c['single_blend'])}, multiple "
                       f"{tuple(c['multiple_blend'])}, skewed {tuple(c['skewed_blend'])}; dispersion score "
-                      f"at {c['score_layer']}: skewed below {c['low']:.4g}, single below "
-                      f"{c['threshold']:.4g}; DAFT {'on' if c['daft'] else 'off'}"]
+                      f"at {c['score_layer']}: {rule_name(c['threshold'], c['low'], c.get('skew_cut'))}; "
+                      f"DAFT {'on' if c['daft'] else 'off'}"]
     lines += goal_lines(doc)
     lines += _per_corruption(doc, methods, sizes)
     chk = doc.get("backend_check")
