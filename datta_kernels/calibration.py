@@ -4,16 +4,20 @@ The user supplies domains they may tune on (``{name: (images, labels)}``: e.g. v
 corruptions and clean held-out images, never the data they report on).  From validation streams
 built of them, whose batch types are known by construction, :func:`calibrate` chooses
 
-1. the blend of ``multiple`` batches: the candidate (source / batch / cluster-pooled instance
-   weights, SPEC §3b) with the best mean accuracy over mixed-domain and label-sorted batches;
-2. the blend of ``single`` batches: the best on single-domain i.i.d. batches (the layers before
-   the score layer keep the ``multiple`` blend, as DATTA runs them);
-3. the decision: the dispersion score (SPEC §2) and a band ``low <= score < high`` answered
-   ``single`` (:class:`~datta_kernels.ThresholdSelector` with ``low``), the pair of cuts that
-   maximises the mean over the three batch types of the accuracy those blends give; a finite
-   ``low`` sends batches less diverse than an i.i.d. domain (label-sorted) to ``multiple``;
-4. DAFT on or off (entropy steps on ``single`` batches at ``lr``): on only if it raises the mean
-   accuracy of a validation dynamic stream and a validation single-domain stream.
+1. the blend of ``multiple`` batches: the candidate (source / batch / instance weights; instance
+   terms cluster-pooled, SPEC §3b, or per sample with the shrink) with the best accuracy on
+   mixed-domain batches;
+2. the blends of ``single`` and ``skewed`` batches: the best on single-domain i.i.d. and on
+   label-sorted batches (the layers before the score layer keep the ``multiple`` blend, as
+   DATTA runs them);
+3. two decision rules on the dispersion score (SPEC §2): the *score band* (``skewed`` below
+   ``low``, ``single`` below ``high``) and *score + balance* (``multiple`` from ``high``, else
+   ``skewed`` when the batch's prediction balance from a :class:`~datta_kernels.diversity.BalanceProbe`
+   fitted at the score layer is below ``skew_cut``, else ``single``), each with the cuts that
+   maximise the mean over the three batch types of the accuracy those blends give;
+4. the rule with the better mean accuracy over four validation streams without DAFT;
+5. DAFT on or off (entropy steps on ``single`` batches at ``lr``): on only if it raises the
+   mean accuracy of those streams.
 
 It returns the configured :class:`~datta_kernels.DATTA` (the model converted in place) with the
 report of what it chose and the validation numbers behind each choice in ``adapter.calibration``.

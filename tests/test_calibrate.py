@@ -17,10 +17,13 @@ from datta_kernels.calibration import (
     KINDS,
     _batches,
     _best_band,
+    _best_skew_rule,
     _decide,
+    _objective,
+    _sorted_stream,
     calibrate,
 )
-from datta_kernels.diversity import SKEWED
+from datta_kernels.diversity import SKEWED, BalanceProbe, prediction_balance
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -132,8 +135,16 @@ def test_calibrate_returns_a_configured_datta():
         assert layer.cluster == INSTANCE_MODES[rep.instance_mode]["cluster"]
         assert layer.blend_single.tolist() == pytest.approx(rep.single_blend)
         assert layer.blend_skewed.tolist() == pytest.approx(rep.skewed_blend)
+    assert adapter.selector.skew_cut == rep.skew_cut
+    assert isinstance(adapter.balance_probe, BalanceProbe) and adapter.balance_probe is not rep.probe
+    # the rule is the better of the two candidates on the validation streams (ties: the first)
+    means = [np.mean(list(v.values())) for v in rep.rule_table.values()]
+    assert len(means) == 2 and list(rep.rule_table)[int(np.argmax(means))] == \
+        dk.calibration.rule_name(rep.threshold, rep.low, rep.skew_cut)
+    assert set(next(iter(rep.rule_table.values()))) == {"single", "mixed", "dynamic", "sorted"}
     text = str(rep)
     assert "datta_cal for batch size 8" in text and "oracle (true type)" in text and "DAFT" in text
+    assert "score + balance" in text and "decision rule:" in text
     assert set(rep.as_dict()) >= {"single_blend", "threshold", "low", "decision_table", "daft_table"}
     # every choice is a maximum of the validation numbers the report shows
     table = rep.blend_table
@@ -154,3 +165,123 @@ def test_calibrate_returns_a_configured_datta():
 def test_calibrate_bad_domains(bad, match):
     with pytest.raises(ValueError, match=match):
         calibrate(_model(), bad, batch_size=8)
+
+
+# ---------------------------------------------------------------- the prediction balance
+def test_prediction_balance_values_and_errors():
+    k = 5
+    assert float(prediction_balance(torch.zeros(7, k))) == pytest.approx(1.0)        # uniform
+    one_class = torch.full((7, k), -30.0)
+    one_class[:, 2] = 30.0
+    assert float(prediction_balance(one_class)) < 1e-6
+    logits = torch.randn(9, k, dtype=torch.float64)
+    p = logits.softmax(1).mean(0).numpy()
+    want = -(p * np.log(p)).sum() / math.log(k)
+    assert float(prediction_balance(logits)) == pytest.approx(want, rel=1e-6)
+    for bad in (torch.zeros(3), torch.zeros(0, 4), torch.zeros(3, 1), torch.zeros(3, 4, dtype=torch.int64)):
+        with pytest.raises(ValueError):
+            prediction_balance(bad)
+
+
+def test_balance_probe_features_match_float64():
+    g = torch.Generator().manual_seed(0)
+    mean_i, var_i = torch.randn(6, 4, generator=g), torch.rand(6, 4, generator=g) + 0.1
+    sm, sv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+    got = BalanceProbe.features(mean_i, var_i, sm, sv, 1e-5).double().numpy()
+    m, v, a, b = (t.double().numpy() for t in (mean_i, var_i, sm, sv))
+    want = np.concatenate([(m - a) / np.sqrt(b + 1e-5), 0.5 * np.log((v + 1e-5) / (b + 1e-5))], axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_balance_probe_fit_separates_label_skewed_batches():
+    """Classes planted in the features: the fitted probe classifies them, an i.i.d. batch has a
+    balance near 1 and a one-class batch a low one; forward = balance of logits(features)."""
+    g = torch.Generator().manual_seed(0)
+    k, c = 4, 3
+    y = torch.arange(400) % k
+    centers = torch.randn(k, 2 * c, generator=g) * 3
+    feats = centers[y] + torch.randn(400, 2 * c, generator=g)
+    probe = BalanceProbe.fit(feats, y, k)
+    assert float((probe.logits(feats).argmax(1) == y).float().mean()) > 0.9
+    iid, one = feats[:16], feats[y == 1][:16]
+    assert float(prediction_balance(probe.logits(iid))) > 0.9
+    assert float(prediction_balance(probe.logits(one))) < 0.3
+    mean_i, var_i = torch.randn(8, c, generator=g), torch.rand(8, c, generator=g) + 0.1
+    sm, sv = torch.zeros(c), torch.ones(c)
+    assert torch.equal(probe(mean_i, var_i, sm, sv, 1e-5),
+                       prediction_balance(probe.logits(BalanceProbe.features(mean_i, var_i, sm, sv, 1e-5))))
+    assert set(probe.state_dict()) == {"center", "scale", "weight", "bias"}
+    with pytest.raises(ValueError, match="not finite"):
+        BalanceProbe.fit(feats.clone().fill_(float("nan")), y, k)
+    with pytest.raises(ValueError):
+        probe.logits(torch.zeros(3, 2 * c + 1))
+
+
+def test_threshold_selector_skew_cut():
+    sel = dk.ThresholdSelector(0.5, skew_cut=0.6)
+    assert sel.uses_balance and not dk.ThresholdSelector(0.5).uses_balance
+    cases = [(0.1, 0.9, "single"), (0.1, 0.3, "skewed"), (0.7, 0.3, "multiple"), (0.7, 0.9, "multiple"),
+             (0.1, None, "single"), (float("nan"), 0.3, "multiple"), (0.1, 0.6, "single")]
+    for score, bal, want in cases:
+        assert sel.update(score, balance=bal) == want
+        b = None if bal is None else torch.tensor(bal)
+        single = bool(sel.decide_tensor(torch.tensor(score), b))
+        skewed = bool(sel.skewed_tensor(torch.tensor(score), b))
+        assert (single, skewed) == (want == "single", want == "skewed"), (score, bal)
+    both = dk.ThresholdSelector(0.5, low=0.2, skew_cut=0.6)
+    assert both.update(0.1, balance=0.9) == "skewed" and both.update(0.3, balance=0.5) == "skewed"
+    other = dk.ThresholdSelector(1.0)
+    other.load_state_dict(both.state_dict())
+    assert other.skew_cut == 0.6 and other.uses_balance and "skew_cut=0.6" in repr(other)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="skew_cut"):
+            dk.ThresholdSelector(0.5, skew_cut=bad)
+
+
+def test_datta_reads_the_probe_balance_at_the_score_layer():
+    """DATTA passes the probe's balance of the score layer's own instance statistics (recomputed
+    here from that layer's input) to the selector; host and device decisions agree."""
+    x = torch.randn(8, 1, 10, 10)
+    probe = BalanceProbe(8, 3)
+    probe.weight.copy_(torch.randn(16, 3))
+    with pytest.raises(ValueError, match="balance_probe"):
+        dk.DATTA(_model(), score_mode="dispersion", selector=dk.ThresholdSelector(1e6, skew_cut=0.5))
+    seen = {}
+    for daft in (False, True):
+        for cut in (1e-3, 1.0):
+            a = dk.DATTA(_model(), score_mode="dispersion", selector=dk.ThresholdSelector(1e6, skew_cut=cut),
+                         daft=daft, backend="reference", balance_probe=copy.deepcopy(probe))
+            layer = a.layers[1]
+            hook = layer.register_forward_pre_hook(lambda m, i: seen.__setitem__("x", i[0].detach()))
+            a(x)
+            hook.remove()
+            var, mean = torch.var_mean(seen["x"], dim=(2, 3), unbiased=True)       # SPEC D1
+            want = probe(mean, var, layer.source_mean, layer.source_var, layer.eps)
+            torch.testing.assert_close(a.last_balance, want, rtol=1e-4, atol=1e-5)
+            assert a.last_decision == ("skewed" if float(want) < cut else "single"), (daft, cut)
+
+
+def test_best_skew_rule_matches_brute_force():
+    rng = np.random.default_rng(0)
+    n = 30
+    kinds = np.array(KINDS * (n // 3))
+    scores, balance = rng.random(n), rng.random(n)
+    acc = {d: rng.random(n) for d in DECISIONS}
+    high, cut, obj = _best_skew_rule(scores, balance, acc, kinds)
+    table = np.stack([acc[d] for d in DECISIONS])
+
+    def value(hi, c):
+        said = np.where(scores < hi, np.where(balance < c, 0, 1), 2)
+        return _objective(np.choose(said, table), kinds)
+    assert value(high, cut) == pytest.approx(obj)
+    grid = np.concatenate([[-1.0], np.sort(scores) + 1e-9, [2.0]])
+    best = max(value(h, c) for h in grid for c in np.concatenate([[-math.inf], np.sort(balance) + 1e-9]))
+    assert obj == pytest.approx(best)
+
+
+def test_sorted_stream_runs_are_label_sorted():
+    dom = _domains(40)
+    stream = _sorted_stream(dom, 8, 7, torch.Generator().manual_seed(0))
+    assert len(stream) == 7 and all(x.shape == (8, 1, 10, 10) for x, _ in stream)
+    for _, y in stream:
+        assert torch.equal(y, y.sort().values)
