@@ -146,6 +146,8 @@ class RunResult:
     warmup: int = 0
     #: per batch, why the KDE selector decided what it did (``KDEInfo.reason``; None otherwise).
     reasons: list[str | None] = field(default_factory=list)
+    #: per batch, whether the adapter took a parameter update (fine-tuned) on it
+    updated: list[bool] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -156,6 +158,13 @@ class RunResult:
         """Mean adapter time per batch, leaving out the first (one-off kernel/thread-pool start-up)."""
         ms = self.ms[1:] or self.ms
         return sum(ms) / max(1, len(ms))
+
+    @property
+    def ms_per_batch_no_update(self) -> float | None:
+        """Mean adapter time over the batches it did not fine-tune (the first batch left out);
+        None when there are none."""
+        ms = [t for i, (t, u) in enumerate(zip(self.ms, self.updated)) if i > 0 and not u]
+        return sum(ms) / len(ms) if ms else None
 
     def accuracy_by(self, labels: list[str]) -> dict[str, float]:
         """Accuracy grouped by a per-batch label (``self.domains`` or ``self.kinds``)."""
@@ -169,7 +178,9 @@ class RunResult:
     def row(self) -> dict:
         row = {"method": self.method, "stream": self.stream, "batch_size": self.batch_size,
                "accuracy": self.accuracy, "ms_per_batch": self.ms_per_batch,
-               "batches": len(self.sizes), "samples": sum(self.sizes)}
+               "batches": len(self.sizes), "samples": sum(self.sizes),
+               "ms_per_batch_no_update": self.ms_per_batch_no_update,
+               "updated_fraction": sum(self.updated) / max(1, len(self.updated))}
         if self.stream.startswith("single"):
             row["per_corruption"] = self.accuracy_by(self.domains)
         if self.stream.startswith("dynamic"):
@@ -187,9 +198,11 @@ def run_stream(adapter: nn.Module, method: str, pool: DomainPool, stream: Stream
                     warmup)
     for idx in stream.batches:
         x, y = pool.x[idx], pool.y[idx]
+        before = getattr(adapter, "n_updates", 0)
         t0 = time.perf_counter()
         logits = adapter(x)
         res.ms.append((time.perf_counter() - t0) * 1e3)
+        res.updated.append(getattr(adapter, "n_updates", 0) != before)
         res.correct.append(int((logits.argmax(1) == y).sum()))
         res.sizes.append(len(y))
         res.scores.append(getattr(adapter, "last_score", None))
