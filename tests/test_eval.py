@@ -262,6 +262,19 @@ def test_run_demo_document(tiny_doc):
             assert r["single_fraction"] == pytest.approx(single)
     skewed = runs[("datta_cal_oracle", "single_noniid")].decisions
     assert set(skewed) == {"skewed"}
+    # fine-tuned batches are recorded: tent updates on every batch, source never, and DATTA
+    # exactly on the batches it decided "single" (DAFT), so its no-update time leaves them out
+    for (method, _), run in runs.items():
+        assert len(run.updated) == len(run.ms)
+        if method == "tent":
+            assert all(run.updated) and run.ms_per_batch_no_update is None
+        if method == "source":
+            assert not any(run.updated) and run.ms_per_batch_no_update == pytest.approx(run.ms_per_batch)
+        if method == "datta":
+            assert run.updated == [d == "single" for d in run.decisions]
+    cal = next(r for r in runs.values() if r.method == "datta_cal")
+    plain = [t for i, (t, u) in enumerate(zip(cal.ms, cal.updated)) if i and not u]
+    assert cal.ms_per_batch_no_update == (pytest.approx(sum(plain) / len(plain)) if plain else None)
     chk = tiny_doc["backend_check"]
     assert chk["prediction_agreement"] == 1.0 and chk["batches"] == 2
     meta = tiny_doc["meta"]
