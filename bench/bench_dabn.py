@@ -28,7 +28,13 @@ import torch
 
 from datta_kernels import functional as F
 from datta_kernels import reference as ref
-from datta_kernels.benchmarking import cpu_time_interleaved, describe_machine, gbps, write_markdown
+from datta_kernels.benchmarking import (
+    cpu_time_interleaved,
+    describe_machine,
+    gbps,
+    provenance,
+    write_markdown,
+)
 from datta_kernels.testing import make_inputs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -145,6 +151,7 @@ def table_per_thp(reps: int, impls: tuple[str, ...], threads: list[int], thp: li
         merged["machine"]["loadavg_1min_by_thp"][value] = (res["machine"]["loadavg_1min_start"],
                                                            res["machine"]["loadavg_1min"])
     merged["machine"]["thp_mem_alloc_enable"] = ",".join(thp)
+    merged["machine"].update(provenance())  # this command, not the workers'
     return merged
 
 

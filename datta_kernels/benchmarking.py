@@ -6,21 +6,24 @@
   (round-robin over passes) so load changes on a shared machine hit all of them alike; median.
 * :func:`gbps` — bandwidth from bytes and seconds.
 * :func:`describe_machine` / :func:`describe_gpu` and :func:`markdown_table` /
-  :func:`write_markdown` — the header (versions, device, threads) and tables of every result file.
+  :func:`write_markdown` — the header (command, commit, versions, device, threads) and tables of
+  every result file (``scripts/check_figures.py`` requires the command, commit and machine).
 """
 from __future__ import annotations
 
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import timeit
 from collections.abc import Callable, Sequence
 
 import torch
 
 __all__ = ["gpu_time", "cpu_time_interleaved", "time_contestants", "gbps", "describe_machine",
-           "describe_gpu", "header_lines", "markdown_table", "write_markdown"]
+           "describe_gpu", "provenance", "header_lines", "markdown_table", "write_markdown"]
 
 
 def gpu_time(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
@@ -102,11 +105,30 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def provenance() -> dict[str, str]:
+    """The command line of this process and the git commit of the source tree it runs from
+    (``+ uncommitted changes`` when tracked files differ from it; ``unknown`` outside a git
+    checkout, e.g. an installed wheel)."""
+    command = shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0] else "unknown"
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = ["git", "-C", src]
+        sha = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = sha + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown (not a git checkout)"
+    return {"command": command, "commit": commit or "unknown"}
+
+
 def describe_machine() -> dict[str, object]:
-    """CPU, cores, threads, load, versions, the CPU allocator's huge-page switch and how
-    datta_kernels._C was built."""
+    """The command and commit (:func:`provenance`), CPU, cores, threads, load, versions, the
+    CPU allocator's huge-page switch and how datta_kernels._C was built."""
     from . import _ext
     return {
+        **provenance(),
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -141,6 +163,9 @@ def header_lines(machine: dict) -> list[str]:
     (:func:`describe_machine`, optionally merged with :func:`describe_gpu`)."""
     m = machine
     lines = []
+    if m.get("command") or m.get("commit"):
+        lines.append(f"- command: `{m.get('command', 'unknown')}`; commit: {m.get('commit', 'unknown')}; "
+                     "machine: the lines below")
     if m.get("gpu"):
         lines.append(f"- GPU: {m['gpu']}, CUDA {m.get('cuda')}, driver {m.get('driver')}, "
                      f"triton {m.get('triton')}")

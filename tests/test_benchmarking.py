@@ -46,6 +46,8 @@ def test_write_markdown(tmp_path):
     lines = text.splitlines()
     assert lines[0] == "# Title"
     assert any(line.startswith("- CPU: ") and "torch threads" in line for line in lines)
+    # provenance (scripts/check_figures.py requires command, commit and machine in every result)
+    assert lines[2].startswith("- command: `python ") and "; commit: " in lines[2] and "machine" in lines[2]
     assert any(f"torch {torch.__version__}" in line and "THP_MEM_ALLOC_ENABLE=" in line
                for line in lines)
     assert "- a note" in lines and "## sub" in lines

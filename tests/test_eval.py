@@ -279,6 +279,7 @@ def test_run_demo_document(tiny_doc):
     assert chk["prediction_agreement"] == 1.0 and chk["batches"] == 2
     meta = tiny_doc["meta"]
     assert meta["machine"]["torch"] == torch.__version__ and meta["command"] == "test"
+    assert meta["commit"]  # the git commit of the code that ran (or "unknown ...")
     assert meta["backend"] in ("cpu", "reference", "cuda", "triton")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__, backends
+from ..benchmarking import provenance
 from ..calibration import calibrate
 from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, SEVERITIES, load_benchmark
 from .protocols import build_stream, canonical
@@ -306,7 +307,8 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
     config = asdict(cfg)
     config["per_domain"] = per
     return {
-        "meta": {"command": command, "machine": _machine(device), "dataset": TITLES[cfg.dataset],
+        "meta": {"command": command, "commit": provenance()["commit"], "machine": _machine(device),
+                 "dataset": TITLES[cfg.dataset],
                  "device": device, "backend": resolved, "backend_requested": cfg.backend,
                  "seeds": {"streams": cfg.seed}, "config": config, "loader_workers": workers,
                  "seconds_waiting_for_data": timing["data"], "seconds_in_methods": timing["methods"],

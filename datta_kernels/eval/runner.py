@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import DATTA, __version__, backends
 from ..adapt import DYN, TBN, BNAdapt, Source, Tent
+from ..benchmarking import provenance
 from ..calibration import BLEND_GRID, calibrate
 from ..diversity import ThresholdSelector
 from . import progress_bar
@@ -340,7 +341,8 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                              "so this compares the reference with itself")
 
     return {
-        "meta": {"command": command, "machine": _machine(), "backend": resolved,
+        "meta": {"command": command, "commit": provenance()["commit"], "machine": _machine(),
+                 "backend": resolved,
                  "backend_requested": cfg.backend, "seeds": {"data": cfg.seed, "streams": cfg.seed,
                                                             "corruptions": cfg.seed,
                                                             "training": cfg.train.seed},
