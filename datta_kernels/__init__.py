@@ -7,7 +7,7 @@ from .adapt import DATTA, DYN
 from .backends import available_backends
 from .calibration import calibrate
 from .cluster import cluster_labels
-from .diversity import KDESelector, ThresholdSelector, calibrate_threshold
+from .diversity import BalanceProbe, KDESelector, ThresholdSelector, calibrate_threshold, prediction_balance
 from .functional import blend_tensor, dabn, diversity_score, instance_stats
 from .nn import FusedDABN
 from .presets import PRESETS, Preset
@@ -25,6 +25,8 @@ __all__ = [
     "revert_model",
     "KDESelector",
     "ThresholdSelector",
+    "BalanceProbe",
+    "prediction_balance",
     "calibrate_threshold",
     "PRESETS",
     "Preset",
