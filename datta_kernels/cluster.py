@@ -80,10 +80,12 @@ def cluster_moments(mean_i: Tensor, var_i: Tensor, labels: Tensor,
     and sample ``n`` gets its cluster's ``(mu_l, var_l)``.  Differentiable in ``mean_i, var_i``
     (the labels are constants).
     """
-    n = mean_i.shape[0]
-    onehot = torch.nn.functional.one_hot(labels, n).to(mean_i.dtype)      # (N, L=N)
-    counts = onehot.sum(dim=0)[:, None] + eps                             # (L, 1)
-    mu = onehot.T @ mean_i / counts                                       # (L, C)
+    # per-cluster sums by index_add (O(N C), no (N, N) one-hot product: small matrix products
+    # go through a multi-threaded BLAS that stalls on a busy machine)
+    def cluster_sum(t: Tensor) -> Tensor:
+        return t.new_zeros(t.shape).index_add(0, labels, t)             # (L = N, ...)
+    counts = cluster_sum(torch.ones_like(mean_i[:, :1])) + eps            # (L, 1)
+    mu = cluster_sum(mean_i) / counts                                     # (L, C)
     dev = (mean_i - mu[labels]).square()
-    var = (onehot.T @ var_i + onehot.T @ dev) / counts
+    var = (cluster_sum(var_i) + cluster_sum(dev)) / counts
     return mu[labels], var[labels]
