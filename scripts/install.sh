@@ -40,9 +40,9 @@ PY="$VENV/bin/python"
 # torchvision (the `run --model torchvision:<name>` models; tests/test_benchmarks.py builds its
 # ResNet-50): the release made for this torch (torch 2.m -> torchvision 0.(m+15)), with --no-deps
 # so pip never replaces torch (its only other needs, numpy and pillow, come with the line above)
-TV_SPEC=${TV_SPEC:-$("$PY" -c "import torch; a, b = map(int, torch.__version__.split('.')[:2]); print(f'torchvision==0.{b + 15}.*' if a == 2 else '')")}
-[ -n "$TV_SPEC" ] || { echo "install.sh: set TV_SPEC to the torchvision release made for your torch"; exit 1; }
-"$PY" -m pip install -q --no-deps "$TV_SPEC"
+tv=${TV_SPEC:-$("$PY" -c "import torch; a, b = map(int, torch.__version__.split('.')[:2]); print(f'torchvision==0.{b + 15}.*' if a == 2 else '')")}
+[ -n "$tv" ] || { echo "install.sh: set TV_SPEC to the torchvision release made for your torch"; exit 1; }
+"$PY" -m pip install -q --no-deps "$tv"
 "$PY" -m pip install -q --no-build-isolation -e .
 "$PY" -c "import datta_kernels, datta_kernels._ext as e; print('datta_kernels', datta_kernels.__version__, e.build_info())"
 build_key > "$STAMP"
