@@ -13,9 +13,7 @@ matmuls, scipy's components through a host copy), for context.  Goal: dyn <= 1.1
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import pytest
 import scipy.sparse as sp
@@ -23,12 +21,9 @@ import torch
 from scipy.sparse.csgraph import connected_components
 
 import datta_kernels as dk
-from datta_kernels.benchmarking import describe_gpu, describe_machine, gbps, time_contestants
+from datta_kernels.benchmarking import contestant_results, gbps, shape_id, table_main, time_contestants
 from datta_kernels.benchmarking import write_markdown as write_result
 from datta_kernels.testing import make_inputs
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import save_results  # noqa: E402
 
 SHAPES = [(64, 64, 56, 56), (16, 16, 28, 28), (64, 16, 28, 28), (256, 64, 14, 14)]
 CONTESTANTS = ("tbn", "dyn", "authors")
@@ -77,11 +72,7 @@ def make_case(shape, contestant: str, backend: str = "auto", device: str = "cpu"
     return run
 
 
-def _id(shape) -> str:
-    return "x".join(map(str, shape))
-
-
-@pytest.mark.parametrize("shape", SHAPES[1:2], ids=_id)
+@pytest.mark.parametrize("shape", SHAPES[1:2], ids=shape_id)
 @pytest.mark.parametrize("contestant", CONTESTANTS)
 def test_dyn_forward(benchmark, shape, contestant):
     fn = make_case(shape, contestant)
@@ -100,8 +91,7 @@ def table(reps: int, device: str = "cpu") -> dict:
                      "gbps": {c: gbps(nbytes, v) for c, v in t.items()},
                      "ratio": {c: t[c] / t["tbn"] for c in t}})
         print(rows[-1], flush=True)
-    machine = {**describe_machine(), **(describe_gpu() if device == "cuda" else {})}
-    return {"machine": machine, "reps": reps, "device": device, "rows": rows}
+    return contestant_results(rows, reps, device)
 
 
 def write_markdown(res: dict, path: str) -> None:
@@ -112,7 +102,7 @@ def write_markdown(res: dict, path: str) -> None:
     rows = []
     for r in res["rows"]:
         q, ms, bw = r["ratio"], r["ms"], r["gbps"]
-        rows.append([_id(r["shape"]), f"{ms['tbn']:.2f}", f"{bw['tbn']:.1f}", f"{ms['dyn']:.2f}",
+        rows.append([shape_id(r["shape"]), f"{ms['tbn']:.2f}", f"{bw['tbn']:.1f}", f"{ms['dyn']:.2f}",
                      f"{bw['dyn']:.1f}", f"{q['dyn']:.2f}",
                      f"{q['authors']:.2f}" if "authors" in q else "-"])
     columns = ["shape", "tbn ms", "tbn GB/s", "dyn ms", "dyn GB/s", "dyn / tbn", "authors' layer / tbn"]
@@ -121,15 +111,4 @@ def write_markdown(res: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--table", action="store_true", help="write bench/results/cpu_dyn.*")
-    ap.add_argument("--reps", type=int, default=21)
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--out", default=None, help="result stem (default bench/results/<device>_dyn)")
-    args = ap.parse_args()
-    res = table(args.reps, args.device)
-    if args.table:
-        stem = args.out or os.path.join(RESULTS, f"{args.device}_dyn")
-        save_results(res, stem, write_markdown)
-    else:
-        write_markdown(res, "/dev/stdout")
+    table_main(__doc__.split("\n\n")[0], "dyn", table, write_markdown, reps=21, results_dir=RESULTS)

@@ -16,20 +16,15 @@ Goal: ratio <= 1.05 with dispersion, <= 1.4 with pixel.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import pytest
 import torch
 
 import datta_kernels as dk
-from datta_kernels.benchmarking import describe_gpu, describe_machine, time_contestants
+from datta_kernels.benchmarking import contestant_results, shape_id, table_main, time_contestants
 from datta_kernels.benchmarking import write_markdown as write_result
 from datta_kernels.testing import make_inputs
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import save_results  # noqa: E402
 
 #: SmallResNet's score layer at bs 64; ResNet-50's layer1 / layer2 inputs at bs 32
 SHAPES = [(64, 16, 28, 28), (32, 64, 56, 56), (32, 128, 28, 28)]
@@ -60,11 +55,7 @@ def make_case(shape, contestant: str, decision: str, backend: str = "auto", devi
     return run
 
 
-def _id(shape) -> str:
-    return "x".join(map(str, shape))
-
-
-@pytest.mark.parametrize("shape", SHAPES[:1], ids=_id)
+@pytest.mark.parametrize("shape", SHAPES[:1], ids=shape_id)
 @pytest.mark.parametrize("contestant", CONTESTANTS)
 def test_score_layer_forward(benchmark, shape, contestant):
     fn = make_case(shape, contestant, "single")
@@ -82,8 +73,7 @@ def table(reps: int, device: str = "cpu") -> dict:
                          "ms": {c: 1e3 * v for c, v in t.items()},
                          "ratio": {c: t[c] / t["plain"] for c in CONTESTANTS}})
             print(rows[-1], flush=True)
-    machine = {**describe_machine(), **(describe_gpu() if device == "cuda" else {})}
-    return {"machine": machine, "reps": reps, "device": device, "rows": rows}
+    return contestant_results(rows, reps, device)
 
 
 def write_markdown(res: dict, path: str) -> None:
@@ -93,7 +83,7 @@ def write_markdown(res: dict, path: str) -> None:
     rows = []
     for r in res["rows"]:
         q = r["ratio"]
-        rows.append([_id(r["shape"]), r["decision"], f"{r['ms']['plain']:.2f}"]
+        rows.append([shape_id(r["shape"]), r["decision"], f"{r['ms']['plain']:.2f}"]
                     + [f"{q[c]:.2f}" for c in ("dispersion", "instance", "pixel", "unfused_pixel")])
     columns = ["shape", "decision", "plain ms", "dispersion", "instance", "pixel", "unfused pixel"]
     write_result(path, f"Score layer forward / plain FusedDABN forward ({res.get('device', 'cpu')})",
@@ -101,15 +91,4 @@ def write_markdown(res: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--table", action="store_true", help="write bench/results/cpu_score_layer.*")
-    ap.add_argument("--reps", type=int, default=31)
-    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--out", default=None, help="result stem (default bench/results/<device>_score_layer)")
-    args = ap.parse_args()
-    res = table(args.reps, args.device)
-    if args.table:
-        stem = args.out or os.path.join(RESULTS, f"{args.device}_score_layer")
-        save_results(res, stem, write_markdown)
-    else:
-        write_markdown(res, "/dev/stdout")
+    table_main(__doc__.split("\n\n")[0], "score_layer", table, write_markdown, reps=31, results_dir=RESULTS)

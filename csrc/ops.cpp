@@ -1,11 +1,13 @@
-// Every datta:: kernel-op schema, declared once; the shared input check; _build_info; and, in
-// the setup.py build only, the Python module init of datta_kernels._C.
+// Every datta:: kernel-op schema, declared once; the input check of each op (one argument
+// list per op, for the CPU and CUDA glue alike); _build_info; and, in the setup.py build only,
+// the Python module init of datta_kernels._C.
 //
 // Kernels are registered per device elsewhere: cpu/dabn_cpu.cpp (CPU) and csrc/cuda/ (CUDA).
 // Fake (meta) implementations live in datta_kernels/ops.py.  Semantics: docs/SPEC.md and
 // datta_kernels/reference.py.
 #include "ops.h"
 
+#include <initializer_list>
 #include <string>
 
 #include <torch/library.h>
@@ -19,6 +21,20 @@ bool is_channels_last(const at::Tensor& x) {
 }
 
 namespace {
+
+/// What an argument must look like relative to x (N, C, H, W).
+enum class Expect {
+  kChannel,        // (C,) floating, on x's device (weight, bias, source stats, batch mean)
+  kBlend,          // (3,) floating, on x's device: (w_s, w_b, w_i)
+  kInstanceStats,  // (N, C) floating, on x's device (saved mean_i / var_i, coefficients)
+  kLikeX,          // x's shape, dtype and device, dense in x's memory layout (dy)
+};
+
+struct TensorArg {
+  const char* name;
+  const at::Tensor* tensor;  // nullptr or undefined: an absent optional, skipped
+  Expect expect;
+};
 
 bool supported_dtype(at::ScalarType t) {
   return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -58,8 +74,8 @@ void check_arg(const char* op, const at::Tensor& x, const TensorArg& a) {
   }
 }
 
-}  // namespace
-
+/// x must be 4-D, float64/float32/float16/bfloat16, non-empty, and dense in NCHW or
+/// channels_last order; every argument must match its Expect.  Throws with the op's name.
 void check_inputs(const char* op, const at::Tensor& x, std::initializer_list<TensorArg> args) {
   TORCH_CHECK(x.defined(), op, ": x is undefined");
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
@@ -73,6 +89,76 @@ void check_inputs(const char* op, const at::Tensor& x, std::initializer_list<Ten
   for (const TensorArg& a : args) {
     if (a.tensor != nullptr && a.tensor->defined()) check_arg(op, x, a);
   }
+}
+
+/// _dabn_forward's and _dabn_normalize's list (mean, var: null for the forward).
+void check_blend_args(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias, const at::Tensor& source_mean,
+                      const at::Tensor& source_var, const at::Tensor& blend, const at::Tensor* mean,
+                      const at::Tensor* var) {
+  check_inputs(op, x,
+               {{"weight", opt(weight), Expect::kChannel},
+                {"bias", opt(bias), Expect::kChannel},
+                {"source_mean", &source_mean, Expect::kChannel},
+                {"source_var", &source_var, Expect::kChannel},
+                {"blend", &blend, Expect::kBlend},
+                {"mean", mean, Expect::kInstanceStats},
+                {"var", var, Expect::kInstanceStats}});
+}
+
+}  // namespace
+
+void check_instance_stats(const at::Tensor& x) { check_inputs("datta::_instance_stats", x, {}); }
+
+void check_diversity_angles(const at::Tensor& x, const at::Tensor& source_mean,
+                            const at::Tensor& batch_mean) {
+  check_inputs("datta::_diversity_angles", x,
+               {{"source_mean", &source_mean, Expect::kChannel},
+                {"batch_mean", &batch_mean, Expect::kChannel}});
+}
+
+void check_dabn_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& source_mean,
+                        const at::Tensor& source_var, const at::Tensor& blend) {
+  check_blend_args("datta::_dabn_forward", x, weight, bias, source_mean, source_var, blend, nullptr,
+                   nullptr);
+}
+
+void check_dabn_normalize(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, const at::Tensor& source_mean,
+                          const at::Tensor& source_var, const at::Tensor& blend,
+                          const at::Tensor& mean, const at::Tensor& var) {
+  check_blend_args("datta::_dabn_normalize", x, weight, bias, source_mean, source_var, blend, &mean,
+                   &var);
+}
+
+void check_dabn_backward(const at::Tensor& dy, const at::Tensor& x,
+                         const c10::optional<at::Tensor>& weight, const at::Tensor& source_mean,
+                         const at::Tensor& source_var, const at::Tensor& blend,
+                         const at::Tensor& mean, const at::Tensor& var) {
+  check_inputs("datta::_dabn_backward", x,
+               {{"dy", &dy, Expect::kLikeX},
+                {"weight", opt(weight), Expect::kChannel},
+                {"source_mean", &source_mean, Expect::kChannel},
+                {"source_var", &source_var, Expect::kChannel},
+                {"blend", &blend, Expect::kBlend},
+                {"mean", &mean, Expect::kInstanceStats},
+                {"var", &var, Expect::kInstanceStats}});
+}
+
+void check_dabn_backward_sums(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean) {
+  check_inputs("datta::_dabn_backward_sums", x,
+               {{"dy", &dy, Expect::kLikeX}, {"mean", &mean, Expect::kInstanceStats}});
+}
+
+void check_dabn_backward_apply(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                               const at::Tensor& a, const at::Tensor& b, const at::Tensor& c0) {
+  check_inputs("datta::_dabn_backward_apply", x,
+               {{"dy", &dy, Expect::kLikeX},
+                {"mean", &mean, Expect::kInstanceStats},
+                {"a", &a, Expect::kInstanceStats},
+                {"b", &b, Expect::kInstanceStats},
+                {"c0", &c0, Expect::kInstanceStats}});
 }
 
 namespace {

@@ -8,9 +8,14 @@
 * :func:`describe_machine` / :func:`describe_gpu` and :func:`markdown_table` /
   :func:`write_markdown` — the header (command, commit, versions, device, threads) and tables of
   every result file (``scripts/check_figures.py`` requires the command, commit and machine).
+* :func:`save_results`, :func:`contestant_results`, :func:`table_main` — the tail of a bench/
+  script that times contestants per shape: its result document, its command line
+  (``--table --reps --device --out``) and its ``.json`` + ``.md`` result files.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import shlex
@@ -23,7 +28,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 __all__ = ["gpu_time", "cpu_time_interleaved", "time_contestants", "gbps", "describe_machine",
-           "describe_gpu", "provenance", "header_lines", "markdown_table", "write_markdown"]
+           "describe_gpu", "provenance", "header_lines", "markdown_table", "write_markdown", "shape_id",
+           "contestant_results", "save_results", "table_main"]
 
 
 def gpu_time(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
@@ -203,3 +209,45 @@ def write_markdown(path: str, title: str, machine: dict | None, notes: Sequence[
         with open(path, "w") as f:
             f.write(text)
     return text
+
+
+def shape_id(shape: Sequence[int]) -> str:
+    """``64x16x28x28``: a shape as pytest ids and table rows name it."""
+    return "x".join(map(str, shape))
+
+
+def contestant_results(rows: list, reps: int, device: str) -> dict:
+    """A bench/ table's result document: the machine (and the GPU on CUDA), reps, device, rows."""
+    machine = {**describe_machine(), **(describe_gpu() if device == "cuda" else {})}
+    return {"machine": machine, "reps": reps, "device": device, "rows": rows}
+
+
+def save_results(res: dict, stem: str, write_markdown: Callable[[dict, str], object]) -> None:
+    """Write ``stem.json`` (the raw result) and ``stem.md`` (``write_markdown(res, path)``),
+    then print the markdown."""
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    write_markdown(res, stem + ".md")
+    with open(stem + ".md") as f:
+        print(f.read())
+
+
+def table_main(description: str, name: str, table: Callable[[int, str], dict],
+               write_markdown: Callable[[dict, str], object], reps: int, results_dir: str,
+               argv: Sequence[str] | None = None) -> dict:
+    """The command line of a bench/ script: ``table(reps, device)`` timed, then with
+    ``--table`` saved to ``<results_dir>/<device>_<name>.json`` / ``.md`` (``--out`` another
+    stem), else its markdown printed.  Returns the result document."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--table", action="store_true", help=f"write bench/results/cpu_{name}.*")
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--out", default=None, help=f"result stem (default bench/results/<device>_{name})")
+    args = ap.parse_args(argv)
+    res = table(args.reps, args.device)
+    if args.table:
+        save_results(res, args.out or os.path.join(results_dir, f"{args.device}_{name}"), write_markdown)
+    else:
+        write_markdown(res, "/dev/stdout")
+    return res

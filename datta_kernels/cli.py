@@ -137,7 +137,6 @@ def _demo_config(args):
 
 def cmd_demo(args) -> int:
     from .eval.datasets import DataFormatError, DataNotFoundError
-    from .eval.report import format_tables, write_outputs
     from .eval.runner import run_demo
 
     missing = [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
@@ -147,7 +146,6 @@ def cmd_demo(args) -> int:
               file=sys.stderr)
         return 2
     cfg = _demo_config(args)
-    command = "datta-kernels " + " ".join(shlex.quote(a) for a in args.argv)
     t0 = time.perf_counter()
     try:
         cfg.validate()
@@ -157,16 +155,30 @@ def cmd_demo(args) -> int:
     if why:
         print(f"error: {why}", file=sys.stderr)
         return 2
+    return _run_and_write(args, lambda command: run_demo(cfg, command=command),
+                          (DataNotFoundError, DataFormatError), t0)
+
+
+def _run_and_write(args, experiment, errors: tuple, t0: float, describe=str) -> int:
+    """``demo``'s and ``run``'s tail: ``experiment(command)`` (the results document), its
+    expected failures ``errors`` as one ``error: describe(e)`` line (exit 2); else the result
+    files in ``args.out``, the tables, and what was written in how long (since ``t0``; with
+    the device when the document records one)."""
+    from .eval.report import format_tables, write_outputs
+
+    command = "datta-kernels " + " ".join(shlex.quote(a) for a in args.argv)
     try:
-        doc = run_demo(cfg, command=command)
-    except (DataNotFoundError, DataFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        doc = experiment(command)
+    except errors as e:
+        print(f"error: {describe(e)}", file=sys.stderr)
         return 2
     paths = write_outputs(doc, args.out)
     print()
     print(format_tables(doc))
-    print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['summary']} and {paths['figure']} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    took = f"{time.perf_counter() - t0:.0f} s"
+    if "device" in doc["meta"]:
+        took += f", device {doc['meta']['device']}"
+    print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['summary']} and {paths['figure']} ({took})")
     return 0
 
 
@@ -185,7 +197,6 @@ def _error_line(e: BaseException) -> str:
 def cmd_run(args) -> int:
     from .eval.bench_runner import RunConfig, run_benchmark
     from .eval.benchmarks import BenchmarkDataError
-    from .eval.report import format_tables, write_outputs
     from .eval.zoo import CheckpointError
 
     if importlib.util.find_spec("matplotlib") is None:
@@ -211,19 +222,8 @@ def cmd_run(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    command = "datta-kernels " + " ".join(shlex.quote(a) for a in args.argv)
-    t0 = time.perf_counter()
-    try:
-        doc = run_benchmark(cfg, command=command)
-    except (BenchmarkDataError, CheckpointError) as e:
-        print(f"error: {_error_line(e)}", file=sys.stderr)
-        return 2
-    paths = write_outputs(doc, args.out)
-    print()
-    print(format_tables(doc))
-    print(f"\nwrote {paths['json']}, {paths['csv']}, {paths['summary']} and {paths['figure']} "
-          f"({time.perf_counter() - t0:.0f} s, device {doc['meta']['device']})")
-    return 0
+    return _run_and_write(args, lambda command: run_benchmark(cfg, command=command),
+                          (BenchmarkDataError, CheckpointError), time.perf_counter(), _error_line)
 
 
 def _add_run_parser(sub) -> None:

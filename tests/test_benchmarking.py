@@ -58,3 +58,33 @@ def test_write_markdown(tmp_path):
 def test_header_names_the_gpu():
     lines = bm.header_lines({"gpu": "H200", "cuda": "12.8", "driver": "570", "triton": "3.4"})
     assert lines[0] == "- GPU: H200, CUDA 12.8, driver 570, triton 3.4"
+
+
+def test_table_main_saves_or_prints(tmp_path, capfd):
+    """bench/'s command-line tail: ``--table`` writes ``<results>/<device>_<name>.json/.md`` (or
+    the ``--out`` stem) and prints the markdown; without it only the markdown is printed (to
+    /dev/stdout, hence capfd)."""
+    import json
+
+    seen = []
+
+    def table(reps, device):
+        seen.append((reps, device))
+        return bm.contestant_results([{"shape": [2, 3, 4, 4], "ms": {"a": 1.0}}], reps, device)
+
+    def write(res, path):
+        bm.write_markdown(path, "T", None, [], [(["shape", "ms"], [[bm.shape_id(r["shape"]), r["ms"]["a"]]
+                                                                   for r in res["rows"]])])
+
+    res = bm.table_main("d", "thing", table, write, reps=7, results_dir=str(tmp_path), argv=["--table"])
+    assert seen == [(7, "cpu")] and res["reps"] == 7 and res["device"] == "cpu" and "cpu" in res["machine"]
+    assert json.loads((tmp_path / "cpu_thing.json").read_text()) == res
+    md = (tmp_path / "cpu_thing.md").read_text()
+    assert "| 2x3x4x4 | 1.0 |" in md and md in capfd.readouterr().out
+    bm.table_main("d", "thing", table, write, reps=7, results_dir=str(tmp_path),
+                  argv=["--reps", "2", "--out", str(tmp_path / "o" / "x")])
+    assert seen[-1] == (2, "cpu") and not (tmp_path / "o").exists()
+    assert "| 2x3x4x4 | 1.0 |" in capfd.readouterr().out
+    bm.table_main("d", "thing", table, write, reps=7, results_dir=str(tmp_path),
+                  argv=["--table", "--out", str(tmp_path / "o" / "x")])
+    assert (tmp_path / "o" / "x.json").is_file() and (tmp_path / "o" / "x.md").is_file()

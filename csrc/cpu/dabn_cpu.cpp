@@ -37,7 +37,7 @@ DType dtype_of(const Tensor& x) {
     case at::kDouble: return DType::kFloat64;
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
-    default: return DType::kBFloat16;  // check_inputs admits only these four
+    default: return DType::kBFloat16;  // the input checks (ops.h) admit only these four
   }
 }
 
@@ -195,14 +195,12 @@ std::tuple<Tensor, Tensor> moments(const Tensor& x) {
 }
 
 std::tuple<Tensor, Tensor> instance_stats_cpu(const Tensor& x) {
-  check_inputs("datta::_instance_stats", x, {});
+  check_instance_stats(x);
   return moments(x);
 }
 
 Tensor diversity_angles_cpu(const Tensor& x, const Tensor& source_mean, const Tensor& batch_mean) {
-  check_inputs("datta::_diversity_angles", x,
-               {{"source_mean", &source_mean, Expect::kChannel},
-                {"batch_mean", &batch_mean, Expect::kChannel}});
+  check_diversity_angles(x, source_mean, batch_mean);
   const Geometry g = geometry_of(x);
   const at::ScalarType acc = acc_type(x);
   // SPEC §2: a and b are direct differences in the acc dtype, so the means are rounded to it.
@@ -304,12 +302,7 @@ std::tuple<Tensor, Tensor, Tensor> dabn_forward_cpu(
     const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
     const Tensor& source_mean, const Tensor& source_var, const Tensor& blend,
     c10::optional<double> shrink_k, double eps) {
-  check_inputs("datta::_dabn_forward", x,
-               {{"weight", opt(weight), Expect::kChannel},
-                {"bias", opt(bias), Expect::kChannel},
-                {"source_mean", &source_mean, Expect::kChannel},
-                {"source_var", &source_var, Expect::kChannel},
-                {"blend", &blend, Expect::kBlend}});
+  check_dabn_forward(x, weight, bias, source_mean, source_var, blend);
   const Geometry g = geometry_of(x);
   Blend b(g, blend, source_mean, source_var, shrink_k, eps);
   const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
@@ -335,14 +328,7 @@ Tensor dabn_normalize_cpu(const Tensor& x, const c10::optional<Tensor>& weight,
                           const Tensor& source_var, const Tensor& blend,
                           c10::optional<double> shrink_k, double eps, const Tensor& mean,
                           const Tensor& var) {
-  check_inputs("datta::_dabn_normalize", x,
-               {{"weight", opt(weight), Expect::kChannel},
-                {"bias", opt(bias), Expect::kChannel},
-                {"source_mean", &source_mean, Expect::kChannel},
-                {"source_var", &source_var, Expect::kChannel},
-                {"blend", &blend, Expect::kBlend},
-                {"mean", &mean, Expect::kInstanceStats},
-                {"var", &var, Expect::kInstanceStats}});
+  check_dabn_normalize(x, weight, bias, source_mean, source_var, blend, mean, var);
   const Geometry g = geometry_of(x);
   const at::ScalarType acc = acc_type(x);
   const Tensor mean_i = mean.detach().to(acc).contiguous(), var_i = var.detach().to(acc).contiguous();
@@ -393,14 +379,7 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
     const Tensor& dy, const Tensor& x, const c10::optional<Tensor>& weight,
     const Tensor& source_mean, const Tensor& source_var, const Tensor& blend,
     c10::optional<double> shrink_k, double eps, const Tensor& mean, const Tensor& var) {
-  check_inputs("datta::_dabn_backward", x,
-               {{"dy", &dy, Expect::kLikeX},
-                {"weight", opt(weight), Expect::kChannel},
-                {"source_mean", &source_mean, Expect::kChannel},
-                {"source_var", &source_var, Expect::kChannel},
-                {"blend", &blend, Expect::kBlend},
-                {"mean", &mean, Expect::kInstanceStats},
-                {"var", &var, Expect::kInstanceStats}});
+  check_dabn_backward(dy, x, weight, source_mean, source_var, blend, mean, var);
   const Geometry g = geometry_of(x);
   const at::ScalarType acc = acc_type(x);
   const Tensor mu_acc = mean.detach().to(acc).contiguous();
@@ -453,20 +432,14 @@ std::tuple<Tensor, Tensor, Tensor> dabn_backward_cpu(
 // (datta_kernels.distributed: its batch terms are summed over a process group in between).
 std::tuple<Tensor, Tensor> dabn_backward_sums_cpu(const Tensor& dy, const Tensor& x,
                                                   const Tensor& mean) {
-  check_inputs("datta::_dabn_backward_sums", x,
-               {{"dy", &dy, Expect::kLikeX}, {"mean", &mean, Expect::kInstanceStats}});
+  check_dabn_backward_sums(dy, x, mean);
   auto [sdy, sdyxc] = backward_sums(dy, x, mean.detach().to(acc_type(x)).contiguous());
   return {sdy, sdyxc};
 }
 
 Tensor dabn_backward_apply_cpu(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                const Tensor& a, const Tensor& b, const Tensor& c0) {
-  check_inputs("datta::_dabn_backward_apply", x,
-               {{"dy", &dy, Expect::kLikeX},
-                {"mean", &mean, Expect::kInstanceStats},
-                {"a", &a, Expect::kInstanceStats},
-                {"b", &b, Expect::kInstanceStats},
-                {"c0", &c0, Expect::kInstanceStats}});
+  check_dabn_backward_apply(dy, x, mean, a, b, c0);
   const at::ScalarType acc = acc_type(x);
   auto as_acc = [&](const Tensor& t) { return t.detach().to(acc).contiguous(); };
   return backward_apply(dy, x, as_acc(mean), as_acc(a), as_acc(b), as_acc(c0));

@@ -1,6 +1,6 @@
 // CUDA implementations of the kernel ops declared in csrc/ops.cpp (TORCH_LIBRARY(datta, m)).
 //
-// Thin glue only: the shared input check (ops.h), device guard, current stream, dtype
+// Thin glue only: the shared input checks (ops.h), device guard, current stream, dtype
 // dispatch, output / workspace allocation, one call into the torch-free launchers of
 // datta_cuda.h, error check.  The math lives in the .cu files.  Nothing here reads device
 // memory from the host: the blend weights are converted (on the device) to the accumulation
@@ -40,7 +40,7 @@ at::MemoryFormat layout_of(const at::Tensor& x) {
   return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
-/// The problem part of Params (dtype, shape, layout, SM count, x); x passed check_inputs.
+/// The problem part of Params (dtype, shape, layout, SM count, x); x passed its op's check.
 Params problem(const at::Tensor& x) {
   Params p;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "datta_cuda",
@@ -83,7 +83,7 @@ void launch(Op op, Params& p, const at::Tensor& x, cudaError_t (*launcher)(const
 }
 
 std::tuple<at::Tensor, at::Tensor> instance_stats_cuda(const at::Tensor& x) {
-  check_inputs("datta::_instance_stats", x, {});
+  check_instance_stats(x);
   const c10::cuda::CUDAGuard guard(x.device());
   Params p = problem(x);
   at::Tensor mean = acc_empty(x, {p.n, p.c}), var = acc_empty(x, {p.n, p.c});
@@ -94,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor> instance_stats_cuda(const at::Tensor& x) {
 }
 
 at::Tensor diversity_angles_cuda(const at::Tensor& x, const at::Tensor& source_mean, const at::Tensor& batch_mean) {
-  check_inputs("datta::_diversity_angles", x,
-               {{"source_mean", &source_mean, Expect::kChannel}, {"batch_mean", &batch_mean, Expect::kChannel}});
+  check_diversity_angles(x, source_mean, batch_mean);
   const c10::cuda::CUDAGuard guard(x.device());
   Params p = problem(x);
   const at::Tensor smean = as_acc(source_mean, x), bmean = as_acc(batch_mean, x);
@@ -110,19 +109,15 @@ at::Tensor diversity_angles_cuda(const at::Tensor& x, const at::Tensor& source_m
 /// The forward (statistics computed: `given` null) or the normalize pass alone (instance
 /// statistics `given`): y and the statistics it used.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
-    const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& source_mean, const at::Tensor& source_var,
     const at::Tensor& blend, std::optional<double> shrink_k, double eps,
     const std::pair<const at::Tensor*, const at::Tensor*>& given) {
-  const at::Tensor undefined;
-  check_inputs(op, x,
-               {{"weight", opt(weight), Expect::kChannel},
-                {"bias", opt(bias), Expect::kChannel},
-                {"source_mean", &source_mean, Expect::kChannel},
-                {"source_var", &source_var, Expect::kChannel},
-                {"blend", &blend, Expect::kBlend},
-                {"mean", given.first ? given.first : &undefined, Expect::kInstanceStats},
-                {"var", given.second ? given.second : &undefined, Expect::kInstanceStats}});
+  if (given.first) {
+    check_dabn_normalize(x, weight, bias, source_mean, source_var, blend, *given.first, *given.second);
+  } else {
+    check_dabn_forward(x, weight, bias, source_mean, source_var, blend);
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   Params p = problem(x);
   const at::Tensor smean = as_acc(source_mean, x), svar = as_acc(source_var, x), w = as_acc(blend, x);
@@ -153,8 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dabn_forward_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& source_mean, const at::Tensor& source_var, const at::Tensor& blend,
     std::optional<double> shrink_k, double eps) {
-  return forward_impl("datta::_dabn_forward", x, weight, bias, source_mean, source_var, blend, shrink_k, eps,
-                      {nullptr, nullptr});
+  return forward_impl(x, weight, bias, source_mean, source_var, blend, shrink_k, eps, {nullptr, nullptr});
 }
 
 at::Tensor dabn_normalize_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -162,22 +156,14 @@ at::Tensor dabn_normalize_cuda(const at::Tensor& x, const std::optional<at::Tens
                               const at::Tensor& source_var, const at::Tensor& blend,
                               std::optional<double> shrink_k, double eps, const at::Tensor& mean,
                               const at::Tensor& var) {
-  return std::get<0>(forward_impl("datta::_dabn_normalize", x, weight, bias, source_mean, source_var, blend,
-                                  shrink_k, eps, {&mean, &var}));
+  return std::get<0>(forward_impl(x, weight, bias, source_mean, source_var, blend, shrink_k, eps, {&mean, &var}));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dabn_backward_cuda(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& source_mean, const at::Tensor& source_var, const at::Tensor& blend,
     std::optional<double> shrink_k, double eps, const at::Tensor& mean, const at::Tensor& var) {
-  check_inputs("datta::_dabn_backward", x,
-               {{"dy", &dy, Expect::kLikeX},
-                {"weight", opt(weight), Expect::kChannel},
-                {"source_mean", &source_mean, Expect::kChannel},
-                {"source_var", &source_var, Expect::kChannel},
-                {"blend", &blend, Expect::kBlend},
-                {"mean", &mean, Expect::kInstanceStats},
-                {"var", &var, Expect::kInstanceStats}});
+  check_dabn_backward(dy, x, weight, source_mean, source_var, blend, mean, var);
   const c10::cuda::CUDAGuard guard(x.device());
   Params p = problem(x);
   const at::Tensor smean = as_acc(source_mean, x), svar = as_acc(source_var, x), w = as_acc(blend, x);
@@ -206,8 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dabn_backward_cuda(
 // between, with its batch terms summed over a process group).
 std::tuple<at::Tensor, at::Tensor> dabn_backward_sums_cuda(const at::Tensor& dy, const at::Tensor& x,
                                                            const at::Tensor& mean) {
-  check_inputs("datta::_dabn_backward_sums", x,
-               {{"dy", &dy, Expect::kLikeX}, {"mean", &mean, Expect::kInstanceStats}});
+  check_dabn_backward_sums(dy, x, mean);
   const c10::cuda::CUDAGuard guard(x.device());
   Params p = problem(x);
   const at::Tensor mu = as_acc(mean, x);
@@ -222,12 +207,7 @@ std::tuple<at::Tensor, at::Tensor> dabn_backward_sums_cuda(const at::Tensor& dy,
 
 at::Tensor dabn_backward_apply_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                                     const at::Tensor& a, const at::Tensor& b, const at::Tensor& c0) {
-  check_inputs("datta::_dabn_backward_apply", x,
-               {{"dy", &dy, Expect::kLikeX},
-                {"mean", &mean, Expect::kInstanceStats},
-                {"a", &a, Expect::kInstanceStats},
-                {"b", &b, Expect::kInstanceStats},
-                {"c0", &c0, Expect::kInstanceStats}});
+  check_dabn_backward_apply(dy, x, mean, a, b, c0);
   const c10::cuda::CUDAGuard guard(x.device());
   Params p = problem(x);
   const at::Tensor mu = as_acc(mean, x), ca = as_acc(a, x), cb = as_acc(b, x), cc = as_acc(c0, x);
