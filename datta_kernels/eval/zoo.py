@@ -193,6 +193,10 @@ def _torchvision_model(name: str) -> nn.Module:
     except ImportError:
         raise CheckpointError(f"--model torchvision:{name} needs torchvision, which is not installed: "
                               "pip install the torchvision release matching your torch") from None
+    except RuntimeError as e:       # e.g. a CUDA torchvision wheel on a CPU torch (its ops fail to load)
+        raise CheckpointError(f"--model torchvision:{name}: torchvision is installed but does not import "
+                              f"against this torch {torch.__version__} ({str(e).splitlines()[0]}); install "
+                              "the torchvision build made for it (for a CPU torch: the CPU wheel)") from None
     builder = getattr(tv.models, name, None)
     if not callable(builder) or name.startswith("_"):
         raise CheckpointError(f"torchvision.models has no model {name!r}")
