@@ -7,7 +7,7 @@ from .adapt import DATTA, DYN
 from .backends import available_backends
 from .calibration import calibrate
 from .cluster import cluster_labels
-from .diversity import BalanceProbe, KDESelector, ThresholdSelector, calibrate_threshold, prediction_balance
+from .diversity import ClassProbe, KDESelector, ThresholdSelector, calibrate_threshold, prediction_spread
 from .functional import blend_tensor, dabn, diversity_score, instance_stats
 from .nn import FusedDABN
 from .presets import PRESETS, Preset
@@ -25,8 +25,8 @@ __all__ = [
     "revert_model",
     "KDESelector",
     "ThresholdSelector",
-    "BalanceProbe",
-    "prediction_balance",
+    "ClassProbe",
+    "prediction_spread",
     "calibrate_threshold",
     "PRESETS",
     "Preset",

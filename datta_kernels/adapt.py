@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .diversity import MULTIPLE, SINGLE, SKEWED, BalanceProbe, KDESelector, Selector, make_selector
+from .diversity import MULTIPLE, SINGLE, SKEWED, ClassProbe, KDESelector, Selector, make_selector
 from .functional import SCORE_MODES
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
 from .presets import _PRESET_DEFAULT, PRESETS
@@ -257,10 +257,10 @@ class DATTA(Adapter):
             statistics; separates single-domain from mixed batches far better, SPEC §2).
         backend: kernel backend for every layer (``None``: keep the layers' own).
         shrink_k, weights, cluster: override the preset's (see :class:`FusedDABN`).
-        balance_probe: a :class:`~datta_kernels.diversity.BalanceProbe` for the score layer,
-            required when the selector reads a balance (``ThresholdSelector(skew_cut=...)``):
-            the batch's prediction balance from the probe, on the score layer's instance
-            statistics, is passed to the selector (``last_balance``).
+        class_probe: a :class:`~datta_kernels.diversity.ClassProbe` for the score layer,
+            required when the selector reads a spread (``ThresholdSelector(skew_cut=...)``):
+            the batch's prediction spread from the probe, on the score layer's instance
+            statistics, is passed to the selector (``last_spread``).
 
     Host syncs: one per batch (the selector needs the score as a float), except with a
     threshold selector and ``daft=False``, which decides on the device with no sync.
@@ -271,7 +271,7 @@ class DATTA(Adapter):
                  optimizer: OptimizerArg = None, episodic: bool = False, score_mode: str = "pixel",
                  backend: str | None = "auto", *, shrink_k=_PRESET_DEFAULT, weights=None,
                  score_layer: str | None = None, cluster=_PRESET_DEFAULT,
-                 balance_probe: BalanceProbe | None = None):
+                 class_probe: ClassProbe | None = None):
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         super().__init__(model, preset, update="single" if daft else "never", lr=lr,
@@ -280,15 +280,15 @@ class DATTA(Adapter):
                          cluster=cluster)
         self.daft = bool(daft)
         self.score_mode = score_mode
-        if self.selector.uses_balance and balance_probe is None:
-            raise ValueError(f"{self.selector!r} reads the batch's prediction balance: pass "
-                             "balance_probe= (a BalanceProbe fitted at the score layer, e.g. by "
+        if self.selector.uses_spread and class_probe is None:
+            raise ValueError(f"{self.selector!r} reads the batch's prediction spread: pass "
+                             "class_probe= (a ClassProbe fitted at the score layer, e.g. by "
                              "datta_kernels.calibrate)")
-        if balance_probe is not None and not isinstance(balance_probe, BalanceProbe):
-            raise TypeError(f"balance_probe must be a BalanceProbe, got {type(balance_probe).__name__}")
-        self.balance_probe = balance_probe
-        #: the latest batch's prediction balance (0-dim tensor; None without a probe)
-        self.last_balance: Tensor | None = None
+        if class_probe is not None and not isinstance(class_probe, ClassProbe):
+            raise TypeError(f"class_probe must be a ClassProbe, got {type(class_probe).__name__}")
+        self.class_probe = class_probe
+        #: the latest batch's prediction spread (0-dim tensor; None without a probe)
+        self.last_spread: Tensor | None = None
         # an index, not a module attribute: the layer must not be registered twice; None =
         # found on the first batch (dispersion's default needs an input shape)
         self._score_at: int | None = None if score_mode == "dispersion" else 0
@@ -305,10 +305,10 @@ class DATTA(Adapter):
         """Runs inside the score layer's forward, after the score and before normalising."""
         self._last_score = score
         extra = {}
-        if self.selector.uses_balance:      # the batch's prediction balance at this layer
-            extra["balance"] = self.balance_probe(*layer.last_stats, layer.source_mean,
+        if self.selector.uses_spread:      # the batch's prediction spread at this layer
+            extra["spread"] = self.class_probe(*layer.last_stats, layer.source_mean,
                                                   layer.source_var, layer.eps)
-            self.last_balance = extra["balance"]
+            self.last_spread = extra["spread"]
         if self._sync_free:
             single = self.selector.decide_tensor(score, **extra)
             skewed = self.selector.skewed_tensor(score, **extra)

@@ -11,8 +11,8 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
    label-sorted batches (the layers before the score layer keep the ``multiple`` blend, as
    DATTA runs them);
 3. two decision rules on the dispersion score (SPEC §2): the *score band* (``skewed`` below
-   ``low``, ``single`` below ``high``) and *score + balance* (``multiple`` from ``high``, else
-   ``skewed`` when the batch's prediction balance from a :class:`~datta_kernels.diversity.BalanceProbe`
+   ``low``, ``single`` below ``high``) and *score + spread* (``multiple`` from ``high``, else
+   ``skewed`` when the batch's prediction spread from a :class:`~datta_kernels.diversity.ClassProbe`
    fitted at the score layer is below ``skew_cut``, else ``single``), each with the cuts that
    maximise the mean over the three batch types of the accuracy those blends give;
 4. the rule with the better mean accuracy over four validation streams without DAFT;
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapt import DATTA
-from .diversity import BalanceProbe, Selector, ThresholdSelector, prediction_balance
+from .diversity import ClassProbe, Selector, ThresholdSelector, prediction_spread
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
 from .surgery import _is_plain_bn, convert_model
 
@@ -64,7 +64,7 @@ class Calibration:
     skewed_blend: tuple[float, float, float]
     threshold: float
     low: float
-    #: cut on the previous batch's prediction balance below which a batch is ``skewed``
+    #: cut on the batch's prediction spread below which a batch is ``skewed``
     #: (None: the rule does not read it)
     skew_cut: float | None
     daft: bool
@@ -79,8 +79,8 @@ class Calibration:
     daft_table: dict[str, dict[str, float]] = field(default_factory=dict)
     #: instance mode -> the cuts' objective it reached (the higher one is chosen)
     modes: dict[str, float] = field(default_factory=dict)
-    #: the class probe at the score layer whose prediction balance ``skew_cut`` reads
-    probe: BalanceProbe | None = None
+    #: the class probe at the score layer whose prediction spread ``skew_cut`` reads
+    probe: ClassProbe | None = None
 
     def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
         """The calibrated :class:`DATTA` around ``model`` (converted / reconfigured in place);
@@ -95,7 +95,7 @@ class Calibration:
         adapter = DATTA(model, preset=None, daft=self.daft, lr=self.lr, score_mode="dispersion",
                         selector=selector or self.selector(), backend=None,
                         score_layer=self.score_layer,
-                        balance_probe=None if self.probe is None else
+                        class_probe=None if self.probe is None else
                         copy.deepcopy(self.probe).to(layers[0].running_mean.device))
         adapter.calibration = self
         return adapter
@@ -155,10 +155,12 @@ def _check_domains(domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int
             raise ValueError(f"domain {name!r} has {x.shape[0]} images, fewer than batch_size {batch_size}")
 
 
-def _batches(domains, batch_size: int, n: int, g: torch.Generator) -> dict[str, list[tuple[Tensor, Tensor]]]:
+def _batches(domains, batch_size: int, n: int, g: torch.Generator,
+             families: dict[str, list[Tensor]] | None = None) -> dict[str, list[tuple[Tensor, Tensor]]]:
     """``n`` validation batches of each type: single-domain i.i.d. (cycling the domains),
     mixed (all domains pooled), label-sorted single-domain (consecutive slices of a domain
-    sorted by label, as a label-sorted stream delivers them)."""
+    sorted by label, as a label-sorted stream delivers them).  ``families``, when given, is
+    filled with each batch's per-sample family index (:func:`_families`)."""
     names = list(domains)
     xs = torch.cat([domains[k][0] for k in names])
     ys = torch.cat([domains[k][1] for k in names])
@@ -174,7 +176,43 @@ def _batches(domains, batch_size: int, n: int, g: torch.Generator) -> dict[str, 
         order = order[torch.sort(ys[order], stable=True).indices]
         k = int(torch.randint(0, (hi - lo) // batch_size, (1,), generator=g))
         out["sorted"].append(order[k * batch_size:(k + 1) * batch_size])
+    if families is not None:
+        fam = torch.repeat_interleave(torch.as_tensor(_families(names)),
+                                      torch.as_tensor([len(domains[k][1]) for k in names]))
+        families.update({k: [fam[i] for i in v] for k, v in out.items()})
     return {k: [(xs[i], ys[i]) for i in v] for k, v in out.items()}
+
+
+def _families(names) -> list[int]:
+    """Each domain's corruption family as an index: domains ``<name>@<severity>`` share the
+    family ``<name>``; any other name is a family of its own."""
+    fams: list[str] = []
+    out = []
+    for name in names:
+        f = name.split("@", 1)[0]
+        if f not in fams:
+            fams.append(f)
+        out.append(fams.index(f))
+    return out
+
+
+def _held_out_spreads(fit_feats: Tensor, fit_y: Tensor, fit_fam: Tensor, feats: list[Tensor],
+                      fams: list[Tensor], num_classes: int) -> np.ndarray:
+    """Each batch's prediction spread as on a corruption the probe was not fitted on: every
+    sample's logits come from a probe fitted without its family (with one family, the probe
+    fitted on all).  A probe's predictions drift under an unseen corruption (a test corruption)
+    and the cut must allow for that drift."""
+    probes = {}
+    for f in fit_fam.unique().tolist():
+        keep = fit_fam != f
+        probes[f] = ClassProbe.fit(fit_feats[keep] if keep.any() else fit_feats,
+                                   fit_y[keep] if keep.any() else fit_y, num_classes)
+    out = []
+    with torch.no_grad():
+        for x, fam in zip(feats, fams):
+            logits = torch.stack([probes[int(f)].logits(x[i:i + 1])[0] for i, f in enumerate(fam)])
+            out.append(float(prediction_spread(logits)))
+    return np.array(out)
 
 
 def _sorted_stream(domains, batch_size: int, n: int, g: torch.Generator) -> list[tuple[Tensor, Tensor]]:
@@ -202,7 +240,7 @@ def rule_name(high: float, low: float, skew_cut: float | None) -> str:
     if low != -math.inf:
         parts.append(f"skewed if score < {low:.4g}")
     if skew_cut is not None:
-        parts.append(f"skewed if balance < {skew_cut:.4g}")
+        parts.append(f"skewed if spread < {skew_cut:.4g}")
     return "; ".join(parts) + "; else single"
 
 
@@ -288,7 +326,7 @@ def _stream_accuracy(adapter: DATTA, batches) -> float:
 
 def _scores(work: nn.Module, batches) -> tuple[np.ndarray, list[Tensor]]:
     """The dispersion score of every batch (as DATTA computes it, every decision ``multiple``,
-    no update) and the :meth:`BalanceProbe.features` of its score layer's instance statistics."""
+    no update) and the :meth:`ClassProbe.features` of its score layer's instance statistics."""
     probe = DATTA(copy.deepcopy(work), preset=None, selector=ThresholdSelector(0.0), daft=False,
                   score_mode="dispersion", backend=None)
     scores, feats = [], []
@@ -296,27 +334,27 @@ def _scores(work: nn.Module, batches) -> tuple[np.ndarray, list[Tensor]]:
         probe(x)
         layer = probe.layers[probe._score_at]
         scores.append(probe.last_score)
-        feats.append(BalanceProbe.features(*layer.last_stats, layer.source_mean, layer.source_var,
+        feats.append(ClassProbe.features(*layer.last_stats, layer.source_mean, layer.source_var,
                                            layer.eps))
     return np.array(scores, dtype=float), feats
 
 
-def _best_skew_rule(scores: np.ndarray, balance: np.ndarray, acc: dict[str, np.ndarray],
+def _best_skew_rule(scores: np.ndarray, spread: np.ndarray, acc: dict[str, np.ndarray],
                     kinds: np.ndarray) -> tuple[float, float, float]:
     """The cuts ``(high, skew_cut)`` of the rule multiple if ``score >= high``, else skewed if
-    ``balance < skew_cut``, else single, maximising :func:`_objective`; returns ``(high,
+    ``spread < skew_cut``, else single, maximising :func:`_objective`; returns ``(high,
     skew_cut, objective)`` (each cut in the middle of its run of equally good cuts)."""
     def cuts(v):
         u = np.unique(v[np.isfinite(v)])
         top = u[-1] + max(1.0, abs(u[-1])) if len(u) else 1.0
         return np.concatenate([(u[:-1] + u[1:]) / 2, [top]])
-    highs, skews = cuts(scores), np.concatenate([[-math.inf], cuts(balance)])
+    highs, skews = cuts(scores), np.concatenate([[-math.inf], cuts(spread)])
     table = np.stack([acc[d] for d in DECISIONS])
     objective = np.empty((len(skews), len(highs)))
     for j, hi in enumerate(highs):
         below = scores < hi
         for i, cut in enumerate(skews):
-            said = np.where(below, np.where(balance < cut, 0, 1), 2)
+            said = np.where(below, np.where(spread < cut, 0, 1), 2)
             objective[i, j] = _objective(np.choose(said, table), kinds)
     best = objective.max()
     good = objective >= best - 1e-9
@@ -326,7 +364,7 @@ def _best_skew_rule(scores: np.ndarray, balance: np.ndarray, acc: dict[str, np.n
     return float(highs[j]), float(skews[i]), float(best)
 
 
-def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, num_classes: int,
+def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, fams, num_classes: int,
                     grid, mode: str) -> dict:
     """Steps 1-3 of the module doc for one way of forming the instance terms."""
     kinds = np.array([k for k in KINDS for _ in val[k]])
@@ -352,18 +390,22 @@ def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit
     _configure(layers, single, multiple, skewed, [False] * len(layers), mode)
     scores, feats = _scores(work, [x for k in KINDS for x, _ in val[k]])
     # 3b. a class probe at the score layer, fitted on other i.i.d. validation batches, and the
-    #     cuts of the rule that reads its prediction balance
+    #     cuts of the rule that reads its prediction spread, each batch's spread taken from
+    #     probes fitted without its corruption family (as a test corruption is unseen)
     fit_x = [x for k in ("single", "mixed") for x, _ in fit[k]]
     fit_y = torch.cat([y for k in ("single", "mixed") for _, y in fit[k]])
-    probe = BalanceProbe.fit(torch.cat(_scores(work, fit_x)[1]), fit_y, num_classes)
-    with torch.no_grad():
-        balance = np.array([float(prediction_balance(probe.logits(f))) for f in feats])
+    fit_feats = torch.cat(_scores(work, fit_x)[1])
+    probe = ClassProbe.fit(fit_feats, fit_y, num_classes)
+    val_fam, fit_fam = fams
+    fit_fams = torch.cat([f for k in ("single", "mixed") for f in fit_fam[k]])
+    spread = _held_out_spreads(fit_feats, fit_y, fit_fams, feats, [f for k in KINDS for f in val_fam[k]],
+                               num_classes)
     acc = {"single": np.concatenate([after[single][k] for k in KINDS]),
            "multiple": np.concatenate([all_on[multiple][k] for k in KINDS]),
            "skewed": np.concatenate([after[skewed][k] for k in KINDS])}
     low, high, objective = _best_band(scores, acc, kinds)
     low0, high0, _ = _best_band(scores, acc, kinds, allow_low=False)
-    high_b, skew_cut, objective_b = _best_skew_rule(scores, balance, acc, kinds)
+    high_b, skew_cut, objective_b = _best_skew_rule(scores, spread, acc, kinds)
     table = np.stack([acc[d] for d in DECISIONS])
 
     def rule(said):
@@ -371,7 +413,7 @@ def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit
         return {k: 100.0 * float(got[kinds == k].mean()) for k in KINDS} | \
                {f"said {name}": 100.0 * float((said == i).mean()) for i, name in enumerate(DECISIONS)}
     truth = np.array([DECISIONS.index(_TRUE[k]) for k in kinds])
-    said_b = np.where(scores < high_b, np.where(balance < skew_cut, 0, 1), 2)
+    said_b = np.where(scores < high_b, np.where(spread < skew_cut, 0, 1), 2)
     return {"mode": mode, "single": single, "multiple": multiple, "skewed": skewed, "low": low,
             "high": high, "objective": 100.0 * max(objective, objective_b), "probe": probe,
             "high_b": high_b, "skew_cut": skew_cut,
@@ -380,7 +422,7 @@ def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit
                                 "sorted": 100.0 * float(after[w]["sorted"].mean())} for w in grid},
             "decision_table": {"score band": rule(_decide(scores, low, high)),
                                "score, no low cut": rule(_decide(scores, low0, high0)),
-                               "score + balance": rule(said_b),
+                               "score + spread": rule(said_b),
                                "oracle (true type)": rule(truth)}}
 
 
@@ -407,7 +449,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
     _check_domains(domains, batch_size)
     g = torch.Generator().manual_seed(seed)
-    val = _batches(domains, batch_size, n_batches, g)
+    val_fam: dict = {}
+    val = _batches(domains, batch_size, n_batches, g, val_fam)
     work = copy.deepcopy(model).eval()
     if any(_is_plain_bn(m) for m in work.modules()):
         work = convert_model(work, "datta", shrink_k=None, cluster=True, backend=backend)
@@ -418,16 +461,17 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         layer.backend = backend
     pre = first_nonlinear_layer(work, val["single"][0][0])
     names = {m: n for n, m in work.named_modules()}
-    fit = _batches(domains, batch_size, n_batches, g)      # other i.i.d. batches: the probe's
+    fit_fam: dict = {}
+    fit = _batches(domains, batch_size, n_batches, g, fit_fam)    # other i.i.d. batches: the probe's
     num_classes = max(2, int(torch.cat([y for _, y in domains.values()]).max()) + 1)
-    found = [_calibrate_mode(work, layers, pre, val, fit, num_classes, grid, mode)
+    found = [_calibrate_mode(work, layers, pre, val, fit, (val_fam, fit_fam), num_classes, grid, mode)
              for mode in INSTANCE_MODES]
     best = max(found, key=lambda r: r["objective"])
     mode, single, multiple, skewed = best["mode"], best["single"], best["multiple"], best["skewed"]
     _configure(layers, single, multiple, skewed, [True] * len(layers), mode)
 
     # 4. the decision rule, on validation streams without DAFT: the score band of step 3, or
-    #    the score cut with the skew cut on the probe's prediction balance (step 3b)
+    #    the score cut with the skew cut on the probe's prediction spread (step 3b)
     d = len(domains)
     streams = {"single": [val["single"][i] for k in range(d) for i in range(k, len(val["single"]), d)],
                "mixed": val["mixed"],
@@ -437,7 +481,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
 
     def run(rule, daft: bool) -> dict[str, float]:
         return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=lr,
-                                             selector=ThresholdSelector(*rule), balance_probe=probe,
+                                             selector=ThresholdSelector(*rule), class_probe=probe,
                                              score_mode="dispersion", backend=None), batches)
                 for name, batches in streams.items()}
     cut = best["skew_cut"]

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .functional import diversity_score
 
-__all__ = ["diversity_score", "prediction_balance", "BalanceProbe", "Selector", "KDESelector",
+__all__ = ["diversity_score", "prediction_spread", "ClassProbe", "Selector", "KDESelector",
            "ThresholdSelector", "KDEInfo", "kde_decision", "scott_kde", "calibrate_threshold",
            "SINGLE", "MULTIPLE", "SKEWED"]
 
@@ -58,32 +58,35 @@ def _as_float(score: float | Tensor) -> float:
     return float(score)
 
 
-def prediction_balance(logits: Tensor) -> Tensor:
-    """How evenly a batch's predictions spread over the classes: the entropy of the batch-mean
-    softmax of ``logits`` ``(N, K)`` divided by ``log K``, a 0-dim float32 tensor in [0, 1]
-    (SPEC §6).  An i.i.d. batch of a balanced task is near 1; a label-sorted batch, whose
-    samples share one or two classes, is low.  On the device, no host sync.  ``DATTA`` takes
-    the logits of a :class:`BalanceProbe` at its score layer (before any decision)."""
+def prediction_spread(logits: Tensor) -> Tensor:
+    """How differently a batch's samples are classified: ``sum_k std_n p[n, k] / sqrt(K - 1)``
+    with ``p = softmax(logits)`` ``(N, K)`` and the population std over the batch, a 0-dim
+    float32 tensor in [0, 1] (SPEC §6).  1 when every sample gets a confident prediction and the
+    classes are equally frequent; low when the samples share their class probabilities, as in a
+    label-sorted batch (and 0 for ``N = 1``).  Unlike the entropy of the batch-mean prediction it
+    does not fall when a domain shift pushes every sample towards the same class while they
+    still differ.  On the device, no host sync.  ``DATTA`` takes the logits of a
+    :class:`ClassProbe` at its score layer (before any decision)."""
     if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError("logits must be a float (N, K) tensor")
     n, k = logits.shape
     if n == 0 or k < 2:
-        raise ValueError(f"prediction balance needs N >= 1 and K >= 2 classes, got {tuple(logits.shape)}")
-    p = torch.softmax(logits.detach().float(), dim=1).mean(dim=0)
-    return -(p * torch.log(p.clamp_min(1e-12))).sum() / math.log(k)
+        raise ValueError(f"prediction spread needs N >= 1 and K >= 2 classes, got {tuple(logits.shape)}")
+    p = torch.softmax(logits.detach().float(), dim=1)
+    return p.std(dim=0, unbiased=False).sum() / math.sqrt(k - 1)
 
 
-class BalanceProbe(nn.Module):
+class ClassProbe(nn.Module):
     """A linear class probe on a layer's instance statistics, giving the batch's
-    :func:`prediction_balance` at that layer, before the model's own prediction exists
+    :func:`prediction_spread` at that layer, before the model's own prediction exists
     (SPEC §6).
 
     Features per sample (``2C``): the source-standardised instance mean and log standard
     deviation, ``(mu_i - mu_s) / sqrt(var_s + eps)`` and ``log((var_i + eps) / (var_s + eps)) / 2``
     (the parts of the dispersion score, SPEC §2), centred and scaled by the fitting data's
-    moments; logits ``features @ weight + bias``.  Its class accuracy need not be high: a batch
-    whose samples share a class gets concentrated probe predictions, an i.i.d. batch spread
-    ones.  :meth:`fit` trains it (multinomial logistic regression, L-BFGS) on labelled
+    moments; logits ``features @ weight + bias``.  Its class accuracy need not be high: the
+    samples of a batch that share a class get similar probe predictions, those of an i.i.d.
+    batch different ones.  :meth:`fit` trains it (multinomial logistic regression, L-BFGS) on labelled
     validation features; ``datta_kernels.calibrate`` does this at the score layer.
     Its buffers follow ``.to()`` and are saved in ``state_dict``.
     """
@@ -113,12 +116,12 @@ class BalanceProbe(nn.Module):
 
     def forward(self, mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
                 eps: float) -> Tensor:
-        """The batch's prediction balance (0-dim, on the device, no host sync)."""
-        return prediction_balance(self.logits(self.features(mean_i, var_i, source_mean, source_var, eps)))
+        """The batch's prediction spread (0-dim, on the device, no host sync)."""
+        return prediction_spread(self.logits(self.features(mean_i, var_i, source_mean, source_var, eps)))
 
     @classmethod
     def fit(cls, feats: Tensor, labels: Tensor, num_classes: int, *, l2: float = 1e-3,
-            max_iter: int = 200) -> BalanceProbe:
+            max_iter: int = 200) -> ClassProbe:
         """Fit on ``feats`` ``(N, 2C)`` (from :meth:`features`) and integer ``labels`` ``(N,)``:
         mean cross-entropy + ``l2 * |weight|^2``, L-BFGS with a strong-Wolfe line search."""
         if feats.dim() != 2 or feats.shape[1] % 2 or labels.shape != feats.shape[:1]:
@@ -279,9 +282,9 @@ class Selector:
 
     #: True when the decision can be taken on the device (``decide_tensor``) with no host sync.
     sync_free = False
-    #: True when ``update`` / ``decide_tensor`` read ``balance=``, the batch's
-    #: :func:`prediction_balance` (DATTA passes it only then).
-    uses_balance = False
+    #: True when ``update`` / ``decide_tensor`` read ``spread=``, the batch's
+    #: :func:`prediction_spread` (DATTA passes it only then).
+    uses_spread = False
 
     def update(self, score: float | Tensor) -> str:
         raise NotImplementedError
@@ -302,13 +305,13 @@ class Selector:
 
 class ThresholdSelector(Selector):
     """``multiple`` when ``score >= threshold``; otherwise ``skewed`` when ``score < low`` or
-    the batch's ``balance`` is below ``skew_cut``, else ``single``.
+    the batch's ``spread`` is below ``skew_cut``, else ``single``.
 
     ``low`` (default -inf) and ``skew_cut`` (default None: unused) catch batches *less*
     diverse than a single i.i.d. domain, e.g. label-sorted ones whose batch statistics
     mislead: ``low`` from the diversity score alone, ``skew_cut`` from the batch's prediction
-    balance (:func:`prediction_balance` of a :class:`BalanceProbe` at the score layer, which
-    :class:`~datta_kernels.DATTA` passes as ``balance=``; without one, nothing is skewed by it).
+    spread (:func:`prediction_spread` of a :class:`ClassProbe` at the score layer, which
+    :class:`~datta_kernels.DATTA` passes as ``spread=``; without one, nothing is skewed by it).
     ``datta_kernels.calibrate`` sets both from validation batches.  Stateless apart from its
     cuts, so it can also decide on the device (:meth:`decide_tensor`, :meth:`skewed_tensor`)
     without a host sync."""
@@ -323,44 +326,44 @@ class ThresholdSelector(Selector):
         if math.isnan(self.low) or self.low == math.inf or self.low >= self.threshold:
             raise ValueError(f"low must be -inf or a number < threshold ({self.threshold}), got {low!r}")
         if skew_cut is not None and not (0.0 < float(skew_cut) <= 1.0):
-            raise ValueError(f"skew_cut must be None or in (0, 1] (a prediction balance), got {skew_cut!r}")
+            raise ValueError(f"skew_cut must be None or in (0, 1] (a prediction spread), got {skew_cut!r}")
         self.skew_cut = None if skew_cut is None else float(skew_cut)
         self.last_decision: str | None = None
 
     @property
-    def uses_balance(self) -> bool:
-        """True when the decision reads the previous batch's prediction balance."""
+    def uses_spread(self) -> bool:
+        """True when the decision reads the batch's prediction spread."""
         return self.skew_cut is not None
 
-    def _skewed_by_balance(self, balance) -> bool:
-        return self.skew_cut is not None and balance is not None and _as_float(balance) < self.skew_cut
+    def _skewed_by_spread(self, spread) -> bool:
+        return self.skew_cut is not None and spread is not None and _as_float(spread) < self.skew_cut
 
-    def update(self, score: float | Tensor, balance: float | Tensor | None = None) -> str:
+    def update(self, score: float | Tensor, spread: float | Tensor | None = None) -> str:
         s = _as_float(score)
         if s >= self.threshold or math.isnan(s):
             self.last_decision = MULTIPLE
-        elif s < self.low or self._skewed_by_balance(balance):
+        elif s < self.low or self._skewed_by_spread(spread):
             self.last_decision = SKEWED
         else:
             self.last_decision = SINGLE
         return self.last_decision
 
-    def decide_tensor(self, score: Tensor, balance: Tensor | None = None) -> Tensor:
+    def decide_tensor(self, score: Tensor, spread: Tensor | None = None) -> Tensor:
         """Device-side decision: a 0-dim bool tensor, True for ``single`` (no host sync)."""
         s = score.detach().reshape(())
         single = (s < self.threshold) & (s >= self.low)
-        if self.skew_cut is not None and balance is not None:
-            single = single & (balance.detach().reshape(()) >= self.skew_cut)
+        if self.skew_cut is not None and spread is not None:
+            single = single & (spread.detach().reshape(()) >= self.skew_cut)
         return single
 
-    def skewed_tensor(self, score: Tensor, balance: Tensor | None = None) -> Tensor | None:
+    def skewed_tensor(self, score: Tensor, spread: Tensor | None = None) -> Tensor | None:
         """Device-side ``skewed`` flag (None when this selector never answers it)."""
         if self.low == -math.inf and self.skew_cut is None:
             return None
         s = score.detach().reshape(())
         skewed = (s < self.threshold) & (s < self.low)
-        if self.skew_cut is not None and balance is not None:
-            skewed = skewed | ((s < self.threshold) & (balance.detach().reshape(()) < self.skew_cut))
+        if self.skew_cut is not None and spread is not None:
+            skewed = skewed | ((s < self.threshold) & (spread.detach().reshape(()) < self.skew_cut))
         return skewed
 
     def reset(self) -> None:

@@ -20,10 +20,12 @@ from datta_kernels.calibration import (
     _best_skew_rule,
     _decide,
     _objective,
+    _families,
+    _held_out_spreads,
     _sorted_stream,
     calibrate,
 )
-from datta_kernels.diversity import SKEWED, BalanceProbe, prediction_balance
+from datta_kernels.diversity import SKEWED, ClassProbe, prediction_spread
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -136,7 +138,7 @@ def test_calibrate_returns_a_configured_datta():
         assert layer.blend_single.tolist() == pytest.approx(rep.single_blend)
         assert layer.blend_skewed.tolist() == pytest.approx(rep.skewed_blend)
     assert adapter.selector.skew_cut == rep.skew_cut
-    assert isinstance(adapter.balance_probe, BalanceProbe) and adapter.balance_probe is not rep.probe
+    assert isinstance(adapter.class_probe, ClassProbe) and adapter.class_probe is not rep.probe
     # the rule is the better of the two candidates on the validation streams (ties: the first)
     means = [np.mean(list(v.values())) for v in rep.rule_table.values()]
     assert len(means) == 2 and list(rep.rule_table)[int(np.argmax(means))] == \
@@ -144,7 +146,7 @@ def test_calibrate_returns_a_configured_datta():
     assert set(next(iter(rep.rule_table.values()))) == {"single", "mixed", "dynamic", "sorted"}
     text = str(rep)
     assert "datta_cal for batch size 8" in text and "oracle (true type)" in text and "DAFT" in text
-    assert "score + balance" in text and "decision rule:" in text
+    assert "score + spread" in text and "decision rule:" in text
     assert set(rep.as_dict()) >= {"single_blend", "threshold", "low", "decision_table", "daft_table"}
     # every choice is a maximum of the validation numbers the report shows
     table = rep.blend_table
@@ -167,97 +169,120 @@ def test_calibrate_bad_domains(bad, match):
         calibrate(_model(), bad, batch_size=8)
 
 
-# ---------------------------------------------------------------- the prediction balance
-def test_prediction_balance_values_and_errors():
+# ---------------------------------------------------------------- the prediction spread
+def test_prediction_spread_values_and_errors():
     k = 5
-    assert float(prediction_balance(torch.zeros(7, k))) == pytest.approx(1.0)        # uniform
+    assert float(prediction_spread(torch.zeros(7, k))) == 0.0              # same probabilities
     one_class = torch.full((7, k), -30.0)
     one_class[:, 2] = 30.0
-    assert float(prediction_balance(one_class)) < 1e-6
+    assert float(prediction_spread(one_class)) < 1e-6                     # one shared class
+    each = torch.full((10, k), -30.0)
+    each[torch.arange(10), torch.arange(10) % k] = 30.0
+    assert float(prediction_spread(each)) == pytest.approx(1.0, abs=1e-6)  # confident, balanced
     logits = torch.randn(9, k, dtype=torch.float64)
-    p = logits.softmax(1).mean(0).numpy()
-    want = -(p * np.log(p)).sum() / math.log(k)
-    assert float(prediction_balance(logits)) == pytest.approx(want, rel=1e-6)
+    p = logits.softmax(1).numpy()
+    want = p.std(axis=0).sum() / math.sqrt(k - 1)
+    assert float(prediction_spread(logits)) == pytest.approx(want, rel=1e-6)
+    assert float(prediction_spread(torch.zeros(1, k))) == 0.0
     for bad in (torch.zeros(3), torch.zeros(0, 4), torch.zeros(3, 1), torch.zeros(3, 4, dtype=torch.int64)):
         with pytest.raises(ValueError):
-            prediction_balance(bad)
+            prediction_spread(bad)
 
 
-def test_balance_probe_features_match_float64():
+def test_held_out_spreads_use_probes_fitted_without_the_family():
+    """Each sample's logits come from the probe fitted without its family: a family whose
+    classes are placed differently from the others' is classified poorly by it, and its batch's
+    spread is that of the held-out probe, not of the probe fitted on everything."""
+    g = torch.Generator().manual_seed(0)
+    k, c = 3, 2
+    y = torch.arange(300) % k
+    fam = torch.arange(300) // 100                       # three families of 100 samples
+    centers = torch.randn(3, k, 2 * c, generator=g) * 4  # class centres differ per family
+    feats = centers[fam, y] + 0.1 * torch.randn(300, 2 * c, generator=g)
+    batch = [feats[fam == 2][:12]]
+    got = _held_out_spreads(feats, y, fam, batch, [torch.full((12,), 2)], k)
+    held = ClassProbe.fit(feats[fam != 2], y[fam != 2], k)
+    assert got[0] == pytest.approx(float(prediction_spread(held.logits(batch[0]))), rel=1e-6)
+    full = ClassProbe.fit(feats, y, k)
+    assert got[0] != pytest.approx(float(prediction_spread(full.logits(batch[0]))), rel=1e-3)
+    assert _families(["clean", "fog@1", "fog@5", "snow@2", "clean2"]) == [0, 1, 1, 2, 3]
+
+
+def test_class_probe_features_match_float64():
     g = torch.Generator().manual_seed(0)
     mean_i, var_i = torch.randn(6, 4, generator=g), torch.rand(6, 4, generator=g) + 0.1
     sm, sv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
-    got = BalanceProbe.features(mean_i, var_i, sm, sv, 1e-5).double().numpy()
+    got = ClassProbe.features(mean_i, var_i, sm, sv, 1e-5).double().numpy()
     m, v, a, b = (t.double().numpy() for t in (mean_i, var_i, sm, sv))
     want = np.concatenate([(m - a) / np.sqrt(b + 1e-5), 0.5 * np.log((v + 1e-5) / (b + 1e-5))], axis=1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_balance_probe_fit_separates_label_skewed_batches():
+def test_class_probe_fit_separates_label_skewed_batches():
     """Classes planted in the features: the fitted probe classifies them, an i.i.d. batch has a
-    balance near 1 and a one-class batch a low one; forward = balance of logits(features)."""
+    high spread and a one-class batch a low one; forward = spread of logits(features)."""
     g = torch.Generator().manual_seed(0)
     k, c = 4, 3
     y = torch.arange(400) % k
     centers = torch.randn(k, 2 * c, generator=g) * 3
     feats = centers[y] + torch.randn(400, 2 * c, generator=g)
-    probe = BalanceProbe.fit(feats, y, k)
+    probe = ClassProbe.fit(feats, y, k)
     assert float((probe.logits(feats).argmax(1) == y).float().mean()) > 0.9
     iid, one = feats[:16], feats[y == 1][:16]
-    assert float(prediction_balance(probe.logits(iid))) > 0.9
-    assert float(prediction_balance(probe.logits(one))) < 0.3
+    assert float(prediction_spread(probe.logits(iid))) > 0.7
+    assert float(prediction_spread(probe.logits(one))) < 0.3
     mean_i, var_i = torch.randn(8, c, generator=g), torch.rand(8, c, generator=g) + 0.1
     sm, sv = torch.zeros(c), torch.ones(c)
     assert torch.equal(probe(mean_i, var_i, sm, sv, 1e-5),
-                       prediction_balance(probe.logits(BalanceProbe.features(mean_i, var_i, sm, sv, 1e-5))))
+                       prediction_spread(probe.logits(ClassProbe.features(mean_i, var_i, sm, sv, 1e-5))))
     assert set(probe.state_dict()) == {"center", "scale", "weight", "bias"}
     with pytest.raises(ValueError, match="not finite"):
-        BalanceProbe.fit(feats.clone().fill_(float("nan")), y, k)
+        ClassProbe.fit(feats.clone().fill_(float("nan")), y, k)
     with pytest.raises(ValueError):
         probe.logits(torch.zeros(3, 2 * c + 1))
 
 
 def test_threshold_selector_skew_cut():
     sel = dk.ThresholdSelector(0.5, skew_cut=0.6)
-    assert sel.uses_balance and not dk.ThresholdSelector(0.5).uses_balance
+    assert sel.uses_spread and not dk.ThresholdSelector(0.5).uses_spread
     cases = [(0.1, 0.9, "single"), (0.1, 0.3, "skewed"), (0.7, 0.3, "multiple"), (0.7, 0.9, "multiple"),
              (0.1, None, "single"), (float("nan"), 0.3, "multiple"), (0.1, 0.6, "single")]
     for score, bal, want in cases:
-        assert sel.update(score, balance=bal) == want
+        assert sel.update(score, spread=bal) == want
         b = None if bal is None else torch.tensor(bal)
         single = bool(sel.decide_tensor(torch.tensor(score), b))
         skewed = bool(sel.skewed_tensor(torch.tensor(score), b))
         assert (single, skewed) == (want == "single", want == "skewed"), (score, bal)
     both = dk.ThresholdSelector(0.5, low=0.2, skew_cut=0.6)
-    assert both.update(0.1, balance=0.9) == "skewed" and both.update(0.3, balance=0.5) == "skewed"
+    assert both.update(0.1, spread=0.9) == "skewed" and both.update(0.3, spread=0.5) == "skewed"
     other = dk.ThresholdSelector(1.0)
     other.load_state_dict(both.state_dict())
-    assert other.skew_cut == 0.6 and other.uses_balance and "skew_cut=0.6" in repr(other)
+    assert other.skew_cut == 0.6 and other.uses_spread and "skew_cut=0.6" in repr(other)
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="skew_cut"):
             dk.ThresholdSelector(0.5, skew_cut=bad)
 
 
-def test_datta_reads_the_probe_balance_at_the_score_layer():
-    """DATTA passes the probe's balance of the score layer's own instance statistics (recomputed
+def test_datta_reads_the_probe_spread_at_the_score_layer():
+    """DATTA passes the probe's spread of the score layer's own instance statistics (recomputed
     here from that layer's input) to the selector; host and device decisions agree."""
     x = torch.randn(8, 1, 10, 10)
-    probe = BalanceProbe(8, 3)
+    probe = ClassProbe(8, 3)
     probe.weight.copy_(torch.randn(16, 3))
-    with pytest.raises(ValueError, match="balance_probe"):
+    with pytest.raises(ValueError, match="class_probe"):
         dk.DATTA(_model(), score_mode="dispersion", selector=dk.ThresholdSelector(1e6, skew_cut=0.5))
     seen = {}
     for daft in (False, True):
         for cut in (1e-3, 1.0):
             a = dk.DATTA(_model(), score_mode="dispersion", selector=dk.ThresholdSelector(1e6, skew_cut=cut),
-                         daft=daft, backend="reference", balance_probe=copy.deepcopy(probe))
+                         daft=daft, backend="reference", class_probe=copy.deepcopy(probe))
             layer = a.layers[1]
             hook = layer.register_forward_pre_hook(lambda m, i: seen.__setitem__("x", i[0].detach()))
             a(x)
             hook.remove()
             var, mean = torch.var_mean(seen["x"], dim=(2, 3), unbiased=True)       # SPEC D1
             want = probe(mean, var, layer.source_mean, layer.source_var, layer.eps)
-            torch.testing.assert_close(a.last_balance, want, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.last_spread, want, rtol=1e-4, atol=1e-5)
             assert a.last_decision == ("skewed" if float(want) < cut else "single"), (daft, cut)
 
 
@@ -265,17 +290,17 @@ def test_best_skew_rule_matches_brute_force():
     rng = np.random.default_rng(0)
     n = 30
     kinds = np.array(KINDS * (n // 3))
-    scores, balance = rng.random(n), rng.random(n)
+    scores, spread = rng.random(n), rng.random(n)
     acc = {d: rng.random(n) for d in DECISIONS}
-    high, cut, obj = _best_skew_rule(scores, balance, acc, kinds)
+    high, cut, obj = _best_skew_rule(scores, spread, acc, kinds)
     table = np.stack([acc[d] for d in DECISIONS])
 
     def value(hi, c):
-        said = np.where(scores < hi, np.where(balance < c, 0, 1), 2)
+        said = np.where(scores < hi, np.where(spread < c, 0, 1), 2)
         return _objective(np.choose(said, table), kinds)
     assert value(high, cut) == pytest.approx(obj)
     grid = np.concatenate([[-1.0], np.sort(scores) + 1e-9, [2.0]])
-    best = max(value(h, c) for h in grid for c in np.concatenate([[-math.inf], np.sort(balance) + 1e-9]))
+    best = max(value(h, c) for h in grid for c in np.concatenate([[-math.inf], np.sort(spread) + 1e-9]))
     assert obj == pytest.approx(best)
 
 
