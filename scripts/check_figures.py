@@ -85,11 +85,7 @@ ALLOWED: tuple[tuple[str, str, str], ...] = (
 #: Figures known to be untraced: (file, figure as written, reason).  Reported on every run;
 #: an entry that no longer matches an untraced figure is an error (remove it).
 _DEMO = "README's main-job section, left for the demo re-run that rewrites it and demo.md: "
-PENDING: tuple[tuple[str, str, str], ...] = (
-    ("README.md", "92 %", _DEMO + "validation AUROC of sorted vs i.i.d. batches, in no results file"),
-    ("README.md", "79 %", _DEMO + "validation AUROC of sorted vs i.i.d. batches, in no results file"),
-    ("README.md", "52", _DEMO + "'AUROC 52–55 %' rounds demo.md's 52.3–55.1"),
-)
+PENDING: tuple[tuple[str, str, str], ...] = ()
 
 UNITS = (
     r"images/s", r"img/s", r"GB/s", r"MB/s", r"aten\s+calls", r"aten\s+ops", r"points?",

@@ -19,9 +19,9 @@ from datta_kernels.calibration import (
     _best_band,
     _best_skew_rule,
     _decide,
-    _objective,
     _families,
     _held_out_spreads,
+    _objective,
     _sorted_stream,
     calibrate,
 )
