@@ -210,7 +210,10 @@ def _held_out_spreads(fit_feats: Tensor, fit_y: Tensor, fit_fam: Tensor, feats: 
     out = []
     with torch.no_grad():
         for x, fam in zip(feats, fams):
-            logits = torch.stack([probes[int(f)].logits(x[i:i + 1])[0] for i, f in enumerate(fam)])
+            logits = torch.empty(len(x), num_classes)
+            for f in fam.unique().tolist():         # each family's samples through its probe
+                rows = fam == f
+                logits[rows] = probes[f].logits(x[rows])
             out.append(float(prediction_spread(logits)))
     return np.array(out)
 
@@ -292,15 +295,21 @@ def _objective(got: np.ndarray, kinds: np.ndarray) -> float:
     return float(np.mean([got[kinds == k].mean() for k in KINDS if (kinds == k).any()]))
 
 
+def _cut_points(values: np.ndarray) -> np.ndarray:
+    """Candidate cuts on ``values``: the midpoints between consecutive distinct finite values,
+    then one cut above them all (every value below it)."""
+    u = np.unique(values[np.isfinite(values)])
+    top = u[-1] + max(1.0, abs(u[-1])) if len(u) else 1.0
+    return np.concatenate([(u[:-1] + u[1:]) / 2, [top]])
+
+
 def _best_band(scores: np.ndarray, acc: dict[str, np.ndarray], kinds: np.ndarray,
                allow_low: bool = True) -> tuple[float, float, float]:
     """The cuts ``low < high`` (``low`` may be -inf) maximising :func:`_objective` of the
     accuracy each batch gets under the decision :func:`_decide` gives it; returns ``(low, high,
     objective)``.  Ties: no low cut when it is as good, each cut in the middle of its run of
     equally good cuts."""
-    u = np.unique(scores[np.isfinite(scores)])
-    top = u[-1] + max(1.0, abs(u[-1])) if len(u) else 1.0
-    highs = np.concatenate([(u[:-1] + u[1:]) / 2, [top]])
+    highs = _cut_points(scores)
     lows = np.concatenate([[-math.inf], highs[:-1]]) if allow_low else np.array([-math.inf])
     table = np.stack([acc[d] for d in DECISIONS])
     objective = np.full((len(lows), len(highs)), -np.inf)
@@ -344,11 +353,7 @@ def _best_skew_rule(scores: np.ndarray, spread: np.ndarray, acc: dict[str, np.nd
     """The cuts ``(high, skew_cut)`` of the rule multiple if ``score >= high``, else skewed if
     ``spread < skew_cut``, else single, maximising :func:`_objective`; returns ``(high,
     skew_cut, objective)`` (each cut in the middle of its run of equally good cuts)."""
-    def cuts(v):
-        u = np.unique(v[np.isfinite(v)])
-        top = u[-1] + max(1.0, abs(u[-1])) if len(u) else 1.0
-        return np.concatenate([(u[:-1] + u[1:]) / 2, [top]])
-    highs, skews = cuts(scores), np.concatenate([[-math.inf], cuts(spread)])
+    highs, skews = _cut_points(scores), np.concatenate([[-math.inf], _cut_points(spread)])
     table = np.stack([acc[d] for d in DECISIONS])
     objective = np.empty((len(skews), len(highs)))
     for j, hi in enumerate(highs):
