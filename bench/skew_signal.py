@@ -57,7 +57,7 @@ def main() -> None:
     work = dk.convert_model(copy.deepcopy(model).eval(), "datta", shrink_k=4.0, cluster=False)
     layers = dabn_layers(work)
     w = tuple(float(v) for v in args.multiple.split(","))
-    cal._configure(layers, w, w, w, [False] * len(layers), "instance")
+    cal._configure(layers, 0, None, (w, w, w), "instance")
     fam_names = sorted({n.split("@")[0] for n in vdom})
 
     def feats_of(x):

@@ -4,12 +4,14 @@ The user supplies domains they may tune on (``{name: (images, labels)}``: e.g. v
 corruptions and clean held-out images, never the data they report on).  From validation streams
 built of them, whose batch types are known by construction, :func:`calibrate` chooses
 
-1. the blend of ``multiple`` batches: the candidate (source / batch / instance weights; instance
-   terms cluster-pooled, SPEC §3b, or per sample with the shrink) with the best accuracy on
-   mixed-domain batches;
+1. the blend of ``multiple`` batches and how instance terms are formed (cluster-pooled, SPEC
+   §3b, or per sample with the shrink): the candidate (source / batch / instance weights) with
+   the best accuracy on mixed-domain batches, every layer on it;
 2. the blends of ``single`` and ``skewed`` batches: the best on single-domain i.i.d. and on
-   label-sorted batches (the layers before the score layer keep the ``multiple`` blend, as
-   DATTA runs them);
+   label-sorted batches for the layers from the score layer on; then the blend of the layers
+   *before* the score layer, which run before the decision exists and so take one blend for
+   every batch: the best mean over the three batch types with the later layers on each type's
+   blend; then the ``single`` and ``skewed`` blends again behind it;
 3. two decision rules on the dispersion score (SPEC §2): the *score band* (``skewed`` below
    ``low``, ``single`` below ``high``) and *score + spread* (``multiple`` from ``high``, else
    ``skewed`` when the batch's prediction spread from a :class:`~datta_kernels.diversity.ClassProbe`
@@ -39,7 +41,7 @@ from .diversity import ClassProbe, Selector, ThresholdSelector, prediction_sprea
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
 from .surgery import _is_plain_bn, convert_model
 
-__all__ = ["calibrate", "Calibration", "BLEND_GRID"]
+__all__ = ["calibrate", "Calibration", "BLEND_GRID", "default_batches"]
 
 #: candidate blends ``(w_s, w_b, w_c)``: source, test-batch and cluster-pooled instance weights
 #: on a 0.2 grid (the instance terms are cluster-pooled, SPEC §3b).
@@ -47,6 +49,17 @@ BLEND_GRID = tuple((round(float(s), 1), round(float(b), 1), abs(round(float(1 - 
                    for s, b in itertools.product(np.arange(0, 1.01, 0.2), repeat=2)
                    if s + b <= 1.0 + 1e-9)
 KINDS = ("single", "mixed", "sorted")
+#: validation images of each batch type :func:`calibrate` draws by default
+VALIDATION_IMAGES = 3072
+
+
+def default_batches(batch_size: int) -> int:
+    """Validation batches of each type by default: about :data:`VALIDATION_IMAGES` images,
+    at least 40 batches.  Fewer make the blend choices noise: on the demo's validation set at
+    batch size 16, 40 single-domain batches (under four per domain) put the blend (0, 0.8,
+    0.2) 1.7 points above plain batch statistics; 220 batches (20 per domain) put them 0.1
+    apart."""
+    return max(40, math.ceil(VALIDATION_IMAGES / int(batch_size)))
 
 
 @dataclass
@@ -62,6 +75,8 @@ class Calibration:
     single_blend: tuple[float, float, float]
     multiple_blend: tuple[float, float, float]
     skewed_blend: tuple[float, float, float]
+    #: the blend of the layers before the score layer, every batch (None: no such layer)
+    pre_blend: tuple[float, float, float] | None
     threshold: float
     low: float
     #: cut on the batch's prediction spread below which a batch is ``skewed``
@@ -71,13 +86,15 @@ class Calibration:
     lr: float
     #: blend -> accuracy (%) per batch type, every candidate
     blend_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
+    #: pre blend -> accuracy (%) per batch type, the later layers on the type's right blend
+    pre_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
     #: accuracy (%) per batch type of the chosen rule, and of the rule without ``low``
     decision_table: dict[str, dict[str, float]] = field(default_factory=dict)
     #: decision rule -> accuracy (%) per validation stream (no DAFT), every candidate
     rule_table: dict[str, dict[str, float]] = field(default_factory=dict)
     #: ``"on"`` / ``"off"`` -> accuracy (%) per validation stream
     daft_table: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: instance mode -> the cuts' objective it reached (the higher one is chosen)
+    #: instance mode -> its best accuracy (%) on mixed batches (the higher one is chosen)
     modes: dict[str, float] = field(default_factory=dict)
     #: the class probe at the score layer whose prediction spread ``skew_cut`` reads
     probe: ClassProbe | None = None
@@ -88,8 +105,6 @@ class Calibration:
         if any(_is_plain_bn(m) for m in model.modules()):
             model = convert_model(model, "datta", backend=backend, **INSTANCE_MODES[self.instance_mode])
         layers = dabn_layers(model)
-        _configure(layers, self.single_blend, self.multiple_blend, self.skewed_blend,
-                   [True] * len(layers), self.instance_mode)
         for layer in layers:
             layer.backend = backend
         adapter = DATTA(model, preset=None, daft=self.daft, lr=self.lr, score_mode="dispersion",
@@ -97,6 +112,8 @@ class Calibration:
                         score_layer=self.score_layer,
                         class_probe=None if self.probe is None else
                         copy.deepcopy(self.probe).to(layers[0].running_mean.device))
+        _configure(layers, adapter._score_at, self.pre_blend,
+                   (self.single_blend, self.multiple_blend, self.skewed_blend), self.instance_mode)
         adapter.calibration = self
         return adapter
 
@@ -105,8 +122,9 @@ class Calibration:
         return ThresholdSelector(self.threshold, self.low, self.skew_cut)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("blend_table", "probe")}
-        d["blend_table"] = {",".join(map(str, k)): v for k, v in self.blend_table.items()}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("blend_table", "pre_table", "probe")}
+        for key in ("blend_table", "pre_table"):
+            d[key] = {",".join(map(str, k)): v for k, v in getattr(self, key).items()}
         return d
 
     def __str__(self) -> str:
@@ -116,15 +134,25 @@ class Calibration:
                  f"({', '.join(f'{n} {k}' for k, n in self.batches.items())} validation batches)",
                  f"blend (w_s, w_b, w_i), {self.instance_mode} instance terms -> validation "
                  "accuracy % on single / mixed / sorted batches (mixed: all layers on the "
-                 "blend; single, sorted: the layers from the score layer on)"]
+                 "blend; single, sorted: the layers from the score layer on, those before it on "
+                 "their own blend)"]
         for w, acc in sorted(self.blend_table.items()):
             marks = [f"<- {name}" for name, c in chosen.items() if c == w]
             cols = " ".join(f"{acc[k]:6.1f}" for k in KINDS)
             lines.append(f"  {fmt(w):<18} {cols}  {' '.join(marks)}".rstrip())
-        lines.append(f"chosen: instance terms {self.instance_mode} (objective by mode: "
+        lines.append(f"chosen: instance terms {self.instance_mode} (best mixed-batch accuracy by mode: "
                      + ", ".join(f"{m} {v:.2f} %" for m, v in self.modes.items()) + f"); single "
                      f"{fmt(self.single_blend)}, multiple {fmt(self.multiple_blend)}, skewed "
                      f"{fmt(self.skewed_blend)}")
+        if self.pre_blend is not None:
+            lines.append("blend of the layers before the score layer (every batch; the later layers "
+                         "on each type's blend) -> validation accuracy % on single / mixed / sorted, "
+                         "mean; the best five:")
+            ranked = sorted(self.pre_table.items(), key=lambda kv: -np.mean(list(kv[1].values())))
+            for w, acc in ranked[:5]:
+                mark = "  <- before the score layer" if w == self.pre_blend else ""
+                lines.append(f"  {fmt(w):<18} " + " ".join(f"{acc[k]:6.1f}" for k in KINDS)
+                             + f"  {np.mean(list(acc.values())):6.1f}{mark}")
         lines.append(f"cuts on the dispersion score at {self.score_layer} (the best mean accuracy over "
                      "the three batch types), per validation batch:")
         for name, acc in self.decision_table.items():
@@ -253,11 +281,13 @@ INSTANCE_MODES = {"cluster": {"cluster": True, "shrink_k": None},
                   "instance": {"cluster": False, "shrink_k": 4.0}}
 
 
-def _configure(layers: list[FusedDABN], single, multiple, skewed, decisions: list[bool],
-               mode: str = "cluster") -> None:
-    for layer, dec in zip(layers, decisions):
-        layer.set_preset("datta", weights=(single, multiple, skewed), **INSTANCE_MODES[mode])
-        layer.set_decision(bool(dec))
+def _configure(layers: list[FusedDABN], pre: int, pre_blend, blends, mode: str = "cluster") -> None:
+    """The layers before the score layer (``layers[:pre]``) on ``pre_blend`` whatever the
+    decision, the others on ``blends = (single, multiple, skewed)`` by decision; instance
+    terms as ``mode`` says."""
+    for i, layer in enumerate(layers):
+        weights = (pre_blend,) * 3 if i < pre and pre_blend is not None else blends
+        layer.set_preset("datta", weights=weights, **INSTANCE_MODES[mode])
 
 
 @torch.no_grad()
@@ -303,6 +333,12 @@ def _cut_points(values: np.ndarray) -> np.ndarray:
     return np.concatenate([(u[:-1] + u[1:]) / 2, [top]])
 
 
+def _objectives(said: np.ndarray, table: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """:func:`_objective` of every row of decision codes ``said`` (rows x batches)."""
+    return np.take_along_axis(table, said, axis=0) @ weights if said.ndim == 2 else \
+        np.choose(said, table) @ weights
+
+
 def _best_band(scores: np.ndarray, acc: dict[str, np.ndarray], kinds: np.ndarray,
                allow_low: bool = True) -> tuple[float, float, float]:
     """The cuts ``low < high`` (``low`` may be -inf) maximising :func:`_objective` of the
@@ -311,11 +347,12 @@ def _best_band(scores: np.ndarray, acc: dict[str, np.ndarray], kinds: np.ndarray
     equally good cuts."""
     highs = _cut_points(scores)
     lows = np.concatenate([[-math.inf], highs[:-1]]) if allow_low else np.array([-math.inf])
-    table = np.stack([acc[d] for d in DECISIONS])
+    table, weights = np.stack([acc[d] for d in DECISIONS]), _kind_weights(kinds)
     objective = np.full((len(lows), len(highs)), -np.inf)
-    for i, lo in enumerate(lows):
-        for j in np.flatnonzero(highs > lo):
-            objective[i, j] = _objective(np.choose(_decide(scores, lo, highs[j]), table), kinds)
+    for j, hi in enumerate(highs):
+        ok = lows < hi
+        said = np.where(scores[None, :] < hi, 1, 2) - (scores[None, :] < lows[ok, None])
+        objective[ok, j] = _objectives(said, table, weights)
     best = objective.max()
     good = objective >= best - 1e-9
     i, j = np.argwhere(good)[0]
@@ -354,13 +391,12 @@ def _best_skew_rule(scores: np.ndarray, spread: np.ndarray, acc: dict[str, np.nd
     ``spread < skew_cut``, else single, maximising :func:`_objective`; returns ``(high,
     skew_cut, objective)`` (each cut in the middle of its run of equally good cuts)."""
     highs, skews = _cut_points(scores), np.concatenate([[-math.inf], _cut_points(spread)])
-    table = np.stack([acc[d] for d in DECISIONS])
+    table, weights = np.stack([acc[d] for d in DECISIONS]), _kind_weights(kinds)
     objective = np.empty((len(skews), len(highs)))
+    low_spread = (spread[None, :] < skews[:, None]).astype(np.int64)       # skews x batches
     for j, hi in enumerate(highs):
-        below = scores < hi
-        for i, cut in enumerate(skews):
-            said = np.where(below, np.where(spread < cut, 0, 1), 2)
-            objective[i, j] = _objective(np.choose(said, table), kinds)
+        said = np.where(scores[None, :] < hi, 1 - low_spread, 2)
+        objective[:, j] = _objectives(said, table, weights)
     best = objective.max()
     good = objective >= best - 1e-9
     i, j = np.argwhere(good)[0]
@@ -369,31 +405,78 @@ def _best_skew_rule(scores: np.ndarray, spread: np.ndarray, acc: dict[str, np.nd
     return float(highs[j]), float(skews[i]), float(best)
 
 
-def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, fams, num_classes: int,
-                    grid, mode: str) -> dict:
-    """Steps 1-3 of the module doc for one way of forming the instance terms."""
+def _kind_weights(kinds: np.ndarray) -> np.ndarray:
+    """``(n, 1)`` weights whose product with per-batch accuracies is :func:`_objective`."""
+    w = np.zeros(len(kinds))
+    present = [k for k in KINDS if (kinds == k).any()]
+    for k in present:
+        w[kinds == k] = 1.0 / ((kinds == k).sum() * len(present))
+    return w
+
+
+def _search_blends(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid, modes) -> dict:
+    """Steps 1-2 of the module doc: the instance mode and the four blends, each the best of
+    ``grid`` on the validation batches of the type it serves."""
+    # 1. the multiple blend and the instance mode: every layer on the candidate, mixed batches
+    mixed = {}
+    for mode in modes:
+        for w in grid:
+            _configure(layers, pre, w, (w, w, w), mode)
+            mixed[mode, w] = _accuracy(work, val["mixed"])
+    mode, multiple = max(mixed, key=lambda mw: (mixed[mw].mean(), -modes.index(mw[0]), -grid.index(mw[1])))
+
+    def best(table: dict, kind: str):
+        return max(grid, key=lambda w: (table[w][kind].mean(), -grid.index(w)))
+
+    def later_on(pre_blend) -> dict:
+        """single / sorted accuracy with the layers from the score layer on each candidate."""
+        out = {}
+        for w in grid:
+            _configure(layers, pre, pre_blend or w, (w, w, w), mode)
+            out[w] = {k: _accuracy(work, val[k]) for k in ("single", "sorted")}
+        return out
+    # 2a. the single and skewed blends as if the decision held from the input on
+    first = later_on(None)
+    single, skewed = best(first, "single"), best(first, "sorted")
+    pre_table: dict = {}
+    after = first
+    if pre > 0:
+        # 2b. the layers before the score layer run before the decision exists: one blend for
+        #     every batch, the best mean over the three types with the later layers on the
+        #     blend of each type's right decision
+        right = {"single": single, "mixed": multiple, "sorted": skewed}
+        for w in grid:
+            pre_table[w] = {}
+            for k in KINDS:
+                _configure(layers, pre, w, (right[k],) * 3, mode)
+                pre_table[w][k] = 100.0 * float(_accuracy(work, val[k]).mean())
+        pre_blend = max(grid, key=lambda w: (np.mean(list(pre_table[w].values())), -grid.index(w)))
+        # 2c. the single and skewed blends again, behind that blend
+        after = later_on(pre_blend)
+        single, skewed = best(after, "single"), best(after, "sorted")
+    else:
+        pre_blend = None
+    return {"mode": mode, "multiple": multiple, "single": single, "skewed": skewed, "pre": pre_blend,
+            "modes": {m: 100.0 * max(float(mixed[m, w].mean()) for w in grid) for m in modes},
+            "pre_table": pre_table,
+            "blend_table": {w: {"single": 100.0 * float(after[w]["single"].mean()),
+                                "mixed": 100.0 * float(mixed[mode, w].mean()),
+                                "sorted": 100.0 * float(after[w]["sorted"].mean())} for w in grid}}
+
+
+def _search_cuts(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, fams, num_classes: int,
+                 found: dict) -> dict:
+    """Step 3 of the module doc: the cuts of both rules, on the accuracy every validation batch
+    gets under each decision (the layers before the score layer on their blend)."""
     kinds = np.array([k for k in KINDS for _ in val[k]])
-    # 1. the multiple blend: all layers on it (as on a "multiple" batch), best on mixed batches
-    all_on = {}
-    for w in grid:
-        _configure(layers, w, w, w, [False] * len(layers), mode)
-        all_on[w] = {k: _accuracy(work, val[k]) for k in KINDS}
-    multiple = max(grid, key=lambda w: (all_on[w]["mixed"].mean(), -grid.index(w)))
-    # 2. the single and skewed blends: the layers before the score layer stay on `multiple`
-    #    (they run before the decision exists), the others on the candidate
-    decisions = [i >= pre for i in range(len(layers))]
-    after = {}
-    for w in grid:
-        _configure(layers, w, multiple, w, decisions, mode)
-        after[w] = {k: _accuracy(work, val[k]) for k in ("single", "sorted")}
-    single = max(grid, key=lambda w: (after[w]["single"].mean(), -grid.index(w)))
-    skewed = max(grid, key=lambda w: (after[w]["sorted"].mean(), -grid.index(w)))
-    for w in {single, skewed}:          # any batch may be decided single or skewed
-        _configure(layers, w, multiple, w, decisions, mode)
-        after[w]["mixed"] = _accuracy(work, val["mixed"])
-    # 3. the cuts on the dispersion scores (the pre-score layers on `multiple`)
-    _configure(layers, single, multiple, skewed, [False] * len(layers), mode)
-    scores, feats = _scores(work, [x for k in KINDS for x, _ in val[k]])
+    everything = [b for k in KINDS for b in val[k]]
+    acc = {}
+    for d, w in (("single", found["single"]), ("multiple", found["multiple"]), ("skewed", found["skewed"])):
+        _configure(layers, pre, found["pre"] or w, (w, w, w), found["mode"])
+        acc[d] = _accuracy(work, everything)
+    blends = (found["single"], found["multiple"], found["skewed"])
+    _configure(layers, pre, found["pre"], blends, found["mode"])
+    scores, feats = _scores(work, [x for x, _ in everything])
     # 3b. a class probe at the score layer, fitted on other i.i.d. validation batches, and the
     #     cuts of the rule that reads its prediction spread, each batch's spread taken from
     #     probes fitted without its corruption family (as a test corruption is unseen)
@@ -405,12 +488,9 @@ def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit
     fit_fams = torch.cat([f for k in ("single", "mixed") for f in fit_fam[k]])
     spread = _held_out_spreads(fit_feats, fit_y, fit_fams, feats, [f for k in KINDS for f in val_fam[k]],
                                num_classes)
-    acc = {"single": np.concatenate([after[single][k] for k in KINDS]),
-           "multiple": np.concatenate([all_on[multiple][k] for k in KINDS]),
-           "skewed": np.concatenate([after[skewed][k] for k in KINDS])}
-    low, high, objective = _best_band(scores, acc, kinds)
+    low, high, _ = _best_band(scores, acc, kinds)
     low0, high0, _ = _best_band(scores, acc, kinds, allow_low=False)
-    high_b, skew_cut, objective_b = _best_skew_rule(scores, spread, acc, kinds)
+    high_b, skew_cut, _ = _best_skew_rule(scores, spread, acc, kinds)
     table = np.stack([acc[d] for d in DECISIONS])
 
     def rule(said):
@@ -419,12 +499,7 @@ def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit
                {f"said {name}": 100.0 * float((said == i).mean()) for i, name in enumerate(DECISIONS)}
     truth = np.array([DECISIONS.index(_TRUE[k]) for k in kinds])
     said_b = np.where(scores < high_b, np.where(spread < skew_cut, 0, 1), 2)
-    return {"mode": mode, "single": single, "multiple": multiple, "skewed": skewed, "low": low,
-            "high": high, "objective": 100.0 * max(objective, objective_b), "probe": probe,
-            "high_b": high_b, "skew_cut": skew_cut,
-            "blend_table": {w: {"single": 100.0 * float(after[w]["single"].mean()),
-                                "mixed": 100.0 * float(all_on[w]["mixed"].mean()),
-                                "sorted": 100.0 * float(after[w]["sorted"].mean())} for w in grid},
+    return {"low": low, "high": high, "probe": probe, "high_b": high_b, "skew_cut": skew_cut,
             "decision_table": {"score band": rule(_decide(scores, low, high)),
                                "score, no low cut": rule(_decide(scores, low0, high0)),
                                "score + spread": rule(said_b),
@@ -432,7 +507,7 @@ def _calibrate_mode(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit
 
 
 def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int = 64, *,
-              n_batches: int = 60, lr: float = 1e-3, backend: str = "auto", seed: int = 0,
+              n_batches: int | None = None, lr: float = 1e-3, backend: str = "auto", seed: int = 0,
               grid=BLEND_GRID) -> DATTA:
     """DATTA for ``model`` calibrated on labelled validation ``domains`` (see the module doc).
 
@@ -442,7 +517,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         domains: ``{name: (images (N, C, H, W) float, labels (N,) int)}``, data the user may
             tune on (never the data they report on); each with at least ``batch_size`` images.
         batch_size: the batch size the adapter will see (the choices depend on it).
-        n_batches: validation batches of each type (single, mixed, label-sorted).
+        n_batches: validation batches of each type (single, mixed, label-sorted); None:
+            :func:`default_batches` (about 3,000 images of each type).
         lr: the DAFT learning rate tried.  backend: kernel backend.  seed: the batches' draw.
         grid: candidate blends ``(w_s, w_b, w_cluster)``.
 
@@ -453,6 +529,9 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     if int(batch_size) != batch_size or batch_size < 2:
         raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
     _check_domains(domains, batch_size)
+    n_batches = default_batches(batch_size) if n_batches is None else int(n_batches)
+    if n_batches < 2:
+        raise ValueError(f"n_batches must be >= 2, got {n_batches}")
     g = torch.Generator().manual_seed(seed)
     val_fam: dict = {}
     val = _batches(domains, batch_size, n_batches, g, val_fam)
@@ -469,11 +548,10 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     fit_fam: dict = {}
     fit = _batches(domains, batch_size, n_batches, g, fit_fam)    # other i.i.d. batches: the probe's
     num_classes = max(2, int(torch.cat([y for _, y in domains.values()]).max()) + 1)
-    found = [_calibrate_mode(work, layers, pre, val, fit, (val_fam, fit_fam), num_classes, grid, mode)
-             for mode in INSTANCE_MODES]
-    best = max(found, key=lambda r: r["objective"])
+    found = _search_blends(work, layers, pre, val, tuple(grid), tuple(INSTANCE_MODES))
+    best = found | _search_cuts(work, layers, pre, val, fit, (val_fam, fit_fam), num_classes, found)
     mode, single, multiple, skewed = best["mode"], best["single"], best["multiple"], best["skewed"]
-    _configure(layers, single, multiple, skewed, [True] * len(layers), mode)
+    _configure(layers, pre, best["pre"], (single, multiple, skewed), mode)
 
     # 4. the decision rule, on validation streams without DAFT: the score band of step 3, or
     #    the score cut with the skew cut on the probe's prediction spread (step 3b)
@@ -497,14 +575,14 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     high, low, skew_cut = rules[int(np.argmax(means))]      # ties: the first
 
     # 5. DAFT on or off, on the same streams with the chosen rule
-    daft_table = {"on" if flag else "off": run((high, low, skew_cut), flag) for flag in (False, True)}
+    daft_table = {"off": rule_table[rule_name(high, low, skew_cut)], "on": run((high, low, skew_cut), True)}
     daft = bool(np.mean(list(daft_table["on"].values())) > np.mean(list(daft_table["off"].values())))
 
     report = Calibration(
         batch_size=int(batch_size), domains=list(domains), batches={k: len(v) for k, v in val.items()},
         score_layer=names[layers[pre]], instance_mode=mode, single_blend=single,
-        multiple_blend=multiple, skewed_blend=skewed, threshold=high, low=low, skew_cut=skew_cut,
-        daft=daft, lr=lr, blend_table=best["blend_table"], decision_table=best["decision_table"],
-        rule_table=rule_table, daft_table=daft_table, modes={r["mode"]: r["objective"] for r in found},
-        probe=probe)
+        multiple_blend=multiple, skewed_blend=skewed, pre_blend=best["pre"], threshold=high, low=low,
+        skew_cut=skew_cut, daft=daft, lr=lr, blend_table=best["blend_table"], pre_table=best["pre_table"],
+        decision_table=best["decision_table"], rule_table=rule_table, daft_table=daft_table,
+        modes=best["modes"], probe=probe)
     return report.adapter(model, backend=backend)

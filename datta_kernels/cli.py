@@ -423,9 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of: " + ", ".join(CORRUPTIONS) + " (default all)")
     d.add_argument("--report-validation", action="store_true",
                    help="allow --corruptions to name a validation corruption (speckle_noise, "
-                   "gaussian_blur); its numbers are labelled as validation numbers")
+                   "gaussian_blur, spatter); its numbers are labelled as validation numbers")
     d.add_argument("--calibration-batches", type=_int_at_least(2), default=None,
-                   help="validation batches of each type that calibrate datta_disp / datta_cal (default 40)")
+                   help="validation batches of each type that calibrate datta_disp / datta_cal "
+                   "(default: about 3,000 images of each type, at least 40 batches)")
     d.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1..5 (default 3)")
     d.add_argument("--streams", type=_names("stream", STREAMS), default=None,
                    help="comma-separated subset of: " + ", ".join(STREAMS) + " (default all)")

@@ -24,6 +24,7 @@ from datta_kernels.calibration import (
     _objective,
     _sorted_stream,
     calibrate,
+    default_batches,
 )
 from datta_kernels.diversity import SKEWED, ClassProbe, prediction_spread
 
@@ -111,6 +112,23 @@ def test_best_band_separable_types():
     assert _best_band(scores, acc, kinds)[0] == -math.inf
 
 
+def test_best_band_matches_brute_force():
+    rng = np.random.default_rng(1)
+    n = 24
+    kinds = np.array(KINDS * (n // 3))
+    scores = rng.random(n)
+    acc = {d: rng.random(n) for d in DECISIONS}
+    low, high, obj = _best_band(scores, acc, kinds)
+    table = np.stack([acc[d] for d in DECISIONS])
+
+    def value(lo, hi):
+        return _objective(np.choose(_decide(scores, lo, hi), table), kinds)
+    assert value(low, high) == pytest.approx(obj)
+    cuts = np.concatenate([[-math.inf, -1.0], np.sort(scores) + 1e-9, [2.0]])
+    assert obj == pytest.approx(max(value(lo, hi) for lo in cuts for hi in cuts if hi > lo))
+    assert default_batches(16) == 192 and default_batches(64) == 48 and default_batches(512) == 40
+
+
 def test_validation_batches_types():
     dom = _domains()
     val = _batches(dom, 8, 6, torch.Generator().manual_seed(0))
@@ -133,10 +151,21 @@ def test_calibrate_returns_a_configured_datta():
     assert isinstance(adapter.selector, dk.ThresholdSelector)
     assert adapter.selector.threshold == rep.threshold and adapter.selector.low == rep.low
     assert adapter.daft == rep.daft and adapter.score_layer == rep.score_layer == "4"
-    for layer in adapter.layers:
+    pre = [n for n, _ in adapter.model.named_modules()].index(rep.score_layer)
+    assert rep.pre_blend in grid and rep.score_layer == "4"
+    for i, layer in enumerate(adapter.layers):
         assert layer.cluster == INSTANCE_MODES[rep.instance_mode]["cluster"]
-        assert layer.blend_single.tolist() == pytest.approx(rep.single_blend)
-        assert layer.blend_skewed.tolist() == pytest.approx(rep.skewed_blend)
+        if i == 0:      # before the score layer: the pre blend whatever the decision
+            for blend in (layer.blend_single, layer.blend_multiple, layer.blend_skewed):
+                assert blend.tolist() == pytest.approx(rep.pre_blend)
+        else:
+            assert layer.blend_single.tolist() == pytest.approx(rep.single_blend)
+            assert layer.blend_multiple.tolist() == pytest.approx(rep.multiple_blend)
+            assert layer.blend_skewed.tolist() == pytest.approx(rep.skewed_blend)
+    assert pre > 0
+    means = {w: np.mean(list(v.values())) for w, v in rep.pre_table.items()}
+    assert set(means) == set(grid) and means[rep.pre_blend] == max(means.values())
+    assert rep.modes[rep.instance_mode] == max(rep.modes.values())
     assert adapter.selector.skew_cut == rep.skew_cut
     assert isinstance(adapter.class_probe, ClassProbe) and adapter.class_probe is not rep.probe
     # the rule is the better of the two candidates on the validation streams (ties: the first)
@@ -146,7 +175,7 @@ def test_calibrate_returns_a_configured_datta():
     assert set(next(iter(rep.rule_table.values()))) == {"single", "mixed", "dynamic", "sorted"}
     text = str(rep)
     assert "datta_cal for batch size 8" in text and "oracle (true type)" in text and "DAFT" in text
-    assert "score + spread" in text and "decision rule:" in text
+    assert "score + spread" in text and "decision rule:" in text and "before the score layer" in text
     assert set(rep.as_dict()) >= {"single_blend", "threshold", "low", "decision_table", "daft_table"}
     # every choice is a maximum of the validation numbers the report shows
     table = rep.blend_table

@@ -22,7 +22,7 @@ import torch
 
 from .. import __version__, backends
 from ..benchmarking import provenance
-from ..calibration import calibrate
+from ..calibration import calibrate, default_batches
 from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, SEVERITIES, load_benchmark
 from .protocols import build_stream, canonical
 from .runner import CALIBRATED, METHODS, ORACLES, RunResult, detector_metrics
@@ -61,8 +61,9 @@ class RunConfig:
     #: saturate) that calibrate datta_disp and datta_cal; never reported on
     calibrate_on: tuple[str, ...] = ()
     #: images per calibration corruption, and validation batches of each type per batch size
+    #: (None: ``datta_kernels.calibration.default_batches``)
     calibration_images: int = 1000
-    calibration_batches: int = 40
+    calibration_batches: int | None = None
     lr: float = 1e-3
     backend: str = "auto"
     device: str = "auto"
@@ -236,10 +237,11 @@ def _calibrate(cfg: RunConfig, model, device: str, log) -> dict:
         domains[name] = (x.to(device).float().div_(255), y.to(device))
     thresholds, reports = {}, {}
     for bs in cfg.batch_sizes:
-        thresholds[bs] = calibrate_threshold_on(model, domains, bs, cfg.calibration_batches, cfg.seed,
+        n_cal = cfg.calibration_batches or default_batches(bs)
+        thresholds[bs] = calibrate_threshold_on(model, domains, bs, n_cal, cfg.seed,
                                                 score_mode="dispersion", backend=cfg.backend)["threshold"]
         if any(m.startswith("datta_cal") for m in cfg.methods):
-            reports[bs] = calibrate(copy.deepcopy(model), domains, bs, n_batches=cfg.calibration_batches,
+            reports[bs] = calibrate(copy.deepcopy(model), domains, bs, n_batches=n_cal,
                                     lr=cfg.lr, backend=cfg.backend, seed=cfg.seed).calibration
             log(str(reports[bs]))
     log(f"calibration on {', '.join(domains)} ({time.perf_counter() - t0:.1f} s): datta_disp thresholds "

@@ -19,7 +19,7 @@ from torch import nn
 from .. import DATTA, __version__, backends
 from ..adapt import DYN, TBN, BNAdapt, Source, Tent
 from ..benchmarking import provenance
-from ..calibration import BLEND_GRID, calibrate
+from ..calibration import BLEND_GRID, calibrate, default_batches
 from ..diversity import ThresholdSelector
 from . import progress_bar
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY
@@ -101,8 +101,9 @@ class DemoConfig:
     #: where DATTA measures diversity: None = the first BatchNorm (SPEC §2), or a module name.
     score_layer: str | None = None
     score_mode: str = "pixel"
-    #: validation batches of each type per batch size that calibrate ``datta_disp`` and ``datta_cal``
-    calibration_batches: int = 40
+    #: validation batches of each type per batch size that calibrate ``datta_disp`` and
+    #: ``datta_cal`` (None: ``datta_kernels.calibration.default_batches``, ~3,000 images a type)
+    calibration_batches: int | None = None
     #: images per validation domain (clean held-out + validation corruptions at severities 1-5)
     validation_per_domain: int = 1000
     #: candidate blends of ``datta_cal`` (None: ``datta_kernels.calibration.BLEND_GRID``)
@@ -310,10 +311,11 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
         t0 = time.perf_counter()
         vdom = validation_domains(data, cfg.validation_per_domain, cfg.seed, train=cfg.train)
         for bs in cfg.batch_sizes:
-            calibration[bs] = calibrate_threshold_on(model, vdom, bs, cfg.calibration_batches, cfg.seed,
+            n_cal = cfg.calibration_batches or default_batches(bs)
+            calibration[bs] = calibrate_threshold_on(model, vdom, bs, n_cal, cfg.seed,
                                                      score_mode="dispersion", backend=cfg.backend)
             if any(m.startswith("datta_cal") for m in cfg.methods):
-                cal_reports[bs] = calibrate(copy.deepcopy(model), vdom, bs, n_batches=cfg.calibration_batches,
+                cal_reports[bs] = calibrate(copy.deepcopy(model), vdom, bs, n_batches=n_cal,
                                             lr=cfg.lr, backend=cfg.backend, seed=cfg.seed,
                                             grid=cfg.calibration_grid or BLEND_GRID).calibration
                 log(str(cal_reports[bs]))
