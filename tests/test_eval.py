@@ -103,6 +103,25 @@ def test_severity_orders_damage(images, name):
     assert damage == sorted(damage)
 
 
+def test_spatter_liquid_and_mud(images):
+    """Severities 1-3 add translucent bright liquid (pixels only brighten), 4-5 opaque dark mud
+    (covered pixels move to the mud's grey); the covered share grows within each mode."""
+    from datta_kernels.eval.corruptions import _MUD
+    covered = []
+    for s in range(1, 6):
+        out = corrupt(images, "spatter", s)
+        assert out.shape == images.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+        changed = (out - images).abs() > 1e-6
+        covered.append(float(changed.float().mean()))
+        if s <= 3:
+            assert bool((out >= images - 1e-6).all())
+        else:
+            moved = out[changed] - _MUD
+            assert float(moved.abs().mean()) < float((images[changed] - _MUD).abs().mean())
+    assert covered[0] < covered[1] < covered[2] and covered[3] < covered[4]
+    assert 0.01 < covered[0] and covered[4] < 0.9
+
+
 def test_corruption_bad_arguments(images):
     with pytest.raises(ValueError, match="unknown corruption"):
         corrupt(images, "rain")
@@ -310,7 +329,7 @@ def test_reported_and_validation_images_are_disjoint(per_domain):
 
 def test_protocol_refuses_overlap_and_validation_corruptions(synth_dir):
     from datta_kernels.eval.models import held_out_indices, training_indices
-    from datta_kernels.eval.validation import VALIDATION, reported_images, test_pool, validation_domains
+    from datta_kernels.eval.validation import TEST, VALIDATION, reported_images, test_pool, validation_domains
     with pytest.raises(ValueError, match="disjoint halves"):
         reported_images(10000, 5001, 0)
     data = ds.load_fashion_mnist(synth_dir)
@@ -325,8 +344,10 @@ def test_protocol_refuses_overlap_and_validation_corruptions(synth_dir):
     held = held_out_indices(TINY_TRAIN, 256)
     assert len(train) == 128 and not train & set(held.tolist()) and len(held) == 128
     dom = validation_domains(data, 8, 0, severities=(2, 5), train=TINY_TRAIN)
-    assert list(dom) == ["clean_heldout", "speckle_noise@2", "gaussian_blur@2", "speckle_noise@5",
-                         "gaussian_blur@5"]
+    assert list(dom) == ["clean_heldout", "speckle_noise@2", "gaussian_blur@2", "spatter@2",
+                         "speckle_noise@5", "gaussian_blur@5", "spatter@5"]
+    assert set(VALIDATION) == {"speckle_noise", "gaussian_blur", "spatter"}
+    assert not set(VALIDATION) & set(TEST)
     # the validation images are test images of the second half: none is a reported image
     val_x = dom["speckle_noise@2"][0]
     assert val_x.shape == (8, 1, 28, 28)

@@ -241,8 +241,31 @@ def zoom_blur(x: Tensor, severity: int, g: torch.Generator) -> Tensor:
     return out / (len(zooms) + 1)
 
 
+# --- weather (validation only) ---------------------------------------------------------
+
+#: grey levels of the liquid and of the mud (CIFAR-10-C's liquid and mud colours as luminance)
+_LIQUID, _MUD = 0.86, 0.18
+
+
+def spatter(x: Tensor, severity: int, g: torch.Generator) -> Tensor:
+    """Splashes: smooth random blobs covering a growing share of the image, translucent bright
+    liquid at severities 1-3, opaque dark mud at 4-5 (CIFAR-10-C's ``spatter`` in two modes; our
+    grayscale rendering for 28x28, not a reproduction of its images)."""
+    sigma, z, strength, mud = _param(((1.5, 1.6, 0.6, 0), (1.5, 1.2, 0.7, 0), (1.2, 1.1, 0.7, 0),
+                                      (1.5, 0.6, 0.95, 1), (1.5, 0.3, 0.95, 1)), severity)
+    n, _, h, w = x.shape
+    field = _gaussian_blur(_randn((n, 1, h, w), g), sigma)
+    field = (field - field.mean((2, 3), keepdim=True)) / field.std((2, 3), keepdim=True).clamp_min(1e-6)
+    blobs = _gaussian_blur((field > z).float(), 0.7)
+    if mud:
+        alpha = strength * (blobs >= 0.5).float()
+        return x * (1 - alpha) + _MUD * alpha
+    return x + strength * _LIQUID * blobs
+
+
 #: Name -> function, in the order single-domain streams visit them (noise, blur, weather/digital,
-#: as CIFAR-10-C lists them).
+#: as CIFAR-10-C lists them); ``spatter`` last, added later (a corruption's random draws depend
+#: on its position here).
 CORRUPTIONS: dict[str, Corruption] = {
     "gaussian_noise": gaussian_noise,
     "shot_noise": shot_noise,
@@ -259,6 +282,7 @@ CORRUPTIONS: dict[str, Corruption] = {
     "elastic_transform": elastic_transform,
     "pixelate": pixelate,
     "jpeg_compression": jpeg_compression,
+    "spatter": spatter,
 }
 
 

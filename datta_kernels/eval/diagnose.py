@@ -5,10 +5,11 @@ decide it.
 [--batch-sizes 16,64] [--batches 120] [--per-domain 500]``
 
 The protocol (SPEC §2): every method choice — score mode, the parts of the dispersion score,
-the score layer, the selector — is made on the **validation** split: the corruptions
-``speckle_noise`` and ``gaussian_blur`` plus clean *training* images (the held-out pair of the
-CIFAR-10-C protocol). Every number reported as a result is on the **test** split: the other 13
-corruptions of the test images (``--split test``, the default).
+the score layer, the selector — is made on the **validation** split: the validation corruptions
+(``validation.VALIDATION``: ``speckle_noise``, ``gaussian_blur`` and, since 2026-12-04,
+``spatter``, of the held-out corruptions of the CIFAR-10-C protocol) plus clean *training*
+images. Every number reported as a result is on the **test** split: the other 13 corruptions
+of the test images (``--split test``, the default).
 
 For each severity x batch size it draws random single-domain batches (all images from one
 domain) and mixed batches (images from every domain of the split), runs the cached source model
