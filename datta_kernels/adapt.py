@@ -278,7 +278,7 @@ class DATTA(Adapter):
                          optimizer=optimizer, episodic=episodic, backend=backend,
                          shrink_k=shrink_k, weights=weights, selector=make_selector(selector),
                          cluster=cluster)
-        self.daft = bool(daft)
+        self._daft = bool(daft)
         self.score_mode = score_mode
         if self.selector.uses_spread and class_probe is None:
             raise ValueError(f"{self.selector!r} reads the batch's prediction spread: pass "
@@ -300,6 +300,17 @@ class DATTA(Adapter):
             self._score_at = next(i for i, lyr in enumerate(self._layers) if lyr is found)
         # decide on the device (no .item()) only when no host-side branch needs the decision
         self._sync_free = self.selector.sync_free and not self.daft
+
+    @property
+    def daft(self) -> bool:
+        """Whether ``single`` batches take entropy steps; fixed at construction (the optimizer
+        and the decision path are set up for it)."""
+        return self._daft
+
+    @daft.setter
+    def daft(self, value) -> None:
+        raise AttributeError("DATTA.daft is fixed at construction (it sets up the optimizer and "
+                             "the decision path); build a new DATTA(..., daft=...)")
 
     def _on_score(self, layer: FusedDABN, score: Tensor) -> None:
         """Runs inside the score layer's forward, after the score and before normalising."""

@@ -88,6 +88,8 @@ def test_datta_skewed_decision_sync_free_and_not():
         assert a.last_decision == SKEWED
         assert all(bool(lyr.skewed) or i < 1 for i, lyr in enumerate(a.layers))
         assert a.n_updates == 0       # DAFT only on single batches
+        with pytest.raises(AttributeError, match="fixed at construction"):
+            a.daft = not daft         # a late switch would leave the optimizer / decision path stale
 
 
 # ---------------------------------------------------------------- the cut search
