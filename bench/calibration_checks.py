@@ -44,7 +44,7 @@ def main() -> None:
     print(f"- command: `{prov['command']}`\n- commit: {prov['commit']}\n- machine: {m.get('cpu', '')}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads (accuracy-only: no timing)")
     print(f"- validation domains: {', '.join(vdom)} (1000 images each)\n")
-    print(__doc__.split("\n\n")[1].replace("\n", " ").replace("   ", " ") + "\n")
+    print(__doc__.split("\n\n")[1] + "\n")
     for bs in (16, 64):
         work = convert_model(copy.deepcopy(model).eval(), "datta", shrink_k=4.0, cluster=False)
         layers = dabn_layers(work)
