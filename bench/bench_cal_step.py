@@ -1,0 +1,98 @@
+"""The demo's ``datta_cal`` per batch vs ``tbn``, on the demo's model (the goal of issue 20:
+on the batches it does not fine-tune, at most 1.1x tbn's time).
+
+Contestants, one call each on the same 28x28 Fashion-MNIST batch, the cached demo SmallResNet:
+
+  tbn                    the TBN adapter (every layer on batch statistics; FusedDABN layers)
+  bn_train               the plain model in train mode under no_grad (native BatchNorm2d)
+  cal_multiple           datta_cal as the demo calibrated it (blends, pre blend, probe, DAFT on),
+                         every batch decided ``multiple`` (cuts that force it; the selector still
+                         reads the probe's spread): score, spread, host-synced decision, no update
+  cal_skewed             the same, every batch decided ``skewed``
+  cal_multiple_noft      ``cal_multiple`` with DAFT off (decision on the device, no graph)
+  cal_single_step        every batch ``single``: forward with graph, entropy backward, SGD step
+
+The configuration (blends, cuts, DAFT) is the one ``demo_sev3.json`` records for that batch size;
+the class probe is refitted on a few validation batches (its weights change no timing).
+Median of interleaved calls (``datta_kernels.benchmarking.time_contestants``).
+
+    python bench/bench_cal_step.py > bench/results/cpu_cal_step.md
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+
+import torch
+
+import datta_kernels as dk
+from datta_kernels.adapt import TBN
+from datta_kernels.benchmarking import describe_machine, provenance, time_contestants
+from datta_kernels.eval.datasets import load_fashion_mnist
+from datta_kernels.eval.models import TrainConfig, load_or_train
+from datta_kernels.eval.validation import validation_domains
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _calibration(model, vdom, bs: int, recorded: dict):
+    """A :class:`Calibration` with the recorded choices and a quickly refitted probe."""
+    cal = dk.calibrate(copy.deepcopy(model), vdom, bs, n_batches=8, backend="cpu").calibration
+    for key in ("single_blend", "multiple_blend", "skewed_blend", "pre_blend"):
+        setattr(cal, key, tuple(recorded[key]))
+    cal.instance_mode, cal.threshold = recorded["instance_mode"], recorded["threshold"]
+    cal.low, cal.skew_cut, cal.daft = -math.inf, recorded["skew_cut"], recorded["daft"]
+    return cal
+
+
+def main() -> None:
+    data = load_fashion_mnist()
+    model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
+    vdom = validation_domains(data, 200, 0, train=TrainConfig(), severities=(3,))
+    recorded = json.load(open(os.path.join(RESULTS, "demo_sev3.json")))["datta_cal"]
+    prov, m = provenance(), describe_machine()
+    print("# `datta_cal` per batch vs `tbn` on the demo's model (cpu)\n")
+    print(f"- command: `{prov['command']}`\n- commit: {prov['commit']}\n- machine: {m.get('cpu', '')}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load "
+          f"{os.getloadavg()[0]:.2f} at the start\n")
+    print(__doc__.split("\n\n")[1] + "\n")
+    print(__doc__.split("\n\n")[2] + "\n")
+    for bs in (16, 64):
+        _table(model, data.test_x[:bs], _calibration(model, vdom, bs, recorded[str(bs)]), bs)
+
+
+def _table(model, x, cal, bs: int) -> None:
+    tbn = TBN(copy.deepcopy(model), backend="auto")
+    plain = copy.deepcopy(model).train()
+
+    def forced(sel, daft=True):
+        cal.daft = daft
+        return cal.adapter(copy.deepcopy(model), selector=sel, backend="cpu")
+    # every selector reads the probe's spread, as the calibrated rule does; the cuts force the answer
+    adapters = {"cal_multiple": forced(dk.ThresholdSelector(0.0, skew_cut=1e-6)),
+                "cal_skewed": forced(dk.ThresholdSelector(1e9, skew_cut=1.0)),
+                "cal_multiple_noft": forced(dk.ThresholdSelector(0.0, skew_cut=1e-6), daft=False),
+                "cal_single_step": forced(dk.ThresholdSelector(1e9, skew_cut=1e-6))}
+    want = {"cal_multiple": "multiple", "cal_skewed": "skewed", "cal_multiple_noft": "multiple",
+            "cal_single_step": "single"}
+    for name, a in adapters.items():
+        a(x)
+        assert a.last_decision == want[name], (name, a.last_decision)
+
+    def plain_call():
+        with torch.no_grad():
+            return plain(x)
+    runs = {"tbn": lambda: tbn(x), "bn_train": plain_call}
+    runs |= {name: (lambda a=a: a(x)) for name, a in adapters.items()}
+    sec = time_contestants(runs, "cpu", reps=41)
+    print(f"## Batch size {bs}\n")
+    print("| contestant | ms | / tbn |\n|---|---|---|")
+    for name, s in sec.items():
+        print(f"| {name} | {1e3 * s:.3f} | {s / sec['tbn']:.2f} |")
+    print()
+
+
+if __name__ == "__main__":
+    main()
