@@ -319,10 +319,15 @@ def _decide(scores: np.ndarray, low: float, high: float) -> np.ndarray:
     return out
 
 
-def _objective(got: np.ndarray, kinds: np.ndarray) -> float:
-    """What the cuts maximise: the mean over the batch types (single-domain, mixed,
-    label-sorted) of the mean accuracy of each type's batches."""
-    return float(np.mean([got[kinds == k].mean() for k in KINDS if (kinds == k).any()]))
+def _kind_weights(kinds: np.ndarray) -> np.ndarray:
+    """``(n,)`` weights of the objective the cuts maximise: its value is ``accuracies @ weights``,
+    the mean over the batch types present (single-domain, mixed, label-sorted) of the mean
+    accuracy of each type's batches."""
+    w = np.zeros(len(kinds))
+    present = [k for k in KINDS if (kinds == k).any()]
+    for k in present:
+        w[kinds == k] = 1.0 / ((kinds == k).sum() * len(present))
+    return w
 
 
 def _cut_points(values: np.ndarray) -> np.ndarray:
@@ -334,17 +339,17 @@ def _cut_points(values: np.ndarray) -> np.ndarray:
 
 
 def _objectives(said: np.ndarray, table: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """:func:`_objective` of every row of decision codes ``said`` (rows x batches)."""
-    return np.take_along_axis(table, said, axis=0) @ weights if said.ndim == 2 else \
-        np.choose(said, table) @ weights
+    """The objective (:func:`_kind_weights`) of every row of decision codes ``said`` (rows x
+    batches; ``table``: decisions x batches of accuracies)."""
+    return np.take_along_axis(table, said, axis=0) @ weights
 
 
 def _best_band(scores: np.ndarray, acc: dict[str, np.ndarray], kinds: np.ndarray,
                allow_low: bool = True) -> tuple[float, float, float]:
-    """The cuts ``low < high`` (``low`` may be -inf) maximising :func:`_objective` of the
-    accuracy each batch gets under the decision :func:`_decide` gives it; returns ``(low, high,
-    objective)``.  Ties: no low cut when it is as good, each cut in the middle of its run of
-    equally good cuts."""
+    """The cuts ``low < high`` (``low`` may be -inf) maximising the objective
+    (:func:`_kind_weights`) of the accuracy each batch gets under the decision :func:`_decide`
+    gives it; returns ``(low, high, objective)``.  Ties: no low cut when it is as good, each
+    cut in the middle of its run of equally good cuts."""
     highs = _cut_points(scores)
     lows = np.concatenate([[-math.inf], highs[:-1]]) if allow_low else np.array([-math.inf])
     table, weights = np.stack([acc[d] for d in DECISIONS]), _kind_weights(kinds)
@@ -388,8 +393,8 @@ def _scores(work: nn.Module, batches) -> tuple[np.ndarray, list[Tensor]]:
 def _best_skew_rule(scores: np.ndarray, spread: np.ndarray, acc: dict[str, np.ndarray],
                     kinds: np.ndarray) -> tuple[float, float, float]:
     """The cuts ``(high, skew_cut)`` of the rule multiple if ``score >= high``, else skewed if
-    ``spread < skew_cut``, else single, maximising :func:`_objective`; returns ``(high,
-    skew_cut, objective)`` (each cut in the middle of its run of equally good cuts)."""
+    ``spread < skew_cut``, else single, maximising the objective (:func:`_kind_weights`);
+    returns ``(high, skew_cut, objective)`` (each cut in the middle of its run of equally good cuts)."""
     highs, skews = _cut_points(scores), np.concatenate([[-math.inf], _cut_points(spread)])
     table, weights = np.stack([acc[d] for d in DECISIONS]), _kind_weights(kinds)
     objective = np.empty((len(skews), len(highs)))
@@ -403,15 +408,6 @@ def _best_skew_rule(scores: np.ndarray, spread: np.ndarray, acc: dict[str, np.nd
     j = _run_middle(good[i], j)
     i = _run_middle(good[:, j], i)
     return float(highs[j]), float(skews[i]), float(best)
-
-
-def _kind_weights(kinds: np.ndarray) -> np.ndarray:
-    """``(n, 1)`` weights whose product with per-batch accuracies is :func:`_objective`."""
-    w = np.zeros(len(kinds))
-    present = [k for k in KINDS if (kinds == k).any()]
-    for k in present:
-        w[kinds == k] = 1.0 / ((kinds == k).sum() * len(present))
-    return w
 
 
 def _search_blends(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid, modes) -> dict:
