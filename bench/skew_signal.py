@@ -1,11 +1,12 @@
 """Which label-skew signal survives an unseen corruption (SPEC §6, step 4): AUROC of "i.i.d.
 single-domain batch vs label-sorted batch" on the demo's validation set (never test data).
 
-For each validation family (clean held-out, speckle_noise@1-5, gaussian_blur@1-5) a class probe
+For each validation family (clean held-out and each validation corruption at severities 1-5;
+``skew_signal.md`` was measured when these were speckle_noise and gaussian_blur) a class probe
 (``ClassProbe``) is fitted at the score layer either on every family (``in``) or on the other
-families only (``held-out``, as a test corruption is unseen), the layers before the score layer
-on the ``multiple`` blend ``datta_cal`` chose.  Signals of the probe's logits per batch:
-``entropy`` = normalised entropy of the batch-mean softmax; ``spread`` =
+families only (``held-out``, as a test corruption is unseen), every layer on the blend
+``--multiple`` (the ``multiple`` blend ``datta_cal`` chose at the time).  Signals of the
+probe's logits per batch: ``entropy`` = normalised entropy of the batch-mean softmax; ``spread`` =
 ``datta_kernels.prediction_spread``; ``logit-std`` = mean over classes of the std over the batch
 of the logits.  Batches: images 500-999 of each validation domain, i.i.d. or label-sorted; the
 probe is fitted on images 0-399.
