@@ -454,7 +454,7 @@ def _search_blends(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid
         pre_blend = None
     return {"mode": mode, "multiple": multiple, "single": single, "skewed": skewed, "pre": pre_blend,
             "modes": {m: 100.0 * max(float(mixed[m, w].mean()) for w in grid) for m in modes},
-            "pre_table": pre_table,
+            "pre_table": pre_table, "after": after,
             "blend_table": {w: {"single": 100.0 * float(after[w]["single"].mean()),
                                 "mixed": 100.0 * float(mixed[mode, w].mean()),
                                 "sorted": 100.0 * float(after[w]["sorted"].mean())} for w in grid}}
@@ -468,8 +468,10 @@ def _search_cuts(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, f
     everything = [b for k in KINDS for b in val[k]]
     acc = {}
     for d, w in (("single", found["single"]), ("multiple", found["multiple"]), ("skewed", found["skewed"])):
+        # step 2 ran the single / sorted batches through this configuration already
+        known = found["after"][w] if d != "multiple" else {}
         _configure(layers, pre, found["pre"] or w, (w, w, w), found["mode"])
-        acc[d] = _accuracy(work, everything)
+        acc[d] = np.concatenate([known[k] if k in known else _accuracy(work, val[k]) for k in KINDS])
     blends = (found["single"], found["multiple"], found["skewed"])
     _configure(layers, pre, found["pre"], blends, found["mode"])
     scores, feats = _scores(work, [x for x, _ in everything])
