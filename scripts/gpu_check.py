@@ -8,6 +8,10 @@ never a skip), exit status 1 when any case failed or none passed.
     python scripts/gpu_check.py repro       # issue 21's defects 1-6, reproduced on the device
     python scripts/gpu_check.py opcheck     # torch.library.opcheck on CUDA tensors
     python scripts/gpu_check.py syncdebug   # no host sync after warm-up (both backends)
+    python scripts/gpu_check.py adapters    # cluster_labels, DYN and DATTA (dispersion score,
+                                            # threshold + spread rule, probe; DAFT off / on) on
+                                            # the device vs CPU reference; no host sync in DYN
+                                            # and in DATTA without DAFT
     python scripts/gpu_check.py sanitize --backend cuda   # compute-sanitizer's workload: one
                                             # shape per layout that splits rows and merges them
 
@@ -383,6 +387,151 @@ def step_syncdebug(rep: Report) -> None:
         rep.case(f"{be}: no host sync after warm-up", no_sync_after_warmup, be)
 
 
+# ---------------------------------------------------------------- adapters (issue 20 on the device)
+def _adapter_model(seed: int = 0) -> torch.nn.Module:
+    """Three BatchNorm layers (the first one affine in the image, so a dispersion score layer
+    comes after it), source statistics and affine parameters away from identity."""
+    torch.manual_seed(seed)
+    nn = torch.nn
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3),
+                      nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-1, 1)
+    return m.eval()
+
+
+def _adapter_stream(n: int = 6) -> list[torch.Tensor]:
+    """Single-domain, two-domain and near-duplicate (label-sorted-like) batches, on CPU."""
+    g = torch.Generator().manual_seed(7)
+    hw = shape((16, 16), (10, 10))
+    out = []
+    for t in range(n):
+        x = torch.randn(16, 3, *hw, generator=g)
+        if t % 3 == 1:
+            x[8:] = x[8:] * 3 + 2                      # two domains
+        elif t % 3 == 2:
+            x = x[:1] + 0.05 * x                       # 16 near-copies of one image
+        out.append(x)
+    return out
+
+
+def _make_adapter(kind: str, be: str, device: str, cuts=None):
+    model = _adapter_model().to(device)
+    if kind == "dyn":
+        return dk.DYN(model, backend=be)
+    high, low, skew = cuts
+    probe = dk.ClassProbe(16, 5)
+    g = torch.Generator().manual_seed(3)
+    probe.weight.copy_(torch.randn(32, 5, generator=g))
+    rule = dk.ThresholdSelector(high, low=low, skew_cut=skew)
+    return dk.DATTA(model, score_mode="dispersion", selector=rule, daft=kind == "datta_daft", lr=1e-3,
+                    backend=be, class_probe=probe.to(device))
+
+
+def _gap_cut(values: list[float]) -> float:
+    """A cut in the middle of the widest gap between sorted values (far from every one)."""
+    v = sorted(values)
+    i = max(range(len(v) - 1), key=lambda k: v[k + 1] - v[k])
+    return (v[i] + v[i + 1]) / 2
+
+
+def _datta_cuts(stream) -> tuple[float, float, float]:
+    """Score and spread cuts that give this stream all three decisions, each far from the
+    stream's own values (so a last-bit difference between devices cannot flip one)."""
+    probe = _make_adapter("datta_free", "reference", "cpu", (1e9, -1e9, 1e-9))
+    scores, spreads = [], []
+    for x in stream:
+        probe(x)
+        scores.append(float(probe.last_score))
+        spreads.append(float(probe.last_spread))
+    s = sorted(scores)
+    high = _gap_cut(s[len(s) // 3:])            # the top third or so is "multiple"
+    return high, -1e9, _gap_cut(spreads)
+
+
+def adapter_vs_reference(kind: str, be: str) -> None:
+    """DYN / DATTA (dispersion score, threshold + spread rule, class probe; DAFT off / on) on
+    the device with backend ``be`` vs the same adapter on CPU with the reference backend:
+    logits close and the same decision on every batch of a stream with all three kinds."""
+    stream = _adapter_stream()
+    cuts = None if kind == "dyn" else _datta_cuts(stream)
+    want_a = _make_adapter(kind, "reference", "cpu", cuts)
+    got_a = _make_adapter(kind, be, DEVICE, cuts)
+    decisions = []
+    for i, x in enumerate(stream):
+        want = want_a(x)
+        got = got_a(x.to(DEVICE))
+        torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=2e-3,
+                                   msg=lambda m, i=i: f"batch {i}: {m}")
+        if kind != "dyn":
+            assert got_a.last_decision == want_a.last_decision, (i, got_a.last_decision, want_a.last_decision)
+            decisions.append(want_a.last_decision)
+    if kind != "dyn":
+        assert len(set(decisions)) == 3, decisions          # the stream exercised every decision
+        assert (got_a.n_updates > 0) == (kind == "datta_daft") and got_a.n_updates == want_a.n_updates
+
+
+def adapter_no_sync(kind: str, be: str) -> None:
+    """The sync-free adapters (DYN; DATTA with a threshold rule and DAFT off) make no host sync
+    after two warm-up batches (torch.cuda.set_sync_debug_mode("error"))."""
+    stream = [x.to(DEVICE) for x in _adapter_stream()]
+    a = _make_adapter(kind, be, DEVICE, None if kind == "dyn" else _datta_cuts(_adapter_stream()))
+    a(stream[0]), a(stream[1])
+    if SMOKE:
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in stream[2:]:
+            a(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def cluster_labels_vs_cpu() -> None:
+    """``cluster_labels`` on the device equals the CPU labels (checked against scipy by the
+    tests) on random, planted, duplicated and zero rows, N = 1 .. 96, and makes no host sync."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for t in range(shape(200, 20)):
+        n, c = int(torch.randint(1, 97, (1,), generator=g)), int(torch.randint(1, 33, (1,), generator=g))
+        x = torch.randn(n, c, generator=g)
+        cases.append(x.abs() + 0.1 if t % 2 else x)
+    centres = torch.randn(4, 16, generator=g) * 10
+    member = torch.tensor([2, 0, 0, 3, 1, 2, 3, 1, 0, 2, 1, 3])
+    cases.append(centres[member] + 0.01 * torch.randn(12, 16, generator=g))
+    zero_rows = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 1.0], [1.0, 3.0]])
+    cases += [torch.ones(4, 3), torch.zeros(5, 3), zero_rows]
+    for i, x in enumerate(cases):
+        want = dk.cluster_labels(x)
+        got = dk.cluster_labels(x.to(DEVICE))
+        assert torch.equal(got.cpu(), want), (i, got.tolist(), want.tolist())
+    if SMOKE:
+        return
+    x = cases[0].to(DEVICE)
+    dk.cluster_labels(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dk.cluster_labels(x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def step_adapters(rep: Report) -> None:
+    rep.case(f"cluster_labels on {DEVICE} == cpu, no host sync", cluster_labels_vs_cpu)
+    for be in backends_here():
+        for kind in ("dyn", "datta_free", "datta_daft"):
+            rep.case(f"{be}: {kind} adapter vs cpu reference", adapter_vs_reference, kind, be)
+        for kind in ("dyn", "datta_free"):
+            rep.case(f"{be}: {kind} adapter, no host sync after warm-up", adapter_no_sync, kind, be)
+
+
 # ---------------------------------------------------------------- sanitizer workload
 def sanitize_workload(be: str, layout: str, dt: torch.dtype) -> None:
     """Every kernel once on a shape with few planes (rows split, partials merged)."""
@@ -408,7 +557,8 @@ def step_sanitize(rep: Report, backend: str) -> None:
             rep.case(f"{backend} workload {layout} {dt}", sanitize_workload, backend, layout, dt)
 
 
-STEPS = {"rows": step_rows, "repro": step_repro, "opcheck": step_opcheck, "syncdebug": step_syncdebug}
+STEPS = {"rows": step_rows, "repro": step_repro, "opcheck": step_opcheck, "syncdebug": step_syncdebug,
+         "adapters": step_adapters}
 
 
 def main(argv=None) -> int:

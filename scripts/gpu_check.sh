@@ -20,24 +20,26 @@ export PY=${PYTHON:-python}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}   # H200 / H100 only: half the nvcc time
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}                        # ninja jobs of the build
 export OUT
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the package imports from here, installed or not
 MAX_TOTAL_S=480
 
 # name  budget_s  what
 PLAN="
-env              5  nvidia-smi; torch, CUDA, Triton versions; compute-sanitizer present
+env              5  nvidia-smi; torch, CUDA, Triton, setuptools versions; compute-sanitizer present
 build          110  pip install -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, ninja, MAX_JOBS=$MAX_JOBS); cuda=1, every kernel op on CUDA
 rows            90  gpu_check.py rows: cuda and triton vs the reference (edge rules, fp16/bf16, channels_last, (1,C,1,1), (256,2048,7,7), (1,3,1024,1024), misaligned view)
 edge-tests      20  pytest tests/test_edge_rules.py tests/test_triton_launch.py (their CUDA rows)
 repro           40  gpu_check.py repro: issue 21's defects 1-6 on the device
 opcheck         15  gpu_check.py opcheck: torch.library.opcheck on CUDA tensors
 syncdebug       20  gpu_check.py syncdebug: no host sync after warm-up, cuda and triton; the sanitizer workload once, plain (compiles its Triton kernels)
+adapters        25  gpu_check.py adapters: cluster_labels, DYN and DATTA (DAFT off / on) on the device vs CPU reference; no host sync in DYN and DATTA without DAFT
 sweep-cuda      25  gpu_sweep.py --backend cuda (large and odd shapes, a try per case)
-sweep-triton    40  gpu_sweep.py --backend triton --small --dtypes float32 (a try per case; each new shape is a Triton compile)
-memcheck-cuda   15  compute-sanitizer memcheck on the cuda kernels (split + merge shape, both layouts)
+sweep-triton    30  gpu_sweep.py --backend triton --small --dtypes float32 (a try per case; each new shape is a Triton compile)
+memcheck-cuda   10  compute-sanitizer memcheck on the cuda kernels (split + merge shape, both layouts)
 racecheck-cuda  15  compute-sanitizer racecheck, likewise
 memcheck-triton 20  compute-sanitizer memcheck on the triton kernels, likewise
 racecheck-triton 20 compute-sanitizer racecheck, likewise
-bench           45  bench_gpu.py --quick: 64x256x56x56 fp32/bf16, GB/s and % of HBM peak
+bench           35  bench_gpu.py --quick: 64x256x56x56 fp32/bf16, GB/s and % of HBM peak
 "
 
 plan_lines() { echo "$PLAN" | sed '/^$/d'; }
@@ -59,10 +61,19 @@ SANITIZE="compute-sanitizer --error-exitcode 9 --print-limit 20"
 # One function per step (run through `timeout`, so exported).
 step_env() {
   nvidia-smi && "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'triton', triton.__version__, torch.cuda.get_device_name())" && command -v compute-sanitizer && command -v ninja
+'triton', triton.__version__, torch.cuda.get_device_name())" \
+    && "$PY" -c "import setuptools; print('setuptools', setuptools.__version__)" && command -v compute-sanitizer && command -v ninja
 }
 step_build() {
-  "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . && "$PY" - <<'EOF'
+  # fallback (an older setuptools refusing pyproject.toml, say): the extension alone, in place;
+  # the steps find the package through PYTHONPATH (set above) either way
+  "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . || {
+    echo "pip install failed; fallback: setup.py build_ext --inplace in a copy without pyproject.toml"
+    rm -rf /tmp/datta-build && mkdir -p /tmp/datta-build && cp -r setup.py csrc datta_kernels /tmp/datta-build/ &&
+      (cd /tmp/datta-build && "$PY" setup.py build_ext --inplace) &&
+      cp /tmp/datta-build/datta_kernels/_C*.so datta_kernels/
+  } || return 1
+  "$PY" - <<'EOF'
 import re, torch
 import datta_kernels as dk, datta_kernels._ext as e
 info = e.build_info()
@@ -81,6 +92,7 @@ step_edge_tests() {
 }
 step_repro() { DATTA_TRITON_AUTOTUNE=0 "$PY" scripts/gpu_check.py repro; }
 step_opcheck() { DATTA_TRITON_AUTOTUNE=0 "$PY" scripts/gpu_check.py opcheck; }
+step_adapters() { DATTA_TRITON_AUTOTUNE=0 "$PY" scripts/gpu_check.py adapters; }
 step_syncdebug() {
   DATTA_TRITON_AUTOTUNE=0 "$PY" scripts/gpu_check.py syncdebug &&
     DATTA_TRITON_AUTOTUNE=0 "$PY" scripts/gpu_check.py sanitize --backend triton
@@ -102,7 +114,7 @@ step_memcheck_triton() { sanitize memcheck triton; }
 step_racecheck_triton() { sanitize racecheck triton; }
 step_bench() { "$PY" bench/bench_gpu.py --quick --reps 10 --out "$OUT/gpu_dabn_quick"; }
 export SANITIZE
-export -f step_env step_build step_rows step_edge_tests step_repro step_opcheck step_syncdebug \
+export -f step_env step_build step_rows step_edge_tests step_repro step_opcheck step_syncdebug step_adapters \
   step_sweep_cuda step_sweep_triton sanitize step_memcheck_cuda step_racecheck_cuda \
   step_memcheck_triton step_racecheck_triton step_bench
 
