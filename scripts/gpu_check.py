@@ -433,25 +433,27 @@ def _make_adapter(kind: str, be: str, device: str, cuts=None):
                     backend=be, class_probe=probe.to(device))
 
 
-def _gap_cut(values: list[float]) -> float:
-    """A cut in the middle of the widest gap between sorted values (far from every one)."""
+def _gap_cut(values: list[float], below: int = 1) -> float:
+    """A cut in the middle of the widest gap between sorted values with at least ``below``
+    values under it and one above (far from every value)."""
     v = sorted(values)
-    i = max(range(len(v) - 1), key=lambda k: v[k + 1] - v[k])
+    i = max(range(below - 1, len(v) - 1), key=lambda k: v[k + 1] - v[k])
     return (v[i] + v[i + 1]) / 2
 
 
 def _datta_cuts(stream) -> tuple[float, float, float]:
-    """Score and spread cuts that give this stream all three decisions, each far from the
-    stream's own values (so a last-bit difference between devices cannot flip one)."""
+    """Score and spread cuts that give this stream all three decisions, each in the widest
+    gap of the stream's own values (so a last-bit difference between devices cannot flip a
+    decision): the score cut leaves at least two batches below it (then ``multiple`` above),
+    the spread cut splits those into ``skewed`` and ``single``."""
     probe = _make_adapter("datta_free", "reference", "cpu", (1e9, -1e9, 1e-9))
     scores, spreads = [], []
     for x in stream:
         probe(x)
         scores.append(float(probe.last_score))
         spreads.append(float(probe.last_spread))
-    s = sorted(scores)
-    high = _gap_cut(s[len(s) // 3:])            # the top third or so is "multiple"
-    return high, -1e9, _gap_cut(spreads)
+    high = _gap_cut(scores, below=2)
+    return high, -1e9, _gap_cut([p for s, p in zip(scores, spreads) if s < high])
 
 
 def adapter_vs_reference(kind: str, be: str) -> None:

@@ -8,7 +8,8 @@
 #   OUT=gpu-results bash scripts/gpu_check.sh rows repro   # some steps only
 #
 # Steps run in order of value, each under its own `timeout` (its budget, seconds; the budgets
-# sum to at most 480).  Each writes $OUT/<step>.log; $OUT/summary.md has one line per step:
+# sum to at most 480; they are the times one H200 run took, 2026-12-04, plus a margin:
+# bench/results/gpu_check.md).  Each writes $OUT/<step>.log; $OUT/summary.md has one line per step:
 # passed / failed / timed out, and its seconds.  Exit status 1 when any step did not pass.
 # A step's Python cases report PASS / FAIL / SKIP each (scripts/gpu_check.py); a crash is a
 # FAIL, never a skip.  The correctness steps run Triton with one launch config per kernel
@@ -25,21 +26,21 @@ MAX_TOTAL_S=480
 
 # name  budget_s  what
 PLAN="
-env              5  nvidia-smi; torch, CUDA, Triton, setuptools versions; compute-sanitizer present
-build          110  pip install -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, ninja, MAX_JOBS=$MAX_JOBS); cuda=1, every kernel op on CUDA
-rows            90  gpu_check.py rows: cuda and triton vs the reference (edge rules, fp16/bf16, channels_last, (1,C,1,1), (256,2048,7,7), (1,3,1024,1024), misaligned view)
-edge-tests      20  pytest tests/test_edge_rules.py tests/test_triton_launch.py (their CUDA rows)
-repro           40  gpu_check.py repro: issue 21's defects 1-6 on the device
-opcheck         15  gpu_check.py opcheck: torch.library.opcheck on CUDA tensors
-syncdebug       20  gpu_check.py syncdebug: no host sync after warm-up, cuda and triton; the sanitizer workload once, plain (compiles its Triton kernels)
-adapters        25  gpu_check.py adapters: cluster_labels, DYN and DATTA (DAFT off / on) on the device vs CPU reference; no host sync in DYN and DATTA without DAFT
-sweep-cuda      25  gpu_sweep.py --backend cuda (large and odd shapes, a try per case)
+env             10  nvidia-smi; torch, CUDA, Triton, setuptools versions; compute-sanitizer present
+build           65  pip install -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, ninja, MAX_JOBS=$MAX_JOBS); cuda=1, every kernel op on CUDA
+rows            80  gpu_check.py rows: cuda and triton vs the reference (edge rules, fp16/bf16, channels_last, (1,C,1,1), (256,2048,7,7), (1,3,1024,1024), misaligned view)
+edge-tests      60  pytest tests/test_edge_rules.py tests/test_triton_launch.py (their CUDA rows)
+repro           30  gpu_check.py repro: issue 21's defects 1-6 on the device
+opcheck         25  gpu_check.py opcheck: torch.library.opcheck on CUDA tensors
+syncdebug       40  gpu_check.py syncdebug: no host sync after warm-up, cuda and triton; the sanitizer workload once, plain (compiles its Triton kernels)
+adapters        20  gpu_check.py adapters: cluster_labels, DYN and DATTA (DAFT off / on) on the device vs CPU reference; no host sync in DYN and DATTA without DAFT
+sweep-cuda      35  gpu_sweep.py --backend cuda (large and odd shapes, a try per case)
 sweep-triton    30  gpu_sweep.py --backend triton --small --dtypes float32 (a try per case; each new shape is a Triton compile)
-memcheck-cuda   10  compute-sanitizer memcheck on the cuda kernels (split + merge shape, both layouts)
-racecheck-cuda  15  compute-sanitizer racecheck, likewise
-memcheck-triton 20  compute-sanitizer memcheck on the triton kernels, likewise
-racecheck-triton 20 compute-sanitizer racecheck, likewise
-bench           35  bench_gpu.py --quick: 64x256x56x56 fp32/bf16, GB/s and % of HBM peak
+memcheck-cuda    8  compute-sanitizer memcheck on the cuda kernels (split + merge shape, both layouts)
+racecheck-cuda  10  compute-sanitizer racecheck, likewise
+memcheck-triton 22  compute-sanitizer memcheck on the triton kernels, likewise
+racecheck-triton 12 compute-sanitizer racecheck, likewise
+bench           33  bench_gpu.py --quick: 64x256x56x56 fp32/bf16, GB/s and % of HBM peak
 "
 
 plan_lines() { echo "$PLAN" | sed '/^$/d'; }

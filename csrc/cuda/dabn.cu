@@ -52,15 +52,19 @@ __device__ Channel<A> load_channel(const ChannelArgs<A>& a, int64_t ci) {
   // SPEC D1: shape facts, no data dependence: undefined statistics hand their weight to the
   // source (common/dabn_math.h, shared with the CPU).
   math::edge_rules(ch.ws, ch.wb, ch.wi, a.n, a.m);
-  // SPEC D4: mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2].
-  A sum = A(0);
-  for (int64_t k = 0; k < a.n; ++k) sum += a.mean[k * a.c + ci];
-  ch.mu_b = sum / A(a.n);
-  A ss = A(0);
+  // SPEC D4: mu_B = mean_n mu_i;  (N M - 1) var_B = sum_n [(M - 1) var_i + M (mu_i - mu_B)^2],
+  // summed in double as on the CPU and in sync_coefs.cu: the instance means share the input's
+  // offset, and a float running sum of N of them (1e4 + noise, N = 256) put mu_B off by
+  // ~5e-3, enough to fail dweight against float64 on the H200 (scripts/gpu_sweep.py).
+  double sum = 0.0;
+  for (int64_t k = 0; k < a.n; ++k) sum += double(a.mean[k * a.c + ci]);
+  const double mu_b = sum / double(a.n);
+  double ss = 0.0;
   for (int64_t k = 0; k < a.n; ++k) {
-    ss += math::batch_ss_term(a.mean[k * a.c + ci], a.var[k * a.c + ci], ch.mu_b, a.m);
+    ss += math::batch_ss_term(double(a.mean[k * a.c + ci]), double(a.var[k * a.c + ci]), mu_b, a.m);
   }
-  ch.var_b = math::batch_var(ss, a.n, a.m);
+  ch.mu_b = A(mu_b);
+  ch.var_b = A(math::batch_var(ss, a.n, a.m));
   ch.ms = a.smean[ci];
   ch.vs = a.svar[ci];
   ch.g = a.weight ? a.weight[ci] : A(1);
