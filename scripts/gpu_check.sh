@@ -29,15 +29,15 @@ PLAN="
 env             10  nvidia-smi; torch, CUDA, Triton, setuptools versions; compute-sanitizer present
 build           65  pip install -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, ninja, MAX_JOBS=$MAX_JOBS); cuda=1, every kernel op on CUDA
 rows            80  gpu_check.py rows: cuda and triton vs the reference (edge rules, fp16/bf16, channels_last, (1,C,1,1), (256,2048,7,7), (1,3,1024,1024), misaligned view)
-edge-tests      60  pytest tests/test_edge_rules.py tests/test_triton_launch.py (their CUDA rows)
+edge-tests      52  pytest tests/test_edge_rules.py tests/test_triton_launch.py (their CUDA rows)
 repro           30  gpu_check.py repro: issue 21's defects 1-6 on the device
 opcheck         25  gpu_check.py opcheck: torch.library.opcheck on CUDA tensors
 syncdebug       40  gpu_check.py syncdebug: no host sync after warm-up, cuda and triton; the sanitizer workload once, plain (compiles its Triton kernels)
-adapters        20  gpu_check.py adapters: cluster_labels, DYN and DATTA (DAFT off / on) on the device vs CPU reference; no host sync in DYN and DATTA without DAFT
+adapters        30  gpu_check.py adapters: cluster_labels, DYN and DATTA (DAFT off / on) on the device vs CPU reference; no host sync in DYN and DATTA without DAFT
 sweep-cuda      35  gpu_sweep.py --backend cuda (large and odd shapes, a try per case)
 sweep-triton    30  gpu_sweep.py --backend triton --small --dtypes float32 (a try per case; each new shape is a Triton compile)
 memcheck-cuda    8  compute-sanitizer memcheck on the cuda kernels (split + merge shape, both layouts)
-racecheck-cuda  10  compute-sanitizer racecheck, likewise
+racecheck-cuda   8  compute-sanitizer racecheck, likewise
 memcheck-triton 22  compute-sanitizer memcheck on the triton kernels, likewise
 racecheck-triton 12 compute-sanitizer racecheck, likewise
 bench           33  bench_gpu.py --quick: 64x256x56x56 fp32/bf16, GB/s and % of HBM peak

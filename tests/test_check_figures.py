@@ -110,6 +110,16 @@ def test_untagged_fence_holds_results_and_is_checked(cf, tmp_path):
     assert len(errors) == 1 and "'12.5'" in errors[0]
 
 
+def test_a_folder_of_raw_logs_needs_a_results_file_naming_it(cf, tmp_path):
+    root = tree(tmp_path, "# T\n", {"y.md": "# Y\ncommand, commit, machine\n"})
+    (root / "bench" / "results" / "logs_run").mkdir()
+    assert check(cf, root).errors == [
+        "bench/results/logs_run: not named by any bench/results/*.md (its provenance)"]
+    (root / "bench" / "results" / "y.md").write_text("# Y\ncommand, commit, machine; logs in "
+                                                     "bench/results/logs_run/\n")
+    assert check(cf, root).errors == []
+
+
 def test_results_files_state_their_provenance(cf, tmp_path):
     results = {"x.md": "# X\n\n| 1.13 |\n", "x.json": "{}", "y.md": "# Y\ncommand, commit, machine\n"}
     errors = check(cf, tree(tmp_path, "# T\n", results)).errors
