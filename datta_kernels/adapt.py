@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import backends
 from .diversity import MULTIPLE, SINGLE, SKEWED, ClassProbe, KDESelector, Selector, make_selector
 from .functional import SCORE_MODES
-from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
+from .nn import FusedDABN, dabn_layers, first_nonlinear_layer, set_decisions
 from .presets import _PRESET_DEFAULT, PRESETS
 from .surgery import _is_plain_bn, convert_model
 
@@ -323,13 +323,11 @@ class DATTA(Adapter):
         if self._sync_free:
             single = self.selector.decide_tensor(score, **extra)
             skewed = self.selector.skewed_tensor(score, **extra)
-            for lyr in self._layers:
-                lyr.set_decision(single, False if skewed is None else skewed)
+            set_decisions(self._layers, single, False if skewed is None else skewed)
             self._last_decision, self._last_decision_t, self._last_skewed_t = None, single, skewed
             return
         decision = self.selector.update(score, **extra)      # the one host sync of the batch
-        for lyr in self._layers:
-            lyr.set_decision(decision)
+        set_decisions(self._layers, decision)
         self._last_decision, self._last_decision_t = decision, None
         if self.daft and decision != SINGLE:
             # no update will follow: stop recording the graph for the rest of this forward
@@ -347,10 +345,9 @@ class DATTA(Adapter):
     def _step(self, x: Tensor) -> Tensor:
         if self._score_at is None:
             self._score_at = first_nonlinear_layer(self.model, x)
-        if self._score_at > 0:
-            # layers before the score layer normalise before the decision exists: "multiple"
-            for lyr in self._layers:
-                lyr.set_decision(False)
+        # layers before the score layer normalise before the decision exists: "multiple"
+        # (the score callback then writes this batch's decision into every layer)
+        set_decisions(self._layers[:self._score_at], False)
         first = self._layers[self._score_at]
         saved = first.compute_score, first.score_mode, first.score_callback
         first.compute_score, first.score_mode, first.score_callback = True, self.score_mode, self._on_score

@@ -42,13 +42,54 @@ from .functional import (
 )
 from .presets import _PRESET_DEFAULT, PRESETS
 
-__all__ = ["FusedDABN", "dabn_layers", "first_nonlinear_layer"]
+__all__ = ["FusedDABN", "dabn_layers", "first_nonlinear_layer", "set_decisions"]
 
 _DABN_KEYS = ("source_mean", "source_var", "blend_single", "blend_multiple", "blend_skewed",
               "decision", "skewed")
 _BLEND_KEYS = ("blend_single", "blend_multiple", "blend_skewed")
 #: decision name -> (decision, skewed) buffer values
 _DECISIONS = {"single": (True, False), "multiple": (False, False), "skewed": (False, True)}
+
+
+#: per device, 0-dim bool tensors (False, True): the sources of a host-side decision's copies
+_FLAGS: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _flag_tensor(value: bool, device: torch.device) -> Tensor:
+    pair = _FLAGS.get(device)
+    if pair is None:
+        pair = _FLAGS[device] = (torch.tensor(False, device=device), torch.tensor(True, device=device))
+    return pair[bool(value)]
+
+
+def set_decisions(layers: list[FusedDABN], decision: str | bool | Tensor,
+                  skewed: bool | Tensor = False) -> None:
+    """:meth:`FusedDABN.set_decision` for every layer of ``layers``, as two foreach copies (one
+    per decision buffer) instead of two ops per layer: DATTA writes each batch's decision into
+    every layer, and at small batches those per-layer ops were a visible part of a step."""
+    if not layers:
+        return
+    if isinstance(decision, str):
+        if decision not in _DECISIONS:
+            raise ValueError(f"decision must be one of {list(_DECISIONS)}, got {decision!r}")
+        decision, skewed = _DECISIONS[decision]
+    device = layers[0].decision.device
+    values = []
+    for value in (decision, skewed):        # both checked before anything is written
+        if isinstance(value, Tensor):
+            if value.dtype != torch.bool or value.numel() != 1:
+                raise TypeError("a decision tensor must hold one bool (True = 'single' / "
+                                f"'skewed'), got {value.dtype} of shape {tuple(value.shape)}")
+            values.append(value.reshape(()))
+        elif isinstance(value, (bool, np.bool_)):
+            values.append(_flag_tensor(value, device))
+        else:
+            raise TypeError("decision must be 'single' / 'multiple' / 'skewed', a bool or "
+                            f"a bool tensor, got {value!r}")
+    with torch.no_grad():
+        for value, name in zip(values, ("decision", "skewed")):
+            bufs = [getattr(lyr, name) for lyr in layers]
+            torch._foreach_copy_(bufs, [value] * len(bufs))
 
 
 def _resolve_weights(preset: str, weights, shrink_k, cluster=_PRESET_DEFAULT):
@@ -162,23 +203,8 @@ class FusedDABN(nn.BatchNorm2d):
         """Write the decision in place: ``"single"``/``True``, ``"multiple"``/``False`` or
         ``"skewed"``, or a 0-dim bool tensor (True = single; copied on device, no host sync).
         ``skewed`` (a bool or 0-dim bool tensor) marks a non-single decision as ``"skewed"``;
-        a decision string sets it by itself."""
-        with torch.no_grad():
-            if isinstance(decision, str):
-                if decision not in _DECISIONS:
-                    raise ValueError(f"decision must be one of {list(_DECISIONS)}, got {decision!r}")
-                decision, skewed = _DECISIONS[decision]
-            for value, buf in ((decision, self.decision), (skewed, self.skewed)):
-                if isinstance(value, Tensor):
-                    if value.dtype != torch.bool or value.numel() != 1:
-                        raise TypeError("a decision tensor must hold one bool (True = 'single' / "
-                                        f"'skewed'), got {value.dtype} of shape {tuple(value.shape)}")
-                    buf.copy_(value.reshape(()))
-                elif isinstance(value, (bool, np.bool_)):
-                    buf.fill_(bool(value))
-                else:
-                    raise TypeError("decision must be 'single' / 'multiple' / 'skewed', a bool or "
-                                    f"a bool tensor, got {value!r}")
+        a decision string sets it by itself.  :func:`set_decisions` writes many layers at once."""
+        set_decisions([self], decision, skewed)
 
     def set_source_stats(self, mean: Tensor, var: Tensor) -> None:
         """Set the source statistics (and the running buffers, when tracked) to ``(C,)`` values."""

@@ -205,3 +205,41 @@ def test_demo_released_row_uses_it():
                                                                       "score_mode": "pixel"}, None)
     assert not adapter.daft and adapter.selector.window is None
     assert adapter.layers[0].preset == "datta_icme"
+
+
+def test_set_decisions_writes_every_layer_in_two_ops():
+    """``set_decisions`` == ``set_decision`` on each layer, for names, bools and 0-dim bool
+    tensors, as two ``_foreach_copy_`` calls whatever the number of layers; bad input raises
+    before any layer is written."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from datta_kernels.nn import set_decisions
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layers = [dk.FusedDABN(3) for _ in range(7)]
+    cases = [("single", (True, False)), ("skewed", (False, True)), ("multiple", (False, False)),
+             (True, (True, False)), ((torch.tensor(False), torch.tensor(True)), (False, True)),
+             ((torch.tensor([True]), False), (True, False))]
+    for arg, want in cases:
+        args = arg if isinstance(arg, tuple) else (arg,)
+        with Ops() as ops:
+            set_decisions(layers, *args)
+        assert ops.names.count("_foreach_copy_") == 2 and "copy_" not in ops.names, ops.names
+        assert all((bool(lyr.decision), bool(lyr.skewed)) == want for lyr in layers), arg
+        single = dk.FusedDABN(3)
+        single.set_decision(*args)
+        assert (bool(single.decision), bool(single.skewed)) == want
+    for bad, err in [(("singel",), ValueError), ((1,), TypeError), ((torch.tensor(1.0),), TypeError),
+                     ((torch.tensor([True, False]),), TypeError), ((False, 0.5), TypeError)]:
+        with pytest.raises(err):
+            set_decisions(layers, *bad)
+    assert all(bool(lyr.decision) for lyr in layers)      # untouched by the refused calls
+    set_decisions([], "single")                             # nothing to write
