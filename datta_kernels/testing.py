@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["TOL", "tol", "rounding_tol", "make_inputs", "DabnInputs", "to_layout", "LAYOUTS",
-           "SHAPES_ODD", "close_process_group"]
+           "SHAPES_ODD", "close_process_group", "perturb_batchnorms"]
 
 
 #: One tolerance per dtype, with the reason.
@@ -104,6 +104,20 @@ def make_inputs(shape, dtype=torch.float32, device="cpu", layout="nchw", offset:
     bias = 0.5 * torch.randn(c, generator=g, dtype=torch.float64)
     cast = lambda t: t.to(dtype=pd, device=device)
     return DabnInputs(x, cast(weight), cast(bias), cast(source_mean), cast(source_var))
+
+
+def perturb_batchnorms(model: torch.nn.Module) -> torch.nn.Module:
+    """Every ``BatchNorm2d`` of ``model`` (in place, from the global RNG) gets source statistics
+    and affine parameters away from the identity (mean U(-1, 1), var U(0.5, 2), gamma U(0.5,
+    1.5), beta U(-1, 1)), so every blend weight and parameter matters; returns ``model.eval()``."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-1, 1)
+                mod.running_var.uniform_(0.5, 2)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-1, 1)
+    return model.eval()
 
 
 def close_process_group() -> None:

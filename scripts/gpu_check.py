@@ -32,7 +32,7 @@ import datta_kernels as dk
 from datta_kernels import reference as ref
 from datta_kernels.backends import get as get_backend
 from datta_kernels.nn import dabn_layers
-from datta_kernels.testing import make_inputs, tol
+from datta_kernels.testing import make_inputs, perturb_batchnorms, tol
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_sweep import blends, dabn_case  # noqa: E402
@@ -396,13 +396,7 @@ def _adapter_model(seed: int = 0) -> torch.nn.Module:
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3),
                       nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),
                       nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-1, 1)
-            mod.running_var.uniform_(0.5, 2)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-1, 1)
-    return m.eval()
+    return perturb_batchnorms(m)
 
 
 def _adapter_stream(n: int = 6) -> list[torch.Tensor]:

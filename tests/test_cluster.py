@@ -15,6 +15,7 @@ from torch import nn
 import datta_kernels as dk
 from datta_kernels.cluster import cluster_moments, first_neighbours
 from datta_kernels.functional import cluster_dabn
+from datta_kernels.testing import perturb_batchnorms
 
 from .conftest import backend_params
 
@@ -143,13 +144,7 @@ def _bn_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
                       nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-1, 1)
-            mod.running_var.uniform_(0.5, 2)
-            mod.weight.data.uniform_(0.5, 1.5)
-            mod.bias.data.uniform_(-1, 1)
-    return m.eval()
+    return perturb_batchnorms(m)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
