@@ -11,6 +11,8 @@ in the results, and the script exits 1 after writing them.
 
 Minimal bytes moved (B = x.nbytes; parameter- and (N, C)-sized traffic ignored):
   fwd    3 B  pass 1 reads x (per-(n, c) moments), pass 2 reads x and writes y
+  stats  1 B  the forward's pass 1 alone (``instance_stats``)
+  norm   2 B  the forward's pass 2 alone (``dabn(..., stats=)``: moments given)
   bwd    5 B  pass 1 reads x and dy (per-(n, c) Σdy, Σdy·x̂), pass 2 reads x, dy, writes dx
   score  2 B  the pixel-mode diversity score on its own: instance statistics (one read of x,
               giving μ_B) and the angles (one more read); inside a DATTA forward the first
@@ -48,7 +50,9 @@ OTHER_SHAPES = [(64, 64, 56, 56), (64, 256, 14, 14), (64, 2048, 7, 7), (16, 3, 2
                 (128, 16, 32, 32)]
 SMOKE_SHAPE = (2, 3, 5, 7)
 BLEND = (0.6, 0.4, 0.0)      # datta "single": uses batch statistics
-BYTES_PER_X = {"fwd": 3, "bwd": 5, "score": 2, "copy": 2}
+BYTES_PER_X = {"fwd": 3, "stats": 1, "norm": 2, "bwd": 5, "score": 2, "copy": 2}
+#: modes only DATTA's own backends (and the reference) have
+OWN_MODES = ("score", "stats", "norm")
 #: theoretical peak memory bandwidth (bytes/s) by device name, from the vendors' data sheets
 PEAK_BW = [(r"H200", 4.8e12), (r"H100.*PCIe", 2.0e12), (r"H100", 3.35e12),
            (r"A100.*80GB", 2.039e12), (r"A100", 1.555e12), (r"L40S", 0.864e12)]
@@ -96,10 +100,21 @@ def make_case(inp, impl: str, mode: str):
             return None
         dst = torch.empty_like(x)
         return lambda: dst.copy_(x)
-    if mode == "score":  # DATTA's own backends only (contestants(): fused ones + reference)
+    if mode in OWN_MODES:  # DATTA's own backends only (contestants(): fused ones + reference)
         if impl in ("batchnorm2d", "compiled_reference", "torch"):
             return None
-        return lambda: dk.diversity_score(x, inp.source_mean, backend=impl)
+        if mode != "score" and impl == "reference":
+            return None            # the passes alone: the fused backends only (bench time)
+        if mode == "score":
+            return lambda: dk.diversity_score(x, inp.source_mean, backend=impl)
+        if mode == "stats":
+            return lambda: dk.instance_stats(x, backend=impl)
+        stats = dk.instance_stats(x, backend=impl)
+
+        def norm():
+            with torch.no_grad():
+                return dk.dabn(x, w, b, inp.source_mean, inp.source_var, blend, backend=impl, stats=stats)
+        return norm
     if impl == "torch":
         return None
     if impl == "batchnorm2d":  # what a train-mode nn.BatchNorm2d forward calls

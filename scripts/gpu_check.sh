@@ -27,7 +27,7 @@ MAX_TOTAL_S=480
 # name  budget_s  what
 PLAN="
 env             10  nvidia-smi; torch, CUDA, Triton, setuptools versions; compute-sanitizer present
-build           65  pip install -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, ninja, MAX_JOBS=$MAX_JOBS); cuda=1, every kernel op on CUDA
+build           58  pip install -e . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, ninja, MAX_JOBS=$MAX_JOBS); cuda=1, every kernel op on CUDA
 rows            80  gpu_check.py rows: cuda and triton vs the reference (edge rules, fp16/bf16, channels_last, (1,C,1,1), (256,2048,7,7), (1,3,1024,1024), misaligned view)
 edge-tests      52  pytest tests/test_edge_rules.py tests/test_triton_launch.py (their CUDA rows)
 repro           30  gpu_check.py repro: issue 21's defects 1-6 on the device
@@ -40,7 +40,7 @@ memcheck-cuda    8  compute-sanitizer memcheck on the cuda kernels (split + merg
 racecheck-cuda   8  compute-sanitizer racecheck, likewise
 memcheck-triton 22  compute-sanitizer memcheck on the triton kernels, likewise
 racecheck-triton 12 compute-sanitizer racecheck, likewise
-bench           33  bench_gpu.py --quick: 64x256x56x56 fp32/bf16, GB/s and % of HBM peak
+bench           40  bench_gpu.py --quick: 64x256x56x56 fp32/bf16, GB/s and % of HBM peak, each forward pass alone too
 "
 
 plan_lines() { echo "$PLAN" | sed '/^$/d'; }
