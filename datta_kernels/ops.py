@@ -127,27 +127,38 @@ def run_dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean:
 
     A plain eager call that records no autograd graph runs the backend directly: the custom
     op's Python dispatch (autograd wrapper, dynamo guard; ~10 us) would change nothing then.
-    Anything else (compiling, a tensor needing grad, tensor subclasses such as fake tensors,
+    Anything else that is not plain eager (compiling, tensor subclasses such as fake tensors,
     torch_function / dispatch modes, functorch transforms) goes through the custom op.
+    A plain eager call that records a graph runs :class:`_EagerDabnForward` /
+    :class:`_EagerDabnNormalize`: the ops' own autograd formula as a plain
+    ``torch.autograd.Function`` (the custom op's autograd wrapper costs more per call).
     """
+    tensors = (x, weight, bias, source_mean, source_var, blend)
     if stats is not None:
         args = (x, weight, bias, source_mean, source_var, blend, shrink_k, eps, *stats, backend)
-        if _is_plain_eager_call(x, weight, bias, source_mean, source_var, blend):
+        mode = _eager_mode(*tensors)
+        if mode == "plain":
             return _dabn_normalize_body(*args)
-        return dabn_normalize_op(*args)
+        return (_EagerDabnNormalize.apply if mode == "grad" else dabn_normalize_op)(*args)
     args = (x, weight, bias, source_mean, source_var, blend, shrink_k, eps, backend)
-    if _is_plain_eager_call(x, weight, bias, source_mean, source_var, blend):
+    mode = _eager_mode(*tensors)
+    if mode == "plain":
         return _dabn_forward_body(*args)[0]
-    return dabn_forward_op(*args)[0]
+    return (_EagerDabnForward.apply if mode == "grad" else dabn_forward_op)(*args)[0]
+
+
+def _eager_mode(*tensors: Tensor | None) -> str:
+    """``"plain"``: an eager call that records no graph; ``"grad"``: an eager call that records
+    one; ``"op"``: anything else (the custom op)."""
+    present = tuple(t for t in tensors if t is not None)
+    if (torch.compiler.is_compiling() or torch.overrides.has_torch_function(present)
+            or torch._C._len_torch_dispatch_stack() > 0 or torch._C._are_functorch_transforms_active()):
+        return "op"
+    return "grad" if torch.is_grad_enabled() and any(t.requires_grad for t in present) else "plain"
 
 
 def _is_plain_eager_call(*tensors: Tensor | None) -> bool:
-    present = tuple(t for t in tensors if t is not None)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
-    return not (torch.compiler.is_compiling() or torch.overrides.has_torch_function(present)
-                or torch._C._len_torch_dispatch_stack() > 0
-                or torch._C._are_functorch_transforms_active())
+    return _eager_mode(*tensors) == "plain"
 
 
 def _fake_dabn_forward(x, weight, bias, source_mean, source_var, blend, shrink_k, eps,
@@ -226,6 +237,31 @@ def _backward_normalize(ctx, dy):
 
 
 dabn_normalize_op.register_autograd(_backward_normalize, setup_context=_setup_context_normalize)
+
+
+class _EagerDabnForward(torch.autograd.Function):
+    """:func:`dabn_forward_op` for a plain eager call that records a graph: the same body, the
+    same ``setup_context`` and backward (which calls :func:`dabn_backward_op`), without the
+    custom op's autograd wrapper: 88 us against 64 us a call at 16x16x28x28 on the CPU, where a
+    DATTA step with DAFT runs the layers before its decision with autograd on every batch."""
+
+    @staticmethod
+    def forward(*args):
+        return _dabn_forward_body(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+class _EagerDabnNormalize(torch.autograd.Function):
+    """:func:`dabn_normalize_op` likewise (see :class:`_EagerDabnForward`)."""
+
+    @staticmethod
+    def forward(*args):
+        return _dabn_normalize_body(*args)
+
+    setup_context = staticmethod(_setup_context_normalize)
+    backward = staticmethod(_backward_normalize)
 
 
 # ---------------------------------------------------------------- fakes for the C++ kernel ops

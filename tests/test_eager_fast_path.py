@@ -1,6 +1,6 @@
 """The eager fast path of ``ops.run_dabn`` / ``ops.run_instance_stats`` (docs/DESIGN.md).
 
-``ops._is_plain_eager_call`` decides with two private torch functions,
+``ops._eager_mode`` decides with two private torch functions,
 ``torch._C._len_torch_dispatch_stack`` and ``torch._C._are_functorch_transforms_active``.
 If a torch release removes them or changes what they return, the fast path could bypass a
 dispatch mode or a functorch transform silently; these tests fail loudly instead.
@@ -37,7 +37,7 @@ class Recorder(TorchDispatchMode):
 def test_private_functions_exist():
     for name in ("_len_torch_dispatch_stack", "_are_functorch_transforms_active"):
         assert callable(getattr(torch._C, name, None)), (
-            f"torch._C.{name} is gone in torch {torch.__version__}: ops._is_plain_eager_call "
+            f"torch._C.{name} is gone in torch {torch.__version__}: ops._eager_mode "
             "needs a replacement")
 
 
@@ -79,6 +79,8 @@ def test_is_plain_eager_call():
         assert ops._is_plain_eager_call(x.clone().requires_grad_())
     with Recorder():
         assert not ops._is_plain_eager_call(x)
+        assert ops._eager_mode(x.clone().requires_grad_()) == "op"     # a mode sees the op
+    assert ops._eager_mode(x.clone().requires_grad_()) == "grad" and ops._eager_mode(x) == "plain"
     assert torch.func.vmap(lambda t: torch.tensor(ops._is_plain_eager_call(t)))(x).eq(0).all()
 
 
@@ -123,9 +125,9 @@ def test_fast_path_equals_dispatcher(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_dispatcher_vs_backend(backend):
-    """A call recording a graph goes through the custom op (its autograd formula); its
-    forward equals the fast path's, its gradients equal the backend's backward called
-    directly with the fast path's statistics."""
+    """A plain eager call recording a graph (the ops' autograd formula as an eager
+    ``autograd.Function``): its forward equals the fast path's, its gradients equal the
+    backend's backward called directly with the fast path's statistics."""
     inp, (w, b, sm, sv, blend, k, eps) = _args(backend)
     dy = torch.randn(SHAPE)
     x, w_, b_ = (t.clone().requires_grad_() for t in (inp.x, w, b))
@@ -192,3 +194,36 @@ def test_vmap_goes_through_the_op(backend, op_calls):
     if out is not None:
         expect = ops.run_dabn(inp.x, *rest, backend=backend)
         torch.testing.assert_close(out[0], expect)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_eager_grad_path_equals_the_custom_op(backend, with_stats, monkeypatch):
+    """An eager call that records a graph skips the custom op (its autograd wrapper costs more
+    per call) and gives the custom op's outputs and gradients bitwise."""
+    inp, (w, b, sm, sv, blend, k, eps) = _args(backend)
+    dy = torch.randn(SHAPE)
+    stats = ops.run_instance_stats(inp.x, backend) if with_stats else None
+
+    def grads(run):
+        x, w_, b_ = (t.clone().requires_grad_() for t in (inp.x, w, b))
+        y = run(x, w_, b_)
+        y.backward(dy)
+        return y.detach(), x.grad, w_.grad, b_.grad, type(y.grad_fn).__name__
+
+    if with_stats:
+        via_op = grads(lambda x, w_, b_: ops.dabn_normalize_op(x, w_, b_, sm, sv, blend, k, eps,
+                                                               *stats, backend))
+    else:
+        via_op = grads(lambda x, w_, b_: ops.dabn_forward_op(x, w_, b_, sm, sv, blend, k, eps,
+                                                             backend)[0])
+
+    def boom(*a, **kw):
+        raise AssertionError("the eager call recording a graph went through the custom op")
+
+    monkeypatch.setattr(ops, "dabn_forward_op", boom)
+    monkeypatch.setattr(ops, "dabn_normalize_op", boom)
+    eager = grads(lambda x, w_, b_: ops.run_dabn(x, w_, b_, sm, sv, blend, k, eps, backend=backend,
+                                                 stats=stats))
+    assert eager[-1] == ("_EagerDabnNormalizeBackward" if with_stats else "_EagerDabnForwardBackward")
+    torch.testing.assert_close(eager[:-1], via_op[:-1], rtol=0, atol=0)
