@@ -21,6 +21,7 @@ never a skip), exit status 1 when any case failed or none passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -352,6 +353,18 @@ def step_opcheck(rep: Report) -> None:
 
 
 # ---------------------------------------------------------------- sync debug
+@contextlib.contextmanager
+def no_host_sync():
+    """Inside, any host sync raises (``torch.cuda.set_sync_debug_mode("error")``, after a
+    synchronize so that earlier work cannot trip it); the mode is reset on exit."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def no_sync_after_warmup(be: str) -> None:
     """FusedDABN forward (both decisions) + backward, and the functional ops, with
     torch.cuda.set_sync_debug_mode("error") after two warm-up rounds (on CPU, --smoke, the
@@ -374,12 +387,8 @@ def no_sync_after_warmup(be: str) -> None:
     round_(), round_()
     if SMOKE:
         return  # the code path only: no device to sync with on CPU
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         round_()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
 
 
 def step_syncdebug(rep: Report) -> None:
@@ -475,18 +484,15 @@ def adapter_vs_reference(kind: str, be: str) -> None:
 def adapter_no_sync(kind: str, be: str) -> None:
     """The sync-free adapters (DYN; DATTA with a threshold rule and DAFT off) make no host sync
     after two warm-up batches (torch.cuda.set_sync_debug_mode("error"))."""
-    stream = [x.to(DEVICE) for x in _adapter_stream()]
-    a = _make_adapter(kind, be, DEVICE, None if kind == "dyn" else _datta_cuts(_adapter_stream()))
+    stream = _adapter_stream()
+    a = _make_adapter(kind, be, DEVICE, None if kind == "dyn" else _datta_cuts(stream))
+    stream = [x.to(DEVICE) for x in stream]
     a(stream[0]), a(stream[1])
     if SMOKE:
         return
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for x in stream[2:]:
             a(x)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
 
 
 def cluster_labels_vs_cpu() -> None:
@@ -511,12 +517,8 @@ def cluster_labels_vs_cpu() -> None:
         return
     x = cases[0].to(DEVICE)
     dk.cluster_labels(x)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         dk.cluster_labels(x)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
 
 
 def step_adapters(rep: Report) -> None:
