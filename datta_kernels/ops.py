@@ -133,15 +133,13 @@ def run_dabn(x: Tensor, weight: Tensor | None, bias: Tensor | None, source_mean:
     :class:`_EagerDabnNormalize`: the ops' own autograd formula as a plain
     ``torch.autograd.Function`` (the custom op's autograd wrapper costs more per call).
     """
-    tensors = (x, weight, bias, source_mean, source_var, blend)
+    mode = _eager_mode(x, weight, bias, source_mean, source_var, blend)
     if stats is not None:
         args = (x, weight, bias, source_mean, source_var, blend, shrink_k, eps, *stats, backend)
-        mode = _eager_mode(*tensors)
         if mode == "plain":
             return _dabn_normalize_body(*args)
         return (_EagerDabnNormalize.apply if mode == "grad" else dabn_normalize_op)(*args)
     args = (x, weight, bias, source_mean, source_var, blend, shrink_k, eps, backend)
-    mode = _eager_mode(*tensors)
     if mode == "plain":
         return _dabn_forward_body(*args)[0]
     return (_EagerDabnForward.apply if mode == "grad" else dabn_forward_op)(*args)[0]
