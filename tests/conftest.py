@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from datta_kernels import _ext
 
@@ -22,6 +23,18 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 _EXT_REASON = "datta_kernels._C not built: " + "; ".join(_ext.unavailable_reasons())
+
+
+class Recorder(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def backend_skip_reason(name: str) -> str | None:

@@ -211,18 +211,9 @@ def test_set_decisions_writes_every_layer_in_two_ops():
     """``set_decisions`` == ``set_decision`` on each layer, for names, bools and 0-dim bool
     tensors, as two ``_foreach_copy_`` calls whatever the number of layers; bad input raises
     before any layer is written."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from datta_kernels.nn import set_decisions
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    from .conftest import Recorder
 
     layers = [dk.FusedDABN(3) for _ in range(7)]
     cases = [("single", (True, False)), ("skewed", (False, True)), ("multiple", (False, False)),
@@ -230,9 +221,10 @@ def test_set_decisions_writes_every_layer_in_two_ops():
              ((torch.tensor([True]), False), (True, False))]
     for arg, want in cases:
         args = arg if isinstance(arg, tuple) else (arg,)
-        with Ops() as ops:
+        with Recorder() as rec:
             set_decisions(layers, *args)
-        assert ops.names.count("_foreach_copy_") == 2 and "copy_" not in ops.names, ops.names
+        names = [op.split(".")[1] for op in rec.seen]         # "aten._foreach_copy_.default"
+        assert names.count("_foreach_copy_") == 2 and "copy_" not in names, rec.seen
         assert all((bool(lyr.decision), bool(lyr.skewed)) == want for lyr in layers), arg
         single = dk.FusedDABN(3)
         single.set_decision(*args)

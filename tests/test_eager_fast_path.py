@@ -9,28 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from datta_kernels import ops
 from datta_kernels.testing import make_inputs
 
-from .conftest import backend_params
+from .conftest import Recorder, backend_params
 
 BACKENDS = backend_params("reference", "cpu")   # a row that cannot run skips with the reason
 SHAPE = (3, 4, 5, 6)
 BLEND = (0.6, 0.4, 0.0)  # batch statistics: the gradient has every path
-
-
-class Recorder(TorchDispatchMode):
-    """Records the name of every op that reaches the dispatcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------- the private functions
