@@ -1,5 +1,5 @@
 // Device building blocks shared by the DATTA CUDA kernels: the launch configuration, element
-// traits, 16-byte packs, the reduction "ops" (Welford moments, backward sums, plain sums),
+// traits, 16-byte packs, the reduction "ops" (shifted-sum moments, backward sums, plain sums),
 // warp / CTA reductions and the host-side plan that cuts reductions into CTA-sized pieces.
 // Torch-free: compiled by `nvcc -c` in CI without a GPU.
 #pragma once
@@ -147,61 +147,66 @@ __device__ __forceinline__ Span vector_span(const T* plane, int64_t lo, int64_t 
 // An op folds chunks of K values of one (n, c) into a State, merges States (associative, used
 // in a fixed order so results are bitwise reproducible) and finalizes into two (N, C) outputs.
 
-/// Welford / Chan state: mean, M2 = sum (x - mean)^2, count.
-template <typename A> struct Welford {
-  A mean, m2, n;
+/// Shifted sums of one (n, c): s1 = sum (x - k), s2 = sum (x - k)^2 with k the plane's first
+/// value (every piece and lane of a plane uses the same k, so States merge by addition).
+template <typename A> struct ShiftedSums {
+  double s1, s2, k;
 };
 
-/// Chan et al. merge of b into a: n = na + nb, d = mb - ma, mean = ma + d nb / n,
-/// M2 = M2a + M2b + d^2 na nb / n.  Stable for data like 1e4 + noise (only differences of
-/// means enter, never sum x^2).
-template <typename A>
-__device__ __forceinline__ void welford_merge(Welford<A>& a, const Welford<A>& b) {
-  const A n = a.n + b.n;
-  const A f = n > A(0) ? b.n / n : A(0);
-  const A d = b.mean - a.mean;
-  a.mean += d * f;
-  a.m2 += b.m2 + d * d * a.n * f;
-  a.n = n;
-}
-
-template <typename A>
-__device__ __forceinline__ Welford<A> shfl_down(const Welford<A>& s, int delta, int width) {
-  return {__shfl_down_sync(cfg::kFullMask, s.mean, delta, width),
-          __shfl_down_sync(cfg::kFullMask, s.m2, delta, width),
-          __shfl_down_sync(cfg::kFullMask, s.n, delta, width)};
-}
-
 /// Instance moments (SPEC D4's instance side): out0 = mean, out1 = unbiased variance (0 when
-/// the count is <= 1).  The State is double: its M2 is a running total over every chunk of the thread (M / 256 values
-/// when a plane is not split), which in float drifts with M (5e-5 relative at M = 2^26).
+/// M <= 1).  Shifted sums: each chunk of K values forms d = x - k, sum d and sum d^2 (see
+/// add) and adds them to double totals (three double ops per chunk, no division); the plane's
+/// count is M (finalize's m), never carried.  With k a value of the plane, mean - k is within
+/// a few standard deviations for any ordinary plane, so s2 - s1^2 / M loses only a digit or
+/// two of double's 16: stable for 1e4 + noise like the Chan merges this replaced, which spent
+/// a double division per 16 bytes and held the kernel to ~25 % of an H200's bandwidth
+/// (bench/results/h200_profile.md).  An inf/NaN value makes s1 (and s2) non-finite: mean and
+/// variance of that plane are inf/NaN, as SPEC's non-finite rule allows.
 template <typename A> struct MomentsOp {
-  using State = Welford<double>;
+  using State = ShiftedSums<A>;
   static constexpr bool kHasDy = false;
+  /// The shift is the plane's first value (loaded by the pass), not a given (N, C) center.
+  static constexpr bool kShiftByFirst = true;
   __device__ static State identity() { return {0.0, 0.0, 0.0}; }
-  // A chunk of cnt (1..K) values held in registers: exact two-pass mean / M2 of the chunk in
-  // A, then one Chan merge in double (one division per chunk, not per element).
+  __device__ static State start(A k) { return {0.0, 0.0, double(k)}; }
+  // A chunk: d = x - k; its sum and, about its own mean dm = sum / cnt, M2 = sum (d - dm)^2
+  // in A; then s2 += M2 + dm * sum (= sum d^2) in double.  Forming the chunk's own M2 keeps
+  // a far-off shift (a plane whose first value is an outlier) from costing precision: in
+  // float, sum d^2 directly was 1e-5 off on such planes, this is ~5e-8.
   template <int K>
-  __device__ static void add(State& s, const A (&x)[K], const A (&)[K], int cnt, A) {
-    A sum = A(0);
+  __device__ static void add(State& s, const A (&x)[K], const A (&)[K], int cnt, A k) {
+    A d[K], sum = A(0);
 #pragma unroll
-    for (int i = 0; i < K; ++i)
-      if (i < cnt) sum += x[i];
-    const A mean = cnt == K ? sum * (A(1) / A(K)) : sum / A(cnt);
+    for (int i = 0; i < K; ++i) {
+      d[i] = i < cnt ? x[i] - k : A(0);
+      sum += d[i];
+    }
+    const A dm = cnt == K ? sum * (A(1) / A(K)) : sum / A(cnt);
     A m2 = A(0);
 #pragma unroll
     for (int i = 0; i < K; ++i)
       if (i < cnt) {
-        const A d = x[i] - mean;
-        m2 += d * d;
+        const A e = d[i] - dm;
+        m2 += e * e;
       }
-    welford_merge(s, State{double(mean), double(m2), double(cnt)});
+    s.s1 += double(sum);
+    s.s2 += double(m2) + double(dm) * double(sum);
   }
-  __device__ static void merge(State& a, const State& b) { welford_merge(a, b); }
-  __device__ static State shfl(const State& s, int delta, int width) { return shfl_down(s, delta, width); }
-  __device__ static void finalize(const State& s, A* out0, A* out1, int64_t i) {
-    out0[i] = A(s.mean);
-    out1[i] = s.n > 1.0 ? A(s.m2 / (s.n - 1.0)) : A(0);
+  /// b into a; both belong to one plane (same k), a keeps its k.
+  __device__ static void merge(State& a, const State& b) {
+    a.s1 += b.s1;
+    a.s2 += b.s2;
+  }
+  __device__ static State shfl(const State& s, int delta, int width) {
+    return {__shfl_down_sync(cfg::kFullMask, s.s1, delta, width),
+            __shfl_down_sync(cfg::kFullMask, s.s2, delta, width), s.k};
+  }
+  __device__ static void finalize(const State& s, A* out0, A* out1, int64_t i, int64_t m) {
+    const double dm = s.s1 / double(m);
+    out0[i] = A(s.k + dm);
+    // (x < 0 ? 0 : x) keeps a NaN (fmax would drop it); rounding can leave s2 - s1 dm < 0
+    const double ss = s.s2 - s.s1 * dm;
+    out1[i] = m > 1 ? A((ss < 0.0 ? 0.0 : ss) / double(m - 1)) : A(0);
   }
 };
 
@@ -217,7 +222,9 @@ template <typename A> struct DySums {
 template <typename A> struct DySumsOp {
   using State = DySums<A>;
   static constexpr bool kHasDy = true;
+  static constexpr bool kShiftByFirst = false;  // the center is the given mu_i
   __device__ static State identity() { return {0.0, 0.0}; }
+  __device__ static State start(A) { return identity(); }
   template <int K>
   __device__ static void add(State& s, const A (&x)[K], const A (&dy)[K], int cnt, A center) {
     A cdy = A(0), cdyxc = A(0);
@@ -238,7 +245,7 @@ template <typename A> struct DySumsOp {
     return {__shfl_down_sync(cfg::kFullMask, s.sdy, delta, width),
             __shfl_down_sync(cfg::kFullMask, s.sdyxc, delta, width)};
   }
-  __device__ static void finalize(const State& s, A* out0, A* out1, int64_t i) {
+  __device__ static void finalize(const State& s, A* out0, A* out1, int64_t i, int64_t) {
     out0[i] = A(s.sdy);
     out1[i] = A(s.sdyxc);
   }

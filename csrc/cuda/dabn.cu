@@ -181,7 +181,7 @@ backward_coefs_kernel(ChannelArgs<A> a, const A* sdy_in, const A* sdyxc_in, A* c
 /// The workspace layout of the DABN launchers, in one place (sizing and launching share it).
 template <typename A>
 struct Scratch {
-  Welford<double>* moment_partials = nullptr;  // MomentsOp<A>::State
+  ShiftedSums<A>* moment_partials = nullptr;  // MomentsOp<A>::State
   DySums<A>* dy_partials = nullptr;
   A* sdy = nullptr;
   A* sdyxc = nullptr;
@@ -197,7 +197,7 @@ Scratch<A> carve(Op op, const Params& p, const Plan& plan, void* base) {
   const int64_t nc = p.n * p.c, parts = plan.splits > 1 ? nc * plan.splits : 0;
   Carver cv{static_cast<char*>(base)};
   Scratch<A> s;
-  if (op == Op::kInstanceStats || op == Op::kDabnForward) s.moment_partials = cv.take<Welford<double>>(parts);
+  if (op == Op::kInstanceStats || op == Op::kDabnForward) s.moment_partials = cv.take<ShiftedSums<A>>(parts);
   if (op == Op::kDabnForward || op == Op::kDabnNormalize) {
     s.coef_mu = cv.take<A>(nc);
     s.coef_b = cv.take<A>(nc);
@@ -228,7 +228,7 @@ bool empty_problem(const Params& p) { return p.n * p.c == 0 || p.m == 0; }
 unsigned tiny_grid(int64_t count) { return unsigned(ceil_div(count, cfg::kTinyThreads)); }
 
 template <typename T>
-void launch_moments(const Params& p, const Plan& plan, Welford<double>* partials, cudaStream_t stream) {
+void launch_moments(const Params& p, const Plan& plan, ShiftedSums<acc_t<T>>* partials, cudaStream_t stream) {
   using A = acc_t<T>;
   ReduceArgs<T, MomentsOp<A>> r{static_cast<const T*>(p.x), nullptr, nullptr, p.n, p.c, p.m, plan,
                                 partials, static_cast<A*>(p.mean), static_cast<A*>(p.var)};

@@ -66,7 +66,10 @@ __global__ void __launch_bounds__(cfg::kThreads) reduce_planes_kernel(ReduceArgs
     const int64_t lo = (task % splits) * a.plan.split_len, hi = imin(a.m, lo + a.plan.split_len);
     const T* xp = a.x + plane * a.m;
     const T* dp = Op::kHasDy ? a.dy + plane * a.m : nullptr;
-    const A center = a.center ? a.center[plane] : A(0);
+    // the value subtracted from x: the given mu_i, or the plane's first value (MomentsOp's
+    // shift, the same for every piece and lane of the plane)
+    const A center = a.center ? a.center[plane] : Op::kShiftByFirst ? Elem<T>::load(xp[0]) : A(0);
+    s = Op::start(center);
     const Span sp = vector_span<T, V>(xp, lo, hi);
     auto add_scalar = [&](int64_t i) {
       const A fx[1] = {Elem<T>::load(xp[i])};
@@ -76,7 +79,7 @@ __global__ void __launch_bounds__(cfg::kThreads) reduce_planes_kernel(ReduceArgs
     for (int64_t i = lo + lane; i < sp.body; i += G) add_scalar(i);
     // U vectors per thread per step, all loads issued before any use.  The valid vectors of a
     // step form a prefix; they are folded K values at a time: one pack, or all U scalars when
-    // V == 1 (a Welford chunk costs one division, so chunks should not be single values).
+    // V == 1 (a chunk's totals are added in double, so chunks should not be single values).
     constexpr int kPacks = V == 1 ? U : 1, K = kPacks * V;
     for (int64_t j = sp.body + int64_t(lane) * V; j < sp.tail; j += int64_t(G) * V * U) {
       Pack<T, V> px[U], pd[U];
@@ -112,7 +115,7 @@ __global__ void __launch_bounds__(cfg::kThreads) reduce_planes_kernel(ReduceArgs
   }
   if (lane == 0 && task < tasks) {
     if (splits == 1) {
-      Op::finalize(s, a.out0, a.out1, task);
+      Op::finalize(s, a.out0, a.out1, task, a.m);
     } else {
       a.partials[task] = s;  // slot (plane, piece): (N, C, splits)
     }
@@ -201,9 +204,12 @@ __global__ void __launch_bounds__(cfg::kThreads) reduce_columns_kernel(ReduceArg
   State s[V];
   A center[V];
 #pragma unroll
-  for (int v = 0; v < V; ++v) {
-    s[v] = Op::identity();
-    center[v] = (a.center && t.active) ? a.center[t.n * a.c + t.c0 + v] : A(0);
+  for (int v = 0; v < V; ++v) {  // the given mu_i, or the first row of sample n (MomentsOp)
+    center[v] = !t.active         ? A(0)
+                : a.center        ? a.center[t.n * a.c + t.c0 + v]
+                : Op::kShiftByFirst ? Elem<T>::load(a.x[t.n * a.m * a.c + t.c0 + v])
+                                    : A(0);
+    s[v] = Op::start(center[v]);
   }
   if (t.active) {
     const T* xr = a.x + t.n * a.m * a.c + t.c0;  // row r of sample n starts at xr + r * C
@@ -249,7 +255,7 @@ __global__ void __launch_bounds__(cfg::kThreads) reduce_columns_kernel(ReduceArg
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       if (a.plan.splits == 1) {
-        Op::finalize(slot(0, v), a.out0, a.out1, t.n * a.c + t.c0 + v);
+        Op::finalize(slot(0, v), a.out0, a.out1, t.n * a.c + t.c0 + v, a.m);
       } else {
         a.partials[(t.n * a.plan.splits + t.piece) * a.c + t.c0 + v] = slot(0, v);  // (N, splits, C)
       }
@@ -302,18 +308,19 @@ __global__ void __launch_bounds__(cfg::kThreads) apply_columns_kernel(ApplyArgs<
 }
 
 // ------------------------------------------------------------------ partial merge
-/// One thread per (n, c): merge its pieces in split order, then finalize.
+/// One thread per (n, c): merge its pieces in split order (from the first: it carries the
+/// plane's shift), then finalize over the plane's m values.
 template <typename A, typename Op>
 __global__ void __launch_bounds__(cfg::kTinyThreads)
-merge_partials_kernel(const typename Op::State* partials, int64_t n, int64_t c, int64_t splits,
+merge_partials_kernel(const typename Op::State* partials, int64_t n, int64_t c, int64_t m, int64_t splits,
                       bool channels_last, A* out0, A* out1) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n * c) return;
   const int64_t base = channels_last ? (i / c) * splits * c + i % c : i * splits;
   const int64_t stride = channels_last ? c : 1;
-  typename Op::State s = Op::identity();
-  for (int64_t k = 0; k < splits; ++k) Op::merge(s, partials[base + k * stride]);
-  Op::finalize(s, out0, out1, i);
+  typename Op::State s = partials[base];
+  for (int64_t k = 1; k < splits; ++k) Op::merge(s, partials[base + k * stride]);
+  Op::finalize(s, out0, out1, i, m);
 }
 
 // ------------------------------------------------------------------ host launchers
@@ -359,7 +366,7 @@ void launch_reduce(const Params& p, const ReduceArgs<T, Op>& a, cudaStream_t str
   }
   if (a.plan.splits > 1) {
     merge_partials_kernel<acc_t<T>, Op><<<unsigned(ceil_div(a.n * a.c, cfg::kTinyThreads)), cfg::kTinyThreads, 0,
-                                          stream>>>(a.partials, a.n, a.c, a.plan.splits, p.channels_last,
+                                          stream>>>(a.partials, a.n, a.c, a.m, a.plan.splits, p.channels_last,
                                                     a.out0, a.out1);
   }
 }
