@@ -8,8 +8,11 @@
 //                   datta_kernels.distributed, computes the coefficients in between)
 //
 // The reduce / apply passes stream the tensors (passes.cuh); the coefficient kernels are
-// tiny: one thread per channel walks the batch in order n = 0..N-1, so batch statistics,
-// dweight and dbias are fixed-order sums (deterministic, no atomics).  The blend weights are
+// tiny: a CTA covers 32 channels (coalesced lanes) by 8 slices of the batch (a thread walks
+// n = slice, slice + 8, ...), and batch statistics, dweight and dbias are those slices' sums
+// merged by a fixed tree over the slices (deterministic, no atomics).  One thread per channel
+// walking all N in turn (as before) took 10 us forward and 62 us backward at N = 64, C = 256
+// on an H200: a few CTAs of serial latency (bench/results/h200_profile.md).  The blend weights are
 // read from device memory here, never copied to the host.  The labels D1-D5 of docs/SPEC.md
 // are cited where each per-(n, c) formula is implemented.
 #include "../common/dabn_math.h"
@@ -43,12 +46,36 @@ struct Channel {
   A lam_mu, lam_var;  // shrink thresholds k s_mu, k s_sigma
 };
 
+/// The coefficient kernels' CTA: kCoefLanes channels by kCoefSlices slices of the batch.
+constexpr int kCoefLanes = 32, kCoefSlices = 8;
+
+/// Sum over the CTA's slices of each lane's v (fixed tree; every thread calls it, the result
+/// is returned to every thread).  buf: kCoefSlices * kCoefLanes doubles of shared memory.
+__device__ __forceinline__ double slice_sum(double v, double* buf) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  buf[ty * kCoefLanes + tx] = v;
+  __syncthreads();
+#pragma unroll
+  for (int step = kCoefSlices / 2; step > 0; step /= 2) {
+    if (ty < step) buf[ty * kCoefLanes + tx] += buf[(ty + step) * kCoefLanes + tx];
+    __syncthreads();
+  }
+  const double r = buf[tx];
+  __syncthreads();  // buf is reused by the next call
+  return r;
+}
+
+/// Channel ci's constants (every thread of the CTA calls it; ci >= C gives zeros): the batch
+/// moments are summed over the CTA's slices of n.
 template <typename A>
-__device__ Channel<A> load_channel(const ChannelArgs<A>& a, int64_t ci) {
-  Channel<A> ch;
-  ch.ws = a.blend[0];
-  ch.wb = a.blend[1];
-  ch.wi = a.blend[2];
+__device__ Channel<A> load_channel(const ChannelArgs<A>& a, int64_t ci, double* buf) {
+  const bool on = ci < a.c;
+  Channel<A> ch{};
+  if (on) {
+    ch.ws = a.blend[0];
+    ch.wb = a.blend[1];
+    ch.wi = a.blend[2];
+  }
   // SPEC D1: shape facts, no data dependence: undefined statistics hand their weight to the
   // source (common/dabn_math.h, shared with the CPU).
   math::edge_rules(ch.ws, ch.wb, ch.wi, a.n, a.m);
@@ -57,12 +84,15 @@ __device__ Channel<A> load_channel(const ChannelArgs<A>& a, int64_t ci) {
   // offset, and a float running sum of N of them (1e4 + noise, N = 256) put mu_B off by
   // ~5e-3, enough to fail dweight against float64 on the H200 (scripts/gpu_sweep.py).
   double sum = 0.0;
-  for (int64_t k = 0; k < a.n; ++k) sum += double(a.mean[k * a.c + ci]);
-  const double mu_b = sum / double(a.n);
+  if (on)
+    for (int64_t k = threadIdx.y; k < a.n; k += kCoefSlices) sum += double(a.mean[k * a.c + ci]);
+  const double mu_b = slice_sum(sum, buf) / double(a.n);
   double ss = 0.0;
-  for (int64_t k = 0; k < a.n; ++k) {
-    ss += math::batch_ss_term(double(a.mean[k * a.c + ci]), double(a.var[k * a.c + ci]), mu_b, a.m);
-  }
+  if (on)
+    for (int64_t k = threadIdx.y; k < a.n; k += kCoefSlices)
+      ss += math::batch_ss_term(double(a.mean[k * a.c + ci]), double(a.var[k * a.c + ci]), mu_b, a.m);
+  ss = slice_sum(ss, buf);
+  if (!on) return ch;
   ch.mu_b = A(mu_b);
   ch.var_b = A(math::batch_var(ss, a.n, a.m));
   ch.ms = a.smean[ci];
@@ -110,12 +140,13 @@ __device__ __forceinline__ Blended<A> blend(const ChannelArgs<A>& a, const Chann
 /// reference, so a large common offset of x and m cancels exactly instead of through
 /// x * scale - m * scale.
 template <typename A>
-__global__ void __launch_bounds__(cfg::kTinyThreads)
+__global__ void __launch_bounds__(kCoefLanes * kCoefSlices)
 forward_coefs_kernel(ChannelArgs<A> a, A* coef_mu, A* coef_b, A* coef_c0) {
-  const int64_t ci = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  __shared__ double buf[kCoefSlices * kCoefLanes];
+  const int64_t ci = int64_t(blockIdx.x) * kCoefLanes + threadIdx.x;
+  const Channel<A> ch = load_channel(a, ci, buf);
   if (ci >= a.c) return;
-  const Channel<A> ch = load_channel(a, ci);
-  for (int64_t k = 0; k < a.n; ++k) {
+  for (int64_t k = threadIdx.y; k < a.n; k += kCoefSlices) {
     const int64_t i = k * a.c + ci;
     const Blended<A> bl = blend(a, ch, a.mean[i], a.var[i]);
     coef_mu[i] = bl.m;
@@ -124,12 +155,12 @@ forward_coefs_kernel(ChannelArgs<A> a, A* coef_mu, A* coef_b, A* coef_c0) {
   }
 }
 
-// SPEC D5, backward coefficients, one thread per channel c, in this kernel's names (the
+// SPEC D5, backward coefficients, per channel c (a lane; its slices of n in parallel), in this kernel's names (the
 // reference is datta_kernels.reference.dabn_backward).  Per n, with i = (n, c):
 //   m, v       blended moments;  r = rsqrt(max(v, 0) + eps);  g = gamma[c]
 //   sdy        = sum_p dy,   sdyxc = sum_p dy (x - mu_i)                  (pass 1)
 //   sdyxh      = r (sdyxc + (mu_i - m) sdy)                               (= sum_p dy xhat)
-//   dbias     += sdy,        dweight += sdyxh                             (fixed order in n)
+//   dbias     += sdy,        dweight += sdyxh               (double, slices merged by a fixed tree)
 //   dm         = -g r sdy,   dv = -g r^2 sdyxh / 2   (dv = 0 where v < 0: the clamp)
 //   dmu_i      = w_i dm keep_mu,   dvar_i = w_i dv keep_var                (softshrink masks)
 //   dmu_B      = w_b sum_n dm,     dvar_B = w_b sum_n dv
@@ -139,26 +170,28 @@ forward_coefs_kernel(ChannelArgs<A> a, A* coef_mu, A* coef_b, A* coef_c0) {
 // and pass 2 writes dx = coef_a dy + coef_b (x - mu_i) + coef_c0 (the coef_b term only where
 // coef_b != 0).  Every "w * term" is weighted(w, term): a statistic of weight 0, an inf/NaN
 // one included, never reaches dx.  The first loop writes the per-n terms; the second adds
-// the batch terms, which need the sums over all n.
+// the batch terms, which need the sums over all n (each thread rewrites only its own n).
 template <typename A>
-__global__ void __launch_bounds__(cfg::kTinyThreads)
+__global__ void __launch_bounds__(kCoefLanes * kCoefSlices)
 backward_coefs_kernel(ChannelArgs<A> a, const A* sdy_in, const A* sdyxc_in, A* coef_a, A* coef_b,
                       A* coef_c0, A* dweight, A* dbias) {
-  const int64_t ci = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (ci >= a.c) return;
-  const Channel<A> ch = load_channel(a, ci);
-  A sum_sdy = A(0), sum_sdyxh = A(0), sum_dm = A(0), sum_dv = A(0);
-  for (int64_t k = 0; k < a.n; ++k) {
+  __shared__ double buf[kCoefSlices * kCoefLanes];
+  const int64_t ci = int64_t(blockIdx.x) * kCoefLanes + threadIdx.x;
+  const bool on = ci < a.c;
+  const Channel<A> ch = load_channel(a, ci, buf);
+  // this slice's sums, in double (merged over the slices by slice_sum)
+  double sum_sdy = 0.0, sum_sdyxh = 0.0, sum_dm = 0.0, sum_dv = 0.0;
+  for (int64_t k = threadIdx.y; on && k < a.n; k += kCoefSlices) {
     const int64_t i = k * a.c + ci;
     const A mi = a.mean[i];
     const Blended<A> bl = blend(a, ch, mi, a.var[i]);
     const A r = rsqrt_(max_(bl.v, A(0)) + a.eps);
     const A sdy = sdy_in[i];
     const math::BackwardTerms<A> t = math::backward_terms(ch.g, r, bl.v, bl.m, mi, sdy, sdyxc_in[i]);
-    sum_sdy += sdy;
-    sum_sdyxh += t.sdyxh;
-    sum_dm += t.dm;
-    sum_dv += t.dv;
+    sum_sdy += double(sdy);
+    sum_sdyxh += double(t.sdyxh);
+    sum_dm += double(t.dm);
+    sum_dv += double(t.dv);
     const A dmu_i = weighted(ch.wi, t.dm * bl.keep_mu), dvar_i = weighted(ch.wi, t.dv * bl.keep_var);
     coef_a[i] = ch.g * r;
     A cb, cc;
@@ -166,10 +199,17 @@ backward_coefs_kernel(ChannelArgs<A> a, const A* sdy_in, const A* sdyxc_in, A* c
     coef_b[i] = cb;
     coef_c0[i] = cc;
   }
-  dbias[ci] = sum_sdy;
-  dweight[ci] = sum_sdyxh;
-  const A dmu_b = weighted(ch.wb, sum_dm), dvar_b = weighted(ch.wb, sum_dv);
-  for (int64_t k = 0; k < a.n; ++k) {
+  sum_sdy = slice_sum(sum_sdy, buf);
+  sum_sdyxh = slice_sum(sum_sdyxh, buf);
+  sum_dm = slice_sum(sum_dm, buf);
+  sum_dv = slice_sum(sum_dv, buf);
+  if (!on) return;
+  if (threadIdx.y == 0) {
+    dbias[ci] = A(sum_sdy);
+    dweight[ci] = A(sum_sdyxh);
+  }
+  const A dmu_b = weighted(ch.wb, A(sum_dm)), dvar_b = weighted(ch.wb, A(sum_dv));
+  for (int64_t k = threadIdx.y; k < a.n; k += kCoefSlices) {  // this thread's own n: no sync needed
     const int64_t i = k * a.c + ci;
     A cb = coef_b[i], cc = coef_c0[i];
     math::add_batch_coefs(dmu_b, dvar_b, a.mean[i], ch.mu_b, a.n, a.m, cb, cc);
@@ -225,7 +265,8 @@ ChannelArgs<A> channel_args(const Params& p) {
 
 bool empty_problem(const Params& p) { return p.n * p.c == 0 || p.m == 0; }
 
-unsigned tiny_grid(int64_t count) { return unsigned(ceil_div(count, cfg::kTinyThreads)); }
+unsigned coef_grid(int64_t channels) { return unsigned(ceil_div(channels, kCoefLanes)); }
+dim3 coef_block() { return dim3(kCoefLanes, kCoefSlices); }
 
 template <typename T>
 void launch_moments(const Params& p, const Plan& plan, ShiftedSums<acc_t<T>>* partials, cudaStream_t stream) {
@@ -240,8 +281,8 @@ void launch_moments(const Params& p, const Plan& plan, ShiftedSums<acc_t<T>>* pa
 template <typename T>
 void launch_normalize(const Params& p, const Plan& plan, const Scratch<acc_t<T>>& s, cudaStream_t stream) {
   using A = acc_t<T>;
-  forward_coefs_kernel<A><<<tiny_grid(p.c), cfg::kTinyThreads, 0, stream>>>(channel_args<A>(p), s.coef_mu,
-                                                                             s.coef_b, s.coef_c0);
+  forward_coefs_kernel<A><<<coef_grid(p.c), coef_block(), 0, stream>>>(channel_args<A>(p), s.coef_mu, s.coef_b,
+                                                                        s.coef_c0);
   ApplyArgs<T> ap{static_cast<const T*>(p.x), nullptr, static_cast<T*>(p.y), s.coef_mu, nullptr,
                   s.coef_b, s.coef_c0, p.n, p.c, p.m, plan};
   launch_apply<T, false>(p, ap, stream);
@@ -310,7 +351,7 @@ cudaError_t dabn_backward(const Params& p, cudaStream_t stream) {
     const auto s = carve<A>(Op::kDabnBackward, p, plan, p.workspace);
     const A* mean = static_cast<const A*>(p.mean);
     launch_dy_sums<T>(p, plan, s.dy_partials, s.sdy, s.sdyxc, stream);
-    backward_coefs_kernel<A><<<tiny_grid(p.c), cfg::kTinyThreads, 0, stream>>>(
+    backward_coefs_kernel<A><<<coef_grid(p.c), coef_block(), 0, stream>>>(
         channel_args<A>(p), s.sdy, s.sdyxc, s.coef_a, s.coef_b, s.coef_c0, static_cast<A*>(p.dweight),
         static_cast<A*>(p.dbias));
     ApplyArgs<T> ap{static_cast<const T*>(p.x), static_cast<const T*>(p.dy), static_cast<T*>(p.dx), mean,
