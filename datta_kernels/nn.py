@@ -33,11 +33,12 @@ from . import backends, ops
 from .functional import (
     SCORE_MODES,
     _backend_for,
+    _check_blend_values,
     _check_x,
+    _dabn,
     blend_tensor,
     check_score_args,
     cluster_dabn,
-    dabn,
     score_from_stats,
 )
 from .presets import _PRESET_DEFAULT, PRESETS
@@ -262,8 +263,11 @@ class FusedDABN(nn.BatchNorm2d):
         if self.cluster:
             return cluster_dabn(x, self.weight, self.bias, self.source_mean, self.source_var,
                                 self.blend(), eps=self.eps, backend=self.backend, stats=stats)
-        return dabn(x, self.weight, self.bias, self.source_mean, self.source_var, self.blend(),
-                    shrink_k=self.shrink_k, eps=self.eps, backend=self.backend, stats=stats)
+        for buf in (self.blend_single, self.blend_multiple, self.blend_skewed):
+            _check_blend_values(buf)    # only when a buffer is new or was written since
+        return _dabn(x, self.weight, self.bias, self.source_mean, self.source_var, self.blend(),
+                     shrink_k=self.shrink_k, eps=self.eps, backend=self.backend, stats=stats,
+                     check_blend=False)
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, recurse=True):

@@ -65,6 +65,45 @@ def test_blend_of_the_wrong_kind_says_what_it_needs(blend):
         dk.dabn(x, w, b, sm, sv, blend)
 
 
+def test_blend_value_check_runs_once_per_write(monkeypatch):
+    """A blend tensor's values are checked once, and again only after it is written (its
+    version counter moves, also through a view); an invalid write is still caught."""
+    import datta_kernels.functional as F
+    calls = []
+    real = F._check_weights
+    monkeypatch.setattr(F, "_check_weights", lambda w, tol=F._BLEND_TOL: (calls.append(1), real(w, tol)))
+    x = torch.randn(2, 4, 3, 3)
+    w, b, sm, sv = stats(4)
+    blend = torch.tensor([0.6, 0.4, 0.0])
+    first = dk.dabn(x, w, b, sm, sv, blend)
+    dk.dabn(x, w, b, sm, sv, blend)
+    assert len(calls) == 1
+    blend.copy_(torch.tensor([0.5, 0.5, 0.0]))        # a valid write: checked again
+    assert not torch.equal(dk.dabn(x, w, b, sm, sv, blend), first)
+    assert len(calls) == 2
+    blend[:2].fill_(0.7)                               # through a view: sums to 1.4
+    with pytest.raises(ValueError, match="sum to 1"):
+        dk.dabn(x, w, b, sm, sv, blend)
+    with pytest.raises(ValueError, match="sum to 1"):  # and every call after it
+        dk.dabn(x, w, b, sm, sv, blend)
+
+
+def test_layer_checks_its_blend_buffers_when_written():
+    """FusedDABN checks its blend buffers (not each forward's selected row): a valid layer
+    runs; an invalid in-place write to a buffer (e.g. by a hand-edited state) is rejected at the
+    next forward, whichever decision is active."""
+    layer = FusedDABN(4).eval()
+    x = torch.randn(2, 4, 3, 3)
+    layer(x)
+    with torch.no_grad():
+        layer.blend_skewed.copy_(torch.tensor([0.9, 0.9, 0.0]))
+    with pytest.raises(ValueError, match="sum to 1"):
+        layer(x)                                        # decision "single": still caught
+    with torch.no_grad():
+        layer.blend_skewed.copy_(torch.tensor([0.85, 0.0, 0.15]))
+    layer(x)
+
+
 # --- decisions --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("decision", [torch.tensor(0.3), torch.tensor(1), torch.tensor([True, False]),

@@ -28,7 +28,6 @@ import contextlib
 import functools
 
 import torch
-import triton
 from torch import Tensor
 
 from ..base import KernelBackend
@@ -131,7 +130,7 @@ def _stats(x: Tensor, channels_last: bool) -> tuple[Tensor, Tensor, Tensor, Tens
     bmean = x.new_empty((c,), dtype=_F32)
     bvar = torch.empty_like(bmean)
     block_n, block_c = cfg.finalize_blocks(n, c)
-    jit._stats_finalize_kernel[(triton.cdiv(c, block_c),)](
+    jit._stats_finalize_kernel[(cfg.cdiv(c, block_c),)](
         x, pmean, pm2, mean, var, bmean, bvar, n, c, m, t.chunk, t.splits, _batch_counts(n, m)[1],
         CHANNELS_LAST=channels_last, BLOCK_N=block_n, BLOCK_C=block_c)
     return mean, var, bmean, bvar
@@ -247,7 +246,7 @@ class TritonBackend(KernelBackend):
         dweight = x.new_empty((c,), dtype=_F32)
         dbias = torch.empty_like(dweight)
         block_n, block_c = cfg.finalize_blocks(n, c)
-        jit._bwd_finalize_kernel[(triton.cdiv(c, block_c),)](
+        jit._bwd_finalize_kernel[(cfg.cdiv(c, block_c),)](
             psdy, psdyxc, mean_i, var_i, smean, svar,
             _vec(weight, x) if weight is not None else smean, _blend_vec(blend, x),
             coef_a, coef_b, coef_c, dweight, dbias, n, c, m, splits, k, float(eps), *_batch_counts(n, m),
@@ -272,7 +271,7 @@ class TritonBackend(KernelBackend):
         n, c = mean_i.shape
         packed = mean_i.new_empty((2 * c + 2,), dtype=torch.float64)
         block_n, block_c = cfg.finalize_blocks(max(n, 1), max(c, 1))
-        sync_jit._batch_local_kernel[(max(triton.cdiv(c, block_c), 1),)](
+        sync_jit._batch_local_kernel[(max(cfg.cdiv(c, block_c), 1),)](
             mean_i, var_i, packed, n, c, m, n * m, BLOCK_N=block_n, BLOCK_C=block_c)
         return packed
 
@@ -287,7 +286,7 @@ class TritonBackend(KernelBackend):
         mean, var = rows.new_empty((c,), dtype=_F32), rows.new_empty((c,), dtype=_F32)
         count, samples = rows.new_empty(()), rows.new_empty(())
         block_c = min(cfg.next_pow2(c), cfg.LAUNCH.finalize_elems)
-        sync_jit._batch_merge_kernel[(max(triton.cdiv(c, block_c), 1),)](
+        sync_jit._batch_merge_kernel[(max(cfg.cdiv(c, block_c), 1),)](
             rows, mean, var, count, samples, rows.shape[0], c, BLOCK_C=block_c)
         return mean, var, count, samples
 
@@ -359,7 +358,7 @@ def _sync_args(mean_i, var_i, source_mean, source_var, blend, batch, m, shrink_k
     n, c = mean_i.shape
     shrink, k = _shrink_flag(shrink_k, m)
     block_n, block_c = cfg.finalize_blocks(n, c)
-    grid = _check_grid((triton.cdiv(c, block_c),), "the synced layer's coefficients")
+    grid = _check_grid((cfg.cdiv(c, block_c),), "the synced layer's coefficients")
     return (mean_i, var_i, smean, svar, bl, bmean, bvar, count), k, dict(
         NO_INST=m <= 1, SHRINK=shrink, BLOCK_N=block_n, BLOCK_C=block_c), grid
 

@@ -29,7 +29,7 @@ import torch
 import triton
 
 __all__ = ["LaunchConfig", "LAUNCH", "Tiling", "reduce_tiling", "angles_tiling", "finalize_blocks",
-           "autotune_configs", "next_pow2", "INTERPRET"]
+           "autotune_configs", "next_pow2", "cdiv", "INTERPRET"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: DATTA_TRITON_AUTOTUNE=0: one launch config per kernel, no timing race
@@ -92,8 +92,15 @@ class Tiling:
         return (n * self.c_blocks, self.splits)
 
 
+# Host-side integer helpers in plain Python: Triton's ``cdiv`` / ``next_power_of_2`` are
+# constexpr functions whose calls cost microseconds each (they unwrap constexpr arguments),
+# and a launch computes a dozen of them.
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
 def next_pow2(v: int) -> int:
-    return triton.next_power_of_2(max(int(v), 1))
+    return 1 << (max(int(v), 1) - 1).bit_length()
 
 
 @functools.cache
@@ -119,7 +126,7 @@ def tile_shape(c: int, m: int, channels_last: bool, itemsize: int, cfg: LaunchCo
     else:
         cands = [b for b in cfg.nchw_block_p if b <= tile_elems] or [tile_elems]
         # fewest padded lanes; ties go to the larger block (fewer loop trips)
-        block_p = min(cands, key=lambda b: (triton.cdiv(m, b) * b, -b))
+        block_p = min(cands, key=lambda b: (cdiv(m, b) * b, -b))
     block_c = min(next_pow2(c), max(1, tile_elems // block_p))
     return block_c, block_p
 
@@ -128,16 +135,23 @@ def reduce_tiling(n: int, c: int, m: int, channels_last: bool, itemsize: int, de
                   cfg: LaunchConfig | None = None) -> Tiling:
     """Decomposition shared by the statistics pass, the normalize pass and both backward
     passes.  A row ``(n, channel block)`` is split over several programs only when there are
-    too few rows to fill the device; the partials are then merged in a fixed order."""
+    too few rows to fill the device; the partials are then merged in a fixed order.
+    Memoised per shape (every launch of a layer asks for the same one)."""
     cfg = cfg or LAUNCH
+    return _reduce_tiling(n, c, m, channels_last, itemsize, sm_count(device, cfg), cfg)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reduce_tiling(n: int, c: int, m: int, channels_last: bool, itemsize: int, sms: int,
+                   cfg: LaunchConfig) -> Tiling:
     block_c, block_p = tile_shape(c, m, channels_last, itemsize, cfg)
-    c_blocks = triton.cdiv(c, block_c)
-    tiles_p = triton.cdiv(m, block_p)
+    c_blocks = cdiv(c, block_c)
+    tiles_p = cdiv(m, block_p)
     rows = n * c_blocks
-    target = cfg.programs_per_sm * sm_count(device, cfg)
-    want = 1 if rows >= target else min(tiles_p, triton.cdiv(target, rows))
-    iters = triton.cdiv(tiles_p, want)
-    splits = triton.cdiv(tiles_p, iters)
+    target = cfg.programs_per_sm * sms
+    want = 1 if rows >= target else min(tiles_p, cdiv(target, rows))
+    iters = cdiv(tiles_p, want)
+    splits = cdiv(tiles_p, iters)
     return Tiling(block_c, block_p, iters, splits, c_blocks)
 
 
@@ -147,7 +161,7 @@ def angles_tiling(c: int, m: int, channels_last: bool, itemsize: int, cfg: Launc
     ``(pixel tile, n)`` loops over all channel blocks (the cosine needs the whole vector)."""
     cfg = cfg or LAUNCH
     block_c, block_p = tile_shape(c, m, channels_last, itemsize, cfg)
-    return block_c, block_p, triton.cdiv(m, block_p)
+    return block_c, block_p, cdiv(m, block_p)
 
 
 def finalize_blocks(n: int, c: int, cfg: LaunchConfig | None = None) -> tuple[int, int]:
