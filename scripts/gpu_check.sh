@@ -35,10 +35,10 @@ opcheck         25  gpu_check.py opcheck: torch.library.opcheck on CUDA tensors
 syncdebug       40  gpu_check.py syncdebug: no host sync after warm-up, cuda and triton; the sanitizer workload once, plain (compiles its Triton kernels)
 adapters        30  gpu_check.py adapters: cluster_labels, DYN and DATTA (DAFT off / on) on the device vs CPU reference; no host sync in DYN and DATTA without DAFT
 sweep-cuda      35  gpu_sweep.py --backend cuda (large and odd shapes, a try per case)
-sweep-triton    30  gpu_sweep.py --backend triton --small --dtypes float32 (a try per case; each new shape is a Triton compile)
+sweep-triton    40  gpu_sweep.py --backend triton --small --dtypes float32 (a try per case; each new shape is a Triton compile)
 memcheck-cuda    8  compute-sanitizer memcheck on the cuda kernels (split + merge shape, both layouts)
 racecheck-cuda   8  compute-sanitizer racecheck, likewise
-memcheck-triton 22  compute-sanitizer memcheck on the triton kernels, likewise
+memcheck-triton 12  compute-sanitizer memcheck on the triton kernels, likewise
 racecheck-triton 12 compute-sanitizer racecheck, likewise
 bench           40  bench_gpu.py --quick: 64x256x56x56 fp32/bf16, GB/s and % of HBM peak, each forward pass alone too
 "

@@ -12,7 +12,8 @@
 // n = slice, slice + 8, ...), and batch statistics, dweight and dbias are those slices' sums
 // merged by a fixed tree over the slices (deterministic, no atomics).  One thread per channel
 // walking all N in turn (as before) took 10 us forward and 62 us backward at N = 64, C = 256
-// on an H200: a few CTAs of serial latency (bench/results/h200_profile.md).  The blend weights are
+// on an H200, a few CTAs of serial latency; now 5 us forward and 12 us backward
+// (bench/results/h200_profile_aa395c1.md -> h200_profile.md).  The blend weights are
 // read from device memory here, never copied to the host.  The labels D1-D5 of docs/SPEC.md
 // are cited where each per-(n, c) formula is implemented.
 #include "../common/dabn_math.h"
