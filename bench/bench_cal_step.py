@@ -10,6 +10,10 @@ Contestants, one call each on the same 28x28 Fashion-MNIST batch, the cached dem
                          reads the probe's spread): score, spread, host-synced decision, no update
   cal_skewed             the same, every batch decided ``skewed``
   cal_multiple_noft      ``cal_multiple`` with DAFT off (decision on the device, no graph)
+  cal_noft_no_probe      the same without the class probe (a threshold on the score alone):
+                         what the probe and its spread rule cost
+  cal_model_only         the calibrated model's forward alone, every layer on its ``multiple``
+                         blend, no score, no probe, no decision (the layers' own cost)
   cal_single_step        every batch ``single``: forward with graph, entropy backward, SGD step
 
 The configuration (blends, cuts, DAFT) is the one ``demo_sev3.json`` records for that batch size;
@@ -74,18 +78,25 @@ def _table(model, x, cal, bs: int) -> None:
     adapters = {"cal_multiple": forced(dk.ThresholdSelector(0.0, skew_cut=1e-6)),
                 "cal_skewed": forced(dk.ThresholdSelector(1e9, skew_cut=1.0)),
                 "cal_multiple_noft": forced(dk.ThresholdSelector(0.0, skew_cut=1e-6), daft=False),
+                "cal_noft_no_probe": forced(dk.ThresholdSelector(0.0), daft=False),
                 "cal_single_step": forced(dk.ThresholdSelector(1e9, skew_cut=1e-6))}
     want = {"cal_multiple": "multiple", "cal_skewed": "skewed", "cal_multiple_noft": "multiple",
-            "cal_single_step": "single"}
+            "cal_noft_no_probe": "multiple", "cal_single_step": "single"}
     for name, a in adapters.items():
         a(x)
         assert a.last_decision == want[name], (name, a.last_decision)
 
-    def plain_call():
+    bare = copy.deepcopy(adapters["cal_multiple_noft"].model)
+    dk.nn.set_decisions(dk.nn.dabn_layers(bare), "multiple")
+    for lyr in dk.nn.dabn_layers(bare):
+        lyr.compute_score = False
+
+    def plain_call(m=plain):
         with torch.no_grad():
-            return plain(x)
+            return m(x)
     runs = {"tbn": lambda: tbn(x), "bn_train": plain_call}
     runs |= {name: (lambda a=a: a(x)) for name, a in adapters.items()}
+    runs["cal_model_only"] = lambda: plain_call(bare)
     sec = time_contestants(runs, "cpu", reps=41)
     print(f"## Batch size {bs}\n")
     print("| contestant | ms | / tbn |\n|---|---|---|")

@@ -321,8 +321,7 @@ class DATTA(Adapter):
                                                   layer.source_var, layer.eps)
             self.last_spread = extra["spread"]
         if self._sync_free:
-            single = self.selector.decide_tensor(score, **extra)
-            skewed = self.selector.skewed_tensor(score, **extra)
+            single, skewed = self.selector.decide_tensors(score, **extra)
             set_decisions(self._layers, single, False if skewed is None else skewed)
             self._last_decision, self._last_decision_t, self._last_skewed_t = None, single, skewed
             return

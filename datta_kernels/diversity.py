@@ -293,6 +293,11 @@ class Selector:
         """Device-side ``"skewed"`` flag of a sync-free selector (None: it never answers it)."""
         return None
 
+    def decide_tensors(self, score: Tensor, **extra) -> tuple[Tensor, Tensor | None]:
+        """``(decide_tensor(...), skewed_tensor(...))`` of a sync-free selector in one call
+        (a selector may share the work between the two)."""
+        return self.decide_tensor(score, **extra), self.skewed_tensor(score, **extra)
+
     def reset(self) -> None:
         """Forget the stream (history, counters); keep the configuration."""
 
@@ -366,8 +371,25 @@ class ThresholdSelector(Selector):
             skewed = skewed | ((s < self.threshold) & (spread.detach().reshape(()) < self.skew_cut))
         return skewed
 
-    def reset(self) -> None:
-        self.last_decision = None
+    def decide_tensors(self, score: Tensor, spread: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """:meth:`decide_tensor` and :meth:`skewed_tensor` at once, sharing their comparisons
+        (5 tiny device ops instead of 12 with a spread cut and no low cut: at a small batch
+        on a CPU each costs a few microseconds of a ~4 ms step).  Same values, NaNs included."""
+        s = score.detach().reshape(())
+        below = s < self.threshold
+        has_spread = self.skew_cut is not None and spread is not None
+        if has_spread:
+            sp = spread.detach().reshape(())
+            keep, skew = sp >= self.skew_cut, sp < self.skew_cut   # both False for a NaN spread
+        if self.low == -math.inf:
+            if not has_spread:
+                return below, (None if self.skew_cut is None else torch.zeros_like(below))
+            return below & keep, below & skew
+        single = below & (s >= self.low)
+        skewed = s < self.low
+        if has_spread:
+            single, skewed = single & keep, skewed | skew
+        return single, below & skewed
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "threshold", "threshold": self.threshold, "low": self.low,

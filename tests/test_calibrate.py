@@ -291,6 +291,18 @@ def test_threshold_selector_skew_cut():
         assert (single, skewed) == (want == "single", want == "skewed"), (score, bal)
     both = dk.ThresholdSelector(0.5, low=0.2, skew_cut=0.6)
     assert both.update(0.1, spread=0.9) == "skewed" and both.update(0.3, spread=0.5) == "skewed"
+    # decide_tensors (DATTA's sync-free path) == (decide_tensor, skewed_tensor), NaN/inf included
+    nan, inf = float("nan"), float("inf")
+    for s_ in (dk.ThresholdSelector(0.5), dk.ThresholdSelector(0.5, low=0.2), sel, both):
+        for score in (0.1, 0.3, 0.5, 0.7, nan, inf, -inf):
+            for bal in (None, 0.3, 0.6, 0.9, nan):
+                b = None if bal is None else torch.tensor(bal)
+                t = torch.tensor(score)
+                want_single, want_skewed = s_.decide_tensor(t, b), s_.skewed_tensor(t, b)
+                got_single, got_skewed = s_.decide_tensors(t, b)
+                assert bool(got_single) == bool(want_single), (s_, score, bal)
+                assert (got_skewed is None) == (want_skewed is None), (s_, score, bal)
+                assert got_skewed is None or bool(got_skewed) == bool(want_skewed), (s_, score, bal)
     other = dk.ThresholdSelector(1.0)
     other.load_state_dict(both.state_dict())
     assert other.skew_cut == 0.6 and other.uses_spread and "skew_cut=0.6" in repr(other)
