@@ -187,6 +187,9 @@ TORCH_LIBRARY(datta, m) {
       "_dispersion_score(Tensor mean, Tensor var, Tensor source_mean, Tensor source_var, int m, "
       "float eps, str parts, str stat) -> (Tensor score, Tensor per_sample)");
   m.def(
+      "_probe_spread(Tensor mean, Tensor var, Tensor source_mean, Tensor source_var, float eps, "
+      "Tensor center, Tensor scale, Tensor weight, Tensor bias) -> Tensor");
+  m.def(
       "_dabn_normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
       "Tensor source_var, Tensor blend, float? shrink_k, float eps, Tensor mean, Tensor var) -> "
       "Tensor");

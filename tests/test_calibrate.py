@@ -269,13 +269,68 @@ def test_class_probe_fit_separates_label_skewed_batches():
     assert float(prediction_spread(probe.logits(one))) < 0.3
     mean_i, var_i = torch.randn(8, c, generator=g), torch.rand(8, c, generator=g) + 0.1
     sm, sv = torch.zeros(c), torch.ones(c)
-    assert torch.equal(probe(mean_i, var_i, sm, sv, 1e-5),
+    by_ops = prediction_spread(probe.logits(ClassProbe.features(mean_i, var_i, sm, sv, 1e-5)))
+    torch.testing.assert_close(probe(mean_i, var_i, sm, sv, 1e-5), by_ops, rtol=1e-5, atol=1e-6)
+    assert torch.equal(probe.spread_reference(mean_i, var_i, sm, sv, 1e-5),
                        prediction_spread(probe.logits(ClassProbe.features(mean_i, var_i, sm, sv, 1e-5))))
     assert set(probe.state_dict()) == {"center", "scale", "weight", "bias"}
     with pytest.raises(ValueError, match="not finite"):
         ClassProbe.fit(feats.clone().fill_(float("nan")), y, k)
     with pytest.raises(ValueError):
         probe.logits(torch.zeros(3, 2 * c + 1))
+
+
+def _spread_float64(mean_i, var_i, sm, sv, eps, probe):
+    """SPEC §6's probe spread in numpy float64, from the formula (not the library's code)."""
+    m, v, a, b = (t.double().numpy() for t in (mean_i, var_i, sm, sv))
+    f = np.concatenate([(m - a) / np.sqrt(b + eps),
+                        0.5 * np.log((np.maximum(v, 0) + eps) / (b + eps))], axis=1)
+    ce, sc, w, bias = (t.double().numpy() for t in (probe.center, probe.scale, probe.weight, probe.bias))
+    z = ((f - ce) / sc) @ w + bias
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return p.std(axis=0).sum() / math.sqrt(w.shape[1] - 1)
+
+
+@pytest.mark.skipif(bool(dk._ext.unavailable_reasons()), reason="needs the compiled extension")
+@pytest.mark.parametrize("n, c, k", [(1, 3, 2), (2, 5, 10), (16, 16, 10), (64, 7, 3)])
+def test_probe_spread_op_matches_float64(n, c, k):
+    """The fused CPU op (what ClassProbe.forward runs on CPU) against the formula in float64 and
+    the probe's own PyTorch ops; float16 statistics, a negative variance (clamped) and
+    non-finite statistics (NaN out, as the torch ops give) included."""
+    g = torch.Generator().manual_seed(n * 100 + c)
+    probe = ClassProbe(c, k)
+    with torch.no_grad():
+        probe.center.copy_(torch.randn(2 * c, generator=g) * 0.1)
+        probe.scale.copy_(torch.rand(2 * c, generator=g) + 0.5)
+        probe.weight.copy_(torch.randn(2 * c, k, generator=g))
+        probe.bias.copy_(torch.randn(k, generator=g))
+    mean_i, var_i = torch.randn(n, c, generator=g) * 2, torch.rand(n, c, generator=g) * 3
+    var_i[0, 0] = -1e-7                                     # rounding can leave a tiny negative
+    sm, sv = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.1
+    got = torch.ops.datta._probe_spread(mean_i, var_i, sm, sv, 1e-5, probe.center, probe.scale,
+                                        probe.weight, probe.bias)
+    assert got.dtype == torch.float32 and got.shape == ()
+    want = _spread_float64(mean_i, var_i, sm, sv, 1e-5, probe)
+    assert abs(float(got) - want) <= 1e-6 + 1e-6 * abs(want)
+    torch.testing.assert_close(probe(mean_i, var_i, sm, sv, 1e-5), got)
+    torch.testing.assert_close(got, probe.spread_reference(mean_i, var_i, sm, sv, 1e-5), rtol=1e-5, atol=1e-6)
+    half = torch.ops.datta._probe_spread(mean_i.half(), var_i.half(), sm, sv, 1e-5, probe.center,
+                                         probe.scale, probe.weight, probe.bias)
+    want_half = _spread_float64(mean_i.half().float(), var_i.half().float(), sm, sv, 1e-5, probe)
+    assert abs(float(half) - want_half) <= 1e-6 + 1e-6 * abs(want_half)
+    bad = mean_i.clone()
+    bad[0, 0] = float("nan")
+    assert math.isnan(float(probe(bad, var_i, sm, sv, 1e-5)))
+    assert math.isnan(float(probe.spread_reference(bad, var_i, sm, sv, 1e-5)))
+    torch.library.opcheck(torch.ops.datta._probe_spread,
+                          (mean_i, var_i, sm, sv, 1e-5, probe.center, probe.scale, probe.weight, probe.bias))
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.datta._probe_spread(mean_i, var_i, sm, sv, 1e-5, probe.center, probe.scale,
+                                      probe.weight[:-1], probe.bias)
+    with pytest.raises(RuntimeError, match="center must be"):
+        torch.ops.datta._probe_spread(mean_i, var_i, sm, sv, 1e-5, probe.center[:-1], probe.scale,
+                                      probe.weight, probe.bias)
 
 
 def test_threshold_selector_skew_cut():

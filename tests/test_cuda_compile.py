@@ -65,6 +65,8 @@ CUDA_EXEMPT = {
     "_build_info": "takes no tensor: its kernel is the catch-all one m.def registers",
     "_dispersion_score": "the cuda backend computes it with torch ops (backends/cuda.py), "
                          "it reads only (N, C) statistics",
+    "_probe_spread": "ClassProbe runs its torch ops off the CPU (diversity.py); it reads only "
+                     "(N, C) statistics",
 }
 
 
