@@ -20,6 +20,21 @@
 namespace datta::cpu {
 namespace {
 
+/// Sum of squared deviations from its mean of column `col` of the row-major (n, f) matrix `a`
+/// (in row order); each row's squared deviation is also added to per[row] when per is given.
+double column_ss(const std::vector<double>& a, int64_t n, int64_t f, int64_t col, double* per) {
+  double s = 0.0;
+  for (int64_t ni = 0; ni < n; ++ni) s += a[ni * f + col];
+  const double mean = s / double(n);
+  double ss = 0.0;
+  for (int64_t ni = 0; ni < n; ++ni) {
+    const double d = a[ni * f + col] - mean;
+    ss += d * d;
+    if (per != nullptr) per[ni] += d * d;
+  }
+  return ss;
+}
+
 std::tuple<at::Tensor, at::Tensor> dispersion_score_cpu(const at::Tensor& mean, const at::Tensor& var,
                                                         const at::Tensor& source_mean,
                                                         const at::Tensor& source_var, int64_t m, double eps,
@@ -58,15 +73,7 @@ std::tuple<at::Tensor, at::Tensor> dispersion_score_cpu(const at::Tensor& mean, 
   std::vector<double> per(n, 0.0);
   double total = 0.0;
   for (int64_t fi = 0; fi < f; ++fi) {
-    double s = 0.0;
-    for (int64_t ni = 0; ni < n; ++ni) s += z[ni * f + fi];
-    const double zbar = s / double(n);
-    double ss = 0.0;
-    for (int64_t ni = 0; ni < n; ++ni) {
-      const double d = z[ni * f + fi] - zbar;
-      ss += d * d;
-      per[ni] += d * d;
-    }
+    const double ss = column_ss(z, n, f, fi, per.data());
     total += stat == "std" ? std::sqrt(ss / double(n)) : ss / double(n);
   }
   at::Tensor score = at::empty({}, mean.options().dtype(at::kFloat));
@@ -148,17 +155,7 @@ at::Tensor probe_spread_cpu(const at::Tensor& mean, const at::Tensor& var, const
     for (int64_t ki = 0; ki < k; ++ki) row[ki] /= z;
   }
   double total = 0.0;
-  for (int64_t ki = 0; ki < k; ++ki) {
-    double s = 0.0;
-    for (int64_t ni = 0; ni < n; ++ni) s += p[ni * k + ki];
-    const double pbar = s / double(n);
-    double ss = 0.0;
-    for (int64_t ni = 0; ni < n; ++ni) {
-      const double d = p[ni * k + ki] - pbar;
-      ss += d * d;
-    }
-    total += std::sqrt(ss / double(n));
-  }
+  for (int64_t ki = 0; ki < k; ++ki) total += std::sqrt(column_ss(p, n, k, ki, nullptr) / double(n));
   at::Tensor out = at::empty({}, mean.options().dtype(at::kFloat));
   *out.mutable_data_ptr<float>() = static_cast<float>(total / std::sqrt(double(k - 1)));
   return out;
