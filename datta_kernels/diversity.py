@@ -407,6 +407,9 @@ class ThresholdSelector(Selector):
             single, skewed = single & keep, skewed | skew
         return single, below & skewed
 
+    def reset(self) -> None:
+        self.last_decision = None
+
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "threshold", "threshold": self.threshold, "low": self.low,
                 "skew_cut": self.skew_cut, "last_decision": self.last_decision}

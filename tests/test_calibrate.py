@@ -346,6 +346,8 @@ def test_threshold_selector_skew_cut():
         assert (single, skewed) == (want == "single", want == "skewed"), (score, bal)
     both = dk.ThresholdSelector(0.5, low=0.2, skew_cut=0.6)
     assert both.update(0.1, spread=0.9) == "skewed" and both.update(0.3, spread=0.5) == "skewed"
+    both.reset()                                      # forgets the stream, keeps the cuts
+    assert both.last_decision is None and both.skew_cut == 0.6 and both.low == 0.2
     # decide_tensors (DATTA's sync-free path) == (decide_tensor, skewed_tensor), NaN/inf included
     nan, inf = float("nan"), float("inf")
     for s_ in (dk.ThresholdSelector(0.5), dk.ThresholdSelector(0.5, low=0.2), sel, both):
