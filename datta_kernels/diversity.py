@@ -371,26 +371,20 @@ class ThresholdSelector(Selector):
 
     def decide_tensor(self, score: Tensor, spread: Tensor | None = None) -> Tensor:
         """Device-side decision: a 0-dim bool tensor, True for ``single`` (no host sync)."""
-        s = score.detach().reshape(())
-        single = (s < self.threshold) & (s >= self.low)
-        if self.skew_cut is not None and spread is not None:
-            single = single & (spread.detach().reshape(()) >= self.skew_cut)
-        return single
+        return self.decide_tensors(score, spread)[0]
 
     def skewed_tensor(self, score: Tensor, spread: Tensor | None = None) -> Tensor | None:
         """Device-side ``skewed`` flag (None when this selector never answers it)."""
-        if self.low == -math.inf and self.skew_cut is None:
-            return None
-        s = score.detach().reshape(())
-        skewed = (s < self.threshold) & (s < self.low)
-        if self.skew_cut is not None and spread is not None:
-            skewed = skewed | ((s < self.threshold) & (spread.detach().reshape(()) < self.skew_cut))
-        return skewed
+        return self.decide_tensors(score, spread)[1]
 
     def decide_tensors(self, score: Tensor, spread: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """:meth:`decide_tensor` and :meth:`skewed_tensor` at once, sharing their comparisons
-        (5 tiny device ops instead of 12 with a spread cut and no low cut: at a small batch
-        on a CPU each costs a few microseconds of a ~4 ms step).  Same values, NaNs included."""
+        """The device-side rule, both flags at once (``single``, ``skewed``; ``skewed`` None when
+        this selector never answers it): ``single`` iff ``low <= score < threshold`` and (with a
+        spread cut and a spread) ``spread >= skew_cut``; ``skewed`` iff ``score < threshold`` and
+        (``score < low`` or ``spread < skew_cut``).  A NaN score is neither (``multiple``), as
+        is a NaN spread.  Shared comparisons: 5 tiny device ops with a spread cut and no low
+        cut (12 as two separate rules; at a small batch on a CPU each costs a few microseconds
+        of a ~4 ms step)."""
         s = score.detach().reshape(())
         below = s < self.threshold
         has_spread = self.skew_cut is not None and spread is not None

@@ -348,18 +348,25 @@ def test_threshold_selector_skew_cut():
     assert both.update(0.1, spread=0.9) == "skewed" and both.update(0.3, spread=0.5) == "skewed"
     both.reset()                                      # forgets the stream, keeps the cuts
     assert both.last_decision is None and both.skew_cut == 0.6 and both.low == 0.2
-    # decide_tensors (DATTA's sync-free path) == (decide_tensor, skewed_tensor), NaN/inf included
+    # the device-side rule (DATTA's sync-free path) against the rule written out in Python
+    # floats, NaN/inf included; decide_tensor / skewed_tensor are its two halves
     nan, inf = float("nan"), float("inf")
     for s_ in (dk.ThresholdSelector(0.5), dk.ThresholdSelector(0.5, low=0.2), sel, both):
+        cut = s_.skew_cut
         for score in (0.1, 0.3, 0.5, 0.7, nan, inf, -inf):
             for bal in (None, 0.3, 0.6, 0.9, nan):
+                read = cut is not None and bal is not None
+                want_single = s_.low <= score < 0.5 and (not read or bal >= cut)
+                want_skewed = (None if s_.low == -inf and cut is None else
+                               score < 0.5 and (score < s_.low or (read and bal < cut)))
                 b = None if bal is None else torch.tensor(bal)
                 t = torch.tensor(score)
-                want_single, want_skewed = s_.decide_tensor(t, b), s_.skewed_tensor(t, b)
                 got_single, got_skewed = s_.decide_tensors(t, b)
-                assert bool(got_single) == bool(want_single), (s_, score, bal)
+                assert bool(got_single) == want_single, (s_, score, bal)
                 assert (got_skewed is None) == (want_skewed is None), (s_, score, bal)
-                assert got_skewed is None or bool(got_skewed) == bool(want_skewed), (s_, score, bal)
+                assert got_skewed is None or bool(got_skewed) == want_skewed, (s_, score, bal)
+                assert bool(s_.decide_tensor(t, b)) == want_single
+                assert (s_.skewed_tensor(t, b) is None) == (want_skewed is None)
     other = dk.ThresholdSelector(1.0)
     other.load_state_dict(both.state_dict())
     assert other.skew_cut == 0.6 and other.uses_spread and "skew_cut=0.6" in repr(other)
