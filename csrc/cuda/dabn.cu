@@ -156,8 +156,8 @@ forward_coefs_kernel(ChannelArgs<A> a, A* coef_mu, A* coef_b, A* coef_c0) {
   }
 }
 
-// SPEC D5, backward coefficients, per channel c (a lane; its slices of n in parallel), in this kernel's names (the
-// reference is datta_kernels.reference.dabn_backward).  Per n, with i = (n, c):
+// SPEC D5, backward coefficients, per channel c (a lane; its slices of n in parallel), in this
+// kernel's names (the reference is datta_kernels.reference.dabn_backward).  Per n, with i = (n, c):
 //   m, v       blended moments;  r = rsqrt(max(v, 0) + eps);  g = gamma[c]
 //   sdy        = sum_p dy,   sdyxc = sum_p dy (x - mu_i)                  (pass 1)
 //   sdyxh      = r (sdyxc + (mu_i - m) sdy)                               (= sum_p dy xhat)
@@ -282,8 +282,8 @@ void launch_moments(const Params& p, const Plan& plan, ShiftedSums<acc_t<T>>* pa
 template <typename T>
 void launch_normalize(const Params& p, const Plan& plan, const Scratch<acc_t<T>>& s, cudaStream_t stream) {
   using A = acc_t<T>;
-  forward_coefs_kernel<A><<<coef_grid(p.c), coef_block(), 0, stream>>>(channel_args<A>(p), s.coef_mu, s.coef_b,
-                                                                        s.coef_c0);
+  forward_coefs_kernel<A>
+      <<<coef_grid(p.c), coef_block(), 0, stream>>>(channel_args<A>(p), s.coef_mu, s.coef_b, s.coef_c0);
   ApplyArgs<T> ap{static_cast<const T*>(p.x), nullptr, static_cast<T*>(p.y), s.coef_mu, nullptr,
                   s.coef_b, s.coef_c0, p.n, p.c, p.m, plan};
   launch_apply<T, false>(p, ap, stream);
