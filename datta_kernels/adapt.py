@@ -29,7 +29,16 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .diversity import MULTIPLE, SINGLE, SKEWED, ClassProbe, KDESelector, Selector, make_selector
+from .diversity import (
+    MULTIPLE,
+    SINGLE,
+    SKEWED,
+    ClassProbe,
+    KDESelector,
+    Selector,
+    make_selector,
+    source_shift,
+)
 from .functional import SCORE_MODES
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer, set_decisions
 from .presets import _PRESET_DEFAULT, PRESETS
@@ -260,7 +269,9 @@ class DATTA(Adapter):
         class_probe: a :class:`~datta_kernels.diversity.ClassProbe` for the score layer,
             required when the selector reads a spread (``ThresholdSelector(skew_cut=...)``):
             the batch's prediction spread from the probe, on the score layer's instance
-            statistics, is passed to the selector (``last_spread``).
+            statistics, is passed to the selector (``last_spread``).  A selector with a shift
+            cut (``ThresholdSelector(shift_cut=...)``) also gets the batch's
+            :func:`~datta_kernels.diversity.source_shift` at the score layer (``last_shift``).
 
     Host syncs: one per batch (the selector needs the score as a float), except with a
     threshold selector and ``daft=False``, which decides on the device with no sync.
@@ -289,6 +300,8 @@ class DATTA(Adapter):
         self.class_probe = class_probe
         #: the latest batch's prediction spread (0-dim tensor; None without a probe)
         self.last_spread: Tensor | None = None
+        #: the latest batch's source shift at the score layer (0-dim; None unless the selector reads it)
+        self.last_shift: Tensor | None = None
         # an index, not a module attribute: the layer must not be registered twice; None =
         # found on the first batch (dispersion's default needs an input shape)
         self._score_at: int | None = None if score_mode == "dispersion" else 0
@@ -320,6 +333,9 @@ class DATTA(Adapter):
             extra["spread"] = self.class_probe(*layer.last_stats, layer.source_mean,
                                                   layer.source_var, layer.eps)
             self.last_spread = extra["spread"]
+        if self.selector.uses_shift:       # how far the batch is from the source statistics
+            extra["shift"] = self.last_shift = source_shift(*layer.last_stats, layer.source_mean,
+                                                            layer.source_var, layer.eps)
         if self._sync_free:
             single, skewed = self.selector.decide_tensors(score, **extra)
             set_decisions(self._layers, single, False if skewed is None else skewed)

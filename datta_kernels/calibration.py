@@ -16,7 +16,11 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
    ``low``, ``single`` below ``high``) and *score + spread* (``multiple`` from ``high``, else
    ``skewed`` when the batch's prediction spread from a :class:`~datta_kernels.diversity.ClassProbe`
    fitted at the score layer is below ``skew_cut``, else ``single``), each with the cuts that
-   maximise the mean over the three batch types of the accuracy those blends give;
+   maximise the mean over the three batch types of the accuracy those blends give; and a
+   limit on ``skewed``: only batches whose :func:`~datta_kernels.diversity.source_shift` at the
+   score layer is within the largest among those validation batches (a batch farther from the
+   source statistics than any validation batch gets ``single``, whose batch statistics follow
+   the shift, rather than the source statistics ``skewed`` trusts);
 4. the rule with the better mean accuracy over four validation streams without DAFT;
 5. DAFT on or off (entropy steps on ``single`` batches at ``lr``): on only if it raises the
    mean accuracy of those streams.
@@ -37,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapt import DATTA
-from .diversity import ClassProbe, Selector, ThresholdSelector, prediction_spread
+from .diversity import ClassProbe, Selector, ThresholdSelector, prediction_spread, source_shift
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
 from .surgery import _is_plain_bn, convert_model
 
@@ -84,6 +88,9 @@ class Calibration:
     skew_cut: float | None
     daft: bool
     lr: float
+    #: ``skewed`` only where the batch's source shift at the score layer is at most this: the
+    #: largest shift among the validation batches the cuts were chosen on (None: no limit)
+    shift_cut: float | None = None
     #: blend -> accuracy (%) per batch type, every candidate
     blend_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
     #: pre blend -> accuracy (%) per batch type, the later layers on the type's right blend
@@ -119,7 +126,7 @@ class Calibration:
 
     def selector(self) -> ThresholdSelector:
         """The calibrated decision rule."""
-        return ThresholdSelector(self.threshold, self.low, self.skew_cut)
+        return ThresholdSelector(self.threshold, self.low, self.skew_cut, self.shift_cut)
 
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k not in ("blend_table", "pre_table", "probe")}
@@ -157,8 +164,13 @@ class Calibration:
                      "the three batch types), per validation batch:")
         for name, acc in self.decision_table.items():
             lines.append(f"  {name:<20} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items()))
-        lines.append(f"decision rule: {rule_name(self.threshold, self.low, self.skew_cut)} (the best "
-                     "mean over validation streams without DAFT; candidates:)")
+        lines.append(f"decision rule: {rule_name(self.threshold, self.low, self.skew_cut, self.shift_cut)} "
+                     "(the best mean over validation streams without DAFT; candidates:)")
+        if self.shift_cut is not None:
+            lines.append(f"  shift cut {self.shift_cut:.4g}: the largest source shift at {self.score_layer} "
+                         f"among the {sum(self.batches.values())} validation batches above; a batch "
+                         "farther from the source statistics than every validation batch is never "
+                         "skewed (it gets single)")
         for name, acc in self.rule_table.items():
             lines.append(f"  {name:<46} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {np.mean(list(acc.values())):5.1f}")
@@ -266,12 +278,14 @@ def _sorted_stream(domains, batch_size: int, n: int, g: torch.Generator) -> list
     return out
 
 
-def rule_name(high: float, low: float, skew_cut: float | None) -> str:
+def rule_name(high: float, low: float, skew_cut: float | None, shift_cut: float | None = None) -> str:
     parts = [f"multiple if score >= {high:.4g}"]
     if low != -math.inf:
         parts.append(f"skewed if score < {low:.4g}")
     if skew_cut is not None:
         parts.append(f"skewed if spread < {skew_cut:.4g}")
+    if shift_cut is not None and (low != -math.inf or skew_cut is not None):
+        parts[-1] += f" and shift <= {shift_cut:.4g}"
     return "; ".join(parts) + "; else single"
 
 
@@ -375,19 +389,21 @@ def _stream_accuracy(adapter: DATTA, batches) -> float:
     return 100.0 * correct / max(1, total)
 
 
-def _scores(work: nn.Module, batches) -> tuple[np.ndarray, list[Tensor]]:
+def _scores(work: nn.Module, batches) -> tuple[np.ndarray, list[Tensor], np.ndarray]:
     """The dispersion score of every batch (as DATTA computes it, every decision ``multiple``,
-    no update) and the :meth:`ClassProbe.features` of its score layer's instance statistics."""
+    no update), the :meth:`ClassProbe.features` of its score layer's instance statistics and
+    its :func:`source_shift` there."""
     probe = DATTA(copy.deepcopy(work), preset=None, selector=ThresholdSelector(0.0), daft=False,
                   score_mode="dispersion", backend=None)
-    scores, feats = [], []
+    scores, feats, shifts = [], [], []
     for x in batches:
         probe(x)
         layer = probe.layers[probe._score_at]
         scores.append(probe.last_score)
         feats.append(ClassProbe.features(*layer.last_stats, layer.source_mean, layer.source_var,
                                            layer.eps))
-    return np.array(scores, dtype=float), feats
+        shifts.append(float(source_shift(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps)))
+    return np.array(scores, dtype=float), feats, np.array(shifts, dtype=float)
 
 
 def _best_skew_rule(scores: np.ndarray, spread: np.ndarray, acc: dict[str, np.ndarray],
@@ -474,7 +490,7 @@ def _search_cuts(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, f
         acc[d] = np.concatenate([known[k] if k in known else _accuracy(work, val[k]) for k in KINDS])
     blends = (found["single"], found["multiple"], found["skewed"])
     _configure(layers, pre, found["pre"], blends, found["mode"])
-    scores, feats = _scores(work, [x for x, _ in everything])
+    scores, feats, shifts = _scores(work, [x for x, _ in everything])
     # 3b. a class probe at the score layer, fitted on other i.i.d. validation batches, and the
     #     cuts of the rule that reads its prediction spread, each batch's spread taken from
     #     probes fitted without its corruption family (as a test corruption is unseen)
@@ -497,7 +513,9 @@ def _search_cuts(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, f
                {f"said {name}": 100.0 * float((said == i).mean()) for i, name in enumerate(DECISIONS)}
     truth = np.array([DECISIONS.index(_TRUE[k]) for k in kinds])
     said_b = np.where(scores < high_b, np.where(spread < skew_cut, 0, 1), 2)
+    finite = shifts[np.isfinite(shifts)]
     return {"low": low, "high": high, "probe": probe, "high_b": high_b, "skew_cut": skew_cut,
+            "shift_cut": float(finite.max()) if len(finite) else None,
             "decision_table": {"score band": rule(_decide(scores, low, high)),
                                "score, no low cut": rule(_decide(scores, low0, high0)),
                                "score + spread": rule(said_b),
@@ -560,27 +578,32 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
                "sorted": _sorted_stream(domains, batch_size, n_batches, g)}
     probe = best["probe"]
 
+    shift_cut = best["shift_cut"]
+
     def run(rule, daft: bool) -> dict[str, float]:
         return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=lr,
-                                             selector=ThresholdSelector(*rule), class_probe=probe,
+                                             selector=ThresholdSelector(*rule, shift_cut),
+                                             class_probe=probe,
                                              score_mode="dispersion", backend=None), batches)
                 for name, batches in streams.items()}
     cut = best["skew_cut"]
     rules = [(best["high"], best["low"], None),
              (best["high_b"], -math.inf, None if cut == -math.inf else min(cut, 1.0))]
-    rule_table = {rule_name(*r): run(r, False) for r in rules}
-    means = [np.mean(list(rule_table[rule_name(*r)].values())) for r in rules]
+    rule_table = {rule_name(*r, shift_cut): run(r, False) for r in rules}
+    means = [np.mean(list(rule_table[rule_name(*r, shift_cut)].values())) for r in rules]
     high, low, skew_cut = rules[int(np.argmax(means))]      # ties: the first
 
     # 5. DAFT on or off, on the same streams with the chosen rule
-    daft_table = {"off": rule_table[rule_name(high, low, skew_cut)], "on": run((high, low, skew_cut), True)}
+    daft_table = {"off": rule_table[rule_name(high, low, skew_cut, shift_cut)],
+                  "on": run((high, low, skew_cut), True)}
     daft = bool(np.mean(list(daft_table["on"].values())) > np.mean(list(daft_table["off"].values())))
 
     report = Calibration(
         batch_size=int(batch_size), domains=list(domains), batches={k: len(v) for k, v in val.items()},
         score_layer=names[layers[pre]], instance_mode=mode, single_blend=single,
         multiple_blend=multiple, skewed_blend=skewed, pre_blend=best["pre"], threshold=high, low=low,
-        skew_cut=skew_cut, daft=daft, lr=lr, blend_table=best["blend_table"], pre_table=best["pre_table"],
+        skew_cut=skew_cut, daft=daft, lr=lr, shift_cut=shift_cut, blend_table=best["blend_table"],
+        pre_table=best["pre_table"],
         decision_table=best["decision_table"], rule_table=rule_table, daft_table=daft_table,
         modes=best["modes"], probe=probe)
     return report.adapter(model, backend=backend)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import _ext
 from .functional import diversity_score
 
-__all__ = ["diversity_score", "prediction_spread", "ClassProbe", "Selector", "KDESelector",
+__all__ = ["diversity_score", "prediction_spread", "source_shift", "ClassProbe", "Selector", "KDESelector",
            "ThresholdSelector", "KDEInfo", "kde_decision", "scott_kde", "calibrate_threshold",
            "SINGLE", "MULTIPLE", "SKEWED"]
 
@@ -77,6 +77,22 @@ def prediction_spread(logits: Tensor) -> Tensor:
         raise ValueError(f"prediction spread needs N >= 1 and K >= 2 classes, got {tuple(logits.shape)}")
     p = torch.softmax(logits.detach().float(), dim=1)
     return p.std(dim=0, unbiased=False).sum() / math.sqrt(k - 1)
+
+
+def source_shift(mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
+                 eps: float) -> Tensor:
+    """How far a batch's statistics at a layer are from the source's: the symmetric KL
+    divergence between the per-channel Gaussians of the batch and of the source, averaged over
+    channels, a 0-dim float32 tensor >= 0 (SPEC §6).  The batch's moments pool its instance
+    statistics ``(N, C)``: mean ``m_b = mean_n mu_i``, variance ``v_b = mean_n var_i +
+    var_n mu_i`` (population); with ``a = v_b + eps``, ``b = var_s + eps``, per channel
+    ``(a / b + b / a) / 2 - 1 + (m_b - mu_s)^2 (1 / a + 1 / b) / 2``.  0 when the batch has
+    the source's moments.  On the device, no host sync."""
+    m = mean_i.detach().float()
+    a = var_i.detach().float().mean(0) + m.var(0, unbiased=False) + eps
+    b = source_var.detach().float() + eps
+    d2 = (m.mean(0) - source_mean.detach().float()).square()
+    return (0.5 * (a / b + b / a) - 1.0 + 0.5 * d2 * (a.reciprocal() + b.reciprocal())).mean()
 
 
 class ClassProbe(nn.Module):
@@ -301,6 +317,9 @@ class Selector:
     #: True when ``update`` / ``decide_tensor`` read ``spread=``, the batch's
     #: :func:`prediction_spread` (DATTA passes it only then).
     uses_spread = False
+    #: True when ``update`` / ``decide_tensor`` read ``shift=``, the batch's
+    #: :func:`source_shift` at the score layer (DATTA passes it only then).
+    uses_shift = False
 
     def update(self, score: float | Tensor) -> str:
         raise NotImplementedError
@@ -333,13 +352,18 @@ class ThresholdSelector(Selector):
     mislead: ``low`` from the diversity score alone, ``skew_cut`` from the batch's prediction
     spread (:func:`prediction_spread` of a :class:`ClassProbe` at the score layer, which
     :class:`~datta_kernels.DATTA` passes as ``spread=``; without one, nothing is skewed by it).
-    ``datta_kernels.calibrate`` sets both from validation batches.  Stateless apart from its
-    cuts, so it can also decide on the device (:meth:`decide_tensor`, :meth:`skewed_tensor`)
-    without a host sync."""
+    ``shift_cut`` (default None: unused) limits ``skewed`` to batches whose
+    :func:`source_shift` (``shift=``) is at most ``shift_cut``: ``skewed`` normalises with the
+    source statistics, and a batch farther from them than the cut is ``single`` instead.
+    ``datta_kernels.calibrate`` sets the cuts from validation batches.  Stateless apart from
+    its cuts, so it can also decide on the device (:meth:`decide_tensor`,
+    :meth:`skewed_tensor`) without a host sync.  A NaN score, spread or shift never gives
+    ``single`` or ``skewed``: the batch is ``multiple``."""
 
     sync_free = True
 
-    def __init__(self, threshold: float, low: float = -math.inf, skew_cut: float | None = None):
+    def __init__(self, threshold: float, low: float = -math.inf, skew_cut: float | None = None,
+                 shift_cut: float | None = None):
         self.threshold = float(threshold)
         self.low = float(low)
         if not math.isfinite(self.threshold):
@@ -348,7 +372,11 @@ class ThresholdSelector(Selector):
             raise ValueError(f"low must be -inf or a number < threshold ({self.threshold}), got {low!r}")
         if skew_cut is not None and not (0.0 < float(skew_cut) <= 1.0):
             raise ValueError(f"skew_cut must be None or in (0, 1] (a prediction spread), got {skew_cut!r}")
+        if shift_cut is not None and not (0.0 <= float(shift_cut) < math.inf):
+            raise ValueError(f"shift_cut must be None or a finite number >= 0 (a source shift), "
+                             f"got {shift_cut!r}")
         self.skew_cut = None if skew_cut is None else float(skew_cut)
+        self.shift_cut = None if shift_cut is None else float(shift_cut)
         self.last_decision: str | None = None
 
     @property
@@ -356,57 +384,75 @@ class ThresholdSelector(Selector):
         """True when the decision reads the batch's prediction spread."""
         return self.skew_cut is not None
 
-    def _skewed_by_spread(self, spread) -> bool:
-        return self.skew_cut is not None and spread is not None and _as_float(spread) < self.skew_cut
+    @property
+    def uses_shift(self) -> bool:
+        """True when the decision reads the batch's source shift."""
+        return self.shift_cut is not None
 
-    def update(self, score: float | Tensor, spread: float | Tensor | None = None) -> str:
+    def update(self, score: float | Tensor, spread: float | Tensor | None = None,
+               shift: float | Tensor | None = None) -> str:
         s = _as_float(score)
-        if s >= self.threshold or math.isnan(s):
+        sp = None if self.skew_cut is None or spread is None else _as_float(spread)
+        can_skew = self.low != -math.inf or sp is not None      # this call can answer skewed
+        sh = None if self.shift_cut is None or shift is None or not can_skew else _as_float(shift)
+        if s >= self.threshold or math.isnan(s) or (sp is not None and math.isnan(sp)) \
+                or (sh is not None and math.isnan(sh)):
             self.last_decision = MULTIPLE
-        elif s < self.low or self._skewed_by_spread(spread):
+        elif (s < self.low or (sp is not None and sp < self.skew_cut)) \
+                and (sh is None or sh <= self.shift_cut):
             self.last_decision = SKEWED
         else:
             self.last_decision = SINGLE
         return self.last_decision
 
-    def decide_tensor(self, score: Tensor, spread: Tensor | None = None) -> Tensor:
+    def decide_tensor(self, score: Tensor, spread: Tensor | None = None,
+                      shift: Tensor | None = None) -> Tensor:
         """Device-side decision: a 0-dim bool tensor, True for ``single`` (no host sync)."""
-        return self.decide_tensors(score, spread)[0]
+        return self.decide_tensors(score, spread, shift)[0]
 
-    def skewed_tensor(self, score: Tensor, spread: Tensor | None = None) -> Tensor | None:
+    def skewed_tensor(self, score: Tensor, spread: Tensor | None = None,
+                      shift: Tensor | None = None) -> Tensor | None:
         """Device-side ``skewed`` flag (None when this selector never answers it)."""
-        return self.decide_tensors(score, spread)[1]
+        return self.decide_tensors(score, spread, shift)[1]
 
-    def decide_tensors(self, score: Tensor, spread: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def decide_tensors(self, score: Tensor, spread: Tensor | None = None,
+                       shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The device-side rule, both flags at once (``single``, ``skewed``; ``skewed`` None when
-        this selector never answers it): ``single`` iff ``low <= score < threshold`` and (with a
-        spread cut and a spread) ``spread >= skew_cut``; ``skewed`` iff ``score < threshold`` and
-        (``score < low`` or ``spread < skew_cut``).  A NaN score is neither (``multiple``), as
-        is a NaN spread.  Shared comparisons: 5 tiny device ops with a spread cut and no low
-        cut (12 as two separate rules; at a small batch on a CPU each costs a few microseconds
-        of a ~4 ms step)."""
+        this selector never answers it), as :meth:`update`: with ``below = score < threshold``
+        and ``ok`` = no NaN spread or shift, ``skewed`` iff ``below``, ``ok``, (``score < low``
+        or ``spread < skew_cut``) and ``shift <= shift_cut``; ``single`` iff ``below``, ``ok``
+        and not ``skewed`` (a spread or shift is read only with its cut, a shift only by a
+        call that can answer ``skewed``: a low cut, or a spread cut and a spread).  Shared comparisons:
+        5 tiny device ops with a spread cut and nothing else (12 as two separate rules; at a
+        small batch on a CPU each costs a few microseconds of a ~4 ms step)."""
         s = score.detach().reshape(())
         below = s < self.threshold
         has_spread = self.skew_cut is not None and spread is not None
+        has_shift = self.shift_cut is not None and shift is not None
+        if not has_spread and self.low == -math.inf:
+            return below, (None if self.skew_cut is None and self.shift_cut is None
+                           else torch.zeros_like(below))
+        skew = s < self.low if self.low != -math.inf else None
         if has_spread:
             sp = spread.detach().reshape(())
-            keep, skew = sp >= self.skew_cut, sp < self.skew_cut   # both False for a NaN spread
-        if self.low == -math.inf:
-            if not has_spread:
-                return below, (None if self.skew_cut is None else torch.zeros_like(below))
-            return below & keep, below & skew
-        single = below & (s >= self.low)
-        skewed = s < self.low
-        if has_spread:
-            single, skewed = single & keep, skewed | skew
-        return single, below & skewed
+            keep, low_spread = sp >= self.skew_cut, sp < self.skew_cut   # both False for a NaN spread
+            skew = low_spread if skew is None else skew | low_spread
+            below = below & (keep | low_spread)                          # a NaN spread: multiple
+        if has_shift:
+            sh = shift.detach().reshape(())
+            near = sh <= self.shift_cut
+            below = below & (near | (sh > self.shift_cut))              # a NaN shift: multiple
+            skew = skew & near
+        skewed = below & skew
+        return below & ~skew, skewed
 
     def reset(self) -> None:
         self.last_decision = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "threshold", "threshold": self.threshold, "low": self.low,
-                "skew_cut": self.skew_cut, "last_decision": self.last_decision}
+                "skew_cut": self.skew_cut, "shift_cut": self.shift_cut,
+                "last_decision": self.last_decision}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "threshold":
@@ -415,12 +461,15 @@ class ThresholdSelector(Selector):
         self.low = float(state.get("low", -math.inf))
         cut = state.get("skew_cut")
         self.skew_cut = None if cut is None else float(cut)
+        shift = state.get("shift_cut")
+        self.shift_cut = None if shift is None else float(shift)
         self.last_decision = state.get("last_decision")
 
     def __repr__(self) -> str:
         low = "" if self.low == -math.inf else f", low={self.low}"
         cut = "" if self.skew_cut is None else f", skew_cut={self.skew_cut}"
-        return f"ThresholdSelector(threshold={self.threshold}{low}{cut})"
+        shift = "" if self.shift_cut is None else f", shift_cut={self.shift_cut}"
+        return f"ThresholdSelector(threshold={self.threshold}{low}{cut}{shift})"
 
 
 class KDESelector(Selector):

@@ -3,6 +3,7 @@ layers and of ``ThresholdSelector(low=...)``, the cut search, the report."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import numpy as np
@@ -41,6 +42,19 @@ def _domains(n: int = 24) -> dict:
     base = torch.randn(n, 1, 10, 10, generator=g) + y[:, None, None, None].float()
     noisy = base + torch.randn(base.shape, generator=g)
     return {"clean": (base, y), "shifted": (base * 2 + 1, y), "noisy": (noisy, y)}
+
+
+def _shift64(mean_i, var_i, source_mean, source_var, eps) -> float:
+    """SPEC §6's source shift in float64 numpy: the symmetric KL divergence between the
+    per-channel Gaussians of the batch (pooled instance moments) and of the source, averaged
+    over channels."""
+    m, v = mean_i.double().numpy(), var_i.double().numpy()
+    mb = m.mean(0)
+    a = v.mean(0) + ((m - mb) ** 2).mean(0) + eps
+    b = source_var.double().numpy() + eps
+    kl_ab = 0.5 * (a / b + (mb - source_mean.double().numpy()) ** 2 / b - 1 + np.log(b / a))
+    kl_ba = 0.5 * (b / a + (mb - source_mean.double().numpy()) ** 2 / a - 1 + np.log(a / b))
+    return float((kl_ab + kl_ba).mean())
 
 
 def _objective(got: np.ndarray, kinds: np.ndarray) -> float:
@@ -173,12 +187,24 @@ def test_calibrate_returns_a_configured_datta():
     means = {w: np.mean(list(v.values())) for w, v in rep.pre_table.items()}
     assert set(means) == set(grid) and means[rep.pre_blend] == max(means.values())
     assert rep.modes[rep.instance_mode] == max(rep.modes.values())
-    assert adapter.selector.skew_cut == rep.skew_cut
+    assert adapter.selector.skew_cut == rep.skew_cut and adapter.selector.shift_cut == rep.shift_cut
+    # the shift cut: the largest source shift at the score layer among the validation batches
+    # the cuts were chosen on (recomputed here in float64 from the layer's instance statistics)
+    val = _batches(_domains(), 8, 4, torch.Generator().manual_seed(0))
+    look = rep.adapter(copy.deepcopy(source), selector=dk.ThresholdSelector(1e9), backend="reference")
+    shifts = []
+    for k in KINDS:
+        for x, _ in val[k]:
+            look(x)
+            layer = look.layers[look._score_at]
+            shifts.append(_shift64(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps))
+    assert rep.shift_cut == pytest.approx(max(shifts), rel=1e-5)
+    assert f"shift <= {rep.shift_cut:.4g}" in str(rep) and "shift cut" in str(rep)
     assert isinstance(adapter.class_probe, ClassProbe) and adapter.class_probe is not rep.probe
     # the rule is the better of the two candidates on the validation streams (ties: the first)
     means = [np.mean(list(v.values())) for v in rep.rule_table.values()]
     assert len(means) == 2 and list(rep.rule_table)[int(np.argmax(means))] == \
-        dk.calibration.rule_name(rep.threshold, rep.low, rep.skew_cut)
+        dk.calibration.rule_name(rep.threshold, rep.low, rep.skew_cut, rep.shift_cut)
     assert set(next(iter(rep.rule_table.values()))) == {"single", "mixed", "dynamic", "sorted"}
     text = str(rep)
     assert "datta_cal for batch size 8" in text and "oracle (true type)" in text and "DAFT" in text
@@ -351,28 +377,48 @@ def test_threshold_selector_skew_cut():
     # the device-side rule (DATTA's sync-free path) against the rule written out in Python
     # floats, NaN/inf included; decide_tensor / skewed_tensor are its two halves
     nan, inf = float("nan"), float("inf")
-    for s_ in (dk.ThresholdSelector(0.5), dk.ThresholdSelector(0.5, low=0.2), sel, both):
-        cut = s_.skew_cut
-        for score in (0.1, 0.3, 0.5, 0.7, nan, inf, -inf):
-            for bal in (None, 0.3, 0.6, 0.9, nan):
-                read = cut is not None and bal is not None
-                want_single = s_.low <= score < 0.5 and (not read or bal >= cut)
-                want_skewed = (None if s_.low == -inf and cut is None else
-                               score < 0.5 and (score < s_.low or (read and bal < cut)))
-                b = None if bal is None else torch.tensor(bal)
-                t = torch.tensor(score)
-                got_single, got_skewed = s_.decide_tensors(t, b)
-                assert bool(got_single) == want_single, (s_, score, bal)
-                assert (got_skewed is None) == (want_skewed is None), (s_, score, bal)
-                assert got_skewed is None or bool(got_skewed) == want_skewed, (s_, score, bal)
-                assert bool(s_.decide_tensor(t, b)) == want_single
-                assert (s_.skewed_tensor(t, b) is None) == (want_skewed is None)
+    selectors = (dk.ThresholdSelector(0.5), dk.ThresholdSelector(0.5, low=0.2), sel, both,
+                 dk.ThresholdSelector(0.5, shift_cut=1.0), dk.ThresholdSelector(0.5, low=0.2, shift_cut=1.0),
+                 dk.ThresholdSelector(0.5, skew_cut=0.6, shift_cut=1.0),
+                 dk.ThresholdSelector(0.5, low=0.2, skew_cut=0.6, shift_cut=1.0))
+    for s_ in selectors:
+        cut, scut = s_.skew_cut, s_.shift_cut
+        values = ((0.1, 0.3, 0.5, 0.7, nan, inf, -inf), (None, 0.3, 0.6, 0.9, nan),
+                  (None, 0.5, 1.0, 2.0, nan, inf))
+        for score, bal, shift in itertools.product(*values):
+            read = cut is not None and bal is not None
+            can_skew = s_.low != -inf or read
+            read_shift = scut is not None and shift is not None and can_skew
+            ok = not (read and math.isnan(bal)) and not (read_shift and math.isnan(shift))
+            skew = (score < s_.low or (read and bal < cut)) and (not read_shift or shift <= scut)
+            want_skewed_flag = score < 0.5 and ok and skew
+            want_single = score < 0.5 and ok and not skew
+            want = "single" if want_single else "skewed" if want_skewed_flag else "multiple"
+            never_skewed = s_.low == -inf and cut is None and scut is None
+            b = None if bal is None else torch.tensor(bal)
+            h = None if shift is None else torch.tensor(shift)
+            t = torch.tensor(score)
+            case = (s_, score, bal, shift)
+            assert s_.update(score, spread=bal, shift=shift) == want, case
+            got_single, got_skewed = s_.decide_tensors(t, b, h)
+            assert bool(got_single) == want_single, case
+            assert (got_skewed is None) == never_skewed, case
+            assert got_skewed is None or bool(got_skewed) == want_skewed_flag, case
+            assert bool(s_.decide_tensor(t, b, h)) == want_single
+            assert (s_.skewed_tensor(t, b, h) is None) == never_skewed
     other = dk.ThresholdSelector(1.0)
     other.load_state_dict(both.state_dict())
     assert other.skew_cut == 0.6 and other.uses_spread and "skew_cut=0.6" in repr(other)
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="skew_cut"):
             dk.ThresholdSelector(0.5, skew_cut=bad)
+    guarded = dk.ThresholdSelector(0.5, skew_cut=0.6, shift_cut=2.0)
+    other.load_state_dict(guarded.state_dict())
+    assert other.shift_cut == 2.0 and other.uses_shift and "shift_cut=2.0" in repr(other)
+    assert not dk.ThresholdSelector(0.5, skew_cut=0.6).uses_shift
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="shift_cut"):
+            dk.ThresholdSelector(0.5, shift_cut=bad)
 
 
 def test_datta_reads_the_probe_spread_at_the_score_layer():
@@ -396,6 +442,27 @@ def test_datta_reads_the_probe_spread_at_the_score_layer():
             want = probe(mean, var, layer.source_mean, layer.source_var, layer.eps)
             torch.testing.assert_close(a.last_spread, want, rtol=1e-4, atol=1e-5)
             assert a.last_decision == ("skewed" if float(want) < cut else "single"), (daft, cut)
+
+
+def test_datta_limits_skewed_by_the_source_shift_at_the_score_layer():
+    """With a shift cut, DATTA passes the score layer's source shift (``last_shift``, against a
+    float64 rendering of SPEC §6) and a batch whose shift exceeds the cut is ``single``, not
+    ``skewed``, on the host path (DAFT) and the device path alike."""
+    x = torch.randn(8, 1, 10, 10) * 3 + 2
+    probe = ClassProbe(8, 3)
+    for daft in (False, True):
+        got = {}
+        for shift_cut in (0.0, 1e9):
+            a = dk.DATTA(_model(), score_mode="dispersion", backend="reference", daft=daft,
+                         selector=dk.ThresholdSelector(1e6, skew_cut=1.0, shift_cut=shift_cut),
+                         class_probe=copy.deepcopy(probe))      # a zero probe: spread 0 < 1
+            a(x)
+            layer = a.layers[a._score_at]
+            want = _shift64(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps)
+            assert want > 0 and float(a.last_shift) == pytest.approx(want, rel=1e-5)
+            got[shift_cut] = a.last_decision
+        assert got == {0.0: "single", 1e9: "skewed"}, daft
+    assert dk.DATTA(_model(), score_mode="dispersion", selector=0.5).last_shift is None
 
 
 def test_best_skew_rule_matches_brute_force():

@@ -84,7 +84,8 @@ def format_tables(doc: dict) -> str:
         lines += ["", f"datta_cal, bs {bs} (datta_kernels.calibrate on the validation domains): instance "
                       f"terms {c['instance_mode']}, blends single {tuple(c['single_blend'])}, multiple "
                       f"{tuple(c['multiple_blend'])}, skewed {tuple(c['skewed_blend'])}; dispersion score "
-                      f"at {c['score_layer']}: {rule_name(c['threshold'], c['low'], c.get('skew_cut'))}; "
+                      f"at {c['score_layer']}: "
+                      f"{rule_name(c['threshold'], c['low'], c.get('skew_cut'), c.get('shift_cut'))}; "
                       f"DAFT {'on' if c['daft'] else 'off'}"]
     lines += goal_lines(doc)
     lines += _per_corruption(doc, methods, sizes)
