@@ -276,6 +276,8 @@ def _register_kernel_fakes() -> None:
                                                                        dtype=torch.float32)))
     torch.library.register_fake("datta::_probe_spread")(
         lambda mean, *_: mean.new_empty((), dtype=torch.float32))
+    torch.library.register_fake("datta::_source_shift")(
+        lambda mean, *_: mean.new_empty((), dtype=torch.float32))
     torch.library.register_fake("datta::_dabn_backward")(_fake_dabn_backward)
     torch.library.register_fake("datta::_dabn_backward_sums")(
         lambda dy, x, mean: (_stats_like(x), _stats_like(x)))

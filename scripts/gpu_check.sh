@@ -81,7 +81,7 @@ info = e.build_info()
 print(dk.__file__, info)
 assert str(info.get("cuda")) == "1", info
 ops = re.findall(r'm\.def\(\s*"(\w+)\(', open("csrc/ops.cpp").read())
-missing = [o for o in ops if o not in ("_build_info", "_dispersion_score", "_probe_spread")
+missing = [o for o in ops if o not in ("_build_info", "_dispersion_score", "_probe_spread", "_source_shift")
            and not e.has_kernel(o, "CUDA")]
 assert not missing, f"no CUDA kernel: {missing}"
 print("backends on cuda:", dk.available_backends("cuda"))

@@ -359,6 +359,40 @@ def test_probe_spread_op_matches_float64(n, c, k):
                                       probe.weight, probe.bias)
 
 
+@pytest.mark.parametrize("n, c", [(1, 3), (2, 5), (16, 16), (64, 7)])
+def test_source_shift_matches_float64(n, c):
+    """source_shift (on CPU the fused C++ op when built) and its PyTorch ops against SPEC §6's
+    formula in float64; 0 at the source's own moments; float16 statistics; NaN propagates;
+    the op passes opcheck and refuses mismatched shapes."""
+    from datta_kernels.diversity import source_shift, source_shift_reference
+    g = torch.Generator().manual_seed(n * 100 + c)
+    mean_i, var_i = torch.randn(n, c, generator=g) * 2, torch.rand(n, c, generator=g) * 3
+    sm, sv = torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.1
+    want = _shift64(mean_i, var_i, sm, sv, 1e-5)
+    for fn in (source_shift, source_shift_reference):
+        got = fn(mean_i, var_i, sm, sv, 1e-5)
+        assert got.dtype == torch.float32 and got.shape == ()
+        assert abs(float(got) - want) <= 1e-6 + 1e-5 * abs(want), fn
+        half = fn(mean_i.half(), var_i.half(), sm, sv, 1e-5)
+        assert float(half) == pytest.approx(_shift64(mean_i.half().float(), var_i.half().float(), sm, sv,
+                                                     1e-5), rel=1e-5, abs=1e-6)
+        bad = mean_i.clone()
+        bad[0, 0] = float("nan")
+        assert math.isnan(float(fn(bad, var_i, sm, sv, 1e-5)))
+        # a batch with the source's pooled moments: zero shift
+        one = torch.ones(n, c)
+        assert float(fn(one * sm, one * sv, sm, sv, 1e-5)) == pytest.approx(0.0, abs=1e-6)
+    if dk._ext.unavailable_reasons():
+        return
+    assert torch.equal(source_shift(mean_i, var_i, sm, sv, 1e-5),
+                       torch.ops.datta._source_shift(mean_i, var_i, sm, sv, 1e-5))
+    torch.library.opcheck(torch.ops.datta._source_shift, (mean_i, var_i, sm, sv, 1e-5))
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.datta._source_shift(mean_i, var_i[:, :-1], sm, sv, 1e-5)
+    with pytest.raises(RuntimeError, match="source statistics"):
+        torch.ops.datta._source_shift(mean_i, var_i, sm[:-1], sv, 1e-5)
+
+
 def test_threshold_selector_skew_cut():
     sel = dk.ThresholdSelector(0.5, skew_cut=0.6)
     assert sel.uses_spread and not dk.ThresholdSelector(0.5).uses_spread

@@ -67,6 +67,8 @@ CUDA_EXEMPT = {
                          "it reads only (N, C) statistics",
     "_probe_spread": "ClassProbe runs its torch ops off the CPU (diversity.py); it reads only "
                      "(N, C) statistics",
+    "_source_shift": "source_shift runs its torch ops off the CPU (diversity.py); it reads only "
+                     "(N, C) statistics",
 }
 
 
