@@ -240,6 +240,10 @@ class Adapter(nn.Module):
         return f"update={self.update_rule!r}, episodic={self.episodic}, layers={len(self._layers)}"
 
 
+class _FineTune(Exception):
+    """Raised by :meth:`DATTA._on_score` to stop a forward that will be run again with a graph."""
+
+
 class DATTA(Adapter):
     """Diversity-Adaptive Test-Time Adaptation (SPEC §4).
 
@@ -253,7 +257,9 @@ class DATTA(Adapter):
     before the score layer cannot know the current decision: they normalise with the preset's
     ``multiple`` blend (the safe side, as during the selector's warm-up).  The logits are
     returned; then, if ``daft`` and the batch is ``single``, one entropy-minimisation step on
-    the ``gamma, beta`` of every layer.  ``multiple`` batches build no autograd graph and run no backward.
+    the ``gamma, beta`` of every layer.  ``multiple`` batches build no autograd graph and run no backward:
+    the forward runs without a graph, and a ``single`` batch under DAFT stops at the score layer
+    and is forwarded again recording one (the layers up to the score layer run twice for it).
 
     Args:
         model: a CNN with BatchNorm2d (converted in place) or FusedDABN layers.
@@ -344,10 +350,9 @@ class DATTA(Adapter):
         decision = self.selector.update(score, **extra)      # the one host sync of the batch
         set_decisions(self._layers, decision)
         self._last_decision, self._last_decision_t = decision, None
-        if self.daft and decision != SINGLE:
-            # no update will follow: stop recording the graph for the rest of this forward
-            # (the enclosing enable_grad() restores the mode on exit)
-            torch.set_grad_enabled(False)
+        if self.daft and decision == SINGLE:
+            # the forward so far recorded no graph (_step): start it again, recording one
+            raise _FineTune
 
     @property
     def score_layer(self) -> str | None:
@@ -368,12 +373,24 @@ class DATTA(Adapter):
         first.compute_score, first.score_mode, first.score_callback = True, self.score_mode, self._on_score
         self._last_score = self._last_decision = self._last_decision_t = self._last_skewed_t = None
         try:
-            with torch.enable_grad() if self.daft else torch.no_grad():
-                logits = self.model(x)
-                if self._last_score is None:
-                    raise RuntimeError("the score layer was not called during the forward; "
-                                       "pass score_layer= the first BatchNorm the input reaches")
-                if self.daft and self._last_decision == SINGLE:
+            # no graph until a batch is known to be fine-tuned: most batches are not, and
+            # recording the layers before the decision cost them ~7 % of a step on a CPU
+            with torch.no_grad():
+                try:
+                    logits = self.model(x)
+                    fine_tune = False
+                except _FineTune:           # a single batch under DAFT (raised by _on_score)
+                    fine_tune = True
+            if self._last_score is None:
+                raise RuntimeError("the score layer was not called during the forward; "
+                                   "pass score_layer= the first BatchNorm the input reaches")
+            if fine_tune:
+                # the same forward again, recording the graph: the layers before the score layer
+                # on "multiple" as before, the decision kept (the selector is not asked twice)
+                set_decisions(self._layers[:self._score_at], False)
+                first.score_callback = None
+                with torch.enable_grad():
+                    logits = self.model(x)
                     self._entropy_step(logits)
         finally:
             first.compute_score, first.score_mode, first.score_callback = saved

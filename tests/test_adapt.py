@@ -141,6 +141,41 @@ def test_predict_then_update_and_the_step():
     torch.testing.assert_close(affine_params(adapter.model), affine_params(twin), rtol=0, atol=0)
 
 
+def test_daft_runs_a_single_batch_again_with_a_graph_after_the_decision():
+    """With the score layer past the first layer (the dispersion score), DATTA takes the
+    forward without a graph, and a batch decided ``single`` under DAFT is forwarded again with
+    one: the logits and the step equal a forward recorded from the start with the layers before
+    the score layer on ``multiple``; the layers up to the score layer ran twice; the selector is asked once
+    per batch (a KDE window grows by one)."""
+    x = make_stream(1)[0]
+    model = tiny_resnet()
+    adapter = DATTA(copy.deepcopy(model), selector=ThresholdSelector(1e9), lr=1e-2, score_mode="dispersion",
+                    score_layer="bn2")
+    calls = []
+    for name in ("bn1", "bn2", "bn3"):
+        getattr(adapter.model, name).register_forward_hook(
+            lambda m, i, o, name=name: calls.append((name, torch.is_grad_enabled())))
+    logits = adapter(x)
+    pre = adapter._score_at
+    assert pre == 1 and adapter.last_decision == "single" and adapter.n_updates == 1
+    # the first forward stops inside the score layer (its hook never runs), the second records
+    assert calls == [("bn1", False), ("bn1", True), ("bn2", True), ("bn3", True)]
+    twin = dk.convert_model(copy.deepcopy(model), "datta")
+    for i, layer in enumerate(dabn_layers(twin)):
+        layer.set_decision("multiple" if i < pre else "single")
+    want = twin(x)
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+    opt = torch.optim.SGD([p for m in dabn_layers(twin) for p in (m.weight, m.bias)], lr=1e-2,
+                          momentum=0.9, nesterov=True)
+    softmax_entropy(want).mean().backward()
+    opt.step()
+    torch.testing.assert_close(affine_params(adapter.model), affine_params(twin), rtol=0, atol=0)
+    kde = DATTA(tiny_resnet(), selector=KDESelector(window=50, warmup=2), score_mode="dispersion")
+    for k, xb in enumerate(make_stream(4), 1):
+        kde(xb)
+        assert kde.selector.count == k
+
+
 def test_multiple_batches_build_no_graph():
     seen = []
     adapter = DATTA(tiny_resnet(), selector=ThresholdSelector(-1.0))  # always multiple
