@@ -7,14 +7,16 @@ Contestants, one call each on the same 28x28 Fashion-MNIST batch, the cached dem
   bn_train               the plain model in train mode under no_grad (native BatchNorm2d)
   cal_multiple           datta_cal as the demo calibrated it (blends, pre blend, probe, DAFT on),
                          every batch decided ``multiple`` (cuts that force it; the selector still
-                         reads the probe's spread): score, spread, host-synced decision, no update
+                         reads the probe's spread and the source shift): score, spread, shift,
+                         host-synced decision, no update
   cal_skewed             the same, every batch decided ``skewed``
   cal_multiple_noft      ``cal_multiple`` with DAFT off (decision on the device, no graph)
-  cal_noft_no_probe      the same without the class probe (a threshold on the score alone):
-                         what the probe and its spread rule cost
+  cal_noft_no_probe      the same without the class probe and the shift (a threshold on the
+                         score alone): what the probe, its spread rule and the shift cost
   cal_model_only         the calibrated model's forward alone, every layer on its ``multiple``
                          blend, no score, no probe, no decision (the layers' own cost)
-  cal_single_step        every batch ``single``: forward with graph, entropy backward, SGD step
+  cal_single_step        every batch ``single``: the forward to the score layer without a graph,
+                         then again with one, entropy backward, SGD step
 
 The configuration (blends, cuts, DAFT) is the one ``demo_sev3.json`` records for that batch size;
 the class probe is refitted on a few validation batches (its weights change no timing).
@@ -74,12 +76,14 @@ def _table(model, x, cal, bs: int) -> None:
     def forced(sel, daft=True):
         cal.daft = daft
         return cal.adapter(copy.deepcopy(model), selector=sel, backend="cpu")
-    # every selector reads the probe's spread, as the calibrated rule does; the cuts force the answer
-    adapters = {"cal_multiple": forced(dk.ThresholdSelector(0.0, skew_cut=1e-6)),
-                "cal_skewed": forced(dk.ThresholdSelector(1e9, skew_cut=1.0)),
-                "cal_multiple_noft": forced(dk.ThresholdSelector(0.0, skew_cut=1e-6), daft=False),
+    # every selector reads the probe's spread and the shift, as the calibrated rule does; the
+    # cuts force the answer
+    adapters = {"cal_multiple": forced(dk.ThresholdSelector(0.0, skew_cut=1e-6, shift_cut=1e9)),
+                "cal_skewed": forced(dk.ThresholdSelector(1e9, skew_cut=1.0, shift_cut=1e9)),
+                "cal_multiple_noft": forced(dk.ThresholdSelector(0.0, skew_cut=1e-6, shift_cut=1e9),
+                                            daft=False),
                 "cal_noft_no_probe": forced(dk.ThresholdSelector(0.0), daft=False),
-                "cal_single_step": forced(dk.ThresholdSelector(1e9, skew_cut=1e-6))}
+                "cal_single_step": forced(dk.ThresholdSelector(1e9, skew_cut=1e-6, shift_cut=1e9))}
     want = {"cal_multiple": "multiple", "cal_skewed": "skewed", "cal_multiple_noft": "multiple",
             "cal_noft_no_probe": "multiple", "cal_single_step": "single"}
     for name, a in adapters.items():
