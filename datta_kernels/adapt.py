@@ -306,6 +306,8 @@ class DATTA(Adapter):
         self.class_probe = class_probe
         #: the latest batch's prediction spread (0-dim tensor; None without a probe)
         self.last_spread: Tensor | None = None
+        #: the score layer index for which the layers before it were last set to "multiple"
+        self._pre_ready: int | None = None
         #: the latest batch's source shift at the score layer (0-dim; None unless the selector reads it)
         self.last_shift: Tensor | None = None
         # an index, not a module attribute: the layer must not be registered twice; None =
@@ -344,11 +346,11 @@ class DATTA(Adapter):
                                                             layer.source_var, layer.eps)
         if self._sync_free:
             single, skewed = self.selector.decide_tensors(score, **extra)
-            set_decisions(self._layers, single, False if skewed is None else skewed)
+            set_decisions(self._layers[self._score_at:], single, False if skewed is None else skewed)
             self._last_decision, self._last_decision_t, self._last_skewed_t = None, single, skewed
             return
         decision = self.selector.update(score, **extra)      # the one host sync of the batch
-        set_decisions(self._layers, decision)
+        set_decisions(self._layers[self._score_at:], decision)
         self._last_decision, self._last_decision_t = decision, None
         if self.daft and decision == SINGLE:
             # the forward so far recorded no graph (_step): start it again, recording one
@@ -362,12 +364,22 @@ class DATTA(Adapter):
         target = self._layers[self._score_at]
         return next(name for name, m in self.model.named_modules() if m is target)
 
+    def reset(self) -> None:
+        super().reset()
+        self._pre_ready = None          # the restored decision buffers are written again
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self._pre_ready = None
+
     def _step(self, x: Tensor) -> Tensor:
         if self._score_at is None:
             self._score_at = first_nonlinear_layer(self.model, x)
-        # layers before the score layer normalise before the decision exists: "multiple"
-        # (the score callback then writes this batch's decision into every layer)
-        set_decisions(self._layers[:self._score_at], False)
+        # layers before the score layer normalise before the decision exists: "multiple",
+        # written once (the score callback writes each batch's decision into the others only)
+        if self._pre_ready != self._score_at:
+            set_decisions(self._layers[:self._score_at], False)
+            self._pre_ready = self._score_at
         first = self._layers[self._score_at]
         saved = first.compute_score, first.score_mode, first.score_callback
         first.compute_score, first.score_mode, first.score_callback = True, self.score_mode, self._on_score
@@ -387,7 +399,6 @@ class DATTA(Adapter):
             if fine_tune:
                 # the same forward again, recording the graph: the layers before the score layer
                 # on "multiple" as before, the decision kept (the selector is not asked twice)
-                set_decisions(self._layers[:self._score_at], False)
                 first.score_callback = None
                 with torch.enable_grad():
                     logits = self.model(x)

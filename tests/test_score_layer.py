@@ -324,7 +324,15 @@ def test_datta_dispersion_prefix_uses_multiple_blend():
     assert ad.score_layer is None
     out = ad(x)
     assert ad.score_layer == "layers.0.bn1" and ad.last_decision == "single"
-    assert [bool(lyr.decision) for lyr in ad.layers] == [True] * len(ad.layers)  # written after bn1 ran
+    # the layers before the score layer keep 'multiple' (what they normalised with); the
+    # decision is written into the score layer and every later one
+    assert [bool(lyr.decision) for lyr in ad.layers] == [False] + [True] * (len(ad.layers) - 1)
+    state = ad.state_dict()                         # a loaded state: the prefix is written again
+    state["model.bn1.decision"] = torch.tensor(True)
+    ad.load_state_dict(state)
+    assert bool(ad.layers[0].decision)
+    ad(x)
+    assert [bool(lyr.decision) for lyr in ad.layers] == [False] + [True] * (len(ad.layers) - 1)
     # the same logits by hand: bn1 on 'multiple', every other layer on 'single'
     ref_model = dk.convert_model(copy.deepcopy(model))
     for i, lyr in enumerate(dabn_layers(ref_model)):
