@@ -18,12 +18,9 @@ import copy
 
 import numpy as np
 import torch
+from _validation_setup import setup
 
 from datta_kernels import calibration as cal
-from datta_kernels.benchmarking import describe_machine, provenance
-from datta_kernels.eval.datasets import load_fashion_mnist
-from datta_kernels.eval.models import TrainConfig, load_or_train
-from datta_kernels.eval.validation import validation_domains
 from datta_kernels.nn import dabn_layers, first_nonlinear_layer
 from datta_kernels.surgery import convert_model
 
@@ -36,15 +33,7 @@ def _acc(work, layers, pre, stem, later, batches) -> float:
 
 
 def main() -> None:
-    data = load_fashion_mnist()
-    model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
-    vdom = validation_domains(data, 1000, 0, train=TrainConfig())
-    prov, m = provenance(), describe_machine()
-    print("# Design checks of `calibrate` on the validation set\n")
-    print(f"- command: `{prov['command']}`\n- commit: {prov['commit']}\n- machine: {m.get('cpu', '')}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads (accuracy-only: no timing)")
-    print(f"- validation domains: {', '.join(vdom)} (1000 images each)\n")
-    print(__doc__.split("\n\n")[1] + "\n")
+    _, model, vdom = setup("Design checks of `calibrate` on the validation set", __doc__)
     for bs in (16, 64):
         work = convert_model(copy.deepcopy(model).eval(), "datta", shrink_k=4.0, cluster=False)
         layers = dabn_layers(work)

@@ -18,13 +18,10 @@ import copy
 
 import numpy as np
 import torch
+from _validation_setup import setup
 
 from datta_kernels import calibration as cal
-from datta_kernels.benchmarking import describe_machine, provenance
 from datta_kernels.diversity import source_shift
-from datta_kernels.eval.datasets import load_fashion_mnist
-from datta_kernels.eval.models import TrainConfig, load_or_train
-from datta_kernels.eval.validation import validation_domains
 from datta_kernels.nn import dabn_layers, first_nonlinear_layer
 from datta_kernels.surgery import convert_model
 
@@ -34,15 +31,8 @@ STEMS = ((1.0, 0.0, 0.0), (0.8, 0.2, 0.0), (0.0, 1.0, 0.0))
 
 
 def main() -> None:
-    data = load_fashion_mnist()
-    model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
-    vdom = validation_domains(data, 1000, 0, train=TrainConfig())
-    prov, m = provenance(), describe_machine()
-    print("# Checks behind the shift limit of `datta_cal` (validation set only)\n")
-    print(f"- command: `{prov['command']}`\n- commit: {prov['commit']}\n- machine: {m.get('cpu', '')}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads (no timing)")
-    print(f"- validation domains: {', '.join(vdom)} (1000 images each), batch size {BS}\n")
-    print(__doc__.split("\n\n")[1] + "\n")
+    _, model, vdom = setup("Checks behind the shift limit of `datta_cal` (validation set only)", __doc__,
+                           note=f", batch size {BS}")
     work = convert_model(copy.deepcopy(model).eval(), "datta", **cal.INSTANCE_MODES["instance"])
     layers = dabn_layers(work)
     pre = first_nonlinear_layer(work, next(iter(vdom.values()))[0][:BS])

@@ -1,0 +1,26 @@
+"""The demo's model and validation domains for the design-check scripts of ``bench/`` (validation
+data only), and their results-file header."""
+from __future__ import annotations
+
+import torch
+
+from datta_kernels.benchmarking import describe_machine, provenance
+from datta_kernels.eval.datasets import load_fashion_mnist
+from datta_kernels.eval.models import TrainConfig, load_or_train
+from datta_kernels.eval.validation import validation_domains
+
+
+def setup(title: str, doc: str, per_domain: int = 1000, note: str = "") -> tuple:
+    """``(data, model, vdom)``: Fashion-MNIST, the cached demo model and the demo's validation
+    domains (``per_domain`` images each); prints the markdown header (title, command, commit,
+    machine, domains) and the first paragraph of ``doc`` after its summary line."""
+    data = load_fashion_mnist()
+    model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
+    vdom = validation_domains(data, per_domain, 0, train=TrainConfig())
+    prov, m = provenance(), describe_machine()
+    print(f"# {title}\n")
+    print(f"- command: `{prov['command']}`\n- commit: {prov['commit']}\n- machine: {m.get('cpu', '')}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads (accuracy-only: no timing)")
+    print(f"- validation domains: {', '.join(vdom)} ({per_domain} images each){note}\n")
+    print(doc.split("\n\n")[1] + "\n")
+    return data, model, vdom
