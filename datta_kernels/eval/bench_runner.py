@@ -254,6 +254,7 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
     results document (plus the raw :class:`RunResult` s under ``"_runs"``)."""
     cfg.validate()
     t_start = time.perf_counter()
+    commit = provenance()["commit"]     # the code this run imported (a later commit would not be)
     device = cfg.resolved_device()
     workers = cfg.workers if cfg.workers is not None else default_workers(cfg.dataset, device)
     severities = SEVERITIES if "gradual" in cfg.streams else (cfg.severity,)
@@ -309,7 +310,7 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
     config = asdict(cfg)
     config["per_domain"] = per
     return {
-        "meta": {"command": command, "commit": provenance()["commit"], "machine": _machine(device),
+        "meta": {"command": command, "commit": commit, "machine": _machine(device),
                  "dataset": TITLES[cfg.dataset],
                  "device": device, "backend": resolved, "backend_requested": cfg.backend,
                  "seeds": {"streams": cfg.seed}, "config": config, "loader_workers": workers,

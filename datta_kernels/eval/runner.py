@@ -283,6 +283,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     document (see ``report.write_outputs``) plus, under ``"_runs"``, the raw :class:`RunResult`s."""
     cfg.validate()
     t_start = time.perf_counter()
+    commit = provenance()["commit"]     # the code this run imported (a later commit would not be)
     data = load_fashion_mnist(cfg.data_dir)
     log(f"data: Fashion-MNIST from {data.root} ({len(data.train_y)} train, {len(data.test_y)} test)")
     model, model_info = load_or_train(cfg.train, data.train_x, data.train_y, cache=cfg.cache_dir,
@@ -343,7 +344,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                              "so this compares the reference with itself")
 
     return {
-        "meta": {"command": command, "commit": provenance()["commit"], "machine": _machine(),
+        "meta": {"command": command, "commit": commit, "machine": _machine(),
                  "backend": resolved,
                  "backend_requested": cfg.backend, "seeds": {"data": cfg.seed, "streams": cfg.seed,
                                                             "corruptions": cfg.seed,
