@@ -255,7 +255,9 @@ class DATTA(Adapter):
     input is not an affine function of the image (:func:`~datta_kernels.nn.first_nonlinear_layer`,
     found on the first batch; ``score_layer``, a module name, overrides either).  Layers that run
     before the score layer cannot know the current decision: they normalise with the preset's
-    ``multiple`` blend (the safe side, as during the selector's warm-up).  The logits are
+    ``multiple`` blend (the safe side, as during the selector's warm-up; DATTA writes their
+    decision buffers once, and again after :meth:`reset` or a loaded state, so it owns them:
+    a decision written into them by hand between batches stays).  The logits are
     returned; then, if ``daft`` and the batch is ``single``, one entropy-minimisation step on
     the ``gamma, beta`` of every layer.  ``multiple`` batches build no autograd graph and run no backward:
     the forward runs without a graph, and a ``single`` batch under DAFT stops at the score layer
