@@ -1,6 +1,6 @@
 // CPU kernel ops on a score layer's instance statistics: datta::_dispersion_score (SPEC §2,
-// here), datta::_probe_spread and datta::_source_shift (SPEC §6, at the end).  The (N, C) arrays are tiny, but on
-// small layers the ~18 PyTorch ops of the dispersion score's shared implementation
+// here), datta::_probe_spread and datta::_source_shift (SPEC §6, at the end).  The (N, C)
+// arrays are tiny, but on small layers the ~18 PyTorch ops of the dispersion score's shared implementation
 // (reference.dispersion_score) cost a third of a DABN forward in
 // dispatch alone; here it is one loop in double.  Names follow the SPEC:
 //   z_mu[n, c]    = (mu_i - mu_s) / sqrt(var_s + eps)
@@ -21,11 +21,14 @@ namespace datta::cpu {
 namespace {
 
 /// Sum of squared deviations from its mean of column `col` of the row-major (n, f) matrix `a`
-/// (in row order); each row's squared deviation is also added to per[row] when per is given.
-double column_ss(const std::vector<double>& a, int64_t n, int64_t f, int64_t col, double* per) {
+/// (in row order); each row's squared deviation is also added to per[row] when per is given, and
+/// the column's mean is stored in *mean_out when mean_out is given.
+double column_ss(const std::vector<double>& a, int64_t n, int64_t f, int64_t col, double* per,
+                 double* mean_out = nullptr) {
   double s = 0.0;
   for (int64_t ni = 0; ni < n; ++ni) s += a[ni * f + col];
   const double mean = s / double(n);
+  if (mean_out != nullptr) *mean_out = mean;
   double ss = 0.0;
   for (int64_t ni = 0; ni < n; ++ni) {
     const double d = a[ni * f + col] - mean;
@@ -187,12 +190,9 @@ at::Tensor source_shift_cpu(const at::Tensor& mean, const at::Tensor& var, const
   double total = 0.0;
   for (int64_t ci = 0; ci < c; ++ci) {
     double mean_mu = 0.0, mean_var = 0.0;
-    for (int64_t ni = 0; ni < n; ++ni) {
-      mean_mu += mu[ni * c + ci];
-      mean_var += vi[ni * c + ci];
-    }
-    mean_mu /= double(n);
-    const double a = mean_var / double(n) + column_ss(mu, n, c, ci, nullptr) / double(n) + eps;
+    const double ss_mu = column_ss(mu, n, c, ci, nullptr, &mean_mu);
+    for (int64_t ni = 0; ni < n; ++ni) mean_var += vi[ni * c + ci];
+    const double a = mean_var / double(n) + ss_mu / double(n) + eps;
     const double b = sv[ci] + eps;
     const double d = mean_mu - sm[ci];
     total += 0.5 * (a / b + b / a) - 1.0 + 0.5 * d * d * (1.0 / a + 1.0 / b);
