@@ -1,17 +1,20 @@
 """Which label-skew signal survives an unseen corruption (SPEC §6, step 4): AUROC of "i.i.d.
 single-domain batch vs label-sorted batch" on the demo's validation set (never test data).
 
-For each validation family (clean held-out and each validation corruption at severities 1-5;
-``skew_signal.md`` was measured when these were speckle_noise and gaussian_blur) a class probe
-(``ClassProbe``) is fitted at the score layer either on every family (``in``) or on the other
-families only (``held-out``, as a test corruption is unseen), every layer on the blend
-``--multiple`` (the ``multiple`` blend ``datta_cal`` chose at the time).  Signals of the
-probe's logits per batch: ``entropy`` = normalised entropy of the batch-mean softmax; ``spread`` =
-``datta_kernels.prediction_spread``; ``logit-std`` = mean over classes of the std over the batch
-of the logits.  Batches: images 500-999 of each validation domain, i.i.d. or label-sorted; the
-probe is fitted on images 0-399.
+For each validation family (clean held-out and each validation corruption at severities 1-5)
+a class probe (``ClassProbe``) is fitted at the score layer either on every family (``in``) or
+on the other families only (``held-out``, as a test corruption is unseen), the layers before the
+score layer on the blend ``--multiple`` (pass the blend ``datta_cal`` chose for them), on
+features either per sample (``source``: source-standardised instance mean and log std, the
+probe's features until 2026-12-04) or centred on the batch (``batch``: each column minus its
+batch mean, the probe's features since).  Signals of the probe's logits per batch: ``entropy`` =
+normalised entropy of the batch-mean softmax; ``spread`` = ``datta_kernels.prediction_spread``;
+``logit-std`` = mean over classes of the std over the batch of the logits.  Batches: images
+500-999 of each validation domain, i.i.d. or label-sorted; the probe is fitted on images 0-399
+in batches of the same size.  Columns: per family (all severities), per severity (``@0`` =
+clean held-out; all families), pooled.
 
-    python bench/skew_signal.py --batch-size 16 > bench/results/skew_signal.md
+    python bench/skew_signal.py --batch-size 16 --multiple 0.8,0.2,0.0 > bench/results/skew_signal.md
 """
 from __future__ import annotations
 
@@ -61,17 +64,30 @@ def main() -> None:
     cal._configure(layers, 0, None, (w, w, w), "instance")
     fam_names = sorted({n.split("@")[0] for n in vdom})
 
-    def feats_of(x):
-        return cal._scores(work, [x])[1][0]
-    feats, labels, fams = [], [], []
+    scorer = dk.DATTA(copy.deepcopy(work), preset=None, selector=dk.ThresholdSelector(0.0), daft=False,
+                      score_mode="dispersion", backend=None)
+
+    def feats_of(x):          # the per-sample (uncentred) features at the score layer
+        scorer(x)
+        layer = scorer.layers[scorer._score_at]
+        return ClassProbe.features(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps,
+                                   centred=False)
+
+    def centred(z):           # batch-centred features (ClassProbe's): every column minus its batch mean
+        return z - z.mean(0, keepdim=True)
+    feats, cfeats, labels, fams = [], [], [], []
     for name, (x, y) in vdom.items():
         for i in range(0, 400, bs):
             feats.append(feats_of(x[i:i + bs]))
+            cfeats.append(centred(feats[-1]))
             labels.append(y[i:i + bs])
             fams += [name.split("@")[0]] * len(y[i:i + bs])
-    feats, labels, fams = torch.cat(feats), torch.cat(labels), np.array(fams)
-    full = ClassProbe.fit(feats, labels, 10)
-    held = {f: ClassProbe.fit(feats[torch.from_numpy(fams != f)], labels[torch.from_numpy(fams != f)], 10)
+    labels, fams = torch.cat(labels), np.array(fams)
+    probes = {}
+    for centre, fz in (("source", torch.cat(feats)), ("batch", torch.cat(cfeats))):
+        probes["in", centre] = {f: ClassProbe.fit(fz, labels, 10) for f in fam_names}
+        probes["held-out", centre] = {
+            f: ClassProbe.fit(fz[torch.from_numpy(fams != f)], labels[torch.from_numpy(fams != f)], 10)
             for f in fam_names}
     g = torch.Generator().manual_seed(0)
     res: dict = {}
@@ -82,10 +98,12 @@ def main() -> None:
             for kind, order in (("single", idx), ("sorted", idx[torch.sort(y[idx], stable=True).indices])):
                 for j in range(0, 500 - bs + 1, bs):
                     z = feats_of(x[order[j:j + bs]])
-                    for pname, probe in (("in", full), ("held-out", held[f])):
-                        lg = probe.logits(z)
+                    sev = name.split("@")[1] if "@" in name else "0"
+                    for (pname, centre), per_fam in probes.items():
+                        lg = per_fam[f].logits(z if centre == "source" else centred(z))
                         for sig, fn in SIGNALS.items():
-                            res.setdefault((pname, sig, kind, f), []).append(fn(lg))
+                            for col in (f, "@" + sev):
+                                res.setdefault((pname, centre, sig, kind, col), []).append(fn(lg))
     prov = provenance()
     m = describe_machine()
     print("# Which label-skew signal survives an unseen corruption\n")
@@ -94,14 +112,18 @@ def main() -> None:
     print(__doc__.split("\n\n")[1].replace("\n", " ") + "\n")
     print(f"Batch size {bs}; AUROC (%) of 'higher signal = i.i.d. single', per family and pooled over "
           "the families (one cut serves all of them):\n")
-    print("| probe | signal | " + " | ".join(fam_names) + " | pooled |")
-    print("|---" * (len(fam_names) + 3) + "|")
-    for pname in ("in", "held-out"):
+    sevs = sorted({k[-1] for k in res if k[-1].startswith("@")})
+    cols = fam_names + sevs
+    print("| probe | features | signal | " + " | ".join(cols) + " | pooled |")
+    print("|---" * (len(cols) + 4) + "|")
+    for pname, centre in probes:
         for sig in SIGNALS:
-            per = [_auroc(res[(pname, sig, "single", f)], res[(pname, sig, "sorted", f)]) for f in fam_names]
-            pooled = _auroc(sum((res[(pname, sig, "single", f)] for f in fam_names), []),
-                            sum((res[(pname, sig, "sorted", f)] for f in fam_names), []))
-            print(f"| {pname} | {sig} | " + " | ".join(f"{v:.1f}" for v in per) + f" | {pooled:.1f} |")
+            per = [_auroc(res[(pname, centre, sig, "single", c)], res[(pname, centre, sig, "sorted", c)])
+                   for c in cols]
+            pooled = _auroc(sum((res[(pname, centre, sig, "single", f)] for f in fam_names), []),
+                            sum((res[(pname, centre, sig, "sorted", f)] for f in fam_names), []))
+            print(f"| {pname} | {centre} | {sig} | " + " | ".join(f"{v:.1f}" for v in per)
+                  + f" | {pooled:.1f} |")
 
 
 if __name__ == "__main__":

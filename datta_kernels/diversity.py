@@ -113,13 +113,22 @@ class ClassProbe(nn.Module):
 
     Features per sample (``2C``): the source-standardised instance mean and log standard
     deviation, ``(mu_i - mu_s) / sqrt(var_s + eps)`` and ``log((var_i + eps) / (var_s + eps)) / 2``
-    (the parts of the dispersion score, SPEC §2), centred and scaled by the fitting data's
-    moments; logits ``features @ weight + bias``.  Its class accuracy need not be high: the
-    samples of a batch that share a class get similar probe predictions, those of an i.i.d.
-    batch different ones.  :meth:`fit` trains it (multinomial logistic regression, L-BFGS) on labelled
-    validation features; ``datta_kernels.calibrate`` does this at the score layer.
-    Its buffers follow ``.to()`` and are saved in ``state_dict``.
+    (the parts of the dispersion score, SPEC §2), **centred on the batch** (each column minus
+    its mean over the batch's samples), then scaled by the fitting data's moments; logits
+    ``features @ weight + bias``.  Centring on the batch removes what a domain shift does to
+    every sample alike, so a strongly shifted i.i.d. batch does not collapse onto a few probe
+    classes the way a label-sorted batch does (on the demo's validation set it raised the
+    held-out-family AUROC of i.i.d. vs label-sorted batches, ``bench/results/skew_signal.md``).
+    Its class accuracy need not be high: the samples of a batch that share a class get similar
+    probe predictions, those of an i.i.d. batch different ones.  :meth:`fit` trains it
+    (multinomial logistic regression, L-BFGS) on labelled validation features computed batch
+    by batch; ``datta_kernels.calibrate`` does this at the score layer.
+    Its buffers follow ``.to()`` and are saved in ``state_dict`` (version 2: a probe saved by
+    an earlier version, fitted on uncentred features, is refused on load).
     """
+
+    #: 2: batch-centred features (``state_dict`` metadata; version 1 probes are refused)
+    _version = 2
 
     def __init__(self, channels: int, num_classes: int):
         super().__init__()
@@ -130,14 +139,27 @@ class ClassProbe(nn.Module):
         self.register_buffer("weight", torch.zeros(2 * channels, num_classes))
         self.register_buffer("bias", torch.zeros(num_classes))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        version = local_metadata.get("version")
+        if version is not None and version < 2:
+            error_msgs.append(f"{prefix or 'ClassProbe'}: this probe was saved by datta_kernels with "
+                              f"ClassProbe version {version} (features not centred on the batch); its "
+                              "weights do not fit the current features: re-run datta_kernels.calibrate")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     @staticmethod
     def features(mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
-                 eps: float) -> Tensor:
-        """``(N, 2C)`` float32 features of the instance statistics ``(N, C)``."""
+                 eps: float, centred: bool = True) -> Tensor:
+        """``(N, 2C)`` float32 features of one batch's instance statistics ``(N, C)``, centred on
+        the batch (``centred=False``: the per-sample source-standardised values, for studies)."""
         sv = source_var.detach().float() + eps
         z_mean = (mean_i.detach().float() - source_mean.detach().float()) * torch.rsqrt(sv)
         z_std = 0.5 * (torch.log(var_i.detach().float().clamp_min(0) + eps) - torch.log(sv))
-        return torch.cat([z_mean, z_std], dim=1)
+        f = torch.cat([z_mean, z_std], dim=1)
+        return f - f.mean(0, keepdim=True) if centred else f
 
     def logits(self, feats: Tensor) -> Tensor:
         if feats.dim() != 2 or feats.shape[1] != self.center.numel():
@@ -165,7 +187,8 @@ class ClassProbe(nn.Module):
     @classmethod
     def fit(cls, feats: Tensor, labels: Tensor, num_classes: int, *, l2: float = 1e-3,
             max_iter: int = 200) -> ClassProbe:
-        """Fit on ``feats`` ``(N, 2C)`` (from :meth:`features`) and integer ``labels`` ``(N,)``:
+        """Fit on ``feats`` ``(N, 2C)`` (:meth:`features` of i.i.d. batches, batch by batch,
+        concatenated) and integer ``labels`` ``(N,)``:
         mean cross-entropy + ``l2 * |weight|^2``, L-BFGS with a strong-Wolfe line search."""
         if feats.dim() != 2 or feats.shape[1] % 2 or labels.shape != feats.shape[:1]:
             raise ValueError("feats must be (N, 2C) and labels (N,)")

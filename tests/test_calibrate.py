@@ -271,13 +271,53 @@ def test_held_out_spreads_use_probes_fitted_without_the_family():
 
 
 def test_class_probe_features_match_float64():
+    """SPEC §6's probe features in float64: source-standardised, then centred on the batch
+    (``centred=False``: before the centring)."""
     g = torch.Generator().manual_seed(0)
     mean_i, var_i = torch.randn(6, 4, generator=g), torch.rand(6, 4, generator=g) + 0.1
     sm, sv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
-    got = ClassProbe.features(mean_i, var_i, sm, sv, 1e-5).double().numpy()
     m, v, a, b = (t.double().numpy() for t in (mean_i, var_i, sm, sv))
-    want = np.concatenate([(m - a) / np.sqrt(b + 1e-5), 0.5 * np.log((v + 1e-5) / (b + 1e-5))], axis=1)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    raw = np.concatenate([(m - a) / np.sqrt(b + 1e-5), 0.5 * np.log((v + 1e-5) / (b + 1e-5))], axis=1)
+    got = ClassProbe.features(mean_i, var_i, sm, sv, 1e-5).double().numpy()
+    np.testing.assert_allclose(got, raw - raw.mean(axis=0), rtol=1e-5, atol=1e-6)
+    got_raw = ClassProbe.features(mean_i, var_i, sm, sv, 1e-5, centred=False).double().numpy()
+    np.testing.assert_allclose(got_raw, raw, rtol=1e-5, atol=1e-6)
+
+
+def test_class_probe_spread_ignores_a_shift_every_sample_shares():
+    """The batch-centred features make the spread blind to what a domain shift does to every
+    sample alike (a per-channel offset of the instance means, a per-channel factor on the
+    instance variances), on the C++ op and the torch ops; a label-sorted batch stays low."""
+    g = torch.Generator().manual_seed(3)
+    k, c = 4, 3
+    y = torch.arange(400) % k
+    centers_m, centers_v = torch.randn(k, c, generator=g) * 2, torch.rand(k, c, generator=g) + 0.5
+    mean_i = centers_m[y] + 0.3 * torch.randn(400, c, generator=g)
+    var_i = centers_v[y] * (1 + 0.1 * torch.rand(400, c, generator=g))
+    sm, sv = torch.zeros(c), torch.ones(c)
+    feats = torch.cat([ClassProbe.features(mean_i[i:i + 16], var_i[i:i + 16], sm, sv, 1e-5)
+                       for i in range(0, 400, 16)])
+    probe = ClassProbe.fit(feats, y, k)
+    iid, one = slice(0, 16), (y == 2).nonzero().flatten()[:16]
+    offset, factor = torch.randn(c, generator=g) * 5, torch.rand(c, generator=g) * 4 + 2
+    for spread in (probe, probe.spread_reference):
+        base = spread(mean_i[iid], var_i[iid], sm, sv, 0.0)
+        moved = spread(mean_i[iid] + offset, var_i[iid] * factor, sm, sv, 0.0)
+        torch.testing.assert_close(moved, base, rtol=1e-4, atol=1e-5)
+        assert float(base) > 0.6
+        assert float(spread(mean_i[one] + offset, var_i[one] * factor, sm, sv, 0.0)) < 0.3 * float(base)
+
+
+def test_class_probe_refuses_a_version_1_state_dict():
+    """A probe saved before the features were centred on the batch (ClassProbe version 1)
+    does not load silently into the current one."""
+    probe = ClassProbe(3, 4)
+    state = probe.state_dict()
+    state._metadata[""]["version"] = 1
+    with pytest.raises(RuntimeError, match="re-run datta_kernels.calibrate"):
+        ClassProbe(3, 4).load_state_dict(state)
+    assert probe.state_dict()._metadata[""]["version"] == 2
+    ClassProbe(3, 4).load_state_dict(probe.state_dict())
 
 
 def test_class_probe_fit_separates_label_skewed_batches():
@@ -311,6 +351,7 @@ def _spread_float64(mean_i, var_i, sm, sv, eps, probe):
     m, v, a, b = (t.double().numpy() for t in (mean_i, var_i, sm, sv))
     f = np.concatenate([(m - a) / np.sqrt(b + eps),
                         0.5 * np.log((np.maximum(v, 0) + eps) / (b + eps))], axis=1)
+    f -= f.mean(axis=0)
     ce, sc, w, bias = (t.double().numpy() for t in (probe.center, probe.scale, probe.weight, probe.bias))
     z = ((f - ce) / sc) @ w + bias
     p = np.exp(z - z.max(axis=1, keepdims=True))

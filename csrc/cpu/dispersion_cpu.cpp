@@ -101,7 +101,8 @@ void read_as_double(const at::Tensor& t, std::vector<double>& out) {
 /// one loop (the probe's ~20 PyTorch ops on (N, 2C) features cost ~0.2 ms a batch on the
 /// demo's model on a 2-core CPU, 6 % of a test-batch-statistics step):
 ///   f[n]      = [(mu_i - mu_s) / sqrt(var_s + eps),  (log(max(var_i, 0) + eps) - log(var_s + eps)) / 2]
-///   logits[n] = ((f[n] - center) / scale) @ weight + bias            (weight (2C, K))
+///   g[n]      = f[n] - mean_n f[n]                                   (batch-centred)
+///   logits[n] = ((g[n] - center) / scale) @ weight + bias            (weight (2C, K))
 ///   p[n]      = softmax(logits[n]);   spread = sum_k std_n p[n, k] / sqrt(K - 1)   (population std)
 /// in double; NaN / inf statistics propagate.  datta_kernels.diversity.ClassProbe is the
 /// reference (its PyTorch ops).
@@ -136,18 +137,28 @@ at::Tensor probe_spread_cpu(const at::Tensor& mean, const at::Tensor& var, const
     inv_sd[ci] = 1.0 / std::sqrt(sv[ci] + eps);
     half_log_sv[ci] = 0.5 * std::log(sv[ci] + eps);
   }
-  std::vector<double> p(n * k), f(2 * c);
+  // the features of every sample, then each column minus its batch mean (batch-centred)
+  std::vector<double> f(n * 2 * c), col_mean(2 * c), p(n * k);
   for (int64_t ni = 0; ni < n; ++ni) {
+    double* fr = f.data() + ni * 2 * c;
     for (int64_t ci = 0; ci < c; ++ci) {
       const double v = vi[ni * c + ci];
-      f[ci] = ((mu[ni * c + ci] - sm[ci]) * inv_sd[ci] - ce[ci]) / sc[ci];
+      fr[ci] = (mu[ni * c + ci] - sm[ci]) * inv_sd[ci];
       // max(v, 0) with a NaN kept (as clamp_min does)
-      f[c + ci] = (0.5 * std::log((v < 0.0 ? 0.0 : v) + eps) - half_log_sv[ci] - ce[c + ci]) / sc[c + ci];
+      fr[c + ci] = 0.5 * std::log((v < 0.0 ? 0.0 : v) + eps) - half_log_sv[ci];
     }
+  }
+  for (int64_t j = 0; j < 2 * c; ++j) {
+    double s = 0.0;
+    for (int64_t ni = 0; ni < n; ++ni) s += f[ni * 2 * c + j];
+    col_mean[j] = s / double(n);
+  }
+  for (int64_t ni = 0; ni < n; ++ni) {
+    const double* fr = f.data() + ni * 2 * c;
     double* row = p.data() + ni * k;
     for (int64_t ki = 0; ki < k; ++ki) row[ki] = b[ki];
     for (int64_t j = 0; j < 2 * c; ++j) {
-      const double fj = f[j];
+      const double fj = (fr[j] - col_mean[j] - ce[j]) / sc[j];
       const double* wj = w.data() + j * k;
       for (int64_t ki = 0; ki < k; ++ki) row[ki] += fj * wj[ki];
     }
