@@ -279,13 +279,16 @@ def _sorted_stream(domains, batch_size: int, n: int, g: torch.Generator) -> list
 
 
 def rule_name(high: float, low: float, skew_cut: float | None, shift_cut: float | None = None) -> str:
+    """``ThresholdSelector(high, low, skew_cut, shift_cut)``'s rule in words (the calibration
+    report's and the demo's wording)."""
+    skew = ([f"score < {low:.4g}"] if low != -math.inf else []) + \
+           ([f"spread < {skew_cut:.4g}"] if skew_cut is not None else [])
     parts = [f"multiple if score >= {high:.4g}"]
-    if low != -math.inf:
-        parts.append(f"skewed if score < {low:.4g}")
-    if skew_cut is not None:
-        parts.append(f"skewed if spread < {skew_cut:.4g}")
-    if shift_cut is not None and (low != -math.inf or skew_cut is not None):
-        parts[-1] += f" and shift <= {shift_cut:.4g}"
+    if skew:
+        cond = " or ".join(skew)
+        if shift_cut is not None:
+            cond = (f"({cond})" if len(skew) > 1 else cond) + f" and shift <= {shift_cut:.4g}"
+        parts.append(f"skewed if {cond}")
     return "; ".join(parts) + "; else single"
 
 
@@ -389,10 +392,10 @@ def _stream_accuracy(adapter: DATTA, batches) -> float:
     return 100.0 * correct / max(1, total)
 
 
-def _scores(work: nn.Module, batches) -> tuple[np.ndarray, list[Tensor], np.ndarray]:
+def _scores(work: nn.Module, batches, shift: bool = True) -> tuple[np.ndarray, list[Tensor], np.ndarray]:
     """The dispersion score of every batch (as DATTA computes it, every decision ``multiple``,
     no update), the :meth:`ClassProbe.features` of its score layer's instance statistics and
-    its :func:`source_shift` there."""
+    its :func:`source_shift` there (NaN with ``shift=False``)."""
     probe = DATTA(copy.deepcopy(work), preset=None, selector=ThresholdSelector(0.0), daft=False,
                   score_mode="dispersion", backend=None)
     scores, feats, shifts = [], [], []
@@ -402,7 +405,8 @@ def _scores(work: nn.Module, batches) -> tuple[np.ndarray, list[Tensor], np.ndar
         scores.append(probe.last_score)
         feats.append(ClassProbe.features(*layer.last_stats, layer.source_mean, layer.source_var,
                                            layer.eps))
-        shifts.append(float(source_shift(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps)))
+        shifts.append(float(source_shift(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps))
+                      if shift else math.nan)
     return np.array(scores, dtype=float), feats, np.array(shifts, dtype=float)
 
 
@@ -496,7 +500,7 @@ def _search_cuts(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, f
     #     probes fitted without its corruption family (as a test corruption is unseen)
     fit_x = [x for k in ("single", "mixed") for x, _ in fit[k]]
     fit_y = torch.cat([y for k in ("single", "mixed") for _, y in fit[k]])
-    fit_feats = torch.cat(_scores(work, fit_x)[1])
+    fit_feats = torch.cat(_scores(work, fit_x, shift=False)[1])
     probe = ClassProbe.fit(fit_feats, fit_y, num_classes)
     val_fam, fit_fam = fams
     fit_fams = torch.cat([f for k in ("single", "mixed") for f in fit_fam[k]])

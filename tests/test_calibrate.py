@@ -270,6 +270,22 @@ def test_held_out_spreads_use_probes_fitted_without_the_family():
     assert _families(["clean", "fog@1", "fog@5", "snow@2", "clean2"]) == [0, 1, 1, 2, 3]
 
 
+def test_rule_name_reads_as_the_selector_decides():
+    """The rule in words: one skew clause, two joined by "or" (the selector's rule), the shift
+    limit on the whole skew condition."""
+    rn = dk.calibration.rule_name
+    assert rn(1.0, -math.inf, None) == "multiple if score >= 1; else single"
+    assert rn(1.0, -math.inf, None, 2.0) == "multiple if score >= 1; else single"
+    assert rn(1.0, 0.5, None, 2.0) == \
+        "multiple if score >= 1; skewed if score < 0.5 and shift <= 2; else single"
+    assert rn(1.0, -math.inf, 0.3) == "multiple if score >= 1; skewed if spread < 0.3; else single"
+    assert rn(1.0, 0.5, 0.3, 2.0) == ("multiple if score >= 1; skewed if (score < 0.5 or spread < 0.3) "
+                                      "and shift <= 2; else single")
+    sel = dk.ThresholdSelector(1.0, 0.5, 0.3, 2.0)    # what the words say
+    assert sel.update(0.4, 0.9, 1.0) == "skewed" and sel.update(0.7, 0.2, 1.0) == "skewed"
+    assert sel.update(0.7, 0.9, 1.0) == "single" and sel.update(0.4, 0.2, 3.0) == "single"
+
+
 def test_class_probe_features_match_float64():
     """SPEC §6's probe features in float64: source-standardised, then centred on the batch
     (``centred=False``: before the centring)."""
