@@ -23,9 +23,11 @@ the class probe is refitted on a few validation batches (its weights change no t
 Median of interleaved calls (``datta_kernels.benchmarking.time_contestants``).
 
     python bench/bench_cal_step.py > bench/results/cpu_cal_step.md
+    python bench/bench_cal_step.py --skip cal_single_step    # the others without the SGD step
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
@@ -54,6 +56,9 @@ def _calibration(model, vdom, bs: int, recorded: dict):
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--skip", nargs="*", default=[], help="contestants left out of the interleaved runs")
+    skip = set(ap.parse_args().skip)
     data = load_fashion_mnist()
     model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
     vdom = validation_domains(data, 200, 0, train=TrainConfig(), severities=(3,))
@@ -66,10 +71,10 @@ def main() -> None:
     print(__doc__.split("\n\n")[1] + "\n")
     print(__doc__.split("\n\n")[2] + "\n")
     for bs in (16, 64):
-        _table(model, data.test_x[:bs], _calibration(model, vdom, bs, recorded[str(bs)]), bs)
+        _table(model, data.test_x[:bs], _calibration(model, vdom, bs, recorded[str(bs)]), bs, skip)
 
 
-def _table(model, x, cal, bs: int) -> None:
+def _table(model, x, cal, bs: int, skip=frozenset()) -> None:
     tbn = TBN(copy.deepcopy(model), backend="auto")
     plain = copy.deepcopy(model).train()
 
@@ -101,7 +106,7 @@ def _table(model, x, cal, bs: int) -> None:
     runs = {"tbn": lambda: tbn(x), "bn_train": plain_call}
     runs |= {name: (lambda a=a: a(x)) for name, a in adapters.items()}
     runs["cal_model_only"] = lambda: plain_call(bare)
-    sec = time_contestants(runs, "cpu", reps=41)
+    sec = time_contestants({k: v for k, v in runs.items() if k not in skip}, "cpu", reps=41)
     print(f"## Batch size {bs}\n")
     print("| contestant | ms | / tbn |\n|---|---|---|")
     for name, s in sec.items():
