@@ -143,7 +143,8 @@ class ClassProbe(nn.Module):
                               unexpected_keys, error_msgs):
         version = local_metadata.get("version")
         if version is not None and version < 2:
-            error_msgs.append(f"{prefix or 'ClassProbe'}: this probe was saved by datta_kernels with "
+            name = prefix.rstrip(".") or "ClassProbe"
+            error_msgs.append(f"{name}: this probe was saved by datta_kernels with "
                               f"ClassProbe version {version} (features not centred on the batch); its "
                               "weights do not fit the current features: re-run datta_kernels.calibrate")
             return

@@ -334,6 +334,17 @@ def test_class_probe_refuses_a_version_1_state_dict():
         ClassProbe(3, 4).load_state_dict(state)
     assert probe.state_dict()._metadata[""]["version"] == 2
     ClassProbe(3, 4).load_state_dict(probe.state_dict())
+    # inside an adapter's state dict (what users save) too
+    m = dk.convert_model(nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 3),
+                                       nn.BatchNorm2d(3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                       nn.Linear(3, 4)).eval(), "datta")
+    adapter = dk.DATTA(m, preset=None, selector=dk.ThresholdSelector(0.5, skew_cut=0.3),
+                       class_probe=ClassProbe(3, 4), score_mode="dispersion", daft=False)
+    adapter(torch.randn(4, 1, 10, 10))
+    state = adapter.state_dict()
+    state._metadata["class_probe"]["version"] = 1
+    with pytest.raises(RuntimeError, match="class_probe: this probe was saved"):
+        adapter.load_state_dict(state)
 
 
 def test_class_probe_fit_separates_label_skewed_batches():
