@@ -22,8 +22,8 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
    source statistics than any validation batch gets ``single``, whose batch statistics follow
    the shift, rather than the source statistics ``skewed`` trusts);
 4. the rule with the better mean accuracy over four validation streams without DAFT;
-5. DAFT on or off (entropy steps on ``single`` batches at ``lr``): on only if it raises the
-   mean accuracy of those streams.
+5. DAFT off, or on at one of the candidate learning rates ``lr`` (entropy steps on ``single``
+   batches): the best mean accuracy over those streams; on only if it beats off.
 
 It returns the configured :class:`~datta_kernels.DATTA` (the model converted in place) with the
 report of what it chose and the validation numbers behind each choice in ``adapter.calibration``.
@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,6 +87,7 @@ class Calibration:
     #: (None: the rule does not read it)
     skew_cut: float | None
     daft: bool
+    #: the DAFT learning rate chosen (with DAFT off: the smallest candidate)
     lr: float
     #: ``skewed`` only where the batch's source shift at the score layer is at most this: the
     #: largest shift among the validation batches the cuts were chosen on (None: no limit)
@@ -174,9 +175,12 @@ class Calibration:
         for name, acc in self.rule_table.items():
             lines.append(f"  {name:<46} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {np.mean(list(acc.values())):5.1f}")
-        lines.append(f"DAFT {'on' if self.daft else 'off'} (lr {self.lr:g}), validation streams:")
+        chosen = f"on at lr {self.lr:g}" if self.daft else "off"
+        lines.append(f"DAFT {chosen} (the best mean over the validation streams; ties: off, then the "
+                     "smaller rate):")
         for name, acc in self.daft_table.items():
-            lines.append(f"  daft {name:<4} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items()))
+            lines.append(f"  daft {name:<13} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+                         + f"  mean {np.mean(list(acc.values())):5.1f}")
         return "\n".join(lines)
 
 
@@ -527,7 +531,8 @@ def _search_cuts(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, f
 
 
 def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int = 64, *,
-              n_batches: int | None = None, lr: float = 1e-3, backend: str = "auto", seed: int = 0,
+              n_batches: int | None = None, lr: float | Sequence[float] = 1e-3, backend: str = "auto",
+              seed: int = 0,
               grid=BLEND_GRID) -> DATTA:
     """DATTA for ``model`` calibrated on labelled validation ``domains`` (see the module doc).
 
@@ -539,7 +544,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         batch_size: the batch size the adapter will see (the choices depend on it).
         n_batches: validation batches of each type (single, mixed, label-sorted); None:
             :func:`default_batches` (about 3,000 images of each type).
-        lr: the DAFT learning rate tried.  backend: kernel backend.  seed: the batches' draw.
+        lr: the DAFT learning rate, or several to choose from on the validation streams.
+        backend: kernel backend.  seed: the batches' draw.
         grid: candidate blends ``(w_s, w_b, w_cluster)``.
 
     Returns a :class:`DATTA` with ``score_mode="dispersion"``, a band
@@ -549,6 +555,9 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     if int(batch_size) != batch_size or batch_size < 2:
         raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}")
     _check_domains(domains, batch_size)
+    lrs = sorted({float(r) for r in (lr if isinstance(lr, Sequence) else (lr,))})
+    if not lrs or not all(math.isfinite(r) and r > 0 for r in lrs):
+        raise ValueError(f"lr must be a positive number or a non-empty sequence of them, got {lr!r}")
     n_batches = default_batches(batch_size) if n_batches is None else int(n_batches)
     if n_batches < 2:
         raise ValueError(f"n_batches must be >= 2, got {n_batches}")
@@ -584,8 +593,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
 
     shift_cut = best["shift_cut"]
 
-    def run(rule, daft: bool) -> dict[str, float]:
-        return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=lr,
+    def run(rule, daft: bool, rate: float = lrs[0]) -> dict[str, float]:
+        return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate,
                                              selector=ThresholdSelector(*rule, shift_cut),
                                              class_probe=probe,
                                              score_mode="dispersion", backend=None), batches)
@@ -597,16 +606,18 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     means = [np.mean(list(rule_table[rule_name(*r, shift_cut)].values())) for r in rules]
     high, low, skew_cut = rules[int(np.argmax(means))]      # ties: the first
 
-    # 5. DAFT on or off, on the same streams with the chosen rule
-    daft_table = {"off": rule_table[rule_name(high, low, skew_cut, shift_cut)],
-                  "on": run((high, low, skew_cut), True)}
-    daft = bool(np.mean(list(daft_table["on"].values())) > np.mean(list(daft_table["off"].values())))
+    # 5. DAFT off or on at each candidate rate, on the same streams with the chosen rule
+    daft_table = {"off": rule_table[rule_name(high, low, skew_cut, shift_cut)]}
+    daft_table |= {f"on, lr {r:g}": run((high, low, skew_cut), True, r) for r in lrs}
+    daft_means = [np.mean(list(v.values())) for v in daft_table.values()]
+    pick = int(np.argmax(daft_means))                        # ties: off, then the smaller rate
+    daft, rate = pick > 0, lrs[max(pick - 1, 0)]
 
     report = Calibration(
         batch_size=int(batch_size), domains=list(domains), batches={k: len(v) for k, v in val.items()},
         score_layer=names[layers[pre]], instance_mode=mode, single_blend=single,
         multiple_blend=multiple, skewed_blend=skewed, pre_blend=best["pre"], threshold=high, low=low,
-        skew_cut=skew_cut, daft=daft, lr=lr, shift_cut=shift_cut, blend_table=best["blend_table"],
+        skew_cut=skew_cut, daft=daft, lr=rate, shift_cut=shift_cut, blend_table=best["blend_table"],
         pre_table=best["pre_table"],
         decision_table=best["decision_table"], rule_table=rule_table, daft_table=daft_table,
         modes=best["modes"], probe=probe)

@@ -164,7 +164,8 @@ def test_calibrate_returns_a_configured_datta():
     grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4))
     model = _model()
     source = copy.deepcopy(model)
-    adapter = calibrate(model, _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid)
+    adapter = calibrate(model, _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
+                        lr=(2e-3, 5e-4))
     rep = adapter.calibration
     assert isinstance(adapter, dk.DATTA) and adapter.score_mode == "dispersion"
     assert rep.instance_mode in INSTANCE_MODES and set(rep.modes) == set(INSTANCE_MODES)
@@ -210,6 +211,14 @@ def test_calibrate_returns_a_configured_datta():
     assert "datta_cal for batch size 8" in text and "oracle (true type)" in text and "DAFT" in text
     assert "score + spread" in text and "decision rule:" in text and "before the score layer" in text
     assert set(rep.as_dict()) >= {"single_blend", "threshold", "low", "decision_table", "daft_table"}
+    # DAFT off or on at a candidate rate: the best mean of the validation streams (ties: off,
+    # then the smaller rate), and the adapter runs at the chosen rate
+    assert list(rep.daft_table) == ["off", "on, lr 0.0005", "on, lr 0.002"]
+    daft_means = [np.mean(list(v.values())) for v in rep.daft_table.values()]
+    pick = int(np.argmax(daft_means))
+    assert rep.daft == (pick > 0) and rep.lr == (5e-4, 5e-4, 2e-3)[pick]
+    assert adapter.daft == rep.daft and (not rep.daft or adapter.optimizer.param_groups[0]["lr"] == rep.lr)
+    assert "daft on, lr 0.002" in text and ("DAFT off" in text or f"DAFT on at lr {rep.lr:g}" in text)
     # every choice is a maximum of the validation numbers the report shows
     table = rep.blend_table
     assert table[rep.multiple_blend]["mixed"] == max(v["mixed"] for v in table.values())
@@ -229,6 +238,12 @@ def test_calibrate_returns_a_configured_datta():
 def test_calibrate_bad_domains(bad, match):
     with pytest.raises(ValueError, match=match):
         calibrate(_model(), bad, batch_size=8)
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e-3, (), (1e-3, float("nan")), float("inf")])
+def test_calibrate_bad_rates(lr):
+    with pytest.raises(ValueError, match="lr must be"):
+        calibrate(_model(), _domains(), batch_size=8, lr=lr)
 
 
 # ---------------------------------------------------------------- the prediction spread

@@ -25,7 +25,7 @@ from ..benchmarking import provenance
 from ..calibration import calibrate, default_batches
 from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, SEVERITIES, load_benchmark
 from .protocols import build_stream, canonical
-from .runner import CALIBRATED, METHODS, ORACLES, RunResult, detector_metrics
+from .runner import CALIBRATED, METHODS, ORACLES, RunResult, cal_rates, detector_metrics
 from .validation import calibrate_threshold_on
 from .zoo import BUILTIN, build_model, default_normalization
 
@@ -242,7 +242,7 @@ def _calibrate(cfg: RunConfig, model, device: str, log) -> dict:
                                                 score_mode="dispersion", backend=cfg.backend)["threshold"]
         if any(m.startswith("datta_cal") for m in cfg.methods):
             reports[bs] = calibrate(copy.deepcopy(model), domains, bs, n_batches=n_cal,
-                                    lr=cfg.lr, backend=cfg.backend, seed=cfg.seed).calibration
+                                    lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed).calibration
             log(str(reports[bs]))
     log(f"calibration on {', '.join(domains)} ({time.perf_counter() - t0:.1f} s): datta_disp thresholds "
         f"{thresholds}")

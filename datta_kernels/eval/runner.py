@@ -29,6 +29,15 @@ from .oracle import OracleSelector
 from .streams import STREAMS, DomainPool, Stream, make_stream
 from .validation import TEST, VALIDATION, calibrate_threshold_on, test_pool, validation_domains
 
+#: ``datta_cal`` chooses its DAFT rate on the validation streams among these multiples of
+#: ``--lr`` (the rate every other method uses), SPEC §6 step 5
+CAL_RATE_FACTORS = (0.5, 1.0, 2.0)
+
+
+def cal_rates(lr: float) -> tuple[float, ...]:
+    """The DAFT rates ``calibrate`` tries for ``datta_cal`` (``CAL_RATE_FACTORS`` x ``lr``)."""
+    return tuple(f * lr for f in CAL_RATE_FACTORS)
+
 __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
            "run_stream"]
 
@@ -317,7 +326,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                                                      score_mode="dispersion", backend=cfg.backend)
             if any(m.startswith("datta_cal") for m in cfg.methods):
                 cal_reports[bs] = calibrate(copy.deepcopy(model), vdom, bs, n_batches=n_cal,
-                                            lr=cfg.lr, backend=cfg.backend, seed=cfg.seed,
+                                            lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed,
                                             grid=cfg.calibration_grid or BLEND_GRID).calibration
                 log(str(cal_reports[bs]))
         score_kw["disp_thresholds"] = {bs: c["threshold"] for bs, c in calibration.items()}
