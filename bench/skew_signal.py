@@ -85,7 +85,8 @@ def main() -> None:
     labels, fams = torch.cat(labels), np.array(fams)
     probes = {}
     for centre, fz in (("source", torch.cat(feats)), ("batch", torch.cat(cfeats))):
-        probes["in", centre] = {f: ClassProbe.fit(fz, labels, 10) for f in fam_names}
+        full = ClassProbe.fit(fz, labels, 10)            # one probe on every family
+        probes["in", centre] = dict.fromkeys(fam_names, full)
         probes["held-out", centre] = {
             f: ClassProbe.fit(fz[torch.from_numpy(fams != f)], labels[torch.from_numpy(fams != f)], 10)
             for f in fam_names}
