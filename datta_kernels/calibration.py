@@ -21,9 +21,13 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
    score layer is within the largest among those validation batches (a batch farther from the
    source statistics than any validation batch gets ``single``, whose batch statistics follow
    the shift, rather than the source statistics ``skewed`` trusts);
-4. the rule with the better mean accuracy over four validation streams without DAFT;
+4. the rule with the better mean accuracy over four validation streams without DAFT: the
+   deployment's streams (SPEC §5: single-domain, mixed, dynamic, label-sorted), each using
+   every validation image once, so they are as long as the validation data allow;
 5. DAFT off, or on at one of the candidate learning rates ``lr`` (entropy steps on ``single``
-   batches): the best mean accuracy over those streams; on only if it beats off.
+   batches): the best mean accuracy over those streams; on only if it beats off.  A rate whose
+   drift builds up over a long stream is judged over one: give at least as many validation
+   images as the deployment's stream holds before a reset.
 
 It returns the configured :class:`~datta_kernels.DATTA` (the model converted in place) with the
 report of what it chose and the validation numbers behind each choice in ``adapter.calibration``.
@@ -42,6 +46,7 @@ from torch import Tensor, nn
 
 from .adapt import DATTA
 from .diversity import ClassProbe, Selector, ThresholdSelector, prediction_spread, source_shift
+from .eval.streams import DomainPool, make_stream
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
 from .surgery import _is_plain_bn, convert_model
 
@@ -53,6 +58,8 @@ BLEND_GRID = tuple((round(float(s), 1), round(float(b), 1), abs(round(float(1 - 
                    for s, b in itertools.product(np.arange(0, 1.01, 0.2), repeat=2)
                    if s + b <= 1.0 + 1e-9)
 KINDS = ("single", "mixed", "sorted")
+#: the validation streams of steps 4-5 (report name -> SPEC §5 stream kind)
+STREAM_KINDS = {"single": "single", "mixed": "mixed", "dynamic": "dynamic", "sorted": "single_noniid"}
 #: validation images of each batch type :func:`calibrate` draws by default
 VALIDATION_IMAGES = 3072
 
@@ -100,8 +107,10 @@ class Calibration:
     decision_table: dict[str, dict[str, float]] = field(default_factory=dict)
     #: decision rule -> accuracy (%) per validation stream (no DAFT), every candidate
     rule_table: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: ``"on"`` / ``"off"`` -> accuracy (%) per validation stream
+    #: ``"off"`` / ``"on, lr X"`` -> accuracy (%) per validation stream
     daft_table: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: batches in each validation stream of steps 4-5 (every validation image once per stream)
+    streams: dict[str, int] = field(default_factory=dict)
     #: instance mode -> its best accuracy (%) on mixed batches (the higher one is chosen)
     modes: dict[str, float] = field(default_factory=dict)
     #: the class probe at the score layer whose prediction spread ``skew_cut`` reads
@@ -166,7 +175,9 @@ class Calibration:
         for name, acc in self.decision_table.items():
             lines.append(f"  {name:<20} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items()))
         lines.append(f"decision rule: {rule_name(self.threshold, self.low, self.skew_cut, self.shift_cut)} "
-                     "(the best mean over validation streams without DAFT; candidates:)")
+                     "(the best mean over the validation streams without DAFT; each stream every "
+                     "validation image once: " + ", ".join(f"{k} {n}" for k, n in self.streams.items())
+                     + " batches; candidates:)")
         if self.shift_cut is not None:
             lines.append(f"  shift cut {self.shift_cut:.4g}: the largest source shift at {self.score_layer} "
                          f"among the {sum(self.batches.values())} validation batches above; a batch "
@@ -262,24 +273,21 @@ def _held_out_spreads(fit_feats: Tensor, fit_y: Tensor, fit_fam: Tensor, feats: 
     return np.array(out)
 
 
-def _sorted_stream(domains, batch_size: int, n: int, g: torch.Generator) -> list[tuple[Tensor, Tensor]]:
-    """``n`` batches of a label-sorted stream: each domain in turn delivers a run of
-    consecutive batches (from a random start) of its images sorted by label, so the label skew
-    persists from batch to batch as in a label-sorted test stream."""
+def _streams(domains, batch_size: int, seed: int) -> tuple[Tensor, Tensor, dict[str, list[Tensor]]]:
+    """The deployment's streams (SPEC §5) over the validation domains, each using every
+    validation image once: ``single`` (one domain after another, in the order given),
+    ``mixed``, ``dynamic`` (single and mixed batches alternating) and ``sorted`` (one domain
+    after another, label-sorted within each).  As long as the data allow, so a DAFT rate whose
+    drift builds up over a long stream is judged over one.  Returns the pooled images and
+    labels and, per stream, its batches as index tensors into them (batches of one sample,
+    where a domain's size leaves one over, are dropped: their statistics are undefined)."""
     names = list(domains)
-    run = max(2, math.ceil(n / len(names)))
-    out: list[tuple[Tensor, Tensor]] = []
-    d = 0
-    while len(out) < n:
-        x, y = domains[names[d % len(names)]]
-        order = torch.randperm(len(y), generator=g)
-        order = order[torch.sort(y[order], stable=True).indices]
-        full = len(y) // batch_size
-        r = min(run, full, n - len(out))
-        start = int(torch.randint(0, full - r + 1, (1,), generator=g))
-        out += [(x[i], y[i]) for i in order[start * batch_size:(start + r) * batch_size].split(batch_size)]
-        d += 1
-    return out
+    sizes = torch.as_tensor([len(domains[k][1]) for k in names])
+    pool = DomainPool(torch.cat([domains[k][0] for k in names]), torch.cat([domains[k][1] for k in names]),
+                      torch.repeat_interleave(torch.arange(len(names)), sizes), names)
+    out = {key: [b for b in make_stream(pool, kind, batch_size, seed).batches if len(b) > 1]
+           for key, kind in STREAM_KINDS.items()}
+    return pool.x, pool.y, out
 
 
 def rule_name(high: float, low: float, skew_cut: float | None, shift_cut: float | None = None) -> str:
@@ -388,11 +396,11 @@ def _best_band(scores: np.ndarray, acc: dict[str, np.ndarray], kinds: np.ndarray
     return float(lows[i]), float(highs[j]), float(best)
 
 
-def _stream_accuracy(adapter: DATTA, batches) -> float:
+def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]) -> float:
     correct = total = 0
-    for x, y in batches:
-        correct += int((adapter(x).argmax(1) == y).sum())
-        total += len(y)
+    for idx in batches:
+        correct += int((adapter(x[idx]).argmax(1) == y[idx]).sum())
+        total += len(idx)
     return 100.0 * correct / max(1, total)
 
 
@@ -542,10 +550,11 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         domains: ``{name: (images (N, C, H, W) float, labels (N,) int)}``, data the user may
             tune on (never the data they report on); each with at least ``batch_size`` images.
         batch_size: the batch size the adapter will see (the choices depend on it).
-        n_batches: validation batches of each type (single, mixed, label-sorted); None:
-            :func:`default_batches` (about 3,000 images of each type).
+        n_batches: validation batches of each type (single, mixed, label-sorted) for steps
+            1-3; None: :func:`default_batches` (about 3,000 images of each type).  Steps 4-5
+            run streams over every validation image (their cost grows with the data).
         lr: the DAFT learning rate, or several to choose from on the validation streams.
-        backend: kernel backend.  seed: the batches' draw.
+        backend: kernel backend.  seed: the batches' and streams' draw.
         grid: candidate blends ``(w_s, w_b, w_cluster)``.
 
     Returns a :class:`DATTA` with ``score_mode="dispersion"``, a band
@@ -582,13 +591,10 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     mode, single, multiple, skewed = best["mode"], best["single"], best["multiple"], best["skewed"]
     _configure(layers, pre, best["pre"], (single, multiple, skewed), mode)
 
-    # 4. the decision rule, on validation streams without DAFT: the score band of step 3, or
-    #    the score cut with the skew cut on the probe's prediction spread (step 3b)
-    d = len(domains)
-    streams = {"single": [val["single"][i] for k in range(d) for i in range(k, len(val["single"]), d)],
-               "mixed": val["mixed"],
-               "dynamic": [b for pair in zip(val["single"], val["mixed"]) for b in pair],
-               "sorted": _sorted_stream(domains, batch_size, n_batches, g)}
+    # 4. the decision rule, on the deployment's streams over every validation image, without
+    #    DAFT: the score band of step 3, or the score cut with the skew cut on the probe's
+    #    prediction spread (step 3b)
+    xs, ys, streams = _streams(domains, batch_size, seed)
     probe = best["probe"]
 
     shift_cut = best["shift_cut"]
@@ -597,7 +603,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate,
                                              selector=ThresholdSelector(*rule, shift_cut),
                                              class_probe=probe,
-                                             score_mode="dispersion", backend=None), batches)
+                                             score_mode="dispersion", backend=None), xs, ys, batches)
                 for name, batches in streams.items()}
     cut = best["skew_cut"]
     rules = [(best["high"], best["low"], None),
@@ -620,5 +626,6 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         skew_cut=skew_cut, daft=daft, lr=rate, shift_cut=shift_cut, blend_table=best["blend_table"],
         pre_table=best["pre_table"],
         decision_table=best["decision_table"], rule_table=rule_table, daft_table=daft_table,
+        streams={k: len(v) for k, v in streams.items()},
         modes=best["modes"], probe=probe)
     return report.adapter(model, backend=backend)

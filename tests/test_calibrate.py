@@ -22,7 +22,7 @@ from datta_kernels.calibration import (
     _decide,
     _families,
     _held_out_spreads,
-    _sorted_stream,
+    _streams,
     calibrate,
     default_batches,
 )
@@ -600,9 +600,35 @@ def test_best_skew_rule_matches_brute_force():
     assert obj == pytest.approx(best)
 
 
-def test_sorted_stream_runs_are_label_sorted():
+@pytest.mark.parametrize("bs", [8, 7])
+def test_validation_streams_use_every_image_once(bs):
     dom = _domains(40)
-    stream = _sorted_stream(dom, 8, 7, torch.Generator().manual_seed(0))
-    assert len(stream) == 7 and all(x.shape == (8, 1, 10, 10) for x, _ in stream)
-    for _, y in stream:
-        assert torch.equal(y, y.sort().values)
+    dom["short"] = (dom["noisy"][0][:22], dom["noisy"][1][:22])   # 22 = 3 * 7 + 1: a batch of one
+    xs, ys, streams = _streams(dom, bs, seed=3)
+    assert list(streams) == ["single", "mixed", "dynamic", "sorted"]
+    sizes = [40, 40, 40, 22]
+    starts = np.cumsum([0] + sizes)
+    assert torch.equal(xs[starts[3]:], dom["short"][0]) and torch.equal(ys[: starts[1]], dom["clean"][1])
+    domain_of = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
+    for name, batches in streams.items():
+        flat = torch.cat(batches)
+        dropped = len(ys) - len(flat)
+        assert all(2 <= len(b) <= bs for b in batches)
+        assert len(flat.unique()) == len(flat)                       # no image twice
+        # every image once, save a left-over batch of one (its statistics are undefined): at
+        # bs 7 the 22-image domain leaves one in the single-domain streams
+        if name in ("single", "sorted"):
+            assert dropped == (1 if bs == 7 else 0)
+        else:
+            assert dropped <= (1 if name == "mixed" else len(dom))
+        if name in ("single", "sorted"):
+            doms = [domain_of[b] for b in batches]
+            assert all(len(d.unique()) == 1 for d in doms)           # one domain per batch
+            order = [int(d[0]) for d in doms]
+            assert order == sorted(order)                            # domains one after another
+        if name == "sorted":
+            for d in range(4):
+                labels = torch.cat([ys[b] for b in batches if int(domain_of[b[0]]) == d])
+                assert torch.equal(labels, labels.sort().values)
+    again = _streams(dom, bs, seed=3)[2]
+    assert all(torch.equal(a, b) for a, b in zip(streams["mixed"], again["mixed"]))
