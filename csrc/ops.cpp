@@ -189,7 +189,9 @@ TORCH_LIBRARY(datta, m) {
   m.def(
       "_probe_spread(Tensor mean, Tensor var, Tensor source_mean, Tensor source_var, float eps, "
       "Tensor center, Tensor scale, Tensor weight, Tensor bias) -> Tensor");
-  m.def("_source_shift(Tensor mean, Tensor var, Tensor source_mean, Tensor source_var, float eps) -> Tensor");
+  m.def(
+      "_source_shift(Tensor mean, Tensor var, Tensor source_mean, Tensor source_var, float eps, "
+      "bool signed_shift=False) -> Tensor");
   m.def(
       "_dabn_normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
       "Tensor source_var, Tensor blend, float? shrink_k, float eps, Tensor mean, Tensor var) -> "

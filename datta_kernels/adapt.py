@@ -278,7 +278,7 @@ class DATTA(Adapter):
             required when the selector reads a spread (``ThresholdSelector(skew_cut=...)``):
             the batch's prediction spread from the probe, on the score layer's instance
             statistics, is passed to the selector (``last_spread``).  A selector with a shift
-            cut (``ThresholdSelector(shift_cut=...)``) also gets the batch's
+            cut (``ThresholdSelector(shift_cut=...)``) also gets the batch's signed
             :func:`~datta_kernels.diversity.source_shift` at the score layer (``last_shift``).
 
     Host syncs: one per batch (the selector needs the score as a float), except with a
@@ -345,7 +345,7 @@ class DATTA(Adapter):
             self.last_spread = extra["spread"]
         if self.selector.uses_shift:       # how far the batch is from the source statistics
             extra["shift"] = self.last_shift = source_shift(*layer.last_stats, layer.source_mean,
-                                                            layer.source_var, layer.eps)
+                                                            layer.source_var, layer.eps, signed=True)
         if self._sync_free:
             single, skewed = self.selector.decide_tensors(score, **extra)
             set_decisions(self._layers[self._score_at:], single, False if skewed is None else skewed)

@@ -96,9 +96,10 @@ class Calibration:
     daft: bool
     #: the DAFT learning rate chosen (with DAFT off: the smallest candidate)
     lr: float
-    #: ``skewed`` only where the batch's source shift at the score layer is at most this: the
-    #: largest shift among the validation batches the cuts were chosen on (None: no limit)
-    shift_cut: float | None = None
+    #: ``skewed`` only where the batch's signed source shift at the score layer lies in this
+    #: range ``(lo, hi)``: the most negative and most positive shift (0 included) among the
+    #: validation batches the cuts were chosen on (None: no limit)
+    shift_cut: tuple[float, float] | None = None
     #: blend -> accuracy (%) per batch type, every candidate
     blend_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
     #: pre blend -> accuracy (%) per batch type, the later layers on the type's right blend
@@ -179,10 +180,12 @@ class Calibration:
                      "validation image once: " + ", ".join(f"{k} {n}" for k, n in self.streams.items())
                      + " batches; candidates:)")
         if self.shift_cut is not None:
-            lines.append(f"  shift cut {self.shift_cut:.4g}: the largest source shift at {self.score_layer} "
-                         f"among the {sum(self.batches.values())} validation batches above; a batch "
-                         "farther from the source statistics than every validation batch is never "
-                         "skewed (it gets single)")
+            lo, hi = self.shift_cut
+            lines.append(f"  shift range [{lo:.4g}, {hi:.4g}]: the signed source shift at {self.score_layer} "
+                         f"(negative: variances below the source's, positive: above) of the "
+                         f"{sum(self.batches.values())} validation batches above, most negative "
+                         "and most positive; a batch farther from the source statistics in either "
+                         "direction than every validation batch is never skewed (it gets single)")
         for name, acc in self.rule_table.items():
             lines.append(f"  {name:<46} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {np.mean(list(acc.values())):5.1f}")
@@ -290,18 +293,26 @@ def _streams(domains, batch_size: int, seed: int) -> tuple[Tensor, Tensor, dict[
     return pool.x, pool.y, out
 
 
-def rule_name(high: float, low: float, skew_cut: float | None, shift_cut: float | None = None) -> str:
+def rule_name(high: float, low: float, skew_cut: float | None, shift_cut=None) -> str:
     """``ThresholdSelector(high, low, skew_cut, shift_cut)``'s rule in words (the calibration
-    report's and the demo's wording)."""
+    report's and the demo's wording); ``shift_cut`` a number ``c`` (``|shift| <= c``) or a
+    range ``(lo, hi)`` of the signed shift."""
     skew = ([f"score < {low:.4g}"] if low != -math.inf else []) + \
            ([f"spread < {skew_cut:.4g}"] if skew_cut is not None else [])
     parts = [f"multiple if score >= {high:.4g}"]
     if skew:
         cond = " or ".join(skew)
         if shift_cut is not None:
-            cond = (f"({cond})" if len(skew) > 1 else cond) + f" and shift <= {shift_cut:.4g}"
+            cond = (f"({cond})" if len(skew) > 1 else cond) + f" and {_shift_words(shift_cut)}"
         parts.append(f"skewed if {cond}")
     return "; ".join(parts) + "; else single"
+
+
+def _shift_words(shift_cut) -> str:
+    if isinstance(shift_cut, (tuple, list)):
+        lo, hi = shift_cut
+        return f"{float(lo):.4g} <= shift <= {float(hi):.4g}"
+    return f"|shift| <= {float(shift_cut):.4g}"
 
 
 #: how the instance terms of a blend are formed: cluster-pooled (SPEC §3b) or per sample with
@@ -407,7 +418,7 @@ def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]
 def _scores(work: nn.Module, batches, shift: bool = True) -> tuple[np.ndarray, list[Tensor], np.ndarray]:
     """The dispersion score of every batch (as DATTA computes it, every decision ``multiple``,
     no update), the :meth:`ClassProbe.features` of its score layer's instance statistics and
-    its :func:`source_shift` there (NaN with ``shift=False``)."""
+    its signed :func:`source_shift` there (NaN with ``shift=False``)."""
     probe = DATTA(copy.deepcopy(work), preset=None, selector=ThresholdSelector(0.0), daft=False,
                   score_mode="dispersion", backend=None)
     scores, feats, shifts = [], [], []
@@ -417,8 +428,8 @@ def _scores(work: nn.Module, batches, shift: bool = True) -> tuple[np.ndarray, l
         scores.append(probe.last_score)
         feats.append(ClassProbe.features(*layer.last_stats, layer.source_mean, layer.source_var,
                                            layer.eps))
-        shifts.append(float(source_shift(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps))
-                      if shift else math.nan)
+        shifts.append(float(source_shift(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps,
+                                         signed=True)) if shift else math.nan)
     return np.array(scores, dtype=float), feats, np.array(shifts, dtype=float)
 
 
@@ -531,7 +542,8 @@ def _search_cuts(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, f
     said_b = np.where(scores < high_b, np.where(spread < skew_cut, 0, 1), 2)
     finite = shifts[np.isfinite(shifts)]
     return {"low": low, "high": high, "probe": probe, "high_b": high_b, "skew_cut": skew_cut,
-            "shift_cut": float(finite.max()) if len(finite) else None,
+            "shift_cut": (min(0.0, float(finite.min())), max(0.0, float(finite.max())))
+                         if len(finite) else None,
             "decision_table": {"score band": rule(_decide(scores, low, high)),
                                "score, no low cut": rule(_decide(scores, low0, high0)),
                                "score + spread": rule(said_b),

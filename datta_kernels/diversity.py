@@ -80,30 +80,36 @@ def prediction_spread(logits: Tensor) -> Tensor:
 
 
 def source_shift(mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
-                 eps: float) -> Tensor:
+                 eps: float, signed: bool = False) -> Tensor:
     """How far a batch's statistics at a layer are from the source's: the symmetric KL
     divergence between the per-channel Gaussians of the batch and of the source, averaged over
     channels, a 0-dim float32 tensor >= 0 (SPEC §6).  The batch's moments pool its instance
     statistics ``(N, C)``: mean ``m_b = mean_n mu_i``, variance ``v_b = mean_n var_i +
     var_n mu_i`` (population); with ``a = v_b + eps``, ``b = var_s + eps``, per channel
     ``(a / b + b / a) / 2 - 1 + (m_b - mu_s)^2 (1 / a + 1 / b) / 2``.  0 when the batch has
-    the source's moments.  On the device, no host sync.  On CPU tensors with the compiled
-    extension: one C++ op (``datta::_source_shift``, the same formula in double; its ~10
-    PyTorch ops cost ~50 us a batch on a 2-core CPU); elsewhere :func:`source_shift_reference`."""
+    the source's moments.  ``signed``: the same magnitude with the sign of ``mean_c log(a /
+    b)`` (``+`` at 0): negative when the batch's variances lie below the source's on average
+    (as under blur), positive above (as under noise), so a limit can treat the two directions
+    apart.  On the device, no host sync.  On CPU tensors with the compiled extension: one C++
+    op (``datta::_source_shift``, the same formula in double; its ~10 PyTorch ops cost ~50 us
+    a batch on a 2-core CPU); elsewhere :func:`source_shift_reference`."""
     if mean_i.device.type == "cpu" and _HAS_PROBE_OP:
         return torch.ops.datta._source_shift(mean_i.detach(), var_i.detach(), source_mean.detach(),
-                                             source_var.detach(), float(eps))
-    return source_shift_reference(mean_i, var_i, source_mean, source_var, eps)
+                                             source_var.detach(), float(eps), bool(signed))
+    return source_shift_reference(mean_i, var_i, source_mean, source_var, eps, signed)
 
 
 def source_shift_reference(mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var: Tensor,
-                           eps: float) -> Tensor:
+                           eps: float, signed: bool = False) -> Tensor:
     """:func:`source_shift` by its PyTorch ops (float32)."""
     m = mean_i.detach().float()
     a = var_i.detach().float().mean(0) + m.var(0, unbiased=False) + eps
     b = source_var.detach().float() + eps
     d2 = (m.mean(0) - source_mean.detach().float()).square()
-    return (0.5 * (a / b + b / a) - 1.0 + 0.5 * d2 * (a.reciprocal() + b.reciprocal())).mean()
+    shift = (0.5 * (a / b + b / a) - 1.0 + 0.5 * d2 * (a.reciprocal() + b.reciprocal())).mean()
+    if signed:
+        shift = torch.where(torch.log(a / b).mean() < 0, -shift, shift)
+    return shift
 
 
 class ClassProbe(nn.Module):
@@ -378,6 +384,22 @@ class Selector:
         raise NotImplementedError
 
 
+def _shift_range(cut) -> tuple[float, float] | None:
+    """``ThresholdSelector``'s shift limit as a range ``(lo, hi)``: None stays None, a number
+    ``c >= 0`` is ``(-c, c)``, a pair must have ``-inf < lo <= 0 <= hi < inf``."""
+    if cut is None:
+        return None
+    try:
+        lo, hi = (-float(cut), float(cut)) if not isinstance(cut, (tuple, list)) else map(float, cut)
+    except (TypeError, ValueError):
+        raise ValueError(f"shift_cut must be None, a number >= 0 or a pair (lo <= 0 <= hi), "
+                         f"got {cut!r}") from None
+    if not (-math.inf < lo <= 0.0 <= hi < math.inf):
+        raise ValueError(f"shift_cut must be None, a finite number >= 0 or a pair of finite numbers "
+                         f"lo <= 0 <= hi (a source shift range), got {cut!r}")
+    return lo, hi
+
+
 class ThresholdSelector(Selector):
     """``multiple`` when ``score >= threshold``; otherwise ``skewed`` when ``score < low`` or
     the batch's ``spread`` is below ``skew_cut``, else ``single``.
@@ -388,8 +410,12 @@ class ThresholdSelector(Selector):
     spread (:func:`prediction_spread` of a :class:`ClassProbe` at the score layer, which
     :class:`~datta_kernels.DATTA` passes as ``spread=``; without one, nothing is skewed by it).
     ``shift_cut`` (default None: unused) limits ``skewed`` to batches whose
-    :func:`source_shift` (``shift=``) is at most ``shift_cut``: ``skewed`` normalises with the
-    source statistics, and a batch farther from them than the cut is ``single`` instead.
+    :func:`source_shift` (``shift=``) lies within it: ``skewed`` normalises with the source
+    statistics, and a batch farther from them than the cut is ``single`` instead.  A number
+    ``c`` is the range ``[-c, c]`` (a shift of at most ``c`` either way); a pair ``(lo, hi)``
+    with ``lo <= 0 <= hi`` the range of a signed shift (``source_shift(signed=True)``, which
+    :class:`~datta_kernels.DATTA` passes), so the two directions (variances below / above the
+    source's) get limits of their own.
     ``datta_kernels.calibrate`` sets the cuts from validation batches.  Stateless apart from
     its cuts, so it can also decide on the device (:meth:`decide_tensor`,
     :meth:`skewed_tensor`) without a host sync.  A NaN score, spread or shift never gives
@@ -398,7 +424,7 @@ class ThresholdSelector(Selector):
     sync_free = True
 
     def __init__(self, threshold: float, low: float = -math.inf, skew_cut: float | None = None,
-                 shift_cut: float | None = None):
+                 shift_cut: float | tuple[float, float] | None = None):
         self.threshold = float(threshold)
         self.low = float(low)
         if not math.isfinite(self.threshold):
@@ -407,11 +433,8 @@ class ThresholdSelector(Selector):
             raise ValueError(f"low must be -inf or a number < threshold ({self.threshold}), got {low!r}")
         if skew_cut is not None and not (0.0 < float(skew_cut) <= 1.0):
             raise ValueError(f"skew_cut must be None or in (0, 1] (a prediction spread), got {skew_cut!r}")
-        if shift_cut is not None and not (0.0 <= float(shift_cut) < math.inf):
-            raise ValueError(f"shift_cut must be None or a finite number >= 0 (a source shift), "
-                             f"got {shift_cut!r}")
         self.skew_cut = None if skew_cut is None else float(skew_cut)
-        self.shift_cut = None if shift_cut is None else float(shift_cut)
+        self.shift_cut = _shift_range(shift_cut)
         self.last_decision: str | None = None
 
     @property
@@ -434,7 +457,7 @@ class ThresholdSelector(Selector):
                 or (sh is not None and math.isnan(sh)):
             self.last_decision = MULTIPLE
         elif (s < self.low or (sp is not None and sp < self.skew_cut)) \
-                and (sh is None or sh <= self.shift_cut):
+                and (sh is None or self.shift_cut[0] <= sh <= self.shift_cut[1]):
             self.last_decision = SKEWED
         else:
             self.last_decision = SINGLE
@@ -455,7 +478,7 @@ class ThresholdSelector(Selector):
         """The device-side rule, both flags at once (``single``, ``skewed``; ``skewed`` None when
         this selector never answers it), as :meth:`update`: with ``below = score < threshold``
         and ``ok`` = no NaN spread or shift, ``skewed`` iff ``below``, ``ok``, (``score < low``
-        or ``spread < skew_cut``) and ``shift <= shift_cut``; ``single`` iff ``below``, ``ok``
+        or ``spread < skew_cut``) and ``shift`` within ``shift_cut``; ``single`` iff ``below``, ``ok``
         and not ``skewed`` (a spread or shift is read only with its cut, a shift only by a
         call that can answer ``skewed``: a low cut, or a spread cut and a spread).  Shared comparisons:
         5 tiny device ops with a spread cut and nothing else (12 as two separate rules; at a
@@ -475,8 +498,9 @@ class ThresholdSelector(Selector):
             below = below & (keep | low_spread)                          # a NaN spread: multiple
         if has_shift:
             sh = shift.detach().reshape(())
-            near = sh <= self.shift_cut
-            below = below & (near | (sh > self.shift_cut))              # a NaN shift: multiple
+            lo, hi = self.shift_cut
+            near = (sh >= lo) & (sh <= hi)
+            below = below & (near | (sh < lo) | (sh > hi))              # a NaN shift: multiple
             skew = skew & near
         skewed = below & skew
         return below & ~skew, skewed
@@ -486,7 +510,8 @@ class ThresholdSelector(Selector):
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "threshold", "threshold": self.threshold, "low": self.low,
-                "skew_cut": self.skew_cut, "shift_cut": self.shift_cut,
+                "skew_cut": self.skew_cut,
+                "shift_cut": None if self.shift_cut is None else list(self.shift_cut),
                 "last_decision": self.last_decision}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -496,14 +521,13 @@ class ThresholdSelector(Selector):
         self.low = float(state.get("low", -math.inf))
         cut = state.get("skew_cut")
         self.skew_cut = None if cut is None else float(cut)
-        shift = state.get("shift_cut")
-        self.shift_cut = None if shift is None else float(shift)
+        self.shift_cut = _shift_range(state.get("shift_cut"))
         self.last_decision = state.get("last_decision")
 
     def __repr__(self) -> str:
         low = "" if self.low == -math.inf else f", low={self.low}"
         cut = "" if self.skew_cut is None else f", skew_cut={self.skew_cut}"
-        shift = "" if self.shift_cut is None else f", shift_cut={self.shift_cut}"
+        shift = "" if self.shift_cut is None else f", shift_cut={self.shift_cut!r}"
         return f"ThresholdSelector(threshold={self.threshold}{low}{cut}{shift})"
 
 

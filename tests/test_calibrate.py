@@ -44,17 +44,18 @@ def _domains(n: int = 24) -> dict:
     return {"clean": (base, y), "shifted": (base * 2 + 1, y), "noisy": (noisy, y)}
 
 
-def _shift64(mean_i, var_i, source_mean, source_var, eps) -> float:
+def _shift64(mean_i, var_i, source_mean, source_var, eps, signed: bool = False) -> float:
     """SPEC §6's source shift in float64 numpy: the symmetric KL divergence between the
     per-channel Gaussians of the batch (pooled instance moments) and of the source, averaged
-    over channels."""
+    over channels; ``signed``: with the sign of the channel mean of log(batch var / source var)."""
     m, v = mean_i.double().numpy(), var_i.double().numpy()
     mb = m.mean(0)
     a = v.mean(0) + ((m - mb) ** 2).mean(0) + eps
     b = source_var.double().numpy() + eps
     kl_ab = 0.5 * (a / b + (mb - source_mean.double().numpy()) ** 2 / b - 1 + np.log(b / a))
     kl_ba = 0.5 * (b / a + (mb - source_mean.double().numpy()) ** 2 / a - 1 + np.log(a / b))
-    return float((kl_ab + kl_ba).mean())
+    shift = float((kl_ab + kl_ba).mean())
+    return -shift if signed and np.log(a / b).mean() < 0 else shift
 
 
 def _objective(got: np.ndarray, kinds: np.ndarray) -> float:
@@ -198,9 +199,12 @@ def test_calibrate_returns_a_configured_datta():
         for x, _ in val[k]:
             look(x)
             layer = look.layers[look._score_at]
-            shifts.append(_shift64(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps))
-    assert rep.shift_cut == pytest.approx(max(shifts), rel=1e-5)
-    assert f"shift <= {rep.shift_cut:.4g}" in str(rep) and "shift cut" in str(rep)
+            shifts.append(_shift64(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps,
+                                   signed=True))
+    # the range: most negative and most positive signed shift, 0 always inside
+    assert rep.shift_cut == pytest.approx((min(0.0, min(shifts)), max(0.0, max(shifts))), rel=1e-5)
+    assert f"{rep.shift_cut[0]:.4g} <= shift <= {rep.shift_cut[1]:.4g}" in str(rep)
+    assert "shift range" in str(rep)
     assert isinstance(adapter.class_probe, ClassProbe) and adapter.class_probe is not rep.probe
     # the rule is the better of the two candidates on the validation streams (ties: the first)
     means = [np.mean(list(v.values())) for v in rep.rule_table.values()]
@@ -292,13 +296,16 @@ def test_rule_name_reads_as_the_selector_decides():
     assert rn(1.0, -math.inf, None) == "multiple if score >= 1; else single"
     assert rn(1.0, -math.inf, None, 2.0) == "multiple if score >= 1; else single"
     assert rn(1.0, 0.5, None, 2.0) == \
-        "multiple if score >= 1; skewed if score < 0.5 and shift <= 2; else single"
+        "multiple if score >= 1; skewed if score < 0.5 and |shift| <= 2; else single"
+    assert rn(1.0, 0.5, None, (-3.0, 2.0)) == \
+        "multiple if score >= 1; skewed if score < 0.5 and -3 <= shift <= 2; else single"
     assert rn(1.0, -math.inf, 0.3) == "multiple if score >= 1; skewed if spread < 0.3; else single"
-    assert rn(1.0, 0.5, 0.3, 2.0) == ("multiple if score >= 1; skewed if (score < 0.5 or spread < 0.3) "
-                                      "and shift <= 2; else single")
-    sel = dk.ThresholdSelector(1.0, 0.5, 0.3, 2.0)    # what the words say
-    assert sel.update(0.4, 0.9, 1.0) == "skewed" and sel.update(0.7, 0.2, 1.0) == "skewed"
+    assert rn(1.0, 0.5, 0.3, (-3.0, 2.0)) == ("multiple if score >= 1; skewed if (score < 0.5 or spread "
+                                              "< 0.3) and -3 <= shift <= 2; else single")
+    sel = dk.ThresholdSelector(1.0, 0.5, 0.3, (-3.0, 2.0))    # what the words say
+    assert sel.update(0.4, 0.9, 1.0) == "skewed" and sel.update(0.7, 0.2, -2.5) == "skewed"
     assert sel.update(0.7, 0.9, 1.0) == "single" and sel.update(0.4, 0.2, 3.0) == "single"
+    assert sel.update(0.4, 0.2, -3.5) == "single"
 
 
 def test_class_probe_features_match_float64():
@@ -456,6 +463,14 @@ def test_source_shift_matches_float64(n, c):
         got = fn(mean_i, var_i, sm, sv, 1e-5)
         assert got.dtype == torch.float32 and got.shape == ()
         assert abs(float(got) - want) <= 1e-6 + 1e-5 * abs(want), fn
+        # signed: the sign of the channel mean of log(batch var / source var), both directions
+        for scale in (0.01, 1.0, 20.0):        # instance means and variances shrunk / grown
+            mi, vi = mean_i * scale ** 0.5, var_i * scale
+            w = _shift64(mi, vi, sm, sv, 1e-5, signed=True)
+            assert (w < 0) == (scale < 1) or scale == 1.0
+            got = fn(mi, vi, sm, sv, 1e-5, signed=True)
+            assert abs(float(got) - w) <= 1e-6 + 1e-5 * abs(w), (fn, scale)
+            assert float(got) == pytest.approx(float(fn(mi, vi, sm, sv, 1e-5)) * np.sign(w))
         half = fn(mean_i.half(), var_i.half(), sm, sv, 1e-5)
         assert float(half) == pytest.approx(_shift64(mean_i.half().float(), var_i.half().float(), sm, sv,
                                                      1e-5), rel=1e-5, abs=1e-6)
@@ -470,6 +485,7 @@ def test_source_shift_matches_float64(n, c):
     assert torch.equal(source_shift(mean_i, var_i, sm, sv, 1e-5),
                        torch.ops.datta._source_shift(mean_i, var_i, sm, sv, 1e-5))
     torch.library.opcheck(torch.ops.datta._source_shift, (mean_i, var_i, sm, sv, 1e-5))
+    torch.library.opcheck(torch.ops.datta._source_shift, (mean_i * 0.1, var_i * 0.01, sm, sv, 1e-5, True))
     with pytest.raises(RuntimeError, match="same shape"):
         torch.ops.datta._source_shift(mean_i, var_i[:, :-1], sm, sv, 1e-5)
     with pytest.raises(RuntimeError, match="source statistics"):
@@ -497,17 +513,20 @@ def test_threshold_selector_skew_cut():
     selectors = (dk.ThresholdSelector(0.5), dk.ThresholdSelector(0.5, low=0.2), sel, both,
                  dk.ThresholdSelector(0.5, shift_cut=1.0), dk.ThresholdSelector(0.5, low=0.2, shift_cut=1.0),
                  dk.ThresholdSelector(0.5, skew_cut=0.6, shift_cut=1.0),
-                 dk.ThresholdSelector(0.5, low=0.2, skew_cut=0.6, shift_cut=1.0))
+                 dk.ThresholdSelector(0.5, low=0.2, skew_cut=0.6, shift_cut=1.0),
+                 dk.ThresholdSelector(0.5, low=0.2, skew_cut=0.6, shift_cut=(-1.5, 0.5)),
+                 dk.ThresholdSelector(0.5, skew_cut=0.6, shift_cut=(0.0, 1.0)))
     for s_ in selectors:
         cut, scut = s_.skew_cut, s_.shift_cut
+        lo, hi = scut if scut is not None else (None, None)
         values = ((0.1, 0.3, 0.5, 0.7, nan, inf, -inf), (None, 0.3, 0.6, 0.9, nan),
-                  (None, 0.5, 1.0, 2.0, nan, inf))
+                  (None, 0.5, 1.0, 2.0, -0.5, -1.0, -2.0, nan, inf, -inf))
         for score, bal, shift in itertools.product(*values):
             read = cut is not None and bal is not None
             can_skew = s_.low != -inf or read
             read_shift = scut is not None and shift is not None and can_skew
             ok = not (read and math.isnan(bal)) and not (read_shift and math.isnan(shift))
-            skew = (score < s_.low or (read and bal < cut)) and (not read_shift or shift <= scut)
+            skew = (score < s_.low or (read and bal < cut)) and (not read_shift or lo <= shift <= hi)
             want_skewed_flag = score < 0.5 and ok and skew
             want_single = score < 0.5 and ok and not skew
             want = "single" if want_single else "skewed" if want_skewed_flag else "multiple"
@@ -529,11 +548,19 @@ def test_threshold_selector_skew_cut():
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match="skew_cut"):
             dk.ThresholdSelector(0.5, skew_cut=bad)
-    guarded = dk.ThresholdSelector(0.5, skew_cut=0.6, shift_cut=2.0)
+    guarded = dk.ThresholdSelector(0.5, skew_cut=0.6, shift_cut=2.0)      # a number c: [-c, c]
+    assert guarded.shift_cut == (-2.0, 2.0)
     other.load_state_dict(guarded.state_dict())
-    assert other.shift_cut == 2.0 and other.uses_shift and "shift_cut=2.0" in repr(other)
+    assert other.shift_cut == (-2.0, 2.0) and other.uses_shift and "shift_cut=(-2.0, 2.0)" in repr(other)
+    ranged = dk.ThresholdSelector(0.5, skew_cut=0.6, shift_cut=(-3, 1.5))
+    other.load_state_dict(ranged.state_dict())
+    assert other.shift_cut == (-3.0, 1.5)
+    old = guarded.state_dict() | {"shift_cut": 2.0}     # a state saved when the cut was a number
+    other.load_state_dict(old)
+    assert other.shift_cut == (-2.0, 2.0)
     assert not dk.ThresholdSelector(0.5, skew_cut=0.6).uses_shift
-    for bad in (-1.0, float("nan"), float("inf")):
+    for bad in (-1.0, float("nan"), float("inf"), (0.5, 1.0), (-1.0, -0.5), (-math.inf, 1.0), (1.0,),
+                "wide", (-1.0, float("nan"))):
         with pytest.raises(ValueError, match="shift_cut"):
             dk.ThresholdSelector(0.5, shift_cut=bad)
 
@@ -562,23 +589,37 @@ def test_datta_reads_the_probe_spread_at_the_score_layer():
 
 
 def test_datta_limits_skewed_by_the_source_shift_at_the_score_layer():
-    """With a shift cut, DATTA passes the score layer's source shift (``last_shift``, against a
-    float64 rendering of SPEC §6) and a batch whose shift exceeds the cut is ``single``, not
-    ``skewed``, on the host path (DAFT) and the device path alike."""
-    x = torch.randn(8, 1, 10, 10) * 3 + 2
+    """With a shift cut, DATTA passes the score layer's signed source shift (``last_shift``,
+    against a float64 rendering of SPEC §6) and a batch whose shift lies outside the cut's range
+    is ``single``, not ``skewed``, on the host path (DAFT) and the device path alike; a range
+    open on one side only limits that side."""
     probe = ClassProbe(8, 3)
-    for daft in (False, True):
-        got = {}
-        for shift_cut in (0.0, 1e9):
-            a = dk.DATTA(_model(), score_mode="dispersion", backend="reference", daft=daft,
-                         selector=dk.ThresholdSelector(1e6, skew_cut=1.0, shift_cut=shift_cut),
-                         class_probe=copy.deepcopy(probe))      # a zero probe: spread 0 < 1
-            a(x)
-            layer = a.layers[a._score_at]
-            want = _shift64(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps)
-            assert want > 0 and float(a.last_shift) == pytest.approx(want, rel=1e-5)
-            got[shift_cut] = a.last_decision
-        assert got == {0.0: "single", 1e9: "skewed"}, daft
+    seen = set()
+    x = torch.randn(8, 1, 10, 10) * 3 + 2
+    for source_scale in (1e-3, 1e3):        # source variances far below / above the batch's
+        model = _model()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.mul_(source_scale)
+        for daft in (False, True):
+            got, signs = {}, set()
+            for shift_cut in (0.0, 1e9, (-1e9, 0.0), (0.0, 1e9)):
+                a = dk.DATTA(copy.deepcopy(model), score_mode="dispersion", backend="reference", daft=daft,
+                             selector=dk.ThresholdSelector(1e6, skew_cut=1.0, shift_cut=shift_cut),
+                             class_probe=copy.deepcopy(probe))      # a zero probe: spread 0 < 1
+                a(x)
+                layer = a.layers[a._score_at]
+                want = _shift64(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps,
+                                signed=True)
+                assert want != 0 and float(a.last_shift) == pytest.approx(want, rel=1e-5)
+                got[shift_cut] = a.last_decision
+                signs.add(want > 0)
+            assert len(signs) == 1
+            grown = signs.pop()
+            seen.add(grown)
+            assert got == {0.0: "single", 1e9: "skewed", (-1e9, 0.0): "single" if grown else "skewed",
+                           (0.0, 1e9): "skewed" if grown else "single"}, (daft, grown)
+    assert seen == {True, False}                       # both directions exercised
     assert dk.DATTA(_model(), score_mode="dispersion", selector=0.5).last_shift is None
 
 
