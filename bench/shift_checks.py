@@ -3,9 +3,10 @@ only (never test data), at batch size 64 with the blends ``calibrate`` chose the
 demo runs (single (0, 1, 0), multiple (0, 0.8, 0.2), skewed (1, 0, 0), the layers before the
 score layer on (1, 0, 0); instance terms per sample with the shrink).
 
-1. *How far from the source are validation batches?*  The source shift
-   (``datta_kernels.diversity.source_shift``) at the score layer of i.i.d. and label-sorted
-   batches of every validation domain (8 of each): the range ``shift_cut`` covers.
+1. *How far from the source are validation batches?*  The signed source shift
+   (``datta_kernels.diversity.source_shift(..., signed=True)``: negative when the batch's
+   variances lie below the source's, positive above) at the score layer of i.i.d. and
+   label-sorted batches of every validation domain (8 of each): the range ``shift_cut`` covers.
 2. *Should the stem also leave the source under strong shift?*  Accuracy of single-domain,
    mixed and label-sorted batches of the validation domains of one severity (the later
    layers on each type's blend) with the layers before the score layer on three blends.
@@ -40,7 +41,7 @@ def main() -> None:
     score_layer.compute_score, score_layer.score_mode = True, "dispersion"
     cal._configure(layers, pre, PRE, (SINGLE,) * 3, "instance")
     g = torch.Generator().manual_seed(5)
-    print("## 1. Source shift at the score layer, per validation domain (8 batches of each kind)\n")
+    print("## 1. Signed source shift at the score layer, per validation domain (8 batches of each kind)\n")
     print("| domain | i.i.d. min | i.i.d. max | label-sorted min | label-sorted max |\n|---|---|---|---|---|")
     with torch.no_grad():
         for name, (x, y) in vdom.items():
@@ -55,7 +56,7 @@ def main() -> None:
                         torch.randperm(len(y), generator=g)[:BS]
                     work(x[idx])
                     shifts.append(float(source_shift(*score_layer.last_stats, score_layer.source_mean,
-                                                     score_layer.source_var, score_layer.eps)))
+                                                     score_layer.source_var, score_layer.eps, signed=True)))
                 row += [min(shifts), max(shifts)]
             print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     score_layer.compute_score = False
