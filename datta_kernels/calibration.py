@@ -17,8 +17,8 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
    ``skewed`` when the batch's prediction spread from a :class:`~datta_kernels.diversity.ClassProbe`
    fitted at the score layer is below ``skew_cut``, else ``single``), each with the cuts that
    maximise the mean over the three batch types of the accuracy those blends give; and a
-   limit on ``skewed``: only batches whose :func:`~datta_kernels.diversity.source_shift` at the
-   score layer is within the largest among those validation batches (a batch farther from the
+   limit on ``skewed``: only batches whose signed :func:`~datta_kernels.diversity.source_shift`
+   at the score layer lies within the range of every validation batch of steps 3-5 (a batch farther from the
    source statistics than any validation batch gets ``single``, whose batch statistics follow
    the shift, rather than the source statistics ``skewed`` trusts);
 4. the rule with the better mean accuracy over four validation streams without DAFT: the
@@ -98,7 +98,7 @@ class Calibration:
     lr: float
     #: ``skewed`` only where the batch's signed source shift at the score layer lies in this
     #: range ``(lo, hi)``: the most negative and most positive shift (0 included) among the
-    #: validation batches the cuts were chosen on (None: no limit)
+    #: validation batches of steps 3-5 (the cuts' batches and the streams'; None: no limit)
     shift_cut: tuple[float, float] | None = None
     #: blend -> accuracy (%) per batch type, every candidate
     blend_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
@@ -183,7 +183,8 @@ class Calibration:
             lo, hi = self.shift_cut
             lines.append(f"  shift range [{lo:.4g}, {hi:.4g}]: the signed source shift at {self.score_layer} "
                          f"(negative: variances below the source's, positive: above) of the "
-                         f"{sum(self.batches.values())} validation batches above, most negative "
+                         f"{sum(self.batches.values()) + sum(self.streams.values())} validation batches "
+                         "(those above and the streams'), most negative "
                          "and most positive; a batch farther from the source statistics in either "
                          "direction than every validation batch is never skewed (it gets single)")
         for name, acc in self.rule_table.items():
@@ -415,22 +416,25 @@ def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]
     return 100.0 * correct / max(1, total)
 
 
-def _scores(work: nn.Module, batches, shift: bool = True) -> tuple[np.ndarray, list[Tensor], np.ndarray]:
+def _scores(work: nn.Module, batches, shift: bool = True,
+            feats: bool = True) -> tuple[np.ndarray, list[Tensor], np.ndarray]:
     """The dispersion score of every batch (as DATTA computes it, every decision ``multiple``,
-    no update), the :meth:`ClassProbe.features` of its score layer's instance statistics and
-    its signed :func:`source_shift` there (NaN with ``shift=False``)."""
+    no update), the :meth:`ClassProbe.features` of its score layer's instance statistics (an
+    empty list with ``feats=False``) and its signed :func:`source_shift` there (NaN with
+    ``shift=False``)."""
     probe = DATTA(copy.deepcopy(work), preset=None, selector=ThresholdSelector(0.0), daft=False,
                   score_mode="dispersion", backend=None)
-    scores, feats, shifts = [], [], []
+    scores, features, shifts = [], [], []
     for x in batches:
         probe(x)
         layer = probe.layers[probe._score_at]
         scores.append(probe.last_score)
-        feats.append(ClassProbe.features(*layer.last_stats, layer.source_mean, layer.source_var,
-                                           layer.eps))
+        if feats:
+            features.append(ClassProbe.features(*layer.last_stats, layer.source_mean, layer.source_var,
+                                                  layer.eps))
         shifts.append(float(source_shift(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps,
                                          signed=True)) if shift else math.nan)
-    return np.array(scores, dtype=float), feats, np.array(shifts, dtype=float)
+    return np.array(scores, dtype=float), features, np.array(shifts, dtype=float)
 
 
 def _best_skew_rule(scores: np.ndarray, spread: np.ndarray, acc: dict[str, np.ndarray],
@@ -540,14 +544,20 @@ def _search_cuts(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, f
                {f"said {name}": 100.0 * float((said == i).mean()) for i, name in enumerate(DECISIONS)}
     truth = np.array([DECISIONS.index(_TRUE[k]) for k in kinds])
     said_b = np.where(scores < high_b, np.where(spread < skew_cut, 0, 1), 2)
-    finite = shifts[np.isfinite(shifts)]
     return {"low": low, "high": high, "probe": probe, "high_b": high_b, "skew_cut": skew_cut,
-            "shift_cut": (min(0.0, float(finite.min())), max(0.0, float(finite.max())))
-                         if len(finite) else None,
+            "shifts": shifts,
             "decision_table": {"score band": rule(_decide(scores, low, high)),
                                "score, no low cut": rule(_decide(scores, low0, high0)),
                                "score + spread": rule(said_b),
                                "oracle (true type)": rule(truth)}}
+
+
+def _validated_range(*shifts: np.ndarray) -> tuple[float, float] | None:
+    """``(lo, hi)``: the most negative and most positive finite signed shift (0 always inside);
+    None when there is none."""
+    finite = np.concatenate(shifts)
+    finite = finite[np.isfinite(finite)]
+    return (min(0.0, float(finite.min())), max(0.0, float(finite.max()))) if len(finite) else None
 
 
 def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int = 64, *,
@@ -609,7 +619,10 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     xs, ys, streams = _streams(domains, batch_size, seed)
     probe = best["probe"]
 
-    shift_cut = best["shift_cut"]
+    # the shift range covers every validation batch calibrate sees: step 3's and the streams'
+    # (the score layer's input, hence the shift, does not depend on the decision)
+    stream_batches = [xs[idx] for batches in streams.values() for idx in batches]
+    shift_cut = _validated_range(best["shifts"], _scores(work, stream_batches, feats=False)[2])
 
     def run(rule, daft: bool, rate: float = lrs[0]) -> dict[str, float]:
         return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate,

@@ -190,17 +190,22 @@ def test_calibrate_returns_a_configured_datta():
     assert set(means) == set(grid) and means[rep.pre_blend] == max(means.values())
     assert rep.modes[rep.instance_mode] == max(rep.modes.values())
     assert adapter.selector.skew_cut == rep.skew_cut and adapter.selector.shift_cut == rep.shift_cut
-    # the shift cut: the largest source shift at the score layer among the validation batches
-    # the cuts were chosen on (recomputed here in float64 from the layer's instance statistics)
+    # the shift range: the signed source shift at the score layer of every validation batch
+    # calibrate saw, the cuts' batches and the streams' (recomputed here in float64 from the
+    # layer's instance statistics)
     val = _batches(_domains(), 8, 4, torch.Generator().manual_seed(0))
+    xs, _, streams = _streams(_domains(), 8, 0)
+    seen = [x for k in KINDS for x, _ in val[k]] + [xs[idx] for b in streams.values() for idx in b]
     look = rep.adapter(copy.deepcopy(source), selector=dk.ThresholdSelector(1e9), backend="reference")
     shifts = []
-    for k in KINDS:
-        for x, _ in val[k]:
-            look(x)
-            layer = look.layers[look._score_at]
-            shifts.append(_shift64(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps,
-                                   signed=True))
+    for x in seen:
+        look(x)
+        layer = look.layers[look._score_at]
+        shifts.append(_shift64(*layer.last_stats, layer.source_mean, layer.source_var, layer.eps,
+                               signed=True))
+    # (this fixture's streams reach beyond the cuts' batches, so the streams' part is checked)
+    n_cut = sum(len(val[k]) for k in KINDS)
+    assert max(shifts[n_cut:]) > max(shifts[:n_cut]) or min(shifts[n_cut:]) < min(shifts[:n_cut])
     # the range: most negative and most positive signed shift, 0 always inside
     assert rep.shift_cut == pytest.approx((min(0.0, min(shifts)), max(0.0, max(shifts))), rel=1e-5)
     assert f"{rep.shift_cut[0]:.4g} <= shift <= {rep.shift_cut[1]:.4g}" in str(rep)
