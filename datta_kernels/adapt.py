@@ -259,7 +259,8 @@ class DATTA(Adapter):
     decision buffers once, and again after :meth:`reset` or a loaded state, so it owns them:
     a decision written into them by hand between batches stays).  The logits are
     returned; then, if ``daft`` and the batch is ``single``, one entropy-minimisation step on
-    the ``gamma, beta`` of every layer.  ``multiple`` batches build no autograd graph and run no backward:
+    the ``gamma, beta`` of every layer (with ``daft_multiple``, on ``multiple`` batches too).
+    Batches not fine-tuned build no autograd graph and run no backward:
     the forward runs without a graph, and a ``single`` batch under DAFT stops at the score layer
     and is forwarded again recording one (the layers up to the score layer run twice for it).
 
@@ -274,6 +275,9 @@ class DATTA(Adapter):
             statistics; separates single-domain from mixed batches far better, SPEC §2).
         backend: kernel backend for every layer (``None``: keep the layers' own).
         shrink_k, weights, cluster: override the preset's (see :class:`FusedDABN`).
+        daft_multiple: with ``daft``, also take the entropy step on ``multiple`` batches (on
+            their blend; not DATTA's published design, which fine-tunes ``single`` batches only:
+            an option ``datta_kernels.calibrate`` may choose on validation streams).
         class_probe: a :class:`~datta_kernels.diversity.ClassProbe` for the score layer,
             required when the selector reads a spread (``ThresholdSelector(skew_cut=...)``):
             the batch's prediction spread from the probe, on the score layer's instance
@@ -290,7 +294,7 @@ class DATTA(Adapter):
                  optimizer: OptimizerArg = None, episodic: bool = False, score_mode: str = "pixel",
                  backend: str | None = "auto", *, shrink_k=_PRESET_DEFAULT, weights=None,
                  score_layer: str | None = None, cluster=_PRESET_DEFAULT,
-                 class_probe: ClassProbe | None = None):
+                 class_probe: ClassProbe | None = None, daft_multiple: bool = False):
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         super().__init__(model, preset, update="single" if daft else "never", lr=lr,
@@ -298,6 +302,9 @@ class DATTA(Adapter):
                          shrink_k=shrink_k, weights=weights, selector=make_selector(selector),
                          cluster=cluster)
         self._daft = bool(daft)
+        if daft_multiple and not daft:
+            raise ValueError("daft_multiple=True fine-tunes multiple batches too: it needs daft=True")
+        self._daft_on = (SINGLE, MULTIPLE) if daft_multiple else (SINGLE,)
         self.score_mode = score_mode
         if self.selector.uses_spread and class_probe is None:
             raise ValueError(f"{self.selector!r} reads the batch's prediction spread: pass "
@@ -335,6 +342,11 @@ class DATTA(Adapter):
         raise AttributeError("DATTA.daft is fixed at construction (it sets up the optimizer and "
                              "the decision path); build a new DATTA(..., daft=...)")
 
+    @property
+    def daft_multiple(self) -> bool:
+        """Whether DAFT also steps on ``multiple`` batches (fixed at construction)."""
+        return MULTIPLE in self._daft_on
+
     def _on_score(self, layer: FusedDABN, score: Tensor) -> None:
         """Runs inside the score layer's forward, after the score and before normalising."""
         self._last_score = score
@@ -354,7 +366,7 @@ class DATTA(Adapter):
         decision = self.selector.update(score, **extra)      # the one host sync of the batch
         set_decisions(self._layers[self._score_at:], decision)
         self._last_decision, self._last_decision_t = decision, None
-        if self.daft and decision == SINGLE:
+        if self.daft and decision in self._daft_on:
             # the forward so far recorded no graph (_step): start it again, recording one
             raise _FineTune
 
@@ -410,7 +422,8 @@ class DATTA(Adapter):
         return logits.detach()
 
     def extra_repr(self) -> str:
-        return (f"selector={self.selector!r}, daft={self.daft}, episodic={self.episodic}, "
+        return (f"selector={self.selector!r}, daft={self.daft}"
+                + (", daft_multiple=True" if self.daft_multiple else "") + f", episodic={self.episodic}, "
                 f"score_mode={self.score_mode!r}, layers={len(self._layers)}")
 
 

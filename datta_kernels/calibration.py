@@ -25,9 +25,12 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
    deployment's streams (SPEC §5: single-domain, mixed, dynamic, label-sorted), each using
    every validation image once, so they are as long as the validation data allow;
 5. DAFT off, or on at one of the candidate learning rates ``lr`` (entropy steps on ``single``
-   batches): the best mean accuracy over those streams; on only if it beats off.  A rate whose
-   drift builds up over a long stream is judged over one: give at least as many validation
-   images as the deployment's stream holds before a reset.
+   batches): the best mean accuracy over those streams; on only if it beats off.  With several
+   candidates, a best rate at either end is followed past it (x2 or /2, up to
+   ``RATE_STEPS`` times) while the mean rises.  Then, with DAFT on, the chosen rate also on
+   ``multiple`` batches (``DATTA(daft_multiple=True)``), kept only if that raises the mean.
+   A rate whose drift builds up over a long stream is judged over one: give at least as many
+   validation images as the deployment's stream holds before a reset.
 
 It returns the configured :class:`~datta_kernels.DATTA` (the model converted in place) with the
 report of what it chose and the validation numbers behind each choice in ``adapter.calibration``.
@@ -64,6 +67,10 @@ STREAM_KINDS = {"single": "single", "mixed": "mixed", "dynamic": "dynamic", "sor
 VALIDATION_IMAGES = 3072
 
 
+#: at most this many extra DAFT rates past an end of the candidates (step 5)
+RATE_STEPS = 3
+
+
 def default_batches(batch_size: int) -> int:
     """Validation batches of each type by default: about :data:`VALIDATION_IMAGES` images,
     at least 40 batches.  Fewer make the blend choices noise: on the demo's validation set at
@@ -96,6 +103,8 @@ class Calibration:
     daft: bool
     #: the DAFT learning rate chosen (with DAFT off: the smallest candidate)
     lr: float
+    #: DAFT also steps on ``multiple`` batches (chosen on the validation streams)
+    daft_multiple: bool = False
     #: ``skewed`` only where the batch's signed source shift at the score layer lies in this
     #: range ``(lo, hi)``: the most negative and most positive shift (0 included) among the
     #: validation batches of steps 3-5 (the cuts' batches and the streams'; None: no limit)
@@ -126,6 +135,7 @@ class Calibration:
         for layer in layers:
             layer.backend = backend
         adapter = DATTA(model, preset=None, daft=self.daft, lr=self.lr, score_mode="dispersion",
+                        daft_multiple=self.daft_multiple,
                         selector=selector or self.selector(), backend=None,
                         score_layer=self.score_layer,
                         class_probe=None if self.probe is None else
@@ -190,11 +200,12 @@ class Calibration:
         for name, acc in self.rule_table.items():
             lines.append(f"  {name:<46} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {np.mean(list(acc.values())):5.1f}")
-        chosen = f"on at lr {self.lr:g}" if self.daft else "off"
+        chosen = (f"on at lr {self.lr:g}, " + ("single and multiple batches" if self.daft_multiple
+                                                 else "single batches")) if self.daft else "off"
         lines.append(f"DAFT {chosen} (the best mean over the validation streams; ties: off, then the "
-                     "smaller rate):")
+                     "smaller rate, then single batches only):")
         for name, acc in self.daft_table.items():
-            lines.append(f"  daft {name:<13} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+            lines.append(f"  daft {name:<23} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {np.mean(list(acc.values())):5.1f}")
         return "\n".join(lines)
 
@@ -408,6 +419,11 @@ def _best_band(scores: np.ndarray, acc: dict[str, np.ndarray], kinds: np.ndarray
     return float(lows[i]), float(highs[j]), float(best)
 
 
+def _mean(acc: dict[str, float]) -> float:
+    """The mean accuracy over the validation streams (the objective of steps 4-5)."""
+    return float(np.mean(list(acc.values())))
+
+
 def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]) -> float:
     correct = total = 0
     for idx in batches:
@@ -575,7 +591,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         n_batches: validation batches of each type (single, mixed, label-sorted) for steps
             1-3; None: :func:`default_batches` (about 3,000 images of each type).  Steps 4-5
             run streams over every validation image (their cost grows with the data).
-        lr: the DAFT learning rate, or several to choose from on the validation streams.
+        lr: the DAFT learning rate, or several to choose from on the validation streams
+            (several: a best rate at an end of them is followed past it, step 5).
         backend: kernel backend.  seed: the batches' and streams' draw.
         grid: candidate blends ``(w_s, w_b, w_cluster)``.
 
@@ -624,8 +641,9 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     stream_batches = [xs[idx] for batches in streams.values() for idx in batches]
     shift_cut = _validated_range(best["shifts"], _scores(work, stream_batches, feats=False)[2])
 
-    def run(rule, daft: bool, rate: float = lrs[0]) -> dict[str, float]:
+    def run(rule, daft: bool, rate: float = lrs[0], multiple: bool = False) -> dict[str, float]:
         return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate,
+                                             daft_multiple=multiple,
                                              selector=ThresholdSelector(*rule, shift_cut),
                                              class_probe=probe,
                                              score_mode="dispersion", backend=None), xs, ys, batches)
@@ -639,16 +657,39 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
 
     # 5. DAFT off or on at each candidate rate, on the same streams with the chosen rule
     daft_table = {"off": rule_table[rule_name(high, low, skew_cut, shift_cut)]}
-    daft_table |= {f"on, lr {r:g}": run((high, low, skew_cut), True, r) for r in lrs}
-    daft_means = [np.mean(list(v.values())) for v in daft_table.values()]
+    on = {r: run((high, low, skew_cut), True, r) for r in lrs}
+    # a best rate at either end of several candidates is no maximum: go on past that end
+    # (x2 or /2) while the mean rises, at most RATE_STEPS times
+    for _ in range(RATE_STEPS if len(lrs) > 1 else 0):
+        rates = sorted(on)
+        top = max(rates, key=lambda r: (_mean(on[r]), -r))   # ties: the smaller rate
+        if top == rates[-1]:
+            nxt = 2.0 * top
+        elif top == rates[0] and _mean(on[top]) > _mean(daft_table["off"]):
+            nxt = 0.5 * top
+        else:
+            break
+        on[nxt] = run((high, low, skew_cut), True, nxt)
+        if _mean(on[nxt]) <= _mean(on[top]):
+            break
+    lrs = sorted(on)
+    daft_table |= {f"on, lr {r:g}": on[r] for r in lrs}
+    daft_means = [_mean(v) for v in daft_table.values()]
     pick = int(np.argmax(daft_means))                        # ties: off, then the smaller rate
     daft, rate = pick > 0, lrs[max(pick - 1, 0)]
+    # then, with DAFT on, the chosen rate on multiple batches too (ties: single batches only)
+    daft_multiple = False
+    if daft:
+        key = f"on, lr {rate:g}, +multiple"
+        daft_table[key] = run((high, low, skew_cut), True, rate, multiple=True)
+        daft_multiple = _mean(daft_table[key]) > daft_means[pick]
 
     report = Calibration(
         batch_size=int(batch_size), domains=list(domains), batches={k: len(v) for k, v in val.items()},
         score_layer=names[layers[pre]], instance_mode=mode, single_blend=single,
         multiple_blend=multiple, skewed_blend=skewed, pre_blend=best["pre"], threshold=high, low=low,
-        skew_cut=skew_cut, daft=daft, lr=rate, shift_cut=shift_cut, blend_table=best["blend_table"],
+        skew_cut=skew_cut, daft=daft, lr=rate, daft_multiple=daft_multiple, shift_cut=shift_cut,
+        blend_table=best["blend_table"],
         pre_table=best["pre_table"],
         decision_table=best["decision_table"], rule_table=rule_table, daft_table=daft_table,
         streams={k: len(v) for k, v in streams.items()},

@@ -122,6 +122,44 @@ def test_daft_updates_exactly_on_single_batches():
             torch.testing.assert_close(p, frozen[n], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("decision,selector", [("single", ThresholdSelector(1e9)),
+                                                ("multiple", ThresholdSelector(-1e9)),
+                                                ("skewed", ThresholdSelector(1e9, low=1e8))])
+def test_daft_multiple_steps_on_single_and_multiple_batches_only(decision, selector):
+    """``daft_multiple=True``: the entropy step also on ``multiple`` batches, on their blend
+    (the logits and the step equal a twin forward with that decision), never on ``skewed``."""
+    x = make_stream(1)[0]
+    model = tiny_resnet()
+    adapter = DATTA(copy.deepcopy(model), selector=selector, lr=1e-2, daft_multiple=True)
+    assert adapter.daft_multiple and "daft_multiple=True" in repr(adapter)
+    plain = DATTA(copy.deepcopy(model), selector=selector, lr=1e-2)
+    assert not plain.daft_multiple
+    before = affine_params(adapter.model)
+    logits = adapter(x)
+    assert adapter.last_decision == decision
+    assert adapter.n_updates == (decision != "skewed")
+    plain(x)
+    assert plain.n_updates == (decision == "single")
+    twin = dk.convert_model(copy.deepcopy(model), "datta")
+    for layer in dabn_layers(twin):
+        layer.set_decision(decision)
+    want = twin(x)
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+    if decision == "skewed":
+        assert torch.equal(before, affine_params(adapter.model))
+        return
+    opt = torch.optim.SGD([p for m in dabn_layers(twin) for p in (m.weight, m.bias)], lr=1e-2,
+                          momentum=0.9, nesterov=True)
+    softmax_entropy(want).mean().backward()
+    opt.step()
+    torch.testing.assert_close(affine_params(adapter.model), affine_params(twin), rtol=0, atol=0)
+
+
+def test_daft_multiple_needs_daft():
+    with pytest.raises(ValueError, match="needs daft=True"):
+        DATTA(tiny_resnet(), selector=ThresholdSelector(0.0), daft=False, daft_multiple=True)
+
+
 def test_predict_then_update_and_the_step():
     """The logits are those of the pre-update model; the step is SGD-Nesterov on the mean
     entropy of exactly those logits."""

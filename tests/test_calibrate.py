@@ -222,12 +222,20 @@ def test_calibrate_returns_a_configured_datta():
     assert set(rep.as_dict()) >= {"single_blend", "threshold", "low", "decision_table", "daft_table"}
     # DAFT off or on at a candidate rate: the best mean of the validation streams (ties: off,
     # then the smaller rate), and the adapter runs at the chosen rate
-    assert list(rep.daft_table) == ["off", "on, lr 0.0005", "on, lr 0.002"]
-    daft_means = [np.mean(list(v.values())) for v in rep.daft_table.values()]
+    keys = ["off", "on, lr 0.0005", "on, lr 0.002"]
+    daft_means = [np.mean(list(rep.daft_table[k].values())) for k in keys]
     pick = int(np.argmax(daft_means))
     assert rep.daft == (pick > 0) and rep.lr == (5e-4, 5e-4, 2e-3)[pick]
     assert adapter.daft == rep.daft and (not rep.daft or adapter.optimizer.param_groups[0]["lr"] == rep.lr)
     assert "daft on, lr 0.002" in text and ("DAFT off" in text or f"DAFT on at lr {rep.lr:g}" in text)
+    # then, with DAFT on, the chosen rate on multiple batches too: kept only if its mean is higher
+    if rep.daft:
+        plus = f"on, lr {rep.lr:g}, +multiple"
+        assert list(rep.daft_table) == keys + [plus]
+        assert rep.daft_multiple == (np.mean(list(rep.daft_table[plus].values())) > daft_means[pick])
+    else:
+        assert list(rep.daft_table) == keys and not rep.daft_multiple
+    assert adapter.daft_multiple == rep.daft_multiple
     # every choice is a maximum of the validation numbers the report shows
     table = rep.blend_table
     assert table[rep.multiple_blend]["mixed"] == max(v["mixed"] for v in table.values())
@@ -238,6 +246,56 @@ def test_calibrate_returns_a_configured_datta():
     assert oracle.score_layer == rep.score_layer and oracle.selector.threshold == 1e9
     adapter(torch.randn(8, 1, 10, 10))
     assert adapter.last_decision in ("single", "multiple", "skewed")
+
+
+@pytest.mark.parametrize("gain,want", [(0.5, True), (0.0, False), (-0.5, False)])
+def test_calibrate_daft_on_multiple_batches_only_when_it_raises_the_mean(monkeypatch, gain, want):
+    """Step 5's last candidate: with DAFT on, the chosen rate on ``multiple`` batches too,
+    kept only when its mean over the validation streams is higher (a tie keeps single
+    batches only).  The streams' accuracies are stubbed so that DAFT on wins at 5e-4."""
+    def fake(adapter, x, y, batches):
+        if not adapter.daft:
+            return 50.0
+        rate = adapter.optimizer.param_groups[0]["lr"]
+        return (60.0 if rate == 5e-4 else 55.0) + (gain if adapter.daft_multiple else 0.0)
+    monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
+    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    adapter = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
+                        lr=(2e-3, 5e-4))
+    rep = adapter.calibration
+    assert rep.daft and rep.lr == 5e-4
+    assert list(rep.daft_table) == ["off", "on, lr 0.00025", "on, lr 0.0005", "on, lr 0.002",
+                                    "on, lr 0.0005, +multiple"]     # 5e-4 at an end: 2.5e-4 tried
+    assert rep.daft_multiple == want == adapter.daft_multiple
+    assert ("single and multiple batches" if want else "on at lr 0.0005, single batches") in str(rep)
+
+
+@pytest.mark.parametrize("peak,lrs,want", [
+    (8e-3, (5e-4, 1e-3, 2e-3), [5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]),   # up to the peak, one past it
+    (1e-3, (5e-4, 1e-3, 2e-3), [5e-4, 1e-3, 2e-3]),                       # inside: no extra rate
+    (1.25e-4, (5e-4, 1e-3), [6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3]),      # below: halved
+    (1.0, (5e-4, 1e-3), [5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),                 # at most RATE_STEPS more
+    (8e-3, (2e-3,), [2e-3]),                                             # one rate: the user's
+])
+def test_calibrate_follows_a_best_rate_past_the_end_of_the_candidates(monkeypatch, peak, lrs, want):
+    """Step 5: with several candidate rates, a best rate at either end is no maximum: the rate is
+    doubled (or halved) while the mean over the validation streams rises, at most RATE_STEPS
+    times.  The streams' accuracies are stubbed: DAFT off 50 %, on a peak at ``peak``
+    (log-distance), DAFT on multiple batches never better."""
+    def fake(adapter, x, y, batches):
+        if not adapter.daft:
+            return 50.0
+        return 60.0 - abs(math.log2(adapter.optimizer.param_groups[0]["lr"] / peak)) \
+            - (1.0 if adapter.daft_multiple else 0.0)
+    monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
+    assert dk.calibration.RATE_STEPS == 3
+    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    rep = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
+                    lr=lrs).calibration
+    rates = [float(k.split("lr ")[1]) for k in rep.daft_table if k.startswith("on") and "+" not in k]
+    assert rates == pytest.approx(want)
+    best = max(want, key=lambda r: (-abs(math.log2(r / peak)), -r))
+    assert rep.daft and rep.lr == pytest.approx(best) and not rep.daft_multiple
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -86,7 +86,9 @@ def format_tables(doc: dict) -> str:
                       f"{tuple(c['multiple_blend'])}, skewed {tuple(c['skewed_blend'])}; dispersion score "
                       f"at {c['score_layer']}: "
                       f"{rule_name(c['threshold'], c['low'], c.get('skew_cut'), c.get('shift_cut'))}; "
-                      + (f"DAFT on at lr {c['lr']:g}" if c['daft'] else "DAFT off")]
+                      + (f"DAFT on at lr {c['lr']:g}"
+                         + (", multiple batches too" if c.get('daft_multiple') else "")
+                         if c['daft'] else "DAFT off")]
     lines += goal_lines(doc)
     lines += _per_corruption(doc, methods, sizes)
     chk = doc.get("backend_check")
