@@ -122,6 +122,16 @@ def test_daft_updates_exactly_on_single_batches():
             torch.testing.assert_close(p, frozen[n], rtol=0, atol=0)
 
 
+def assert_one_entropy_step(adapter, twin, want):
+    """The adapter's affine parameters equal ``twin``'s after one SGD-Nesterov step (lr 1e-2)
+    on the mean entropy of ``twin``'s logits ``want``."""
+    opt = torch.optim.SGD([p for m in dabn_layers(twin) for p in (m.weight, m.bias)], lr=1e-2,
+                          momentum=0.9, nesterov=True)
+    softmax_entropy(want).mean().backward()
+    opt.step()
+    torch.testing.assert_close(affine_params(adapter.model), affine_params(twin), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("decision,selector", [("single", ThresholdSelector(1e9)),
                                                 ("multiple", ThresholdSelector(-1e9)),
                                                 ("skewed", ThresholdSelector(1e9, low=1e8))])
@@ -148,11 +158,7 @@ def test_daft_multiple_steps_on_single_and_multiple_batches_only(decision, selec
     if decision == "skewed":
         assert torch.equal(before, affine_params(adapter.model))
         return
-    opt = torch.optim.SGD([p for m in dabn_layers(twin) for p in (m.weight, m.bias)], lr=1e-2,
-                          momentum=0.9, nesterov=True)
-    softmax_entropy(want).mean().backward()
-    opt.step()
-    torch.testing.assert_close(affine_params(adapter.model), affine_params(twin), rtol=0, atol=0)
+    assert_one_entropy_step(adapter, twin, want)
 
 
 def test_daft_multiple_needs_daft():
@@ -172,11 +178,7 @@ def test_predict_then_update_and_the_step():
     want = twin(x)
     torch.testing.assert_close(logits, want, rtol=0, atol=0)
     assert adapter.last_decision == "single" and not logits.requires_grad
-    opt = torch.optim.SGD([p for m in dabn_layers(twin) for p in (m.weight, m.bias)], lr=1e-2,
-                          momentum=0.9, nesterov=True)
-    softmax_entropy(want).mean().backward()
-    opt.step()
-    torch.testing.assert_close(affine_params(adapter.model), affine_params(twin), rtol=0, atol=0)
+    assert_one_entropy_step(adapter, twin, want)
 
 
 def test_daft_runs_a_single_batch_again_with_a_graph_after_the_decision():
@@ -203,11 +205,7 @@ def test_daft_runs_a_single_batch_again_with_a_graph_after_the_decision():
         layer.set_decision("multiple" if i < pre else "single")
     want = twin(x)
     torch.testing.assert_close(logits, want, rtol=0, atol=0)
-    opt = torch.optim.SGD([p for m in dabn_layers(twin) for p in (m.weight, m.bias)], lr=1e-2,
-                          momentum=0.9, nesterov=True)
-    softmax_entropy(want).mean().backward()
-    opt.step()
-    torch.testing.assert_close(affine_params(adapter.model), affine_params(twin), rtol=0, atol=0)
+    assert_one_entropy_step(adapter, twin, want)
     kde = DATTA(tiny_resnet(), selector=KDESelector(window=50, warmup=2), score_mode="dispersion")
     for k, xb in enumerate(make_stream(4), 1):
         kde(xb)
