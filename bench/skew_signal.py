@@ -7,7 +7,9 @@ on the other families only (``held-out``, as a test corruption is unseen), the l
 score layer on the blend ``--multiple`` (pass the blend ``datta_cal`` chose for them), on
 features either per sample (``source``: source-standardised instance mean and log std, the
 probe's features until 2026-12-04) or centred on the batch (``batch``: each column minus its
-batch mean, the probe's features since).  Signals of the probe's logits per batch: ``entropy`` =
+batch mean, the probe's features since); ``--features`` adds two scalings of the centred
+features tried on 2026-12-05 and not adopted (``rms``: divided by the batch's root mean square;
+``col``: each column by its batch std).  Signals of the probe's logits per batch: ``entropy`` =
 normalised entropy of the batch-mean softmax; ``spread`` = ``datta_kernels.prediction_spread``;
 ``logit-std`` = mean over classes of the std over the batch of the logits.  Batches: images
 500-999 of each validation domain, i.i.d. or label-sorted; the probe is fitted on images 0-399
@@ -53,7 +55,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--multiple", default="0.6,0.2,0.2", help="blend of the layers before the score layer")
+    ap.add_argument("--features", default="source,batch",
+                    help="feature kinds, comma-separated: source, batch, rms (batch-centred, then divided by "
+                         "the batch's root mean square), col (batch-centred, each column divided by its "
+                         "batch std)")
+    ap.add_argument("--signals", default=",".join(SIGNALS), help="signals, comma-separated")
     args = ap.parse_args()
+    kinds = args.features.split(",")
+    signals = {k: SIGNALS[k] for k in args.signals.split(",")}
     bs = args.batch_size
     data = load_fashion_mnist()
     model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
@@ -75,16 +84,25 @@ def main() -> None:
 
     def centred(z):           # batch-centred features (ClassProbe's): every column minus its batch mean
         return z - z.mean(0, keepdim=True)
-    feats, cfeats, labels, fams = [], [], [], []
+
+    def rms(z):               # centred, then one scale per batch: unit root mean square
+        g = centred(z)
+        return g / g.square().mean().sqrt().clamp_min(1e-6)
+
+    def col(z):               # centred, each column divided by its std over the batch
+        g = centred(z)
+        return g / g.square().mean(0, keepdim=True).sqrt().clamp_min(1e-6)
+    transform = {"source": lambda z: z, "batch": centred, "rms": rms, "col": col}
+    feats, labels, fams = [], [], []
     for name, (x, y) in vdom.items():
         for i in range(0, 400, bs):
             feats.append(feats_of(x[i:i + bs]))
-            cfeats.append(centred(feats[-1]))
             labels.append(y[i:i + bs])
             fams += [name.split("@")[0]] * len(y[i:i + bs])
     labels, fams = torch.cat(labels), np.array(fams)
     probes = {}
-    for centre, fz in (("source", torch.cat(feats)), ("batch", torch.cat(cfeats))):
+    for centre in kinds:
+        fz = torch.cat([transform[centre](f) for f in feats])
         full = ClassProbe.fit(fz, labels, 10)            # one probe on every family
         probes["in", centre] = dict.fromkeys(fam_names, full)
         probes["held-out", centre] = {
@@ -101,8 +119,8 @@ def main() -> None:
                     z = feats_of(x[order[j:j + bs]])
                     sev = name.split("@")[1] if "@" in name else "0"
                     for (pname, centre), per_fam in probes.items():
-                        lg = per_fam[f].logits(z if centre == "source" else centred(z))
-                        for sig, fn in SIGNALS.items():
+                        lg = per_fam[f].logits(transform[centre](z))
+                        for sig, fn in signals.items():
                             for col in (f, "@" + sev):
                                 res.setdefault((pname, centre, sig, kind, col), []).append(fn(lg))
     prov = provenance()
@@ -118,7 +136,7 @@ def main() -> None:
     print("| probe | features | signal | " + " | ".join(cols) + " | pooled |")
     print("|---" * (len(cols) + 4) + "|")
     for pname, centre in probes:
-        for sig in SIGNALS:
+        for sig in signals:
             per = [_auroc(res[(pname, centre, sig, "single", c)], res[(pname, centre, sig, "sorted", c)])
                    for c in cols]
             pooled = _auroc(sum((res[(pname, centre, sig, "single", f)] for f in fam_names), []),
