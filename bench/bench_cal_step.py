@@ -52,7 +52,7 @@ def _calibration(model, vdom, bs: int, recorded: dict):
         setattr(cal, key, tuple(recorded[key]))
     cal.instance_mode, cal.threshold = recorded["instance_mode"], recorded["threshold"]
     cal.low, cal.skew_cut, cal.daft = -math.inf, recorded["skew_cut"], recorded["daft"]
-    cal.lr = recorded["lr"]
+    cal.lr, cal.daft_multiple = recorded["lr"], recorded.get("daft_multiple", False)
     return cal
 
 
