@@ -89,10 +89,10 @@ def main() -> None:
         g = centred(z)
         return g / g.square().mean().sqrt().clamp_min(1e-6)
 
-    def col(z):               # centred, each column divided by its std over the batch
+    def per_column(z):        # centred, each column divided by its std over the batch
         g = centred(z)
         return g / g.square().mean(0, keepdim=True).sqrt().clamp_min(1e-6)
-    transform = {"source": lambda z: z, "batch": centred, "rms": rms, "col": col}
+    transform = {"source": lambda z: z, "batch": centred, "rms": rms, "col": per_column}
     feats, labels, fams = [], [], []
     for name, (x, y) in vdom.items():
         for i in range(0, 400, bs):

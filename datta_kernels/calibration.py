@@ -176,11 +176,11 @@ class Calibration:
             lines.append("blend of the layers before the score layer (every batch; the later layers "
                          "on each type's blend) -> validation accuracy % on single / mixed / sorted, "
                          "mean; the best five:")
-            ranked = sorted(self.pre_table.items(), key=lambda kv: -np.mean(list(kv[1].values())))
+            ranked = sorted(self.pre_table.items(), key=lambda kv: -_mean(kv[1]))
             for w, acc in ranked[:5]:
                 mark = "  <- before the score layer" if w == self.pre_blend else ""
                 lines.append(f"  {fmt(w):<18} " + " ".join(f"{acc[k]:6.1f}" for k in KINDS)
-                             + f"  {np.mean(list(acc.values())):6.1f}{mark}")
+                             + f"  {_mean(acc):6.1f}{mark}")
         lines.append(f"cuts on the dispersion score at {self.score_layer} (the best mean accuracy over "
                      "the three batch types), per validation batch:")
         for name, acc in self.decision_table.items():
@@ -199,14 +199,14 @@ class Calibration:
                          "direction than every validation batch is never skewed (it gets single)")
         for name, acc in self.rule_table.items():
             lines.append(f"  {name:<46} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
-                         + f"  mean {np.mean(list(acc.values())):5.1f}")
+                         + f"  mean {_mean(acc):5.1f}")
         chosen = (f"on at lr {self.lr:g}, " + ("single and multiple batches" if self.daft_multiple
                                                  else "single batches")) if self.daft else "off"
         lines.append(f"DAFT {chosen} (the best mean over the validation streams; ties: off, then the "
                      "smaller rate, then single batches only):")
         for name, acc in self.daft_table.items():
             lines.append(f"  daft {name:<23} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
-                         + f"  mean {np.mean(list(acc.values())):5.1f}")
+                         + f"  mean {_mean(acc):5.1f}")
         return "\n".join(lines)
 
 
@@ -420,7 +420,8 @@ def _best_band(scores: np.ndarray, acc: dict[str, np.ndarray], kinds: np.ndarray
 
 
 def _mean(acc: dict[str, float]) -> float:
-    """The mean accuracy over the validation streams (the objective of steps 4-5)."""
+    """The mean of a table row of accuracies (per batch type or per validation stream): the
+    objective of the pre blend (step 2) and of steps 4-5."""
     return float(np.mean(list(acc.values())))
 
 
@@ -509,7 +510,7 @@ def _search_blends(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid
             for k in KINDS:
                 _configure(layers, pre, w, (right[k],) * 3, mode)
                 pre_table[w][k] = 100.0 * float(_accuracy(work, val[k]).mean())
-        pre_blend = max(grid, key=lambda w: (np.mean(list(pre_table[w].values())), -grid.index(w)))
+        pre_blend = max(grid, key=lambda w: (_mean(pre_table[w]), -grid.index(w)))
         # 2c. the single and skewed blends again, behind that blend
         after = later_on(pre_blend)
         single, skewed = best(after, "single"), best(after, "sorted")
@@ -641,9 +642,9 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     stream_batches = [xs[idx] for batches in streams.values() for idx in batches]
     shift_cut = _validated_range(best["shifts"], _scores(work, stream_batches, feats=False)[2])
 
-    def run(rule, daft: bool, rate: float = lrs[0], multiple: bool = False) -> dict[str, float]:
+    def run(rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False) -> dict[str, float]:
         return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate,
-                                             daft_multiple=multiple,
+                                             daft_multiple=on_multiple,
                                              selector=ThresholdSelector(*rule, shift_cut),
                                              class_probe=probe,
                                              score_mode="dispersion", backend=None), xs, ys, batches)
@@ -652,7 +653,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     rules = [(best["high"], best["low"], None),
              (best["high_b"], -math.inf, None if cut == -math.inf else min(cut, 1.0))]
     rule_table = {rule_name(*r, shift_cut): run(r, False) for r in rules}
-    means = [np.mean(list(rule_table[rule_name(*r, shift_cut)].values())) for r in rules]
+    means = [_mean(rule_table[rule_name(*r, shift_cut)]) for r in rules]
     high, low, skew_cut = rules[int(np.argmax(means))]      # ties: the first
 
     # 5. DAFT off or on at each candidate rate, on the same streams with the chosen rule
@@ -681,7 +682,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     daft_multiple = False
     if daft:
         key = f"on, lr {rate:g}, +multiple"
-        daft_table[key] = run((high, low, skew_cut), True, rate, multiple=True)
+        daft_table[key] = run((high, low, skew_cut), True, rate, on_multiple=True)
         daft_multiple = _mean(daft_table[key]) > daft_means[pick]
 
     report = Calibration(
