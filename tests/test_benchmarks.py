@@ -455,6 +455,12 @@ def test_run_cifar10c_each_model_kind(tmp_path, capsys, model):
     assert doc["source_accuracy_per_corruption"] == cont["per_corruption"]
     assert doc["meta"]["device"] == "cpu" and doc["model"]["name"] == margs[1]
     assert doc["meta"]["seconds_in_methods"] > 0 and doc["meta"]["seconds_waiting_for_data"] > 0
+    # the methods recorded their updates: tent fine-tunes every batch, source never, so only
+    # source has a time on batches it did not fine-tune
+    for r in doc["results"]:
+        if r["method"] in ("source", "tent"):
+            assert r["updated_fraction"] == (r["method"] == "tent")
+            assert (r["ms_per_batch_no_update"] is None) == (r["method"] == "tent")
     assert (out / "results.csv").is_file() and (out / "datta_demo.png").read_bytes()[:4] == b"\x89PNG"
 
 

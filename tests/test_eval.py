@@ -5,18 +5,28 @@ Everything runs on a tiny synthetic idx directory written into ``tmp_path``, so 
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from datta_kernels import DATTA, ThresholdSelector
+from datta_kernels.adapt import TBN, Tent
 from datta_kernels.eval import datasets as ds
 from datta_kernels.eval.corruptions import CORRUPTIONS, corrupt, corrupt_all
 from datta_kernels.eval.models import SmallResNet, TrainConfig, load_or_train
 from datta_kernels.eval.oracle import OracleSelector
 from datta_kernels.eval.report import CSV_FIELDS, format_tables, write_outputs
-from datta_kernels.eval.runner import DemoConfig, RunResult, detector_metrics, run_demo
+from datta_kernels.eval.runner import (
+    DemoConfig,
+    RunResult,
+    detector_metrics,
+    run_demo,
+    run_lockstep,
+    run_stream,
+)
 from datta_kernels.eval.streams import STREAMS, build_pool, make_stream
 
 # Corruptions with no randomness: for them "another seed changes the output" does not apply.
@@ -244,6 +254,41 @@ def test_oracle_selector():
     assert sel.update(0.5) == "single"
     with pytest.raises(ValueError, match="not an OracleSelector"):
         other.load_state_dict({"kind": "threshold"})
+
+
+class _Recorder(torch.nn.Module):
+    """An adapter that logs its name on every call (the turn order of run_lockstep)."""
+
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return torch.zeros(len(x), 3)
+
+
+def test_run_lockstep_matches_runs_on_their_own_and_rotates_the_turns():
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (24,))
+    pool = build_pool({"a": torch.rand(24, 1, 28, 28), "b": torch.rand(24, 1, 28, 28) * 0.3}, y)
+    stream = make_stream(pool, "dynamic", 8, 0)
+    model = SmallResNet(width=4).eval()
+    adapters = {"tent": Tent(copy.deepcopy(model), lr=1e-2),
+                "datta": DATTA(copy.deepcopy(model), lr=1e-2, selector=ThresholdSelector(0.5)),
+                "tbn": TBN(copy.deepcopy(model))}
+    alone = {m: run_stream(copy.deepcopy(a), m, pool, stream) for m, a in adapters.items()}
+    together = run_lockstep(adapters, stream, ((pool.x[i], pool.y[i]) for i in stream.batches))
+    assert [r.method for r in together] == list(adapters)
+    for r in together:
+        a = alone[r.method]
+        assert (r.correct, r.decisions, r.updated, r.scores) == (a.correct, a.decisions, a.updated, a.scores)
+        assert len(r.ms) == len(stream.batches) and all(t > 0 for t in r.ms)
+    assert any(together[0].updated) and not any(together[2].updated)
+    log = []
+    first4 = ((pool.x[i], pool.y[i]) for i in stream.batches[:4])
+    run_lockstep({n: _Recorder(n, log) for n in "abc"}, stream, first4)
+    assert log == list("abc" "bca" "cab" "abc")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from ..benchmarking import provenance
 from ..calibration import calibrate, default_batches
 from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, SEVERITIES, load_benchmark
 from .protocols import build_stream, canonical
-from .runner import CALIBRATED, METHODS, ORACLES, RunResult, cal_rates, detector_metrics
+from .runner import CALIBRATED, METHODS, ORACLES, RunResult, cal_rates, detector_metrics, run_lockstep
 from .validation import calibrate_threshold_on
 from .zoo import BUILTIN, build_model, default_normalization
 
@@ -180,39 +180,29 @@ def _bar(total: int, enabled: bool):
 
 def _run_stream(model, stream, dataset, methods, cfg: RunConfig, device: str, workers: int, bar,
                 timing: dict, score_kw: dict) -> list:
-    """All ``methods`` on ``stream`` in lockstep; one pass of the loader. Adds to ``timing`` the
-    seconds spent waiting for batches (``data``) and in the methods (``methods``)."""
+    """All ``methods`` on ``stream`` in lockstep (:func:`~.runner.run_lockstep`); one pass of the
+    loader. Adds to ``timing`` the seconds spent waiting for batches (``data``) and in the
+    methods (``methods``)."""
     adapters = {m: METHODS[m](copy.deepcopy(model), cfg.backend, cfg.lr, score_kw, stream) for m in methods}
-    runs = {m: RunResult(m, stream.name, stream.batch_size, [], [], [], [], [], stream.kinds, stream.domains,
-                         getattr(getattr(a, "selector", None), "warmup", 0)) for m, a in adapters.items()}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    batches = iter(_loader(dataset, stream, device, workers))
-    while True:
-        t_wait = time.perf_counter()
-        try:
-            xb, yb = next(batches)
-        except StopIteration:
-            break
-        x = xb.to(device, non_blocking=True).float().div_(255)
-        y = yb.to(device, non_blocking=True)
-        timing["data"] += time.perf_counter() - t_wait
-        for m, adapter in adapters.items():
-            res = runs[m]
-            sync()
-            t0 = time.perf_counter()
-            logits = adapter(x)
-            sync()
-            res.ms.append((time.perf_counter() - t0) * 1e3)
-            timing["methods"] += res.ms[-1] / 1e3
-            res.correct.append(int((logits.argmax(1) == y).sum()))
-            res.sizes.append(len(y))
-            res.scores.append(getattr(adapter, "last_score", None))
-            res.decisions.append(getattr(adapter, "last_decision", None))
-            info = getattr(getattr(adapter, "selector", None), "last_info", None)
-            res.reasons.append(getattr(info, "reason", None))
-        if bar is not None:
-            bar.update(1)
-    return list(runs.values())
+    sync = torch.cuda.synchronize if device == "cuda" else None
+
+    def batches():
+        loader = iter(_loader(dataset, stream, device, workers))
+        while True:
+            t_wait = time.perf_counter()
+            try:
+                xb, yb = next(loader)
+            except StopIteration:
+                return
+            x = xb.to(device, non_blocking=True).float().div_(255)
+            y = yb.to(device, non_blocking=True)
+            timing["data"] += time.perf_counter() - t_wait
+            yield x, y
+            if bar is not None:
+                bar.update(1)
+    runs = run_lockstep(adapters, stream, batches(), sync=sync)
+    timing["methods"] += sum(sum(r.ms) for r in runs) / 1e3
+    return runs
 
 
 def _row(res: RunResult) -> dict:

@@ -2,7 +2,9 @@
 public adapter API (``datta_kernels.DATTA`` and the baselines of ``datta_kernels.adapt``).
 
 One run = a fresh copy of the source model wrapped by one method, fed one stream batch by batch
-(predict, then maybe update), never reset inside the stream (continual adaptation).
+(predict, then maybe update), never reset inside the stream (continual adaptation).  The methods
+run on a stream in lockstep (:func:`run_lockstep`): each batch through every method before the
+next, so their per-batch times are measured side by side.
 """
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import copy
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import DATTA, __version__, backends
 from ..adapt import DYN, TBN, BNAdapt, Source, Tent
@@ -39,7 +41,7 @@ def cal_rates(lr: float) -> tuple[float, ...]:
     return tuple(f * lr for f in CAL_RATE_FACTORS)
 
 __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
-           "run_stream"]
+           "run_lockstep", "run_stream", "timed_call"]
 
 #: Method name -> factory ``(model, backend, lr, kw, stream) -> adapter``. Tent and DATTA
 #: share one lr so their entropy steps are comparable; ``kw`` (``score_layer``, ``score_mode``)
@@ -201,27 +203,52 @@ class RunResult:
         return row
 
 
+def timed_call(adapter: nn.Module, x: Tensor, y: Tensor, res: RunResult,
+               sync: Callable[[], object] | None = None) -> Tensor:
+    """One adapter call on the batch ``(x, y)``, timed (only the call; ``sync`` before and after
+    it, e.g. ``torch.cuda.synchronize``) and recorded in ``res``; returns the logits."""
+    before = getattr(adapter, "n_updates", 0)
+    if sync is not None:
+        sync()
+    t0 = time.perf_counter()
+    logits = adapter(x)
+    if sync is not None:
+        sync()
+    res.ms.append((time.perf_counter() - t0) * 1e3)
+    res.updated.append(getattr(adapter, "n_updates", 0) != before)
+    res.correct.append(int((logits.argmax(1) == y).sum()))
+    res.sizes.append(len(y))
+    res.scores.append(getattr(adapter, "last_score", None))
+    res.decisions.append(getattr(adapter, "last_decision", None))
+    info = getattr(getattr(adapter, "selector", None), "last_info", None)
+    res.reasons.append(getattr(info, "reason", None))
+    return logits
+
+
+def run_lockstep(adapters: dict[str, nn.Module], stream: Stream, batches: Iterable[tuple[Tensor, Tensor]],
+                 bar=None, sync: Callable[[], object] | None = None) -> list[RunResult]:
+    """Every adapter on ``stream`` in lockstep: each batch of ``batches`` (``stream``'s, in order)
+    goes through every adapter before the next batch, the adapters taking turns in an order that
+    rotates by one each batch.  Each adapter still sees the whole stream in order (its results
+    are those of a run on its own), but their timings are taken side by side: a slow spell of a
+    shared machine lands on every method alike, and no method always follows the same other
+    one (whose memory traffic it would inherit).  ``bar`` is advanced once per call."""
+    names = list(adapters)
+    runs = {m: RunResult(m, stream.name, stream.batch_size, [], [], [], [], [], stream.kinds, stream.domains,
+                         getattr(getattr(a, "selector", None), "warmup", 0)) for m, a in adapters.items()}
+    for i, (x, y) in enumerate(batches):
+        k = i % len(names)
+        for m in names[k:] + names[:k]:
+            timed_call(adapters[m], x, y, runs[m], sync)
+            if bar is not None:
+                bar.update(1)
+    return [runs[m] for m in names]
+
+
 def run_stream(adapter: nn.Module, method: str, pool: DomainPool, stream: Stream, bar=None) -> RunResult:
     """Feed ``stream`` through ``adapter`` batch by batch; time only the adapter call."""
-    selector = getattr(adapter, "selector", None)
-    warmup = getattr(selector, "warmup", 0)
-    res = RunResult(method, stream.name, stream.batch_size, [], [], [], [], [], stream.kinds, stream.domains,
-                    warmup)
-    for idx in stream.batches:
-        x, y = pool.x[idx], pool.y[idx]
-        before = getattr(adapter, "n_updates", 0)
-        t0 = time.perf_counter()
-        logits = adapter(x)
-        res.ms.append((time.perf_counter() - t0) * 1e3)
-        res.updated.append(getattr(adapter, "n_updates", 0) != before)
-        res.correct.append(int((logits.argmax(1) == y).sum()))
-        res.sizes.append(len(y))
-        res.scores.append(getattr(adapter, "last_score", None))
-        res.decisions.append(getattr(adapter, "last_decision", None))
-        res.reasons.append(getattr(getattr(selector, "last_info", None), "reason", None))
-        if bar is not None:
-            bar.update(1)
-    return res
+    return run_lockstep({method: adapter}, stream, ((pool.x[idx], pool.y[idx]) for idx in stream.batches),
+                        bar)[0]
 
 
 def _auroc(pos: list[float], neg: list[float]) -> float | None:
@@ -335,11 +362,12 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
             f"{score_kw['disp_thresholds']}; datta_cal {len(cal_reports)} batch sizes "
             f"({time.perf_counter() - t0:.1f} s)")
     with progress_bar(total=total, desc="adapt", unit="batch", disable=not cfg.progress) as bar:
-        for stream in streams:
-            for method in cfg.methods:
-                bar.set_postfix_str(f"{method} / {stream.name} / bs{stream.batch_size}", refresh=False)
-                adapter = METHODS[method](copy.deepcopy(model), cfg.backend, cfg.lr, score_kw, stream)
-                runs.append(run_stream(adapter, method, pool, stream, bar))
+        for stream in streams:      # the methods in lockstep on each stream (run_lockstep)
+            bar.set_postfix_str(f"{stream.name} / bs{stream.batch_size}", refresh=False)
+            adapters = {m: METHODS[m](copy.deepcopy(model), cfg.backend, cfg.lr, score_kw, stream)
+                        for m in cfg.methods}
+            batches = ((pool.x[idx], pool.y[idx]) for idx in stream.batches)
+            runs += run_lockstep(adapters, stream, batches, bar)
 
     detectors = [detector_metrics(r) for r in runs if r.stream.startswith("dynamic")
                  and r.method not in ORACLES and any(d is not None for d in r.decisions)]
