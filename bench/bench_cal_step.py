@@ -53,6 +53,7 @@ def _calibration(model, vdom, bs: int, recorded: dict):
     cal.instance_mode, cal.threshold = recorded["instance_mode"], recorded["threshold"]
     cal.low, cal.skew_cut, cal.daft = -math.inf, recorded["skew_cut"], recorded["daft"]
     cal.lr, cal.daft_multiple = recorded["lr"], recorded.get("daft_multiple", False)
+    cal.shift_cut = tuple(recorded["shift_cut"]) if recorded.get("shift_cut") else None
     return cal
 
 
