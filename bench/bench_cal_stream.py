@@ -24,14 +24,12 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 
 import torch
 
 from datta_kernels.adapt import TBN
-from datta_kernels.benchmarking import describe_machine, provenance
+from datta_kernels.benchmarking import describe_machine, provenance, run_worker
 from datta_kernels.eval.datasets import load_fashion_mnist
 from datta_kernels.eval.models import TrainConfig, load_or_train
 from datta_kernels.eval.runner import DemoConfig, run_lockstep
@@ -58,7 +56,7 @@ def measure(severity: int) -> list[dict]:
             stream = make_stream(pool, name, bs, 0)
             adapters = {"tbn": TBN(copy.deepcopy(model)),
                         "datta_cal": cal.adapter(copy.deepcopy(model), backend="cpu")}
-            tbn, own = run_lockstep(adapters, stream, ((pool.x[i], pool.y[i]) for i in stream.batches))
+            tbn, own = run_lockstep(adapters, stream, pool.batches(stream))
             keep = [i for i in range(1, len(own.ms)) if not own.updated[i]]   # first call left out
             t_all = tbn.ms[1:]
             cal_ms = [own.ms[i] for i in keep]
@@ -87,14 +85,8 @@ def main() -> None:
     prov, m = provenance(), describe_machine()
     res, loads = {}, []
     for value in args.thp.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "rows.json")
-            start = os.getloadavg()[0]
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", out,
-                            "--severity", str(args.severity)],
-                           check=True, env={**os.environ, "THP_MEM_ALLOC_ENABLE": value})
-            with open(out) as f:
-                got = json.load(f)
+        start = os.getloadavg()[0]
+        got = run_worker(__file__, ["--severity", str(args.severity)], {"THP_MEM_ALLOC_ENABLE": value})
         res[value] = got["rows"]
         loads.append(f"THP={value}: {start:.2f} at the start, {got['load_end']:.2f} at the end")
     print("# `datta_cal` vs `tbn` per batch in the demo's streams (cpu)\n")

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -33,6 +31,7 @@ from datta_kernels.benchmarking import (
     describe_machine,
     gbps,
     provenance,
+    run_worker,
     write_markdown,
 )
 from datta_kernels.testing import make_inputs
@@ -136,13 +135,9 @@ def table_per_thp(reps: int, impls: tuple[str, ...], threads: list[int], thp: li
     reads the variable when it starts); rows of all settings, the machine of the first."""
     merged: dict = {}
     for value in thp:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "rows.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", out, "--reps", str(reps),
-                   "--threads", ",".join(map(str, threads))] + (["--no-compile"] if no_compile else [])
-            subprocess.run(cmd, check=True, env={**os.environ, "THP_MEM_ALLOC_ENABLE": value})
-            with open(out) as f:
-                res = json.load(f)
+        args = ["--reps", str(reps), "--threads", ",".join(map(str, threads))] + \
+            (["--no-compile"] if no_compile else [])
+        res = run_worker(__file__, args, {"THP_MEM_ALLOC_ENABLE": value})
         if not merged:
             merged = res
             merged["machine"]["loadavg_1min_by_thp"] = {}

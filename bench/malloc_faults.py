@@ -14,10 +14,8 @@ settings, each in its own process:
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -48,22 +46,17 @@ def worker(reps: int = 60) -> dict:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--worker"]:
-        print(json.dumps(worker()))
+    if sys.argv[1:2] == ["--worker"]:
+        with open(sys.argv[2], "w") as f:
+            json.dump(worker(), f)
         return
-    from datta_kernels.benchmarking import provenance
+    from datta_kernels.benchmarking import provenance, run_worker
     print("# One DABN forward's output: re-faulted or not (glibc malloc)\n")
     print(f"- command: `{provenance()['command']}`\n- commit: {provenance()['commit']}\n")
     print(__doc__.split("\n\n")[0] + "\n")
     print("| glibc setting | median us per call | minor page faults per call |\n|---|---|---|")
     for name, tun in SETTINGS.items():
-        env = dict(os.environ)
-        env.pop("GLIBC_TUNABLES", None)
-        if tun:
-            env["GLIBC_TUNABLES"] = tun
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, check=True,
-                             capture_output=True, text=True).stdout
-        r = json.loads(out.strip().splitlines()[-1])
+        r = run_worker(__file__, env={"GLIBC_TUNABLES": tun})
         print(f"| {name} | {r['us']:.0f} | {r['faults']:.0f} |")
 
 

@@ -8,6 +8,9 @@
 * :func:`describe_machine` / :func:`describe_gpu` and :func:`markdown_table` /
   :func:`write_markdown` — the header (command, commit, versions, device, threads) and tables of
   every result file (``scripts/check_figures.py`` requires the command, commit and machine).
+* :func:`run_worker` — run a bench/ script's ``--worker`` half in a fresh interpreter under
+  other environment variables (settings read once at start-up, such as PyTorch's
+  ``THP_MEM_ALLOC_ENABLE`` or glibc's ``GLIBC_TUNABLES``) and read back its JSON.
 * :func:`save_results`, :func:`contestant_results`, :func:`table_main` — the tail of a bench/
   script that times contestants per shape: its result document, its command line
   (``--table --reps --device --out``) and its ``.json`` + ``.md`` result files.
@@ -22,6 +25,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import timeit
 from collections.abc import Callable, Sequence
 
@@ -29,7 +33,7 @@ import torch
 
 __all__ = ["gpu_time", "cpu_time_interleaved", "time_contestants", "gbps", "describe_machine",
            "describe_gpu", "provenance", "header_lines", "markdown_table", "write_markdown", "shape_id",
-           "contestant_results", "save_results", "table_main"]
+           "contestant_results", "run_worker", "save_results", "table_main"]
 
 
 def gpu_time(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> float:
@@ -251,3 +255,22 @@ def table_main(description: str, name: str, table: Callable[[int, str], dict],
     else:
         write_markdown(res, "/dev/stdout")
     return res
+
+
+def run_worker(script: str, args: Sequence[str] = (), env: dict[str, str | None] | None = None):
+    """``python script --worker OUT *args`` in a fresh interpreter, with this process's
+    environment updated by ``env`` (a value of None removes the variable); returns the JSON the
+    worker wrote to ``OUT``.  For settings read once when the interpreter, torch or libc starts,
+    each in its own process."""
+    full = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "worker.json")
+        subprocess.run([sys.executable, os.path.abspath(script), "--worker", out, *args], check=True,
+                       env=full)
+        with open(out) as f:
+            return json.load(f)

@@ -1,6 +1,9 @@
 """``datta_kernels.benchmarking``: the timers, the GB/s helper and the result-file writer."""
 from __future__ import annotations
 
+import subprocess
+
+import pytest
 import torch
 
 from datta_kernels import benchmarking as bm
@@ -88,3 +91,18 @@ def test_table_main_saves_or_prints(tmp_path, capfd):
     bm.table_main("d", "thing", table, write, reps=7, results_dir=str(tmp_path),
                   argv=["--table", "--out", str(tmp_path / "o" / "x")])
     assert (tmp_path / "o" / "x.json").is_file() and (tmp_path / "o" / "x.md").is_file()
+
+
+def test_run_worker_sets_and_removes_variables_in_a_fresh_interpreter(tmp_path, monkeypatch):
+    script = tmp_path / "w.py"
+    script.write_text("import json, os, sys\n"
+                      "assert sys.argv[1] == '--worker'\n"
+                      "json.dump({'a': os.environ.get('DK_A'), 'b': os.environ.get('DK_B'),"
+                      " 'args': sys.argv[3:]}, open(sys.argv[2], 'w'))\n")
+    monkeypatch.setenv("DK_B", "inherited")
+    got = bm.run_worker(str(script), ["x", "1"], {"DK_A": "set"})
+    assert got == {"a": "set", "b": "inherited", "args": ["x", "1"]}
+    assert bm.run_worker(str(script), env={"DK_B": None}) == {"a": None, "b": None, "args": []}
+    script.write_text("import sys; sys.exit(3)\n")
+    with pytest.raises(subprocess.CalledProcessError):
+        bm.run_worker(str(script))

@@ -6,6 +6,7 @@ Everything runs on a tiny synthetic idx directory written into ``tmp_path``, so 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import numpy as np
@@ -278,7 +279,7 @@ def test_run_lockstep_matches_runs_on_their_own_and_rotates_the_turns():
                 "datta": DATTA(copy.deepcopy(model), lr=1e-2, selector=ThresholdSelector(0.5)),
                 "tbn": TBN(copy.deepcopy(model))}
     alone = {m: run_stream(copy.deepcopy(a), m, pool, stream) for m, a in adapters.items()}
-    together = run_lockstep(adapters, stream, ((pool.x[i], pool.y[i]) for i in stream.batches))
+    together = run_lockstep(adapters, stream, pool.batches(stream))
     assert [r.method for r in together] == list(adapters)
     for r in together:
         a = alone[r.method]
@@ -286,8 +287,7 @@ def test_run_lockstep_matches_runs_on_their_own_and_rotates_the_turns():
         assert len(r.ms) == len(stream.batches) and all(t > 0 for t in r.ms)
     assert any(together[0].updated) and not any(together[2].updated)
     log = []
-    first4 = ((pool.x[i], pool.y[i]) for i in stream.batches[:4])
-    run_lockstep({n: _Recorder(n, log) for n in "abc"}, stream, first4)
+    run_lockstep({n: _Recorder(n, log) for n in "abc"}, stream, itertools.islice(pool.batches(stream), 4))
     assert log == list("abc" "bca" "cab" "abc")
 
 

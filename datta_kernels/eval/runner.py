@@ -247,8 +247,7 @@ def run_lockstep(adapters: dict[str, nn.Module], stream: Stream, batches: Iterab
 
 def run_stream(adapter: nn.Module, method: str, pool: DomainPool, stream: Stream, bar=None) -> RunResult:
     """Feed ``stream`` through ``adapter`` batch by batch; time only the adapter call."""
-    return run_lockstep({method: adapter}, stream, ((pool.x[idx], pool.y[idx]) for idx in stream.batches),
-                        bar)[0]
+    return run_lockstep({method: adapter}, stream, pool.batches(stream), bar)[0]
 
 
 def _auroc(pos: list[float], neg: list[float]) -> float | None:
@@ -366,8 +365,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
             bar.set_postfix_str(f"{stream.name} / bs{stream.batch_size}", refresh=False)
             adapters = {m: METHODS[m](copy.deepcopy(model), cfg.backend, cfg.lr, score_kw, stream)
                         for m in cfg.methods}
-            batches = ((pool.x[idx], pool.y[idx]) for idx in stream.batches)
-            runs += run_lockstep(adapters, stream, batches, bar)
+            runs += run_lockstep(adapters, stream, pool.batches(stream), bar)
 
     detectors = [detector_metrics(r) for r in runs if r.stream.startswith("dynamic")
                  and r.method not in ORACLES and any(d is not None for d in r.decisions)]

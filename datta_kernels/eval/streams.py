@@ -20,6 +20,7 @@ Batches never straddle two domains; a domain's last batch may be short.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,10 @@ class DomainPool:
 
     def indices(self, d: int) -> Tensor:
         return (self.domain == d).nonzero().flatten()
+
+    def batches(self, stream: Stream) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(x, y)`` of each batch of ``stream`` (which indexes this pool), in order."""
+        return ((self.x[idx], self.y[idx]) for idx in stream.batches)
 
 
 def build_pool(domains: dict[str, Tensor], y: Tensor) -> DomainPool:
