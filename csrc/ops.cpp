@@ -124,6 +124,20 @@ void check_dabn_forward(const at::Tensor& x, const c10::optional<at::Tensor>& we
                    nullptr);
 }
 
+void check_dabn_decide_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& source_mean,
+                               const at::Tensor& source_var, const at::Tensor& blend_single,
+                               const at::Tensor& blend_multiple, const at::Tensor& blend_skewed) {
+  check_inputs("datta::_dabn_decide_forward", x,
+               {{"weight", opt(weight), Expect::kChannel},
+                {"bias", opt(bias), Expect::kChannel},
+                {"source_mean", &source_mean, Expect::kChannel},
+                {"source_var", &source_var, Expect::kChannel},
+                {"blend_single", &blend_single, Expect::kBlend},
+                {"blend_multiple", &blend_multiple, Expect::kBlend},
+                {"blend_skewed", &blend_skewed, Expect::kBlend}});
+}
+
 void check_dabn_normalize(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias, const at::Tensor& source_mean,
                           const at::Tensor& source_var, const at::Tensor& blend,
@@ -192,6 +206,22 @@ TORCH_LIBRARY(datta, m) {
   m.def(
       "_source_shift(Tensor mean, Tensor var, Tensor source_mean, Tensor source_var, float eps, "
       "bool signed_shift=False) -> Tensor");
+  // DATTA's threshold rule at the score layer: probe spread, signed source shift, decision
+  m.def(
+      "_threshold_decide(Tensor score, Tensor mean, Tensor var, Tensor source_mean, "
+      "Tensor source_var, float eps, Tensor? center, Tensor? scale, Tensor? weight, Tensor? bias, "
+      "float threshold, float low, float? skew_cut, float? shift_lo, float? shift_hi) -> "
+      "(Tensor spread, Tensor shift, Tensor flags)");
+  // DATTA's score layer in one call on a batch that records no graph: instance statistics,
+  // dispersion score, _threshold_decide's rule, the decision written into every layer's
+  // decision / skewed buffer from this one on, and the normalisation with the decided blend
+  m.def(
+      "_dabn_decide_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
+      "Tensor source_var, Tensor blend_single, Tensor blend_multiple, Tensor blend_skewed, "
+      "float? shrink_k, float eps, str parts, str stat, Tensor? center, Tensor? scale, Tensor? probe_weight, "
+      "Tensor? probe_bias, float threshold, float low, float? skew_cut, float? shift_lo, "
+      "float? shift_hi, Tensor(a!)[] decision, Tensor(b!)[] skewed) -> (Tensor y, Tensor mean, "
+      "Tensor var, Tensor score, Tensor per_sample, Tensor spread, Tensor shift, Tensor flags)");
   m.def(
       "_dabn_normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
       "Tensor source_var, Tensor blend, float? shrink_k, float eps, Tensor mean, Tensor var) -> "

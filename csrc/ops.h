@@ -22,6 +22,10 @@ void check_diversity_angles(const at::Tensor& x, const at::Tensor& source_mean,
 void check_dabn_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                         const c10::optional<at::Tensor>& bias, const at::Tensor& source_mean,
                         const at::Tensor& source_var, const at::Tensor& blend);
+void check_dabn_decide_forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& source_mean,
+                               const at::Tensor& source_var, const at::Tensor& blend_single,
+                               const at::Tensor& blend_multiple, const at::Tensor& blend_skewed);
 void check_dabn_normalize(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                           const c10::optional<at::Tensor>& bias, const at::Tensor& source_mean,
                           const at::Tensor& source_var, const at::Tensor& blend,

@@ -463,6 +463,40 @@ class ThresholdSelector(Selector):
             self.last_decision = SINGLE
         return self.last_decision
 
+    def decide_stats(self, score: Tensor, mean_i: Tensor, var_i: Tensor, source_mean: Tensor,
+                     source_var: Tensor, eps: float, probe: ClassProbe | None = None, *,
+                     on_device: bool = False) -> tuple[Any, Tensor | None, Tensor | None]:
+        """The rule from a score layer's instance statistics ``(N, C)``: the spread of
+        ``probe`` (``probe(mean_i, var_i, source_mean, source_var, eps)``, read when the
+        selector has a spread cut and a probe is given) and the signed :func:`source_shift`
+        (when it has a shift cut) are computed here.  Returns ``(decision, spread, shift)``,
+        the last two 0-dim tensors or None when not read; ``decision`` is :meth:`update`'s
+        string (one host sync), or with ``on_device`` :meth:`decide_tensors`' pair of 0-dim
+        bool tensors (none).  On CPU tensors with the compiled extension, in eager mode, all
+        of it is one C++ op (``datta::_threshold_decide``: the same formulas and rule, each
+        value rounded to float32 before it is compared, as here); otherwise the torch ops."""
+        use_probe = self.skew_cut is not None and probe is not None
+        stats = (mean_i.detach(), var_i.detach(), source_mean.detach(), source_var.detach())
+        if (type(self) is ThresholdSelector and _HAS_PROBE_OP and score.device.type == "cpu"
+                and mean_i.device.type == "cpu" and (not use_probe or probe.weight.device.type == "cpu")
+                and not torch.compiler.is_compiling()):
+            lo, hi = self.shift_cut if self.shift_cut is not None else (None, None)
+            spread, shift, flags = torch.ops.datta._threshold_decide(
+                score.detach(), *stats, float(eps),
+                *((probe.center, probe.scale, probe.weight, probe.bias) if use_probe else (None,) * 4),
+                self.threshold, self.low, self.skew_cut, lo, hi)
+            if on_device:
+                decision = flags.unbind()
+            else:
+                single, skewed = flags.tolist()
+                decision = self.last_decision = SINGLE if single else SKEWED if skewed else MULTIPLE
+        else:
+            spread = probe(*stats, eps) if use_probe else None
+            shift = source_shift(*stats, eps, signed=True) if self.shift_cut is not None else None
+            decision = (self.decide_tensors if on_device else self.update)(score, spread, shift)
+        return (decision, spread if use_probe else None,
+                shift if self.shift_cut is not None else None)
+
     def decide_tensor(self, score: Tensor, spread: Tensor | None = None,
                       shift: Tensor | None = None) -> Tensor:
         """Device-side decision: a 0-dim bool tensor, True for ``single`` (no host sync)."""

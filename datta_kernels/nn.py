@@ -74,7 +74,7 @@ def set_decisions(layers: list[FusedDABN], decision: str | bool | Tensor,
         if decision not in _DECISIONS:
             raise ValueError(f"decision must be one of {list(_DECISIONS)}, got {decision!r}")
         decision, skewed = _DECISIONS[decision]
-    device = layers[0].decision.device
+    device = layers[0]._buffers["decision"].device
     values = []
     for value in (decision, skewed):        # both checked before anything is written
         if isinstance(value, Tensor):
@@ -89,7 +89,8 @@ def set_decisions(layers: list[FusedDABN], decision: str | bool | Tensor,
                             f"a bool tensor, got {value!r}")
     with torch.no_grad():
         for value, name in zip(values, ("decision", "skewed")):
-            bufs = [getattr(lyr, name) for lyr in layers]
+            # _buffers, not getattr: nn.Module.__getattr__ costs ~0.7 us a buffer
+            bufs = [lyr._buffers[name] for lyr in layers]
             torch._foreach_copy_(bufs, [value] * len(bufs))
 
 
@@ -187,6 +188,11 @@ class FusedDABN(nn.BatchNorm2d):
         #: called as ``score_callback(layer, score)`` after the score is computed and before
         #: the layer normalises (the DATTA adapter sets the decision of every layer there)
         self.score_callback = None
+        #: when set (with ``compute_score``), called as ``score_forward(layer, x)`` first: a tensor
+        #: back is the layer's output (the owner ran the whole scored forward, e.g. DATTA's fused
+        #: CPU op, and set ``last_score`` / ``last_per_sample`` / ``last_stats``); None: the layer
+        #: goes on as usual
+        self.score_forward = None
 
     # ------------------------------------------------------------------ configuration
     def set_preset(self, preset: str = "datta", *, shrink_k=_PRESET_DEFAULT, weights=None,
@@ -255,6 +261,11 @@ class FusedDABN(nn.BatchNorm2d):
         self._check_input_dim(x)
         stats = None
         if self.compute_score:
+            fused = getattr(self, "score_forward", None)    # absent in layers pickled before it
+            if fused is not None:
+                y = fused(self, x)
+                if y is not None:
+                    return y
             stats = self._score(x)
             #: the instance statistics the score came from (for the score callback)
             self.last_stats = stats

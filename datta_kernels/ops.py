@@ -278,6 +278,17 @@ def _register_kernel_fakes() -> None:
         lambda mean, *_: mean.new_empty((), dtype=torch.float32))
     torch.library.register_fake("datta::_source_shift")(
         lambda mean, *_: mean.new_empty((), dtype=torch.float32))
+    def decide_forward(x, *_):
+        fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+        return (torch.empty_like(x, memory_format=fmt), _stats_like(x), _stats_like(x),
+                x.new_empty((), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32),
+                x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32),
+                x.new_empty((2,), dtype=torch.bool))
+    torch.library.register_fake("datta::_dabn_decide_forward")(decide_forward)
+    torch.library.register_fake("datta::_threshold_decide")(
+        lambda score, mean, *_: (mean.new_empty((), dtype=torch.float32),
+                                 mean.new_empty((), dtype=torch.float32),
+                                 mean.new_empty((2,), dtype=torch.bool)))
     torch.library.register_fake("datta::_dabn_backward")(_fake_dabn_backward)
     torch.library.register_fake("datta::_dabn_backward_sums")(
         lambda dy, x, mean: (_stats_like(x), _stats_like(x)))

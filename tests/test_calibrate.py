@@ -736,3 +736,153 @@ def test_validation_streams_use_every_image_once(bs):
                 assert torch.equal(labels, labels.sort().values)
     again = _streams(dom, bs, seed=3)[2]
     assert all(torch.equal(a, b) for a, b in zip(streams["mixed"], again["mixed"]))
+
+
+class _TorchRule(dk.ThresholdSelector):
+    """The same rule on the torch-op path of ``decide_stats`` (the C++ op is used only for
+    ``ThresholdSelector`` itself)."""
+
+
+@pytest.mark.parametrize("n, c", [(1, 3), (2, 5), (16, 16)])
+def test_threshold_decide_op_is_the_selectors_rule(n, c):
+    """``datta::_threshold_decide`` (DATTA's CPU decision: probe spread, signed source shift and
+    the rule in one op) gives ``ThresholdSelector.update`` / ``decide_tensors``' decision on the
+    separate ops' values, bit for bit: every kind of selector, scores on both sides of and
+    exactly at the threshold, spreads and shifts exactly at their cuts, NaN / inf statistics."""
+    g = torch.Generator().manual_seed(n * 100 + c)
+    mean_i = torch.randn(n, c, generator=g) * 0.5
+    var_i = torch.rand(n, c, generator=g) * 2 + 0.1
+    sm, sv = torch.randn(c, generator=g) * 0.2, torch.rand(c, generator=g) + 0.5
+    probe = ClassProbe(c, 4)
+    probe.weight.copy_(torch.randn(2 * c, 4, generator=g))
+    probe.bias.copy_(torch.randn(4, generator=g))
+    spread = float(probe(mean_i, var_i, sm, sv, 1e-5))
+    shift = float(dk.diversity.source_shift(mean_i, var_i, sm, sv, 1e-5, signed=True))
+    at_shift = (min(shift, 0.0), max(shift, 0.0))          # a range with the shift at one end
+    nan = float("nan")
+    bad_mean = mean_i.clone()
+    bad_mean[0, 0] = nan
+    bad_var = var_i.clone()
+    bad_var[-1, -1] = float("inf")
+    cut = spread if spread > 0 else 0.25                   # N = 1: spread 0
+    rules = [dict(), dict(low=0.2), dict(skew_cut=cut), dict(skew_cut=min(1.0, cut * 1.5)),
+             dict(skew_cut=cut * 0.5), dict(low=0.2, skew_cut=1.0), dict(shift_cut=at_shift),
+             dict(skew_cut=1.0, shift_cut=at_shift), dict(skew_cut=1.0, shift_cut=abs(shift) * 0.5),
+             dict(low=0.2, skew_cut=1.0, shift_cut=(-1e-9, 1e-9)), dict(skew_cut=1.0, shift_cut=1e9)]
+    threshold = float(torch.tensor(0.3))                   # a float32 value: a score can equal it
+    scores = (0.1, 0.25, threshold, 0.5, nan, float("inf"), -float("inf"))
+    seen = set()
+    for rule, score, (mi, vi), with_probe in itertools.product(
+            rules, scores, ((mean_i, var_i), (bad_mean, var_i), (mean_i, bad_var)), (True, False)):
+        fast, slow = dk.ThresholdSelector(threshold, **rule), _TorchRule(threshold, **rule)
+        p = probe if with_probe else None
+        s = torch.tensor(score)
+        case = (rule, score, with_probe, mi is bad_mean, vi is bad_var)
+        got = fast.decide_stats(s, mi, vi, sm, sv, 1e-5, p)
+        want = slow.decide_stats(s, mi, vi, sm, sv, 1e-5, p)
+        assert got[0] == want[0] == fast.last_decision, case
+        seen.add(got[0])
+        for a, b in zip(got[1:], want[1:]):                # the values it read, as the ops give them
+            assert (a is None) == (b is None), case
+            if a is not None:
+                assert torch.equal(a, b) or (a.isnan() and b.isnan()), case
+        on_dev = fast.decide_stats(s, mi, vi, sm, sv, 1e-5, p, on_device=True)[0]
+        ref = slow.decide_stats(s, mi, vi, sm, sv, 1e-5, p, on_device=True)[0]
+        assert bool(on_dev[0]) == bool(ref[0]) == (want[0] == "single"), case
+        assert bool(on_dev[1]) == (want[0] == "skewed"), case
+        assert ref[1] is None or bool(ref[1]) == bool(on_dev[1]), case
+    assert seen == {"single", "multiple", "skewed"}
+    args = (torch.tensor(0.1), mean_i, var_i, sm, sv, 1e-5, probe.center, probe.scale, probe.weight,
+            probe.bias, threshold, -math.inf, 0.5, -1.0, 1.0)
+    torch.library.opcheck(torch.ops.datta._threshold_decide, args)
+    with pytest.raises(RuntimeError, match="all four probe tensors"):
+        torch.ops.datta._threshold_decide(*args[:6], probe.center, None, *args[8:])
+    with pytest.raises(RuntimeError, match="both ends"):
+        torch.ops.datta._threshold_decide(*args[:-1], None)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.datta._threshold_decide(*args[:8], probe.weight[:-1], *args[9:])
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.datta._threshold_decide(args[0], mean_i, var_i[:, :-1], *args[3:])
+
+
+def test_fused_score_layer_is_the_separate_ops(monkeypatch):
+    """DATTA's fused CPU score layer (``datta::_dabn_decide_forward``: statistics, score, rule,
+    decision writes and normalisation in one op) gives bit for bit what the separate ops give:
+    logits, score, spread, shift, decisions, every layer's decision buffers and, under DAFT, the
+    fine-tuned parameters; with DAFT off it decides without a host sync.  It is not taken on
+    another backend, with clusters, or by another selector."""
+    from datta_kernels import adapt
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 1, 10, 10, generator=g)
+    stream = [torch.randn(8, 1, 10, 10, generator=g) * s + o for s, o in ((1, 0), (3, 1), (0.3, -1))]
+    stream += [base[i % 2].expand(8, 1, 10, 10) + 0.05 * torch.randn(8, 1, 10, 10, generator=g)
+               for i in range(2)]                                   # near-duplicate samples: low spread
+    probe = ClassProbe(8, 3)
+    probe.weight.copy_(torch.randn(16, 3, generator=g) * 3)
+    weights = ((0.0, 1.0, 0.0), (0.2, 0.6, 0.2), (0.4, 0.0, 0.6))
+    used = []
+    real = adapt.DATTA._score_forward
+
+    def spy(self, layer, x):
+        try:
+            y = real(self, layer, x)
+        except adapt._FineTune:            # decided single under DAFT: fused, then run again
+            used.append(True)
+            raise
+        used.append(y is not None)
+        return y
+    monkeypatch.setattr(adapt.DATTA, "_score_forward", spy)
+
+    def make(rule, daft, shrink_k=None):
+        return dk.DATTA(_model(), score_mode="dispersion", selector=dk.ThresholdSelector(**rule), daft=daft,
+                        lr=1e-2, class_probe=copy.deepcopy(probe), weights=weights, shrink_k=shrink_k)
+    seen = set()
+    for rule, daft, shrink_k in itertools.product(
+            (dict(threshold=0.5), dict(threshold=0.5, low=0.05), dict(threshold=0.5, skew_cut=0.5),
+             dict(threshold=2.0, skew_cut=0.6, shift_cut=(-0.5, 0.5)), dict(threshold=2.0, skew_cut=1.0),
+             dict(threshold=1e-3, skew_cut=1.0, shift_cut=3.0)), (False, True), (None, 0.5)):
+        fused, plain = make(rule, daft, shrink_k), make(rule, daft, shrink_k)
+        for x in stream:
+            used.clear()
+            got = fused(x)
+            assert used == [True]
+            with monkeypatch.context() as m:
+                m.setattr(adapt, "_HAS_DECIDE_OP", False)
+                want = plain(x)
+            assert used[-1] is False
+            case = (rule, daft, shrink_k)
+            assert torch.equal(got, want), case
+            assert fused.last_decision == plain.last_decision, case
+            seen.add(fused.last_decision)
+            assert float(fused.last_score) == float(plain.last_score), case
+            for name in ("last_spread", "last_shift"):
+                a, b = getattr(fused, name), getattr(plain, name)
+                assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (case, name)
+            for la, lb in zip(fused.layers, plain.layers):
+                assert torch.equal(la.decision, lb.decision) and torch.equal(la.skewed, lb.skewed), case
+        assert fused.n_updates == plain.n_updates, case
+        for pa, pb in zip(fused.parameters(), plain.parameters()):
+            assert torch.equal(pa, pb), case
+    assert seen == {"single", "multiple", "skewed"}
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync in the adapter step")
+    quiet = make(dict(threshold=2.0, skew_cut=0.6, shift_cut=3.0), False)
+    quiet(stream[0])               # the layers check their blend values once (tolist on a CPU tensor)
+    for x in stream:
+        with monkeypatch.context() as m:
+            for name in ("item", "__bool__", "__float__", "__int__", "cpu", "numpy", "tolist"):
+                m.setattr(torch.Tensor, name, no_sync)
+            quiet(x)
+        assert quiet._last_decision_t is not None and used[-1] is True
+    for kw in (dict(backend="reference"), dict(selector=dk.KDESelector())):
+        other = dk.DATTA(_model(), score_mode="dispersion", weights=weights, shrink_k=None,
+                         **({"selector": 0.5} | kw))
+        used.clear()
+        other(stream[0])
+        assert used == [False], kw
+    clustered = dk.DATTA(_model(), score_mode="dispersion", selector=0.5, cluster=True, shrink_k=None)
+    used.clear()
+    clustered(stream[0])
+    assert used == [False]

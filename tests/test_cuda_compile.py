@@ -69,6 +69,10 @@ CUDA_EXEMPT = {
                      "(N, C) statistics",
     "_source_shift": "source_shift runs its torch ops off the CPU (diversity.py); it reads only "
                      "(N, C) statistics",
+    "_threshold_decide": "ThresholdSelector.decide_stats runs its torch ops off the CPU "
+                         "(diversity.py); it reads only (N, C) statistics",
+    "_dabn_decide_forward": "DATTA's fused CPU score layer (adapt.py); off the CPU the layer runs "
+                            "its separate ops",
 }
 
 

@@ -25,6 +25,7 @@
 #include "common/dabn_math.h"
 #include "cpu/kernels.h"
 #include "cpu/launch_config.h"
+#include "cpu/score_rule.h"
 #include "ops.h"
 
 namespace datta::cpu {
@@ -222,10 +223,22 @@ struct Coefficients {
   const std::vector<double>& beta;
   // Without an instance term (w_i = 0) m and v depend on c only: C rsqrts, not N*C.
   std::vector<double> per_c_m, per_c_scale;
+  // With one: the source + batch part of m and v per channel (D3's first two terms), so a
+  // plane adds only w_i times its (shrunk) statistics: the same sums in the same order as
+  // at_stats(), bit for bit, in a loop without per-element calls.
+  std::vector<double> base_m, base_v;
 
   Coefficients(const Blend& b_, const std::vector<double>& gamma_, const std::vector<double>& beta_)
       : b(b_), gamma(gamma_), beta(beta_) {
-    if (b.wi != 0.0) return;
+    if (b.wi != 0.0) {
+      base_m.resize(b.c);
+      base_v.resize(b.c);
+      for (int64_t ci = 0; ci < b.c; ++ci) {
+        base_m[ci] = weighted(b.ws, b.smean[ci]) + weighted(b.wb, b.mu_b[ci]);
+        base_v[ci] = weighted(b.ws, b.svar[ci]) + weighted(b.wb, b.var_b[ci]);
+      }
+      return;
+    }
     per_c_m.resize(b.c);
     per_c_scale.resize(b.c);
     for (int64_t ci = 0; ci < b.c; ++ci) {
@@ -240,6 +253,10 @@ struct Coefficients {
   template <typename A>
   void fill(int64_t i0, int64_t i1, const A* mean_i, const A* var_i, A* center, A* scale,
             A* shift) const {
+    if (!base_m.empty()) {
+      fill_instance(i0, i1, mean_i, var_i, center, scale, shift);
+      return;
+    }
     for (int64_t i = i0, ci = i0 % b.c; i < i1; ++i, ci = ci + 1 == b.c ? 0 : ci + 1) {
       const int64_t j = i - i0;
       const double mt = static_cast<double>(mean_i[i]), vt = static_cast<double>(var_i[i]);
@@ -252,6 +269,50 @@ struct Coefficients {
         scale[j] = static_cast<A>(gamma[ci] * rstd(a.v, b.eps));
       }
       shift[j] = static_cast<A>(beta[ci]);
+    }
+  }
+
+  /// fill() with an instance term: runs of planes within one sample, each a contiguous
+  /// stretch of channels (SPEC D2's shrink of the instance statistics when k is set).
+  template <typename A>
+  void fill_instance(int64_t i0, int64_t i1, const A* mean_i, const A* var_i, A* center,
+                     A* scale, A* shift) const {
+    if (b.lam_mu.empty()) {
+      fill_instance_runs<A, false>(i0, i1, mean_i, var_i, center, scale, shift);
+    } else {
+      fill_instance_runs<A, true>(i0, i1, mean_i, var_i, center, scale, shift);
+    }
+  }
+
+  template <typename A, bool kShrink>
+  void fill_instance_runs(int64_t i0, int64_t i1, const A* mean_i, const A* var_i, A* center,
+                          A* scale, A* shift) const {
+    const double wi = b.wi, eps = b.eps;
+    for (int64_t i = i0; i < i1;) {
+      const int64_t c0 = i % b.c, len = std::min(b.c - c0, i1 - i);
+      const A* mt = mean_i + i;
+      const A* vt = var_i + i;
+      A* ce = center + (i - i0);
+      A* sc = scale + (i - i0);
+      A* sh = shift + (i - i0);
+      const double* bm = base_m.data() + c0;
+      const double* bv = base_v.data() + c0;
+      const double* ga = gamma.data() + c0;
+      const double* be = beta.data() + c0;
+      for (int64_t j = 0; j < len; ++j) {
+        double mi = static_cast<double>(mt[j]), vi = static_cast<double>(vt[j]);
+        if constexpr (kShrink) {  // as at_stats(): s + softshrink(stat - s, k s_stat)
+          const int64_t ci = c0 + j;
+          mi = b.smean[ci] + math::softshrink(mi - b.smean[ci], b.lam_mu[ci]);
+          vi = b.svar[ci] + math::softshrink(vi - b.svar[ci], b.lam_var[ci]);
+        }
+        const double v = bv[j] + wi * vi;
+        ce[j] = static_cast<A>(bm[j] + wi * mi);
+        // rstd(): max(v, 0) keeping a NaN v (the comparison is false for NaN)
+        sc[j] = static_cast<A>(ga[j] * (1.0 / std::sqrt((v < 0.0 ? 0.0 : v) + eps)));
+        sh[j] = static_cast<A>(be[j]);
+      }
+      i += len;
     }
   }
 };
@@ -338,6 +399,51 @@ Tensor dabn_normalize_cpu(const Tensor& x, const c10::optional<Tensor>& weight,
   Tensor y = empty_like_layout(x);
   normalize(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
   return y;
+}
+
+/// DATTA's score layer on a batch that records no graph, in one call (SPEC §4 with the
+/// dispersion score and a threshold rule): the instance statistics (1 read of x), the
+/// dispersion score, _threshold_decide's spread / shift / rule, the decision written into
+/// every tensor of `decision` (True = single) and `skewed` (0-dim bool: the decision buffers
+/// of the layers from this one on), and y normalised with the blend the decision selects (1
+/// read of x, 1 write of y): datta::_dabn_normalize's result for that blend.  The same math as
+/// _instance_stats + _dispersion_score + _threshold_decide + _dabn_normalize, without the
+/// Python between them (on a small CPU model they cost ~0.2 ms of a ~3.5 ms batch).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dabn_decide_forward_cpu(
+    const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const Tensor& source_mean, const Tensor& source_var, const Tensor& blend_single,
+    const Tensor& blend_multiple, const Tensor& blend_skewed, c10::optional<double> shrink_k,
+    double eps, c10::string_view parts,
+    c10::string_view stat, const c10::optional<Tensor>& center, const c10::optional<Tensor>& scale,
+    const c10::optional<Tensor>& probe_weight, const c10::optional<Tensor>& probe_bias,
+    double threshold, double low, c10::optional<double> skew_cut, c10::optional<double> shift_lo,
+    c10::optional<double> shift_hi, at::TensorList decision, at::TensorList skewed) {
+  check_dabn_decide_forward(x, weight, bias, source_mean, source_var, blend_single, blend_multiple,
+                            blend_skewed);
+  for (const at::TensorList& list : {decision, skewed}) {
+    for (const Tensor& t : list) {
+      TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kBool && t.device().is_cpu(),
+                  "datta::_dabn_decide_forward: decision buffers must be one-element bool CPU "
+                  "tensors, got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    }
+  }
+  const Geometry g = geometry_of(x);
+  auto [mean_i, var_i] = moments(x);
+  auto [score, per_sample] = dispersion_score_cpu(mean_i, var_i, source_mean, source_var, g.m, eps,
+                                                  parts, stat);
+  auto [spread, shift, flags] = threshold_decide_cpu(score, mean_i, var_i, source_mean, source_var,
+                                                     eps, center, scale, probe_weight, probe_bias,
+                                                     threshold, low, skew_cut, shift_lo, shift_hi);
+  const bool single = flags.const_data_ptr<bool>()[0], is_skewed = flags.const_data_ptr<bool>()[1];
+  for (const Tensor& t : decision) *t.mutable_data_ptr<bool>() = single;
+  for (const Tensor& t : skewed) *t.mutable_data_ptr<bool>() = is_skewed;
+  const Tensor& blend = single ? blend_single : is_skewed ? blend_skewed : blend_multiple;
+  const Blend b(g, blend, source_mean, source_var, shrink_k, eps, mean_i, var_i);
+  const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
+  const std::vector<double> beta = host_doubles(opt(bias), g.c, 0.0);
+  Tensor y = empty_like_layout(x);
+  normalize(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
+  return {y, mean_i, var_i, score, per_sample, spread, shift, flags};
 }
 
 /// SPEC D5 pass 1 (kernel): sdy = sum_p dy, sdyxc = sum_p dy (x - mu) -> two (N, C) acc
@@ -455,5 +561,6 @@ TORCH_LIBRARY_IMPL(datta, CPU, m) {
   m.impl("_diversity_angles", &datta::cpu::diversity_angles_cpu);
   m.impl("_dabn_forward", &datta::cpu::dabn_forward_cpu);
   m.impl("_dabn_normalize", &datta::cpu::dabn_normalize_cpu);
+  m.impl("_dabn_decide_forward", &datta::cpu::dabn_decide_forward_cpu);
   m.impl("_dabn_backward", &datta::cpu::dabn_backward_cpu);
 }
