@@ -397,7 +397,8 @@ class DATTA(Adapter):
         # plain attributes (not parameters, buffers or submodules) are written past
         # nn.Module.__setattr__ here and in _step: ~1.3 us each, on every batch
         self.__dict__["_last_score"] = score
-        if isinstance(self.selector, ThresholdSelector):
+        if isinstance(self.selector, ThresholdSelector) and (self.selector.uses_spread
+                                                             or self.selector.uses_shift):
             # the probe spread and source shift it reads, and its rule: one C++ op on CPU
             decision, spread, shift = self.selector.decide_stats(
                 score, *layer.last_stats, layer.source_mean, layer.source_var, layer.eps,
