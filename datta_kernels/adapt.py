@@ -290,6 +290,11 @@ class DATTA(Adapter):
 
     Host syncs: one per batch (the selector needs the score as a float), except with a
     threshold selector and ``daft=False``, which decides on the device with no sync.
+
+    On CPU tensors, with a ``ThresholdSelector``, the dispersion score and a score layer on the
+    ``cpu`` backend (``datta_kernels.calibrate``'s configuration), the score layer's no-graph
+    forward is one C++ op (:meth:`_score_forward`, SPEC §6): the same values as the separate
+    ops, without the Python between them.
     """
 
     def __init__(self, model: nn.Module, preset: str | None = "datta",
