@@ -22,24 +22,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import resource
 import statistics
 import sys
 import time
 
-import torch
-
 import datta_kernels as dk
 from datta_kernels.adapt import TBN
-from datta_kernels.benchmarking import describe_machine, provenance
-from datta_kernels.eval.datasets import load_fashion_mnist
-from datta_kernels.eval.models import TrainConfig, load_or_train
-from datta_kernels.eval.validation import validation_domains
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cal_step import RESULTS, _calibration  # noqa: E402
+from bench_cal_step import _calibration, demo_setup, print_header  # noqa: E402
 
 
 def _timed(fn, x) -> tuple[float, int]:
@@ -55,18 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=300)
     args = ap.parse_args()
-    data = load_fashion_mnist()
-    model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
-    vdom = validation_domains(data, 200, 0, train=TrainConfig(), severities=(3,))
-    recorded = json.load(open(os.path.join(RESULTS, "demo_sev3.json")))["datta_cal"]
-    prov, m = provenance(), describe_machine()
-    print("# The call after a DAFT step (cpu)\n")
-    print(f"- command: `{prov['command']}`\n- commit: {prov['commit']}\n- machine: {m.get('cpu', '')}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load "
-          f"{os.getloadavg()[0]:.2f} at the start\n")
-    print(__doc__.split("\n\n")[1] + "\n")
-    print(__doc__.split("\n\n")[2] + "\n")
-    print(__doc__.split("\n\n")[3] + "\n")
+    data, model, vdom, recorded = demo_setup()
+    print_header("The call after a DAFT step (cpu)", __doc__, 3)
     for bs in (16, 64):
         _table(model, data, _calibration(model, vdom, bs, recorded[str(bs)]), bs, args.rounds)
 

@@ -57,21 +57,34 @@ def _calibration(model, vdom, bs: int, recorded: dict):
     return cal
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--skip", nargs="*", default=[], help="contestants left out of the interleaved runs")
-    skip = set(ap.parse_args().skip)
+def demo_setup():
+    """The demo's data, cached model, a small validation set and ``datta_cal``'s recorded
+    choices (``demo_sev3.json``): what the datta_cal timing scripts start from."""
     data = load_fashion_mnist()
     model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
     vdom = validation_domains(data, 200, 0, train=TrainConfig(), severities=(3,))
     recorded = json.load(open(os.path.join(RESULTS, "demo_sev3.json")))["datta_cal"]
+    return data, model, vdom, recorded
+
+
+def print_header(title: str, doc: str, paragraphs: int) -> None:
+    """A results file's title, provenance lines and the first ``paragraphs`` paragraphs of
+    ``doc`` after its summary line."""
     prov, m = provenance(), describe_machine()
-    print("# `datta_cal` per batch vs `tbn` on the demo's model (cpu)\n")
+    print(f"# {title}\n")
     print(f"- command: `{prov['command']}`\n- commit: {prov['commit']}\n- machine: {m.get('cpu', '')}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1-min load "
           f"{os.getloadavg()[0]:.2f} at the start\n")
-    print(__doc__.split("\n\n")[1] + "\n")
-    print(__doc__.split("\n\n")[2] + "\n")
+    for part in doc.split("\n\n")[1:1 + paragraphs]:
+        print(part + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--skip", nargs="*", default=[], help="contestants left out of the interleaved runs")
+    skip = set(ap.parse_args().skip)
+    data, model, vdom, recorded = demo_setup()
+    print_header("`datta_cal` per batch vs `tbn` on the demo's model (cpu)", __doc__, 2)
     for bs in (16, 64):
         _table(model, data.test_x[:bs], _calibration(model, vdom, bs, recorded[str(bs)]), bs, skip)
 
