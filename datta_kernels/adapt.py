@@ -375,26 +375,15 @@ class DATTA(Adapter):
             _check_blend_values(buf)
         later = self._layers[self._score_at:]
         probe = self.class_probe if sel.skew_cut is not None else None
-        lo, hi = sel.shift_cut if sel.shift_cut is not None else (None, None)
         y, mean_i, var_i, score, per_sample, spread, shift, flags = torch.ops.datta._dabn_decide_forward(
             as_kernel_layout(x), layer.weight, layer.bias, layer.source_mean, layer.source_var,
             layer.blend_single, layer.blend_multiple, layer.blend_skewed, layer.shrink_k, layer.eps,
-            DISPERSION_PARTS, "std",
-            *((probe.center, probe.scale, probe.weight, probe.bias) if probe is not None else (None,) * 4),
-            sel.threshold, sel.low, sel.skew_cut, lo, hi,
+            DISPERSION_PARTS, "std", *sel._op_args(probe),
             [lyr._buffers["decision"] for lyr in later], [lyr._buffers["skewed"] for lyr in later])
         layer.__dict__.update(last_score=score, last_per_sample=per_sample, last_stats=(mean_i, var_i))
         self.__dict__.update(_last_score=score, last_spread=spread if probe is not None else None,
-                             last_shift=shift if lo is not None else None)
-        if self._sync_free:
-            single, skewed = flags.unbind()
-            self.__dict__.update(_last_decision=None, _last_decision_t=single, _last_skewed_t=skewed)
-            return y
-        single, skewed = flags.tolist()
-        decision = sel.last_decision = SINGLE if single else SKEWED if skewed else MULTIPLE
-        self.__dict__.update(_last_decision=decision, _last_decision_t=None)
-        if self.daft and decision in self._daft_on:
-            raise _FineTune         # as in _on_score: the forward runs again, recording a graph
+                             last_shift=shift if sel.shift_cut is not None else None)
+        self._record(sel._from_flags(flags, self._sync_free))     # the op wrote the layers
         return y
 
     def _on_score(self, layer: FusedDABN, score: Tensor) -> None:
@@ -414,9 +403,17 @@ class DATTA(Adapter):
         if self._sync_free:
             single, skewed = decision
             set_decisions(self._layers[self._score_at:], single, False if skewed is None else skewed)
+        else:
+            set_decisions(self._layers[self._score_at:], decision)   # decided with one host sync
+        self._record(decision)
+
+    def _record(self, decision) -> None:
+        """Keep the batch's decision (a string, or the device path's ``(single, skewed)``
+        tensors) already written into the layers; a ``single`` batch under DAFT stops here."""
+        if self._sync_free:
+            single, skewed = decision
             self.__dict__.update(_last_decision=None, _last_decision_t=single, _last_skewed_t=skewed)
             return
-        set_decisions(self._layers[self._score_at:], decision)   # decided with one host sync
         self.__dict__.update(_last_decision=decision, _last_decision_t=None)
         if self.daft and decision in self._daft_on:
             # the forward so far recorded no graph (_step): start it again, recording one

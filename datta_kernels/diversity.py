@@ -480,22 +480,31 @@ class ThresholdSelector(Selector):
         if (type(self) is ThresholdSelector and _HAS_PROBE_OP and score.device.type == "cpu"
                 and mean_i.device.type == "cpu" and (not use_probe or probe.weight.device.type == "cpu")
                 and not torch.compiler.is_compiling()):
-            lo, hi = self.shift_cut if self.shift_cut is not None else (None, None)
             spread, shift, flags = torch.ops.datta._threshold_decide(
-                score.detach(), *stats, float(eps),
-                *((probe.center, probe.scale, probe.weight, probe.bias) if use_probe else (None,) * 4),
-                self.threshold, self.low, self.skew_cut, lo, hi)
-            if on_device:
-                decision = flags.unbind()
-            else:
-                single, skewed = flags.tolist()
-                decision = self.last_decision = SINGLE if single else SKEWED if skewed else MULTIPLE
+                score.detach(), *stats, float(eps), *self._op_args(probe if use_probe else None))
+            decision = self._from_flags(flags, on_device)
         else:
             spread = probe(*stats, eps) if use_probe else None
             shift = source_shift(*stats, eps, signed=True) if self.shift_cut is not None else None
             decision = (self.decide_tensors if on_device else self.update)(score, spread, shift)
         return (decision, spread if use_probe else None,
                 shift if self.shift_cut is not None else None)
+
+    def _op_args(self, probe: ClassProbe | None) -> tuple:
+        """The C++ rule's arguments (``datta::_threshold_decide``, ``_dabn_decide_forward``):
+        the probe's four tensors (None without one), threshold, low, skew cut, shift range."""
+        lo, hi = self.shift_cut if self.shift_cut is not None else (None, None)
+        tensors = (probe.center, probe.scale, probe.weight, probe.bias) if probe is not None else (None,) * 4
+        return (*tensors, self.threshold, self.low, self.skew_cut, lo, hi)
+
+    def _from_flags(self, flags: Tensor, on_device: bool):
+        """The decision from the C++ rule's ``(single, skewed)`` flags: :meth:`update`'s string
+        (recorded as ``last_decision``), or with ``on_device`` the two 0-dim bool tensors."""
+        if on_device:
+            return flags.unbind()
+        single, skewed = flags.tolist()
+        self.last_decision = SINGLE if single else SKEWED if skewed else MULTIPLE
+        return self.last_decision
 
     def decide_tensor(self, score: Tensor, spread: Tensor | None = None,
                       shift: Tensor | None = None) -> Tensor:
