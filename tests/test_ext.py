@@ -304,18 +304,29 @@ def test_deterministic(layout):
         assert torch.equal(a, b2)
 
 
-def test_threads_do_not_change_bits():
-    inp = make_inputs((2, 9, 70, 70), layout="channels_last", seed=8)
+@pytest.mark.parametrize("layout,shape,blend", [
+    ("channels_last", (2, 9, 70, 70), BLEND_BN),
+    # NCHW without batch statistics: the in-cache forward, whose blocks of planes depend on
+    # the thread count (planes of 196 B and 3 KB: one to many blocks, sizes that do not divide)
+    ("nchw", (16, 64, 7, 7), (0.4, 0.0, 0.6)),
+    ("nchw", (7, 37, 28, 28), (1.0, 0.0, 0.0)),
+])
+def test_threads_do_not_change_bits(layout, shape, blend):
+    inp = make_inputs(shape, layout=layout, seed=8)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _forward(inp, BLEND_BN)
-        torch.set_num_threads(max(2, before))
-        many = _forward(inp, BLEND_BN)
+        one = _forward(inp, blend)
+        runs = []
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            runs.append(_forward(inp, blend))
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(one, many, strict=True):
-        assert torch.equal(a, b)
+    _check_against_reference(inp, blend, None)
+    for many in runs:
+        for a, b in zip(one, many, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_ambiguous_layout_is_nchw():

@@ -335,9 +335,18 @@ void normalize(const Tensor& x, const Geometry& g, const Coefficients& coef, con
 /// still in cache: x is read from memory once instead of twice.
 void forward_in_cache(const Tensor& x, const Geometry& g, const Coefficients& coef,
                       Tensor& mean_i, Tensor& var_i, Tensor& y) {
-  const int64_t plane_bytes = g.m * x.element_size();
-  const int64_t block = std::max<int64_t>(1, config::kCacheBlockBytes / plane_bytes);
-  const int64_t blocks = (g.n * g.c + block - 1) / block;
+  const int64_t plane_bytes = g.m * x.element_size(), planes = g.n * g.c;
+  // Blocks of at most kCacheBlockBytes, as many as a multiple of the threads and of equal
+  // size: each thread gets the same share, the same contiguous stretch of y that the next
+  // element-wise op (ReLU, the residual add) hands the same thread, so y is still in that
+  // core's cache.  (Blocks of a fixed size split 13 / 7 / 4 blocks 7:6, 4:3, 2:2 between two
+  // threads: up to 65:35 of the work on one.)
+  const int64_t cap = std::max<int64_t>(1, config::kCacheBlockBytes / plane_bytes);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t by_cache = (planes + cap - 1) / cap;
+  const int64_t blocks0 = std::min(planes, (by_cache + threads - 1) / threads * threads);
+  const int64_t block = (planes + blocks0 - 1) / blocks0;
+  const int64_t blocks = (planes + block - 1) / block;
   const int64_t grain = std::max<int64_t>(1, config::kMinTaskElems / (block * g.m));
   const char* xp = static_cast<const char*>(x.const_data_ptr());
   char* yp = static_cast<char*>(y.mutable_data_ptr());
@@ -347,7 +356,7 @@ void forward_in_cache(const Tensor& x, const Geometry& g, const Coefficients& co
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> k(3 * block);  // center, scale, shift of one block
       for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t i0 = blk * block, i1 = std::min(g.n * g.c, i0 + block);
+        const int64_t i0 = blk * block, i1 = std::min(planes, i0 + block);
         const Geometry gb{1, i1 - i0, g.m, false};  // planes i0..i1 as one sample
         kernels().moments(dtype_of(x), gb, xp + i0 * plane_bytes, mean + i0, var + i0);
         m2_to_var(var + i0, i1 - i0, g.m);
