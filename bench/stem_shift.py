@@ -45,7 +45,6 @@ def _rows(c, model, vdom, bs: int) -> dict[str, np.ndarray]:
     fam_of = np.repeat([n.split("@")[0] for n in names], [len(vdom[n][1]) for n in names])
     x, y, streams = cal._streams(vdom, bs, 0)
     out = {k: [] for k in ("stream", "family", "stem", "score", "skewed", "acc", "acc_single")}
-    lo, hi = c.shift_cut
     with torch.no_grad():
         for name in ("single", "sorted"):
             for b in streams[name]:
@@ -53,13 +52,12 @@ def _rows(c, model, vdom, bs: int) -> dict[str, np.ndarray]:
                 fams = set(fam_of[b.numpy()])
                 if len(fams) > 1:      # a batch across two domains: no family to hold out
                     continue
-                score, spread, shift = (float(v) for v in (adapter._last_score, adapter.last_spread,
-                                                           adapter.last_shift))
+                shift = float(adapter.last_shift)
                 out["stream"].append(name)
                 out["family"].append(fams.pop())
                 out["stem"].append(seen["stem"])
                 out["score"].append(shift)
-                out["skewed"].append(score < c.threshold and spread < c.skew_cut and lo <= shift <= hi)
+                out["skewed"].append(adapter.last_decision == "skewed")
                 out["acc"].append(acc)
                 out["acc_single"].append(float((single(x[b]).argmax(1) == y[b]).float().mean()))
     return {k: np.array(v) for k, v in out.items()}
