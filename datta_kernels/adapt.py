@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import _ext, backends
+from . import backends
 from .diversity import (
+    _HAS_SCORE_OPS,
     MULTIPLE,
     SINGLE,
     SKEWED,
@@ -49,8 +50,6 @@ __all__ = ["Adapter", "DATTA", "DYN", "Source", "TBN", "BNAdapt", "Tent", "softm
 
 #: guards the check-and-set of ``Adapter._busy_thread`` (a module lock: adapters stay picklable)
 _BUSY_LOCK = threading.Lock()
-#: the compiled extension's fused score-layer op is there (DATTA._score_forward)
-_HAS_DECIDE_OP = not _ext.unavailable_reasons()
 
 OptimizerArg = torch.optim.Optimizer | Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None
 
@@ -364,7 +363,7 @@ class DATTA(Adapter):
         :meth:`_on_score` follows; ~0.15 ms less Python a batch on a small CPU model.  None
         elsewhere (the layer then runs those separate ops)."""
         sel = self.selector
-        if not (_HAS_DECIDE_OP and type(sel) is ThresholdSelector and self.score_mode == "dispersion"
+        if not (_HAS_SCORE_OPS and type(sel) is ThresholdSelector and self.score_mode == "dispersion"
                 and x.device.type == "cpu" and not layer.cluster
                 and backends.resolve(layer.backend, "cpu", x.dtype) == "cpu"
                 and (self.class_probe is None or self.class_probe.weight.device.type == "cpu")

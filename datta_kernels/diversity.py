@@ -48,8 +48,9 @@ _BLOCKS = (32, 16, 8, 4, 2, 1)
 #: OpenBLAS to spread over threads, and on a busy machine that took 40 ms instead of 75 us
 #: (measured); products of 200 points (32*32*200 < 2^18 multiply-adds) stay single-threaded.
 _CHUNK = 200
-#: the compiled extension's probe-spread op is there (ClassProbe.forward on CPU)
-_HAS_PROBE_OP = not _ext.unavailable_reasons()
+#: the compiled extension's score-layer ops are there (ClassProbe.forward, ThresholdSelector.decide_stats
+#: and DATTA._score_forward on CPU)
+_HAS_SCORE_OPS = not _ext.unavailable_reasons()
 
 
 def _as_float(score: float | Tensor) -> float:
@@ -93,7 +94,7 @@ def source_shift(mean_i: Tensor, var_i: Tensor, source_mean: Tensor, source_var:
     apart.  On the device, no host sync.  On CPU tensors with the compiled extension: one C++
     op (``datta::_source_shift``, the same formula in double; its ~10 PyTorch ops cost ~50 us
     a batch on a 2-core CPU); elsewhere :func:`source_shift_reference`."""
-    if mean_i.device.type == "cpu" and _HAS_PROBE_OP:
+    if mean_i.device.type == "cpu" and _HAS_SCORE_OPS:
         return torch.ops.datta._source_shift(mean_i.detach(), var_i.detach(), source_mean.detach(),
                                              source_var.detach(), float(eps), bool(signed))
     return source_shift_reference(mean_i, var_i, source_mean, source_var, eps, signed)
@@ -179,7 +180,7 @@ class ClassProbe(nn.Module):
         with the compiled extension: one C++ op (``datta::_probe_spread``, the same formula in
         double; its ~20 PyTorch ops cost ~0.2 ms a batch on a small CPU model); elsewhere
         :meth:`spread_reference`."""
-        if mean_i.device.type == "cpu" and self.weight.device.type == "cpu" and _HAS_PROBE_OP:
+        if mean_i.device.type == "cpu" and self.weight.device.type == "cpu" and _HAS_SCORE_OPS:
             return torch.ops.datta._probe_spread(
                 mean_i.detach(), var_i.detach(), source_mean.detach(), source_var.detach(), float(eps),
                 self.center, self.scale, self.weight, self.bias)
@@ -477,7 +478,7 @@ class ThresholdSelector(Selector):
         value rounded to float32 before it is compared, as here); otherwise the torch ops."""
         use_probe = self.skew_cut is not None and probe is not None
         stats = (mean_i.detach(), var_i.detach(), source_mean.detach(), source_var.detach())
-        if (type(self) is ThresholdSelector and _HAS_PROBE_OP and score.device.type == "cpu"
+        if (type(self) is ThresholdSelector and _HAS_SCORE_OPS and score.device.type == "cpu"
                 and mean_i.device.type == "cpu" and (not use_probe or probe.weight.device.type == "cpu")
                 and not torch.compiler.is_compiling()):
             spread, shift, flags = torch.ops.datta._threshold_decide(

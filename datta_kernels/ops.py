@@ -159,10 +159,15 @@ def _is_plain_eager_call(*tensors: Tensor | None) -> bool:
     return _eager_mode(*tensors) == "plain"
 
 
+def _y_like(x: Tensor) -> Tensor:
+    """An output like ``x`` in the layout the kernels write (channels_last or NCHW)."""
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty_like(x, memory_format=fmt)
+
+
 def _fake_dabn_forward(x, weight, bias, source_mean, source_var, blend, shrink_k, eps,
                        backend=""):
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return torch.empty_like(x, memory_format=fmt), _stats_like(x), _stats_like(x)
+    return _y_like(x), _stats_like(x), _stats_like(x)
 
 
 @torch.library.custom_op("datta::dabn_backward", mutates_args=())
@@ -179,17 +184,14 @@ def dabn_backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, source_mean: 
 
 def _fake_dabn_backward(dy, x, weight, source_mean, source_var, blend, shrink_k, eps,
                         mean_i, var_i, backend=""):
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     c = x.shape[1]
     acc = acc_dtype(x.dtype)
-    return (torch.empty_like(x, memory_format=fmt), x.new_empty((c,), dtype=acc),
-            x.new_empty((c,), dtype=acc))
+    return _y_like(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 
 
 def _fake_dabn_normalize(x, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i,
                          var_i, backend=""):
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return torch.empty_like(x, memory_format=fmt)
+    return _y_like(x)
 
 
 dabn_forward_op.register_fake(_fake_dabn_forward)
@@ -279,8 +281,7 @@ def _register_kernel_fakes() -> None:
     torch.library.register_fake("datta::_source_shift")(
         lambda mean, *_: mean.new_empty((), dtype=torch.float32))
     def decide_forward(x, *_):
-        fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-        return (torch.empty_like(x, memory_format=fmt), _stats_like(x), _stats_like(x),
+        return (_y_like(x), _stats_like(x), _stats_like(x),
                 x.new_empty((), dtype=torch.float32), x.new_empty((x.shape[0],), dtype=torch.float32),
                 x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32),
                 x.new_empty((2,), dtype=torch.bool))

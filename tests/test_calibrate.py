@@ -848,7 +848,7 @@ def test_fused_score_layer_is_the_separate_ops(monkeypatch):
             got = fused(x)
             assert used == [True]
             with monkeypatch.context() as m:
-                m.setattr(adapt, "_HAS_DECIDE_OP", False)
+                m.setattr(adapt, "_HAS_SCORE_OPS", False)
                 want = plain(x)
             assert used[-1] is False
             case = (rule, daft, shrink_k)

@@ -330,6 +330,20 @@ void normalize(const Tensor& x, const Geometry& g, const Coefficients& coef, con
   });
 }
 
+/// y of x normalised with `blend`, given x's instance statistics (acc dtype, contiguous (N, C)):
+/// the second pass of _dabn_normalize and of the fused score layer.
+Tensor normalized(const Tensor& x, const Geometry& g, const c10::optional<Tensor>& weight,
+                  const c10::optional<Tensor>& bias, const Tensor& source_mean,
+                  const Tensor& source_var, const Tensor& blend, c10::optional<double> shrink_k,
+                  double eps, const Tensor& mean_i, const Tensor& var_i) {
+  const Blend b(g, blend, source_mean, source_var, shrink_k, eps, mean_i, var_i);
+  const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
+  const std::vector<double> beta = host_doubles(opt(bias), g.c, 0.0);
+  Tensor y = empty_like_layout(x);
+  normalize(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
+  return y;
+}
+
 /// The forward without batch statistics (w_b = 0) on NCHW: a plane's m and v need only its
 /// own statistics, so each block of planes is normalised right after its moments, while it is
 /// still in cache: x is read from memory once instead of twice.
@@ -402,12 +416,7 @@ Tensor dabn_normalize_cpu(const Tensor& x, const c10::optional<Tensor>& weight,
   const Geometry g = geometry_of(x);
   const at::ScalarType acc = acc_type(x);
   const Tensor mean_i = mean.detach().to(acc).contiguous(), var_i = var.detach().to(acc).contiguous();
-  const Blend b(g, blend, source_mean, source_var, shrink_k, eps, mean_i, var_i);
-  const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
-  const std::vector<double> beta = host_doubles(opt(bias), g.c, 0.0);
-  Tensor y = empty_like_layout(x);
-  normalize(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
-  return y;
+  return normalized(x, g, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i, var_i);
 }
 
 /// DATTA's score layer on a batch that records no graph, in one call (SPEC §4 with the
@@ -447,11 +456,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dabn_
   for (const Tensor& t : decision) *t.mutable_data_ptr<bool>() = single;
   for (const Tensor& t : skewed) *t.mutable_data_ptr<bool>() = is_skewed;
   const Tensor& blend = single ? blend_single : is_skewed ? blend_skewed : blend_multiple;
-  const Blend b(g, blend, source_mean, source_var, shrink_k, eps, mean_i, var_i);
-  const std::vector<double> gamma = host_doubles(opt(weight), g.c, 1.0);
-  const std::vector<double> beta = host_doubles(opt(bias), g.c, 0.0);
-  Tensor y = empty_like_layout(x);
-  normalize(x, g, Coefficients(b, gamma, beta), mean_i, var_i, y);
+  Tensor y = normalized(x, g, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i,
+                        var_i);
   return {y, mean_i, var_i, score, per_sample, spread, shift, flags};
 }
 
