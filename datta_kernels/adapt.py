@@ -242,6 +242,14 @@ class Adapter(nn.Module):
         return f"update={self.update_rule!r}, episodic={self.episodic}, layers={len(self._layers)}"
 
 
+def _stream_args(layer: FusedDABN) -> tuple:
+    """``datta::_dabn_decide_forward``'s stream arguments for ``layer`` (SPEC §3c)."""
+    rate = getattr(layer, "stream_momentum", None)      # absent in layers pickled before it
+    if rate is None:
+        return None, None, None
+    return layer.stream_mean, layer.stream_var, rate
+
+
 class _FineTune(Exception):
     """Raised by :meth:`DATTA._on_score` to stop a forward that will be run again with a graph."""
 
@@ -374,15 +382,28 @@ class DATTA(Adapter):
             _check_blend_values(buf)
         later = self._layers[self._score_at:]
         probe = self.class_probe if sel.skew_cut is not None else None
+        stream = _stream_args(layer)
+        if self.daft and stream[0] is not None:
+            # the op folds the batch into the stream statistics; a batch it sends to DAFT is
+            # forwarded again and folded then, so the fold is undone below
+            before = (stream[0].clone(), stream[1].clone())
         y, mean_i, var_i, score, per_sample, spread, shift, flags = torch.ops.datta._dabn_decide_forward(
             as_kernel_layout(x), layer.weight, layer.bias, layer.source_mean, layer.source_var,
             layer.blend_single, layer.blend_multiple, layer.blend_skewed, layer.shrink_k, layer.eps,
             DISPERSION_PARTS, "std", *sel._op_args(probe),
-            [lyr._buffers["decision"] for lyr in later], [lyr._buffers["skewed"] for lyr in later])
+            [lyr._buffers["decision"] for lyr in later], [lyr._buffers["skewed"] for lyr in later],
+            *stream)
         layer.__dict__.update(last_score=score, last_per_sample=per_sample, last_stats=(mean_i, var_i))
         self.__dict__.update(_last_score=score, last_spread=spread if probe is not None else None,
                              last_shift=shift if sel.shift_cut is not None else None)
-        self._record(sel._from_flags(flags, self._sync_free))     # the op wrote the layers
+        try:
+            self._record(sel._from_flags(flags, self._sync_free))     # the op wrote the layers
+        except _FineTune:
+            if stream[0] is not None:
+                with torch.no_grad():
+                    stream[0].copy_(before[0])
+                    stream[1].copy_(before[1])
+            raise
         return y
 
     def _on_score(self, layer: FusedDABN, score: Tensor) -> None:

@@ -69,6 +69,12 @@ VALIDATION_IMAGES = 3072
 
 #: at most this many extra DAFT rates past an end of the candidates (step 5)
 RATE_STEPS = 3
+#: the stream momentum tried first for ``skewed`` batches (step 4b), then halved or doubled
+#: while the mean rises, within :data:`STREAM_LIMITS`
+STREAM_START = 0.05
+STREAM_LIMITS = (1 / 128, 0.4)
+#: the blend of ``skewed`` batches on the stream statistics: those statistics alone
+STREAM_BLEND = (1.0, 0.0, 0.0)
 
 
 def default_batches(batch_size: int) -> int:
@@ -92,6 +98,8 @@ class Calibration:
     instance_mode: str
     single_blend: tuple[float, float, float]
     multiple_blend: tuple[float, float, float]
+    #: the blend of ``skewed`` batches on the source statistics (step 2); with
+    #: ``stream_momentum`` set they take :data:`STREAM_BLEND` on the stream statistics instead
     skewed_blend: tuple[float, float, float]
     #: the blend of the layers before the score layer, every batch (None: no such layer)
     pre_blend: tuple[float, float, float] | None
@@ -125,6 +133,11 @@ class Calibration:
     modes: dict[str, float] = field(default_factory=dict)
     #: the class probe at the score layer whose prediction spread ``skew_cut`` reads
     probe: ClassProbe | None = None
+    #: ``skewed`` batches on the stream statistics (SPEC §3c) updated at this momentum, blend
+    #: (1, 0, 0) from the score layer on; None: on ``skewed_blend`` with the source statistics
+    stream_momentum: float | None = None
+    #: ``"source"`` / ``"stream, momentum X"`` -> accuracy (%) per validation stream (no DAFT)
+    stream_table: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
         """The calibrated :class:`DATTA` around ``model`` (converted / reconfigured in place);
@@ -134,14 +147,20 @@ class Calibration:
         layers = dabn_layers(model)
         for layer in layers:
             layer.backend = backend
+        score = dict(model.named_modules()).get(self.score_layer)
+        if not any(layer is score for layer in layers):
+            raise ValueError(f"the model has no BatchNorm layer named {self.score_layer!r} (the "
+                             "calibrated score layer): calibrate and adapt the same architecture")
+        # configured before DATTA snapshots the model, so that reset() keeps the configuration
+        _configure(layers, next(i for i, layer in enumerate(layers) if layer is score), self.pre_blend,
+                   (self.single_blend, self.multiple_blend, self.skewed_blend), self.instance_mode,
+                   self.stream_momentum)
         adapter = DATTA(model, preset=None, daft=self.daft, lr=self.lr, score_mode="dispersion",
                         daft_multiple=self.daft_multiple,
                         selector=selector or self.selector(), backend=None,
                         score_layer=self.score_layer,
                         class_probe=None if self.probe is None else
                         copy.deepcopy(self.probe).to(layers[0].running_mean.device))
-        _configure(layers, adapter._score_at, self.pre_blend,
-                   (self.single_blend, self.multiple_blend, self.skewed_blend), self.instance_mode)
         adapter.calibration = self
         return adapter
 
@@ -200,6 +219,15 @@ class Calibration:
         for name, acc in self.rule_table.items():
             lines.append(f"  {name:<46} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {_mean(acc):5.1f}")
+        if self.stream_table:
+            which = ("the stream statistics at momentum " f"{self.stream_momentum:g}, blend (1.0, 0.0, 0.0)"
+                     if self.stream_momentum is not None else "the source statistics")
+            lines.append(f"skewed batches on {which} from the score layer on (the best mean over "
+                         "the validation streams without DAFT; ties: the source statistics, then "
+                         "the smaller momentum):")
+            for name, acc in self.stream_table.items():
+                lines.append(f"  {name:<28} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+                             + f"  mean {_mean(acc):5.1f}")
         chosen = (f"on at lr {self.lr:g}, " + ("single and multiple batches" if self.daft_multiple
                                                  else "single batches")) if self.daft else "off"
         lines.append(f"DAFT {chosen} (the best mean over the validation streams; ties: off, then the "
@@ -333,13 +361,18 @@ INSTANCE_MODES = {"cluster": {"cluster": True, "shrink_k": None},
                   "instance": {"cluster": False, "shrink_k": 4.0}}
 
 
-def _configure(layers: list[FusedDABN], pre: int, pre_blend, blends, mode: str = "cluster") -> None:
+def _configure(layers: list[FusedDABN], pre: int, pre_blend, blends, mode: str = "cluster",
+               stream: float | None = None) -> None:
     """The layers before the score layer (``layers[:pre]``) on ``pre_blend`` whatever the
     decision, the others on ``blends = (single, multiple, skewed)`` by decision; instance
-    terms as ``mode`` says."""
+    terms as ``mode`` says; with a ``stream`` momentum, ``skewed`` batches on the stream
+    statistics (SPEC §3c) with the blend :data:`STREAM_BLEND` from the score layer on."""
     for i, layer in enumerate(layers):
         weights = (pre_blend,) * 3 if i < pre and pre_blend is not None else blends
+        if stream is not None and i >= pre:
+            weights = (*weights[:2], STREAM_BLEND)
         layer.set_preset("datta", weights=weights, **INSTANCE_MODES[mode])
+        layer.set_stream(stream if i >= pre else None)
 
 
 @torch.no_grad()
@@ -642,7 +675,9 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     stream_batches = [xs[idx] for batches in streams.values() for idx in batches]
     shift_cut = _validated_range(best["shifts"], _scores(work, stream_batches, feats=False)[2])
 
-    def run(rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False) -> dict[str, float]:
+    def run(rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False,
+            stream: float | None = None) -> dict[str, float]:
+        _configure(layers, pre, best["pre"], (single, multiple, skewed), mode, stream)
         return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate,
                                              daft_multiple=on_multiple,
                                              selector=ThresholdSelector(*rule, shift_cut),
@@ -655,10 +690,28 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     rule_table = {rule_name(*r, shift_cut): run(r, False) for r in rules}
     means = [_mean(rule_table[rule_name(*r, shift_cut)]) for r in rules]
     high, low, skew_cut = rules[int(np.argmax(means))]      # ties: the first
+    rule = (high, low, skew_cut)
+
+    # 4b. skewed batches on the source statistics (the blend of step 2) or on the stream
+    #     statistics (SPEC §3c): momentum STREAM_START, then halved or doubled while the mean rises
+    stream_runs = {None: rule_table[rule_name(*rule, shift_cut)]}
+    if rule[1] != -math.inf or rule[2] is not None:        # a rule that can say skewed
+        stream_runs[STREAM_START] = run(rule, False, stream=STREAM_START)
+        for factor in (0.5, 2.0):
+            rate = STREAM_START
+            while STREAM_LIMITS[0] <= rate * factor <= STREAM_LIMITS[1]:
+                nxt = rate * factor
+                stream_runs[nxt] = run(rule, False, stream=nxt)
+                if _mean(stream_runs[nxt]) <= _mean(stream_runs[rate]):
+                    break
+                rate = nxt
+    order = [None] + sorted(r for r in stream_runs if r is not None)
+    stream = max(order, key=lambda r: (_mean(stream_runs[r]), r is None, -(r or 0.0)))
+    stream_table = {("source" if r is None else f"stream, momentum {r:g}"): stream_runs[r] for r in order}
 
     # 5. DAFT off or on at each candidate rate, on the same streams with the chosen rule
-    daft_table = {"off": rule_table[rule_name(high, low, skew_cut, shift_cut)]}
-    on = {r: run((high, low, skew_cut), True, r) for r in lrs}
+    daft_table = {"off": stream_runs[stream]}
+    on = {r: run(rule, True, r, stream=stream) for r in lrs}
     # a best rate at either end of several candidates is no maximum: go on past that end
     # (x2 or /2) while the mean rises, at most RATE_STEPS times
     for _ in range(RATE_STEPS if len(lrs) > 1 else 0):
@@ -670,7 +723,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
             nxt = 0.5 * top
         else:
             break
-        on[nxt] = run((high, low, skew_cut), True, nxt)
+        on[nxt] = run(rule, True, nxt, stream=stream)
         if _mean(on[nxt]) <= _mean(on[top]):
             break
     lrs = sorted(on)
@@ -682,7 +735,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     daft_multiple = False
     if daft:
         key = f"on, lr {rate:g}, +multiple"
-        daft_table[key] = run((high, low, skew_cut), True, rate, on_multiple=True)
+        daft_table[key] = run(rule, True, rate, on_multiple=True, stream=stream)
         daft_multiple = _mean(daft_table[key]) > daft_means[pick]
 
     report = Calibration(
@@ -694,5 +747,5 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         pre_table=best["pre_table"],
         decision_table=best["decision_table"], rule_table=rule_table, daft_table=daft_table,
         streams={k: len(v) for k, v in streams.items()},
-        modes=best["modes"], probe=probe)
+        modes=best["modes"], probe=probe, stream_momentum=stream, stream_table=stream_table)
     return report.adapter(model, backend=backend)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, ops
+from . import reference as ref
 from .functional import (
     SCORE_MODES,
     _backend_for,
@@ -43,10 +44,10 @@ from .functional import (
 )
 from .presets import _PRESET_DEFAULT, PRESETS
 
-__all__ = ["FusedDABN", "dabn_layers", "first_nonlinear_layer", "set_decisions"]
+__all__ = ["FusedDABN", "dabn_layers", "first_nonlinear_layer", "set_decisions", "stream_anchor"]
 
 _DABN_KEYS = ("source_mean", "source_var", "blend_single", "blend_multiple", "blend_skewed",
-              "decision", "skewed")
+              "decision", "skewed", "stream_mean", "stream_var")
 _BLEND_KEYS = ("blend_single", "blend_multiple", "blend_skewed")
 #: decision name -> (decision, skewed) buffer values
 _DECISIONS = {"single": (True, False), "multiple": (False, False), "skewed": (False, True)}
@@ -92,6 +93,23 @@ def set_decisions(layers: list[FusedDABN], decision: str | bool | Tensor,
             # _buffers, not getattr: nn.Module.__getattr__ costs ~0.7 us a buffer
             bufs = [lyr._buffers[name] for lyr in layers]
             torch._foreach_copy_(bufs, [value] * len(bufs))
+
+
+@torch.no_grad()
+def stream_anchor(mean_i: Tensor, var_i: Tensor, m: int, stream_mean: Tensor, stream_var: Tensor,
+                  source_mean: Tensor, source_var: Tensor, decision: Tensor, skewed: Tensor,
+                  momentum: float) -> tuple[Tensor, Tensor]:
+    """SPEC §3c in torch ops (any device, no host sync): unless the decision is ``multiple``,
+    ``stream <- stream + momentum (batch - stream)`` in place, the batch statistics from the
+    instance statistics ``(N, C)`` over ``m`` pixels (D4); returns the source term of the
+    blend: the updated stream statistics on a ``skewed`` batch, the source statistics
+    otherwise.  ``datta::_stream_anchor`` is the same on CPU, in one op."""
+    mean_b, var_b = ref.batch_stats(mean_i, var_i, m)
+    keep = ~(decision | skewed)                 # multiple: the stream stays
+    for buf, new in ((stream_mean, mean_b), (stream_var, var_b)):
+        buf.copy_(torch.where(keep, buf, torch.lerp(buf, new.to(buf.dtype), momentum)))
+    use = skewed & ~decision
+    return torch.where(use, stream_mean, source_mean), torch.where(use, stream_var, source_var)
 
 
 def _resolve_weights(preset: str, weights, shrink_k, cluster=_PRESET_DEFAULT):
@@ -180,6 +198,15 @@ class FusedDABN(nn.BatchNorm2d):
         self.register_buffer("blend_skewed", torch.tensor(skewed, dtype=torch.float32, device=device))
         self.register_buffer("decision", torch.tensor(True, device=device))
         self.register_buffer("skewed", torch.tensor(False, device=device))
+        #: the stream statistics (SPEC §3c): an exponential moving average of the batch
+        #: statistics of the batches not decided ``multiple``; ``skewed`` batches use them in
+        #: place of the source statistics when ``stream_momentum`` is set
+        self.register_buffer("stream_mean", torch.zeros(num_features, **fk))
+        self.register_buffer("stream_var", torch.ones(num_features, **fk))
+        #: None: ``skewed`` batches blend the source statistics (DATTA's design); a rate in
+        #: (0, 1]: they blend the stream statistics, updated with this momentum (a constant of
+        #: the configuration, not a per-batch flag)
+        self.stream_momentum: float | None = None
         self.preset, self.shrink_k, self.backend, self.cluster = label, k, backend, cl
         self.compute_score, self.score_mode = compute_score, score_mode
         self.last_score: Tensor | None = None
@@ -218,6 +245,8 @@ class FusedDABN(nn.BatchNorm2d):
         with torch.no_grad():
             self.source_mean.copy_(mean)
             self.source_var.copy_(var)
+            self.stream_mean.copy_(mean)
+            self.stream_var.copy_(var)
             if self.running_mean is not None:
                 self.running_mean.copy_(mean)
                 self.running_var.copy_(var)
@@ -227,6 +256,8 @@ class FusedDABN(nn.BatchNorm2d):
         if hasattr(self, "source_mean"):  # BatchNorm's __init__ calls this before they exist
             self.source_mean.zero_()
             self.source_var.fill_(1)
+            self.stream_mean.zero_()
+            self.stream_var.fill_(1)
 
     def blend(self) -> Tensor:
         """The effective ``(w_s, w_b, w_i)`` for the current decision, on device (no sync)."""
@@ -276,9 +307,45 @@ class FusedDABN(nn.BatchNorm2d):
                                 self.blend(), eps=self.eps, backend=self.backend, stats=stats)
         for buf in (self.blend_single, self.blend_multiple, self.blend_skewed):
             _check_blend_values(buf)    # only when a buffer is new or was written since
-        return _dabn(x, self.weight, self.bias, self.source_mean, self.source_var, self.blend(),
+        anchor_mean, anchor_var = self.source_mean, self.source_var
+        if getattr(self, "stream_momentum", None) is not None:
+            anchor_mean, anchor_var, stats = self._stream_anchor(x, stats)
+        return _dabn(x, self.weight, self.bias, anchor_mean, anchor_var, self.blend(),
                      shrink_k=self.shrink_k, eps=self.eps, backend=self.backend, stats=stats,
                      check_blend=False)
+
+    def set_stream(self, momentum: float | None) -> None:
+        """Blend the stream statistics instead of the source statistics on ``skewed`` batches
+        (SPEC §3c), updated with ``momentum`` in (0, 1]; None: the source statistics (DATTA's
+        design).  The stream statistics restart from the source statistics."""
+        if momentum is not None:
+            momentum = float(momentum)
+            if not (0.0 < momentum <= 1.0):
+                raise ValueError(f"stream momentum must be in (0, 1] or None, got {momentum}")
+        with torch.no_grad():
+            self.stream_mean.copy_(self.source_mean)
+            self.stream_var.copy_(self.source_var)
+        self.stream_momentum = momentum
+
+    def _stream_anchor(self, x: Tensor, stats):
+        """SPEC §3c: fold this batch's statistics into the stream statistics (batches not
+        decided ``multiple``) and return the source term of the blend (the stream statistics
+        on a ``skewed`` batch, the source statistics otherwise) and the instance statistics
+        for the normalisation (computed here once when no graph needs them)."""
+        need_graph = torch.is_grad_enabled() and x.requires_grad
+        name = _backend_for(x, self.backend)
+        s = stats if stats is not None else ops.run_instance_stats(x.detach(), name)
+        mean_i, var_i = s[0].detach(), s[1].detach()
+        hw = x.shape[2] * x.shape[3]
+        if x.device.type == "cpu" and ops.HAS_STREAM_OP:
+            mean, var = torch.ops.datta._stream_anchor(
+                mean_i, var_i, hw, self.stream_mean, self.stream_var, self.source_mean,
+                self.source_var, self.decision, self.skewed, self.stream_momentum)
+        else:
+            mean, var = stream_anchor(mean_i, var_i, hw, self.stream_mean, self.stream_var,
+                                      self.source_mean, self.source_var, self.decision,
+                                      self.skewed, self.stream_momentum)
+        return mean, var, (stats if need_graph else s)
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, recurse=True):
@@ -306,7 +373,8 @@ class FusedDABN(nn.BatchNorm2d):
         missing_keys.extend(k for k in new if k not in dabn_missing)
         with torch.no_grad():
             for src, dst in (("running_mean", "source_mean"), ("running_var", "source_var"),
-                             ("blend_multiple", "blend_skewed")):
+                             ("blend_multiple", "blend_skewed"), ("running_mean", "stream_mean"),
+                             ("running_var", "stream_var")):
                 value = state_dict.get(prefix + src)
                 if prefix + dst in dabn_missing and value is not None:
                     getattr(self, dst).copy_(value)
@@ -334,7 +402,7 @@ def first_nonlinear_layer(model: nn.Module, example: Tensor, rtol: float = 1e-3)
     affine function of the model's input — the default score layer of the ``"dispersion"``
     score (SPEC §2).  Model-agnostic: probes ``model`` with two random inputs shaped like
     ``example[:1]`` and their midpoint, every layer normalising with its source statistics (an
-    affine map) and the model in eval mode; an input ``f`` with
+    affine map), the model in eval mode and its stream statistics (SPEC §3c) kept; an input ``f`` with
     ``|f(mid) - (f(a) + f(b)) / 2| > rtol * max|f|`` is nonlinear.  Returns 0 when every
     layer's input is affine (or ``model`` has one layer).  The model's state is restored.
     """
@@ -346,7 +414,7 @@ def first_nonlinear_layer(model: nn.Module, example: Tensor, rtol: float = 1e-3)
     a = torch.randn(shape, generator=g).to(example)
     b = torch.randn(shape, generator=g).to(example)
     saved = [(lyr.blend_single.clone(), lyr.blend_multiple.clone(), lyr.blend_skewed.clone(),
-              lyr.compute_score) for lyr in layers]
+              lyr.compute_score, lyr.stream_mean.clone(), lyr.stream_var.clone()) for lyr in layers]
     modes = [m.training for m in model.modules()]
     inputs: dict[int, list[Tensor]] = {i: [] for i in range(len(layers))}
     hooks = [lyr.register_forward_pre_hook(lambda mod, inp, i=i: inputs[i].append(inp[0].float()))
@@ -363,11 +431,13 @@ def first_nonlinear_layer(model: nn.Module, example: Tensor, rtol: float = 1e-3)
     finally:
         for h in hooks:
             h.remove()
-        for lyr, (s, mu, sk, cs) in zip(layers, saved):
+        for lyr, (s, mu, sk, cs, stream_mean, stream_var) in zip(layers, saved):
             lyr.blend_single.copy_(s)
             lyr.blend_multiple.copy_(mu)
             lyr.blend_skewed.copy_(sk)
             lyr.compute_score = cs
+            lyr.stream_mean.copy_(stream_mean)      # the probes fold nothing
+            lyr.stream_var.copy_(stream_var)
         for m, t in zip(model.modules(), modes):
             m.training = t
     for i, seen in inputs.items():

@@ -286,6 +286,9 @@ def _register_kernel_fakes() -> None:
                 x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32),
                 x.new_empty((2,), dtype=torch.bool))
     torch.library.register_fake("datta::_dabn_decide_forward")(decide_forward)
+    torch.library.register_fake("datta::_stream_anchor")(
+        lambda mean, var, m, stream_mean, stream_var, source_mean, source_var, *_: (
+            torch.empty_like(source_mean), torch.empty_like(source_var)))
     torch.library.register_fake("datta::_threshold_decide")(
         lambda score, mean, *_: (mean.new_empty((), dtype=torch.float32),
                                  mean.new_empty((), dtype=torch.float32),
@@ -322,3 +325,5 @@ def _register_kernel_fakes() -> None:
 
 if not _ext.unavailable_reasons():
     _register_kernel_fakes()
+#: the C++ extension has ``datta::_stream_anchor`` (SPEC §3c)
+HAS_STREAM_OP = not _ext.unavailable_reasons() and hasattr(torch.ops.datta, "_stream_anchor")

@@ -25,6 +25,7 @@ from datta_kernels.calibration import (
     _streams,
     calibrate,
     default_batches,
+    STREAM_BLEND,
 )
 from datta_kernels.diversity import SKEWED, ClassProbe, prediction_spread
 
@@ -886,3 +887,47 @@ def test_fused_score_layer_is_the_separate_ops(monkeypatch):
     used.clear()
     clustered(stream[0])
     assert used == [False]
+
+
+@pytest.mark.parametrize("peak,want,chosen", [
+    (0.05, [0.025, 0.05, 0.1], 0.05),                        # the start is best: one step each way
+    (0.0125, [0.0125, 0.025, 0.05, 0.1], 0.0125),           # halved while the mean rises (to 1/128)
+    (0.3, [0.025, 0.05, 0.1, 0.2, 0.4], 0.4),                 # doubled up to STREAM_LIMITS
+    (None, [0.025, 0.05, 0.1], None),                        # never above the source statistics
+])
+def test_calibrate_chooses_the_stream_momentum_on_the_validation_streams(monkeypatch, peak, want, chosen):
+    """Step 4b: skewed batches on the source statistics or on the stream statistics (SPEC §3c)
+    at a momentum found from STREAM_START by halving and doubling while the mean over the
+    validation streams rises; ties: the source statistics.  The streams' accuracies are
+    stubbed (DAFT off wins); the adapter's layers from the score layer on carry the choice,
+    and ``reset`` keeps the calibrated configuration."""
+    def fake(adapter, x, y, batches):
+        rate = adapter.layers[-1].stream_momentum
+        if adapter.daft or rate is None:
+            return 50.0
+        return 49.0 if peak is None else 55.0 - abs(math.log2(rate / peak))
+    monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
+    # a band rule that can say skewed (it wins the tie of step 4)
+    monkeypatch.setattr(dk.calibration, "_best_band", lambda scores, acc, kinds, allow_low=True: (
+        float(np.median(scores)) if allow_low else -math.inf, float(np.max(scores)) + 1, 0.0))
+    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4))
+    adapter = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid)
+    rep = adapter.calibration
+    tried = sorted(float(k.split("momentum ")[1]) for k in rep.stream_table if k != "source")
+    assert tried == pytest.approx(want) and list(rep.stream_table)[0] == "source"
+    assert rep.stream_momentum == (None if chosen is None else pytest.approx(chosen))
+    assert not rep.daft
+    at = adapter._score_at
+    for i, layer in enumerate(adapter.layers):
+        assert layer.stream_momentum == (rep.stream_momentum if i >= at else None)
+        if i >= at:
+            want_skewed = STREAM_BLEND if chosen is not None else rep.skewed_blend
+            assert layer.blend_skewed.tolist() == pytest.approx(want_skewed)
+    text = str(rep)
+    assert ("skewed batches on the stream statistics at momentum" in text) == (chosen is not None)
+    adapter(_domains()["noisy"][0][:8])
+    adapter.reset()
+    for i, layer in enumerate(adapter.layers):
+        assert layer.stream_momentum == (rep.stream_momentum if i >= at else None)
+        assert layer.blend_single.tolist() == pytest.approx(rep.single_blend if i >= at else rep.pre_blend)
+        assert torch.equal(layer.stream_mean, layer.source_mean)

@@ -18,7 +18,7 @@ from .conftest import backend_params
 
 BACKENDS = backend_params("reference", "cpu", "triton")   # a row that cannot run skips with the reason
 DABN_KEYS = {"source_mean", "source_var", "blend_single", "blend_multiple", "blend_skewed", "decision",
-             "skewed"}
+             "skewed", "stream_mean", "stream_var"}
 
 
 class Block(nn.Module):

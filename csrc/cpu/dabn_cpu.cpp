@@ -419,6 +419,77 @@ Tensor dabn_normalize_cpu(const Tensor& x, const c10::optional<Tensor>& weight,
   return normalized(x, g, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i, var_i);
 }
 
+/// SPEC §3c: fold the batch's statistics (D4, from the instance statistics; acc-typed (N, C))
+/// into the stream statistics in place, s <- s + momentum (b - s), in double.
+void fold_stream(const Tensor& mean_i, const Tensor& var_i, int64_t m, const Tensor& stream_mean,
+                 const Tensor& stream_var, double momentum) {
+  const int64_t n = mean_i.size(0), c = mean_i.size(1);
+  const std::vector<double> mu = host_doubles(&mean_i, n * c, 0.0), var = host_doubles(&var_i, n * c, 0.0);
+  std::vector<double> sm = host_doubles(&stream_mean, c, 0.0), sv = host_doubles(&stream_var, c, 0.0);
+  for (int64_t ci = 0; ci < c; ++ci) {
+    double s = 0.0;
+    for (int64_t ni = 0; ni < n; ++ni) s += mu[ni * c + ci];
+    const double mu_b = s / static_cast<double>(n);
+    double ss = 0.0;
+    for (int64_t ni = 0; ni < n; ++ni) ss += math::batch_ss_term(mu[ni * c + ci], var[ni * c + ci], mu_b, m);
+    sm[ci] += momentum * (mu_b - sm[ci]);
+    sv[ci] += momentum * (math::batch_var(ss, n, m) - sv[ci]);
+  }
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  stream_mean.copy_(at::tensor(sm, f64));
+  stream_var.copy_(at::tensor(sv, f64));
+}
+
+void check_stream(const char* op, const Tensor& stream_mean, const Tensor& stream_var, int64_t c,
+                  double momentum) {
+  for (const Tensor* t : {&stream_mean, &stream_var}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->size(0) == c && t->is_floating_point(),
+                op, ": stream statistics must be floating-point (", c, ",) CPU tensors, got ",
+                t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(momentum > 0.0 && momentum <= 1.0, op, ": stream momentum must be in (0, 1], got ",
+              momentum);
+}
+
+bool flag_of(const char* op, const Tensor& t) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kBool && t.device().is_cpu(), op,
+              ": decision buffers must be one-element bool CPU tensors, got ", t.scalar_type(), " ",
+              t.sizes(), " on ", t.device());
+  return *t.const_data_ptr<bool>();
+}
+
+/// datta::_stream_anchor (SPEC §3c): a layer's stream statistics and the source term of its
+/// blend for the decision in (decision, skewed).  Not "multiple": the batch's statistics (from
+/// its instance statistics mean, var, m = H W) are folded into stream_mean / stream_var in
+/// place; the returned (C,) pair is the updated stream statistics on a "skewed" batch, the
+/// source statistics otherwise (copies).
+std::tuple<Tensor, Tensor> stream_anchor_cpu(const Tensor& mean, const Tensor& var, int64_t m,
+                                             const Tensor& stream_mean, const Tensor& stream_var,
+                                             const Tensor& source_mean, const Tensor& source_var,
+                                             const Tensor& decision, const Tensor& skewed,
+                                             double momentum) {
+  constexpr const char* op = "datta::_stream_anchor";
+  TORCH_CHECK(mean.dim() == 2 && var.sizes() == mean.sizes() && mean.device().is_cpu() &&
+                  var.device().is_cpu() && mean.size(0) > 0 && m >= 1,
+              op, ": mean and var must be equal non-empty (N, C) CPU tensors and m >= 1, got ",
+              mean.sizes(), ", ", var.sizes(), ", m = ", m);
+  const int64_t c = mean.size(1);
+  check_stream(op, stream_mean, stream_var, c, momentum);
+  for (const Tensor* t : {&source_mean, &source_var}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == c, op, ": source statistics must be (", c, ",), got ",
+                t->sizes());
+  }
+  const bool single = flag_of(op, decision), is_skewed = !single && flag_of(op, skewed);
+  if (single || is_skewed) {
+    const at::ScalarType acc = at::promote_types(mean.scalar_type(), at::kFloat);
+    fold_stream(mean.detach().to(acc).contiguous(), var.detach().to(acc).contiguous(), m, stream_mean,
+                stream_var, momentum);
+  }
+  const Tensor& am = is_skewed ? stream_mean : source_mean;
+  const Tensor& av = is_skewed ? stream_var : source_var;
+  return {am.clone(), av.clone()};
+}
+
 /// DATTA's score layer on a batch that records no graph, in one call (SPEC §4 with the
 /// dispersion score and a threshold rule): the instance statistics (1 read of x), the
 /// dispersion score, _threshold_decide's spread / shift / rule, the decision written into
@@ -435,7 +506,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dabn_
     c10::string_view stat, const c10::optional<Tensor>& center, const c10::optional<Tensor>& scale,
     const c10::optional<Tensor>& probe_weight, const c10::optional<Tensor>& probe_bias,
     double threshold, double low, c10::optional<double> skew_cut, c10::optional<double> shift_lo,
-    c10::optional<double> shift_hi, at::TensorList decision, at::TensorList skewed) {
+    c10::optional<double> shift_hi, at::TensorList decision, at::TensorList skewed,
+    const c10::optional<Tensor>& stream_mean, const c10::optional<Tensor>& stream_var,
+    c10::optional<double> stream_momentum) {
   check_dabn_decide_forward(x, weight, bias, source_mean, source_var, blend_single, blend_multiple,
                             blend_skewed);
   for (const at::TensorList& list : {decision, skewed}) {
@@ -446,6 +519,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dabn_
     }
   }
   const Geometry g = geometry_of(x);
+  const bool stream = stream_momentum.has_value();
+  TORCH_CHECK(stream == (stream_mean.has_value() && stream_var.has_value()),
+              "datta::_dabn_decide_forward: stream_mean, stream_var and stream_momentum go together");
+  if (stream) {
+    check_stream("datta::_dabn_decide_forward", *stream_mean, *stream_var, g.c, *stream_momentum);
+  }
   auto [mean_i, var_i] = moments(x);
   auto [score, per_sample] = dispersion_score_cpu(mean_i, var_i, source_mean, source_var, g.m, eps,
                                                   parts, stat);
@@ -456,8 +535,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dabn_
   for (const Tensor& t : decision) *t.mutable_data_ptr<bool>() = single;
   for (const Tensor& t : skewed) *t.mutable_data_ptr<bool>() = is_skewed;
   const Tensor& blend = single ? blend_single : is_skewed ? blend_skewed : blend_multiple;
-  Tensor y = normalized(x, g, weight, bias, source_mean, source_var, blend, shrink_k, eps, mean_i,
-                        var_i);
+  // SPEC §3c: the stream statistics take the source's place on a skewed batch
+  const bool anchor = stream && !single && is_skewed;
+  if (stream && (single || is_skewed)) {
+    fold_stream(mean_i, var_i, g.m, *stream_mean, *stream_var, *stream_momentum);
+  }
+  Tensor y = normalized(x, g, weight, bias, anchor ? *stream_mean : source_mean,
+                        anchor ? *stream_var : source_var, blend, shrink_k, eps, mean_i, var_i);
   return {y, mean_i, var_i, score, per_sample, spread, shift, flags};
 }
 
@@ -577,5 +661,6 @@ TORCH_LIBRARY_IMPL(datta, CPU, m) {
   m.impl("_dabn_forward", &datta::cpu::dabn_forward_cpu);
   m.impl("_dabn_normalize", &datta::cpu::dabn_normalize_cpu);
   m.impl("_dabn_decide_forward", &datta::cpu::dabn_decide_forward_cpu);
+  m.impl("_stream_anchor", &datta::cpu::stream_anchor_cpu);
   m.impl("_dabn_backward", &datta::cpu::dabn_backward_cpu);
 }
