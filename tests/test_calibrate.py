@@ -16,6 +16,7 @@ from datta_kernels.calibration import (
     DECISIONS,
     INSTANCE_MODES,
     KINDS,
+    STREAM_BLEND,
     _batches,
     _best_band,
     _best_skew_rule,
@@ -25,7 +26,6 @@ from datta_kernels.calibration import (
     _streams,
     calibrate,
     default_batches,
-    STREAM_BLEND,
 )
 from datta_kernels.diversity import SKEWED, ClassProbe, prediction_spread
 

@@ -12,7 +12,7 @@ from torch import nn
 import datta_kernels as dk
 from datta_kernels import ops
 from datta_kernels import reference as ref
-from datta_kernels.nn import FusedDABN, dabn_layers, stream_anchor
+from datta_kernels.nn import FusedDABN, stream_anchor
 
 needs_op = pytest.mark.skipif(not ops.HAS_STREAM_OP, reason="C++ extension not built")
 DECISIONS = {"single": (True, False), "multiple": (False, False), "skewed": (False, True),
