@@ -229,6 +229,13 @@ TORCH_LIBRARY(datta, m) {
       "_stream_anchor(Tensor mean, Tensor var, int m, Tensor(a!) stream_mean, Tensor(b!) stream_var, "
       "Tensor source_mean, Tensor source_var, Tensor decision, Tensor skewed, float momentum) -> "
       "(Tensor anchor_mean, Tensor anchor_var)");
+  // a layer with stream statistics on a batch that records no graph: the decided blend, the
+  // fold and the normalisation in one call
+  m.def(
+      "_dabn_stream_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
+      "Tensor source_var, Tensor blend_single, Tensor blend_multiple, Tensor blend_skewed, "
+      "float? shrink_k, float eps, Tensor(a!) stream_mean, Tensor(b!) stream_var, Tensor decision, "
+      "Tensor skewed, float momentum) -> Tensor");
   m.def(
       "_dabn_normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
       "Tensor source_var, Tensor blend, float? shrink_k, float eps, Tensor mean, Tensor var) -> "

@@ -309,6 +309,14 @@ class FusedDABN(nn.BatchNorm2d):
             _check_blend_values(buf)    # only when a buffer is new or was written since
         anchor_mean, anchor_var = self.source_mean, self.source_var
         if getattr(self, "stream_momentum", None) is not None:
+            if (stats is None and x.device.type == "cpu" and ops.HAS_STREAM_OP
+                    and backends.resolve(self.backend, "cpu", x.dtype) == "cpu"
+                    and ops._is_plain_eager_call(x, self.weight, self.bias)):
+                # no graph to record: the whole layer in one C++ op
+                return torch.ops.datta._dabn_stream_forward(
+                    ops.as_kernel_layout(x), self.weight, self.bias, self.source_mean, self.source_var,
+                    self.blend_single, self.blend_multiple, self.blend_skewed, self.shrink_k, self.eps,
+                    self.stream_mean, self.stream_var, self.decision, self.skewed, self.stream_momentum)
             anchor_mean, anchor_var, stats = self._stream_anchor(x, stats)
         return _dabn(x, self.weight, self.bias, anchor_mean, anchor_var, self.blend(),
                      shrink_k=self.shrink_k, eps=self.eps, backend=self.backend, stats=stats,

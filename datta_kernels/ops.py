@@ -286,6 +286,7 @@ def _register_kernel_fakes() -> None:
                 x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32),
                 x.new_empty((2,), dtype=torch.bool))
     torch.library.register_fake("datta::_dabn_decide_forward")(decide_forward)
+    torch.library.register_fake("datta::_dabn_stream_forward")(lambda x, *_: _y_like(x))
     torch.library.register_fake("datta::_stream_anchor")(
         lambda mean, var, m, stream_mean, stream_var, source_mean, source_var, *_: (
             torch.empty_like(source_mean), torch.empty_like(source_var)))

@@ -835,15 +835,18 @@ def test_fused_score_layer_is_the_separate_ops(monkeypatch):
         return y
     monkeypatch.setattr(adapt.DATTA, "_score_forward", spy)
 
-    def make(rule, daft, shrink_k=None):
-        return dk.DATTA(_model(), score_mode="dispersion", selector=dk.ThresholdSelector(**rule), daft=daft,
-                        lr=1e-2, class_probe=copy.deepcopy(probe), weights=weights, shrink_k=shrink_k)
+    def make(rule, daft, shrink_k=None, stream=None):
+        adapter = dk.DATTA(_model(), score_mode="dispersion", selector=dk.ThresholdSelector(**rule), daft=daft,
+                           lr=1e-2, class_probe=copy.deepcopy(probe), weights=weights, shrink_k=shrink_k)
+        for layer in adapter.layers:
+            layer.set_stream(stream)        # SPEC §3c: the op folds at the score layer
+        return adapter
     seen = set()
-    for rule, daft, shrink_k in itertools.product(
+    for rule, daft, shrink_k, rate in itertools.product(
             (dict(threshold=0.5), dict(threshold=0.5, low=0.05), dict(threshold=0.5, skew_cut=0.5),
              dict(threshold=2.0, skew_cut=0.6, shift_cut=(-0.5, 0.5)), dict(threshold=2.0, skew_cut=1.0),
-             dict(threshold=1e-3, skew_cut=1.0, shift_cut=3.0)), (False, True), (None, 0.5)):
-        fused, plain = make(rule, daft, shrink_k), make(rule, daft, shrink_k)
+             dict(threshold=1e-3, skew_cut=1.0, shift_cut=3.0)), (False, True), (None, 0.5), (None, 0.3)):
+        fused, plain = make(rule, daft, shrink_k, rate), make(rule, daft, shrink_k, rate)
         for x in stream:
             used.clear()
             got = fused(x)
@@ -852,7 +855,7 @@ def test_fused_score_layer_is_the_separate_ops(monkeypatch):
                 m.setattr(adapt, "_HAS_SCORE_OPS", False)
                 want = plain(x)
             assert used[-1] is False
-            case = (rule, daft, shrink_k)
+            case = (rule, daft, shrink_k, rate)
             assert torch.equal(got, want), case
             assert fused.last_decision == plain.last_decision, case
             seen.add(fused.last_decision)
@@ -862,6 +865,8 @@ def test_fused_score_layer_is_the_separate_ops(monkeypatch):
                 assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (case, name)
             for la, lb in zip(fused.layers, plain.layers):
                 assert torch.equal(la.decision, lb.decision) and torch.equal(la.skewed, lb.skewed), case
+                assert torch.equal(la.stream_mean, lb.stream_mean), case
+                assert torch.equal(la.stream_var, lb.stream_var), case
         assert fused.n_updates == plain.n_updates, case
         for pa, pb in zip(fused.parameters(), plain.parameters()):
             assert torch.equal(pa, pb), case

@@ -226,3 +226,37 @@ def test_adapter_folds_each_batch_once(daft):
     adapter.reset()
     for layer in adapter.layers:
         assert torch.equal(layer.stream_mean, layer.source_mean) and layer.stream_momentum == 0.3
+
+
+@needs_op
+@pytest.mark.parametrize("decision", ["single", "multiple", "skewed"])
+@pytest.mark.parametrize("dtype,channels_last,shrink_k", [(torch.float32, False, None),
+                                                          (torch.float32, True, 4.0),
+                                                          (torch.float64, False, None),
+                                                          (torch.bfloat16, False, None)], ids=str)
+def test_stream_forward_op_is_the_separate_ops(decision, dtype, channels_last, shrink_k):
+    """``datta::_dabn_stream_forward`` (the layer's graph-free CPU path) gives bit for bit what
+    _instance_stats + _stream_anchor + _dabn_normalize give: y and the stream statistics."""
+    layer = _layer(4)
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(5, 4, 6, 7, generator=g) * 2 + 1).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    blends = [torch.tensor(w) for w in ((0.0, 1.0, 0.0), (0.2, 0.6, 0.2), (0.6, 0.0, 0.4))]
+    single, skewed = (torch.tensor(v) for v in DECISIONS[decision])
+    sm, sv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+    a, b = (sm.clone(), sv.clone()), (sm.clone(), sv.clone())
+    common = (layer.weight, layer.bias, layer.source_mean, layer.source_var)
+    y = torch.ops.datta._dabn_stream_forward(x, *common, *blends, shrink_k, 1e-5, *a, single, skewed, 0.2)
+    mean_i, var_i = torch.ops.datta._instance_stats(x)
+    am, av = torch.ops.datta._stream_anchor(mean_i, var_i, 42, *b, layer.source_mean, layer.source_var,
+                                            single, skewed, 0.2)
+    blend = blends[{"single": 0, "multiple": 1, "skewed": 2}[decision]]
+    want = torch.ops.datta._dabn_normalize(x, layer.weight, layer.bias, am, av, blend, shrink_k, 1e-5,
+                                           mean_i, var_i)
+    assert torch.equal(y, want) and y.dtype == dtype
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0], sm) == (decision == "multiple")
+    with pytest.raises(RuntimeError, match="momentum"):
+        torch.ops.datta._dabn_stream_forward(x, *common, *blends, shrink_k, 1e-5, *a, single, skewed, 0.0)

@@ -490,6 +490,32 @@ std::tuple<Tensor, Tensor> stream_anchor_cpu(const Tensor& mean, const Tensor& v
   return {am.clone(), av.clone()};
 }
 
+/// datta::_dabn_stream_forward (SPEC §3c): a layer with stream statistics on a batch that
+/// records no graph, in one call: the blend its decision buffers select, the instance
+/// statistics (1 read of x), the fold into the stream statistics (not "multiple"), and y
+/// normalised with the stream statistics as the source term on a "skewed" batch (1 read of x,
+/// 1 write of y): _instance_stats + _stream_anchor + _dabn_normalize without the Python
+/// between them.
+Tensor dabn_stream_forward_cpu(const Tensor& x, const c10::optional<Tensor>& weight,
+                               const c10::optional<Tensor>& bias, const Tensor& source_mean,
+                               const Tensor& source_var, const Tensor& blend_single,
+                               const Tensor& blend_multiple, const Tensor& blend_skewed,
+                               c10::optional<double> shrink_k, double eps, const Tensor& stream_mean,
+                               const Tensor& stream_var, const Tensor& decision,
+                               const Tensor& skewed, double momentum) {
+  constexpr const char* op = "datta::_dabn_stream_forward";
+  check_dabn_decide_forward(x, weight, bias, source_mean, source_var, blend_single, blend_multiple,
+                            blend_skewed);
+  const Geometry g = geometry_of(x);
+  check_stream(op, stream_mean, stream_var, g.c, momentum);
+  const bool single = flag_of(op, decision), is_skewed = !single && flag_of(op, skewed);
+  auto [mean_i, var_i] = moments(x);
+  if (single || is_skewed) fold_stream(mean_i, var_i, g.m, stream_mean, stream_var, momentum);
+  const Tensor& blend = single ? blend_single : is_skewed ? blend_skewed : blend_multiple;
+  return normalized(x, g, weight, bias, is_skewed ? stream_mean : source_mean,
+                    is_skewed ? stream_var : source_var, blend, shrink_k, eps, mean_i, var_i);
+}
+
 /// DATTA's score layer on a batch that records no graph, in one call (SPEC §4 with the
 /// dispersion score and a threshold rule): the instance statistics (1 read of x), the
 /// dispersion score, _threshold_decide's spread / shift / rule, the decision written into
@@ -662,5 +688,6 @@ TORCH_LIBRARY_IMPL(datta, CPU, m) {
   m.impl("_dabn_normalize", &datta::cpu::dabn_normalize_cpu);
   m.impl("_dabn_decide_forward", &datta::cpu::dabn_decide_forward_cpu);
   m.impl("_stream_anchor", &datta::cpu::stream_anchor_cpu);
+  m.impl("_dabn_stream_forward", &datta::cpu::dabn_stream_forward_cpu);
   m.impl("_dabn_backward", &datta::cpu::dabn_backward_cpu);
 }
