@@ -836,8 +836,9 @@ def test_fused_score_layer_is_the_separate_ops(monkeypatch):
     monkeypatch.setattr(adapt.DATTA, "_score_forward", spy)
 
     def make(rule, daft, shrink_k=None, stream=None):
-        adapter = dk.DATTA(_model(), score_mode="dispersion", selector=dk.ThresholdSelector(**rule), daft=daft,
-                           lr=1e-2, class_probe=copy.deepcopy(probe), weights=weights, shrink_k=shrink_k)
+        adapter = dk.DATTA(_model(), score_mode="dispersion", selector=dk.ThresholdSelector(**rule),
+                           daft=daft, lr=1e-2, class_probe=copy.deepcopy(probe), weights=weights,
+                           shrink_k=shrink_k)
         for layer in adapter.layers:
             layer.set_stream(stream)        # SPEC §3c: the op folds at the score layer
         return adapter
