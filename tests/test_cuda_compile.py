@@ -73,6 +73,10 @@ CUDA_EXEMPT = {
                          "(diversity.py); it reads only (N, C) statistics",
     "_dabn_decide_forward": "DATTA's fused CPU score layer (adapt.py); off the CPU the layer runs "
                             "its separate ops",
+    "_stream_anchor": "FusedDABN runs nn.stream_anchor's torch ops off the CPU; it reads only "
+                      "(N, C) statistics",
+    "_dabn_stream_forward": "FusedDABN's fused CPU path with stream statistics (nn.py); off the "
+                            "CPU the layer runs stream_anchor and its usual ops",
 }
 
 
