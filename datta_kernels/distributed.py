@@ -57,6 +57,7 @@ def convert_sync(model: nn.Module, preset: str = "datta", process_group=None, **
                        score_mode=layer.score_mode, shrink_k=layer.shrink_k, cluster=layer.cluster,
                        preset="source")
         new.preset, new.compute_score = layer.preset, layer.compute_score
+        new.stream_momentum = getattr(layer, "stream_momentum", None)    # its buffers came with the state
         return new
 
     if any(_is_plain_bn(m) for m in model.modules()):

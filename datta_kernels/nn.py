@@ -105,7 +105,19 @@ def stream_anchor(mean_i: Tensor, var_i: Tensor, m: int, stream_mean: Tensor, st
     blend: the updated stream statistics on a ``skewed`` batch, the source statistics
     otherwise.  ``datta::_stream_anchor`` is the same on CPU, in one op."""
     mean_b, var_b = ref.batch_stats(mean_i, var_i, m)
+    return stream_anchor_moments(mean_b, var_b, stream_mean, stream_var, source_mean, source_var,
+                                 decision, skewed, momentum)
+
+
+@torch.no_grad()
+def stream_anchor_moments(mean_b: Tensor, var_b: Tensor, stream_mean: Tensor, stream_var: Tensor,
+                          source_mean: Tensor, source_var: Tensor, decision: Tensor, skewed: Tensor,
+                          momentum: float, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`stream_anchor` given the batch statistics ``(C,)`` (e.g. a process group's
+    global batch); ``valid`` (0-dim bool) False folds nothing (an empty global batch)."""
     keep = ~(decision | skewed)                 # multiple: the stream stays
+    if valid is not None:
+        keep = keep | ~valid
     for buf, new in ((stream_mean, mean_b), (stream_var, var_b)):
         buf.copy_(torch.where(keep, buf, torch.lerp(buf, new.to(buf.dtype), momentum)))
     use = skewed & ~decision

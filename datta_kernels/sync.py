@@ -13,7 +13,7 @@ from torch import Tensor
 from . import ops
 from . import reference as ref
 from .functional import _backend_for, _check_channel_vec, normalize_with_moments
-from .nn import FusedDABN
+from .nn import FusedDABN, stream_anchor_moments
 from .presets import DISPERSION_PARTS, acc_dtype
 
 # torch.distributed.nn, imported above, binds the default group (``group.WORLD``) into default
@@ -246,8 +246,14 @@ class SyncFusedDABN(FusedDABN):
             if self.score_callback is not None:
                 self.score_callback(self, self.last_score)
         dt = mean_i.dtype
+        smean, svar = self.source_mean, self.source_var
+        if getattr(self, "stream_momentum", None) is not None:
+            # SPEC §3c on the global batch's statistics: the same fold on every rank
+            smean, svar = stream_anchor_moments(mu_b, var_b, self.stream_mean, self.stream_var, smean, svar,
+                                                self.decision, self.skewed, self.stream_momentum,
+                                                valid=total > 0)
         st = {"mean_i": mean_i, "var_i": var_i, "m": m, "batch": (mu_b, var_b, count),
-              "smean": self.source_mean.detach().to(dt), "svar": self.source_var.detach().to(dt),
+              "smean": smean.detach().to(dt), "svar": svar.detach().to(dt),
               "blend": self.blend().detach().to(device=x.device, dtype=dt),
               "shrink_k": self.shrink_k, "eps": self.eps, "group": self.process_group,
               "backend": _backend_for(x, self.backend)}

@@ -94,6 +94,8 @@ def _scenario_layer(rank, world, sizes):
                 "score": layer.last_score, "per": layer.last_per_sample,
                 "total": float(layer.last_global_batch),
                 "score_call": layer.score(x_all[sl])}      # score() alone: also global
+    # stream statistics (SPEC §3c) folded from the global batch: a few decisions in turn
+    out["stream"] = _stream_steps(lambda layer: convert_sync(layer), x_all[sl])
     # channels_last in, channels_last out, same values (no grad: the backend's statistics)
     layer = convert_sync(_layer(BACKENDS[-1], "datta", "single", x_all.shape[1]))
     with torch.no_grad():
@@ -190,6 +192,25 @@ def _close(a, b, msg="", scaled=False):
     torch.testing.assert_close(a, b, rtol=RTOL, atol=atol, msg=lambda m: f"{msg}: {m}")
 
 
+STREAM_STEPS = ("single", "skewed", "multiple", "skewed")
+
+
+def _stream_steps(wrap, x: torch.Tensor) -> list[dict]:
+    """Outputs and stream buffers of a layer with stream statistics over STREAM_STEPS, each
+    step on ``x`` scaled differently (``wrap``: the layer as run, synced or not)."""
+    base = _layer(BACKENDS[-1], "datta", "single", x.shape[1])
+    base.set_stream(0.3)
+    layer = wrap(base)
+    assert layer.stream_momentum == 0.3
+    out = []
+    for k, decision in enumerate(STREAM_STEPS):
+        layer.set_decision(decision)
+        with torch.no_grad():
+            y = layer(x * (1 + k) + k)
+        out.append({"y": y, "mean": layer.stream_mean.clone(), "var": layer.stream_var.clone()})
+    return out
+
+
 CASES = [  # (world, sizes): even, uneven, an empty rank, 3 ranks with an empty middle rank
     (2, [4, 3]), (2, [7, 0]), (3, [3, 0, 4]), (3, [1, 4, 2])]
 
@@ -206,6 +227,11 @@ def test_layer_matches_single_process(tmp_path, world, sizes, request):
         for config in LAYER_CONFIGS:
             _check_layer([r[(backend, *config)] for r in results], backend, *config)
     assert all(r["channels_last"]["cl"] for r in results)
+    for k, want in enumerate(_stream_steps(lambda layer: layer, _global_input())):
+        _close(torch.cat([r["stream"][k]["y"] for r in results]), want["y"], f"stream step {k}")
+        for r in results:       # every rank folds the global batch: the same buffers
+            _close(r["stream"][k]["mean"], want["mean"], f"stream mean step {k}")
+            _close(r["stream"][k]["var"], want["var"], f"stream var step {k}")
     with torch.no_grad():
         y = _layer(BACKENDS[-1], "datta", "single", 6)(_global_input())
     _close(torch.cat([r["channels_last"]["y"] for r in results]), y, "channels_last", scaled=True)
