@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _ext
+from . import ops
 from .functional import diversity_score
 
 __all__ = ["diversity_score", "prediction_spread", "source_shift", "ClassProbe", "Selector", "KDESelector",
@@ -50,7 +50,7 @@ _BLOCKS = (32, 16, 8, 4, 2, 1)
 _CHUNK = 200
 #: the compiled extension's score-layer ops are there (ClassProbe.forward, ThresholdSelector.decide_stats
 #: and DATTA._score_forward on CPU)
-_HAS_SCORE_OPS = not _ext.unavailable_reasons()
+_HAS_SCORE_OPS = ops.HAS_KERNEL_OPS
 
 
 def _as_float(score: float | Tensor) -> float:

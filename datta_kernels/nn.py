@@ -321,7 +321,7 @@ class FusedDABN(nn.BatchNorm2d):
             _check_blend_values(buf)    # only when a buffer is new or was written since
         anchor_mean, anchor_var = self.source_mean, self.source_var
         if getattr(self, "stream_momentum", None) is not None:
-            if (stats is None and x.device.type == "cpu" and ops.HAS_STREAM_OP
+            if (stats is None and x.device.type == "cpu" and ops.HAS_KERNEL_OPS
                     and backends.resolve(self.backend, "cpu", x.dtype) == "cpu"
                     and ops._is_plain_eager_call(x, self.weight, self.bias)):
                 # no graph to record: the whole layer in one C++ op
@@ -357,7 +357,7 @@ class FusedDABN(nn.BatchNorm2d):
         s = stats if stats is not None else ops.run_instance_stats(x.detach(), name)
         mean_i, var_i = s[0].detach(), s[1].detach()
         hw = x.shape[2] * x.shape[3]
-        if x.device.type == "cpu" and ops.HAS_STREAM_OP:
+        if x.device.type == "cpu" and ops.HAS_KERNEL_OPS:
             mean, var = torch.ops.datta._stream_anchor(
                 mean_i, var_i, hw, self.stream_mean, self.stream_var, self.source_mean,
                 self.source_var, self.decision, self.skewed, self.stream_momentum)

@@ -324,7 +324,7 @@ def _register_kernel_fakes() -> None:
                                                           0.0, mean, mean)[0])
 
 
-if not _ext.unavailable_reasons():
+#: the compiled extension's kernel ops (``datta::_*``) are there
+HAS_KERNEL_OPS = not _ext.unavailable_reasons()
+if HAS_KERNEL_OPS:
     _register_kernel_fakes()
-#: the C++ extension has ``datta::_stream_anchor`` (SPEC §3c)
-HAS_STREAM_OP = not _ext.unavailable_reasons() and hasattr(torch.ops.datta, "_stream_anchor")

@@ -14,7 +14,7 @@ from datta_kernels import ops
 from datta_kernels import reference as ref
 from datta_kernels.nn import FusedDABN, stream_anchor
 
-needs_op = pytest.mark.skipif(not ops.HAS_STREAM_OP, reason="C++ extension not built")
+needs_op = pytest.mark.skipif(not ops.HAS_KERNEL_OPS, reason="C++ extension not built")
 DECISIONS = {"single": (True, False), "multiple": (False, False), "skewed": (False, True),
              "single, skewed flag set": (True, True)}
 

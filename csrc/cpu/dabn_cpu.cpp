@@ -458,6 +458,19 @@ bool flag_of(const char* op, const Tensor& t) {
   return *t.const_data_ptr<bool>();
 }
 
+/// The source term of a decided batch's blend (SPEC §3c): the batch is folded into the stream
+/// statistics unless it is "multiple"; a "skewed" batch takes the updated stream statistics,
+/// the others the source statistics.  mean_i, var_i: acc-typed, contiguous (N, C).
+std::pair<const Tensor*, const Tensor*> stream_source(bool single, bool is_skewed, const Tensor& mean_i,
+                                                      const Tensor& var_i, int64_t m,
+                                                      const Tensor& stream_mean, const Tensor& stream_var,
+                                                      const Tensor& source_mean, const Tensor& source_var,
+                                                      double momentum) {
+  if (single || is_skewed) fold_stream(mean_i, var_i, m, stream_mean, stream_var, momentum);
+  if (is_skewed && !single) return {&stream_mean, &stream_var};
+  return {&source_mean, &source_var};
+}
+
 /// datta::_stream_anchor (SPEC §3c): a layer's stream statistics and the source term of its
 /// blend for the decision in (decision, skewed).  Not "multiple": the batch's statistics (from
 /// its instance statistics mean, var, m = H W) are folded into stream_mean / stream_var in
@@ -480,14 +493,11 @@ std::tuple<Tensor, Tensor> stream_anchor_cpu(const Tensor& mean, const Tensor& v
                 t->sizes());
   }
   const bool single = flag_of(op, decision), is_skewed = !single && flag_of(op, skewed);
-  if (single || is_skewed) {
-    const at::ScalarType acc = at::promote_types(mean.scalar_type(), at::kFloat);
-    fold_stream(mean.detach().to(acc).contiguous(), var.detach().to(acc).contiguous(), m, stream_mean,
-                stream_var, momentum);
-  }
-  const Tensor& am = is_skewed ? stream_mean : source_mean;
-  const Tensor& av = is_skewed ? stream_var : source_var;
-  return {am.clone(), av.clone()};
+  const at::ScalarType acc = at::promote_types(mean.scalar_type(), at::kFloat);
+  const auto [am, av] = stream_source(single, is_skewed, mean.detach().to(acc).contiguous(),
+                                      var.detach().to(acc).contiguous(), m, stream_mean, stream_var,
+                                      source_mean, source_var, momentum);
+  return {am->clone(), av->clone()};
 }
 
 /// datta::_dabn_stream_forward (SPEC §3c): a layer with stream statistics on a batch that
@@ -510,10 +520,10 @@ Tensor dabn_stream_forward_cpu(const Tensor& x, const c10::optional<Tensor>& wei
   check_stream(op, stream_mean, stream_var, g.c, momentum);
   const bool single = flag_of(op, decision), is_skewed = !single && flag_of(op, skewed);
   auto [mean_i, var_i] = moments(x);
-  if (single || is_skewed) fold_stream(mean_i, var_i, g.m, stream_mean, stream_var, momentum);
+  const auto [sm, sv] = stream_source(single, is_skewed, mean_i, var_i, g.m, stream_mean, stream_var,
+                                      source_mean, source_var, momentum);
   const Tensor& blend = single ? blend_single : is_skewed ? blend_skewed : blend_multiple;
-  return normalized(x, g, weight, bias, is_skewed ? stream_mean : source_mean,
-                    is_skewed ? stream_var : source_var, blend, shrink_k, eps, mean_i, var_i);
+  return normalized(x, g, weight, bias, *sm, *sv, blend, shrink_k, eps, mean_i, var_i);
 }
 
 /// DATTA's score layer on a batch that records no graph, in one call (SPEC §4 with the
@@ -538,11 +548,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dabn_
   check_dabn_decide_forward(x, weight, bias, source_mean, source_var, blend_single, blend_multiple,
                             blend_skewed);
   for (const at::TensorList& list : {decision, skewed}) {
-    for (const Tensor& t : list) {
-      TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kBool && t.device().is_cpu(),
-                  "datta::_dabn_decide_forward: decision buffers must be one-element bool CPU "
-                  "tensors, got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
-    }
+    for (const Tensor& t : list) flag_of("datta::_dabn_decide_forward", t);
   }
   const Geometry g = geometry_of(x);
   const bool stream = stream_momentum.has_value();
@@ -562,12 +568,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dabn_
   for (const Tensor& t : skewed) *t.mutable_data_ptr<bool>() = is_skewed;
   const Tensor& blend = single ? blend_single : is_skewed ? blend_skewed : blend_multiple;
   // SPEC §3c: the stream statistics take the source's place on a skewed batch
-  const bool anchor = stream && !single && is_skewed;
-  if (stream && (single || is_skewed)) {
-    fold_stream(mean_i, var_i, g.m, *stream_mean, *stream_var, *stream_momentum);
-  }
-  Tensor y = normalized(x, g, weight, bias, anchor ? *stream_mean : source_mean,
-                        anchor ? *stream_var : source_var, blend, shrink_k, eps, mean_i, var_i);
+  const auto [sm, sv] = stream ? stream_source(single, is_skewed, mean_i, var_i, g.m, *stream_mean,
+                                               *stream_var, source_mean, source_var, *stream_momentum)
+                               : std::pair<const Tensor*, const Tensor*>{&source_mean, &source_var};
+  Tensor y = normalized(x, g, weight, bias, *sm, *sv, blend, shrink_k, eps, mean_i, var_i);
   return {y, mean_i, var_i, score, per_sample, spread, shift, flags};
 }
 
