@@ -221,21 +221,21 @@ TORCH_LIBRARY(datta, m) {
       "float? shrink_k, float eps, str parts, str stat, Tensor? center, Tensor? scale, Tensor? probe_weight, "
       "Tensor? probe_bias, float threshold, float low, float? skew_cut, float? shift_lo, "
       "float? shift_hi, Tensor(a!)[] decision, Tensor(b!)[] skewed, Tensor(c!)? stream_mean=None, "
-      "Tensor(d!)? stream_var=None, float? stream_momentum=None) -> (Tensor y, Tensor mean, "
+      "Tensor(d!)? stream_var=None, float? stream_momentum=None, float? stream_reset=None) -> (Tensor y, Tensor mean, "
       "Tensor var, Tensor score, Tensor per_sample, Tensor spread, Tensor shift, Tensor flags)");
   // SPEC §3c: fold a batch not decided "multiple" into a layer's stream statistics (in place)
   // and return the source term of its blend (the stream statistics on a "skewed" batch)
   m.def(
       "_stream_anchor(Tensor mean, Tensor var, int m, Tensor(a!) stream_mean, Tensor(b!) stream_var, "
-      "Tensor source_mean, Tensor source_var, Tensor decision, Tensor skewed, float momentum) -> "
-      "(Tensor anchor_mean, Tensor anchor_var)");
+      "Tensor source_mean, Tensor source_var, Tensor decision, Tensor skewed, float momentum, "
+      "float? reset=None, float eps=1e-05) -> (Tensor anchor_mean, Tensor anchor_var)");
   // a layer with stream statistics on a batch that records no graph: the decided blend, the
   // fold and the normalisation in one call
   m.def(
       "_dabn_stream_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
       "Tensor source_var, Tensor blend_single, Tensor blend_multiple, Tensor blend_skewed, "
       "float? shrink_k, float eps, Tensor(a!) stream_mean, Tensor(b!) stream_var, Tensor decision, "
-      "Tensor skewed, float momentum) -> Tensor");
+      "Tensor skewed, float momentum, float? reset=None) -> Tensor");
   m.def(
       "_dabn_normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor source_mean, "
       "Tensor source_var, Tensor blend, float? shrink_k, float eps, Tensor mean, Tensor var) -> "

@@ -246,8 +246,8 @@ def _stream_args(layer: FusedDABN) -> tuple:
     """``datta::_dabn_decide_forward``'s stream arguments for ``layer`` (SPEC §3c)."""
     rate = getattr(layer, "stream_momentum", None)      # absent in layers pickled before it
     if rate is None:
-        return None, None, None
-    return layer.stream_mean, layer.stream_var, rate
+        return None, None, None, None
+    return layer.stream_mean, layer.stream_var, rate, getattr(layer, "stream_reset", None)
 
 
 class _FineTune(Exception):

@@ -75,6 +75,10 @@ STREAM_START = 0.05
 STREAM_LIMITS = (1 / 128, 0.4)
 #: the blend of ``skewed`` batches on the stream statistics: those statistics alone
 STREAM_BLEND = (1.0, 0.0, 0.0)
+#: the stream reset cut tried first (step 4c, on :func:`~datta_kernels.nn.stream_divergence`),
+#: then halved or doubled while the mean rises, within :data:`RESET_LIMITS`
+RESET_START = 1.0
+RESET_LIMITS = (1 / 16, 16.0)
 
 
 def default_batches(batch_size: int) -> int:
@@ -136,7 +140,11 @@ class Calibration:
     #: ``skewed`` batches on the stream statistics (SPEC §3c) updated at this momentum, blend
     #: (1, 0, 0) from the score layer on; None: on ``skewed_blend`` with the source statistics
     stream_momentum: float | None = None
-    #: ``"source"`` / ``"stream, momentum X"`` -> accuracy (%) per validation stream (no DAFT)
+    #: with ``stream_momentum``: None, or the cut on the batch's divergence from a layer's
+    #: stream statistics above which the batch restarts them (SPEC §3c "reset", step 4c)
+    stream_reset: float | None = None
+    #: ``"source"`` / ``"stream, momentum X"`` / ``"stream, momentum X, reset Y"`` -> accuracy
+    #: (%) per validation stream (no DAFT)
     stream_table: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
@@ -154,7 +162,7 @@ class Calibration:
         # configured before DATTA snapshots the model, so that reset() keeps the configuration
         _configure(layers, next(i for i, layer in enumerate(layers) if layer is score), self.pre_blend,
                    (self.single_blend, self.multiple_blend, self.skewed_blend), self.instance_mode,
-                   self.stream_momentum)
+                   self.stream_momentum, getattr(self, "stream_reset", None))
         adapter = DATTA(model, preset=None, daft=self.daft, lr=self.lr, score_mode="dispersion",
                         daft_multiple=self.daft_multiple,
                         selector=selector or self.selector(), backend=None,
@@ -220,11 +228,14 @@ class Calibration:
             lines.append(f"  {name:<46} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {_mean(acc):5.1f}")
         if self.stream_table:
-            which = ("the stream statistics at momentum " f"{self.stream_momentum:g}, blend (1.0, 0.0, 0.0)"
+            reset = getattr(self, "stream_reset", None)
+            which = ("the stream statistics at momentum " f"{self.stream_momentum:g}"
+                     + ("" if reset is None else f", restarted by a batch whose divergence from "
+                        f"them exceeds {reset:g}") + ", blend (1.0, 0.0, 0.0)"
                      if self.stream_momentum is not None else "the source statistics")
             lines.append(f"skewed batches on {which} from the score layer on (the best mean over "
                          "the validation streams without DAFT; ties: the source statistics, then "
-                         "the smaller momentum):")
+                         "the smaller momentum; no reset, then the larger cut):")
             for name, acc in self.stream_table.items():
                 lines.append(f"  {name:<28} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                              + f"  mean {_mean(acc):5.1f}")
@@ -362,17 +373,18 @@ INSTANCE_MODES = {"cluster": {"cluster": True, "shrink_k": None},
 
 
 def _configure(layers: list[FusedDABN], pre: int, pre_blend, blends, mode: str = "cluster",
-               stream: float | None = None) -> None:
+               stream: float | None = None, reset: float | None = None) -> None:
     """The layers before the score layer (``layers[:pre]``) on ``pre_blend`` whatever the
     decision, the others on ``blends = (single, multiple, skewed)`` by decision; instance
     terms as ``mode`` says; with a ``stream`` momentum, ``skewed`` batches on the stream
-    statistics (SPEC §3c) with the blend :data:`STREAM_BLEND` from the score layer on."""
+    statistics (SPEC §3c) with the blend :data:`STREAM_BLEND` from the score layer on, restarted
+    by a batch farther from them than ``reset``."""
     for i, layer in enumerate(layers):
         weights = (pre_blend,) * 3 if i < pre and pre_blend is not None else blends
         if stream is not None and i >= pre:
             weights = (*weights[:2], STREAM_BLEND)
         layer.set_preset("datta", weights=weights, **INSTANCE_MODES[mode])
-        layer.set_stream(stream if i >= pre else None)
+        layer.set_stream(*((stream, reset) if i >= pre else (None, None)))
 
 
 @torch.no_grad()
@@ -676,8 +688,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     shift_cut = _validated_range(best["shifts"], _scores(work, stream_batches, feats=False)[2])
 
     def run(rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False,
-            stream: float | None = None) -> dict[str, float]:
-        _configure(layers, pre, best["pre"], (single, multiple, skewed), mode, stream)
+            stream: float | None = None, reset: float | None = None) -> dict[str, float]:
+        _configure(layers, pre, best["pre"], (single, multiple, skewed), mode, stream, reset)
         return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate,
                                              daft_multiple=on_multiple,
                                              selector=ThresholdSelector(*rule, shift_cut),
@@ -709,9 +721,28 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     stream = max(order, key=lambda r: (_mean(stream_runs[r]), r is None, -(r or 0.0)))
     stream_table = {("source" if r is None else f"stream, momentum {r:g}"): stream_runs[r] for r in order}
 
+    # 4c. with the stream statistics: a reset cut on a batch's divergence from them (a batch of
+    #     a new domain restarts them), RESET_START, then halved or doubled while the mean rises
+    reset = None
+    if stream is not None:
+        reset_runs = {None: stream_runs[stream],
+                      RESET_START: run(rule, False, stream=stream, reset=RESET_START)}
+        for factor in (0.5, 2.0):
+            at = RESET_START
+            while RESET_LIMITS[0] <= at * factor <= RESET_LIMITS[1]:
+                nxt = at * factor
+                reset_runs[nxt] = run(rule, False, stream=stream, reset=nxt)
+                if _mean(reset_runs[nxt]) <= _mean(reset_runs[at]):
+                    break
+                at = nxt
+        cuts = [None] + sorted((c for c in reset_runs if c is not None), reverse=True)
+        reset = max(cuts, key=lambda c: (_mean(reset_runs[c]), c is None, c or 0.0))
+        stream_table |= {f"stream, momentum {stream:g}, reset {c:g}": reset_runs[c] for c in cuts[1:]}
+        stream_runs[stream] = reset_runs[reset]
+
     # 5. DAFT off or on at each candidate rate, on the same streams with the chosen rule
     daft_table = {"off": stream_runs[stream]}
-    on = {r: run(rule, True, r, stream=stream) for r in lrs}
+    on = {r: run(rule, True, r, stream=stream, reset=reset) for r in lrs}
     # a best rate at either end of several candidates is no maximum: go on past that end
     # (x2 or /2) while the mean rises, at most RATE_STEPS times
     for _ in range(RATE_STEPS if len(lrs) > 1 else 0):
@@ -723,7 +754,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
             nxt = 0.5 * top
         else:
             break
-        on[nxt] = run(rule, True, nxt, stream=stream)
+        on[nxt] = run(rule, True, nxt, stream=stream, reset=reset)
         if _mean(on[nxt]) <= _mean(on[top]):
             break
     lrs = sorted(on)
@@ -735,7 +766,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     daft_multiple = False
     if daft:
         key = f"on, lr {rate:g}, +multiple"
-        daft_table[key] = run(rule, True, rate, on_multiple=True, stream=stream)
+        daft_table[key] = run(rule, True, rate, on_multiple=True, stream=stream, reset=reset)
         daft_multiple = _mean(daft_table[key]) > daft_means[pick]
 
     report = Calibration(
@@ -747,5 +778,6 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         pre_table=best["pre_table"],
         decision_table=best["decision_table"], rule_table=rule_table, daft_table=daft_table,
         streams={k: len(v) for k, v in streams.items()},
-        modes=best["modes"], probe=probe, stream_momentum=stream, stream_table=stream_table)
+        modes=best["modes"], probe=probe, stream_momentum=stream, stream_reset=reset,
+        stream_table=stream_table)
     return report.adapter(model, backend=backend)

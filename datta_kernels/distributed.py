@@ -58,6 +58,7 @@ def convert_sync(model: nn.Module, preset: str = "datta", process_group=None, **
                        preset="source")
         new.preset, new.compute_score = layer.preset, layer.compute_score
         new.stream_momentum = getattr(layer, "stream_momentum", None)    # its buffers came with the state
+        new.stream_reset = getattr(layer, "stream_reset", None)
         return new
 
     if any(_is_plain_bn(m) for m in model.modules()):

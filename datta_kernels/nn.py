@@ -44,7 +44,8 @@ from .functional import (
 )
 from .presets import _PRESET_DEFAULT, PRESETS
 
-__all__ = ["FusedDABN", "dabn_layers", "first_nonlinear_layer", "set_decisions", "stream_anchor"]
+__all__ = ["FusedDABN", "dabn_layers", "first_nonlinear_layer", "set_decisions", "stream_anchor",
+           "stream_divergence"]
 
 _DABN_KEYS = ("source_mean", "source_var", "blend_single", "blend_multiple", "blend_skewed",
               "decision", "skewed", "stream_mean", "stream_var")
@@ -98,28 +99,46 @@ def set_decisions(layers: list[FusedDABN], decision: str | bool | Tensor,
 @torch.no_grad()
 def stream_anchor(mean_i: Tensor, var_i: Tensor, m: int, stream_mean: Tensor, stream_var: Tensor,
                   source_mean: Tensor, source_var: Tensor, decision: Tensor, skewed: Tensor,
-                  momentum: float) -> tuple[Tensor, Tensor]:
+                  momentum: float, reset: float | None = None, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """SPEC §3c in torch ops (any device, no host sync): unless the decision is ``multiple``,
     ``stream <- stream + momentum (batch - stream)`` in place, the batch statistics from the
-    instance statistics ``(N, C)`` over ``m`` pixels (D4); returns the source term of the
-    blend: the updated stream statistics on a ``skewed`` batch, the source statistics
+    instance statistics ``(N, C)`` over ``m`` pixels (D4), with momentum 1 instead where a
+    ``reset`` cut is given and :func:`stream_divergence` exceeds it; returns the source term of
+    the blend: the updated stream statistics on a ``skewed`` batch, the source statistics
     otherwise.  ``datta::_stream_anchor`` is the same on CPU, in one op."""
     mean_b, var_b = ref.batch_stats(mean_i, var_i, m)
     return stream_anchor_moments(mean_b, var_b, stream_mean, stream_var, source_mean, source_var,
-                                 decision, skewed, momentum)
+                                 decision, skewed, momentum, reset=reset, eps=eps)
+
+
+def stream_divergence(mean_b: Tensor, var_b: Tensor, stream_mean: Tensor, stream_var: Tensor,
+                      eps: float) -> Tensor:
+    """How far a batch's statistics ``(C,)`` are from a layer's stream statistics (SPEC §3c
+    "reset"): the symmetric KL divergence of the per-channel Gaussians averaged over channels
+    (:func:`~datta_kernels.diversity.source_shift`'s formula with the stream in the source's
+    place), 0-dim, in the stream's dtype."""
+    a = var_b.to(stream_var.dtype) + eps
+    b = stream_var + eps
+    d2 = (mean_b.to(stream_mean.dtype) - stream_mean).square()
+    return (0.5 * (a / b + b / a) - 1.0 + 0.5 * d2 * (a.reciprocal() + b.reciprocal())).mean()
 
 
 @torch.no_grad()
 def stream_anchor_moments(mean_b: Tensor, var_b: Tensor, stream_mean: Tensor, stream_var: Tensor,
                           source_mean: Tensor, source_var: Tensor, decision: Tensor, skewed: Tensor,
-                          momentum: float, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                          momentum: float, valid: Tensor | None = None, reset: float | None = None,
+                          eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """:func:`stream_anchor` given the batch statistics ``(C,)`` (e.g. a process group's
     global batch); ``valid`` (0-dim bool) False folds nothing (an empty global batch)."""
     keep = ~(decision | skewed)                 # multiple: the stream stays
     if valid is not None:
         keep = keep | ~valid
+    rate: float | Tensor = momentum
+    if reset is not None:                       # a NaN divergence compares False: no reset
+        far = stream_divergence(mean_b, var_b, stream_mean, stream_var, eps) > reset
+        rate = torch.where(far, 1.0, momentum).to(stream_mean.dtype)
     for buf, new in ((stream_mean, mean_b), (stream_var, var_b)):
-        buf.copy_(torch.where(keep, buf, torch.lerp(buf, new.to(buf.dtype), momentum)))
+        buf.copy_(torch.where(keep, buf, torch.lerp(buf, new.to(buf.dtype), rate)))
     use = skewed & ~decision
     return torch.where(use, stream_mean, source_mean), torch.where(use, stream_var, source_var)
 
@@ -219,6 +238,9 @@ class FusedDABN(nn.BatchNorm2d):
         #: (0, 1]: they blend the stream statistics, updated with this momentum (a constant of
         #: the configuration, not a per-batch flag)
         self.stream_momentum: float | None = None
+        #: None, or a cut > 0 on :func:`stream_divergence`: a batch farther than it from the
+        #: stream statistics restarts them (momentum 1; SPEC §3c "reset")
+        self.stream_reset: float | None = None
         self.preset, self.shrink_k, self.backend, self.cluster = label, k, backend, cl
         self.compute_score, self.score_mode = compute_score, score_mode
         self.last_score: Tensor | None = None
@@ -328,24 +350,33 @@ class FusedDABN(nn.BatchNorm2d):
                 return torch.ops.datta._dabn_stream_forward(
                     ops.as_kernel_layout(x), self.weight, self.bias, self.source_mean, self.source_var,
                     self.blend_single, self.blend_multiple, self.blend_skewed, self.shrink_k, self.eps,
-                    self.stream_mean, self.stream_var, self.decision, self.skewed, self.stream_momentum)
+                    self.stream_mean, self.stream_var, self.decision, self.skewed, self.stream_momentum,
+                    getattr(self, "stream_reset", None))
             anchor_mean, anchor_var, stats = self._stream_anchor(x, stats)
         return _dabn(x, self.weight, self.bias, anchor_mean, anchor_var, self.blend(),
                      shrink_k=self.shrink_k, eps=self.eps, backend=self.backend, stats=stats,
                      check_blend=False)
 
-    def set_stream(self, momentum: float | None) -> None:
+    def set_stream(self, momentum: float | None, reset: float | None = None) -> None:
         """Blend the stream statistics instead of the source statistics on ``skewed`` batches
         (SPEC §3c), updated with ``momentum`` in (0, 1]; None: the source statistics (DATTA's
-        design).  The stream statistics restart from the source statistics."""
+        design).  ``reset``: None, or a cut > 0 on :func:`stream_divergence` above which a
+        batch restarts the stream statistics (a new domain; needs ``momentum``).  The stream
+        statistics restart from the source statistics."""
         if momentum is not None:
             momentum = float(momentum)
             if not (0.0 < momentum <= 1.0):
                 raise ValueError(f"stream momentum must be in (0, 1] or None, got {momentum}")
+        if reset is not None:
+            reset = float(reset)
+            if momentum is None or not (reset > 0.0):
+                raise ValueError(f"stream reset must be a cut > 0 with a momentum, got reset={reset}, "
+                                 f"momentum={momentum}")
         with torch.no_grad():
             self.stream_mean.copy_(self.source_mean)
             self.stream_var.copy_(self.source_var)
         self.stream_momentum = momentum
+        self.stream_reset = reset
 
     def _stream_anchor(self, x: Tensor, stats):
         """SPEC §3c: fold this batch's statistics into the stream statistics (batches not
@@ -357,14 +388,15 @@ class FusedDABN(nn.BatchNorm2d):
         s = stats if stats is not None else ops.run_instance_stats(x.detach(), name)
         mean_i, var_i = s[0].detach(), s[1].detach()
         hw = x.shape[2] * x.shape[3]
+        reset = getattr(self, "stream_reset", None)
         if x.device.type == "cpu" and ops.HAS_KERNEL_OPS:
             mean, var = torch.ops.datta._stream_anchor(
                 mean_i, var_i, hw, self.stream_mean, self.stream_var, self.source_mean,
-                self.source_var, self.decision, self.skewed, self.stream_momentum)
+                self.source_var, self.decision, self.skewed, self.stream_momentum, reset, self.eps)
         else:
             mean, var = stream_anchor(mean_i, var_i, hw, self.stream_mean, self.stream_var,
                                       self.source_mean, self.source_var, self.decision,
-                                      self.skewed, self.stream_momentum)
+                                      self.skewed, self.stream_momentum, reset, self.eps)
         return mean, var, (stats if need_graph else s)
 
     # ------------------------------------------------------------------ state

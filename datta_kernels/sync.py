@@ -251,7 +251,8 @@ class SyncFusedDABN(FusedDABN):
             # SPEC §3c on the global batch's statistics: the same fold on every rank
             smean, svar = stream_anchor_moments(mu_b, var_b, self.stream_mean, self.stream_var, smean, svar,
                                                 self.decision, self.skewed, self.stream_momentum,
-                                                valid=total > 0)
+                                                valid=total > 0, reset=getattr(self, "stream_reset", None),
+                                                eps=self.eps)
         st = {"mean_i": mean_i, "var_i": var_i, "m": m, "batch": (mu_b, var_b, count),
               "smean": smean.detach().to(dt), "svar": svar.detach().to(dt),
               "blend": self.blend().detach().to(device=x.device, dtype=dt),

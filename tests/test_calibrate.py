@@ -911,7 +911,9 @@ def test_calibrate_chooses_the_stream_momentum_on_the_validation_streams(monkeyp
         rate = adapter.layers[-1].stream_momentum
         if adapter.daft or rate is None:
             return 50.0
-        return 49.0 if peak is None else 55.0 - abs(math.log2(rate / peak))
+        # a reset never helps here (step 4c keeps none)
+        worse = 0.0 if adapter.layers[-1].stream_reset is None else 1.0
+        return 49.0 if peak is None else 55.0 - abs(math.log2(rate / peak)) - worse
     monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
     # a band rule that can say skewed (it wins the tie of step 4)
     monkeypatch.setattr(dk.calibration, "_best_band", lambda scores, acc, kinds, allow_low=True: (
@@ -919,10 +921,11 @@ def test_calibrate_chooses_the_stream_momentum_on_the_validation_streams(monkeyp
     grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4))
     adapter = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid)
     rep = adapter.calibration
-    tried = sorted(float(k.split("momentum ")[1]) for k in rep.stream_table if k != "source")
+    tried = sorted(float(k.split("momentum ")[1]) for k in rep.stream_table
+                   if k != "source" and "reset" not in k)
     assert tried == pytest.approx(want) and list(rep.stream_table)[0] == "source"
     assert rep.stream_momentum == (None if chosen is None else pytest.approx(chosen))
-    assert not rep.daft
+    assert rep.stream_reset is None and not rep.daft
     at = adapter._score_at
     for i, layer in enumerate(adapter.layers):
         assert layer.stream_momentum == (rep.stream_momentum if i >= at else None)
@@ -937,3 +940,47 @@ def test_calibrate_chooses_the_stream_momentum_on_the_validation_streams(monkeyp
         assert layer.stream_momentum == (rep.stream_momentum if i >= at else None)
         assert layer.blend_single.tolist() == pytest.approx(rep.single_blend if i >= at else rep.pre_blend)
         assert torch.equal(layer.stream_mean, layer.source_mean)
+
+
+@pytest.mark.parametrize("peak,want,chosen", [
+    (None, [0.5, 1.0, 2.0], None),                          # no cut beats none: no reset
+    (1.0, [0.5, 1.0, 2.0], 1.0),                             # the start is best: one step each way
+    (0.25, [0.125, 0.25, 0.5, 1.0, 2.0], 0.25),              # halved while the mean rises
+    (64.0, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0], 16.0),           # doubled up to RESET_LIMITS
+])
+def test_calibrate_chooses_the_stream_reset_on_the_validation_streams(monkeypatch, peak, want, chosen):
+    """Step 4c: with the stream statistics chosen, a reset cut on a batch's divergence from
+    them, found from RESET_START by halving and doubling while the mean over the validation
+    streams rises; ties: no reset.  Stubbed accuracies as in step 4b's test; the adapter's
+    layers from the score layer on carry the cut (and DAFT's runs use it)."""
+    seen = []
+
+    def fake(adapter, x, y, batches):
+        rate, reset = adapter.layers[-1].stream_momentum, adapter.layers[-1].stream_reset
+        seen.append((adapter.daft, reset))
+        if adapter.daft or rate is None:
+            return 50.0 if rate is None else 40.0
+        base = 55.0 - abs(math.log2(rate / 0.05))
+        if reset is None:
+            return base
+        return base - 1.0 if peak is None else base + 5.0 - abs(math.log2(reset / peak))
+    monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
+    monkeypatch.setattr(dk.calibration, "_best_band", lambda scores, acc, kinds, allow_low=True: (
+        float(np.median(scores)) if allow_low else -math.inf, float(np.max(scores)) + 1, 0.0))
+    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4))
+    adapter = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid)
+    rep = adapter.calibration
+    assert rep.stream_momentum == pytest.approx(0.05)
+    tried = sorted(float(k.split("reset ")[1]) for k in rep.stream_table if "reset" in k)
+    assert tried == pytest.approx(want)
+    assert rep.stream_reset == (None if chosen is None else pytest.approx(chosen))
+    assert {r for daft, r in seen if daft} == {rep.stream_reset}       # step 5 runs with the cut
+    at = adapter._score_at
+    for i, layer in enumerate(adapter.layers):
+        assert layer.stream_reset == (rep.stream_reset if i >= at else None)
+    text = str(rep)
+    assert ("restarted by a batch whose divergence" in text) == (chosen is not None)
+    assert rep.as_dict()["stream_reset"] == rep.stream_reset
+    adapter(_domains()["noisy"][0][:8])
+    adapter.reset()
+    assert [layer.stream_reset for layer in adapter.layers[at:]] == [rep.stream_reset] * (len(adapter.layers) - at)

@@ -420,20 +420,34 @@ Tensor dabn_normalize_cpu(const Tensor& x, const c10::optional<Tensor>& weight,
 }
 
 /// SPEC §3c: fold the batch's statistics (D4, from the instance statistics; acc-typed (N, C))
-/// into the stream statistics in place, s <- s + momentum (b - s), in double.
+/// into the stream statistics in place, s <- s + momentum (b - s), in double.  With a reset cut
+/// (SPEC §3c "reset"): when the batch's divergence from the stream statistics (stream_divergence)
+/// exceeds it, the momentum is 1 (the stream restarts at the batch).
 void fold_stream(const Tensor& mean_i, const Tensor& var_i, int64_t m, const Tensor& stream_mean,
-                 const Tensor& stream_var, double momentum) {
+                 const Tensor& stream_var, double momentum, c10::optional<double> reset, double eps) {
   const int64_t n = mean_i.size(0), c = mean_i.size(1);
   const std::vector<double> mu = host_doubles(&mean_i, n * c, 0.0), var = host_doubles(&var_i, n * c, 0.0);
   std::vector<double> sm = host_doubles(&stream_mean, c, 0.0), sv = host_doubles(&stream_var, c, 0.0);
+  std::vector<double> bm(c), bv(c);
+  double div = 0.0;
   for (int64_t ci = 0; ci < c; ++ci) {
     double s = 0.0;
     for (int64_t ni = 0; ni < n; ++ni) s += mu[ni * c + ci];
-    const double mu_b = s / static_cast<double>(n);
+    bm[ci] = s / static_cast<double>(n);
     double ss = 0.0;
-    for (int64_t ni = 0; ni < n; ++ni) ss += math::batch_ss_term(mu[ni * c + ci], var[ni * c + ci], mu_b, m);
-    sm[ci] += momentum * (mu_b - sm[ci]);
-    sv[ci] += momentum * (math::batch_var(ss, n, m) - sv[ci]);
+    for (int64_t ni = 0; ni < n; ++ni) ss += math::batch_ss_term(mu[ni * c + ci], var[ni * c + ci], bm[ci], m);
+    bv[ci] = math::batch_var(ss, n, m);
+    if (reset.has_value()) {
+      // the symmetric KL divergence of the per-channel Gaussians (source_shift's formula)
+      const double a = bv[ci] + eps, b = sv[ci] + eps, d = bm[ci] - sm[ci];
+      div += 0.5 * (a / b + b / a) - 1.0 + 0.5 * d * d * (1.0 / a + 1.0 / b);
+    }
+  }
+  // NaN divergence (non-finite statistics) compares false: no reset
+  const double rate = reset.has_value() && div / static_cast<double>(c) > *reset ? 1.0 : momentum;
+  for (int64_t ci = 0; ci < c; ++ci) {
+    sm[ci] += rate * (bm[ci] - sm[ci]);
+    sv[ci] += rate * (bv[ci] - sv[ci]);
   }
   const auto f64 = at::TensorOptions().dtype(at::kDouble);
   stream_mean.copy_(at::tensor(sm, f64));
@@ -441,7 +455,7 @@ void fold_stream(const Tensor& mean_i, const Tensor& var_i, int64_t m, const Ten
 }
 
 void check_stream(const char* op, const Tensor& stream_mean, const Tensor& stream_var, int64_t c,
-                  double momentum) {
+                  double momentum, c10::optional<double> reset) {
   for (const Tensor* t : {&stream_mean, &stream_var}) {
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->size(0) == c && t->is_floating_point(),
                 op, ": stream statistics must be floating-point (", c, ",) CPU tensors, got ",
@@ -449,6 +463,8 @@ void check_stream(const char* op, const Tensor& stream_mean, const Tensor& strea
   }
   TORCH_CHECK(momentum > 0.0 && momentum <= 1.0, op, ": stream momentum must be in (0, 1], got ",
               momentum);
+  TORCH_CHECK(!reset.has_value() || *reset > 0.0, op, ": stream reset cut must be > 0 or None, got ",
+              reset.value_or(0.0));
 }
 
 bool flag_of(const char* op, const Tensor& t) {
@@ -465,8 +481,9 @@ std::pair<const Tensor*, const Tensor*> stream_source(bool single, bool is_skewe
                                                       const Tensor& var_i, int64_t m,
                                                       const Tensor& stream_mean, const Tensor& stream_var,
                                                       const Tensor& source_mean, const Tensor& source_var,
-                                                      double momentum) {
-  if (single || is_skewed) fold_stream(mean_i, var_i, m, stream_mean, stream_var, momentum);
+                                                      double momentum, c10::optional<double> reset,
+                                                      double eps) {
+  if (single || is_skewed) fold_stream(mean_i, var_i, m, stream_mean, stream_var, momentum, reset, eps);
   if (is_skewed && !single) return {&stream_mean, &stream_var};
   return {&source_mean, &source_var};
 }
@@ -480,14 +497,14 @@ std::tuple<Tensor, Tensor> stream_anchor_cpu(const Tensor& mean, const Tensor& v
                                              const Tensor& stream_mean, const Tensor& stream_var,
                                              const Tensor& source_mean, const Tensor& source_var,
                                              const Tensor& decision, const Tensor& skewed,
-                                             double momentum) {
+                                             double momentum, c10::optional<double> reset, double eps) {
   constexpr const char* op = "datta::_stream_anchor";
   TORCH_CHECK(mean.dim() == 2 && var.sizes() == mean.sizes() && mean.device().is_cpu() &&
                   var.device().is_cpu() && mean.size(0) > 0 && m >= 1,
               op, ": mean and var must be equal non-empty (N, C) CPU tensors and m >= 1, got ",
               mean.sizes(), ", ", var.sizes(), ", m = ", m);
   const int64_t c = mean.size(1);
-  check_stream(op, stream_mean, stream_var, c, momentum);
+  check_stream(op, stream_mean, stream_var, c, momentum, reset);
   for (const Tensor* t : {&source_mean, &source_var}) {
     TORCH_CHECK(t->dim() == 1 && t->size(0) == c, op, ": source statistics must be (", c, ",), got ",
                 t->sizes());
@@ -496,7 +513,7 @@ std::tuple<Tensor, Tensor> stream_anchor_cpu(const Tensor& mean, const Tensor& v
   const at::ScalarType acc = at::promote_types(mean.scalar_type(), at::kFloat);
   const auto [am, av] = stream_source(single, is_skewed, mean.detach().to(acc).contiguous(),
                                       var.detach().to(acc).contiguous(), m, stream_mean, stream_var,
-                                      source_mean, source_var, momentum);
+                                      source_mean, source_var, momentum, reset, eps);
   return {am->clone(), av->clone()};
 }
 
@@ -512,16 +529,16 @@ Tensor dabn_stream_forward_cpu(const Tensor& x, const c10::optional<Tensor>& wei
                                const Tensor& blend_multiple, const Tensor& blend_skewed,
                                c10::optional<double> shrink_k, double eps, const Tensor& stream_mean,
                                const Tensor& stream_var, const Tensor& decision,
-                               const Tensor& skewed, double momentum) {
+                               const Tensor& skewed, double momentum, c10::optional<double> reset) {
   constexpr const char* op = "datta::_dabn_stream_forward";
   check_dabn_decide_forward(x, weight, bias, source_mean, source_var, blend_single, blend_multiple,
                             blend_skewed);
   const Geometry g = geometry_of(x);
-  check_stream(op, stream_mean, stream_var, g.c, momentum);
+  check_stream(op, stream_mean, stream_var, g.c, momentum, reset);
   const bool single = flag_of(op, decision), is_skewed = !single && flag_of(op, skewed);
   auto [mean_i, var_i] = moments(x);
   const auto [sm, sv] = stream_source(single, is_skewed, mean_i, var_i, g.m, stream_mean, stream_var,
-                                      source_mean, source_var, momentum);
+                                      source_mean, source_var, momentum, reset, eps);
   const Tensor& blend = single ? blend_single : is_skewed ? blend_skewed : blend_multiple;
   return normalized(x, g, weight, bias, *sm, *sv, blend, shrink_k, eps, mean_i, var_i);
 }
@@ -544,7 +561,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dabn_
     double threshold, double low, c10::optional<double> skew_cut, c10::optional<double> shift_lo,
     c10::optional<double> shift_hi, at::TensorList decision, at::TensorList skewed,
     const c10::optional<Tensor>& stream_mean, const c10::optional<Tensor>& stream_var,
-    c10::optional<double> stream_momentum) {
+    c10::optional<double> stream_momentum, c10::optional<double> stream_reset) {
   check_dabn_decide_forward(x, weight, bias, source_mean, source_var, blend_single, blend_multiple,
                             blend_skewed);
   for (const at::TensorList& list : {decision, skewed}) {
@@ -555,7 +572,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dabn_
   TORCH_CHECK(stream == (stream_mean.has_value() && stream_var.has_value()),
               "datta::_dabn_decide_forward: stream_mean, stream_var and stream_momentum go together");
   if (stream) {
-    check_stream("datta::_dabn_decide_forward", *stream_mean, *stream_var, g.c, *stream_momentum);
+    check_stream("datta::_dabn_decide_forward", *stream_mean, *stream_var, g.c, *stream_momentum,
+                 stream_reset);
   }
   auto [mean_i, var_i] = moments(x);
   auto [score, per_sample] = dispersion_score_cpu(mean_i, var_i, source_mean, source_var, g.m, eps,
@@ -569,7 +587,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dabn_
   const Tensor& blend = single ? blend_single : is_skewed ? blend_skewed : blend_multiple;
   // SPEC §3c: the stream statistics take the source's place on a skewed batch
   const auto [sm, sv] = stream ? stream_source(single, is_skewed, mean_i, var_i, g.m, *stream_mean,
-                                               *stream_var, source_mean, source_var, *stream_momentum)
+                                               *stream_var, source_mean, source_var, *stream_momentum,
+                                               stream_reset, eps)
                                : std::pair<const Tensor*, const Tensor*>{&source_mean, &source_var};
   Tensor y = normalized(x, g, weight, bias, *sm, *sv, blend, shrink_k, eps, mean_i, var_i);
   return {y, mean_i, var_i, score, per_sample, spread, shift, flags};

@@ -86,6 +86,10 @@ def format_tables(doc: dict) -> str:
                       f"{tuple(c['multiple_blend'])}, skewed {tuple(c['skewed_blend'])}; dispersion score "
                       f"at {c['score_layer']}: "
                       f"{rule_name(c['threshold'], c['low'], c.get('skew_cut'), c.get('shift_cut'))}; "
+                      + (f"skewed batches on the stream statistics (momentum {c['stream_momentum']:g}"
+                         + (f", reset above divergence {c['stream_reset']:g}"
+                            if c.get('stream_reset') else "")
+                         + "); " if c.get('stream_momentum') else "")
                       + (f"DAFT on at lr {c['lr']:g}"
                          + (", multiple batches too" if c.get('daft_multiple') else "")
                          if c['daft'] else "DAFT off")]
