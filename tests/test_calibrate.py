@@ -983,4 +983,4 @@ def test_calibrate_chooses_the_stream_reset_on_the_validation_streams(monkeypatc
     assert rep.as_dict()["stream_reset"] == rep.stream_reset
     adapter(_domains()["noisy"][0][:8])
     adapter.reset()
-    assert [layer.stream_reset for layer in adapter.layers[at:]] == [rep.stream_reset] * (len(adapter.layers) - at)
+    assert all(layer.stream_reset == rep.stream_reset for layer in adapter.layers[at:])

@@ -196,12 +196,13 @@ STREAM_STEPS = ("single", "skewed", "multiple", "skewed")
 
 
 def _stream_steps(wrap, x: torch.Tensor) -> list[dict]:
-    """Outputs and stream buffers of a layer with stream statistics over STREAM_STEPS, each
-    step on ``x`` scaled differently (``wrap``: the layer as run, synced or not)."""
+    """Outputs and stream buffers of a layer with stream statistics and a reset cut over
+    STREAM_STEPS, each step on ``x`` scaled differently (``wrap``: the layer as run, synced or
+    not)."""
     base = _layer(BACKENDS[-1], "datta", "single", x.shape[1])
-    base.set_stream(0.3)
+    base.set_stream(0.3, reset=1.0)      # steps 1 and 3 restart the stream (divergence > 1), step 0 folds
     layer = wrap(base)
-    assert layer.stream_momentum == 0.3
+    assert (layer.stream_momentum, layer.stream_reset) == (0.3, 1.0)
     out = []
     for k, decision in enumerate(STREAM_STEPS):
         layer.set_decision(decision)

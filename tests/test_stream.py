@@ -19,14 +19,30 @@ DECISIONS = {"single": (True, False), "multiple": (False, False), "skewed": (Fal
              "single, skewed flag set": (True, True)}
 
 
-def _fold64(mean_i, var_i, m, stream_mean, stream_var, momentum):
-    """SPEC §3c in float64 numpy: D4's batch statistics from the instance statistics (unbiased
-    over N M), then s + momentum (b - s)."""
+def _batch64(mean_i, var_i, m):
+    """D4's batch statistics from the instance statistics (unbiased over N M), float64 numpy."""
     mu, var = mean_i.double().numpy(), var_i.double().numpy()
     n = mu.shape[0]
     mu_b = mu.mean(0)
     ss = ((m - 1) * var + m * (mu - mu_b) ** 2).sum(0)
-    var_b = ss / (n * m - 1) if n * m > 1 else np.zeros_like(mu_b)
+    return mu_b, (ss / (n * m - 1) if n * m > 1 else np.zeros_like(mu_b))
+
+
+def _div64(mean_i, var_i, m, stream_mean, stream_var, eps=1e-5):
+    """SPEC §3c "reset": the symmetric KL divergence of the per-channel Gaussians of the batch
+    and of the stream statistics, averaged over channels (float64)."""
+    mu_b, var_b = _batch64(mean_i, var_i, m)
+    a, b = var_b + eps, stream_var.double().numpy() + eps
+    d2 = (mu_b - stream_mean.double().numpy()) ** 2
+    return float(np.mean(0.5 * (a / b + b / a) - 1 + 0.5 * d2 * (1 / a + 1 / b)))
+
+
+def _fold64(mean_i, var_i, m, stream_mean, stream_var, momentum, reset=None):
+    """SPEC §3c in float64 numpy: D4's batch statistics, then s + momentum (b - s); with a
+    ``reset`` cut, momentum 1 where the batch's divergence from the stream exceeds it."""
+    mu_b, var_b = _batch64(mean_i, var_i, m)
+    if reset is not None and _div64(mean_i, var_i, m, stream_mean, stream_var) > reset:
+        momentum = 1.0
     sm, sv = stream_mean.double().numpy(), stream_var.double().numpy()
     return sm + momentum * (mu_b - sm), sv + momentum * (var_b - sv)
 
@@ -41,15 +57,26 @@ def _case(n, c, seed=0):
 @pytest.mark.parametrize("decision", list(DECISIONS))
 @pytest.mark.parametrize("n,c,m", [(5, 3, 16), (1, 4, 9), (1, 2, 1), (7, 1, 1)])
 @pytest.mark.parametrize("momentum", [0.05, 1.0])
+@pytest.mark.parametrize("reset", ["none", "far", "near"])
 @pytest.mark.parametrize("impl", ["torch", pytest.param("op", marks=needs_op)])
-def test_stream_anchor_matches_float64(decision, n, c, m, momentum, impl):
+def test_stream_anchor_matches_float64(decision, n, c, m, momentum, reset, impl):
+    """The fold (and with a reset cut below / above the batch's divergence from the stream, the
+    restart / the plain fold) against float64."""
     mean_i, var_i, sm, sv, src_m, src_v = _case(n, c)
     stream = (sm.clone(), sv.clone())
     single, skewed = (torch.tensor(v) for v in DECISIONS[decision])
-    fn = torch.ops.datta._stream_anchor if impl == "op" else stream_anchor
-    got = fn(mean_i, var_i, m, *stream, src_m, src_v, single, skewed, momentum)
+    div = _div64(mean_i, var_i, m, sm, sv)
+    cut = {"none": None, "far": div / 2, "near": div * 2}[reset]
+    if impl == "op":
+        got = torch.ops.datta._stream_anchor(mean_i, var_i, m, *stream, src_m, src_v, single, skewed,
+                                             momentum, cut, 1e-5)
+    else:
+        got = stream_anchor(mean_i, var_i, m, *stream, src_m, src_v, single, skewed, momentum, cut, 1e-5)
     folds = decision != "multiple"
-    want_m, want_v = _fold64(mean_i, var_i, m, sm, sv, momentum) if folds else (sm.double(), sv.double())
+    want_m, want_v = (_fold64(mean_i, var_i, m, sm, sv, momentum, cut) if folds
+                      else (sm.double(), sv.double()))
+    if reset == "far" and folds:        # restarted at the batch statistics
+        torch.testing.assert_close(want_m, _batch64(mean_i, var_i, m)[0])
     torch.testing.assert_close(stream[0].double(), torch.as_tensor(want_m), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(stream[1].double(), torch.as_tensor(want_v), rtol=1e-6, atol=1e-6)
     anchor = stream if decision == "skewed" else (src_m, src_v)
@@ -66,10 +93,12 @@ def test_stream_anchor_op_is_the_torch_function_and_checks_its_input():
     for single, skewed in DECISIONS.values():
         a, b = (sm.clone(), sv.clone()), (sm.clone(), sv.clone())
         flags = (torch.tensor(single), torch.tensor(skewed))
-        got = torch.ops.datta._stream_anchor(mean_i, var_i, 12, *a, src_m, src_v, *flags, 0.3)
-        want = stream_anchor(mean_i, var_i, 12, *b, src_m, src_v, *flags, 0.3)
-        for x, y in zip(got + a, want + b):
-            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+        for cut in (None, 0.05, 1e3):
+            a, b = (sm.clone(), sv.clone()), (sm.clone(), sv.clone())
+            got = torch.ops.datta._stream_anchor(mean_i, var_i, 12, *a, src_m, src_v, *flags, 0.3, cut)
+            want = stream_anchor(mean_i, var_i, 12, *b, src_m, src_v, *flags, 0.3, cut)
+            for x, y in zip(got + a, want + b):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
     args = [mean_i, var_i, 12, sm.clone(), sv.clone(), src_m, src_v, torch.tensor(False),
             torch.tensor(True), 0.3]
     for i, bad, match in [(9, 0.0, "momentum"), (9, 1.5, "momentum"), (3, sm[:-1].clone(), "stream"),
@@ -79,6 +108,9 @@ def test_stream_anchor_op_is_the_torch_function_and_checks_its_input():
         bad_args[i] = bad
         with pytest.raises(RuntimeError, match=match):
             torch.ops.datta._stream_anchor(*bad_args)
+    for bad in (0.0, -1.0):
+        with pytest.raises(RuntimeError, match="reset cut"):
+            torch.ops.datta._stream_anchor(*args, bad)
 
 
 def _layer(c=3, backend="auto"):
@@ -128,6 +160,11 @@ def test_layer_blends_the_stream_statistics_on_skewed_batches(backend):
     for bad in (0.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="momentum"):
             layer.set_stream(bad)
+    for momentum, reset in ((None, 1.0), (0.1, 0.0), (0.1, -1.0), (0.1, float("nan"))):
+        with pytest.raises(ValueError, match="reset"):
+            layer.set_stream(momentum, reset)
+    layer.set_stream(0.1, 2.0)
+    assert (layer.stream_momentum, layer.stream_reset) == (0.1, 2.0)
 
 
 def test_layer_stream_gradients_and_checkpoints():
@@ -189,21 +226,23 @@ def _model():
 
 
 @pytest.mark.parametrize("daft", [False, True])
-def test_adapter_folds_each_batch_once(daft):
+@pytest.mark.parametrize("reset", [None, 0.5])
+def test_adapter_folds_each_batch_once(daft, reset):
     """Under DATTA, each layer from the score layer on folds every batch not decided multiple
     exactly once, DAFT's second forward of a single batch included (the fused CPU score layer
-    undoes its fold before that forward); the layers before the score layer never fold."""
+    undoes its fold before that forward); the layers before the score layer never fold.  With a
+    reset cut, each layer restarts where its own divergence exceeds it (both happen here)."""
     adapter = dk.DATTA(_model(), score_mode="dispersion", selector=dk.ThresholdSelector(0.2, low=0.01),
                        daft=daft, lr=1e-2, weights=((0.0, 1.0, 0.0), (0.2, 0.6, 0.2), (1.0, 0.0, 0.0)),
                        shrink_k=None)
     seen = {}
     for i, layer in enumerate(adapter.layers):
-        layer.set_stream(0.3)
+        layer.set_stream(0.3, reset)
         layer.register_forward_pre_hook(lambda mod, inp, i=i: seen.setdefault(i, []).append(inp[0].detach()))
     g = torch.Generator().manual_seed(4)
     expected = {i: (layer.stream_mean.double(), layer.stream_var.double())
                 for i, layer in enumerate(adapter.layers)}
-    decisions = []
+    decisions, restarts = [], []
     for k in range(8):
         x = torch.randn(8, 1, 12, 12, generator=g) * (0.2 + k % 3) + (k % 4)
         if k % 4 == 3:      # near-duplicates: skewed
@@ -217,11 +256,14 @@ def test_adapter_folds_each_batch_once(daft):
         for i, layer in enumerate(adapter.layers):
             if i >= score_at and adapter.last_decision != "multiple":
                 inp = seen[i][-1]           # the forward whose output was kept
-                expected[i] = tuple(torch.as_tensor(v) for v in _fold64(
-                    *ref.instance_stats(inp), inp.shape[2] * inp.shape[3], *expected[i], 0.3))
+                stats = (*ref.instance_stats(inp), inp.shape[2] * inp.shape[3])
+                if reset is not None:
+                    restarts.append(_div64(*stats, *expected[i]) > reset)
+                expected[i] = tuple(torch.as_tensor(v) for v in _fold64(*stats, *expected[i], 0.3, reset))
             torch.testing.assert_close(layer.stream_mean.double(), expected[i][0], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(layer.stream_var.double(), expected[i][1], rtol=1e-5, atol=1e-6)
     assert adapter._score_at > 0 and set(decisions) == {"single", "multiple", "skewed"}
+    assert reset is None or set(restarts) == {True, False}
     assert not daft or adapter.n_updates > 0
     adapter.reset()
     for layer in adapter.layers:
@@ -230,11 +272,12 @@ def test_adapter_folds_each_batch_once(daft):
 
 @needs_op
 @pytest.mark.parametrize("decision", ["single", "multiple", "skewed"])
+@pytest.mark.parametrize("reset", [None, 1e-3])
 @pytest.mark.parametrize("dtype,channels_last,shrink_k", [(torch.float32, False, None),
                                                           (torch.float32, True, 4.0),
                                                           (torch.float64, False, None),
                                                           (torch.bfloat16, False, None)], ids=str)
-def test_stream_forward_op_is_the_separate_ops(decision, dtype, channels_last, shrink_k):
+def test_stream_forward_op_is_the_separate_ops(decision, reset, dtype, channels_last, shrink_k):
     """``datta::_dabn_stream_forward`` (the layer's graph-free CPU path) gives bit for bit what
     _instance_stats + _stream_anchor + _dabn_normalize give: y and the stream statistics."""
     layer = _layer(4)
@@ -247,10 +290,11 @@ def test_stream_forward_op_is_the_separate_ops(decision, dtype, channels_last, s
     sm, sv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
     a, b = (sm.clone(), sv.clone()), (sm.clone(), sv.clone())
     common = (layer.weight, layer.bias, layer.source_mean, layer.source_var)
-    y = torch.ops.datta._dabn_stream_forward(x, *common, *blends, shrink_k, 1e-5, *a, single, skewed, 0.2)
+    y = torch.ops.datta._dabn_stream_forward(x, *common, *blends, shrink_k, 1e-5, *a, single, skewed, 0.2,
+                                             reset)
     mean_i, var_i = torch.ops.datta._instance_stats(x)
     am, av = torch.ops.datta._stream_anchor(mean_i, var_i, 42, *b, layer.source_mean, layer.source_var,
-                                            single, skewed, 0.2)
+                                            single, skewed, 0.2, reset, 1e-5)
     blend = blends[{"single": 0, "multiple": 1, "skewed": 2}[decision]]
     want = torch.ops.datta._dabn_normalize(x, layer.weight, layer.bias, am, av, blend, shrink_k, 1e-5,
                                            mean_i, var_i)
