@@ -895,6 +895,17 @@ def test_fused_score_layer_is_the_separate_ops(monkeypatch):
     assert used == [False]
 
 
+def _calibrate_stubbed(monkeypatch, stream_accuracy):
+    """``calibrate`` on the tiny model with the validation streams' accuracies stubbed by
+    ``stream_accuracy(adapter, x, y, batches)`` and a band rule that can say skewed (it wins
+    the tie of step 4)."""
+    monkeypatch.setattr(dk.calibration, "_stream_accuracy", stream_accuracy)
+    monkeypatch.setattr(dk.calibration, "_best_band", lambda scores, acc, kinds, allow_low=True: (
+        float(np.median(scores)) if allow_low else -math.inf, float(np.max(scores)) + 1, 0.0))
+    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4))
+    return calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid)
+
+
 @pytest.mark.parametrize("peak,want,chosen", [
     (0.05, [0.025, 0.05, 0.1], 0.05),                        # the start is best: one step each way
     (0.0125, [0.0125, 0.025, 0.05, 0.1], 0.0125),           # halved while the mean rises (to 1/128)
@@ -914,12 +925,7 @@ def test_calibrate_chooses_the_stream_momentum_on_the_validation_streams(monkeyp
         # a reset never helps here (step 4c keeps none)
         worse = 0.0 if adapter.layers[-1].stream_reset is None else 1.0
         return 49.0 if peak is None else 55.0 - abs(math.log2(rate / peak)) - worse
-    monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
-    # a band rule that can say skewed (it wins the tie of step 4)
-    monkeypatch.setattr(dk.calibration, "_best_band", lambda scores, acc, kinds, allow_low=True: (
-        float(np.median(scores)) if allow_low else -math.inf, float(np.max(scores)) + 1, 0.0))
-    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4))
-    adapter = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid)
+    adapter = _calibrate_stubbed(monkeypatch, fake)
     rep = adapter.calibration
     tried = sorted(float(k.split("momentum ")[1]) for k in rep.stream_table
                    if k != "source" and "reset" not in k)
@@ -964,11 +970,7 @@ def test_calibrate_chooses_the_stream_reset_on_the_validation_streams(monkeypatc
         if reset is None:
             return base
         return base - 1.0 if peak is None else base + 5.0 - abs(math.log2(reset / peak))
-    monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
-    monkeypatch.setattr(dk.calibration, "_best_band", lambda scores, acc, kinds, allow_low=True: (
-        float(np.median(scores)) if allow_low else -math.inf, float(np.max(scores)) + 1, 0.0))
-    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4))
-    adapter = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid)
+    adapter = _calibrate_stubbed(monkeypatch, fake)
     rep = adapter.calibration
     assert rep.stream_momentum == pytest.approx(0.05)
     tried = sorted(float(k.split("reset ")[1]) for k in rep.stream_table if "reset" in k)
