@@ -236,8 +236,9 @@ class Calibration:
             lines.append(f"skewed batches on {which} from the score layer on (the best mean over "
                          "the validation streams without DAFT; ties: the source statistics, then "
                          "the smaller momentum; no reset, then the larger cut):")
+            width = max(28, *map(len, self.stream_table))
             for name, acc in self.stream_table.items():
-                lines.append(f"  {name:<28} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+                lines.append(f"  {name:<{width}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                              + f"  mean {_mean(acc):5.1f}")
         chosen = (f"on at lr {self.lr:g}, " + ("single and multiple batches" if self.daft_multiple
                                                  else "single batches")) if self.daft else "off"
