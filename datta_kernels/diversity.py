@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from . import reference as ref
 from .functional import diversity_score
 
 __all__ = ["diversity_score", "prediction_spread", "source_shift", "ClassProbe", "Selector", "KDESelector",
@@ -104,12 +105,11 @@ def source_shift_reference(mean_i: Tensor, var_i: Tensor, source_mean: Tensor, s
                            eps: float, signed: bool = False) -> Tensor:
     """:func:`source_shift` by its PyTorch ops (float32)."""
     m = mean_i.detach().float()
-    a = var_i.detach().float().mean(0) + m.var(0, unbiased=False) + eps
-    b = source_var.detach().float() + eps
-    d2 = (m.mean(0) - source_mean.detach().float()).square()
-    shift = (0.5 * (a / b + b / a) - 1.0 + 0.5 * d2 * (a.reciprocal() + b.reciprocal())).mean()
+    v = var_i.detach().float().mean(0) + m.var(0, unbiased=False)
+    vs = source_var.detach().float()
+    shift = ref.gaussian_sym_kl(m.mean(0), v, source_mean.detach().float(), vs, eps)
     if signed:
-        shift = torch.where(torch.log(a / b).mean() < 0, -shift, shift)
+        shift = torch.where(torch.log((v + eps) / (vs + eps)).mean() < 0, -shift, shift)
     return shift
 
 

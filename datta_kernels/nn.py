@@ -117,10 +117,8 @@ def stream_divergence(mean_b: Tensor, var_b: Tensor, stream_mean: Tensor, stream
     "reset"): the symmetric KL divergence of the per-channel Gaussians averaged over channels
     (:func:`~datta_kernels.diversity.source_shift`'s formula with the stream in the source's
     place), 0-dim, in the stream's dtype."""
-    a = var_b.to(stream_var.dtype) + eps
-    b = stream_var + eps
-    d2 = (mean_b.to(stream_mean.dtype) - stream_mean).square()
-    return (0.5 * (a / b + b / a) - 1.0 + 0.5 * d2 * (a.reciprocal() + b.reciprocal())).mean()
+    return ref.gaussian_sym_kl(mean_b.to(stream_mean.dtype), var_b.to(stream_var.dtype), stream_mean,
+                               stream_var, eps)
 
 
 @torch.no_grad()

@@ -58,6 +58,16 @@ def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def gaussian_sym_kl(mean_b: Tensor, var_b: Tensor, mean_s: Tensor, var_s: Tensor, eps: float) -> Tensor:
+    """The symmetric KL divergence between per-channel Gaussians ``(mean_b, var_b)`` and
+    ``(mean_s, var_s)`` ``(C,)``, averaged over channels (0-dim): with ``a = var_b + eps``,
+    ``b = var_s + eps``, per channel ``(a / b + b / a) / 2 - 1 + (mean_b - mean_s)^2 (1 / a +
+    1 / b) / 2`` (SPEC §6 step 5's source shift, §3c's stream divergence)."""
+    a, b = var_b + eps, var_s + eps
+    d2 = (mean_b - mean_s).square()
+    return (0.5 * (a / b + b / a) - 1.0 + 0.5 * d2 * (a.reciprocal() + b.reciprocal())).mean()
+
+
 def batch_stats(mean_i: Tensor, var_i: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """SPEC D4: batch mean and unbiased variance ``(C,)`` from instance statistics (exact, §1).
 

@@ -74,6 +74,13 @@ DATTA_HD A batch_ss_term(A mu_i, A var_i, A mu_b, int64_t m) {
   return A(m - 1) * var_i + A(m) * d * d;
 }
 
+/// SPEC §6 step 5 / §3c "Reset": one channel's symmetric KL divergence between two Gaussians
+/// with variances a and b (eps included) whose means differ by d.
+template <typename A>
+DATTA_HD A gaussian_sym_kl(A a, A b, A d) {
+  return A(0.5) * (a / b + b / a) - A(1) + A(0.5) * d * d * (A(1) / a + A(1) / b);
+}
+
 /// SPEC D4: var_B from the summed terms; 0 when N*M <= 1 (undefined; D1 drops w_b then).
 template <typename A>
 DATTA_HD A batch_var(A ss, int64_t n, int64_t m) {

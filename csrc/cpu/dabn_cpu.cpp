@@ -439,8 +439,7 @@ void fold_stream(const Tensor& mean_i, const Tensor& var_i, int64_t m, const Ten
     bv[ci] = math::batch_var(ss, n, m);
     if (reset.has_value()) {
       // the symmetric KL divergence of the per-channel Gaussians (source_shift's formula)
-      const double a = bv[ci] + eps, b = sv[ci] + eps, d = bm[ci] - sm[ci];
-      div += 0.5 * (a / b + b / a) - 1.0 + 0.5 * d * d * (1.0 / a + 1.0 / b);
+      div += math::gaussian_sym_kl(bv[ci] + eps, sv[ci] + eps, bm[ci] - sm[ci]);
     }
   }
   // NaN divergence (non-finite statistics) compares false: no reset

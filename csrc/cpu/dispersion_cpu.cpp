@@ -19,6 +19,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "common/dabn_math.h"
 #include "cpu/score_rule.h"
 
 namespace datta::cpu {
@@ -226,7 +227,7 @@ double source_shift(const Stats& st, double eps, bool signed_shift) {
     const double a = mean_var / double(n) + ss_mu / double(n) + eps;
     const double b = st.sv[ci] + eps;
     const double d = mean_mu - st.sm[ci];
-    total += 0.5 * (a / b + b / a) - 1.0 + 0.5 * d * d * (1.0 / a + 1.0 / b);
+    total += math::gaussian_sym_kl(a, b, d);
     log_ratio += std::log(a / b);
   }
   const double shift = total / double(c);
