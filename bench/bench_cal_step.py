@@ -54,6 +54,8 @@ def _calibration(model, vdom, bs: int, recorded: dict):
     cal.low, cal.skew_cut, cal.daft = -math.inf, recorded["skew_cut"], recorded["daft"]
     cal.lr, cal.daft_multiple = recorded["lr"], recorded.get("daft_multiple", False)
     cal.shift_cut = tuple(recorded["shift_cut"]) if recorded.get("shift_cut") else None
+    # skewed batches on the stream statistics and their reset (None in runs before e50793a)
+    cal.stream_momentum, cal.stream_reset = recorded.get("stream_momentum"), recorded.get("stream_reset")
     return cal
 
 

@@ -2,7 +2,7 @@
 goal of issue 20: on the batches ``datta_cal`` does not fine-tune, at most 1.1x tbn's time).
 
 ``bench_cal_step.py`` times one call on one repeated batch with the decision forced; this runs
-the demo's test streams (single, mixed, dynamic at severity 3, bs 16 and 64) through ``tbn``
+the demo's test streams (single, label-sorted, mixed, dynamic at severity 3, bs 16 and 64) through ``tbn``
 and ``datta_cal`` in lockstep (``datta_kernels.eval.runner.run_lockstep``, the demo's own
 loop: turns alternating each batch), so ``datta_cal`` decides, fine-tunes when it says
 ``single`` and is timed on everything else, with the real mix of decisions, inputs and the
@@ -11,7 +11,8 @@ looked at and nothing is chosen here.
 
 Each ``THP_MEM_ALLOC_ENABLE`` value (PyTorch's switch that advises CPU blocks of 2 MiB or more
 for transparent huge pages; read when torch starts) runs in its own subprocess, both methods
-under it.  The configuration (blends, cuts, shift range, DAFT rate) is the one
+under it.  The configuration (blends, cuts, shift range, the stream statistics of ``skewed``
+batches with their momentum and reset, DAFT rate) is the one
 ``demo_sev3.json`` records for that batch size; the class probe is refitted on a few
 validation batches (it changes a few decisions, not the cost of one).
 
@@ -39,7 +40,7 @@ from datta_kernels.eval.validation import test_pool, validation_domains
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cal_step import RESULTS, _calibration  # noqa: E402
 
-STREAMS = ("single", "mixed", "dynamic")
+STREAMS = ("single", "single_noniid", "mixed", "dynamic")
 
 
 def measure(severity: int) -> list[dict]:
