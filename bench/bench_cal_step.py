@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
-import math
 import os
 
 import torch
@@ -45,17 +45,25 @@ from datta_kernels.eval.validation import validation_domains
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+#: the fields of a :class:`Calibration` that report how it was chosen; every other field
+#: configures the adapter and is taken from the recorded run
+REPORT_FIELDS = {"batch_size", "domains", "batches", "blend_table", "pre_table", "decision_table",
+                 "rule_table", "daft_table", "streams", "modes", "probe", "stream_table"}
+
+
 def _calibration(model, vdom, bs: int, recorded: dict):
-    """A :class:`Calibration` with the recorded choices and a quickly refitted probe."""
+    """A :class:`Calibration` with the recorded choices and a quickly refitted probe: every
+    configuring field as recorded (JSON lists as tuples), a field the recording predates at
+    its default."""
     cal = dk.calibrate(copy.deepcopy(model), vdom, bs, n_batches=8, backend="cpu").calibration
-    for key in ("single_blend", "multiple_blend", "skewed_blend", "pre_blend"):
-        setattr(cal, key, tuple(recorded[key]))
-    cal.instance_mode, cal.threshold = recorded["instance_mode"], recorded["threshold"]
-    cal.low, cal.skew_cut, cal.daft = -math.inf, recorded["skew_cut"], recorded["daft"]
-    cal.lr, cal.daft_multiple = recorded["lr"], recorded.get("daft_multiple", False)
-    cal.shift_cut = tuple(recorded["shift_cut"]) if recorded.get("shift_cut") else None
-    # skewed batches on the stream statistics and their reset (None in runs before e50793a)
-    cal.stream_momentum, cal.stream_reset = recorded.get("stream_momentum"), recorded.get("stream_reset")
+    for f in dataclasses.fields(cal):
+        if f.name in REPORT_FIELDS:
+            continue
+        if f.name in recorded:
+            value = recorded[f.name]
+            setattr(cal, f.name, tuple(value) if isinstance(value, list) else value)
+        elif f.default is not dataclasses.MISSING:
+            setattr(cal, f.name, f.default)
     return cal
 
 
