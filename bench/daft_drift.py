@@ -36,20 +36,17 @@ from datta_kernels import calibrate
 from datta_kernels.adapt import softmax_entropy
 from datta_kernels.calibration import _streams
 from datta_kernels.eval.runner import cal_rates
+from datta_kernels.eval.validation import pool_of
 
 ANCHOR = 1.0        # lambda of the L2 anchor
 E0 = 0.4            # the filter's entropy bound, in units of ln K (EATA's value)
 
 
 def loss_step(loss_of):
-    """A replacement for ``Adapter._entropy_step``: one optimizer step on ``loss_of(adapter, logits)``."""
+    """A replacement for ``Adapter._entropy_step``: the adapter's optimizer step on
+    ``loss_of(adapter, logits)``."""
     def step(self, logits):
-        loss = loss_of(self, logits)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.n_updates += 1
+        self._optimizer_step(loss_of(self, logits))
     return step
 
 
@@ -73,21 +70,16 @@ def anchored_step(lam: float):
     return loss_step(loss_of)
 
 
-def run(c, model, vdom, bs: int, step=None, only: str | None = None) -> tuple[dict, np.ndarray]:
-    """Accuracy (%) per validation stream (``calibrate``'s streams over ``vdom``; ``only``: that
-    stream alone), and per domain on the single-domain stream."""
-    x, y, streams = _streams(vdom, bs, 0)
-    names = list(vdom)
-    domain = torch.repeat_interleave(torch.arange(len(names)),
-                                     torch.as_tensor([len(vdom[k][1]) for k in names]))
+def run(c, model, x, y, domain, streams: dict, step=None) -> tuple[dict, np.ndarray]:
+    """Accuracy (%) per stream of ``streams`` (batches as indices into ``x, y``), and per domain
+    (``domain``: each image's index into the domains) on the single-domain stream."""
+    n = int(domain.max()) + 1
     acc, per = {}, None
     for name, batches in streams.items():
-        if only is not None and name != only:
-            continue
         adapter = c.adapter(copy.deepcopy(model))
         if step is not None:
             adapter.__dict__["_entropy_step"] = types.MethodType(step, adapter)
-        correct, total = np.zeros(len(names)), np.zeros(len(names))
+        correct, total = np.zeros(n), np.zeros(n)
         for idx in batches:
             ok = (adapter(x[idx]).argmax(1) == y[idx]).numpy()
             np.add.at(correct, domain[idx].numpy(), ok)
@@ -111,35 +103,38 @@ def per_domain_table(names, per_domain: dict) -> None:
 
 def main() -> None:
     _, model, vdom = setup("DAFT's drift on the validation streams, and two guards against it", __doc__)
-    k = int(torch.cat([lab for _, lab in vdom.values()]).max()) + 1
+    e0 = E0 * math.log(int(torch.cat([lab for _, lab in vdom.values()]).max()) + 1)
     hard = {name: v for name, v in vdom.items() if name.endswith(("@4", "@5"))}
+    domain = {"all": pool_of(vdom).domain, "hard": pool_of(hard).domain}
     for bs in (16, 64):
         c = calibrate(copy.deepcopy(model), vdom, bs, lr=cal_rates(1e-3)).calibration
         lr = c.lr
-        on = {"DAFT off": (False, lr, None), f"lr {lr:g} (chosen)": (True, lr, None),
-              f"lr {lr / 2:g}": (True, lr / 2, None),
-              f"filter, lr {lr:g}": (True, lr, filtered_step(E0 * math.log(k))),
-              f"filter, lr {2 * lr:g}": (True, 2 * lr, filtered_step(E0 * math.log(k))),
-              f"anchor, lr {lr:g}": (True, lr, anchored_step(ANCHOR))}
-        variants = {label: (dataclasses.replace(c, daft=daft, lr=rate), step)
-                    for label, (daft, rate, step) in on.items()}
+
+        def variant(daft: bool, rate: float, step=None, c=c):
+            return dataclasses.replace(c, daft=daft, lr=rate), step
+        variants = {"DAFT off": variant(False, lr), f"lr {lr:g} (chosen)": variant(True, lr),
+                    f"lr {lr / 2:g}": variant(True, lr / 2),
+                    f"filter, lr {lr:g}": variant(True, lr, filtered_step(e0)),
+                    f"filter, lr {2 * lr:g}": variant(True, 2 * lr, filtered_step(e0)),
+                    f"anchor, lr {lr:g}": variant(True, lr, anchored_step(ANCHOR))}
         print(f"## bs {bs}\n\n`calibrate` chose DAFT {'on' if c.daft else 'off'} at lr {c.lr:g} "
               f"({'single and multiple' if c.daft_multiple else 'single'} batches); the variants "
               "below change only DAFT.\n")
         print("| variant | single | mixed | dynamic | sorted | mean |\n|---|---|---|---|---|---|")
+        x, y, streams = _streams(vdom, bs, 0)
         per_domain = {}
         for label, (cfg, step) in variants.items():
-            acc, per_domain[label] = run(cfg, model, vdom, bs, step)
+            acc, per_domain[label] = run(cfg, model, x, y, domain["all"], streams, step)
             cells = " | ".join(f"{acc[s]:.1f}" for s in ("single", "mixed", "dynamic", "sorted"))
             print(f"| {label} | {cells} | {np.mean(list(acc.values())):.2f} |", flush=True)
         print("\nSingle-domain stream, accuracy (%) per validation domain in stream order:\n")
         per_domain_table(list(vdom), per_domain)
-        n_hard = len(_streams(hard, bs, 0)[2]["single"])
-        print(f"Single-domain stream over the severity-4 and -5 validation domains only ({n_hard} "
-              "batches), accuracy (%) overall and per domain in stream order:\n")
+        x, y, streams = _streams(hard, bs, 0)
+        print(f"Single-domain stream over the severity-4 and -5 validation domains only "
+              f"({len(streams['single'])} batches), accuracy (%) overall and per domain in stream order:\n")
         per_hard = {}
         for label, (cfg, step) in variants.items():
-            acc, per = run(cfg, model, hard, bs, step, only="single")
+            acc, per = run(cfg, model, x, y, domain["hard"], {"single": streams["single"]}, step)
             per_hard[f"{label}: {acc['single']:.1f}"] = per
         per_domain_table(list(hard), per_hard)
 

@@ -189,7 +189,10 @@ class Adapter(nn.Module):
 
     def _entropy_step(self, logits: Tensor) -> None:
         """One optimizer step on the mean softmax entropy of ``logits`` (N, K)."""
-        loss = softmax_entropy(logits).mean()
+        self._optimizer_step(softmax_entropy(logits).mean())
+
+    def _optimizer_step(self, loss: Tensor) -> None:
+        """One optimizer step on the scalar ``loss`` (counted in ``n_updates``)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
