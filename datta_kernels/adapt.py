@@ -21,6 +21,7 @@ a second thread while a batch is in flight raises ``RuntimeError``).
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -111,10 +112,21 @@ class Adapter(nn.Module):
     def __init__(self, model: nn.Module, preset: str | None, *, update: str = "never",
                  lr: float = 1e-4, optimizer: OptimizerArg = None, episodic: bool = False,
                  backend: str | None = "auto", shrink_k=_PRESET_DEFAULT, weights=None,
-                 selector: Selector | None = None, cluster=_PRESET_DEFAULT):
+                 selector: Selector | None = None, cluster=_PRESET_DEFAULT,
+                 entropy_filter: float | None = None):
         super().__init__()
         if update not in ("never", "single", "always"):
             raise ValueError(f"update must be 'never', 'single' or 'always', got {update!r}")
+        if entropy_filter is not None:
+            if isinstance(entropy_filter, bool) or not isinstance(entropy_filter, (int, float)) \
+                    or not (math.isfinite(entropy_filter) and entropy_filter > 0):
+                raise ValueError("entropy_filter must be a positive number (the entropy bound in "
+                                 f"units of ln K) or None, got {entropy_filter!r}")
+            if update == "never":
+                raise ValueError("entropy_filter selects the samples of the entropy step: it needs "
+                                 "an updating adapter (daft=True / Tent)")
+        #: EATA's reliable-sample bound in units of ``ln K`` (None: every sample enters the loss)
+        self.entropy_filter = None if entropy_filter is None else float(entropy_filter)
         model, layers = _prepare_model(model, preset, backend, shrink_k, weights, cluster)
         self.model = model
         self._layers = layers
@@ -187,9 +199,20 @@ class Adapter(nn.Module):
             self._entropy_step(logits)
         return logits.detach()
 
+    def _entropy_terms(self, logits: Tensor) -> Tensor:
+        """The per-sample terms of the entropy loss (N,): each sample's softmax entropy, or with
+        ``entropy_filter`` that entropy where it is below ``entropy_filter * ln K`` and 0 elsewhere
+        (EATA's reliable-sample filter, SPEC §4); a mask product, no host sync."""
+        ent = softmax_entropy(logits)
+        if self.entropy_filter is None:
+            return ent
+        bound = self.entropy_filter * math.log(logits.shape[1])
+        return ent * (ent.detach() < bound).to(ent.dtype)
+
     def _entropy_step(self, logits: Tensor) -> None:
-        """One optimizer step on the mean softmax entropy of ``logits`` (N, K)."""
-        self._optimizer_step(softmax_entropy(logits).mean())
+        """One optimizer step on the entropy loss of ``logits`` (N, K): the mean of
+        :meth:`_entropy_terms` over the batch (filtered samples count in the batch size)."""
+        self._optimizer_step(self._entropy_terms(logits).mean())
 
     def _optimizer_step(self, loss: Tensor) -> None:
         """One optimizer step on the scalar ``loss`` (counted in ``n_updates``)."""
@@ -291,6 +314,10 @@ class DATTA(Adapter):
         daft_multiple: with ``daft``, also take the entropy step on ``multiple`` batches (on
             their blend; not DATTA's published design, which fine-tunes ``single`` batches only:
             an option ``datta_kernels.calibrate`` may choose on validation streams).
+        entropy_filter: with ``daft``, only samples whose softmax entropy is below
+            ``entropy_filter * ln K`` enter the entropy loss (EATA's reliable-sample filter,
+            without EATA's reweighting; the loss stays a sum over the batch divided by its
+            size, SPEC §4).  None (default): every sample, as the authors' DAFT.
         class_probe: a :class:`~datta_kernels.diversity.ClassProbe` for the score layer,
             required when the selector reads a spread (``ThresholdSelector(skew_cut=...)``):
             the batch's prediction spread from the probe, on the score layer's instance
@@ -312,13 +339,14 @@ class DATTA(Adapter):
                  optimizer: OptimizerArg = None, episodic: bool = False, score_mode: str = "pixel",
                  backend: str | None = "auto", *, shrink_k=_PRESET_DEFAULT, weights=None,
                  score_layer: str | None = None, cluster=_PRESET_DEFAULT,
-                 class_probe: ClassProbe | None = None, daft_multiple: bool = False):
+                 class_probe: ClassProbe | None = None, daft_multiple: bool = False,
+                 entropy_filter: float | None = None):
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         super().__init__(model, preset, update="single" if daft else "never", lr=lr,
                          optimizer=optimizer, episodic=episodic, backend=backend,
                          shrink_k=shrink_k, weights=weights, selector=make_selector(selector),
-                         cluster=cluster)
+                         cluster=cluster, entropy_filter=entropy_filter)
         self._daft = bool(daft)
         if daft_multiple and not daft:
             raise ValueError("daft_multiple=True fine-tunes multiple batches too: it needs daft=True")
@@ -500,7 +528,9 @@ class DATTA(Adapter):
 
     def extra_repr(self) -> str:
         return (f"selector={self.selector!r}, daft={self.daft}"
-                + (", daft_multiple=True" if self.daft_multiple else "") + f", episodic={self.episodic}, "
+                + (", daft_multiple=True" if self.daft_multiple else "")
+                + (f", entropy_filter={self.entropy_filter:g}" if self.entropy_filter is not None else "")
+                + f", episodic={self.episodic}, "
                 f"score_mode={self.score_mode!r}, layers={len(self._layers)}")
 
 

@@ -69,6 +69,12 @@ VALIDATION_IMAGES = 3072
 
 #: at most this many extra DAFT rates past an end of the candidates (step 5)
 RATE_STEPS = 3
+#: the entropy bound of DAFT's reliable-sample filter candidate (step 5), in units of ln K:
+#: EATA's value (Niu et al., 2022), not tuned here
+FILTER_BOUND = 0.4
+#: the ``hard`` validation stream of step 5: a single-domain stream over this fraction (rounded
+#: up) of the validation domains, those on which the configuration without DAFT is least accurate
+HARD_FRACTION = 1 / 3
 #: the stream momentum tried first for ``skewed`` batches (step 4b), then halved or doubled
 #: while the mean rises, within :data:`STREAM_LIMITS`
 STREAM_START = 0.05
@@ -117,6 +123,11 @@ class Calibration:
     lr: float
     #: DAFT also steps on ``multiple`` batches (chosen on the validation streams)
     daft_multiple: bool = False
+    #: DAFT's reliable-sample filter (SPEC §4, ``DATTA(entropy_filter=...)``): None, or the
+    #: entropy bound in units of ln K (step 5)
+    entropy_filter: float | None = None
+    #: the validation domains of step 5's ``hard`` stream (empty: fewer than 3 domains, no such stream)
+    hard_domains: list[str] = field(default_factory=list)
     #: ``skewed`` only where the batch's signed source shift at the score layer lies in this
     #: range ``(lo, hi)``: the most negative and most positive shift (0 included) among the
     #: validation batches of steps 3-5 (the cuts' batches and the streams'; None: no limit)
@@ -165,6 +176,7 @@ class Calibration:
                    self.stream_momentum, getattr(self, "stream_reset", None))
         adapter = DATTA(model, preset=None, daft=self.daft, lr=self.lr, score_mode="dispersion",
                         daft_multiple=self.daft_multiple,
+                        entropy_filter=getattr(self, "entropy_filter", None),
                         selector=selector or self.selector(), backend=None,
                         score_layer=self.score_layer,
                         class_probe=None if self.probe is None else
@@ -240,12 +252,18 @@ class Calibration:
             for name, acc in self.stream_table.items():
                 lines.append(f"  {name:<{width}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                              + f"  mean {_mean(acc):5.1f}")
-        chosen = (f"on at lr {self.lr:g}, " + ("single and multiple batches" if self.daft_multiple
-                                                 else "single batches")) if self.daft else "off"
-        lines.append(f"DAFT {chosen} (the best mean over the validation streams; ties: off, then the "
-                     "smaller rate, then single batches only):")
+        filt = getattr(self, "entropy_filter", None)
+        chosen = (f"on at lr {self.lr:g}, " + ("" if filt is None else f"entropy filter {filt:g} ln K, ")
+                  + ("single and multiple batches" if self.daft_multiple else "single batches")
+                  ) if self.daft else "off"
+        hard = getattr(self, "hard_domains", [])
+        lines.append(f"DAFT {chosen} (the best mean over the validation streams"
+                     + (f" and the hard stream ({', '.join(hard)}: the least accurate "
+                        "domains without DAFT, one after another)" if hard else "")
+                     + "; ties: off, then no filter, then the smaller rate, then single batches only):")
+        width = max(23, *map(len, self.daft_table))
         for name, acc in self.daft_table.items():
-            lines.append(f"  daft {name:<23} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+            lines.append(f"  daft {name:<{width}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {_mean(acc):5.1f}")
         return "\n".join(lines)
 
@@ -328,20 +346,22 @@ def _held_out_spreads(fit_feats: Tensor, fit_y: Tensor, fit_fam: Tensor, feats: 
     return np.array(out)
 
 
-def _streams(domains, batch_size: int, seed: int) -> tuple[Tensor, Tensor, dict[str, list[Tensor]]]:
+def _streams(domains, batch_size: int, seed: int,
+             kinds=None) -> tuple[Tensor, Tensor, dict[str, list[Tensor]]]:
     """The deployment's streams (SPEC §5) over the validation domains, each using every
     validation image once: ``single`` (one domain after another, in the order given),
     ``mixed``, ``dynamic`` (single and mixed batches alternating) and ``sorted`` (one domain
     after another, label-sorted within each).  As long as the data allow, so a DAFT rate whose
     drift builds up over a long stream is judged over one.  Returns the pooled images and
     labels and, per stream, its batches as index tensors into them (batches of one sample,
-    where a domain's size leaves one over, are dropped: their statistics are undefined)."""
+    where a domain's size leaves one over, are dropped: their statistics are undefined).
+    ``kinds``: only these report names (e.g. ``("single",)``)."""
     names = list(domains)
     sizes = torch.as_tensor([len(domains[k][1]) for k in names])
     pool = DomainPool(torch.cat([domains[k][0] for k in names]), torch.cat([domains[k][1] for k in names]),
                       torch.repeat_interleave(torch.arange(len(names)), sizes), names)
     out = {key: [b for b in make_stream(pool, kind, batch_size, seed).batches if len(b) > 1]
-           for key, kind in STREAM_KINDS.items()}
+           for key, kind in STREAM_KINDS.items() if kinds is None or key in kinds}
     return pool.x, pool.y, out
 
 
@@ -477,6 +497,22 @@ def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]
         correct += int((adapter(x[idx]).argmax(1) == y[idx]).sum())
         total += len(idx)
     return 100.0 * correct / max(1, total)
+
+
+def _hard_domains(make_adapter, domains, batch_size: int, seed: int) -> list[str]:
+    """The ``ceil(HARD_FRACTION * D)`` validation domains (D >= 3; none below) on which the
+    adapter ``make_adapter()`` builds (the calibrated configuration without DAFT, fresh for each
+    domain) is least accurate, each domain's images once in batches as the single-domain
+    stream takes them; in the order given (ties: the earlier domain)."""
+    names = list(domains)
+    if len(names) < 3:
+        return []
+    acc = {}
+    for k in names:
+        x, y, one = _streams({k: domains[k]}, batch_size, seed, ("single",))
+        acc[k] = _stream_accuracy(make_adapter(), x, y, one["single"])
+    hard = sorted(names, key=lambda k: (acc[k], names.index(k)))[:math.ceil(HARD_FRACTION * len(names))]
+    return [k for k in names if k in hard]
 
 
 def _scores(work: nn.Module, batches, shift: bool = True,
@@ -687,16 +723,19 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     # (the score layer's input, hence the shift, does not depend on the decision)
     stream_batches = [xs[idx] for batches in streams.values() for idx in batches]
     shift_cut = _validated_range(best["shifts"], _scores(work, stream_batches, feats=False)[2])
+    four = {name: (xs, ys, batches) for name, batches in streams.items()}
 
-    def run(rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False,
-            stream: float | None = None, reset: float | None = None) -> dict[str, float]:
+    def adapter_for(rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False,
+                    stream: float | None = None, reset: float | None = None,
+                    filt: float | None = None) -> DATTA:
         _configure(layers, pre, best["pre"], (single, multiple, skewed), mode, stream, reset)
-        return {name: _stream_accuracy(DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate,
-                                             daft_multiple=on_multiple,
-                                             selector=ThresholdSelector(*rule, shift_cut),
-                                             class_probe=probe,
-                                             score_mode="dispersion", backend=None), xs, ys, batches)
-                for name, batches in streams.items()}
+        return DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate, daft_multiple=on_multiple,
+                     entropy_filter=filt, selector=ThresholdSelector(*rule, shift_cut),
+                     class_probe=probe, score_mode="dispersion", backend=None)
+
+    def run(*args, on=None, **kw) -> dict[str, float]:
+        return {name: _stream_accuracy(adapter_for(*args, **kw), x, y, batches)
+                for name, (x, y, batches) in (on or four).items()}
     cut = best["skew_cut"]
     rules = [(best["high"], best["low"], None),
              (best["high_b"], -math.inf, None if cut == -math.inf else min(cut, 1.0))]
@@ -741,9 +780,22 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         stream_table |= {f"stream, momentum {stream:g}, reset {c:g}": reset_runs[c] for c in cuts[1:]}
         stream_runs[stream] = reset_runs[reset]
 
-    # 5. DAFT off or on at each candidate rate, on the same streams with the chosen rule
-    daft_table = {"off": stream_runs[stream]}
-    on = {r: run(rule, True, r, stream=stream, reset=reset) for r in lrs}
+    # 5. DAFT off or on, on the four streams and the hard stream (a single-domain stream over
+    #    the validation domains the configuration without DAFT does worst on: a long run of
+    #    hard batches, where drifting updates lose most), with the chosen rule and statistics
+    hard = _hard_domains(lambda: adapter_for(rule, False, stream=stream, reset=reset), domains,
+                         batch_size, seed)
+    five = dict(four)
+    if hard:
+        hx, hy, hs = _streams({k: domains[k] for k in hard}, batch_size, seed, ("single",))
+        five["hard"] = (hx, hy, hs["single"])
+    daft_table = {"off": stream_runs[stream]
+                  | (run(rule, False, stream=stream, reset=reset, on={"hard": five["hard"]}) if hard else {})}
+
+    def daft_run(rate: float, filt: float | None = None, on_multiple: bool = False) -> dict[str, float]:
+        return run(rule, True, rate, on_multiple, stream=stream, reset=reset, filt=filt, on=five)
+
+    on = {r: daft_run(r) for r in lrs}
     # a best rate at either end of several candidates is no maximum: go on past that end
     # (x2 or /2) while the mean rises, at most RATE_STEPS times
     for _ in range(RATE_STEPS if len(lrs) > 1 else 0):
@@ -755,19 +807,35 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
             nxt = 0.5 * top
         else:
             break
-        on[nxt] = run(rule, True, nxt, stream=stream, reset=reset)
+        on[nxt] = daft_run(nxt)
         if _mean(on[nxt]) <= _mean(on[top]):
             break
     lrs = sorted(on)
     daft_table |= {f"on, lr {r:g}": on[r] for r in lrs}
+    # the reliable-sample filter (SPEC §4) at the best plain rate, then doubled while the mean
+    # rises (at most RATE_STEPS times): the filter drops samples from the loss, so its best
+    # rate may lie higher
+    top = max(lrs, key=lambda r: (_mean(on[r]), -r))
+    filtered = {top: daft_run(top, FILTER_BOUND)}
+    for _ in range(RATE_STEPS):
+        last = max(filtered)
+        filtered[2.0 * last] = daft_run(2.0 * last, FILTER_BOUND)
+        if _mean(filtered[2.0 * last]) <= _mean(filtered[last]):
+            break
+    daft_table |= {f"on, lr {r:g}, filter {FILTER_BOUND:g}": v for r, v in sorted(filtered.items())}
+    # ties: off, then no filter, then the smaller rate
+    candidates = [(False, lrs[0], None)] + [(True, r, None) for r in lrs] \
+        + [(True, r, FILTER_BOUND) for r in sorted(filtered)]
     daft_means = [_mean(v) for v in daft_table.values()]
-    pick = int(np.argmax(daft_means))                        # ties: off, then the smaller rate
-    daft, rate = pick > 0, lrs[max(pick - 1, 0)]
-    # then, with DAFT on, the chosen rate on multiple batches too (ties: single batches only)
+    ranked = sorted(range(len(candidates)), key=lambda i: (-daft_means[i], candidates[i][2] is not None,
+                                                           candidates[i][0], candidates[i][1]))
+    pick = ranked[0]
+    daft, rate, entropy_filter = candidates[pick]
+    # then, with DAFT on, the chosen setting on multiple batches too (ties: single batches only)
     daft_multiple = False
     if daft:
-        key = f"on, lr {rate:g}, +multiple"
-        daft_table[key] = run(rule, True, rate, on_multiple=True, stream=stream, reset=reset)
+        key = f"{list(daft_table)[pick]}, +multiple"
+        daft_table[key] = daft_run(rate, entropy_filter, on_multiple=True)
         daft_multiple = _mean(daft_table[key]) > daft_means[pick]
 
     report = Calibration(
@@ -775,6 +843,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         score_layer=names[layers[pre]], instance_mode=mode, single_blend=single,
         multiple_blend=multiple, skewed_blend=skewed, pre_blend=best["pre"], threshold=high, low=low,
         skew_cut=skew_cut, daft=daft, lr=rate, daft_multiple=daft_multiple, shift_cut=shift_cut,
+        entropy_filter=entropy_filter, hard_domains=hard,
         blend_table=best["blend_table"],
         pre_table=best["pre_table"],
         decision_table=best["decision_table"], rule_table=rule_table, daft_table=daft_table,

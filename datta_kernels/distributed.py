@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .adapt import DATTA, _overrides, softmax_entropy
+from .adapt import DATTA, _overrides
 from .nn import FusedDABN, first_nonlinear_layer
 from .presets import _PRESET_DEFAULT
 from .surgery import _is_plain_bn, _rebuild, _swap, convert_model
@@ -96,7 +96,7 @@ class DistributedDATTA(DATTA):
         """Loss = sum of local entropies / global batch size; gradients of ``gamma, beta``
         summed over ranks (one packed collective, :func:`_sum_over_ranks`) before the step."""
         total = self._layers[self._score_at].last_global_batch
-        loss = softmax_entropy(logits).sum() / total.to(torch.float32).clamp(min=1)
+        loss = self._entropy_terms(logits).sum() / total.to(torch.float32).clamp(min=1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -161,6 +161,56 @@ def test_daft_multiple_steps_on_single_and_multiple_batches_only(decision, selec
     assert_one_entropy_step(adapter, twin, want)
 
 
+def test_entropy_filter_step_matches_a_float64_rendering():
+    """``entropy_filter=e0`` (EATA's reliable-sample filter, SPEC §4): the step is SGD-Nesterov on
+    ``(1/N) sum_i H_i [H_i < e0 ln K]``, here rendered in float64 from the softmax by hand on a
+    float64 twin; the bound sits at the batch's median entropy (between two samples), so the
+    filter keeps some samples and drops others.  A bound below every entropy leaves the
+    parameters where they were."""
+    x = make_stream(1)[0]
+    model = tiny_resnet()
+    twin = dk.convert_model(copy.deepcopy(model), "datta").double()
+    for layer in dabn_layers(twin):
+        layer.set_decision("single")
+    logits = twin(x.double())
+    p = logits.softmax(1)
+    ent = -(p * p.log()).sum(1)
+    k = logits.shape[1]
+    mid = ent.detach().sort().values[len(x) // 2 - 1:len(x) // 2 + 1]   # a bound between two samples
+    e0 = float(mid.mean()) / np.log(k)
+    keep = ent < e0 * np.log(k)
+    assert 0 < int(keep.sum()) < len(x)
+    adapter = DATTA(copy.deepcopy(model), selector=ThresholdSelector(1e9), lr=1e-2, entropy_filter=e0)
+    assert adapter.entropy_filter == e0 and f"entropy_filter={e0:g}" in repr(adapter)
+    out = adapter(x)
+    torch.testing.assert_close(out.double(), logits.detach(), **tol(torch.float32, 10))
+    opt = torch.optim.SGD([q for m in dabn_layers(twin) for q in (m.weight, m.bias)], lr=1e-2,
+                          momentum=0.9, nesterov=True)
+    ((ent * keep).sum() / len(x)).backward()
+    opt.step()
+    torch.testing.assert_close(affine_params(adapter.model).double(), affine_params(twin),
+                               rtol=1e-5, atol=1e-6)
+    # the unfiltered step differs (the filter did something)
+    plain = DATTA(copy.deepcopy(model), selector=ThresholdSelector(1e9), lr=1e-2)
+    plain(x)
+    assert not torch.allclose(affine_params(plain.model), affine_params(adapter.model), rtol=0, atol=1e-7)
+    none = DATTA(copy.deepcopy(model), selector=ThresholdSelector(1e9), lr=1e-2, entropy_filter=1e-6)
+    before = affine_params(none.model)
+    none(x)
+    assert none.n_updates == 1 and torch.equal(before, affine_params(none.model))
+
+
+@pytest.mark.parametrize("bad", [0, -0.4, float("nan"), float("inf"), True, "0.4"])
+def test_entropy_filter_bad_values(bad):
+    with pytest.raises(ValueError, match="entropy_filter must be a positive number"):
+        DATTA(tiny_resnet(), selector=ThresholdSelector(0.0), entropy_filter=bad)
+
+
+def test_entropy_filter_needs_daft():
+    with pytest.raises(ValueError, match="needs an updating adapter"):
+        DATTA(tiny_resnet(), selector=ThresholdSelector(0.0), daft=False, entropy_filter=0.4)
+
+
 def test_daft_multiple_needs_daft():
     with pytest.raises(ValueError, match="needs daft=True"):
         DATTA(tiny_resnet(), selector=ThresholdSelector(0.0), daft=False, daft_multiple=True)

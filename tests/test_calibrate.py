@@ -221,17 +221,29 @@ def test_calibrate_returns_a_configured_datta():
     assert "datta_cal for batch size 8" in text and "oracle (true type)" in text and "DAFT" in text
     assert "score + spread" in text and "decision rule:" in text and "before the score layer" in text
     assert set(rep.as_dict()) >= {"single_blend", "threshold", "low", "decision_table", "daft_table"}
-    # DAFT off or on at a candidate rate: the best mean of the validation streams (ties: off,
-    # then the smaller rate), and the adapter runs at the chosen rate
-    keys = ["off", "on, lr 0.0005", "on, lr 0.002"]
+    # DAFT off or on at a candidate rate, or with the entropy filter: the best mean of the
+    # validation streams and the hard stream (ties: off, then no filter, then the smaller rate),
+    # and the adapter runs the chosen setting
+    plain = ["off", "on, lr 0.0005", "on, lr 0.002"]
+    assert list(rep.daft_table)[:3] == plain
+    filtered = [k for k in rep.daft_table if k.endswith("filter 0.4")]
+    top = max((5e-4, 2e-3), key=lambda r: (np.mean(list(rep.daft_table[f"on, lr {r:g}"].values())), -r))
+    assert filtered[0] == f"on, lr {top:g}, filter 0.4"          # the filter from the best plain rate
+    keys = plain + filtered
+    assert all(set(rep.daft_table[k]) == {"single", "mixed", "dynamic", "sorted", "hard"} for k in keys)
+    assert rep.hard_domains and len(rep.hard_domains) == 1        # ceil(3 / 3) of the 3 domains
     daft_means = [np.mean(list(rep.daft_table[k].values())) for k in keys]
-    pick = int(np.argmax(daft_means))
-    assert rep.daft == (pick > 0) and rep.lr == (5e-4, 5e-4, 2e-3)[pick]
+    setting = [(False, 5e-4, None), (True, 5e-4, None), (True, 2e-3, None)] + \
+        [(True, float(k.split("lr ")[1].split(",")[0]), 0.4) for k in filtered]
+    pick = min(range(len(keys)), key=lambda i: (-daft_means[i], setting[i][2] is not None, setting[i][0],
+                                                setting[i][1]))
+    assert (rep.daft, rep.lr, rep.entropy_filter) == pytest.approx(setting[pick])
     assert adapter.daft == rep.daft and (not rep.daft or adapter.optimizer.param_groups[0]["lr"] == rep.lr)
+    assert adapter.entropy_filter == rep.entropy_filter
     assert "daft on, lr 0.002" in text and ("DAFT off" in text or f"DAFT on at lr {rep.lr:g}" in text)
-    # then, with DAFT on, the chosen rate on multiple batches too: kept only if its mean is higher
+    # then, with DAFT on, the chosen setting on multiple batches too: kept only if its mean is higher
     if rep.daft:
-        plus = f"on, lr {rep.lr:g}, +multiple"
+        plus = f"{keys[pick]}, +multiple"
         assert list(rep.daft_table) == keys + [plus]
         assert rep.daft_multiple == (np.mean(list(rep.daft_table[plus].values())) > daft_means[pick])
     else:
@@ -265,8 +277,11 @@ def test_calibrate_daft_on_multiple_batches_only_when_it_raises_the_mean(monkeyp
                         lr=(2e-3, 5e-4))
     rep = adapter.calibration
     assert rep.daft and rep.lr == 5e-4
+    # 5e-4 at an end: 2.5e-4 tried; the filter from 5e-4 ties it (no filter kept), 1e-3 is worse
     assert list(rep.daft_table) == ["off", "on, lr 0.00025", "on, lr 0.0005", "on, lr 0.002",
-                                    "on, lr 0.0005, +multiple"]     # 5e-4 at an end: 2.5e-4 tried
+                                    "on, lr 0.0005, filter 0.4", "on, lr 0.001, filter 0.4",
+                                    "on, lr 0.0005, +multiple"]
+    assert rep.entropy_filter is None
     assert rep.daft_multiple == want == adapter.daft_multiple
     assert ("single and multiple batches" if want else "on at lr 0.0005, single batches") in str(rep)
 
@@ -287,16 +302,88 @@ def test_calibrate_follows_a_best_rate_past_the_end_of_the_candidates(monkeypatc
         if not adapter.daft:
             return 50.0
         return 60.0 - abs(math.log2(adapter.optimizer.param_groups[0]["lr"] / peak)) \
-            - (1.0 if adapter.daft_multiple else 0.0)
+            - (1.0 if adapter.daft_multiple else 0.0) - (10.0 if adapter.entropy_filter else 0.0)
     monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
     assert dk.calibration.RATE_STEPS == 3
     grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
     rep = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
                     lr=lrs).calibration
-    rates = [float(k.split("lr ")[1]) for k in rep.daft_table if k.startswith("on") and "+" not in k]
+    rates = [float(k.split("lr ")[1]) for k in rep.daft_table
+             if k.startswith("on") and "+" not in k and "filter" not in k]
     assert rates == pytest.approx(want)
     best = max(want, key=lambda r: (-abs(math.log2(r / peak)), -r))
     assert rep.daft and rep.lr == pytest.approx(best) and not rep.daft_multiple
+
+
+@pytest.mark.parametrize("peak,gain,want,chosen", [
+    (1e-3, 1.0, [1e-3, 2e-3], 1e-3),                 # the filter at the plain rate wins
+    (4e-3, 1.0, [1e-3, 2e-3, 4e-3, 8e-3], 4e-3),      # doubled while the mean rises
+    (1.0, 10.0, [1e-3, 2e-3, 4e-3, 8e-3], 8e-3),      # at most RATE_STEPS doublings
+    (1e-3, 0.0, [1e-3, 2e-3], None),                  # a tie keeps the plain entropy loss
+])
+def test_calibrate_chooses_the_entropy_filter_on_the_validation_streams(monkeypatch, peak, gain, want,
+                                                                        chosen):
+    """Step 5: EATA's reliable-sample filter (bound FILTER_BOUND ln K) at the best plain rate,
+    then doubled while the mean over the validation streams and the hard stream rises, at most
+    RATE_STEPS times; chosen only when it beats every plain rate (ties: no filter).  Stubbed
+    accuracies: plain DAFT 55 % at its one rate 1e-3; filtered ``55 + gain`` at ``peak``,
+    less one point per octave away."""
+    def fake(adapter, x, y, batches):
+        if not adapter.daft:
+            return 50.0
+        rate = adapter.optimizer.param_groups[0]["lr"]
+        if adapter.entropy_filter is None:
+            return 55.0 - (1.0 if adapter.daft_multiple else 0.0)
+        assert adapter.entropy_filter == dk.calibration.FILTER_BOUND == 0.4
+        return 55.0 + gain - abs(math.log2(rate / peak)) - (1.0 if adapter.daft_multiple else 0.0)
+    monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
+    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    adapter = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
+                        lr=1e-3)
+    rep = adapter.calibration
+    rates = [float(k.split("lr ")[1].split(",")[0]) for k in rep.daft_table if k.endswith("filter 0.4")]
+    assert rates == pytest.approx(want)
+    assert rep.daft and rep.entropy_filter == (None if chosen is None else 0.4)
+    assert rep.lr == pytest.approx(1e-3 if chosen is None else chosen)
+    assert adapter.entropy_filter == rep.entropy_filter and adapter.optimizer.param_groups[0]["lr"] == rep.lr
+    assert ("entropy filter 0.4 ln K" in str(rep)) == (chosen is not None)
+    # the last candidate, on multiple batches too, is the chosen setting's
+    assert list(rep.daft_table)[-1].endswith(", +multiple") and not rep.daft_multiple
+    assert (", filter 0.4, +multiple" in list(rep.daft_table)[-1]) == (chosen is not None)
+    if chosen is not None:
+        assert "entropy_filter=0.4" in repr(adapter)
+
+
+def test_calibrate_hard_stream_is_the_least_accurate_domains(monkeypatch):
+    """Step 5's hard stream: a single-domain stream over the ceil(D / 3) validation domains on
+    which the configuration without DAFT is least accurate (each domain on a fresh adapter),
+    every image of them once; the DAFT table's rows carry it and rank by the mean over five
+    streams.  With fewer than three domains there is no hard stream."""
+    doms = _domains() | {"dark": (_domains()["clean"][0] * 0.1, _domains()["clean"][1]),
+                         "flipped": (_domains()["clean"][0].flip(-1), _domains()["clean"][1])}
+    x_of = {k: v[0] for k, v in doms.items()}
+    acc = {"clean": 90.0, "shifted": 40.0, "noisy": 60.0, "dark": 30.0, "flipped": 80.0}
+
+    def fake(adapter, x, y, batches):
+        got = torch.cat([x[i] for i in batches])
+        for k, xd in x_of.items():      # a one-domain stream: that domain's accuracy
+            if got.shape == xd.shape and torch.equal(got.sort(0).values, xd.sort(0).values):
+                return acc[k]
+        return 70.0 if adapter.daft else 65.0
+    monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
+    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    rep = calibrate(_model(), doms, batch_size=8, n_batches=4, backend="reference", grid=grid,
+                    lr=1e-3).calibration
+    assert rep.hard_domains == ["shifted", "dark"]           # ceil(5 / 3) = 2, in the order given
+    x, y, one = dk.calibration._streams({k: doms[k] for k in rep.hard_domains}, 8, 0, ("single",))
+    assert sorted(torch.cat(one["single"]).tolist()) == list(range(48))     # every image once
+    assert list(one) == ["single"] and len(x) == 48
+    assert all(list(row) == ["single", "mixed", "dynamic", "sorted", "hard"]
+               for row in rep.daft_table.values())
+    assert "hard stream (shifted, dark" in str(rep)
+    two = calibrate(_model(), {k: doms[k] for k in ("clean", "noisy")}, batch_size=8, n_batches=4,
+                    backend="reference", grid=grid, lr=1e-3).calibration
+    assert two.hard_domains == [] and all("hard" not in row for row in two.daft_table.values())
 
 
 @pytest.mark.parametrize("bad, match", [
