@@ -25,9 +25,12 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
    deployment's streams (SPEC §5: single-domain, mixed, dynamic, label-sorted), each using
    every validation image once, so they are as long as the validation data allow;
 5. DAFT off, or on at one of the candidate learning rates ``lr`` (entropy steps on ``single``
-   batches): the best mean accuracy over those streams; on only if it beats off.  With several
+   batches), or on with EATA's reliable-sample filter (:data:`FILTER_BOUND`) from the best of
+   those rates, doubled while the mean rises: the best mean accuracy over those streams and a
+   *hard* stream (single-domain, over the third of the validation domains the configuration
+   without DAFT does worst on); on only if it beats off.  With several
    candidates, a best rate at either end is followed past it (x2 or /2, up to
-   ``RATE_STEPS`` times) while the mean rises.  Then, with DAFT on, the chosen rate also on
+   ``RATE_STEPS`` times) while the mean rises.  Then, with DAFT on, the chosen setting also on
    ``multiple`` batches (``DATTA(daft_multiple=True)``), kept only if that raises the mean.
    A rate whose drift builds up over a long stream is judged over one: give at least as many
    validation images as the deployment's stream holds before a reset.
