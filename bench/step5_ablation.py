@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from _validation_setup import setup
 
-from datta_kernels.calibration import RATE_STEPS, calibrate, default_batches
+from datta_kernels.calibration import RATE_STEPS, _past_the_end, calibrate, default_batches
 from datta_kernels.eval.runner import DemoConfig, cal_rates, run_lockstep
 from datta_kernels.eval.streams import STREAMS, make_stream
 from datta_kernels.eval.validation import test_pool
@@ -47,12 +47,8 @@ def previous_choice(rep, candidates: tuple[float, ...]) -> tuple[bool, float, bo
           if k.startswith("on, lr ") and "," not in k[len("on, lr "):]}
     tried = sorted(set(candidates))
     for _ in range(RATE_STEPS if len(tried) > 1 else 0):
-        top = max(tried, key=lambda r: (four_mean(on[r]), -r))
-        if top == tried[-1]:
-            nxt = 2.0 * top
-        elif top == tried[0] and four_mean(on[top]) > four_mean(table["off"]):
-            nxt = 0.5 * top
-        else:
+        top, nxt = _past_the_end({r: on[r] for r in tried}, table["off"], four_mean)
+        if nxt is None:
             break
         key = min(on, key=lambda r: abs(math.log(r / nxt)))
         if not math.isclose(key, nxt, rel_tol=1e-9):

@@ -502,6 +502,20 @@ def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]
     return 100.0 * correct / max(1, total)
 
 
+def _past_the_end(on: dict[float, dict[str, float]], off: dict[str, float],
+                  mean=_mean) -> tuple[float, float | None]:
+    """Step 5's rate search: the best of the rates tried (``on``: rate -> accuracy per stream;
+    ties: the smaller rate) and the rate to try next, twice the best when it is the largest,
+    half when it is the smallest and beats DAFT off (``off``), else None (a maximum inside)."""
+    rates = sorted(on)
+    top = max(rates, key=lambda r: (mean(on[r]), -r))
+    if top == rates[-1]:
+        return top, 2.0 * top
+    if top == rates[0] and mean(on[top]) > mean(off):
+        return top, 0.5 * top
+    return top, None
+
+
 def _hard_domains(make_adapter, domains, batch_size: int, seed: int) -> list[str]:
     """The ``ceil(HARD_FRACTION * D)`` validation domains (D >= 3; none below) on which the
     adapter ``make_adapter()`` builds (the calibrated configuration without DAFT, fresh for each
@@ -802,13 +816,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     # a best rate at either end of several candidates is no maximum: go on past that end
     # (x2 or /2) while the mean rises, at most RATE_STEPS times
     for _ in range(RATE_STEPS if len(lrs) > 1 else 0):
-        rates = sorted(on)
-        top = max(rates, key=lambda r: (_mean(on[r]), -r))   # ties: the smaller rate
-        if top == rates[-1]:
-            nxt = 2.0 * top
-        elif top == rates[0] and _mean(on[top]) > _mean(daft_table["off"]):
-            nxt = 0.5 * top
-        else:
+        top, nxt = _past_the_end(on, daft_table["off"])
+        if nxt is None:
             break
         on[nxt] = daft_run(nxt)
         if _mean(on[nxt]) <= _mean(on[top]):
