@@ -502,6 +502,24 @@ def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]
     return 100.0 * correct / max(1, total)
 
 
+def _climb(runs: dict, start: float, factors, evaluate, limits=(0.0, math.inf),
+           steps: int | None = None) -> None:
+    """The one-dimensional searches of steps 4b, 4c and 5 (the filter's rate): fills ``runs``
+    (value -> accuracy per stream, ``start`` already in it) along each factor in turn, from
+    ``start`` to ``value * factor`` (``evaluate(value)``), within ``limits`` and at most ``steps``
+    times, while the mean rises (the first value whose mean does not rise is kept and ends it)."""
+    for factor in factors:
+        at = start
+        for _ in itertools.count() if steps is None else range(steps):
+            nxt = at * factor
+            if not limits[0] <= nxt <= limits[1]:
+                break
+            runs[nxt] = evaluate(nxt)
+            if _mean(runs[nxt]) <= _mean(runs[at]):
+                break
+            at = nxt
+
+
 def _past_the_end(on: dict[float, dict[str, float]], off: dict[str, float],
                   mean=_mean) -> tuple[float, float | None]:
     """Step 5's rate search: the best of the rates tried (``on``: rate -> accuracy per stream;
@@ -766,14 +784,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     stream_runs = {None: rule_table[rule_name(*rule, shift_cut)]}
     if rule[1] != -math.inf or rule[2] is not None:        # a rule that can say skewed
         stream_runs[STREAM_START] = run(rule, False, stream=STREAM_START)
-        for factor in (0.5, 2.0):
-            rate = STREAM_START
-            while STREAM_LIMITS[0] <= rate * factor <= STREAM_LIMITS[1]:
-                nxt = rate * factor
-                stream_runs[nxt] = run(rule, False, stream=nxt)
-                if _mean(stream_runs[nxt]) <= _mean(stream_runs[rate]):
-                    break
-                rate = nxt
+        _climb(stream_runs, STREAM_START, (0.5, 2.0), lambda m: run(rule, False, stream=m), STREAM_LIMITS)
     order = [None] + sorted(r for r in stream_runs if r is not None)
     stream = max(order, key=lambda r: (_mean(stream_runs[r]), r is None, -(r or 0.0)))
     stream_table = {("source" if r is None else f"stream, momentum {r:g}"): stream_runs[r] for r in order}
@@ -784,14 +795,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     if stream is not None:
         reset_runs = {None: stream_runs[stream],
                       RESET_START: run(rule, False, stream=stream, reset=RESET_START)}
-        for factor in (0.5, 2.0):
-            at = RESET_START
-            while RESET_LIMITS[0] <= at * factor <= RESET_LIMITS[1]:
-                nxt = at * factor
-                reset_runs[nxt] = run(rule, False, stream=stream, reset=nxt)
-                if _mean(reset_runs[nxt]) <= _mean(reset_runs[at]):
-                    break
-                at = nxt
+        _climb(reset_runs, RESET_START, (0.5, 2.0), lambda c: run(rule, False, stream=stream, reset=c),
+               RESET_LIMITS)
         cuts = [None] + sorted((c for c in reset_runs if c is not None), reverse=True)
         reset = max(cuts, key=lambda c: (_mean(reset_runs[c]), c is None, c or 0.0))
         stream_table |= {f"stream, momentum {stream:g}, reset {c:g}": reset_runs[c] for c in cuts[1:]}
@@ -829,11 +834,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     # rate may lie higher
     top = max(lrs, key=lambda r: (_mean(on[r]), -r))
     filtered = {top: daft_run(top, FILTER_BOUND)}
-    for _ in range(RATE_STEPS):
-        last = max(filtered)
-        filtered[2.0 * last] = daft_run(2.0 * last, FILTER_BOUND)
-        if _mean(filtered[2.0 * last]) <= _mean(filtered[last]):
-            break
+    _climb(filtered, top, (2.0,), lambda r: daft_run(r, FILTER_BOUND), steps=RATE_STEPS)
     daft_table |= {f"on, lr {r:g}, filter {FILTER_BOUND:g}": v for r, v in sorted(filtered.items())}
     # ties: off, then no filter, then the smaller rate
     candidates = [(False, lrs[0], None)] + [(True, r, None) for r in lrs] \

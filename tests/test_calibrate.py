@@ -20,6 +20,7 @@ from datta_kernels.calibration import (
     _batches,
     _best_band,
     _best_skew_rule,
+    _climb,
     _decide,
     _families,
     _held_out_spreads,
@@ -150,6 +151,21 @@ def test_best_band_matches_brute_force():
     cuts = np.concatenate([[-math.inf, -1.0], np.sort(scores) + 1e-9, [2.0]])
     assert obj == pytest.approx(max(value(lo, hi) for lo in cuts for hi in cuts if hi > lo))
     assert default_batches(16) == 192 and default_batches(64) == 48 and default_batches(512) == 40
+
+
+@pytest.mark.parametrize("peak, factors, limits, steps, tried", [
+    (1.0, (0.5, 2.0), (0.0, math.inf), None, [0.5, 1.0, 2.0]),          # a maximum at the start
+    (4.0, (0.5, 2.0), (0.0, math.inf), None, [0.5, 1.0, 2.0, 4.0, 8.0]),  # rises twice, then stops
+    (0.125, (0.5, 2.0), (0.25, 8.0), None, [0.25, 0.5, 1.0, 2.0]),        # the lower limit stops it
+    (64.0, (2.0,), (0.0, math.inf), 3, [1.0, 2.0, 4.0, 8.0]),             # at most `steps` values
+])
+def test_climb_steps_while_the_mean_rises(peak, factors, limits, steps, tried):
+    def value(v):
+        return {"a": -abs(math.log2(v / peak)), "b": 0.0}
+    runs = {1.0: value(1.0)}
+    calls = []
+    _climb(runs, 1.0, factors, lambda v: calls.append(v) or value(v), limits, steps)
+    assert sorted(runs) == tried and len(calls) == len(tried) - 1
 
 
 def test_validation_batches_types():
