@@ -124,7 +124,8 @@ def _demo_config(args):
     overrides = {"epochs": args.epochs, "train_subset": args.train_subset, "width": args.width}
     cfg.train = dataclasses.replace(TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     for key in ("data_dir", "per_domain", "corruptions", "severity", "streams", "batch_sizes", "methods",
-                "lr", "backend", "score_layer", "score_mode", "seed", "check_batches", "cache_dir"):
+                "lr", "backend", "score_layer", "score_mode", "seed", "check_batches", "cache_dir",
+                "validation_per_domain"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -427,6 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calibration-batches", type=_int_at_least(2), default=None,
                    help="validation batches of each type that calibrate datta_disp / datta_cal "
                    "(default: about 3,000 images of each type, at least 40 batches)")
+    d.add_argument("--validation-per-domain", type=_int_at_least(2), default=None,
+                   help="images of each validation domain (the validation corruptions at severities "
+                   "1-5 of the second half of the test set, and clean held-out training images) that "
+                   "calibrate datta_disp / datta_cal (default 1000; at least the largest batch size; "
+                   "fewer: a faster, noisier calibration)")
     d.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1..5 (default 3)")
     d.add_argument("--streams", type=_names("stream", STREAMS), default=None,
                    help="comma-separated subset of: " + ", ".join(STREAMS) + " (default all)")

@@ -209,6 +209,17 @@ def test_quick_preset_parses():
     assert args.quick and args.per_domain == 50
 
 
+def test_validation_per_domain_flag_and_its_bound():
+    from datta_kernels.cli import _demo_config
+    cfg = _demo_config(build_parser().parse_args(["demo", "--quick", "--validation-per-domain", "64"]))
+    assert cfg.validation_per_domain == 64
+    cfg.validate()
+    args = ["demo", "--validation-per-domain", "32", "--batch-sizes", "16,64"]
+    cfg = _demo_config(build_parser().parse_args(args))
+    with pytest.raises(ValueError, match="at least the largest batch size"):
+        cfg.validate()
+
+
 def test_no_command_is_an_error():
     with pytest.raises(SystemExit):
         main([])
