@@ -5,6 +5,7 @@ Tolerances: fp32, 1e-5 relative (plus a small absolute floor for values near 0);
 identical.  Each scenario runs in one spawn of W processes (the imports dominate its time)."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from datetime import timedelta
@@ -104,10 +105,10 @@ def _scenario_layer(rank, world, sizes):
     return out
 
 
-def _adapter(model, score_mode, backend, threshold, distributed):
+def _adapter(model, score_mode, backend, threshold, distributed, entropy_filter=None):
     cls = DistributedDATTA if distributed else dk.DATTA
     return cls(model, "datta", selector=dk.ThresholdSelector(threshold), daft=True, lr=5e-2,
-               score_mode=score_mode, backend=backend)
+               score_mode=score_mode, backend=backend, entropy_filter=entropy_filter)
 
 
 def _stream(steps: int, n: int):
@@ -116,10 +117,10 @@ def _stream(steps: int, n: int):
             for i in range(steps)]
 
 
-def _scenario_adapt(rank, world, sizes, backend, score_modes, threshold, steps):
+def _scenario_adapt(rank, world, sizes, backend, score_modes, threshold, steps, entropy_filter=None):
     out = {}
     for score_mode in score_modes:
-        adapter = _adapter(tiny_resnet(0), score_mode, backend, threshold, True)
+        adapter = _adapter(tiny_resnet(0), score_mode, backend, threshold, True, entropy_filter)
         logits, scores, decisions = [], [], []
         for x in _stream(steps, sum(sizes)):
             logits.append(adapter(x[_split(x.shape[0], sizes)[rank]]))
@@ -277,8 +278,27 @@ def test_adapter_matches_single_process(tmp_path, world, sizes, request):
         _check_adapter([r[mode] for r in results], mode, backend, steps, threshold, sizes)
 
 
-def _check_adapter(results, score_mode, backend, steps, threshold, sizes):
-    ref = _adapter(tiny_resnet(0), score_mode, backend, threshold, False)
+def test_adapter_entropy_filter_matches_single_process(tmp_path, request):
+    """With EATA's reliable-sample filter (SPEC §4) the loss is the sum of the kept samples'
+    entropies over the global batch size: DistributedDATTA on 2 ranks == DATTA on the whole
+    batch, with a bound that keeps some samples of the first batch and drops others."""
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    request.node.user_properties.append(("backend", backend))   # counted (conftest)
+    sizes, steps = [5, 3], 4
+    with torch.no_grad():
+        p = tiny_resnet(0)(_stream(1, sum(sizes))[0]).softmax(1)
+    h = -(p * p.log()).sum(1) / math.log(p.shape[1])          # entropy in units of ln K
+    bound = float(h.median())
+    assert 0 < int((h < bound).sum()) < len(h)                  # the filter splits the batch
+    results = _run(tmp_path, 2, "adapt", sizes=sizes, backend=backend, score_modes=("dispersion",),
+                   threshold=1e9, steps=steps, entropy_filter=bound)
+    for r in results:
+        assert "error" not in r, r.get("error")
+    _check_adapter([r["dispersion"] for r in results], "dispersion", backend, steps, 1e9, sizes, bound)
+
+
+def _check_adapter(results, score_mode, backend, steps, threshold, sizes, entropy_filter=None):
+    ref = _adapter(tiny_resnet(0), score_mode, backend, threshold, False, entropy_filter)
     for i, x in enumerate(_stream(steps, sum(sizes))):
         logits = ref(x)
         _close(torch.cat([r["logits"][i] for r in results]), logits,
