@@ -134,9 +134,10 @@ class DemoConfig:
                 raise ValueError(f"unknown {name}(s) {bad}; choose from {list(known)}")
         if self.per_domain < 2:
             raise ValueError(f"per_domain must be >= 2, got {self.per_domain}")
-        if self.validation_per_domain < max(self.batch_sizes, default=2):
+        largest = max(self.batch_sizes, default=2)
+        if self.validation_per_domain < largest:
             raise ValueError(f"validation_per_domain ({self.validation_per_domain}) must be at least the "
-                             f"largest batch size ({max(self.batch_sizes)}): calibration draws whole "
+                             f"largest batch size ({largest}): calibration draws whole "
                              "batches from each validation domain")
         leaked = [c for c in self.corruptions if c in VALIDATION]
         if leaked and not self.report_validation:
