@@ -125,7 +125,7 @@ def _demo_config(args):
     cfg.train = dataclasses.replace(TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     for key in ("data_dir", "per_domain", "corruptions", "severity", "streams", "batch_sizes", "methods",
                 "lr", "backend", "score_layer", "score_mode", "seed", "check_batches", "cache_dir",
-                "validation_per_domain"):
+                "validation_per_domain", "validation_severities"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -326,6 +326,14 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     return values
 
 
+def _severities(text: str) -> tuple[int, ...]:
+    """argparse type: a non-empty comma-separated list of distinct corruption severities 1..5."""
+    values = _positive_ints(text)
+    if any(v > 5 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"needs distinct severities in 1..5, got {text!r}")
+    return values
+
+
 def _names(what: str, known):
     """argparse type: a non-empty comma-separated subset of ``known``."""
     def parse(text: str) -> tuple[str, ...]:
@@ -433,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "1-5 of the second half of the test set, and clean held-out training images) that "
                    "calibrate datta_disp / datta_cal (default 1000; at least the largest batch size; "
                    "fewer: a faster, noisier calibration)")
+    d.add_argument("--validation-severities", type=_severities, default=None,
+                   help="comma-separated severities of the validation corruptions that calibrate "
+                   "datta_disp / datta_cal (default 1,2,3,4,5: choices independent of --severity; "
+                   "e.g. 5 with --severity 5 calibrates for a deployment of known severity)")
     d.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1..5 (default 3)")
     d.add_argument("--streams", type=_names("stream", STREAMS), default=None,
                    help="comma-separated subset of: " + ", ".join(STREAMS) + " (default all)")

@@ -220,6 +220,21 @@ def test_validation_per_domain_flag_and_its_bound():
         cfg.validate()
 
 
+def test_validation_severities_flag_and_its_checks():
+    from datta_kernels.cli import _demo_config
+    from datta_kernels.eval.runner import DemoConfig
+    assert DemoConfig().validation_severities == (1, 2, 3, 4, 5)
+    cfg = _demo_config(build_parser().parse_args(["demo", "--severity", "5", "--validation-severities", "5"]))
+    assert cfg.validation_severities == (5,) and cfg.severity == 5
+    cfg.validate()
+    for bad in ("0", "6", "3,3", ","):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["demo", "--validation-severities", bad])
+    for bad in ((), (2, 2), (0,), (6,)):
+        with pytest.raises(ValueError, match="validation_severities"):
+            DemoConfig(validation_severities=bad).validate()
+
+
 def test_no_command_is_an_error():
     with pytest.raises(SystemExit):
         main([])

@@ -359,6 +359,20 @@ def test_report_outputs(tiny_doc, tmp_path):
     assert paths["summary"].read_text().strip() == table.strip()
 
 
+def test_validation_severities_decide_the_calibration_domains(synth_dir, tiny_doc, tmp_path):
+    """``validation_severities=(5,)``: datta_disp is calibrated on clean + the validation corruptions
+    at severity 5 only, and the summary says so; the default document says nothing of it."""
+    cfg = DemoConfig(data_dir=str(synth_dir), per_domain=8, corruptions=("fog",), streams=("single",),
+                     methods=("source", "datta_disp"), batch_sizes=(8,), check_batches=0, train=TINY_TRAIN,
+                     validation_per_domain=8, validation_severities=(5,), calibration_batches=2,
+                     cache_dir=str(tmp_path / "cache"), progress=False)
+    doc = run_demo(cfg, command="test", log=lambda *a: None)
+    assert doc["calibration"]["8"]["domains"] == ["clean_heldout", "speckle_noise@5", "gaussian_blur@5",
+                                                  "spatter@5"]
+    note = "calibrated on the validation corruptions at severity 5 only"
+    assert note in format_tables(doc) and "--validation-severities" not in format_tables(tiny_doc)
+
+
 # --- the protocol -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("per_domain", [2, 17, 1000, 5000])

@@ -115,8 +115,13 @@ class DemoConfig:
     #: validation batches of each type per batch size that calibrate ``datta_disp`` and
     #: ``datta_cal`` (None: ``datta_kernels.calibration.default_batches``, ~3,000 images a type)
     calibration_batches: int | None = None
-    #: images per validation domain (clean held-out + validation corruptions at severities 1-5)
+    #: images per validation domain (clean held-out + validation corruptions at each of
+    #: ``validation_severities``)
     validation_per_domain: int = 1000
+    #: severities of the validation corruptions (default all five: the choices do not depend on
+    #: the test severity; ``(severity,)`` calibrates for a deployment of known severity, as the
+    #: literature's held-out-corruption protocols do)
+    validation_severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     #: candidate blends of ``datta_cal`` (None: ``datta_kernels.calibration.BLEND_GRID``)
     calibration_grid: tuple | None = None
     seed: int = 0
@@ -139,6 +144,9 @@ class DemoConfig:
             raise ValueError(f"validation_per_domain ({self.validation_per_domain}) must be at least the "
                              f"largest batch size ({largest}): calibration draws whole "
                              "batches from each validation domain")
+        sev = self.validation_severities
+        if not sev or len(set(sev)) != len(sev) or any(not 1 <= v <= 5 for v in sev):
+            raise ValueError(f"validation_severities must be distinct severities in 1..5, got {sev}")
         leaked = [c for c in self.corruptions if c in VALIDATION]
         if leaked and not self.report_validation:
             raise ValueError(f"{leaked} are validation corruptions (they decide methods and are never "
@@ -350,7 +358,8 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     calibration, cal_reports = {}, {}
     if any(m in CALIBRATED for m in cfg.methods):
         t0 = time.perf_counter()
-        vdom = validation_domains(data, cfg.validation_per_domain, cfg.seed, train=cfg.train)
+        vdom = validation_domains(data, cfg.validation_per_domain, cfg.seed,
+                                  tuple(cfg.validation_severities), train=cfg.train)
         for bs in cfg.batch_sizes:
             n_cal = cfg.calibration_batches or default_batches(bs)
             calibration[bs] = calibrate_threshold_on(model, vdom, bs, n_cal, cfg.seed,
