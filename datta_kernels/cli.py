@@ -328,10 +328,11 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 
 def _severities(text: str) -> tuple[int, ...]:
     """argparse type: a non-empty comma-separated list of distinct corruption severities 1..5."""
-    values = _positive_ints(text)
-    if any(v > 5 for v in values) or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"needs distinct severities in 1..5, got {text!r}")
-    return values
+    from .eval.corruptions import check_severities
+    try:
+        return check_severities(_positive_ints(text), repr(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _names(what: str, known):

@@ -23,7 +23,8 @@ import torch
 from .. import __version__, backends
 from ..benchmarking import provenance
 from ..calibration import calibrate, default_batches
-from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, SEVERITIES, load_benchmark
+from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, load_benchmark
+from .corruptions import SEVERITIES
 from .protocols import build_stream, canonical
 from .runner import CALIBRATED, METHODS, ORACLES, RunResult, cal_rates, detector_metrics, run_lockstep
 from .validation import calibrate_threshold_on

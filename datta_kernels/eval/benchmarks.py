@@ -49,7 +49,6 @@ CIFAR_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_b
 DATASETS = {"cifar10-c": 10, "cifar100-c": 100, "imagenet-c": None}
 IMAGENET_SUBSET = 5000
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-SEVERITIES = (1, 2, 3, 4, 5)
 
 
 class BenchmarkDataError(ValueError):

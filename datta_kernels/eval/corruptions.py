@@ -21,10 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CORRUPTIONS", "DEFAULT_SEVERITY", "corrupt", "corrupt_all"]
+__all__ = ["CORRUPTIONS", "DEFAULT_SEVERITY", "SEVERITIES", "check_severities", "corrupt", "corrupt_all"]
 
 DEFAULT_SEVERITY = 3
+#: the corruption severities of the ImageNet-C / CIFAR-10-C protocol (and of every table here)
+SEVERITIES = (1, 2, 3, 4, 5)
 Corruption = Callable[[Tensor, int, torch.Generator], Tensor]
+
+
+def check_severities(severities, what: str = "severities") -> tuple[int, ...]:
+    """``severities`` as a tuple, or a ValueError naming ``what`` unless they are distinct
+    members of :data:`SEVERITIES` (at least one)."""
+    sev = tuple(severities)
+    if not sev or len(set(sev)) != len(sev) or any(v not in SEVERITIES for v in sev):
+        raise ValueError(f"{what} must be distinct severities in 1..5, got {severities}")
+    return sev
 
 
 def _param(table: tuple, severity: int):

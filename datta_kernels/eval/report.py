@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from ..calibration import rule_name
+from .corruptions import SEVERITIES
 
 __all__ = ["CSV_FIELDS", "format_tables", "goal_lines", "plot", "write_outputs"]
 
@@ -49,8 +50,8 @@ def format_tables(doc: dict) -> str:
              f"corruptions x {cfg['per_domain']} test images, severity {cfg['severity']}; "
              + (f"clean {_pct(clean).strip()}%; " if clean is not None else "")
              + f"backend {meta['backend']}"]
-    vsev = tuple(cfg.get("validation_severities") or (1, 2, 3, 4, 5))
-    if vsev != (1, 2, 3, 4, 5) and (doc.get("calibration") or doc.get("datta_cal")):
+    vsev = tuple(cfg.get("validation_severities") or SEVERITIES)
+    if vsev != SEVERITIES and (doc.get("calibration") or doc.get("datta_cal")):
         lines.append(f"NOTE: datta_disp / datta_cal calibrated on the validation corruptions at severity "
                      f"{', '.join(map(str, vsev))} only (--validation-severities), not at all five")
     leaked = doc.get("reported_on_validation") or []

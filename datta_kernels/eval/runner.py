@@ -24,7 +24,7 @@ from ..benchmarking import provenance
 from ..calibration import BLEND_GRID, calibrate, default_batches
 from ..diversity import ThresholdSelector
 from . import progress_bar
-from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY
+from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY, SEVERITIES, check_severities
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, evaluate, load_or_train
 from .oracle import OracleSelector
@@ -121,7 +121,7 @@ class DemoConfig:
     #: severities of the validation corruptions (default all five: the choices do not depend on
     #: the test severity; ``(severity,)`` calibrates for a deployment of known severity, as the
     #: literature's held-out-corruption protocols do)
-    validation_severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    validation_severities: tuple[int, ...] = SEVERITIES
     #: candidate blends of ``datta_cal`` (None: ``datta_kernels.calibration.BLEND_GRID``)
     calibration_grid: tuple | None = None
     seed: int = 0
@@ -144,9 +144,7 @@ class DemoConfig:
             raise ValueError(f"validation_per_domain ({self.validation_per_domain}) must be at least the "
                              f"largest batch size ({largest}): calibration draws whole "
                              "batches from each validation domain")
-        sev = self.validation_severities
-        if not sev or len(set(sev)) != len(sev) or any(not 1 <= v <= 5 for v in sev):
-            raise ValueError(f"validation_severities must be distinct severities in 1..5, got {sev}")
+        check_severities(self.validation_severities, "validation_severities")
         leaked = [c for c in self.corruptions if c in VALIDATION]
         if leaked and not self.report_validation:
             raise ValueError(f"{leaked} are validation corruptions (they decide methods and are never "

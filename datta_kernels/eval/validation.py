@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..adapt import DATTA
 from ..diversity import ThresholdSelector, calibrate_threshold
-from .corruptions import CORRUPTIONS, corrupt_all
+from .corruptions import CORRUPTIONS, SEVERITIES, corrupt_all
 from .models import TrainConfig, held_out_indices
 from .streams import DomainPool, build_pool
 
@@ -80,7 +80,7 @@ def test_pool(data, per_domain: int, severity: int, seed: int,
     return build_pool(corrupt_all(data.test_x[pick], corruptions, severity, seed), data.test_y[pick])
 
 
-def validation_domains(data, per_domain: int, seed: int, severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+def validation_domains(data, per_domain: int, seed: int, severities: tuple[int, ...] = SEVERITIES,
                        train: TrainConfig | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """``{name: (images, labels)}``: ``per_domain`` clean held-out training images (never trained
     on under ``train``, default :class:`TrainConfig`) as ``clean_heldout`` (left out when fewer
@@ -100,7 +100,7 @@ def validation_domains(data, per_domain: int, seed: int, severities: tuple[int, 
     return out
 
 
-def validation_pool(data, per_domain: int, seed: int, severities: tuple[int, ...] = (1, 2, 3, 4, 5),
+def validation_pool(data, per_domain: int, seed: int, severities: tuple[int, ...] = SEVERITIES,
                     train: TrainConfig | None = None) -> DomainPool:
     """:func:`validation_domains` as one pool (each domain its own labels)."""
     return pool_of(validation_domains(data, per_domain, seed, severities, train))
