@@ -82,8 +82,11 @@ HARD_FRACTION = 1 / 3
 #: while the mean rises, within :data:`STREAM_LIMITS`
 STREAM_START = 0.05
 STREAM_LIMITS = (1 / 128, 0.4)
-#: the blend of ``skewed`` batches on the stream statistics: those statistics alone
+#: the blend of ``skewed`` batches on the stream statistics tried first: those statistics alone;
+#: step 4d then moves weight :data:`STREAM_BATCH_STEP` at a time to the batch statistics
+#: (``(1 - b, b, 0)``) while the mean rises
 STREAM_BLEND = (1.0, 0.0, 0.0)
+STREAM_BATCH_STEP = 0.2
 #: the stream reset cut tried first (step 4c, on :func:`~datta_kernels.nn.stream_divergence`),
 #: then halved or doubled while the mean rises, within :data:`RESET_LIMITS`
 RESET_START = 1.0
@@ -157,8 +160,11 @@ class Calibration:
     #: with ``stream_momentum``: None, or the cut on the batch's divergence from a layer's
     #: stream statistics above which the batch restarts them (SPEC §3c "reset", step 4c)
     stream_reset: float | None = None
-    #: ``"source"`` / ``"stream, momentum X"`` / ``"stream, momentum X, reset Y"`` -> accuracy
-    #: (%) per validation stream (no DAFT)
+    #: with ``stream_momentum``: the blend of ``skewed`` batches on the stream statistics,
+    #: ``(1 - b, b, 0)`` (step 4d; :data:`STREAM_BLEND` is ``b = 0``)
+    stream_blend: tuple[float, float, float] = STREAM_BLEND
+    #: ``"source"`` / ``"stream, momentum X"`` / ``"stream, momentum X, reset Y"`` /
+    #: ``"stream ..., blend (a, b, 0)"`` -> accuracy (%) per validation stream (no DAFT)
     stream_table: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
@@ -176,7 +182,8 @@ class Calibration:
         # configured before DATTA snapshots the model, so that reset() keeps the configuration
         _configure(layers, next(i for i, layer in enumerate(layers) if layer is score), self.pre_blend,
                    (self.single_blend, self.multiple_blend, self.skewed_blend), self.instance_mode,
-                   self.stream_momentum, getattr(self, "stream_reset", None))
+                   self.stream_momentum, getattr(self, "stream_reset", None),
+                   getattr(self, "stream_blend", STREAM_BLEND))
         adapter = DATTA(model, preset=None, daft=self.daft, lr=self.lr, score_mode="dispersion",
                         daft_multiple=self.daft_multiple,
                         entropy_filter=getattr(self, "entropy_filter", None),
@@ -198,7 +205,7 @@ class Calibration:
         return d
 
     def __str__(self) -> str:
-        fmt = lambda w: "(" + ", ".join(f"{abs(v):.1f}" for v in w) + ")"  # noqa: E731
+        fmt = _fmt
         chosen = {"single": self.single_blend, "mixed": self.multiple_blend, "sorted": self.skewed_blend}
         lines = [f"datta_cal for batch size {self.batch_size}, calibrated on {', '.join(self.domains)} "
                  f"({', '.join(f'{n} {k}' for k, n in self.batches.items())} validation batches)",
@@ -246,11 +253,13 @@ class Calibration:
             reset = getattr(self, "stream_reset", None)
             which = ("the stream statistics at momentum " f"{self.stream_momentum:g}"
                      + ("" if reset is None else f", restarted by a batch whose divergence from "
-                        f"them exceeds {reset:g}") + ", blend (1.0, 0.0, 0.0)"
+                        f"them exceeds {reset:g}")
+                     + f", blend {fmt(getattr(self, 'stream_blend', STREAM_BLEND))}"
                      if self.stream_momentum is not None else "the source statistics")
             lines.append(f"skewed batches on {which} from the score layer on (the best mean over "
                          "the validation streams without DAFT; ties: the source statistics, then "
-                         "the smaller momentum; no reset, then the larger cut):")
+                         "the smaller momentum; no reset, then the larger cut; the smaller batch "
+                         "weight):")
             width = max(28, *map(len, self.stream_table))
             for name, acc in self.stream_table.items():
                 lines.append(f"  {name:<{width}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
@@ -396,17 +405,27 @@ INSTANCE_MODES = {"cluster": {"cluster": True, "shrink_k": None},
                   "instance": {"cluster": False, "shrink_k": 4.0}}
 
 
+def _stream_blend(b: float) -> tuple[float, float, float]:
+    """Step 4d's candidate: the stream statistics at ``1 - b``, the batch statistics at ``b``."""
+    return (round(1.0 - b, 6), round(b, 6), 0.0)
+
+
+def _fmt(w) -> str:
+    return "(" + ", ".join(f"{abs(v):.1f}" for v in w) + ")"
+
+
 def _configure(layers: list[FusedDABN], pre: int, pre_blend, blends, mode: str = "cluster",
-               stream: float | None = None, reset: float | None = None) -> None:
+               stream: float | None = None, reset: float | None = None,
+               stream_blend=STREAM_BLEND) -> None:
     """The layers before the score layer (``layers[:pre]``) on ``pre_blend`` whatever the
     decision, the others on ``blends = (single, multiple, skewed)`` by decision; instance
     terms as ``mode`` says; with a ``stream`` momentum, ``skewed`` batches on the stream
-    statistics (SPEC §3c) with the blend :data:`STREAM_BLEND` from the score layer on, restarted
+    statistics (SPEC §3c) with the blend ``stream_blend`` from the score layer on, restarted
     by a batch farther from them than ``reset``."""
     for i, layer in enumerate(layers):
         weights = (pre_blend,) * 3 if i < pre and pre_blend is not None else blends
         if stream is not None and i >= pre:
-            weights = (*weights[:2], STREAM_BLEND)
+            weights = (*weights[:2], tuple(stream_blend))
         layer.set_preset("datta", weights=weights, **INSTANCE_MODES[mode])
         layer.set_stream(*((stream, reset) if i >= pre else (None, None)))
 
@@ -762,8 +781,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
 
     def adapter_for(rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False,
                     stream: float | None = None, reset: float | None = None,
-                    filt: float | None = None) -> DATTA:
-        _configure(layers, pre, best["pre"], (single, multiple, skewed), mode, stream, reset)
+                    filt: float | None = None, blend=STREAM_BLEND) -> DATTA:
+        _configure(layers, pre, best["pre"], (single, multiple, skewed), mode, stream, reset, blend)
         return DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate, daft_multiple=on_multiple,
                      entropy_filter=filt, selector=ThresholdSelector(*rule, shift_cut),
                      class_probe=probe, score_mode="dispersion", backend=None)
@@ -802,20 +821,38 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         stream_table |= {f"stream, momentum {stream:g}, reset {c:g}": reset_runs[c] for c in cuts[1:]}
         stream_runs[stream] = reset_runs[reset]
 
+    # 4d. with the stream statistics: their blend with the batch statistics on skewed batches,
+    #     (1 - b, b, 0), b from 0 up by STREAM_BATCH_STEP while the mean rises (ties: the smaller b)
+    stream_blend = STREAM_BLEND
+    if stream is not None:
+        blend_runs = {0.0: stream_runs[stream]}
+        b = 0.0
+        while b + STREAM_BATCH_STEP <= 1.0 + 1e-9:
+            nxt = round(b + STREAM_BATCH_STEP, 6)
+            blend_runs[nxt] = run(rule, False, stream=stream, reset=reset, blend=_stream_blend(nxt))
+            if _mean(blend_runs[nxt]) <= _mean(blend_runs[b]):
+                break
+            b = nxt
+        stream_blend = _stream_blend(b)
+        where = f"stream, momentum {stream:g}" + ("" if reset is None else f", reset {reset:g}")
+        stream_table |= {f"{where}, blend {_fmt(_stream_blend(w))}": v
+                         for w, v in blend_runs.items() if w > 0}
+        stream_runs[stream] = blend_runs[b]
+
     # 5. DAFT off or on, on the four streams and the hard stream (a single-domain stream over
     #    the validation domains the configuration without DAFT does worst on: a long run of
     #    hard batches, where drifting updates lose most), with the chosen rule and statistics
-    hard = _hard_domains(lambda: adapter_for(rule, False, stream=stream, reset=reset), domains,
-                         batch_size, seed)
+    statistics = dict(stream=stream, reset=reset, blend=stream_blend)
+    hard = _hard_domains(lambda: adapter_for(rule, False, **statistics), domains, batch_size, seed)
     five = dict(four)
     if hard:
         hx, hy, hs = _streams({k: domains[k] for k in hard}, batch_size, seed, ("single",))
         five["hard"] = (hx, hy, hs["single"])
     daft_table = {"off": stream_runs[stream]
-                  | (run(rule, False, stream=stream, reset=reset, on={"hard": five["hard"]}) if hard else {})}
+                  | (run(rule, False, **statistics, on={"hard": five["hard"]}) if hard else {})}
 
     def daft_run(rate: float, filt: float | None = None, on_multiple: bool = False) -> dict[str, float]:
-        return run(rule, True, rate, on_multiple, stream=stream, reset=reset, filt=filt, on=five)
+        return run(rule, True, rate, on_multiple, filt=filt, **statistics, on=five)
 
     on = {r: daft_run(r) for r in lrs}
     # a best rate at either end of several candidates is no maximum: go on past that end
@@ -862,5 +899,5 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         decision_table=best["decision_table"], rule_table=rule_table, daft_table=daft_table,
         streams={k: len(v) for k, v in streams.items()},
         modes=best["modes"], probe=probe, stream_momentum=stream, stream_reset=reset,
-        stream_table=stream_table)
+        stream_blend=stream_blend, stream_table=stream_table)
     return report.adapter(model, backend=backend)

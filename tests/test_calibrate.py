@@ -1031,7 +1031,7 @@ def test_calibrate_chooses_the_stream_momentum_on_the_validation_streams(monkeyp
     adapter = _calibrate_stubbed(monkeypatch, fake)
     rep = adapter.calibration
     tried = sorted(float(k.split("momentum ")[1]) for k in rep.stream_table
-                   if k != "source" and "reset" not in k)
+                   if k != "source" and "reset" not in k and "blend" not in k)
     assert tried == pytest.approx(want) and list(rep.stream_table)[0] == "source"
     assert rep.stream_momentum == (None if chosen is None else pytest.approx(chosen))
     assert rep.stream_reset is None and not rep.daft
@@ -1076,7 +1076,7 @@ def test_calibrate_chooses_the_stream_reset_on_the_validation_streams(monkeypatc
     adapter = _calibrate_stubbed(monkeypatch, fake)
     rep = adapter.calibration
     assert rep.stream_momentum == pytest.approx(0.05)
-    tried = sorted(float(k.split("reset ")[1]) for k in rep.stream_table if "reset" in k)
+    tried = sorted(float(k.split("reset ")[1]) for k in rep.stream_table if "reset" in k and "blend" not in k)
     assert tried == pytest.approx(want)
     assert rep.stream_reset == (None if chosen is None else pytest.approx(chosen))
     assert {r for daft, r in seen if daft} == {rep.stream_reset}       # step 5 runs with the cut
@@ -1089,3 +1089,41 @@ def test_calibrate_chooses_the_stream_reset_on_the_validation_streams(monkeypatc
     adapter(_domains()["noisy"][0][:8])
     adapter.reset()
     assert all(layer.stream_reset == rep.stream_reset for layer in adapter.layers[at:])
+
+
+@pytest.mark.parametrize("peak,want,chosen", [
+    (None, [0.2], 0.0),                                  # no batch weight beats none
+    (0.4, [0.2, 0.4, 0.6], 0.4),                         # raised while the mean rises
+    (5.0, [0.2, 0.4, 0.6, 0.8, 1.0], 1.0),               # up to the batch statistics alone
+])
+def test_calibrate_chooses_the_stream_blend_on_the_validation_streams(monkeypatch, peak, want, chosen):
+    """Step 4d: with the stream statistics chosen, ``skewed`` batches take the blend
+    ``(1 - b, b, 0)`` of the stream and the batch statistics, ``b`` raised from 0 by
+    STREAM_BATCH_STEP while the mean over the validation streams rises (ties: the smaller);
+    the adapter's layers from the score layer on carry it, step 5's runs use it, ``reset``
+    keeps it."""
+    seen = []
+
+    def fake(adapter, x, y, batches):
+        layer = adapter.layers[-1]
+        rate, b = layer.stream_momentum, float(layer.blend_skewed[1])
+        seen.append((adapter.daft, rate, b))
+        if adapter.daft or rate is None:
+            return 50.0 if rate is None else 40.0
+        base = 55.0 - abs(math.log2(rate / 0.05)) - (0.0 if layer.stream_reset is None else 1.0)
+        return base - (5.0 * b if peak is None else 0.5 * abs(b - peak))
+    adapter = _calibrate_stubbed(monkeypatch, fake)
+    rep = adapter.calibration
+    assert rep.stream_momentum == pytest.approx(0.05) and rep.stream_reset is None
+    tried = sorted(float(k.split("blend (")[1].split(",")[1]) for k in rep.stream_table if "blend" in k)
+    assert tried == pytest.approx(want)
+    assert rep.stream_blend == pytest.approx((1.0 - chosen, chosen, 0.0))
+    assert [b for daft, rate, b in seen if daft] == pytest.approx([chosen] * sum(d for d, _, _ in seen))
+    at = adapter._score_at
+    for layer in adapter.layers[at:]:
+        assert layer.blend_skewed.tolist() == pytest.approx(rep.stream_blend)
+    assert f"blend ({1 - chosen:.1f}, {chosen:.1f}, 0.0)" in str(rep)
+    assert rep.as_dict()["stream_blend"] == rep.stream_blend
+    adapter(_domains()["noisy"][0][:8])
+    adapter.reset()
+    assert all(layer.blend_skewed.tolist() == pytest.approx(rep.stream_blend) for layer in adapter.layers[at:])

@@ -94,6 +94,7 @@ def format_tables(doc: dict) -> str:
                       + (f"skewed batches on the stream statistics (momentum {c['stream_momentum']:g}"
                          + (f", reset above divergence {c['stream_reset']:g}"
                             if c.get('stream_reset') else "")
+                         + (f", blend {tuple(c['stream_blend'])}" if c.get('stream_blend') else "")
                          + "); " if c.get('stream_momentum') else "")
                       + (f"DAFT on at lr {c['lr']:g}"
                          + (", multiple batches too" if c.get('daft_multiple') else "")
