@@ -23,7 +23,10 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
    the shift, rather than the source statistics ``skewed`` trusts);
 4. the rule with the better mean accuracy over four validation streams without DAFT: the
    deployment's streams (SPEC §5: single-domain, mixed, dynamic, label-sorted), each using
-   every validation image once, so they are as long as the validation data allow;
+   every validation image once, so they are as long as the validation data allow; then, on
+   those streams, the statistics of ``skewed`` batches: the source statistics or the stream
+   statistics (SPEC §3c) at a momentum (4b), their reset cut (4c) and their blend with the
+   batch statistics (4d);
 5. DAFT off, or on at one of the candidate learning rates ``lr`` (entropy steps on ``single``
    batches), or on with EATA's reliable-sample filter (:data:`FILTER_BOUND`) from the best of
    those rates, doubled while the mean rises: the best mean accuracy over those streams and a
