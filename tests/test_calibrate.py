@@ -1126,4 +1126,4 @@ def test_calibrate_chooses_the_stream_blend_on_the_validation_streams(monkeypatc
     assert rep.as_dict()["stream_blend"] == rep.stream_blend
     adapter(_domains()["noisy"][0][:8])
     adapter.reset()
-    assert all(layer.blend_skewed.tolist() == pytest.approx(rep.stream_blend) for layer in adapter.layers[at:])
+    assert all(lyr.blend_skewed.tolist() == pytest.approx(rep.stream_blend) for lyr in adapter.layers[at:])
