@@ -208,7 +208,6 @@ class Calibration:
         return d
 
     def __str__(self) -> str:
-        fmt = _fmt
         chosen = {"single": self.single_blend, "mixed": self.multiple_blend, "sorted": self.skewed_blend}
         lines = [f"datta_cal for batch size {self.batch_size}, calibrated on {', '.join(self.domains)} "
                  f"({', '.join(f'{n} {k}' for k, n in self.batches.items())} validation batches)",
@@ -219,11 +218,11 @@ class Calibration:
         for w, acc in sorted(self.blend_table.items()):
             marks = [f"<- {name}" for name, c in chosen.items() if c == w]
             cols = " ".join(f"{acc[k]:6.1f}" for k in KINDS)
-            lines.append(f"  {fmt(w):<18} {cols}  {' '.join(marks)}".rstrip())
+            lines.append(f"  {_fmt(w):<18} {cols}  {' '.join(marks)}".rstrip())
         lines.append(f"chosen: instance terms {self.instance_mode} (best mixed-batch accuracy by mode: "
                      + ", ".join(f"{m} {v:.2f} %" for m, v in self.modes.items()) + f"); single "
-                     f"{fmt(self.single_blend)}, multiple {fmt(self.multiple_blend)}, skewed "
-                     f"{fmt(self.skewed_blend)}")
+                     f"{_fmt(self.single_blend)}, multiple {_fmt(self.multiple_blend)}, skewed "
+                     f"{_fmt(self.skewed_blend)}")
         if self.pre_blend is not None:
             lines.append("blend of the layers before the score layer (every batch; the later layers "
                          "on each type's blend) -> validation accuracy % on single / mixed / sorted, "
@@ -231,7 +230,7 @@ class Calibration:
             ranked = sorted(self.pre_table.items(), key=lambda kv: -_mean(kv[1]))
             for w, acc in ranked[:5]:
                 mark = "  <- before the score layer" if w == self.pre_blend else ""
-                lines.append(f"  {fmt(w):<18} " + " ".join(f"{acc[k]:6.1f}" for k in KINDS)
+                lines.append(f"  {_fmt(w):<18} " + " ".join(f"{acc[k]:6.1f}" for k in KINDS)
                              + f"  {_mean(acc):6.1f}{mark}")
         lines.append(f"cuts on the dispersion score at {self.score_layer} (the best mean accuracy over "
                      "the three batch types), per validation batch:")
@@ -257,7 +256,7 @@ class Calibration:
             which = ("the stream statistics at momentum " f"{self.stream_momentum:g}"
                      + ("" if reset is None else f", restarted by a batch whose divergence from "
                         f"them exceeds {reset:g}")
-                     + f", blend {fmt(getattr(self, 'stream_blend', STREAM_BLEND))}"
+                     + f", blend {_fmt(getattr(self, 'stream_blend', STREAM_BLEND))}"
                      if self.stream_momentum is not None else "the source statistics")
             lines.append(f"skewed batches on {which} from the score layer on (the best mean over "
                          "the validation streams without DAFT; ties: the source statistics, then "
@@ -524,16 +523,17 @@ def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]
     return 100.0 * correct / max(1, total)
 
 
-def _climb(runs: dict, start: float, factors, evaluate, limits=(0.0, math.inf),
+def _climb(runs: dict, start: float, moves, evaluate, limits=(0.0, math.inf),
            steps: int | None = None) -> None:
-    """The one-dimensional searches of steps 4b, 4c and 5 (the filter's rate): fills ``runs``
-    (value -> accuracy per stream, ``start`` already in it) along each factor in turn, from
-    ``start`` to ``value * factor`` (``evaluate(value)``), within ``limits`` and at most ``steps``
-    times, while the mean rises (the first value whose mean does not rise is kept and ends it)."""
-    for factor in factors:
+    """The one-dimensional searches of steps 4b, 4c, 4d and 5 (the filter's rate): fills
+    ``runs`` (value -> accuracy per stream, ``start`` already in it) along each move in turn,
+    from ``start`` to the next value (a number in ``moves`` multiplies the value, a callable
+    maps it), ``evaluate(value)``, within ``limits`` and at most ``steps`` times, while the mean
+    rises (the first value whose mean does not rise is kept and ends it)."""
+    for move in moves:
         at = start
         for _ in itertools.count() if steps is None else range(steps):
-            nxt = at * factor
+            nxt = move(at) if callable(move) else at * move
             if not limits[0] <= nxt <= limits[1]:
                 break
             runs[nxt] = evaluate(nxt)
@@ -829,13 +829,9 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     stream_blend = STREAM_BLEND
     if stream is not None:
         blend_runs = {0.0: stream_runs[stream]}
-        b = 0.0
-        while b + STREAM_BATCH_STEP <= 1.0 + 1e-9:
-            nxt = round(b + STREAM_BATCH_STEP, 6)
-            blend_runs[nxt] = run(rule, False, stream=stream, reset=reset, blend=_stream_blend(nxt))
-            if _mean(blend_runs[nxt]) <= _mean(blend_runs[b]):
-                break
-            b = nxt
+        _climb(blend_runs, 0.0, (lambda w: round(w + STREAM_BATCH_STEP, 6),),
+               lambda w: run(rule, False, stream=stream, reset=reset, blend=_stream_blend(w)), (0.0, 1.0))
+        b = max(blend_runs, key=lambda w: (_mean(blend_runs[w]), -w))
         stream_blend = _stream_blend(b)
         where = f"stream, momentum {stream:g}" + ("" if reset is None else f", reset {reset:g}")
         stream_table |= {f"{where}, blend {_fmt(_stream_blend(w))}": v

@@ -158,6 +158,8 @@ def test_best_band_matches_brute_force():
     (4.0, (0.5, 2.0), (0.0, math.inf), None, [0.5, 1.0, 2.0, 4.0, 8.0]),  # rises twice, then stops
     (0.125, (0.5, 2.0), (0.25, 8.0), None, [0.25, 0.5, 1.0, 2.0]),        # the lower limit stops it
     (64.0, (2.0,), (0.0, math.inf), 3, [1.0, 2.0, 4.0, 8.0]),             # at most `steps` values
+    (2.0, (lambda v: v + 0.5,), (0.0, 2.5), None, [1.0, 1.5, 2.0, 2.5]),  # a callable move
+    (64.0, (lambda v: v + 0.5,), (0.0, 2.0), None, [1.0, 1.5, 2.0]),      # ... within the limits
 ])
 def test_climb_steps_while_the_mean_rises(peak, factors, limits, steps, tried):
     def value(v):
