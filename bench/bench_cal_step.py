@@ -47,8 +47,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 #: the fields of a :class:`Calibration` that report how it was chosen; every other field
 #: configures the adapter and is taken from the recorded run
-REPORT_FIELDS = {"batch_size", "domains", "batches", "blend_table", "pre_table", "decision_table",
-                 "rule_table", "daft_table", "streams", "modes", "probe", "stream_table", "hard_domains"}
+REPORT_FIELDS = {"batch_size", "domains", "batches", "blend_table", "pre_table", "pre_streams",
+                 "decision_table", "rule_table", "daft_table", "streams", "modes", "probe", "stream_table",
+                 "hard_domains"}
 
 
 def _calibration(model, vdom, bs: int, recorded: dict):

@@ -38,6 +38,7 @@ from datta_kernels.calibration import (
     BLEND_GRID,
     KINDS,
     _batches,
+    _blends_behind,
     _configure,
     _hard_domains,
     _search_blends,
@@ -51,15 +52,17 @@ from datta_kernels.surgery import convert_model
 
 
 def blends(model, domains: dict, bs: int) -> dict:
-    """Steps 1-2 on ``domains``; also returns the model, its layers, the score layer's index
-    and the batches."""
+    """Steps 1-2 on ``domains`` (step 2b's best pre blend, 2c behind it: the choice before the
+    validation streams weighed step 2b's best two); also returns the model, its layers, the
+    score layer's index and the batches."""
     g = torch.Generator().manual_seed(0)
     val = _batches(domains, bs, default_batches(bs), g)
     work = convert_model(copy.deepcopy(model).eval(), "datta", shrink_k=None, cluster=True, backend="cpu")
     layers = dabn_layers(work)
     pre = first_nonlinear_layer(work, val["single"][0][0])
-    return _search_blends(work, layers, pre, val, tuple(BLEND_GRID), ("instance",)) | \
-        {"work": work, "layers": layers, "at": pre, "val": val}
+    found = _search_blends(work, layers, pre, val, tuple(BLEND_GRID), ("instance",))
+    found |= _blends_behind(work, layers, pre, val, tuple(BLEND_GRID), found, found["pre_ranked"][0])
+    return found | {"work": work, "layers": layers, "at": pre, "val": val}
 
 
 @torch.no_grad()

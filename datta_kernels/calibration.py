@@ -10,8 +10,10 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
 2. the blends of ``single`` and ``skewed`` batches: the best on single-domain i.i.d. and on
    label-sorted batches for the layers from the score layer on; then the blend of the layers
    *before* the score layer, which run before the decision exists and so take one blend for
-   every batch: the best mean over the three batch types with the later layers on each type's
-   blend; then the ``single`` and ``skewed`` blends again behind it;
+   every batch: candidates ranked by the mean over the three batch types with the later layers
+   on each type's blend, the best :data:`PRE_CANDIDATES` each taken through steps 2c-4 (the
+   ``single`` and ``skewed`` blends again behind it, its cuts, rule and statistics of ``skewed``
+   batches) and the one with the best mean over step 4's validation streams kept;
 3. two decision rules on the dispersion score (SPEC §2): the *score band* (``skewed`` below
    ``low``, ``single`` below ``high``) and *score + spread* (``multiple`` from ``high``, else
    ``skewed`` when the batch's prediction spread from a :class:`~datta_kernels.diversity.ClassProbe`
@@ -71,7 +73,9 @@ KINDS = ("single", "mixed", "sorted")
 STREAM_KINDS = {"single": "single", "mixed": "mixed", "dynamic": "dynamic", "sorted": "single_noniid"}
 #: validation images of each batch type :func:`calibrate` draws by default
 VALIDATION_IMAGES = 3072
-
+#: step 2b's best pre blends (the layers before the score layer) that go on through steps
+#: 2c-4d, the validation streams choosing among them
+PRE_CANDIDATES = 2
 
 #: at most this many extra DAFT rates past an end of the candidates (step 5)
 RATE_STEPS = 3
@@ -145,6 +149,9 @@ class Calibration:
     blend_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
     #: pre blend -> accuracy (%) per batch type, the later layers on the type's right blend
     pre_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
+    #: step 2b's best pre blends -> accuracy (%) per validation stream without DAFT, each with
+    #: its own steps 2c-4d (the best mean is ``pre_blend``); empty: no layer before the score layer
+    pre_streams: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
     #: accuracy (%) per batch type of the chosen rule, and of the rule without ``low``
     decision_table: dict[str, dict[str, float]] = field(default_factory=dict)
     #: decision rule -> accuracy (%) per validation stream (no DAFT), every candidate
@@ -202,9 +209,10 @@ class Calibration:
         return ThresholdSelector(self.threshold, self.low, self.skew_cut, self.shift_cut)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("blend_table", "pre_table", "probe")}
-        for key in ("blend_table", "pre_table"):
-            d[key] = {",".join(map(str, k)): v for k, v in getattr(self, key).items()}
+        tables = ("blend_table", "pre_table", "pre_streams")
+        d = {k: v for k, v in self.__dict__.items() if k not in tables + ("probe",)}
+        for key in tables:
+            d[key] = {",".join(map(str, k)): v for k, v in getattr(self, key, {}).items()}
         return d
 
     def __str__(self) -> str:
@@ -232,6 +240,15 @@ class Calibration:
                 mark = "  <- before the score layer" if w == self.pre_blend else ""
                 lines.append(f"  {_fmt(w):<18} " + " ".join(f"{acc[k]:6.1f}" for k in KINDS)
                              + f"  {_mean(acc):6.1f}{mark}")
+            pre_streams = getattr(self, "pre_streams", {})
+            if pre_streams:
+                lines.append(f"the best {len(pre_streams)} of them, each through the steps below (its own "
+                             "blends, cuts and statistics of skewed batches) -> validation streams "
+                             "without DAFT (ties: the order above); the tables below are the chosen one's:")
+                for w, acc in pre_streams.items():
+                    mark = "  <- before the score layer" if w == self.pre_blend else ""
+                    lines.append(f"  {_fmt(w):<18} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+                                 + f"  mean {_mean(acc):5.1f}{mark}")
         lines.append(f"cuts on the dispersion score at {self.score_layer} (the best mean accuracy over "
                      "the three batch types), per validation batch:")
         for name, acc in self.decision_table.items():
@@ -614,8 +631,9 @@ def _best_skew_rule(scores: np.ndarray, spread: np.ndarray, acc: dict[str, np.nd
 
 
 def _search_blends(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid, modes) -> dict:
-    """Steps 1-2 of the module doc: the instance mode and the four blends, each the best of
-    ``grid`` on the validation batches of the type it serves."""
+    """Steps 1-2b of the module doc: the instance mode and the ``multiple`` blend, the
+    ``single`` and ``skewed`` blends as if the decision held from the input on, and the
+    candidate blends of the layers before the score layer, ranked (``pre_ranked``)."""
     # 1. the multiple blend and the instance mode: every layer on the candidate, mixed batches
     mixed = {}
     for mode in modes:
@@ -627,39 +645,52 @@ def _search_blends(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid
     def best(table: dict, kind: str):
         return max(grid, key=lambda w: (table[w][kind].mean(), -grid.index(w)))
 
-    def later_on(pre_blend) -> dict:
-        """single / sorted accuracy with the layers from the score layer on each candidate."""
-        out = {}
-        for w in grid:
-            _configure(layers, pre, pre_blend or w, (w, w, w), mode)
-            out[w] = {k: _accuracy(work, val[k]) for k in ("single", "sorted")}
-        return out
     # 2a. the single and skewed blends as if the decision held from the input on
-    first = later_on(None)
+    first = _later_on(work, layers, pre, val, grid, mode, None)
     single, skewed = best(first, "single"), best(first, "sorted")
     pre_table: dict = {}
-    after = first
+    ranked: list = [None]
     if pre > 0:
         # 2b. the layers before the score layer run before the decision exists: one blend for
-        #     every batch, the best mean over the three types with the later layers on the
-        #     blend of each type's right decision
+        #     every batch, ranked by the mean over the three types with the later layers on the
+        #     blend of each type's right decision (the best PRE_CANDIDATES go on to steps 2c-4d)
         right = {"single": single, "mixed": multiple, "sorted": skewed}
         for w in grid:
             pre_table[w] = {}
             for k in KINDS:
                 _configure(layers, pre, w, (right[k],) * 3, mode)
                 pre_table[w][k] = 100.0 * float(_accuracy(work, val[k]).mean())
-        pre_blend = max(grid, key=lambda w: (_mean(pre_table[w]), -grid.index(w)))
-        # 2c. the single and skewed blends again, behind that blend
-        after = later_on(pre_blend)
-        single, skewed = best(after, "single"), best(after, "sorted")
-    else:
-        pre_blend = None
-    return {"mode": mode, "multiple": multiple, "single": single, "skewed": skewed, "pre": pre_blend,
+        ranked = sorted(grid, key=lambda w: (-_mean(pre_table[w]), grid.index(w)))
+    return {"mode": mode, "multiple": multiple, "single": single, "skewed": skewed, "first": first,
             "modes": {m: 100.0 * max(float(mixed[m, w].mean()) for w in grid) for m in modes},
-            "pre_table": pre_table, "after": after,
+            "mixed": {w: 100.0 * float(mixed[mode, w].mean()) for w in grid},
+            "pre_table": pre_table, "pre_ranked": ranked}
+
+
+def _later_on(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid, mode: str, pre_blend) -> dict:
+    """Single / sorted accuracy per batch with the layers from the score layer on each
+    candidate of ``grid`` and those before it on ``pre_blend`` (None: on the candidate too)."""
+    out = {}
+    for w in grid:
+        _configure(layers, pre, pre_blend or w, (w, w, w), mode)
+        out[w] = {k: _accuracy(work, val[k]) for k in ("single", "sorted")}
+    return out
+
+
+def _blends_behind(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid, found: dict,
+                   pre_blend) -> dict:
+    """Step 2c: the ``single`` and ``skewed`` blends again with the layers before the score
+    layer on ``pre_blend`` (None: no such layer, step 2a's choice stands); the blends of
+    steps 1-2 for one pre blend, as steps 3-4 take them."""
+    after = found["first"] if pre_blend is None else _later_on(work, layers, pre, val, grid, found["mode"],
+                                                               pre_blend)
+
+    def best(kind: str):
+        return max(grid, key=lambda w: (after[w][kind].mean(), -grid.index(w)))
+    return {"mode": found["mode"], "multiple": found["multiple"], "single": best("single"),
+            "skewed": best("sorted"), "pre": pre_blend, "after": after,
             "blend_table": {w: {"single": 100.0 * float(after[w]["single"].mean()),
-                                "mixed": 100.0 * float(mixed[mode, w].mean()),
+                                "mixed": found["mixed"][w],
                                 "sorted": 100.0 * float(after[w]["sorted"].mean())} for w in grid}}
 
 
@@ -765,93 +796,113 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     fit_fam: dict = {}
     fit = _batches(domains, batch_size, n_batches, g, fit_fam)    # other i.i.d. batches: the probe's
     num_classes = max(2, int(torch.cat([y for _, y in domains.values()]).max()) + 1)
-    found = _search_blends(work, layers, pre, val, tuple(grid), tuple(INSTANCE_MODES))
-    best = found | _search_cuts(work, layers, pre, val, fit, (val_fam, fit_fam), num_classes, found)
-    mode, single, multiple, skewed = best["mode"], best["single"], best["multiple"], best["skewed"]
-    _configure(layers, pre, best["pre"], (single, multiple, skewed), mode)
-
-    # 4. the decision rule, on the deployment's streams over every validation image, without
-    #    DAFT: the score band of step 3, or the score cut with the skew cut on the probe's
-    #    prediction spread (step 3b)
+    grid = tuple(grid)
+    found = _search_blends(work, layers, pre, val, grid, tuple(INSTANCE_MODES))
     xs, ys, streams = _streams(domains, batch_size, seed)
-    probe = best["probe"]
-
-    # the shift range covers every validation batch calibrate sees: step 3's and the streams'
-    # (the score layer's input, hence the shift, does not depend on the decision)
-    stream_batches = [xs[idx] for batches in streams.values() for idx in batches]
-    shift_cut = _validated_range(best["shifts"], _scores(work, stream_batches, feats=False)[2])
     four = {name: (xs, ys, batches) for name, batches in streams.items()}
+    stream_batches = [xs[idx] for batches in streams.values() for idx in batches]
 
-    def adapter_for(rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False,
+    def adapter_for(c: dict, rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False,
                     stream: float | None = None, reset: float | None = None,
                     filt: float | None = None, blend=STREAM_BLEND) -> DATTA:
-        _configure(layers, pre, best["pre"], (single, multiple, skewed), mode, stream, reset, blend)
+        _configure(layers, pre, c["pre"], (c["single"], c["multiple"], c["skewed"]), c["mode"], stream,
+                   reset, blend)
         return DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate, daft_multiple=on_multiple,
-                     entropy_filter=filt, selector=ThresholdSelector(*rule, shift_cut),
-                     class_probe=probe, score_mode="dispersion", backend=None)
+                     entropy_filter=filt, selector=ThresholdSelector(*rule, c["shift_cut"]),
+                     class_probe=c["probe"], score_mode="dispersion", backend=None)
 
-    def run(*args, on=None, **kw) -> dict[str, float]:
-        return {name: _stream_accuracy(adapter_for(*args, **kw), x, y, batches)
+    def run(c: dict, *args, on=None, **kw) -> dict[str, float]:
+        return {name: _stream_accuracy(adapter_for(c, *args, **kw), x, y, batches)
                 for name, (x, y, batches) in (on or four).items()}
-    cut = best["skew_cut"]
-    rules = [(best["high"], best["low"], None),
-             (best["high_b"], -math.inf, None if cut == -math.inf else min(cut, 1.0))]
-    rule_table = {rule_name(*r, shift_cut): run(r, False) for r in rules}
-    means = [_mean(rule_table[rule_name(*r, shift_cut)]) for r in rules]
-    high, low, skew_cut = rules[int(np.argmax(means))]      # ties: the first
-    rule = (high, low, skew_cut)
 
-    # 4b. skewed batches on the source statistics (the blend of step 2) or on the stream
-    #     statistics (SPEC §3c): momentum STREAM_START, then halved or doubled while the mean rises
-    stream_runs = {None: rule_table[rule_name(*rule, shift_cut)]}
-    if rule[1] != -math.inf or rule[2] is not None:        # a rule that can say skewed
-        stream_runs[STREAM_START] = run(rule, False, stream=STREAM_START)
-        _climb(stream_runs, STREAM_START, (0.5, 2.0), lambda m: run(rule, False, stream=m), STREAM_LIMITS)
-    order = [None] + sorted(r for r in stream_runs if r is not None)
-    stream = max(order, key=lambda r: (_mean(stream_runs[r]), r is None, -(r or 0.0)))
-    stream_table = {("source" if r is None else f"stream, momentum {r:g}"): stream_runs[r] for r in order}
+    def behind(pre_blend) -> dict:
+        """Steps 2c-4d with the layers before the score layer on ``pre_blend``."""
+        c = _blends_behind(work, layers, pre, val, grid, found, pre_blend)
+        c |= _search_cuts(work, layers, pre, val, fit, (val_fam, fit_fam), num_classes, c)
+        _configure(layers, pre, c["pre"], (c["single"], c["multiple"], c["skewed"]), c["mode"])
+        # 4. the decision rule, on the deployment's streams over every validation image, without
+        #    DAFT: the score band of step 3, or the score cut with the skew cut on the probe's
+        #    prediction spread (step 3b); the shift range covers every validation batch calibrate
+        #    sees, step 3's and the streams' (the score layer's input, hence the shift, does not
+        #    depend on the decision)
+        shift_cut = _validated_range(c["shifts"], _scores(work, stream_batches, feats=False)[2])
+        c["shift_cut"] = shift_cut
+        cut = c["skew_cut"]
+        rules = [(c["high"], c["low"], None),
+                 (c["high_b"], -math.inf, None if cut == -math.inf else min(cut, 1.0))]
+        c["rule_table"] = {rule_name(*r, shift_cut): run(c, r, False) for r in rules}
+        means = [_mean(c["rule_table"][rule_name(*r, shift_cut)]) for r in rules]
+        c["rule"] = rule = rules[int(np.argmax(means))]      # ties: the first
 
-    # 4c. with the stream statistics: a reset cut on a batch's divergence from them (a batch of
-    #     a new domain restarts them), RESET_START, then halved or doubled while the mean rises
-    reset = None
-    if stream is not None:
-        reset_runs = {None: stream_runs[stream],
-                      RESET_START: run(rule, False, stream=stream, reset=RESET_START)}
-        _climb(reset_runs, RESET_START, (0.5, 2.0), lambda c: run(rule, False, stream=stream, reset=c),
-               RESET_LIMITS)
-        cuts = [None] + sorted((c for c in reset_runs if c is not None), reverse=True)
-        reset = max(cuts, key=lambda c: (_mean(reset_runs[c]), c is None, c or 0.0))
-        stream_table |= {f"stream, momentum {stream:g}, reset {c:g}": reset_runs[c] for c in cuts[1:]}
-        stream_runs[stream] = reset_runs[reset]
+        # 4b. skewed batches on the source statistics (the blend of step 2) or on the stream
+        #     statistics (SPEC §3c): momentum STREAM_START, then halved or doubled while the mean rises
+        stream_runs = {None: c["rule_table"][rule_name(*rule, shift_cut)]}
+        if rule[1] != -math.inf or rule[2] is not None:        # a rule that can say skewed
+            stream_runs[STREAM_START] = run(c, rule, False, stream=STREAM_START)
+            _climb(stream_runs, STREAM_START, (0.5, 2.0), lambda m: run(c, rule, False, stream=m),
+                   STREAM_LIMITS)
+        order = [None] + sorted(r for r in stream_runs if r is not None)
+        stream = max(order, key=lambda r: (_mean(stream_runs[r]), r is None, -(r or 0.0)))
+        stream_table = {("source" if r is None else f"stream, momentum {r:g}"): stream_runs[r] for r in order}
 
-    # 4d. with the stream statistics: their blend with the batch statistics on skewed batches,
-    #     (1 - b, b, 0), b from 0 up by STREAM_BATCH_STEP while the mean rises (ties: the smaller b)
-    stream_blend = STREAM_BLEND
-    if stream is not None:
-        blend_runs = {0.0: stream_runs[stream]}
-        _climb(blend_runs, 0.0, (lambda w: round(w + STREAM_BATCH_STEP, 6),),
-               lambda w: run(rule, False, stream=stream, reset=reset, blend=_stream_blend(w)), (0.0, 1.0))
-        b = max(blend_runs, key=lambda w: (_mean(blend_runs[w]), -w))
-        stream_blend = _stream_blend(b)
-        where = f"stream, momentum {stream:g}" + ("" if reset is None else f", reset {reset:g}")
-        stream_table |= {f"{where}, blend {_fmt(_stream_blend(w))}": v
-                         for w, v in blend_runs.items() if w > 0}
-        stream_runs[stream] = blend_runs[b]
+        # 4c. with the stream statistics: a reset cut on a batch's divergence from them (a batch
+        #     of a new domain restarts them), RESET_START, then halved or doubled while the mean rises
+        reset = None
+        if stream is not None:
+            reset_runs = {None: stream_runs[stream],
+                          RESET_START: run(c, rule, False, stream=stream, reset=RESET_START)}
+            _climb(reset_runs, RESET_START, (0.5, 2.0), lambda r: run(c, rule, False, stream=stream, reset=r),
+                   RESET_LIMITS)
+            cuts = [None] + sorted((r for r in reset_runs if r is not None), reverse=True)
+            reset = max(cuts, key=lambda r: (_mean(reset_runs[r]), r is None, r or 0.0))
+            stream_table |= {f"stream, momentum {stream:g}, reset {r:g}": reset_runs[r] for r in cuts[1:]}
+            stream_runs[stream] = reset_runs[reset]
+
+        # 4d. with the stream statistics: their blend with the batch statistics on skewed
+        #     batches, (1 - b, b, 0), b from 0 up by STREAM_BATCH_STEP while the mean rises (ties:
+        #     the smaller b)
+        stream_blend = STREAM_BLEND
+        if stream is not None:
+            blend_runs = {0.0: stream_runs[stream]}
+            _climb(blend_runs, 0.0, (lambda w: round(w + STREAM_BATCH_STEP, 6),),
+                   lambda w: run(c, rule, False, stream=stream, reset=reset, blend=_stream_blend(w)),
+                   (0.0, 1.0))
+            b = max(blend_runs, key=lambda w: (_mean(blend_runs[w]), -w))
+            stream_blend = _stream_blend(b)
+            where = f"stream, momentum {stream:g}" + ("" if reset is None else f", reset {reset:g}")
+            stream_table |= {f"{where}, blend {_fmt(_stream_blend(w))}": v
+                             for w, v in blend_runs.items() if w > 0}
+            stream_runs[stream] = blend_runs[b]
+        c |= {"statistics": dict(stream=stream, reset=reset, blend=stream_blend),
+              "stream_table": stream_table, "final": stream_runs[stream]}
+        return c
+
+    # 2b-4d. each of step 2b's best PRE_CANDIDATES pre blends through steps 2c-4d; the one with
+    #        the best mean over the four validation streams without DAFT is kept (ties: step 2b's
+    #        order): step 2b ranks them on a few thousand images a type, the streams on every
+    #        validation image, with the cuts each pre blend needs
+    candidates = found["pre_ranked"][:PRE_CANDIDATES]
+    tried = {w: behind(w) for w in candidates}
+    pre_streams = {w: tried[w]["final"] for w in candidates} if candidates != [None] else {}
+    c = tried[max(candidates, key=lambda w: (_mean(tried[w]["final"]), -candidates.index(w)))]
+    mode, single, multiple, skewed = c["mode"], c["single"], c["multiple"], c["skewed"]
+    rule, shift_cut, statistics = c["rule"], c["shift_cut"], c["statistics"]
+    high, low, skew_cut = rule
+    probe = c["probe"]
 
     # 5. DAFT off or on, on the four streams and the hard stream (a single-domain stream over
     #    the validation domains the configuration without DAFT does worst on: a long run of
     #    hard batches, where drifting updates lose most), with the chosen rule and statistics
-    statistics = dict(stream=stream, reset=reset, blend=stream_blend)
-    hard = _hard_domains(lambda: adapter_for(rule, False, **statistics), domains, batch_size, seed)
+    hard = _hard_domains(lambda: adapter_for(c, rule, False, **statistics), domains, batch_size, seed)
     five = dict(four)
     if hard:
         hx, hy, hs = _streams({k: domains[k] for k in hard}, batch_size, seed, ("single",))
         five["hard"] = (hx, hy, hs["single"])
-    daft_table = {"off": stream_runs[stream]
-                  | (run(rule, False, **statistics, on={"hard": five["hard"]}) if hard else {})}
+    daft_table = {"off": c["final"] | (run(c, rule, False, **statistics, on={"hard": five["hard"]})
+                                       if hard else {})}
 
     def daft_run(rate: float, filt: float | None = None, on_multiple: bool = False) -> dict[str, float]:
-        return run(rule, True, rate, on_multiple, filt=filt, **statistics, on=five)
+        return run(c, rule, True, rate, on_multiple, filt=filt, **statistics, on=five)
 
     on = {r: daft_run(r) for r in lrs}
     # a best rate at either end of several candidates is no maximum: go on past that end
@@ -890,13 +941,13 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     report = Calibration(
         batch_size=int(batch_size), domains=list(domains), batches={k: len(v) for k, v in val.items()},
         score_layer=names[layers[pre]], instance_mode=mode, single_blend=single,
-        multiple_blend=multiple, skewed_blend=skewed, pre_blend=best["pre"], threshold=high, low=low,
+        multiple_blend=multiple, skewed_blend=skewed, pre_blend=c["pre"], threshold=high, low=low,
         skew_cut=skew_cut, daft=daft, lr=rate, daft_multiple=daft_multiple, shift_cut=shift_cut,
         entropy_filter=entropy_filter, hard_domains=hard,
-        blend_table=best["blend_table"],
-        pre_table=best["pre_table"],
-        decision_table=best["decision_table"], rule_table=rule_table, daft_table=daft_table,
+        blend_table=c["blend_table"],
+        pre_table=found["pre_table"], pre_streams=pre_streams,
+        decision_table=c["decision_table"], rule_table=c["rule_table"], daft_table=daft_table,
         streams={k: len(v) for k, v in streams.items()},
-        modes=best["modes"], probe=probe, stream_momentum=stream, stream_reset=reset,
-        stream_blend=stream_blend, stream_table=stream_table)
+        modes=found["modes"], probe=probe, stream_momentum=statistics["stream"],
+        stream_reset=statistics["reset"], stream_blend=statistics["blend"], stream_table=c["stream_table"])
     return report.adapter(model, backend=backend)

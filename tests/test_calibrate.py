@@ -205,8 +205,16 @@ def test_calibrate_returns_a_configured_datta():
             assert layer.blend_multiple.tolist() == pytest.approx(rep.multiple_blend)
             assert layer.blend_skewed.tolist() == pytest.approx(rep.skewed_blend)
     assert pre > 0
+    # the pre blend: step 2b's best two (its mean over the batch types; ties: grid order), each
+    # through steps 2c-4d; the better mean over the four validation streams without DAFT wins
     means = {w: np.mean(list(v.values())) for w, v in rep.pre_table.items()}
-    assert set(means) == set(grid) and means[rep.pre_blend] == max(means.values())
+    ranked = sorted(grid, key=lambda w: (-means[w], grid.index(w)))
+    assert set(means) == set(grid) and list(rep.pre_streams) == ranked[:dk.calibration.PRE_CANDIDATES] == \
+        ranked[:2]
+    on_streams = [np.mean(list(rep.pre_streams[w].values())) for w in ranked[:2]]
+    assert rep.pre_blend == ranked[int(np.argmax(on_streams))]
+    assert rep.pre_streams[rep.pre_blend] == {k: v for k, v in rep.daft_table["off"].items() if k != "hard"}
+    assert set(rep.as_dict()["pre_streams"]) == {",".join(map(str, w)) for w in ranked[:2]}
     assert rep.modes[rep.instance_mode] == max(rep.modes.values())
     assert adapter.selector.skew_cut == rep.skew_cut and adapter.selector.shift_cut == rep.shift_cut
     # the shift range: the signed source shift at the score layer of every validation batch
@@ -1009,6 +1017,42 @@ def _calibrate_stubbed(monkeypatch, stream_accuracy):
         float(np.median(scores)) if allow_low else -math.inf, float(np.max(scores)) + 1, 0.0))
     grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4))
     return calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid)
+
+
+@pytest.mark.parametrize("favour", [None, 0, 1])
+def test_calibrate_chooses_the_pre_blend_on_the_validation_streams(monkeypatch, favour):
+    """Step 2b ranks the blends of the layers before the score layer on its batches; the best
+    PRE_CANDIDATES each go through steps 2c-4d and the validation streams without DAFT choose
+    (ties: step 2b's order); the adapter's early layers carry the choice, the report shows it."""
+    ranks = []
+
+    def fake(adapter, x, y, batches):
+        pre = tuple(round(v, 1) for v in adapter.layers[0].blend_single.tolist())
+        if not ranks:
+            ranks.append(pre)               # step 2b's best is tried first
+        elif pre not in ranks:
+            ranks.append(pre)
+        if adapter.daft:
+            return 40.0
+        return 50.0 + (5.0 if favour is not None and ranks.index(pre) == favour else 0.0)
+    adapter = _calibrate_stubbed(monkeypatch, fake)
+    rep = adapter.calibration
+    means = {w: np.mean(list(v.values())) for w, v in rep.pre_table.items()}
+    grid = list(rep.pre_table)
+    ranked = sorted(grid, key=lambda w: (-means[w], grid.index(w)))
+    assert ranks == ranked[:2] and list(rep.pre_streams) == ranked[:2]
+    want = ranked[favour or 0]
+    assert rep.pre_blend == want
+    assert all(v == pytest.approx(55.0 if favour is not None else 50.0)
+               for v in rep.pre_streams[want].values())
+    assert adapter.layers[0].blend_single.tolist() == pytest.approx(want)
+    assert adapter.layers[0].blend_multiple.tolist() == pytest.approx(want)
+    text = str(rep)
+    assert "the best 2 of them" in text
+    assert sum(line.endswith("<- before the score layer") for line in text.splitlines()) == 2
+    adapter(_domains()["noisy"][0][:8])
+    adapter.reset()
+    assert adapter.layers[0].blend_single.tolist() == pytest.approx(want)
 
 
 @pytest.mark.parametrize("peak,want,chosen", [
