@@ -642,12 +642,9 @@ def _search_blends(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid
             mixed[mode, w] = _accuracy(work, val["mixed"])
     mode, multiple = max(mixed, key=lambda mw: (mixed[mw].mean(), -modes.index(mw[0]), -grid.index(mw[1])))
 
-    def best(table: dict, kind: str):
-        return max(grid, key=lambda w: (table[w][kind].mean(), -grid.index(w)))
-
     # 2a. the single and skewed blends as if the decision held from the input on
     first = _later_on(work, layers, pre, val, grid, mode, None)
-    single, skewed = best(first, "single"), best(first, "sorted")
+    single, skewed = _best_blend(grid, first, "single"), _best_blend(grid, first, "sorted")
     pre_table: dict = {}
     ranked: list = [None]
     if pre > 0:
@@ -667,6 +664,12 @@ def _search_blends(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid
             "pre_table": pre_table, "pre_ranked": ranked}
 
 
+def _best_blend(grid, table: dict, kind: str):
+    """The candidate of ``grid`` with the best mean accuracy on ``kind`` in ``table``
+    (candidate -> kind -> per-batch accuracies); ties: the earlier candidate."""
+    return max(grid, key=lambda w: (table[w][kind].mean(), -grid.index(w)))
+
+
 def _later_on(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid, mode: str, pre_blend) -> dict:
     """Single / sorted accuracy per batch with the layers from the score layer on each
     candidate of ``grid`` and those before it on ``pre_blend`` (None: on the candidate too)."""
@@ -684,11 +687,8 @@ def _blends_behind(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid
     steps 1-2 for one pre blend, as steps 3-4 take them."""
     after = found["first"] if pre_blend is None else _later_on(work, layers, pre, val, grid, found["mode"],
                                                                pre_blend)
-
-    def best(kind: str):
-        return max(grid, key=lambda w: (after[w][kind].mean(), -grid.index(w)))
-    return {"mode": found["mode"], "multiple": found["multiple"], "single": best("single"),
-            "skewed": best("sorted"), "pre": pre_blend, "after": after,
+    return {"mode": found["mode"], "multiple": found["multiple"], "pre": pre_blend, "after": after,
+            "single": _best_blend(grid, after, "single"), "skewed": _best_blend(grid, after, "sorted"),
             "blend_table": {w: {"single": 100.0 * float(after[w]["single"].mean()),
                                 "mixed": found["mixed"][w],
                                 "sorted": 100.0 * float(after[w]["sorted"].mean())} for w in grid}}
