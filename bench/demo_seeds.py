@@ -130,7 +130,7 @@ def main() -> None:
                     cells.append({"severity": sev, "seed": seed, "batch_size": bs, "stream": name,
                                   "accuracy": {m: 100 * a for m, a in acc.items()}, "best": best,
                                   "margin": margin, "se": se,
-                                  "met": margin >= -ALLOWANCE.get(name, 0.5)})
+                                  "met": bool(margin >= -ALLOWANCE.get(name, 0.5))})
                     print(f"<!-- sev {sev} seed {seed} bs {bs} {name}: margin {margin:+.2f} +- {se:.2f} "
                           f"vs {best} ({time.perf_counter() - t0:.0f} s) -->", flush=True)
     if args.demo_json:
