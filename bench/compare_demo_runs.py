@@ -13,11 +13,9 @@ import json
 import numpy as np
 
 from datta_kernels.benchmarking import describe_machine, provenance
+from datta_kernels.eval.report import goal_for, short_name
 
 STREAMS = ("single", "single_noniid", "mixed", "dynamic", "dynamic_random")
-SHORT = {"single": "single", "single_noniid": "noniid", "mixed": "mixed", "dynamic": "dynamic",
-         "dynamic_random": "dyn_rand"}
-BASELINES = ("source", "tbn", "bn_adapt", "tent", "dyn")
 ROWS = ("datta_cal", "datta_cal_oracle")
 
 
@@ -26,9 +24,8 @@ def table(doc: dict) -> dict:
 
 
 def margin(t: dict, stream: str, bs: int) -> float:
-    """``datta_cal`` against the best baseline (the label-sorted stream: against the source model)."""
-    best = t["source", stream, bs] if stream == "single_noniid" else max(t[b, stream, bs] for b in BASELINES)
-    return t["datta_cal", stream, bs] - best
+    """``datta_cal`` against the best baseline of the goal (the label-sorted stream: the source model)."""
+    return t["datta_cal", stream, bs] - max(t[b, stream, bs] for b in goal_for(stream)[0])
 
 
 def compare(old_path: str, new_path: str) -> None:
@@ -43,7 +40,7 @@ def compare(old_path: str, new_path: str) -> None:
     sizes = sorted({k[2] for k in new})
     for row in ROWS:
         print(f"`{row}`, accuracy % before -> after (points):\n")
-        print("| bs | " + " | ".join(SHORT[s] for s in STREAMS) + " |")
+        print("| bs | " + " | ".join(short_name(s) for s in STREAMS) + " |")
         print("|---" * (len(STREAMS) + 1) + "|")
         for bs in sizes:
             pairs = [(old[row, s, bs], new[row, s, bs]) for s in STREAMS]
@@ -52,13 +49,13 @@ def compare(old_path: str, new_path: str) -> None:
         print()
     print("Goal margins of `datta_cal` (points against the best of source, tbn, bn_adapt, tent, dyn; "
           "label-sorted: against source; goal >= -0.5, >= 0 on label-sorted), before -> after:\n")
-    print("| bs | " + " | ".join(SHORT[s] for s in STREAMS) + " |")
+    print("| bs | " + " | ".join(short_name(s) for s in STREAMS) + " |")
     print("|---" * (len(STREAMS) + 1) + "|")
     met = {"before": 0, "after": 0}
     for bs in sizes:
         cells = []
         for s in STREAMS:
-            goal = 0.0 if s == "single_noniid" else -0.5
+            goal = goal_for(s)[1]
             a, b = margin(old, s, bs), margin(new, s, bs)
             met["before"] += round(a, 1) >= goal
             met["after"] += round(b, 1) >= goal

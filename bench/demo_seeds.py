@@ -30,17 +30,14 @@ import numpy as np
 import torch
 from _validation_setup import setup
 
-from datta_kernels.adapt import DYN, TBN, BNAdapt, Source, Tent
 from datta_kernels.calibration import calibrate, default_batches
-from datta_kernels.eval.report import GOAL_BASELINES
-from datta_kernels.eval.runner import DemoConfig, cal_rates, run_lockstep
+from datta_kernels.eval.report import GOAL_BASELINES, goal_for, short_name
+from datta_kernels.eval.runner import METHODS, DemoConfig, cal_rates, run_lockstep
 from datta_kernels.eval.streams import STREAMS, make_stream
 from datta_kernels.eval.validation import test_pool
 
-SHORT = {"single": "single", "single_noniid": "noniid", "mixed": "mixed", "dynamic": "dynamic",
-         "dynamic_random": "dyn_rand"}
-#: the goal's allowance: >= best baseline - 0.5 point (label-sorted: >= source)
-ALLOWANCE = {"single_noniid": 0.0}
+#: the rows run on every stream: the goal's baselines and ``datta_cal``
+ROWS = (*GOAL_BASELINES, "datta_cal")
 
 
 def paired_margin(cal: list[int], base: list[int], sizes: list[int]) -> tuple[float, float]:
@@ -56,28 +53,15 @@ def paired_margin(cal: list[int], base: list[int], sizes: list[int]) -> tuple[fl
 
 def goal_margin(correct: dict[str, list[int]], sizes: list[int], stream: str) -> tuple[str, float, float]:
     """``(baseline, margin, se)``: ``datta_cal`` against the goal's baseline on one stream (the
-    best of :data:`GOAL_BASELINES` by accuracy; the label-sorted stream: ``source``)."""
-    pool = ("source",) if stream == "single_noniid" else GOAL_BASELINES
-    best = max(pool, key=lambda m: sum(correct[m]))
+    best by accuracy of the rows ``goal_for`` holds it to)."""
+    best = max(goal_for(stream)[0], key=lambda m: sum(correct[m]))
     return (best, *paired_margin(correct["datta_cal"], correct[best], sizes))
 
 
-def adapters(model, cal, backend: str, lr: float) -> dict:
-    fresh = lambda: copy.deepcopy(model)   # noqa: E731
-    return {"source": Source(fresh(), backend=backend), "tbn": TBN(fresh(), backend=backend),
-            "bn_adapt": BNAdapt(fresh(), backend=backend), "tent": Tent(fresh(), lr=lr, backend=backend),
-            "dyn": DYN(fresh(), backend=backend), "datta_cal": cal.adapter(fresh(), backend=backend)}
-
-
-def demo_rows(paths: list[str]) -> dict:
-    """``(severity, method, stream, bs) -> accuracy`` of the demo runs' results.json files."""
-    out = {}
-    for p in paths:
-        doc = json.load(open(p))
-        sev = doc["meta"]["config"]["severity"]
-        for r in doc["results"]:
-            out[sev, r["method"], r["stream"], r["batch_size"]] = r["accuracy"]
-    return out
+def demo_rows(docs: dict[str, dict]) -> dict:
+    """``(severity, method, stream, bs) -> accuracy`` of the demo runs' results.json documents."""
+    return {(doc["meta"]["config"]["severity"], r["method"], r["stream"], r["batch_size"]): r["accuracy"]
+            for doc in docs.values() for r in doc["results"]}
 
 
 def main() -> None:
@@ -94,14 +78,14 @@ def main() -> None:
     cfg = DemoConfig()
     data, model, vdom = setup("How firm are the demo's goal margins: redrawn test sets", __doc__,
                               per_domain=cfg.validation_per_domain)
-    demo = demo_rows(args.demo_json)
+    docs = {p: json.load(open(p)) for p in args.demo_json}
+    demo = demo_rows(docs)
     t0 = time.perf_counter()
     cals = {bs: calibrate(copy.deepcopy(model), vdom, bs, n_batches=default_batches(bs),
                           lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed).calibration
             for bs in sizes}
     print(f"- calibration (validation seed {cfg.seed}, as the demo): {time.perf_counter() - t0:.0f} s")
-    for p in args.demo_json:
-        doc = json.load(open(p))
+    for p, doc in docs.items():
         for bs in sizes:
             mine = json.dumps(json.loads(json.dumps(cals[bs].as_dict())), sort_keys=True)
             theirs = json.dumps(doc["datta_cal"][str(bs)], sort_keys=True)
@@ -116,8 +100,9 @@ def main() -> None:
             for bs in sizes:
                 for name in STREAMS:
                     stream = make_stream(pool, name, bs, seed)
-                    runs = run_lockstep(adapters(model, cals[bs], cfg.backend, cfg.lr), stream,
-                                        pool.batches(stream))
+                    adapters = {m: METHODS[m](copy.deepcopy(model), cfg.backend, cfg.lr, {"cal": cals},
+                                              stream) for m in ROWS}
+                    runs = run_lockstep(adapters, stream, pool.batches(stream))
                     correct = {r.method: r.correct for r in runs}
                     acc = {r.method: r.accuracy for r in runs}
                     if seed == cfg.seed:
@@ -130,7 +115,7 @@ def main() -> None:
                     cells.append({"severity": sev, "seed": seed, "batch_size": bs, "stream": name,
                                   "accuracy": {m: 100 * a for m, a in acc.items()}, "best": best,
                                   "margin": margin, "se": se,
-                                  "met": bool(margin >= -ALLOWANCE.get(name, 0.5))})
+                                  "met": bool(margin >= goal_for(name)[1])})
                     print(f"<!-- sev {sev} seed {seed} bs {bs} {name}: margin {margin:+.2f} +- {se:.2f} "
                           f"vs {best} ({time.perf_counter() - t0:.0f} s) -->", flush=True)
     if args.demo_json:
@@ -158,7 +143,7 @@ def report(cells: list[dict], seeds: list[int], sevs: list[int], sizes: list[int
                 row = [at[sev, s, bs, name] for s in seeds]
                 for s, c in zip(seeds, row):
                     met_by_seed[sev, s] += c["met"]
-                print(f"| {sev} | {bs} | {SHORT[name]} | "
+                print(f"| {sev} | {bs} | {short_name(name)} | "
                       + " | ".join(f"{c['margin']:+.2f} ± {c['se']:.2f} ({c['best']})" for c in row)
                       + f" | {np.mean([c['margin'] for c in row]):+.2f} | {sum(c['met'] for c in row)} |")
     print("\nGoals met (of " + str(len(sizes) * len(STREAMS)) + ") per severity and test seed:\n")
