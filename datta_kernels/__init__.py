@@ -5,7 +5,7 @@ See ``docs/SPEC.md`` for the math; ``datta_kernels.reference`` is that page as c
 from . import ops  # noqa: F401  (registers torch.ops.datta.*)
 from .adapt import DATTA, DYN
 from .backends import available_backends
-from .calibration import calibrate
+from .calibration import Calibration, calibrate
 from .cluster import cluster_labels
 from .diversity import ClassProbe, KDESelector, ThresholdSelector, calibrate_threshold, prediction_spread
 from .functional import blend_tensor, dabn, diversity_score, instance_stats
@@ -19,6 +19,7 @@ __all__ = [
     "DATTA",
     "DYN",
     "calibrate",
+    "Calibration",
     "cluster_labels",
     "FusedDABN",
     "convert_model",

@@ -48,8 +48,10 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,6 +71,9 @@ BLEND_GRID = tuple((round(float(s), 1), round(float(b), 1), abs(round(float(1 - 
                    for s, b in itertools.product(np.arange(0, 1.01, 0.2), repeat=2)
                    if s + b <= 1.0 + 1e-9)
 KINDS = ("single", "mixed", "sorted")
+#: :meth:`Calibration.save`'s file: its format name and version (raised when a field changes)
+SAVE_FORMAT = "datta_kernels.Calibration"
+SAVE_VERSION = 1
 #: the validation streams of steps 4-5 (report name -> SPEC §5 stream kind)
 STREAM_KINDS = {"single": "single", "mixed": "mixed", "dynamic": "dynamic", "sorted": "single_noniid"}
 #: validation images of each batch type :func:`calibrate` draws by default
@@ -204,6 +209,51 @@ class Calibration:
         adapter.calibration = self
         return adapter
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this calibration to ``path``: every field (the tables included) as plain Python
+        values and the probe's tensors, in a ``torch.save`` file that :meth:`load` reads with
+        ``weights_only=True`` (no pickled code).  Written to a temporary file first and renamed,
+        so an interrupted save never leaves a partial file under ``path``."""
+        values = {f.name: _plain(getattr(self, f.name), f.name) for f in fields(self) if f.name != "probe"}
+        probe = None
+        if self.probe is not None:
+            probe = {"version": ClassProbe._version, "channels": self.probe.center.numel() // 2,
+                     "num_classes": self.probe.bias.numel(),
+                     "state": {k: v.detach().cpu().clone() for k, v in self.probe.state_dict().items()}}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"format": SAVE_FORMAT, "version": SAVE_VERSION, "fields": values, "probe": probe}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Calibration:
+        """A calibration written by :meth:`save` (on the CPU; :meth:`adapter` moves the probe to
+        the model's device).  A file of another format or version, or whose fields are not this
+        version's, is refused with a ``ValueError`` (calibrate again)."""
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(doc, dict) or doc.get("format") != SAVE_FORMAT:
+            raise ValueError(f"{path} is not a saved datta_kernels Calibration")
+        if doc.get("version") != SAVE_VERSION:
+            raise ValueError(f"{path} holds a Calibration of format version {doc.get('version')!r}; "
+                             f"this datta_kernels reads version {SAVE_VERSION}: calibrate again")
+        names = {f.name for f in fields(cls)} - {"probe"}
+        values = doc["fields"]
+        unknown, missing = set(values) - names, {f.name for f in fields(cls) if f.name != "probe"
+                                                 and f.default is MISSING
+                                                 and f.default_factory is MISSING} - set(values)
+        if unknown or missing:
+            raise ValueError(f"{path}: fields {sorted(unknown)} unknown, {sorted(missing)} missing for this "
+                             "datta_kernels' Calibration: calibrate again")
+        probe = None
+        if doc["probe"] is not None:
+            p = doc["probe"]
+            if p["version"] != ClassProbe._version:
+                raise ValueError(f"{path}: its class probe is version {p['version']}, this datta_kernels' "
+                                 f"is {ClassProbe._version}: calibrate again")
+            probe = ClassProbe(p["channels"], p["num_classes"])
+            probe.load_state_dict(p["state"])
+        return cls(**values, probe=probe)
+
     def selector(self) -> ThresholdSelector:
         """The calibrated decision rule."""
         return ThresholdSelector(self.threshold, self.low, self.skew_cut, self.shift_cut)
@@ -297,6 +347,26 @@ class Calibration:
             lines.append(f"  daft {name:<{width}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {_mean(acc):5.1f}")
         return "\n".join(lines)
+
+
+def _plain(value, name: str = "value"):
+    """``value`` as the plain Python values ``torch.load(weights_only=True)`` reads back (numpy
+    scalars and arrays become floats, ints, bools and lists; tuples, lists and dicts are
+    followed); anything else is refused, so :meth:`Calibration.save` never writes a file its
+    ``load`` cannot read."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return tuple(_plain(v, name) for v in value)
+    if isinstance(value, list):
+        return [_plain(v, name) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k, name): _plain(v, name) for k, v in value.items()}
+    raise TypeError(f"Calibration.save: field {name!r} holds a {type(value).__name__}, not a plain value")
 
 
 def _check_domains(domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int) -> None:

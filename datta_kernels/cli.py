@@ -129,7 +129,7 @@ def _demo_config(args):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
-    cfg.retrain, cfg.progress = args.retrain, not args.no_progress
+    cfg.retrain, cfg.progress, cfg.recalibrate = args.retrain, not args.no_progress, args.recalibrate
     cfg.report_validation = args.report_validation
     if args.calibration_batches is not None:
         cfg.calibration_batches = args.calibration_batches
@@ -206,7 +206,8 @@ def cmd_run(args) -> int:
         return 2
     keys = ("dataset", "data_dir", "model", "checkpoint", "random_init", "trust_checkpoint", "width", "mean",
             "std", "corruptions", "severity", "num_ex", "subset", "streams", "batch_sizes", "methods",
-            "dirichlet", "lr", "backend", "device", "workers", "seed", "calibrate_on")
+            "dirichlet", "lr", "backend", "device", "workers", "seed", "calibrate_on", "calibration_batches",
+            "cache_dir")
     cfg = RunConfig(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
     if (args.subset is not None or args.all_images) and args.dataset != "imagenet-c":
         print("error: --subset / --all-images apply to --dataset imagenet-c only (CIFAR: --num-ex)",
@@ -217,7 +218,7 @@ def cmd_run(args) -> int:
             print("error: --subset and --all-images exclude each other", file=sys.stderr)
             return 2
         cfg.subset = None
-    cfg.progress = not args.no_progress
+    cfg.progress, cfg.recalibrate = not args.no_progress, args.recalibrate
     try:
         cfg.validate()
     except ValueError as e:
@@ -262,6 +263,13 @@ def _add_run_parser(sub) -> None:
     r.add_argument("--calibrate-on", type=_csv(), default=None,
                    help="validation corruptions that calibrate datta_disp / datta_cal, never reported "
                    "(CIFAR-10-C's extra: speckle_noise,gaussian_blur,spatter,saturate)")
+    r.add_argument("--calibration-batches", type=_int_at_least(2), default=None,
+                   help="validation batches of each type that calibrate datta_disp / datta_cal (default: "
+                   "about 3,000 images of each type, at least 40 batches)")
+    r.add_argument("--recalibrate", action="store_true",
+                   help="calibrate datta_cal again, ignoring the calibration cache")
+    r.add_argument("--cache-dir", default=None,
+                   help="calibration cache (default $XDG_CACHE_HOME/datta_kernels)")
     r.add_argument("--dirichlet", type=float, default=None,
                    help="correlated stream: Dirichlet concentration (default: label-sorted)")
     r.add_argument("--lr", type=float, default=None, help="entropy-step lr of tent and datta (default 1e-3)")
@@ -386,7 +394,9 @@ def check_demo(cfg, out: str) -> str | None:
     if why:
         return why
     cache = Path(cfg.cache_dir) if cfg.cache_dir is not None else cache_dir()
-    if cfg.retrain or not any(cache.glob(f"*{cfg.train.key()}.pt")):   # a model will be saved
+    # a model will be saved, or a calibration may be
+    if (cfg.retrain or not any(cache.glob(f"*{cfg.train.key()}.pt"))
+            or any(m.startswith("datta_cal") for m in cfg.methods)):
         why = _writable_dir(str(cache), "--cache-dir")
         if why:
             return why
@@ -469,7 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--check-batches", type=_int_at_least(0), default=None,
                    help="batches of the reference-backend agreement check (0 skips it)")
     d.add_argument("--retrain", action="store_true", help="retrain the source model, ignoring the cache")
-    d.add_argument("--cache-dir", default=None, help="model cache (default $XDG_CACHE_HOME/datta_kernels)")
+    d.add_argument("--recalibrate", action="store_true",
+                   help="calibrate datta_cal again, ignoring the calibration cache (which holds calibrate's "
+                   "choices keyed on the model, the validation data, the settings, the code and the machine)")
+    d.add_argument("--cache-dir", default=None,
+                   help="model and calibration cache (default $XDG_CACHE_HOME/datta_kernels)")
     d.add_argument("--train-subset", type=_int_at_least(1), default=None,
                    help="training images (default 45000)")
     d.add_argument("--epochs", type=_int_at_least(1), default=None, help="training epochs (default 2)")

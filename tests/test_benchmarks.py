@@ -571,3 +571,26 @@ def test_run_calibrates_on_validation_corruptions(tmp_path, capsys):
     assert rc == 2 and "--calibrate-on" in cap.err
     rc, cap, _ = _run(tmp_path, capsys, *common, "--methods", "datta_cal", "--calibrate-on", CORR[0])
     assert rc == 2 and "disjoint" in cap.err
+
+
+def test_run_reuses_datta_cal_from_the_calibration_cache(tmp_path, capsys):
+    """datta_cal's choices depend on the model, the --calibrate-on data and the settings, not on
+    the reported corruptions: a second run loads them from --cache-dir, --recalibrate does not."""
+    data = write_cifar_c(tmp_path / "c10c", corruptions=(*CORR, "speckle_noise", "spatter"))
+    common = ["--dataset", "cifar10-c", "--data-dir", str(data), "--model", "resnet26", "--width", "4",
+              "--random-init", "--streams", "continual", "--methods", "datta_cal",
+              "--calibrate-on", "speckle_noise,spatter", "--calibration-batches", "2",
+              "--cache-dir", str(tmp_path / "cache")]
+    runs = []
+    for extra in (["--corruptions", "fog"], ["--corruptions", "gaussian_noise"],
+                  ["--corruptions", "fog", "--recalibrate"]):
+        torch.manual_seed(0)
+        with pytest.warns(UserWarning, match="meaningless"):
+            rc, cap, out = _run(tmp_path, capsys, *common, *extra)
+        assert rc == 0, cap.err
+        runs.append((cap.out, json.loads((out / "results.json").read_text())["results"][0]))
+    assert "loaded from the calibration cache" not in runs[0][0]
+    assert "loaded from the calibration cache" in runs[1][0]
+    assert "loaded from the calibration cache" not in runs[2][0]
+    assert len(list((tmp_path / "cache").glob("calibration_*.pt"))) == 1
+    assert runs[2][1]["accuracy"] == runs[0][1]["accuracy"]

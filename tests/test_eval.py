@@ -6,6 +6,7 @@ Everything runs on a tiny synthetic idx directory written into ``tmp_path``, so 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 
@@ -292,14 +293,41 @@ def test_run_lockstep_matches_runs_on_their_own_and_rotates_the_turns():
 
 
 @pytest.fixture(scope="module")
-def tiny_doc(synth_dir, tmp_path_factory):
-    cfg = DemoConfig(data_dir=str(synth_dir), per_domain=24,
-                     corruptions=("gaussian_noise", "fog", "contrast"),
-                     batch_sizes=(8,), check_batches=2, train=TINY_TRAIN, validation_per_domain=16,
-                     calibration_batches=2,
-                     calibration_grid=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4)),
-                     cache_dir=str(tmp_path_factory.mktemp("cache")), progress=False)
-    return run_demo(cfg, command="test", log=lambda *a: None)
+def tiny_cfg(synth_dir, tmp_path_factory):
+    return DemoConfig(data_dir=str(synth_dir), per_domain=24,
+                      corruptions=("gaussian_noise", "fog", "contrast"),
+                      batch_sizes=(8,), check_batches=2, train=TINY_TRAIN, validation_per_domain=16,
+                      calibration_batches=2,
+                      calibration_grid=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4)),
+                      cache_dir=str(tmp_path_factory.mktemp("cache")), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_doc(tiny_cfg):
+    return run_demo(tiny_cfg, command="test", log=lambda *a: None)
+
+
+def test_run_demo_reuses_the_calibration_for_another_severity(tiny_cfg, tiny_doc):
+    """calibrate's choices depend on the validation data, not the test severity: a second run at
+    another severity loads them from the cache, and --recalibrate computes them again (equal)."""
+    assert tiny_doc["datta_cal_cache"]["8"]["source"] == "calibrated"
+    logs = []
+    cfg = dataclasses.replace(tiny_cfg, severity=5, methods=("datta_cal",), streams=("single",),
+                              check_batches=0)
+    doc = run_demo(cfg, command="test", log=logs.append)
+    info = doc["datta_cal_cache"]["8"]
+    assert info["source"] == "cache" and info["path"] == tiny_doc["datta_cal_cache"]["8"]["path"]
+    assert any("loaded from the calibration cache" in line for line in logs)
+    assert doc["datta_cal"] == tiny_doc["datta_cal"]
+    # back at the first run's severity, from the cache: its datta_cal row, batch by batch
+    again = run_demo(dataclasses.replace(cfg, severity=tiny_cfg.severity), command="test",
+                     log=lambda *a: None)
+    first = next(r for r in tiny_doc["_runs"] if r.method == "datta_cal" and r.stream == "single")
+    assert again["datta_cal_cache"]["8"]["source"] == "cache"
+    assert next(r for r in again["_runs"] if r.method == "datta_cal").correct == first.correct
+    fresh = run_demo(dataclasses.replace(cfg, recalibrate=True), command="test", log=lambda *a: None)
+    assert fresh["datta_cal_cache"]["8"]["source"] == "calibrated"
+    assert fresh["datta_cal"] == tiny_doc["datta_cal"]
 
 
 def test_run_demo_document(tiny_doc):

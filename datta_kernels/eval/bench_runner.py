@@ -22,9 +22,11 @@ import torch
 
 from .. import __version__, backends
 from ..benchmarking import provenance
-from ..calibration import calibrate, default_batches
+from ..calibration import default_batches
 from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, load_benchmark
+from .cal_cache import cached_calibrate
 from .corruptions import SEVERITIES
+from .models import cache_dir
 from .protocols import build_stream, canonical
 from .runner import CALIBRATED, METHODS, ORACLES, RunResult, cal_rates, detector_metrics, run_lockstep
 from .validation import calibrate_threshold_on
@@ -70,6 +72,10 @@ class RunConfig:
     device: str = "auto"
     workers: int | None = None
     seed: int = 0
+    #: calibrate datta_cal again even when the calibration cache holds its choices for these inputs
+    recalibrate: bool = False
+    #: calibration cache (None: ``$XDG_CACHE_HOME/datta_kernels``)
+    cache_dir: str | None = None
     progress: bool = True
 
     def resolved_device(self) -> str:
@@ -232,8 +238,12 @@ def _calibrate(cfg: RunConfig, model, device: str, log) -> dict:
         thresholds[bs] = calibrate_threshold_on(model, domains, bs, n_cal, cfg.seed,
                                                 score_mode="dispersion", backend=cfg.backend)["threshold"]
         if any(m.startswith("datta_cal") for m in cfg.methods):
-            reports[bs] = calibrate(copy.deepcopy(model), domains, bs, n_batches=n_cal,
-                                    lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed).calibration
+            reports[bs], info = cached_calibrate(
+                model, domains, bs, cache=cfg.cache_dir if cfg.cache_dir is not None else cache_dir(),
+                refresh=cfg.recalibrate, n_batches=n_cal, lr=cal_rates(cfg.lr), backend=cfg.backend,
+                seed=cfg.seed)
+            if info["source"] == "cache":
+                log(f"datta_cal for batch size {bs}: loaded from the calibration cache ({info['path']})")
             log(str(reports[bs]))
     log(f"calibration on {', '.join(domains)} ({time.perf_counter() - t0:.1f} s): datta_disp thresholds "
         f"{thresholds}")

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +22,13 @@ from torch import Tensor, nn
 from .. import DATTA, __version__, backends
 from ..adapt import DYN, TBN, BNAdapt, Source, Tent
 from ..benchmarking import provenance
-from ..calibration import BLEND_GRID, calibrate, default_batches
+from ..calibration import BLEND_GRID, default_batches
 from ..diversity import ThresholdSelector
 from . import progress_bar
+from .cal_cache import cached_calibrate
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY, SEVERITIES, check_severities
 from .datasets import load_fashion_mnist
-from .models import TrainConfig, evaluate, load_or_train
+from .models import TrainConfig, cache_dir, evaluate, load_or_train
 from .oracle import OracleSelector
 from .streams import STREAMS, DomainPool, Stream, make_stream
 from .validation import TEST, VALIDATION, calibrate_threshold_on, test_pool, validation_domains
@@ -128,6 +130,9 @@ class DemoConfig:
     check_batches: int = 30
     train: TrainConfig = field(default_factory=TrainConfig)
     retrain: bool = False
+    #: calibrate ``datta_cal`` again even when the cache holds its choices for these inputs
+    recalibrate: bool = False
+    #: model and calibration cache (None: ``$XDG_CACHE_HOME/datta_kernels``)
     cache_dir: str | None = None
     progress: bool = True
 
@@ -353,7 +358,8 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     total = sum(len(s) for s in streams) * len(cfg.methods)
     runs: list[RunResult] = []
     score_kw = {"score_layer": cfg.score_layer, "score_mode": cfg.score_mode}
-    calibration, cal_reports = {}, {}
+    calibration, cal_reports, cal_cache = {}, {}, {}
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir is not None else cache_dir()
     if any(m in CALIBRATED for m in cfg.methods):
         t0 = time.perf_counter()
         vdom = validation_domains(data, cfg.validation_per_domain, cfg.seed,
@@ -363,9 +369,13 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
             calibration[bs] = calibrate_threshold_on(model, vdom, bs, n_cal, cfg.seed,
                                                      score_mode="dispersion", backend=cfg.backend)
             if any(m.startswith("datta_cal") for m in cfg.methods):
-                cal_reports[bs] = calibrate(copy.deepcopy(model), vdom, bs, n_batches=n_cal,
-                                            lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed,
-                                            grid=cfg.calibration_grid or BLEND_GRID).calibration
+                cal_reports[bs], cal_cache[str(bs)] = cached_calibrate(
+                    model, vdom, bs, cache=cache_root, refresh=cfg.recalibrate, n_batches=n_cal,
+                    lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed,
+                    grid=cfg.calibration_grid or BLEND_GRID)
+                if cal_cache[str(bs)]["source"] == "cache":
+                    log(f"datta_cal for batch size {bs}: calibrate's choices for these inputs loaded "
+                        f"from the calibration cache ({cal_cache[str(bs)]['path']})")
                 log(str(cal_reports[bs]))
         score_kw["disp_thresholds"] = {bs: c["threshold"] for bs, c in calibration.items()}
         score_kw["cal"] = cal_reports
@@ -406,6 +416,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                                   "single_scores": c["single"], "mixed_scores": c["mixed"]}
                         for bs, c in calibration.items()},
         "datta_cal": {str(bs): rep.as_dict() for bs, rep in cal_reports.items()},
+        "datta_cal_cache": cal_cache,
         "reported_on_validation": [c for c in cfg.corruptions if c in VALIDATION],
         "backend_check": check,
         "_runs": runs,
