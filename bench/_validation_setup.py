@@ -2,9 +2,13 @@
 data only), and their results-file header."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import torch
 
 from datta_kernels.benchmarking import describe_machine, provenance
+from datta_kernels.calibration import calibrate
 from datta_kernels.eval.datasets import load_fashion_mnist
 from datta_kernels.eval.models import TrainConfig, load_or_train
 from datta_kernels.eval.validation import validation_domains
@@ -24,3 +28,12 @@ def setup(title: str, doc: str, per_domain: int = 1000, note: str = "") -> tuple
     print(f"- validation domains: {', '.join(vdom)} ({per_domain} images each){note}\n")
     print(doc.split("\n\n")[1] + "\n")
     return data, model, vdom
+
+
+def calibrated_without_daft(model, vdom: dict, batch_size: int, cfg):
+    """``calibrate``'s report for ``batch_size`` as the demo runs it (``cfg``'s backend and seed),
+    with one DAFT rate, 2e-3, to save time, then DAFT switched off: for studies of steps 1-4,
+    which do not depend on the rate."""
+    rep = calibrate(copy.deepcopy(model), vdom, batch_size, lr=2e-3, backend=cfg.backend,
+                    seed=cfg.seed).calibration
+    return dataclasses.replace(rep, daft=False, entropy_filter=None, daft_multiple=False)

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 
 import numpy as np
 import torch
-from _validation_setup import setup
+from _validation_setup import calibrated_without_daft, setup
 
-from datta_kernels.calibration import INSTANCE_MODES, KINDS, _hard_domains, _streams, calibrate
+from datta_kernels.calibration import INSTANCE_MODES, KINDS, _hard_domains, _streams
 from datta_kernels.eval.runner import DemoConfig
 from datta_kernels.nn import dabn_layers
 
@@ -59,8 +58,7 @@ def main() -> None:
     cfg = DemoConfig()
     data, model, vdom = setup("A stem that follows the previous batch's decision", __doc__,
                               per_domain=cfg.validation_per_domain)
-    rep = calibrate(copy.deepcopy(model), vdom, bs, lr=2e-3, backend=cfg.backend, seed=cfg.seed).calibration
-    rep = dataclasses.replace(rep, daft=False, entropy_filter=None, daft_multiple=False)
+    rep = calibrated_without_daft(model, vdom, bs, cfg)
     pre_for = {d: max(rep.pre_table, key=lambda w: rep.pre_table[w][TYPE_OF[d]]) for d in TYPE_OF}
     print(f"- batch size {bs}; calibrated stem blend {rep.pre_blend}; each decision's best stem blend "
           f"(step-2b table): " + ", ".join(f"{d} {w} ({rep.pre_table[w][TYPE_OF[d]]:.1f} %)"

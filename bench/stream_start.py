@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 
 import numpy as np
 import torch
-from _validation_setup import setup
+from _validation_setup import calibrated_without_daft, setup
 
-from datta_kernels.calibration import _streams, calibrate
+from datta_kernels.calibration import _streams
 from datta_kernels.eval.runner import DemoConfig
 
 
@@ -68,8 +67,7 @@ def main() -> None:
     cfg = DemoConfig()
     data, model, vdom = setup("Where the stream statistics start, and the order of the validation domains",
                               __doc__, per_domain=cfg.validation_per_domain)
-    rep = calibrate(copy.deepcopy(model), vdom, bs, lr=2e-3, backend=cfg.backend, seed=cfg.seed).calibration
-    rep = dataclasses.replace(rep, daft=False, entropy_filter=None, daft_multiple=False)
+    rep = calibrated_without_daft(model, vdom, bs, cfg)
     print(f"- batch size {bs}; calibrated: stream momentum {rep.stream_momentum}, reset {rep.stream_reset}, "
           f"stream blend {rep.stream_blend}, rule {rep.selector()}\n")
     if rep.stream_momentum is None:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 
 import numpy as np
 import torch
-from _validation_setup import setup
+from _validation_setup import calibrated_without_daft, setup
 
-from datta_kernels.calibration import STREAM_KINDS, _hard_domains, _streams, calibrate
+from datta_kernels.calibration import STREAM_KINDS, _hard_domains, _streams
 from datta_kernels.eval.oracle import OracleSelector
 from datta_kernels.eval.runner import DemoConfig
 from datta_kernels.eval.streams import DomainPool, make_stream
@@ -90,8 +89,7 @@ def main() -> None:
     cfg = DemoConfig()
     data, model, vdom = setup("A stem on the stream statistics", __doc__,
                               per_domain=cfg.validation_per_domain)
-    rep = calibrate(copy.deepcopy(model), vdom, bs, lr=2e-3, backend=cfg.backend, seed=cfg.seed).calibration
-    rep = dataclasses.replace(rep, daft=False, entropy_filter=None, daft_multiple=False)
+    rep = calibrated_without_daft(model, vdom, bs, cfg)
     print(f"- batch size {bs}; calibrated stem blend {rep.pre_blend} (on the source statistics); "
           f"skewed batches from the score layer on: "
           + ("the source statistics" if rep.stream_momentum is None
