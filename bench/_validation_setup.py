@@ -2,6 +2,7 @@
 data only), and their results-file header."""
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 
@@ -11,6 +12,7 @@ from datta_kernels.benchmarking import describe_machine, provenance
 from datta_kernels.calibration import calibrate
 from datta_kernels.eval.datasets import load_fashion_mnist
 from datta_kernels.eval.models import TrainConfig, load_or_train
+from datta_kernels.eval.runner import DemoConfig
 from datta_kernels.eval.validation import validation_domains
 
 
@@ -30,10 +32,18 @@ def setup(title: str, doc: str, per_domain: int = 1000, note: str = "") -> tuple
     return data, model, vdom
 
 
-def calibrated_without_daft(model, vdom: dict, batch_size: int, cfg):
-    """``calibrate``'s report for ``batch_size`` as the demo runs it (``cfg``'s backend and seed),
-    with one DAFT rate, 2e-3, to save time, then DAFT switched off: for studies of steps 1-4,
-    which do not depend on the rate."""
-    rep = calibrate(copy.deepcopy(model), vdom, batch_size, lr=2e-3, backend=cfg.backend,
+def calibrated_study(title: str, doc: str, parser: argparse.ArgumentParser | None = None) -> tuple:
+    """``(args, cfg, model, vdom, rep)`` for a study of ``calibrate``'s steps 1-4: the command
+    line (``parser``, or a new one, with ``--batch-size``, default 64), the demo's configuration,
+    :func:`setup`'s model and validation domains (its header printed), and ``calibrate``'s report
+    for that batch size as the demo runs it (``cfg``'s backend and seed) with one DAFT rate,
+    2e-3, to save time, then DAFT switched off (steps 1-4 do not depend on the rate)."""
+    p = parser or argparse.ArgumentParser()
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args()
+    cfg = DemoConfig()
+    _, model, vdom = setup(title, doc, per_domain=cfg.validation_per_domain)
+    rep = calibrate(copy.deepcopy(model), vdom, args.batch_size, lr=2e-3, backend=cfg.backend,
                     seed=cfg.seed).calibration
-    return dataclasses.replace(rep, daft=False, entropy_filter=None, daft_multiple=False)
+    rep = dataclasses.replace(rep, daft=False, entropy_filter=None, daft_multiple=False)
+    return args, cfg, model, vdom, rep

@@ -18,15 +18,13 @@ decision: whatever feedback that has is in these numbers.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import numpy as np
 import torch
-from _validation_setup import calibrated_without_daft, setup
+from _validation_setup import calibrated_study
 
 from datta_kernels.calibration import INSTANCE_MODES, KINDS, _hard_domains, _streams
-from datta_kernels.eval.runner import DemoConfig
 from datta_kernels.nn import dabn_layers
 
 #: decision -> the batch type whose column of the step-2b table serves it
@@ -52,13 +50,9 @@ def stream_accuracy(adapter, x, y, batches, pre_layers, pre_for=None, mode="inst
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--batch-size", type=int, default=64)
-    bs = p.parse_args().batch_size
-    cfg = DemoConfig()
-    data, model, vdom = setup("A stem that follows the previous batch's decision", __doc__,
-                              per_domain=cfg.validation_per_domain)
-    rep = calibrated_without_daft(model, vdom, bs, cfg)
+    args, cfg, model, vdom, rep = calibrated_study("A stem that follows the previous batch's decision",
+                                                   __doc__)
+    bs = args.batch_size
     pre_for = {d: max(rep.pre_table, key=lambda w: rep.pre_table[w][TYPE_OF[d]]) for d in TYPE_OF}
     print(f"- batch size {bs}; calibrated stem blend {rep.pre_blend}; each decision's best stem blend "
           f"(step-2b table): " + ", ".join(f"{d} {w} ({rep.pre_table[w][TYPE_OF[d]]:.1f} %)"

@@ -23,10 +23,9 @@ import copy
 
 import numpy as np
 import torch
-from _validation_setup import calibrated_without_daft, setup
+from _validation_setup import calibrated_study
 
 from datta_kernels.calibration import _streams
-from datta_kernels.eval.runner import DemoConfig
 
 
 @torch.no_grad()
@@ -60,14 +59,10 @@ STARTS = ("source", "first batch", "average")
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--orders", type=int, default=3, help="seeded random domain orders besides the given one")
-    args = p.parse_args()
+    args, cfg, model, vdom, rep = calibrated_study(
+        "Where the stream statistics start, and the order of the validation domains", __doc__, p)
     bs = args.batch_size
-    cfg = DemoConfig()
-    data, model, vdom = setup("Where the stream statistics start, and the order of the validation domains",
-                              __doc__, per_domain=cfg.validation_per_domain)
-    rep = calibrated_without_daft(model, vdom, bs, cfg)
     print(f"- batch size {bs}; calibrated: stream momentum {rep.stream_momentum}, reset {rep.stream_reset}, "
           f"stream blend {rep.stream_blend}, rule {rep.selector()}\n")
     if rep.stream_momentum is None:

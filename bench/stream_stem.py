@@ -21,16 +21,14 @@ oracle rows do not.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import numpy as np
 import torch
-from _validation_setup import calibrated_without_daft, setup
+from _validation_setup import calibrated_study
 
 from datta_kernels.calibration import STREAM_KINDS, _hard_domains, _streams
 from datta_kernels.eval.oracle import OracleSelector
-from datta_kernels.eval.runner import DemoConfig
 from datta_kernels.eval.streams import DomainPool, make_stream
 from datta_kernels.nn import dabn_layers, set_decisions
 
@@ -83,13 +81,8 @@ def build(rep, model, backend, momentum, truth):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--batch-size", type=int, default=64)
-    bs = p.parse_args().batch_size
-    cfg = DemoConfig()
-    data, model, vdom = setup("A stem on the stream statistics", __doc__,
-                              per_domain=cfg.validation_per_domain)
-    rep = calibrated_without_daft(model, vdom, bs, cfg)
+    args, cfg, model, vdom, rep = calibrated_study("A stem on the stream statistics", __doc__)
+    bs = args.batch_size
     print(f"- batch size {bs}; calibrated stem blend {rep.pre_blend} (on the source statistics); "
           f"skewed batches from the score layer on: "
           + ("the source statistics" if rep.stream_momentum is None

@@ -236,11 +236,10 @@ class Calibration:
         if doc.get("version") != SAVE_VERSION:
             raise ValueError(f"{path} holds a Calibration of format version {doc.get('version')!r}; "
                              f"this datta_kernels reads version {SAVE_VERSION}: calibrate again")
-        names = {f.name for f in fields(cls)} - {"probe"}
         values = doc["fields"]
-        unknown, missing = set(values) - names, {f.name for f in fields(cls) if f.name != "probe"
-                                                 and f.default is MISSING
-                                                 and f.default_factory is MISSING} - set(values)
+        unknown = set(values) - {f.name for f in fields(cls) if f.name != "probe"}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = required - set(values)
         if unknown or missing:
             raise ValueError(f"{path}: fields {sorted(unknown)} unknown, {sorted(missing)} missing for this "
                              "datta_kernels' Calibration: calibrate again")

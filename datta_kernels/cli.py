@@ -15,7 +15,6 @@ import shlex
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -393,7 +392,7 @@ def check_demo(cfg, out: str) -> str | None:
     why = _writable_dir(out, "--out")
     if why:
         return why
-    cache = Path(cfg.cache_dir) if cfg.cache_dir is not None else cache_dir()
+    cache = cache_dir(cfg.cache_dir)
     # a model will be saved, or a calibration may be
     if (cfg.retrain or not any(cache.glob(f"*{cfg.train.key()}.pt"))
             or any(m.startswith("datta_cal") for m in cfg.methods)):

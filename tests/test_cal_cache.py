@@ -11,6 +11,7 @@ import torch
 import datta_kernels.eval.cal_cache as cal_cache
 from datta_kernels.calibration import SAVE_FORMAT, SAVE_VERSION, Calibration, calibrate
 from datta_kernels.diversity import ClassProbe
+from datta_kernels.eval.models import write_checksum
 
 from .test_calibrate import _domains, _model
 
@@ -150,6 +151,6 @@ def test_cached_calibrate_computes_once_then_loads(report, tmp_path, monkeypatch
     # a file this version cannot read (its checksum verifies): calibrated again
     doc = torch.load(path, weights_only=True)
     torch.save({**doc, "version": SAVE_VERSION + 1}, path)
-    (tmp_path / "c" / (path.name + ".sha256")).write_text(f"{cal_cache._sha256(path)}  {path.name}\n")
+    write_checksum(path)
     _, info7 = cal_cache.cached_calibrate(model, domains, 8, cache=tmp_path / "c", **SETTINGS)
     assert info7["source"] == "calibrated" and "unreadable" in info7["why"] and len(calls) == 5

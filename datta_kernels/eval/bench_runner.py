@@ -26,7 +26,6 @@ from ..calibration import default_batches
 from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, load_benchmark
 from .cal_cache import cached_calibrate
 from .corruptions import SEVERITIES
-from .models import cache_dir
 from .protocols import build_stream, canonical
 from .runner import CALIBRATED, METHODS, ORACLES, RunResult, cal_rates, detector_metrics, run_lockstep
 from .validation import calibrate_threshold_on
@@ -239,9 +238,8 @@ def _calibrate(cfg: RunConfig, model, device: str, log) -> dict:
                                                 score_mode="dispersion", backend=cfg.backend)["threshold"]
         if any(m.startswith("datta_cal") for m in cfg.methods):
             reports[bs], info = cached_calibrate(
-                model, domains, bs, cache=cfg.cache_dir if cfg.cache_dir is not None else cache_dir(),
-                refresh=cfg.recalibrate, n_batches=n_cal, lr=cal_rates(cfg.lr), backend=cfg.backend,
-                seed=cfg.seed)
+                model, domains, bs, cache=cfg.cache_dir, refresh=cfg.recalibrate, n_batches=n_cal,
+                lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed)
             if info["source"] == "cache":
                 log(f"datta_cal for batch size {bs}: loaded from the calibration cache ({info['path']})")
             log(str(reports[bs]))

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import Calibration, calibrate
+from .models import _sums, cache_dir, checksum_ok, write_checksum
 
 __all__ = ["cached_calibrate", "calibration_key", "code_fingerprint"]
 
@@ -77,25 +78,22 @@ def calibration_key(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def cached_calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int, *,
-                     cache: str | os.PathLike, refresh: bool = False, **settings) -> tuple[Calibration, dict]:
-    """``calibrate(copy of model, domains, batch_size, **settings).calibration``, or the one saved
-    under ``cache`` for exactly these inputs (:func:`calibration_key`).  Returns ``(calibration,
-    info)``: ``info["source"]`` is ``"cache"`` or ``"calibrated"``, with ``path`` and ``key``,
-    and ``why`` when a saved file was refused.  ``model`` is not modified."""
+                     cache: str | os.PathLike | None = None, refresh: bool = False,
+                     **settings) -> tuple[Calibration, dict]:
+    """``calibrate(copy of model, domains, batch_size, **settings).calibration``, or the one
+    saved under ``cache`` (None: :func:`~datta_kernels.eval.models.cache_dir`) for exactly these
+    inputs (:func:`calibration_key`).  Returns ``(calibration, info)``: ``info["source"]`` is
+    ``"cache"`` or ``"calibrated"``, with ``path`` and ``key``, and ``why`` when a saved file
+    was refused.  ``model`` is not modified."""
     key = calibration_key(model, domains, batch_size, **settings)
-    root = Path(cache)
+    root = cache_dir(cache)
     path = root / f"calibration_{key[:32]}.pt"
-    sums = path.with_name(path.name + ".sha256")
     info: dict = {"path": str(path), "key": key}
     if refresh:
         info["why"] = "recalibrate requested"
-    elif path.is_file() and sums.is_file():
-        if sums.read_text().split()[0] == _sha256(path):
+    elif path.is_file() and _sums(path).is_file():
+        if checksum_ok(path):
             try:
                 return Calibration.load(path), {**info, "source": "cache"}
             except (ValueError, RuntimeError, KeyError, TypeError) as err:
@@ -105,5 +103,5 @@ def cached_calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tenso
     report = calibrate(copy.deepcopy(model), domains, batch_size, **settings).calibration
     root.mkdir(parents=True, exist_ok=True)
     report.save(path)
-    sums.write_text(f"{_sha256(path)}  {path.name}\n")
+    write_checksum(path)
     return report, {**info, "source": "calibrated"}

@@ -91,8 +91,11 @@ class TrainConfig:
         return SmallResNet(self.width, tuple(self.blocks))
 
 
-def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/datta_kernels`` (``~/.cache/datta_kernels`` when unset)."""
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """``override`` (a ``--cache-dir``) when given, else ``$XDG_CACHE_HOME/datta_kernels``
+    (``~/.cache/datta_kernels`` when unset)."""
+    if override is not None:
+        return Path(override)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "datta_kernels"
 
@@ -166,6 +169,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _sums(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def checksum_ok(path: Path) -> bool:
+    """Whether ``path`` and its ``<name>.sha256`` file exist and the file's bytes match it."""
+    sums = _sums(path)
+    return path.is_file() and sums.is_file() and sums.read_text().split()[0] == _sha256(path)
+
+
+def write_checksum(path: Path) -> None:
+    """Write ``<name>.sha256`` beside ``path`` (``sha256sum``'s format), after ``path`` itself
+    is complete: a file without one is never trusted."""
+    _sums(path).write_text(f"{_sha256(path)}  {path.name}\n")
+
+
 def load_or_train(cfg: TrainConfig, train_x: Tensor, train_y: Tensor, *,
                   cache: str | os.PathLike | None = None, retrain: bool = False,
                   progress: bool = True) -> tuple[SmallResNet, dict]:
@@ -174,12 +193,11 @@ def load_or_train(cfg: TrainConfig, train_x: Tensor, train_y: Tensor, *,
     Returns ``(model in eval mode, info)`` where ``info`` says ``source`` ("cache" or
     "trained"), ``path``, ``train_seconds`` and, when the cache was refused, ``why``.
     """
-    root = Path(cache) if cache is not None else cache_dir()
+    root = cache_dir(cache)
     path = root / f"fmnist_resnet_{cfg.key()}.pt"
-    sums = path.with_suffix(".pt.sha256")
     info: dict = {"path": str(path), "config": asdict(cfg)}
-    if not retrain and path.is_file() and sums.is_file():
-        if sums.read_text().split()[0] == _sha256(path):
+    if not retrain and path.is_file() and _sums(path).is_file():
+        if checksum_ok(path):
             model = cfg.build()
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval(), {**info, "source": "cache", "train_seconds": 0.0}
@@ -195,5 +213,5 @@ def load_or_train(cfg: TrainConfig, train_x: Tensor, train_y: Tensor, *,
     tmp = path.with_suffix(".pt.tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
-    sums.write_text(f"{_sha256(path)}  {path.name}\n")
+    write_checksum(path)
     return model, {**info, "source": "trained", "train_seconds": seconds}

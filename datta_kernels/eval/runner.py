@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +27,7 @@ from . import progress_bar
 from .cal_cache import cached_calibrate
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY, SEVERITIES, check_severities
 from .datasets import load_fashion_mnist
-from .models import TrainConfig, cache_dir, evaluate, load_or_train
+from .models import TrainConfig, evaluate, load_or_train
 from .oracle import OracleSelector
 from .streams import STREAMS, DomainPool, Stream, make_stream
 from .validation import TEST, VALIDATION, calibrate_threshold_on, test_pool, validation_domains
@@ -359,7 +358,6 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     runs: list[RunResult] = []
     score_kw = {"score_layer": cfg.score_layer, "score_mode": cfg.score_mode}
     calibration, cal_reports, cal_cache = {}, {}, {}
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir is not None else cache_dir()
     if any(m in CALIBRATED for m in cfg.methods):
         t0 = time.perf_counter()
         vdom = validation_domains(data, cfg.validation_per_domain, cfg.seed,
@@ -370,7 +368,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                                                      score_mode="dispersion", backend=cfg.backend)
             if any(m.startswith("datta_cal") for m in cfg.methods):
                 cal_reports[bs], cal_cache[str(bs)] = cached_calibrate(
-                    model, vdom, bs, cache=cache_root, refresh=cfg.recalibrate, n_batches=n_cal,
+                    model, vdom, bs, cache=cfg.cache_dir, refresh=cfg.recalibrate, n_batches=n_cal,
                     lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed,
                     grid=cfg.calibration_grid or BLEND_GRID)
                 if cal_cache[str(bs)]["source"] == "cache":
