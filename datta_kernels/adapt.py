@@ -298,7 +298,8 @@ class DATTA(Adapter):
     the ``gamma, beta`` of every layer (with ``daft_multiple``, on ``multiple`` batches too).
     Batches not fine-tuned build no autograd graph and run no backward:
     the forward runs without a graph, and a ``single`` batch under DAFT stops at the score layer
-    and is forwarded again recording one (the layers up to the score layer run twice for it).
+    and is forwarded again recording one (the layers up to the score layer run twice for it;
+    with ``daft_pre_single`` those before it on their ``single`` blend the second time).
 
     Args:
         model: a CNN with BatchNorm2d (converted in place) or FusedDABN layers.
@@ -318,6 +319,12 @@ class DATTA(Adapter):
             ``entropy_filter * ln K`` enter the entropy loss (EATA's reliable-sample filter,
             without EATA's reweighting; the loss stays a sum over the batch divided by its
             size, SPEC §4).  None (default): every sample, as the authors' DAFT.
+        daft_pre_single: with ``daft``, the second forward of a batch decided ``single`` (the
+            one that records the graph) runs the layers before the score layer on their
+            ``single`` blend instead of ``multiple``: the decision is known by then, so they
+            normalise as a single-domain batch should (an extension, not the authors' design:
+            ``datta_kernels.calibrate`` may choose it on validation streams, SPEC §4).  It
+            costs nothing (that forward runs anyway); False (default): ``multiple`` there too.
         class_probe: a :class:`~datta_kernels.diversity.ClassProbe` for the score layer,
             required when the selector reads a spread (``ThresholdSelector(skew_cut=...)``):
             the batch's prediction spread from the probe, on the score layer's instance
@@ -340,7 +347,7 @@ class DATTA(Adapter):
                  backend: str | None = "auto", *, shrink_k=_PRESET_DEFAULT, weights=None,
                  score_layer: str | None = None, cluster=_PRESET_DEFAULT,
                  class_probe: ClassProbe | None = None, daft_multiple: bool = False,
-                 entropy_filter: float | None = None):
+                 entropy_filter: float | None = None, daft_pre_single: bool = False):
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         super().__init__(model, preset, update="single" if daft else "never", lr=lr,
@@ -351,6 +358,9 @@ class DATTA(Adapter):
         if daft_multiple and not daft:
             raise ValueError("daft_multiple=True fine-tunes multiple batches too: it needs daft=True")
         self._daft_on = (SINGLE, MULTIPLE) if daft_multiple else (SINGLE,)
+        if daft_pre_single and not daft:
+            raise ValueError("daft_pre_single=True changes DAFT's second forward: it needs daft=True")
+        self.daft_pre_single = bool(daft_pre_single)
         self.score_mode = score_mode
         if self.selector.uses_spread and class_probe is None:
             raise ValueError(f"{self.selector!r} reads the batch's prediction spread: pass "
@@ -517,11 +527,19 @@ class DATTA(Adapter):
                                    "pass score_layer= the first BatchNorm the input reaches")
             if fine_tune:
                 # the same forward again, recording the graph: the layers before the score layer
-                # on "multiple" as before, the decision kept (the selector is not asked twice)
+                # on "multiple" as before (daft_pre_single: "single", below), the decision kept
+                # (the selector is not asked twice)
                 first.__dict__.update(score_callback=None, score_forward=None)
-                with torch.enable_grad():
-                    logits = self.model(x)
-                    self._entropy_step(logits)
+                pre_single = self.daft_pre_single and self._last_decision == SINGLE
+                if pre_single:      # (daft_pre_single) the layers before it on "single" now
+                    set_decisions(self._layers[:self._score_at], True)
+                try:
+                    with torch.enable_grad():
+                        logits = self.model(x)
+                        self._entropy_step(logits)
+                finally:
+                    if pre_single:
+                        set_decisions(self._layers[:self._score_at], False)
         finally:
             first.__dict__.update(saved)
         return logits.detach()
@@ -529,6 +547,7 @@ class DATTA(Adapter):
     def extra_repr(self) -> str:
         return (f"selector={self.selector!r}, daft={self.daft}"
                 + (", daft_multiple=True" if self.daft_multiple else "")
+                + (", daft_pre_single=True" if self.daft_pre_single else "")
                 + (f", entropy_filter={self.entropy_filter:g}" if self.entropy_filter is not None else "")
                 + f", episodic={self.episodic}, "
                 f"score_mode={self.score_mode!r}, layers={len(self._layers)}")

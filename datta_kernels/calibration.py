@@ -35,8 +35,11 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
    *hard* stream (single-domain, over the third of the validation domains the configuration
    without DAFT does worst on); on only if it beats off.  With several
    candidates, a best rate at either end is followed past it (x2 or /2, up to
-   ``RATE_STEPS`` times) while the mean rises.  Then, with DAFT on, the chosen setting also on
-   ``multiple`` batches (``DATTA(daft_multiple=True)``), kept only if that raises the mean.
+   ``RATE_STEPS`` times) while the mean rises.  Then, with DAFT on, (5b) its second forward of
+   a ``single`` batch with the layers before the score layer on the ``single`` blend
+   (``DATTA(daft_pre_single=True)``: the decision is known by then), and the chosen setting
+   also on ``multiple`` batches (``DATTA(daft_multiple=True)``), each kept only if it raises
+   the mean.
    A rate whose drift builds up over a long stream is judged over one: give at least as many
    validation images as the deployment's stream holds before a reset.
 
@@ -150,6 +153,9 @@ class Calibration:
     #: range ``(lo, hi)``: the most negative and most positive shift (0 included) among the
     #: validation batches of steps 3-5 (the cuts' batches and the streams'; None: no limit)
     shift_cut: tuple[float, float] | None = None
+    #: with DAFT: the blend of the layers before the score layer in DAFT's second forward of a
+    #: batch decided ``single`` (``DATTA(daft_pre_single=True)``; step 5b); None: ``pre_blend``
+    pre_single_blend: tuple[float, float, float] | None = None
     #: blend -> accuracy (%) per batch type, every candidate
     blend_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
     #: pre blend -> accuracy (%) per batch type, the later layers on the type's right blend
@@ -195,12 +201,13 @@ class Calibration:
             raise ValueError(f"the model has no BatchNorm layer named {self.score_layer!r} (the "
                              "calibrated score layer): calibrate and adapt the same architecture")
         # configured before DATTA snapshots the model, so that reset() keeps the configuration
+        pre_single = getattr(self, "pre_single_blend", None) if self.daft else None
         _configure(layers, next(i for i, layer in enumerate(layers) if layer is score), self.pre_blend,
                    (self.single_blend, self.multiple_blend, self.skewed_blend), self.instance_mode,
                    self.stream_momentum, getattr(self, "stream_reset", None),
-                   getattr(self, "stream_blend", STREAM_BLEND))
+                   getattr(self, "stream_blend", STREAM_BLEND), pre_single)
         adapter = DATTA(model, preset=None, daft=self.daft, lr=self.lr, score_mode="dispersion",
-                        daft_multiple=self.daft_multiple,
+                        daft_multiple=self.daft_multiple, daft_pre_single=pre_single is not None,
                         entropy_filter=getattr(self, "entropy_filter", None),
                         selector=selector or self.selector(), backend=None,
                         score_layer=self.score_layer,
@@ -333,14 +340,18 @@ class Calibration:
                 lines.append(f"  {name:<{width}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                              + f"  mean {_mean(acc):5.1f}")
         filt = getattr(self, "entropy_filter", None)
+        pre_single = getattr(self, "pre_single_blend", None)
         chosen = (f"on at lr {self.lr:g}, " + ("" if filt is None else f"entropy filter {filt:g} ln K, ")
                   + ("single and multiple batches" if self.daft_multiple else "single batches")
+                  + ("" if pre_single is None else f", the layers before the score layer on "
+                     f"{_fmt(pre_single)} in its second forward of a single batch")
                   ) if self.daft else "off"
         hard = getattr(self, "hard_domains", [])
         lines.append(f"DAFT {chosen} (the best mean over the validation streams"
                      + (f" and the hard stream ({', '.join(hard)}: the least accurate "
                         "domains without DAFT, one after another)" if hard else "")
-                     + "; ties: off, then no filter, then the smaller rate, then single batches only):")
+                     + "; ties: off, then no filter, then the smaller rate, then the pre blend in "
+                     "the second forward, then single batches only):")
         width = max(23, *map(len, self.daft_table))
         for name, acc in self.daft_table.items():
             lines.append(f"  daft {name:<{width}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
@@ -504,14 +515,16 @@ def _fmt(w) -> str:
 
 def _configure(layers: list[FusedDABN], pre: int, pre_blend, blends, mode: str = "cluster",
                stream: float | None = None, reset: float | None = None,
-               stream_blend=STREAM_BLEND) -> None:
+               stream_blend=STREAM_BLEND, pre_single=None) -> None:
     """The layers before the score layer (``layers[:pre]``) on ``pre_blend`` whatever the
-    decision, the others on ``blends = (single, multiple, skewed)`` by decision; instance
-    terms as ``mode`` says; with a ``stream`` momentum, ``skewed`` batches on the stream
-    statistics (SPEC §3c) with the blend ``stream_blend`` from the score layer on, restarted
-    by a batch farther from them than ``reset``."""
+    decision (their ``single`` slot on ``pre_single`` when given: only DAFT's second forward
+    with ``daft_pre_single`` reads it), the others on ``blends = (single, multiple, skewed)`` by
+    decision; instance terms as ``mode`` says; with a ``stream`` momentum, ``skewed`` batches
+    on the stream statistics (SPEC §3c) with the blend ``stream_blend`` from the score layer
+    on, restarted by a batch farther from them than ``reset``."""
     for i, layer in enumerate(layers):
-        weights = (pre_blend,) * 3 if i < pre and pre_blend is not None else blends
+        weights = ((pre_single or pre_blend,) + (pre_blend,) * 2 if i < pre and pre_blend is not None
+                   else blends)
         if stream is not None and i >= pre:
             weights = (*weights[:2], tuple(stream_blend))
         layer.set_preset("datta", weights=weights, **INSTANCE_MODES[mode])
@@ -873,12 +886,13 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
 
     def adapter_for(c: dict, rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False,
                     stream: float | None = None, reset: float | None = None,
-                    filt: float | None = None, blend=STREAM_BLEND) -> DATTA:
+                    filt: float | None = None, blend=STREAM_BLEND, pre_single=None) -> DATTA:
         _configure(layers, pre, c["pre"], (c["single"], c["multiple"], c["skewed"]), c["mode"], stream,
-                   reset, blend)
+                   reset, blend, pre_single)
         return DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate, daft_multiple=on_multiple,
-                     entropy_filter=filt, selector=ThresholdSelector(*rule, c["shift_cut"]),
-                     class_probe=c["probe"], score_mode="dispersion", backend=None)
+                     entropy_filter=filt, daft_pre_single=pre_single is not None,
+                     selector=ThresholdSelector(*rule, c["shift_cut"]), class_probe=c["probe"],
+                     score_mode="dispersion", backend=None)
 
     def run(c: dict, *args, on=None, **kw) -> dict[str, float]:
         return {name: _stream_accuracy(adapter_for(c, *args, **kw), x, y, batches)
@@ -970,8 +984,9 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     daft_table = {"off": c["final"] | (run(c, rule, False, **statistics, on={"hard": five["hard"]})
                                        if hard else {})}
 
-    def daft_run(rate: float, filt: float | None = None, on_multiple: bool = False) -> dict[str, float]:
-        return run(c, rule, True, rate, on_multiple, filt=filt, **statistics, on=five)
+    def daft_run(rate: float, filt: float | None = None, on_multiple: bool = False,
+                 pre_single=None) -> dict[str, float]:
+        return run(c, rule, True, rate, on_multiple, filt=filt, pre_single=pre_single, **statistics, on=five)
 
     on = {r: daft_run(r) for r in lrs}
     # a best rate at either end of several candidates is no maximum: go on past that end
@@ -1000,17 +1015,26 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
                                                            candidates[i][0], candidates[i][1]))
     pick = ranked[0]
     daft, rate, entropy_filter = candidates[pick]
+    # 5b. with DAFT on, its second forward of a single batch with the layers before the score
+    #     layer on the single blend (the decision is known by then; ties: the pre blend)
+    pre_single, best, name = None, daft_means[pick], list(daft_table)[pick]
+    if daft and c["pre"] is not None and single != c["pre"]:
+        key = f"{name}, pre single {_fmt(single)}"
+        daft_table[key] = daft_run(rate, entropy_filter, pre_single=single)
+        if _mean(daft_table[key]) > best:
+            pre_single, best, name = single, _mean(daft_table[key]), key
     # then, with DAFT on, the chosen setting on multiple batches too (ties: single batches only)
     daft_multiple = False
     if daft:
-        key = f"{list(daft_table)[pick]}, +multiple"
-        daft_table[key] = daft_run(rate, entropy_filter, on_multiple=True)
-        daft_multiple = _mean(daft_table[key]) > daft_means[pick]
+        key = f"{name}, +multiple"
+        daft_table[key] = daft_run(rate, entropy_filter, on_multiple=True, pre_single=pre_single)
+        daft_multiple = _mean(daft_table[key]) > best
 
     report = Calibration(
         batch_size=int(batch_size), domains=list(domains), batches={k: len(v) for k, v in val.items()},
         score_layer=names[layers[pre]], instance_mode=mode, single_blend=single,
-        multiple_blend=multiple, skewed_blend=skewed, pre_blend=c["pre"], threshold=high, low=low,
+        multiple_blend=multiple, skewed_blend=skewed, pre_blend=c["pre"], pre_single_blend=pre_single,
+        threshold=high, low=low,
         skew_cut=skew_cut, daft=daft, lr=rate, daft_multiple=daft_multiple, shift_cut=shift_cut,
         entropy_filter=entropy_filter, hard_domains=hard,
         blend_table=c["blend_table"],

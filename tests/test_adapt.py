@@ -161,6 +161,46 @@ def test_daft_multiple_steps_on_single_and_multiple_batches_only(decision, selec
     assert_one_entropy_step(adapter, twin, want)
 
 
+@pytest.mark.parametrize("decision,selector", [("single", ThresholdSelector(1e9)),
+                                                ("multiple", ThresholdSelector(-1e9)),
+                                                ("skewed", ThresholdSelector(1e9, low=1e8))])
+def test_daft_pre_single_renormalises_the_layers_before_the_score_layer(decision, selector):
+    """``daft_pre_single=True`` (SPEC §4): DAFT's second forward of a batch decided ``single``
+    runs the layers before the score layer on their ``single`` blend, so the logits and the
+    step equal a twin with every layer on ``single``; a ``multiple`` batch (fine-tuned with
+    ``daft_multiple``) and a ``skewed`` one keep them on ``multiple``, and after every batch
+    they are back on ``multiple`` for the next batch's first forward."""
+    x = make_stream(1)[0]
+    model = tiny_resnet()
+    adapter = DATTA(copy.deepcopy(model), selector=selector, lr=1e-2, score_mode="dispersion",
+                    daft_multiple=True, daft_pre_single=True)
+    assert adapter.daft_pre_single and "daft_pre_single=True" in repr(adapter)
+    logits = adapter(x)
+    assert adapter.last_decision == decision and adapter.score_layer == "bn2"
+    pre = adapter.layers[0]
+    assert not bool(pre.decision) and not bool(pre.skewed)          # back on "multiple"
+    twin = dk.convert_model(copy.deepcopy(model), "datta")
+    layers = dabn_layers(twin)
+    for layer in layers[1:]:
+        layer.set_decision(decision)
+    layers[0].set_decision("single" if decision == "single" else "multiple")
+    want = twin(x)
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+    if decision == "single":       # the layers before the score layer did change the result
+        plain = DATTA(copy.deepcopy(model), selector=selector, lr=1e-2, score_mode="dispersion")
+        assert not plain.daft_pre_single
+        assert not torch.allclose(plain(x), logits, rtol=0, atol=1e-6)
+    if decision == "skewed":
+        assert adapter.n_updates == 0
+        return
+    assert_one_entropy_step(adapter, twin, want)
+
+
+def test_daft_pre_single_needs_daft():
+    with pytest.raises(ValueError, match="needs daft=True"):
+        DATTA(tiny_resnet(), selector=ThresholdSelector(0.0), daft=False, daft_pre_single=True)
+
+
 def test_entropy_filter_step_matches_a_float64_rendering():
     """``entropy_filter=e0`` (EATA's reliable-sample filter, SPEC §4): the step is SGD-Nesterov on
     ``(1/N) sum_i H_i [H_i < e0 ln K]``, here rendered in float64 from the softmax by hand on a

@@ -197,8 +197,10 @@ def test_calibrate_returns_a_configured_datta():
     assert rep.pre_blend in grid and rep.score_layer == "4"
     for i, layer in enumerate(adapter.layers):
         assert layer.cluster == INSTANCE_MODES[rep.instance_mode]["cluster"]
-        if i == 0:      # before the score layer: the pre blend whatever the decision
-            for blend in (layer.blend_single, layer.blend_multiple, layer.blend_skewed):
+        if i == 0:      # before the score layer: the pre blend whatever the decision (the
+            #             single slot, read only by DAFT's second forward, on step 5b's choice)
+            assert layer.blend_single.tolist() == pytest.approx(rep.pre_single_blend or rep.pre_blend)
+            for blend in (layer.blend_multiple, layer.blend_skewed):
                 assert blend.tolist() == pytest.approx(rep.pre_blend)
         else:
             assert layer.blend_single.tolist() == pytest.approx(rep.single_blend)
@@ -267,11 +269,19 @@ def test_calibrate_returns_a_configured_datta():
     assert adapter.daft == rep.daft and (not rep.daft or adapter.optimizer.param_groups[0]["lr"] == rep.lr)
     assert adapter.entropy_filter == rep.entropy_filter
     assert "daft on, lr 0.002" in text and ("DAFT off" in text or f"DAFT on at lr {rep.lr:g}" in text)
-    # then, with DAFT on, the chosen setting on multiple batches too: kept only if its mean is higher
+    # then, with DAFT on, step 5b (the layers before the score layer on the single blend in the
+    # second forward, when that blend differs from theirs: kept only if its mean is higher), and
+    # the chosen setting on multiple batches too: kept only if its mean is higher
     if rep.daft:
-        plus = f"{keys[pick]}, +multiple"
-        assert list(rep.daft_table) == keys + [plus]
-        assert rep.daft_multiple == (np.mean(list(rep.daft_table[plus].values())) > daft_means[pick])
+        extra = [f"{keys[pick]}, pre single {dk.calibration._fmt(rep.single_blend)}"] \
+            if rep.single_blend != rep.pre_blend else []
+        assert list(rep.daft_table)[len(keys):len(keys) + len(extra)] == extra
+        best = max([daft_means[pick]] + [np.mean(list(rep.daft_table[k].values())) for k in extra])
+        assert (rep.pre_single_blend is not None) == (best > daft_means[pick])
+        plus = f"{extra[0] if rep.pre_single_blend is not None else keys[pick]}, +multiple"
+        assert list(rep.daft_table) == keys + extra + [plus]
+        assert rep.daft_multiple == (np.mean(list(rep.daft_table[plus].values())) > best)
+        assert adapter.daft_pre_single == (rep.pre_single_blend is not None)
     else:
         assert list(rep.daft_table) == keys and not rep.daft_multiple
     assert adapter.daft_multiple == rep.daft_multiple
@@ -1053,6 +1063,56 @@ def test_calibrate_chooses_the_pre_blend_on_the_validation_streams(monkeypatch, 
     adapter(_domains()["noisy"][0][:8])
     adapter.reset()
     assert adapter.layers[0].blend_single.tolist() == pytest.approx(want)
+
+
+@pytest.mark.parametrize("gain,want", [(0.5, True), (0.0, False), (-0.5, False)])
+def test_calibrate_chooses_the_pre_single_blend_on_the_validation_streams(monkeypatch, tmp_path, gain,
+                                                                          want):
+    """Step 5b: with DAFT on, its second forward of a single batch with the layers before the
+    score layer on the ``single`` blend (``DATTA(daft_pre_single=True)``), kept only when the
+    mean over the validation streams and the hard stream rises (a tie keeps the pre blend);
+    the adapter's early layers carry it in their single slot, the report and a saved file too.
+    The pre blend is forced to (1, 0, 0) and the single blend to (0, 1, 0); the streams'
+    accuracies are stubbed (DAFT on wins)."""
+    search, behind = dk.calibration._search_blends, dk.calibration._blends_behind
+
+    def first_pre(*args, **kw):
+        found = search(*args, **kw)
+        found["pre_ranked"] = [(1.0, 0.0, 0.0)]
+        return found
+
+    def batch_single(*args, **kw):
+        return behind(*args, **kw) | {"single": (0.0, 1.0, 0.0)}
+    monkeypatch.setattr(dk.calibration, "_search_blends", first_pre)
+    monkeypatch.setattr(dk.calibration, "_blends_behind", batch_single)
+
+    def fake(adapter, x, y, batches):
+        if not adapter.daft:
+            return 50.0
+        return 55.0 + (gain if adapter.daft_pre_single else 0.0) - (1.0 if adapter.daft_multiple else 0.0)
+    adapter = _calibrate_stubbed(monkeypatch, fake)
+    rep = adapter.calibration
+    assert rep.daft and rep.pre_blend == (1.0, 0.0, 0.0) and rep.single_blend == (0.0, 1.0, 0.0)
+    row = f"on, lr {rep.lr:g}, pre single (0.0, 1.0, 0.0)"
+    assert row in rep.daft_table
+    assert rep.pre_single_blend == ((0.0, 1.0, 0.0) if want else None)
+    assert adapter.daft_pre_single == want
+    assert list(rep.daft_table)[-1] == (row if want else f"on, lr {rep.lr:g}") + ", +multiple"
+    assert not rep.daft_multiple
+    pre = adapter.layers[0]
+    assert pre.blend_single.tolist() == pytest.approx((0.0, 1.0, 0.0) if want else (1.0, 0.0, 0.0))
+    assert pre.blend_multiple.tolist() == pytest.approx((1.0, 0.0, 0.0))
+    assert ("in its second forward of a single batch" in str(rep)) == want
+    rep.save(tmp_path / "cal.pt")
+    again = dk.Calibration.load(tmp_path / "cal.pt")
+    assert again.pre_single_blend == rep.pre_single_blend
+    assert again.adapter(_model(), backend="reference").daft_pre_single == want
+    # a file saved before the field existed reads as the pre blend there (None)
+    doc = torch.load(tmp_path / "cal.pt", weights_only=True)
+    del doc["fields"]["pre_single_blend"]
+    torch.save(doc, tmp_path / "old.pt")
+    old = dk.Calibration.load(tmp_path / "old.pt")
+    assert old.pre_single_blend is None and not old.adapter(_model(), backend="reference").daft_pre_single
 
 
 @pytest.mark.parametrize("peak,want,chosen", [
