@@ -530,16 +530,19 @@ class DATTA(Adapter):
                 # on "multiple" as before (daft_pre_single: "single", below), the decision kept
                 # (the selector is not asked twice)
                 first.__dict__.update(score_callback=None, score_forward=None)
-                pre_single = self.daft_pre_single and self._last_decision == SINGLE
-                if pre_single:      # (daft_pre_single) the layers before it on "single" now
-                    set_decisions(self._layers[:self._score_at], True)
+                pre = self._layers[:self._score_at] if (self.daft_pre_single
+                                                        and self._last_decision == SINGLE) else []
+                # (daft_pre_single) the layers before it on "single" for this forward only: what
+                # they held (DATTA's "multiple", or a decision written into them by hand) comes back
+                held = [(lyr._buffers["decision"].clone(), lyr._buffers["skewed"].clone()) for lyr in pre]
+                set_decisions(pre, True)
                 try:
                     with torch.enable_grad():
                         logits = self.model(x)
                         self._entropy_step(logits)
                 finally:
-                    if pre_single:
-                        set_decisions(self._layers[:self._score_at], False)
+                    for lyr, (decision, skewed) in zip(pre, held):
+                        lyr.set_decision(decision, skewed)
         finally:
             first.__dict__.update(saved)
         return logits.detach()

@@ -194,6 +194,10 @@ def test_daft_pre_single_renormalises_the_layers_before_the_score_layer(decision
         assert adapter.n_updates == 0
         return
     assert_one_entropy_step(adapter, twin, want)
+    if decision == "single":    # a decision written into them by hand between batches stays
+        pre.set_decision("skewed")
+        adapter(x)
+        assert adapter.n_updates == 2 and not bool(pre.decision) and bool(pre.skewed)
 
 
 def test_daft_pre_single_needs_daft():
