@@ -9,11 +9,12 @@ import dataclasses
 import torch
 
 from datta_kernels.benchmarking import describe_machine, provenance
-from datta_kernels.calibration import calibrate
+from datta_kernels.calibration import STREAM_KINDS, _streams, calibrate
 from datta_kernels.eval.datasets import load_fashion_mnist
 from datta_kernels.eval.models import TrainConfig, load_or_train
 from datta_kernels.eval.runner import DemoConfig
-from datta_kernels.eval.validation import validation_domains
+from datta_kernels.eval.streams import DomainPool, Stream, make_stream
+from datta_kernels.eval.validation import pool_of, validation_domains
 
 
 def setup(title: str, doc: str, per_domain: int = 1000, note: str = "") -> tuple:
@@ -47,3 +48,24 @@ def calibrated_study(title: str, doc: str, parser: argparse.ArgumentParser | Non
                     seed=cfg.seed).calibration
     rep = dataclasses.replace(rep, daft=False, entropy_filter=None, daft_multiple=False)
     return args, cfg, model, vdom, rep
+
+
+def validation_streams(domains, batch_size: int, seed: int,
+                       kinds=None) -> tuple[DomainPool, dict[str, Stream]]:
+    """``calibrate``'s validation streams (SPEC §6 steps 4-5; ``kinds``: only these report
+    names) as :class:`~datta_kernels.eval.streams.Stream` objects over one pool of ``domains``,
+    for the eval runners (``run_lockstep``): the same batches as ``calibrate`` runs (checked),
+    batches of one sample dropped as it drops them."""
+    pool = pool_of(domains)
+    out = {}
+    for key, kind in STREAM_KINDS.items():
+        if kinds is not None and key not in kinds:
+            continue
+        s = make_stream(pool, kind, batch_size, seed)
+        keep = [i for i, b in enumerate(s.batches) if len(b) > 1]
+        out[key] = dataclasses.replace(s, batches=[s.batches[i] for i in keep],
+                                       kinds=[s.kinds[i] for i in keep], domains=[s.domains[i] for i in keep])
+    _, _, check = _streams(domains, batch_size, seed, kinds)
+    assert all(len(check[k]) == len(out[k].batches)
+               and all(torch.equal(a, b) for a, b in zip(check[k], out[k].batches)) for k in check)
+    return pool, out

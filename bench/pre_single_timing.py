@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import time
 
 import numpy as np
 import torch
-from _validation_setup import setup
+from _validation_setup import setup, validation_streams
 
-import datta_kernels.calibration as cal_mod
 from datta_kernels import Calibration
 from datta_kernels.adapt import TBN
+from datta_kernels.eval.runner import run_lockstep
 
 
 def main() -> None:
@@ -37,29 +36,18 @@ def main() -> None:
     bs = new.batch_size
     _, model, vdom = setup("`daft_pre_single` and the batches not fine-tuned (timing)", __doc__)
     print(f"- calibration `{args.calibration}` (batch size {bs}); torch threads {torch.get_num_threads()}\n")
-    xs, _, streams = cal_mod._streams(vdom, bs, 0)
+    pool, streams = validation_streams(vdom, bs, 0, tuple(args.streams.split(",")))
     print("| stream | adapter | batches not fine-tuned | mean ms | median ms | fine-tuned | mean ms |")
     print("|---|---|---|---|---|---|---|")
-    for name in args.streams.split(","):
+    for name, stream in streams.items():
         ads = {"tbn": TBN(copy.deepcopy(model), backend="cpu"),
                "datta_cal, daft_pre_single": new.adapter(copy.deepcopy(model), backend="cpu"),
                "datta_cal without it": old.adapter(copy.deepcopy(model), backend="cpu")}
-        times = {k: [] for k in ads}
-        tuned = {k: [] for k in ads}
-        keys = list(ads)
-        for i, idx in enumerate(streams[name]):
-            x = xs[idx].contiguous()
-            for k in keys[i % 3:] + keys[:i % 3]:
-                a = ads[k]
-                before = getattr(a, "n_updates", 0)
-                t0 = time.perf_counter()
-                a(x)
-                times[k].append(time.perf_counter() - t0)
-                tuned[k].append(getattr(a, "n_updates", 0) > before)
-        for k in keys:
-            t, u = 1e3 * np.array(times[k][1:]), np.array(tuned[k][1:])
+        for res in run_lockstep(ads, stream, pool.batches(stream)):
+            t, u = np.array(res.ms[1:]), np.array(res.updated[1:])      # the first batch left out
             no = t[~u]
-            print(f"| {name} | {k} | {len(no)} | {no.mean():.2f} | {np.median(no):.2f} | {int(u.sum())} | "
+            print(f"| {name} | {res.method} | {len(no)} | {res.ms_per_batch_no_update or float('nan'):.2f} | "
+                  f"{np.median(no) if len(no) else float('nan'):.2f} | {int(u.sum())} | "
                   + (f"{t[u].mean():.2f} |" if u.any() else "- |"))
 
 

@@ -25,11 +25,10 @@ import copy
 
 import numpy as np
 import torch
-from _validation_setup import calibrated_study
+from _validation_setup import calibrated_study, validation_streams
 
-from datta_kernels.calibration import STREAM_KINDS, _hard_domains, _streams
+from datta_kernels.calibration import STREAM_KINDS, _hard_domains
 from datta_kernels.eval.oracle import OracleSelector
-from datta_kernels.eval.streams import DomainPool, make_stream
 from datta_kernels.nn import dabn_layers, set_decisions
 
 MOMENTA = (0.05, 0.2)
@@ -37,22 +36,9 @@ MOMENTA = (0.05, 0.2)
 
 def stream_runs(domains, bs: int, seed: int, kinds=None) -> dict:
     """name -> (x, y, batches, true decisions) of the validation streams ``calibrate`` builds."""
-    names = list(domains)
-    sizes = torch.as_tensor([len(domains[k][1]) for k in names])
-    pool = DomainPool(torch.cat([domains[k][0] for k in names]), torch.cat([domains[k][1] for k in names]),
-                      torch.repeat_interleave(torch.arange(len(names)), sizes), names)
-    out = {}
-    for key, kind in STREAM_KINDS.items():
-        if kinds is not None and key not in kinds:
-            continue
-        s = make_stream(pool, kind, bs, seed)
-        keep = [(b, "skewed" if kind == "single_noniid" else k)
-                for b, k in zip(s.batches, s.kinds) if len(b) > 1]
-        out[key] = (pool.x, pool.y, [b for b, _ in keep], [k for _, k in keep])
-    x, y, check = _streams(domains, bs, seed, kinds)          # the same batches calibrate runs
-    assert all(len(check[k]) == len(out[k][2]) and all(torch.equal(a, b) for a, b in zip(check[k], out[k][2]))
-               for k in check)
-    return out
+    pool, streams = validation_streams(domains, bs, seed, kinds)
+    return {key: (pool.x, pool.y, s.batches, ["skewed" if key == "sorted" else k for k in s.kinds])
+            for key, s in streams.items()}
 
 
 @torch.no_grad()

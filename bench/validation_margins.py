@@ -21,27 +21,14 @@ from __future__ import annotations
 import argparse
 import copy
 
-import numpy as np
-import torch
-from _validation_setup import setup
+from _validation_setup import setup, validation_streams
 
 import datta_kernels.calibration as cal_mod
 from datta_kernels import Calibration
 from datta_kernels.eval.cal_cache import cached_calibrate
-from datta_kernels.eval.runner import METHODS, DemoConfig, cal_rates
+from datta_kernels.eval.runner import METHODS, DemoConfig, cal_rates, run_stream
 
 BASELINES = ("source", "tbn", "bn_adapt", "tent", "dyn")
-
-
-def run_stream(adapter, x, y, batches, domain, n_domains: int) -> np.ndarray:
-    """(n_domains, 2) correct / seen counts per validation domain over one stream."""
-    counts = np.zeros((n_domains, 2))
-    for idx in batches:
-        ok = (adapter(x[idx]).argmax(1) == y[idx]).double().numpy()
-        d = domain[idx].numpy()
-        np.add.at(counts[:, 0], d, ok)
-        np.add.at(counts[:, 1], d, 1)
-    return counts
 
 
 def main() -> None:
@@ -67,30 +54,23 @@ def main() -> None:
     print(f"- batch size {bs}; baselines as the demo builds them (tent at lr {cfg.lr:g}); every method "
           "starts afresh on each stream\n")
     names = list(vdom)
-    xs, ys, streams = cal_mod._streams(vdom, bs, cfg.seed)
-    sizes = torch.as_tensor([len(vdom[k][1]) for k in names])
-    domain = torch.repeat_interleave(torch.arange(len(names)), sizes)
-    runs = {k: (xs, ys, b, domain) for k, b in streams.items()}
+    pool, streams = validation_streams(vdom, bs, cfg.seed)
+    runs = {k: (pool, st) for k, st in streams.items()}
     hard = next(iter(cals.values())).hard_domains
     if hard:
-        hx, hy, hs = cal_mod._streams({k: vdom[k] for k in hard}, bs, cfg.seed, ("single",))
-        hsz = torch.as_tensor([len(vdom[k][1]) for k in hard])
-        hdom = torch.repeat_interleave(torch.as_tensor([names.index(k) for k in hard]), hsz)
-        runs["hard"] = (hx, hy, hs["single"], hdom)
-
-    class Stream:      # what the baselines' factories read
-        batch_size = bs
+        hpool, hs = validation_streams({k: vdom[k] for k in hard}, bs, cfg.seed, ("single",))
+        runs["hard"] = (hpool, hs["single"])
     acc, per_domain = {}, {}
     for name in BASELINES + tuple(cals):
         acc[name] = {}
-        for sname, (x, y, batches, dom) in runs.items():
+        for sname, (p, st) in runs.items():
             m = copy.deepcopy(model)
             a = cals[name].adapter(m, backend=cfg.backend) if name in cals else \
-                METHODS[name](m, cfg.backend, cfg.lr, {}, Stream)
-            counts = run_stream(a, x, y, batches, dom, len(names))
-            acc[name][sname] = 100.0 * counts[:, 0].sum() / counts[:, 1].sum()
-            if sname == "single":
-                per_domain[name] = 100.0 * counts[:, 0] / np.maximum(counts[:, 1], 1)
+                METHODS[name](m, cfg.backend, cfg.lr, {}, st)
+            res = run_stream(a, name, p, st)
+            acc[name][sname] = 100.0 * res.accuracy
+            if sname == "single":       # its batches are single-domain: accuracy per domain
+                per_domain[name] = {d: 100.0 * v for d, v in res.accuracy_by(res.domains).items()}
     keys = list(runs)
     print("Accuracy (%) on the validation streams (`calibrate`'s steps 4-5: every validation image "
           "once per stream; hard: step 5's stream over " + ", ".join(hard) + "):\n")
@@ -120,8 +100,8 @@ def main() -> None:
           "in this order):\n")
     cols = ("tbn", "tent") + tuple(cals)
     print("| domain | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
-    for i, n in enumerate(names):
-        print(f"| {n} | " + " | ".join(f"{per_domain[c][i]:.1f}" for c in cols) + " |")
+    for n in names:
+        print(f"| {n} | " + " | ".join(f"{per_domain[c][n]:.1f}" for c in cols) + " |")
 
 
 if __name__ == "__main__":
