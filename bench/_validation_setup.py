@@ -50,6 +50,14 @@ def calibrated_study(title: str, doc: str, parser: argparse.ArgumentParser | Non
     return args, cfg, model, vdom, rep
 
 
+def defined_batches(s: Stream) -> Stream:
+    """``s`` without its batches of one sample (their statistics are undefined; ``calibrate``
+    drops them too)."""
+    keep = [i for i, b in enumerate(s.batches) if len(b) > 1]
+    return dataclasses.replace(s, batches=[s.batches[i] for i in keep], kinds=[s.kinds[i] for i in keep],
+                               domains=[s.domains[i] for i in keep])
+
+
 def validation_streams(domains, batch_size: int, seed: int,
                        kinds=None) -> tuple[DomainPool, dict[str, Stream]]:
     """``calibrate``'s validation streams (SPEC §6 steps 4-5; ``kinds``: only these report
@@ -61,10 +69,7 @@ def validation_streams(domains, batch_size: int, seed: int,
     for key, kind in STREAM_KINDS.items():
         if kinds is not None and key not in kinds:
             continue
-        s = make_stream(pool, kind, batch_size, seed)
-        keep = [i for i, b in enumerate(s.batches) if len(b) > 1]
-        out[key] = dataclasses.replace(s, batches=[s.batches[i] for i in keep],
-                                       kinds=[s.kinds[i] for i in keep], domains=[s.domains[i] for i in keep])
+        out[key] = defined_batches(make_stream(pool, kind, batch_size, seed))
     _, _, check = _streams(domains, batch_size, seed, kinds)
     assert all(len(check[k]) == len(out[k].batches)
                and all(torch.equal(a, b) for a, b in zip(check[k], out[k].batches)) for k in check)
