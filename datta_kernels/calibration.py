@@ -66,7 +66,7 @@ from .eval.streams import DomainPool, make_stream
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
 from .surgery import _is_plain_bn, convert_model
 
-__all__ = ["calibrate", "Calibration", "BLEND_GRID", "default_batches"]
+__all__ = ["calibrate", "Calibration", "BLEND_GRID", "default_batches", "mixing_groups"]
 
 #: candidate blends ``(w_s, w_b, w_c)``: source, test-batch and cluster-pooled instance weights
 #: on a 0.2 grid (the instance terms are cluster-pooled, SPEC §3b).
@@ -187,6 +187,9 @@ class Calibration:
     #: ``"source"`` / ``"stream, momentum X"`` / ``"stream, momentum X, reset Y"`` /
     #: ``"stream ..., blend (a, b, 0)"`` -> accuracy (%) per validation stream (no DAFT)
     stream_table: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the groups of validation domains a mixed batch pooled (:func:`mixing_groups`; None: every
+    #: domain together)
+    mixing: list[list[str]] | None = None
 
     def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
         """The calibrated :class:`DATTA` around ``model`` (converted / reconfigured in place);
@@ -279,6 +282,10 @@ class Calibration:
                  "accuracy % on single / mixed / sorted batches (mixed: all layers on the "
                  "blend; single, sorted: the layers from the score layer on, those before it on "
                  "their own blend)"]
+        mixing = getattr(self, "mixing", None)
+        if mixing:
+            lines.insert(1, "mixed batches (and the mixed parts of the streams) pool one group of "
+                         "domains at a time: " + " | ".join(", ".join(g) for g in mixing))
         for w, acc in sorted(self.blend_table.items()):
             marks = [f"<- {name}" for name, c in chosen.items() if c == w]
             cols = " ".join(f"{acc[k]:6.1f}" for k in KINDS)
@@ -395,22 +402,29 @@ def _check_domains(domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int
 
 
 def _batches(domains, batch_size: int, n: int, g: torch.Generator,
-             families: dict[str, list[Tensor]] | None = None) -> dict[str, list[tuple[Tensor, Tensor]]]:
+             families: dict[str, list[Tensor]] | None = None,
+             groups: list[list[str]] | None = None) -> dict[str, list[tuple[Tensor, Tensor]]]:
     """``n`` validation batches of each type: single-domain i.i.d. (cycling the domains),
-    mixed (all domains pooled), label-sorted single-domain (consecutive slices of a domain
-    sorted by label, as a label-sorted stream delivers them).  ``families``, when given, is
-    filled with each batch's per-sample family index (:func:`_families`)."""
+    mixed (all domains pooled; with ``groups`` (:func:`mixing_groups`), the domains of one
+    group, cycling the groups of two or more domains), label-sorted single-domain (consecutive
+    slices of a domain sorted by label, as a label-sorted stream delivers them).  ``families``,
+    when given, is filled with each batch's per-sample family index (:func:`_families`)."""
     names = list(domains)
     xs = torch.cat([domains[k][0] for k in names])
     ys = torch.cat([domains[k][1] for k in names])
     starts = np.cumsum([0] + [len(domains[k][1]) for k in names])
+    pools = [torch.arange(len(ys))]
+    if groups is not None and len(groups) > 1:
+        ranges = {k: torch.arange(int(starts[i]), int(starts[i + 1])) for i, k in enumerate(names)}
+        pools = [torch.cat([ranges[k] for k in grp]) for grp in groups if len(grp) > 1] or pools
     out: dict[str, list] = {k: [] for k in KINDS}
     for i in range(n):
         d = i % len(names)
         lo, hi = int(starts[d]), int(starts[d + 1])
         idx = lo + torch.randperm(hi - lo, generator=g)[:batch_size]
         out["single"].append(idx)
-        out["mixed"].append(torch.randperm(len(ys), generator=g)[:batch_size])
+        mix = pools[i % len(pools)]
+        out["mixed"].append(mix[torch.randperm(len(mix), generator=g)[:batch_size]])
         order = lo + torch.randperm(hi - lo, generator=g)
         order = order[torch.sort(ys[order], stable=True).indices]
         k = int(torch.randint(0, (hi - lo) // batch_size, (1,), generator=g))
@@ -457,8 +471,8 @@ def _held_out_spreads(fit_feats: Tensor, fit_y: Tensor, fit_fam: Tensor, feats: 
     return np.array(out)
 
 
-def _streams(domains, batch_size: int, seed: int,
-             kinds=None) -> tuple[Tensor, Tensor, dict[str, list[Tensor]]]:
+def _streams(domains, batch_size: int, seed: int, kinds=None,
+             groups: list[list[str]] | None = None) -> tuple[Tensor, Tensor, dict[str, list[Tensor]]]:
     """The deployment's streams (SPEC §5) over the validation domains, each using every
     validation image once: ``single`` (one domain after another, in the order given),
     ``mixed``, ``dynamic`` (single and mixed batches alternating) and ``sorted`` (one domain
@@ -466,14 +480,59 @@ def _streams(domains, batch_size: int, seed: int,
     drift builds up over a long stream is judged over one.  Returns the pooled images and
     labels and, per stream, its batches as index tensors into them (batches of one sample,
     where a domain's size leaves one over, are dropped: their statistics are undefined).
-    ``kinds``: only these report names (e.g. ``("single",)``)."""
+    ``kinds``: only these report names (e.g. ``("single",)``).  ``groups``
+    (:func:`mixing_groups`; None: one group of every domain): the mixed and dynamic streams
+    run one group after another, each mixing only its own domains (as a test stream mixes the
+    corruptions of one severity)."""
     names = list(domains)
     sizes = torch.as_tensor([len(domains[k][1]) for k in names])
     pool = DomainPool(torch.cat([domains[k][0] for k in names]), torch.cat([domains[k][1] for k in names]),
                       torch.repeat_interleave(torch.arange(len(names)), sizes), names)
-    out = {key: [b for b in make_stream(pool, kind, batch_size, seed).batches if len(b) > 1]
-           for key, kind in STREAM_KINDS.items() if kinds is None or key in kinds}
+    parts = [(pool, torch.arange(len(pool.y)))]
+    if groups is not None and len(groups) > 1:
+        parts = []
+        for grp in groups:
+            idx = torch.cat([pool.indices(names.index(k)) for k in grp])
+            sizes = torch.as_tensor([len(domains[k][1]) for k in grp])
+            local = torch.repeat_interleave(torch.arange(len(grp)), sizes)
+            parts.append((DomainPool(pool.x[idx], pool.y[idx], local, list(grp)), idx))
+    out = {}
+    for key, kind in STREAM_KINDS.items():
+        if kinds is not None and key not in kinds:
+            continue
+        if kind in ("single", "single_noniid"):     # one domain after another: no group to keep
+            batches = make_stream(pool, kind, batch_size, seed).batches
+        else:
+            batches = [idx[b] for i, (sub, idx) in enumerate(parts)
+                       for b in make_stream(sub, kind, batch_size, seed + i).batches]
+        out[key] = [b for b in batches if len(b) > 1]
     return pool.x, pool.y, out
+
+
+def mixing_groups(names: Sequence[str], mixing=None) -> list[list[str]] | None:
+    """The groups of validation domains a mixed batch pools (SPEC §6): ``mixing`` None or
+    ``"all"``: every domain together (returns None); ``"severity"``: the domains named
+    ``<corruption>@<s>`` of one severity ``s`` each, a name without ``@`` (e.g. clean images) a
+    group of its own, groups in the order their first domain is given; or a sequence of groups
+    of domain names, each domain in exactly one.  A group of one domain gives no mixed batch in
+    steps 1-3 (its share of the mixed and dynamic streams is that domain's own batches)."""
+    names = list(names)
+    if mixing is None or mixing == "all":
+        return None
+    if mixing == "severity":
+        keys: dict[str, list[str]] = {}
+        for n in names:
+            keys.setdefault(n.rsplit("@", 1)[1] if "@" in n else f"domain {n}", []).append(n)
+        return list(keys.values())
+    if isinstance(mixing, str) or not isinstance(mixing, Sequence):
+        raise ValueError(f"mixing must be None, 'all', 'severity' or a sequence of groups of domain names, "
+                         f"got {mixing!r}")
+    groups = [list(g) for g in mixing]
+    flat = [n for g in groups for n in g]
+    if any(not g for g in groups) or sorted(flat) != sorted(names) or len(set(flat)) != len(flat):
+        raise ValueError(f"mixing groups must hold every validation domain exactly once: domains {names}, "
+                         f"groups {groups}")
+    return groups
 
 
 def rule_name(high: float, low: float, skew_cut: float | None, shift_cut=None) -> str:
@@ -832,7 +891,7 @@ def _validated_range(*shifts: np.ndarray) -> tuple[float, float] | None:
 def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int = 64, *,
               n_batches: int | None = None, lr: float | Sequence[float] = 1e-3, backend: str = "auto",
               seed: int = 0,
-              grid=BLEND_GRID) -> DATTA:
+              grid=BLEND_GRID, mixing=None) -> DATTA:
     """DATTA for ``model`` calibrated on labelled validation ``domains`` (see the module doc).
 
     Args:
@@ -848,6 +907,9 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
             (several: a best rate at an end of them is followed past it, step 5).
         backend: kernel backend.  seed: the batches' and streams' draw.
         grid: candidate blends ``(w_s, w_b, w_cluster)``.
+        mixing: which validation domains a mixed batch pools (:func:`mixing_groups`): None
+            (every domain), ``"severity"`` (the domains ``<corruption>@<s>`` of one severity, as
+            benchmark streams mix the corruptions of one severity) or explicit groups of names.
 
     Returns a :class:`DATTA` with ``score_mode="dispersion"``, a band
     :class:`ThresholdSelector` and the chosen blends and DAFT setting;
@@ -862,9 +924,10 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     n_batches = default_batches(batch_size) if n_batches is None else int(n_batches)
     if n_batches < 2:
         raise ValueError(f"n_batches must be >= 2, got {n_batches}")
+    groups = mixing_groups(list(domains), mixing)
     g = torch.Generator().manual_seed(seed)
     val_fam: dict = {}
-    val = _batches(domains, batch_size, n_batches, g, val_fam)
+    val = _batches(domains, batch_size, n_batches, g, val_fam, groups)
     work = copy.deepcopy(model).eval()
     if any(_is_plain_bn(m) for m in work.modules()):
         work = convert_model(work, "datta", shrink_k=None, cluster=True, backend=backend)
@@ -876,11 +939,11 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     pre = first_nonlinear_layer(work, val["single"][0][0])
     names = {m: n for n, m in work.named_modules()}
     fit_fam: dict = {}
-    fit = _batches(domains, batch_size, n_batches, g, fit_fam)    # other i.i.d. batches: the probe's
+    fit = _batches(domains, batch_size, n_batches, g, fit_fam, groups)    # other i.i.d. batches: the probe's
     num_classes = max(2, int(torch.cat([y for _, y in domains.values()]).max()) + 1)
     grid = tuple(grid)
     found = _search_blends(work, layers, pre, val, grid, tuple(INSTANCE_MODES))
-    xs, ys, streams = _streams(domains, batch_size, seed)
+    xs, ys, streams = _streams(domains, batch_size, seed, groups=groups)
     four = {name: (xs, ys, batches) for name, batches in streams.items()}
     stream_batches = [xs[idx] for batches in streams.values() for idx in batches]
 
@@ -1042,5 +1105,6 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         decision_table=c["decision_table"], rule_table=c["rule_table"], daft_table=daft_table,
         streams={k: len(v) for k, v in streams.items()},
         modes=found["modes"], probe=probe, stream_momentum=statistics["stream"],
-        stream_reset=statistics["reset"], stream_blend=statistics["blend"], stream_table=c["stream_table"])
+        stream_reset=statistics["reset"], stream_blend=statistics["blend"], stream_table=c["stream_table"],
+        mixing=groups)
     return report.adapter(model, backend=backend)

@@ -124,7 +124,7 @@ def _demo_config(args):
     cfg.train = dataclasses.replace(TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     for key in ("data_dir", "per_domain", "corruptions", "severity", "streams", "batch_sizes", "methods",
                 "lr", "backend", "score_layer", "score_mode", "seed", "check_batches", "cache_dir",
-                "validation_per_domain", "validation_severities"):
+                "validation_per_domain", "validation_severities", "validation_mixing"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -410,7 +410,7 @@ def check_demo(cfg, out: str) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     from .backends import backend_names
     from .eval.corruptions import CORRUPTIONS
-    from .eval.runner import METHODS
+    from .eval.runner import METHODS, MIXINGS
     from .eval.streams import STREAMS
 
     p = _Parser(prog="datta-kernels", description=__doc__.split("\n\n")[0],
@@ -455,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated severities of the validation corruptions that calibrate "
                    "datta_disp / datta_cal (default 1,2,3,4,5: choices independent of --severity; "
                    "e.g. 5 with --severity 5 calibrates for a deployment of known severity)")
+    d.add_argument("--validation-mixing", default=None, choices=MIXINGS,
+                   help="what a mixed validation batch of datta_cal's calibration pools: all = every "
+                   "validation domain (default), severity = the validation corruptions of one severity, "
+                   "as a test stream's mixed batches pool the corruptions of one (SPEC §6)")
     d.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1..5 (default 3)")
     d.add_argument("--streams", type=_names("stream", STREAMS), default=None,
                    help="comma-separated subset of: " + ", ".join(STREAMS) + " (default all)")

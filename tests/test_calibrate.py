@@ -27,6 +27,7 @@ from datta_kernels.calibration import (
     _streams,
     calibrate,
     default_batches,
+    mixing_groups,
 )
 from datta_kernels.diversity import SKEWED, ClassProbe, prediction_spread
 
@@ -1233,3 +1234,99 @@ def test_calibrate_chooses_the_stream_blend_on_the_validation_streams(monkeypatc
     adapter(_domains()["noisy"][0][:8])
     adapter.reset()
     assert all(lyr.blend_skewed.tolist() == pytest.approx(rep.stream_blend) for lyr in adapter.layers[at:])
+
+
+def _severity_domains(n: int = 20) -> dict:
+    """Clean images and two corruptions at two severities, named as the demo names them."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.arange(n) % 3
+    base = torch.randn(n, 1, 10, 10, generator=g) + y[:, None, None, None].float()
+    out = {"clean_heldout": (base, y)}
+    for sev in (1, 2):
+        out[f"noise@{sev}"] = (base + sev * torch.randn(base.shape, generator=g), y)
+        out[f"scale@{sev}"] = (base * (1 + sev), y)
+    return out
+
+
+def test_mixing_groups_by_severity_and_explicit():
+    names = ["clean_heldout", "noise@1", "scale@1", "noise@2", "scale@2"]
+    assert mixing_groups(names) is None and mixing_groups(names, "all") is None
+    assert mixing_groups(names, "severity") == [["clean_heldout"], ["noise@1", "scale@1"],
+                                                ["noise@2", "scale@2"]]
+    # a name with "@" in its corruption part: the severity is what follows the last one
+    assert mixing_groups(["a@b@1", "c@1", "d"], "severity") == [["a@b@1", "c@1"], ["d"]]
+    groups = [["noise@1", "noise@2"], ["clean_heldout", "scale@1", "scale@2"]]
+    assert mixing_groups(names, groups) == groups
+    for bad in ([["noise@1"]], [names, ["noise@1"]], [names[:2], [], names[2:]], [names + ["other"]],
+                "by-severity", 3):
+        with pytest.raises(ValueError, match="mixing"):
+            mixing_groups(names, bad)
+
+
+@pytest.mark.parametrize("bs", [4, 7])
+def test_validation_streams_mix_within_a_group(bs):
+    dom = _severity_domains()
+    names = list(dom)
+    groups = mixing_groups(names, "severity")
+    xs, ys, streams = _streams(dom, bs, seed=2, groups=groups)
+    _, _, pooled = _streams(dom, bs, seed=2)
+    sizes = [len(v[1]) for v in dom.values()]
+    domain_of = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))
+    group_of = torch.tensor([next(i for i, g in enumerate(groups) if n in g) for n in names])[domain_of]
+    for name, batches in streams.items():
+        flat = torch.cat(batches)
+        assert len(flat.unique()) == len(flat) and all(2 <= len(b) <= bs for b in batches)
+        assert len(ys) - len(flat) <= len(names)                 # every image once (save batches of one)
+        # each batch within one group; the groups one after another
+        owners = [group_of[b].unique() for b in batches]
+        assert all(len(o) == 1 for o in owners)
+        order = [int(o[0]) for o in owners]
+        assert order == sorted(order)
+        if name in ("mixed", "dynamic"):   # a mixed batch of a severity holds both of its corruptions
+            assert any(len(domain_of[b].unique()) == 2 for b in batches)
+        else:                              # single-domain streams: the same batches as without groups
+            assert all(torch.equal(a, b) for a, b in zip(batches, pooled[name]))
+    # one group of every domain is no grouping: the same batches as without
+    _, _, one = _streams(dom, bs, seed=2, groups=[names])
+    assert all(torch.equal(a, b) for k in one for a, b in zip(one[k], pooled[k]))
+    assert [len(v) for v in one.values()] == [len(v) for v in pooled.values()]
+
+
+def test_validation_batches_mix_within_a_group():
+    dom = _severity_domains()
+    names = list(dom)
+    groups = mixing_groups(names, "severity")
+    sizes = [len(v[1]) for v in dom.values()]
+    domain_of = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))
+    xs = torch.cat([v[0] for v in dom.values()])
+    n = 6
+    fam: dict = {}
+    val = _batches(dom, 5, n, torch.Generator().manual_seed(0), fam, groups)
+    assert all(len(v) == n for v in val.values())
+    for i, (x, _) in enumerate(val["mixed"]):
+        # which images: match each back to the pool (images are distinct)
+        idx = torch.cdist(x.flatten(1), xs.flatten(1)).argmin(1)
+        doms = {names[int(d)] for d in domain_of[idx]}
+        # groups of two or more domains take turns; the clean images (a group of one) never mix
+        assert doms <= set(groups[1 + i % 2]) and "clean_heldout" not in doms
+    # no grouping: mixed batches may pool every domain; the other types do not depend on it
+    plain = _batches(dom, 5, n, torch.Generator().manual_seed(0), None, [names])
+    old = _batches(dom, 5, n, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a[0], b[0]) for k in KINDS for a, b in zip(plain[k], old[k]))
+
+
+def test_calibrate_with_severity_mixing_records_its_groups(tmp_path):
+    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4))
+    dom = _severity_domains(24)
+    adapter = calibrate(_model(), dom, batch_size=8, n_batches=4, backend="reference", grid=grid,
+                        mixing="severity")
+    rep = adapter.calibration
+    assert rep.mixing == [["clean_heldout"], ["noise@1", "scale@1"], ["noise@2", "scale@2"]]
+    assert "pool one group of domains at a time: clean_heldout | noise@1, scale@1 | noise@2, scale@2" \
+        in str(rep)
+    rep.save(tmp_path / "c.pt")
+    assert dk.Calibration.load(tmp_path / "c.pt").mixing == rep.mixing
+    assert calibrate(_model(), dom, batch_size=8, n_batches=4, backend="reference",
+                     grid=grid).calibration.mixing is None
+    with pytest.raises(ValueError, match="mixing"):
+        calibrate(_model(), dom, batch_size=8, n_batches=4, backend="reference", grid=grid, mixing="rows")

@@ -235,6 +235,16 @@ def test_validation_severities_flag_and_its_checks():
             DemoConfig(validation_severities=bad).validate()
 
 
+def test_validation_mixing_flag():
+    from datta_kernels.cli import _demo_config
+    cfg = _demo_config(build_parser().parse_args(["demo", "--validation-mixing", "severity"]))
+    assert cfg.validation_mixing == "severity"
+    cfg.validate()
+    assert _demo_config(build_parser().parse_args(["demo"])).validation_mixing == "all"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--validation-mixing", "corruption"])
+
+
 def test_no_command_is_an_error():
     with pytest.raises(SystemExit):
         main([])

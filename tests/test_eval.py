@@ -401,6 +401,21 @@ def test_validation_severities_decide_the_calibration_domains(synth_dir, tiny_do
     assert note in format_tables(doc) and "--validation-severities" not in format_tables(tiny_doc)
 
 
+def test_validation_mixing_reaches_the_calibration(tiny_cfg):
+    """``validation_mixing="severity"``: datta_cal's mixed validation batches pool the validation
+    corruptions of one severity (clean images apart), recorded in the calibration the document
+    holds; the default pools every domain."""
+    cfg = dataclasses.replace(tiny_cfg, methods=("datta_cal",), streams=("mixed",), check_batches=0,
+                              validation_severities=(2, 5), validation_mixing="severity")
+    doc = run_demo(cfg, command="test", log=lambda *a: None)
+    assert doc["datta_cal"]["8"]["mixing"] == [["clean_heldout"],
+                                               ["speckle_noise@2", "gaussian_blur@2", "spatter@2"],
+                                               ["speckle_noise@5", "gaussian_blur@5", "spatter@5"]]
+    assert "pool one group of domains at a time" in format_tables(doc)
+    with pytest.raises(ValueError, match="validation_mixing"):
+        dataclasses.replace(tiny_cfg, validation_mixing="corruption").validate()
+
+
 # --- the protocol -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("per_domain", [2, 17, 1000, 5000])

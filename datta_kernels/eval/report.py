@@ -113,7 +113,9 @@ def format_tables(doc: dict) -> str:
                          + "); " if c.get('stream_momentum') else "")
                       + (f"DAFT on at lr {c['lr']:g}"
                          + (", multiple batches too" if c.get('daft_multiple') else "")
-                         if c['daft'] else "DAFT off")]
+                         if c['daft'] else "DAFT off")
+                      + ("; its mixed validation batches pool one group of domains at a time ("
+                         + " | ".join(", ".join(g) for g in c["mixing"]) + ")" if c.get("mixing") else "")]
     lines += goal_lines(doc)
     lines += _per_corruption(doc, methods, sizes)
     chk = doc.get("backend_check")

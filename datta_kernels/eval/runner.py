@@ -70,6 +70,8 @@ METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] =
     "datta_cal_oracle": lambda m, b, lr, kw, s: kw["cal"][s.batch_size].adapter(
         m, selector=OracleSelector(_skewed_kinds(s)), backend=b),
 }
+#: ``DemoConfig.validation_mixing``'s values (``--validation-mixing``)
+MIXINGS = ("all", "severity")
 #: Methods that need something calibrated per batch size (computed before the streams run).
 CALIBRATED = ("datta_disp", "datta_disp_oracle", "datta_cal", "datta_cal_oracle")
 
@@ -123,6 +125,11 @@ class DemoConfig:
     #: the test severity; ``(severity,)`` calibrates for a deployment of known severity, as the
     #: literature's held-out-corruption protocols do)
     validation_severities: tuple[int, ...] = SEVERITIES
+    #: what a mixed validation batch of ``datta_cal``'s calibration pools: ``"all"`` the
+    #: validation domains together, ``"severity"`` the validation corruptions of one severity
+    #: (as the test's mixed batches pool the corruptions of one), clean images apart
+    #: (``calibrate(mixing=...)``, SPEC §6)
+    validation_mixing: str = "all"
     #: candidate blends of ``datta_cal`` (None: ``datta_kernels.calibration.BLEND_GRID``)
     calibration_grid: tuple | None = None
     seed: int = 0
@@ -149,6 +156,8 @@ class DemoConfig:
                              f"largest batch size ({largest}): calibration draws whole "
                              "batches from each validation domain")
         check_severities(self.validation_severities, "validation_severities")
+        if self.validation_mixing not in MIXINGS:
+            raise ValueError(f"validation_mixing must be one of {MIXINGS}, got {self.validation_mixing!r}")
         leaked = [c for c in self.corruptions if c in VALIDATION]
         if leaked and not self.report_validation:
             raise ValueError(f"{leaked} are validation corruptions (they decide methods and are never "
@@ -370,7 +379,8 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                 cal_reports[bs], cal_cache[str(bs)] = cached_calibrate(
                     model, vdom, bs, cache=cfg.cache_dir, refresh=cfg.recalibrate, n_batches=n_cal,
                     lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed,
-                    grid=cfg.calibration_grid or BLEND_GRID)
+                    grid=cfg.calibration_grid or BLEND_GRID,
+                    **({} if cfg.validation_mixing == "all" else {"mixing": cfg.validation_mixing}))
                 if cal_cache[str(bs)]["source"] == "cache":
                     log(f"datta_cal for batch size {bs}: calibrate's choices for these inputs loaded "
                         f"from the calibration cache ({cal_cache[str(bs)]['path']})")
