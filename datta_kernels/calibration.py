@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from .adapt import DATTA
 from .diversity import ClassProbe, Selector, ThresholdSelector, prediction_spread, source_shift
-from .eval.streams import DomainPool, make_stream
+from .eval.streams import make_stream, pool_of
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
 from .surgery import _is_plain_bn, convert_model
 
@@ -285,7 +285,7 @@ class Calibration:
         mixing = getattr(self, "mixing", None)
         if mixing:
             lines.insert(1, "mixed batches (and the mixed parts of the streams) pool one group of "
-                         "domains at a time: " + " | ".join(", ".join(g) for g in mixing))
+                         "domains at a time: " + mixing_words(mixing))
         for w, acc in sorted(self.blend_table.items()):
             marks = [f"<- {name}" for name, c in chosen.items() if c == w]
             cols = " ".join(f"{acc[k]:6.1f}" for k in KINDS)
@@ -485,17 +485,11 @@ def _streams(domains, batch_size: int, seed: int, kinds=None,
     run one group after another, each mixing only its own domains (as a test stream mixes the
     corruptions of one severity)."""
     names = list(domains)
-    sizes = torch.as_tensor([len(domains[k][1]) for k in names])
-    pool = DomainPool(torch.cat([domains[k][0] for k in names]), torch.cat([domains[k][1] for k in names]),
-                      torch.repeat_interleave(torch.arange(len(names)), sizes), names)
+    pool = pool_of(domains)
     parts = [(pool, torch.arange(len(pool.y)))]
-    if groups is not None and len(groups) > 1:
-        parts = []
-        for grp in groups:
-            idx = torch.cat([pool.indices(names.index(k)) for k in grp])
-            sizes = torch.as_tensor([len(domains[k][1]) for k in grp])
-            local = torch.repeat_interleave(torch.arange(len(grp)), sizes)
-            parts.append((DomainPool(pool.x[idx], pool.y[idx], local, list(grp)), idx))
+    if groups is not None and len(groups) > 1:      # each group's own pool, and where it lies in ``pool``
+        parts = [(pool_of({k: domains[k] for k in grp}),
+                  torch.cat([pool.indices(names.index(k)) for k in grp])) for grp in groups]
     out = {}
     for key, kind in STREAM_KINDS.items():
         if kinds is not None and key not in kinds:
@@ -533,6 +527,12 @@ def mixing_groups(names: Sequence[str], mixing=None) -> list[list[str]] | None:
         raise ValueError(f"mixing groups must hold every validation domain exactly once: domains {names}, "
                          f"groups {groups}")
     return groups
+
+
+def mixing_words(groups: list[list[str]]) -> str:
+    """:func:`mixing_groups`'s groups in words (the calibration report's and the demo's):
+    ``"a@1, b@1 | a@2, b@2"``."""
+    return " | ".join(", ".join(g) for g in groups)
 
 
 def rule_name(high: float, low: float, skew_cut: float | None, shift_cut=None) -> str:

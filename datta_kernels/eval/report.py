@@ -12,7 +12,7 @@ import csv
 import json
 from pathlib import Path
 
-from ..calibration import rule_name
+from ..calibration import mixing_words, rule_name
 from .corruptions import SEVERITIES
 
 __all__ = ["CSV_FIELDS", "GOAL_BASELINES", "format_tables", "goal_for", "goal_lines", "plot", "short_name",
@@ -115,7 +115,7 @@ def format_tables(doc: dict) -> str:
                          + (", multiple batches too" if c.get('daft_multiple') else "")
                          if c['daft'] else "DAFT off")
                       + ("; its mixed validation batches pool one group of domains at a time ("
-                         + " | ".join(", ".join(g) for g in c["mixing"]) + ")" if c.get("mixing") else "")]
+                         + mixing_words(c["mixing"]) + ")" if c.get("mixing") else "")]
     lines += goal_lines(doc)
     lines += _per_corruption(doc, methods, sizes)
     chk = doc.get("backend_check")

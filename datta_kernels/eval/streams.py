@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["STREAMS", "DomainPool", "Stream", "build_pool", "make_stream"]
+__all__ = ["STREAMS", "DomainPool", "Stream", "build_pool", "make_stream", "pool_of"]
 
 STREAMS = ("single", "single_noniid", "mixed", "dynamic", "dynamic_random")
 MIXED = "mixed"
@@ -51,6 +51,15 @@ class DomainPool:
     def batches(self, stream: Stream) -> Iterator[tuple[Tensor, Tensor]]:
         """``(x, y)`` of each batch of ``stream`` (which indexes this pool), in order."""
         return ((self.x[idx], self.y[idx]) for idx in stream.batches)
+
+
+def pool_of(domains: dict[str, tuple[Tensor, Tensor]]) -> DomainPool:
+    """A :class:`DomainPool` of ``{name: (images, labels)}`` domains of any sizes."""
+    names = list(domains)
+    x = torch.cat([domains[n][0] for n in names])
+    y = torch.cat([domains[n][1] for n in names])
+    dom = torch.cat([torch.full((len(domains[n][1]),), i) for i, n in enumerate(names)])
+    return DomainPool(x, y, dom, names)
 
 
 def build_pool(domains: dict[str, Tensor], y: Tensor) -> DomainPool:

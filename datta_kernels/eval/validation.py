@@ -28,7 +28,7 @@ from ..adapt import DATTA
 from ..diversity import ThresholdSelector, calibrate_threshold
 from .corruptions import CORRUPTIONS, SEVERITIES, corrupt_all
 from .models import TrainConfig, held_out_indices
-from .streams import DomainPool, build_pool
+from .streams import DomainPool, build_pool, pool_of
 
 __all__ = ["VALIDATION", "TEST", "CLEAN", "validation_pool", "test_pool", "reported_images",
            "validation_images", "validation_domains", "pool_of", "draw_batches", "batch_scores",
@@ -104,15 +104,6 @@ def validation_pool(data, per_domain: int, seed: int, severities: tuple[int, ...
                     train: TrainConfig | None = None) -> DomainPool:
     """:func:`validation_domains` as one pool (each domain its own labels)."""
     return pool_of(validation_domains(data, per_domain, seed, severities, train))
-
-
-def pool_of(domains: dict[str, tuple[Tensor, Tensor]]) -> DomainPool:
-    """A :class:`DomainPool` of ``{name: (images, labels)}`` domains of any sizes."""
-    names = list(domains)
-    x = torch.cat([domains[n][0] for n in names])
-    y = torch.cat([domains[n][1] for n in names])
-    dom = torch.cat([torch.full((len(domains[n][1]),), i) for i, n in enumerate(names)])
-    return DomainPool(x, y, dom, names)
 
 
 def draw_batches(pool: DomainPool, batch_size: int, n: int, seed: int) -> tuple[list[Tensor], list[Tensor]]:
