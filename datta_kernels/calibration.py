@@ -52,7 +52,7 @@ import copy
 import itertools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .adapt import DATTA
+from .adapt import DATTA, DYN, TBN, BNAdapt, Source, Tent
 from .diversity import ClassProbe, Selector, ThresholdSelector, prediction_spread, source_shift
 from .eval.streams import make_stream, pool_of
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
@@ -90,6 +90,13 @@ RATE_STEPS = 3
 #: the entropy bound of DAFT's reliable-sample filter candidate (step 5), in units of ln K:
 #: EATA's value (Niu et al., 2022), not tuned here
 FILTER_BOUND = 0.4
+#: step 5's objectives (``calibrate(daft_objective=...)``): ``"mean"`` (default) ranks a DAFT
+#: setting by its mean accuracy over the validation streams, ``"margin"`` by its smallest margin
+#: over them against the best of :data:`RIVALS` on each (ties: the mean)
+DAFT_OBJECTIVES = ("mean", "margin")
+#: the plain alternatives of the ``margin`` objective (SPEC §6 step 5): the source model,
+#: test-batch statistics, ``bn_adapt``, Tent (at the middle candidate rate) and DYN
+RIVALS = ("source", "tbn", "bn_adapt", "tent", "dyn")
 #: the ``hard`` validation stream of step 5: a single-domain stream over this fraction (rounded
 #: up) of the validation domains, those on which the configuration without DAFT is least accurate
 HARD_FRACTION = 1 / 3
@@ -190,6 +197,10 @@ class Calibration:
     #: the groups of validation domains a mixed batch pooled (:func:`mixing_groups`; None: every
     #: domain together)
     mixing: list[list[str]] | None = None
+    #: step 5's objective (:data:`DAFT_OBJECTIVES`; files saved before it existed: ``"mean"``)
+    daft_objective: str = "mean"
+    #: with the ``margin`` objective: rival (:data:`RIVALS`) -> accuracy (%) per step 5 stream
+    rival_table: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
         """The calibrated :class:`DATTA` around ``model`` (converted / reconfigured in place);
@@ -354,15 +365,25 @@ class Calibration:
                      f"{_fmt(pre_single)} in its second forward of a single batch")
                   ) if self.daft else "off"
         hard = getattr(self, "hard_domains", [])
-        lines.append(f"DAFT {chosen} (the best mean over the validation streams"
+        rivals = getattr(self, "rival_table", {})
+        margin = getattr(self, "daft_objective", "mean") == "margin" and bool(rivals)
+        lines.append(f"DAFT {chosen} (" + ("the best smallest margin over the validation streams"
+                                           if margin else "the best mean over the validation streams")
                      + (f" and the hard stream ({', '.join(hard)}: the least accurate "
                         "domains without DAFT, one after another)" if hard else "")
+                     + ("" if not margin else ", each stream against the best of the plain "
+                        "alternatives below; then the mean")
                      + "; ties: off, then no filter, then the smaller rate, then the pre blend in "
                      "the second forward, then single batches only):")
         width = max(23, *map(len, self.daft_table))
+        best = _best_rival(rivals) if margin else None
+        for name, acc in rivals.items():
+            lines.append(f"  {name:<{width + 5}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+                         + f"  mean {_mean(acc):5.1f}")
         for name, acc in self.daft_table.items():
             lines.append(f"  daft {name:<{width}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
-                         + f"  mean {_mean(acc):5.1f}")
+                         + f"  mean {_mean(acc):5.1f}"
+                         + (f"  margin {_daft_score(best)(acc)[0]:+5.1f}" if margin else ""))
         return "\n".join(lines)
 
 
@@ -682,12 +703,12 @@ def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]
 
 
 def _climb(runs: dict, start: float, moves, evaluate, limits=(0.0, math.inf),
-           steps: int | None = None) -> None:
+           steps: int | None = None, score=_mean) -> None:
     """The one-dimensional searches of steps 4b, 4c, 4d and 5 (the filter's rate): fills
     ``runs`` (value -> accuracy per stream, ``start`` already in it) along each move in turn,
     from ``start`` to the next value (a number in ``moves`` multiplies the value, a callable
     maps it), ``evaluate(value)``, within ``limits`` and at most ``steps`` times, while the mean
-    rises (the first value whose mean does not rise is kept and ends it)."""
+    (or ``score``) rises (the first value whose mean does not rise is kept and ends it)."""
     for move in moves:
         at = start
         for _ in itertools.count() if steps is None else range(steps):
@@ -695,7 +716,7 @@ def _climb(runs: dict, start: float, moves, evaluate, limits=(0.0, math.inf),
             if not limits[0] <= nxt <= limits[1]:
                 break
             runs[nxt] = evaluate(nxt)
-            if _mean(runs[nxt]) <= _mean(runs[at]):
+            if score(runs[nxt]) <= score(runs[at]):
                 break
             at = nxt
 
@@ -712,6 +733,31 @@ def _past_the_end(on: dict[float, dict[str, float]], off: dict[str, float],
     if top == rates[0] and mean(on[top]) > mean(off):
         return top, 0.5 * top
     return top, None
+
+
+def _rivals(model: nn.Module, rate: float, backend: str) -> dict[str, Callable[[], nn.Module]]:
+    """The plain alternatives of step 5's ``margin`` objective (:data:`RIVALS`), each a fresh
+    adapter around a copy of ``model`` per call: Tent at ``rate``, DYN at its source rate 0.8."""
+    kinds = {"source": Source, "tbn": TBN, "bn_adapt": BNAdapt, "tent": Tent, "dyn": DYN}
+    extra = {"tent": {"lr": rate}}
+    return {n: (lambda n=n: kinds[n](copy.deepcopy(model), backend=backend, **extra.get(n, {})))
+            for n in RIVALS}
+
+
+def _best_rival(rival_table: Mapping[str, Mapping[str, float]]) -> dict[str, float] | None:
+    """Stream -> the best rival's accuracy on it (None: no rivals)."""
+    if not rival_table:
+        return None
+    return {k: max(v[k] for v in rival_table.values()) for k in next(iter(rival_table.values()))}
+
+
+def _daft_score(best: Mapping[str, float] | None) -> Callable[[Mapping[str, float]], tuple[float, ...]]:
+    """Step 5's objective as a sort key (higher is better): with ``best`` (stream -> the best
+    rival's accuracy) the smallest margin over the streams against it, then the mean; without,
+    the mean alone."""
+    if best is None:
+        return lambda acc: (_mean(acc),)
+    return lambda acc: (min(acc[k] - best[k] for k in acc), _mean(acc))
 
 
 def _hard_domains(make_adapter, domains, batch_size: int, seed: int) -> list[str]:
@@ -891,7 +937,7 @@ def _validated_range(*shifts: np.ndarray) -> tuple[float, float] | None:
 def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int = 64, *,
               n_batches: int | None = None, lr: float | Sequence[float] = 1e-3, backend: str = "auto",
               seed: int = 0,
-              grid=BLEND_GRID, mixing=None) -> DATTA:
+              grid=BLEND_GRID, mixing=None, daft_objective: str = "mean") -> DATTA:
     """DATTA for ``model`` calibrated on labelled validation ``domains`` (see the module doc).
 
     Args:
@@ -910,6 +956,11 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         mixing: which validation domains a mixed batch pools (:func:`mixing_groups`): None
             (every domain), ``"severity"`` (the domains ``<corruption>@<s>`` of one severity, as
             benchmark streams mix the corruptions of one severity) or explicit groups of names.
+        daft_objective: step 5's ranking of the DAFT settings (:data:`DAFT_OBJECTIVES`):
+            ``"mean"`` (default), the mean accuracy over the validation streams, or
+            ``"margin"``, the smallest margin over them against the best of the plain
+            alternatives (:data:`RIVALS`, Tent at the middle rate of ``lr``) on each, then the
+            mean (it runs the alternatives on the streams too; SPEC §6 step 5).
 
     Returns a :class:`DATTA` with ``score_mode="dispersion"``, a band
     :class:`ThresholdSelector` and the chosen blends and DAFT setting;
@@ -921,6 +972,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     lrs = sorted({float(r) for r in (lr if isinstance(lr, Sequence) else (lr,))})
     if not lrs or not all(math.isfinite(r) and r > 0 for r in lrs):
         raise ValueError(f"lr must be a positive number or a non-empty sequence of them, got {lr!r}")
+    if daft_objective not in DAFT_OBJECTIVES:
+        raise ValueError(f"daft_objective must be one of {DAFT_OBJECTIVES}, got {daft_objective!r}")
     n_batches = default_batches(batch_size) if n_batches is None else int(n_batches)
     if n_batches < 2:
         raise ValueError(f"n_batches must be >= 2, got {n_batches}")
@@ -1046,6 +1099,13 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         five["hard"] = (hx, hy, hs["single"])
     daft_table = {"off": c["final"] | (run(c, rule, False, **statistics, on={"hard": five["hard"]})
                                        if hard else {})}
+    # the plain alternatives on the same streams (the margin objective's yardstick); Tent at
+    # the middle candidate rate (the lower of two middles)
+    rival_table = {}
+    if daft_objective == "margin":
+        rival_table = {name: {k: _stream_accuracy(make(), x, y, b) for k, (x, y, b) in five.items()}
+                       for name, make in _rivals(model, lrs[(len(lrs) - 1) // 2], backend).items()}
+    score = _daft_score(_best_rival(rival_table))
 
     def daft_run(rate: float, filt: float | None = None, on_multiple: bool = False,
                  pre_single=None) -> dict[str, float]:
@@ -1055,43 +1115,44 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     # a best rate at either end of several candidates is no maximum: go on past that end
     # (x2 or /2) while the mean rises, at most RATE_STEPS times
     for _ in range(RATE_STEPS if len(lrs) > 1 else 0):
-        top, nxt = _past_the_end(on, daft_table["off"])
+        top, nxt = _past_the_end(on, daft_table["off"], score)
         if nxt is None:
             break
         on[nxt] = daft_run(nxt)
-        if _mean(on[nxt]) <= _mean(on[top]):
+        if score(on[nxt]) <= score(on[top]):
             break
     lrs = sorted(on)
     daft_table |= {f"on, lr {r:g}": on[r] for r in lrs}
     # the reliable-sample filter (SPEC §4) at the best plain rate, then doubled while the mean
     # rises (at most RATE_STEPS times): the filter drops samples from the loss, so its best
     # rate may lie higher
-    top = max(lrs, key=lambda r: (_mean(on[r]), -r))
+    top = max(lrs, key=lambda r: (score(on[r]), -r))
     filtered = {top: daft_run(top, FILTER_BOUND)}
-    _climb(filtered, top, (2.0,), lambda r: daft_run(r, FILTER_BOUND), steps=RATE_STEPS)
+    _climb(filtered, top, (2.0,), lambda r: daft_run(r, FILTER_BOUND), steps=RATE_STEPS, score=score)
     daft_table |= {f"on, lr {r:g}, filter {FILTER_BOUND:g}": v for r, v in sorted(filtered.items())}
     # ties: off, then no filter, then the smaller rate
     candidates = [(False, lrs[0], None)] + [(True, r, None) for r in lrs] \
         + [(True, r, FILTER_BOUND) for r in sorted(filtered)]
-    daft_means = [_mean(v) for v in daft_table.values()]
-    ranked = sorted(range(len(candidates)), key=lambda i: (-daft_means[i], candidates[i][2] is not None,
+    scores = [score(v) for v in daft_table.values()]
+    ranked = sorted(range(len(candidates)), key=lambda i: (tuple(-v for v in scores[i]),
+                                                           candidates[i][2] is not None,
                                                            candidates[i][0], candidates[i][1]))
     pick = ranked[0]
     daft, rate, entropy_filter = candidates[pick]
     # 5b. with DAFT on, its second forward of a single batch with the layers before the score
     #     layer on the single blend (the decision is known by then; ties: the pre blend)
-    pre_single, best, name = None, daft_means[pick], list(daft_table)[pick]
+    pre_single, best, name = None, scores[pick], list(daft_table)[pick]
     if daft and c["pre"] is not None and single != c["pre"]:
         key = f"{name}, pre single {_fmt(single)}"
         daft_table[key] = daft_run(rate, entropy_filter, pre_single=single)
-        if _mean(daft_table[key]) > best:
-            pre_single, best, name = single, _mean(daft_table[key]), key
+        if score(daft_table[key]) > best:
+            pre_single, best, name = single, score(daft_table[key]), key
     # then, with DAFT on, the chosen setting on multiple batches too (ties: single batches only)
     daft_multiple = False
     if daft:
         key = f"{name}, +multiple"
         daft_table[key] = daft_run(rate, entropy_filter, on_multiple=True, pre_single=pre_single)
-        daft_multiple = _mean(daft_table[key]) > best
+        daft_multiple = score(daft_table[key]) > best
 
     report = Calibration(
         batch_size=int(batch_size), domains=list(domains), batches={k: len(v) for k, v in val.items()},
@@ -1106,5 +1167,5 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         streams={k: len(v) for k, v in streams.items()},
         modes=found["modes"], probe=probe, stream_momentum=statistics["stream"],
         stream_reset=statistics["reset"], stream_blend=statistics["blend"], stream_table=c["stream_table"],
-        mixing=groups)
+        mixing=groups, daft_objective=daft_objective, rival_table=rival_table)
     return report.adapter(model, backend=backend)

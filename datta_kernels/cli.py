@@ -124,7 +124,7 @@ def _demo_config(args):
     cfg.train = dataclasses.replace(TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     for key in ("data_dir", "per_domain", "corruptions", "severity", "streams", "batch_sizes", "methods",
                 "lr", "backend", "score_layer", "score_mode", "seed", "check_batches", "cache_dir",
-                "validation_per_domain", "validation_severities", "validation_mixing"):
+                "validation_per_domain", "validation_severities", "validation_mixing", "daft_objective"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -409,6 +409,7 @@ def check_demo(cfg, out: str) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import backend_names
+    from .calibration import DAFT_OBJECTIVES
     from .eval.corruptions import CORRUPTIONS
     from .eval.runner import METHODS, MIXINGS
     from .eval.streams import STREAMS
@@ -459,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what a mixed validation batch of datta_cal's calibration pools: all = every "
                    "validation domain (default), severity = the validation corruptions of one severity, "
                    "as a test stream's mixed batches pool the corruptions of one (SPEC §6)")
+    d.add_argument("--daft-objective", default=None, choices=DAFT_OBJECTIVES,
+                   help="how datta_cal's calibration ranks DAFT's settings on the validation streams: "
+                   "mean = their mean accuracy (default), margin = their smallest margin against the "
+                   "best of source, tbn, bn_adapt, tent and dyn on each stream (SPEC §6 step 5)")
     d.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1..5 (default 3)")
     d.add_argument("--streams", type=_names("stream", STREAMS), default=None,
                    help="comma-separated subset of: " + ", ".join(STREAMS) + " (default all)")

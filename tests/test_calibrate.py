@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import datta_kernels as dk
+from datta_kernels import adapt
 from datta_kernels.calibration import (
     DECISIONS,
     INSTANCE_MODES,
@@ -186,7 +187,7 @@ def test_calibrate_returns_a_configured_datta():
     model = _model()
     source = copy.deepcopy(model)
     adapter = calibrate(model, _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
-                        lr=(2e-3, 5e-4))
+                        lr=(2e-3, 5e-4), daft_objective="margin")
     rep = adapter.calibration
     assert isinstance(adapter, dk.DATTA) and adapter.score_mode == "dispersion"
     assert rep.instance_mode in INSTANCE_MODES and set(rep.modes) == set(INSTANCE_MODES)
@@ -250,26 +251,43 @@ def test_calibrate_returns_a_configured_datta():
     assert "datta_cal for batch size 8" in text and "oracle (true type)" in text and "DAFT" in text
     assert "score + spread" in text and "decision rule:" in text and "before the score layer" in text
     assert set(rep.as_dict()) >= {"single_blend", "threshold", "low", "decision_table", "daft_table"}
-    # DAFT off or on at a candidate rate, or with the entropy filter: the best mean of the
-    # validation streams and the hard stream (ties: off, then no filter, then the smaller rate),
-    # and the adapter runs the chosen setting
+    # DAFT off or on at a candidate rate, or with the entropy filter: the best smallest margin
+    # over the validation streams and the hard stream against the best plain alternative on
+    # each, then the best mean (ties: off, then no filter, then the smaller rate), and the
+    # adapter runs the chosen setting
+    five = {"single", "mixed", "dynamic", "sorted", "hard"}
+    assert rep.daft_objective == "margin" and list(rep.rival_table) == list(dk.calibration.RIVALS)
+    assert all(set(v) == five for v in rep.rival_table.values())
+    # the source rival is the source model itself on the stream (computed here directly)
+    xs_, ys_, st_ = _streams(_domains(), 8, 0, ("single",))
+    plain_model = copy.deepcopy(source).eval()
+    with torch.no_grad():
+        right = sum(int((plain_model(xs_[i]).argmax(1) == ys_[i]).sum()) for i in st_["single"])
+    assert rep.rival_table["source"]["single"] == pytest.approx(100.0 * right / len(xs_))
+    best_rival = {k: max(v[k] for v in rep.rival_table.values()) for k in five}
+
+    def score(row):
+        acc = rep.daft_table[row]
+        return (min(acc[k] - best_rival[k] for k in five), np.mean(list(acc.values())))
     plain = ["off", "on, lr 0.0005", "on, lr 0.002"]
     assert list(rep.daft_table)[:3] == plain
     filtered = [k for k in rep.daft_table if k.endswith("filter 0.4")]
-    top = max((5e-4, 2e-3), key=lambda r: (np.mean(list(rep.daft_table[f"on, lr {r:g}"].values())), -r))
+    top = max((5e-4, 2e-3), key=lambda r: (score(f"on, lr {r:g}"), -r))
     assert filtered[0] == f"on, lr {top:g}, filter 0.4"          # the filter from the best plain rate
     keys = plain + filtered
-    assert all(set(rep.daft_table[k]) == {"single", "mixed", "dynamic", "sorted", "hard"} for k in keys)
+    assert all(set(rep.daft_table[k]) == five for k in keys)
     assert rep.hard_domains and len(rep.hard_domains) == 1        # ceil(3 / 3) of the 3 domains
-    daft_means = [np.mean(list(rep.daft_table[k].values())) for k in keys]
+    daft_means = [score(k) for k in keys]
     setting = [(False, 5e-4, None), (True, 5e-4, None), (True, 2e-3, None)] + \
         [(True, float(k.split("lr ")[1].split(",")[0]), 0.4) for k in filtered]
-    pick = min(range(len(keys)), key=lambda i: (-daft_means[i], setting[i][2] is not None, setting[i][0],
-                                                setting[i][1]))
+    pick = min(range(len(keys)), key=lambda i: (tuple(-v for v in daft_means[i]), setting[i][2] is not None,
+                                                setting[i][0], setting[i][1]))
     assert (rep.daft, rep.lr, rep.entropy_filter) == pytest.approx(setting[pick])
     assert adapter.daft == rep.daft and (not rep.daft or adapter.optimizer.param_groups[0]["lr"] == rep.lr)
     assert adapter.entropy_filter == rep.entropy_filter
     assert "daft on, lr 0.002" in text and ("DAFT off" in text or f"DAFT on at lr {rep.lr:g}" in text)
+    assert "the best smallest margin over the validation streams" in text and "  tent " in text
+    assert f"margin {score('off')[0]:+5.1f}" in text
     # then, with DAFT on, step 5b (the layers before the score layer on the single blend in the
     # second forward, when that blend differs from theirs: kept only if its mean is higher), and
     # the chosen setting on multiple batches too: kept only if its mean is higher
@@ -277,11 +295,11 @@ def test_calibrate_returns_a_configured_datta():
         extra = [f"{keys[pick]}, pre single {dk.calibration._fmt(rep.single_blend)}"] \
             if rep.single_blend != rep.pre_blend else []
         assert list(rep.daft_table)[len(keys):len(keys) + len(extra)] == extra
-        best = max([daft_means[pick]] + [np.mean(list(rep.daft_table[k].values())) for k in extra])
+        best = max([daft_means[pick]] + [score(k) for k in extra])
         assert (rep.pre_single_blend is not None) == (best > daft_means[pick])
         plus = f"{extra[0] if rep.pre_single_blend is not None else keys[pick]}, +multiple"
         assert list(rep.daft_table) == keys + extra + [plus]
-        assert rep.daft_multiple == (np.mean(list(rep.daft_table[plus].values())) > best)
+        assert rep.daft_multiple == (score(plus) > best)
         assert adapter.daft_pre_single == (rep.pre_single_blend is not None)
     else:
         assert list(rep.daft_table) == keys and not rep.daft_multiple
@@ -311,7 +329,7 @@ def test_calibrate_daft_on_multiple_batches_only_when_it_raises_the_mean(monkeyp
     monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
     grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
     adapter = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
-                        lr=(2e-3, 5e-4))
+                        lr=(2e-3, 5e-4), daft_objective="mean")
     rep = adapter.calibration
     assert rep.daft and rep.lr == 5e-4
     # 5e-4 at an end: 2.5e-4 tried; the filter from 5e-4 ties it (no filter kept), 1e-3 is worse
@@ -344,7 +362,7 @@ def test_calibrate_follows_a_best_rate_past_the_end_of_the_candidates(monkeypatc
     assert dk.calibration.RATE_STEPS == 3
     grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
     rep = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
-                    lr=lrs).calibration
+                    lr=lrs, daft_objective="mean").calibration
     rates = [float(k.split("lr ")[1]) for k in rep.daft_table
              if k.startswith("on") and "+" not in k and "filter" not in k]
     assert rates == pytest.approx(want)
@@ -376,7 +394,7 @@ def test_calibrate_chooses_the_entropy_filter_on_the_validation_streams(monkeypa
     monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
     grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
     adapter = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
-                        lr=1e-3)
+                        lr=1e-3, daft_objective="mean")
     rep = adapter.calibration
     rates = [float(k.split("lr ")[1].split(",")[0]) for k in rep.daft_table if k.endswith("filter 0.4")]
     assert rates == pytest.approx(want)
@@ -410,7 +428,7 @@ def test_calibrate_hard_stream_is_the_least_accurate_domains(monkeypatch):
     monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
     grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
     rep = calibrate(_model(), doms, batch_size=8, n_batches=4, backend="reference", grid=grid,
-                    lr=1e-3).calibration
+                    lr=1e-3, daft_objective="mean").calibration
     assert rep.hard_domains == ["shifted", "dark"]           # ceil(5 / 3) = 2, in the order given
     x, y, one = dk.calibration._streams({k: doms[k] for k in rep.hard_domains}, 8, 0, ("single",))
     assert sorted(torch.cat(one["single"]).tolist()) == list(range(48))     # every image once
@@ -419,8 +437,73 @@ def test_calibrate_hard_stream_is_the_least_accurate_domains(monkeypatch):
                for row in rep.daft_table.values())
     assert "hard stream (shifted, dark" in str(rep)
     two = calibrate(_model(), {k: doms[k] for k in ("clean", "noisy")}, batch_size=8, n_batches=4,
-                    backend="reference", grid=grid, lr=1e-3).calibration
+                    backend="reference", grid=grid, lr=1e-3, daft_objective="mean").calibration
     assert two.hard_domains == [] and all("hard" not in row for row in two.daft_table.values())
+
+
+@pytest.mark.parametrize("objective,want,extended", [("mean", 2e-3, True), ("margin", 1e-3, False)])
+def test_calibrate_ranks_daft_by_its_worst_margin_against_the_rivals(monkeypatch, tmp_path, objective,
+                                                                     want, extended):
+    """Step 5's ``margin`` objective: each DAFT setting's smallest margin over the five
+    validation streams, each against the best of the plain alternatives (source, tbn, bn_adapt,
+    Tent at the middle candidate rate, DYN) on that stream, then the mean.  Stubbed: a fast rate
+    gains on the hard stream what it loses on the single-domain one, where Tent is strong; the
+    mean takes 2e-3 (and tries 4e-3 past the end), the margin 1e-3 (a maximum inside: smallest
+    margins -5, -3, -1, -3 for off, 5e-4, 1e-3, 2e-3)."""
+    doms = _domains()
+    full = dk.calibration._streams(doms, 8, 0)[2]
+    single = {"off": 70.0, 5e-4: 72.0, 1e-3: 73.0, 2e-3: 71.0, 4e-3: 69.0}
+    hard = {"off": 50.0, 5e-4: 52.0, 1e-3: 54.0, 2e-3: 60.0, 4e-3: 61.0}
+    rivals = {"source": 40.0, "tbn": 60.0, "bn_adapt": 58.0, "tent": 74.0, "dyn": 62.0}
+    tent_rates = []
+
+    def which(x, batches):
+        if x.shape[0] != sum(len(v[0]) for v in doms.values()):
+            return "hard"
+        return next(k for k, b in full.items() if len(b) == len(batches)
+                    and all(torch.equal(p, q) for p, q in zip(b, batches)))
+
+    def fake(adapter, x, y, batches):
+        name = which(x, batches)
+        if not isinstance(adapter, dk.DATTA):
+            kind = {adapt.Source: "source", adapt.TBN: "tbn", adapt.BNAdapt: "bn_adapt",
+                    adapt.Tent: "tent", adapt.DYN: "dyn"}[type(adapter)]
+            if kind == "tent":
+                tent_rates.append(adapter.optimizer.param_groups[0]["lr"])
+            if name == "single":
+                return rivals[kind]
+            return (55.0 if kind == "tent" else 40.0) if name == "hard" else 60.0
+        key = adapter.optimizer.param_groups[0]["lr"] if adapter.daft else "off"
+        penalty = 5.0 * (adapter.entropy_filter is not None) + 5.0 * adapter.daft_multiple
+        return {"single": single, "hard": hard}.get(name, {key: 65.0})[key] - penalty
+    monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
+    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    rep = calibrate(_model(), doms, batch_size=8, n_batches=4, backend="reference", grid=grid,
+                    lr=(5e-4, 1e-3, 2e-3), daft_objective=objective).calibration
+    assert rep.daft and rep.lr == want and rep.entropy_filter is None and not rep.daft_multiple
+    assert ("on, lr 0.004" in rep.daft_table) == extended
+    assert rep.daft_objective == objective
+    if objective == "mean":
+        assert rep.rival_table == {} and tent_rates == [] and "margin" not in str(rep)
+    else:
+        assert set(tent_rates) == {1e-3}            # Tent at the middle candidate rate
+        assert rep.rival_table["tent"] == {"single": 74.0, "mixed": 60.0, "dynamic": 60.0, "sorted": 60.0,
+                                           "hard": 55.0}
+        assert "the best smallest margin" in str(rep) and "margin  -1.0" in str(rep)
+    rep.save(tmp_path / "cal.pt")
+    again = dk.Calibration.load(tmp_path / "cal.pt")
+    assert again.daft_objective == objective and again.rival_table == rep.rival_table
+    # a file saved before the fields existed reads as the mean objective without rivals
+    doc = torch.load(tmp_path / "cal.pt", weights_only=True)
+    del doc["fields"]["daft_objective"], doc["fields"]["rival_table"]
+    torch.save(doc, tmp_path / "old.pt")
+    old = dk.Calibration.load(tmp_path / "old.pt")
+    assert old.daft_objective == "mean" and old.rival_table == {}
+
+
+def test_calibrate_bad_objective():
+    with pytest.raises(ValueError, match="daft_objective"):
+        calibrate(_model(), _domains(), batch_size=8, daft_objective="median")
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -1021,13 +1104,14 @@ def test_fused_score_layer_is_the_separate_ops(monkeypatch):
 
 def _calibrate_stubbed(monkeypatch, stream_accuracy):
     """``calibrate`` on the tiny model with the validation streams' accuracies stubbed by
-    ``stream_accuracy(adapter, x, y, batches)`` and a band rule that can say skewed (it wins
-    the tie of step 4)."""
+    ``stream_accuracy(adapter, x, y, batches)`` (DATTA adapters only: step 5 ranks by the mean,
+    no rivals run) and a band rule that can say skewed (it wins the tie of step 4)."""
     monkeypatch.setattr(dk.calibration, "_stream_accuracy", stream_accuracy)
     monkeypatch.setattr(dk.calibration, "_best_band", lambda scores, acc, kinds, allow_low=True: (
         float(np.median(scores)) if allow_low else -math.inf, float(np.max(scores)) + 1, 0.0))
     grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.4, 0.2, 0.4))
-    return calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid)
+    return calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
+                     daft_objective="mean")
 
 
 @pytest.mark.parametrize("favour", [None, 0, 1])

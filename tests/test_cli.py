@@ -235,6 +235,17 @@ def test_validation_severities_flag_and_its_checks():
             DemoConfig(validation_severities=bad).validate()
 
 
+def test_daft_objective_flag():
+    """``--daft-objective``: how datta_cal's calibration ranks DAFT (default mean)."""
+    from datta_kernels.cli import _demo_config
+    cfg = _demo_config(build_parser().parse_args(["demo", "--daft-objective", "margin"]))
+    assert cfg.daft_objective == "margin"
+    cfg.validate()
+    assert _demo_config(build_parser().parse_args(["demo"])).daft_objective == "mean"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--daft-objective", "median"])
+
+
 def test_validation_mixing_flag():
     from datta_kernels.cli import _demo_config
     cfg = _demo_config(build_parser().parse_args(["demo", "--validation-mixing", "severity"]))

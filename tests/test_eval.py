@@ -416,6 +416,21 @@ def test_validation_mixing_reaches_the_calibration(tiny_cfg):
         dataclasses.replace(tiny_cfg, validation_mixing="corruption").validate()
 
 
+def test_daft_objective_reaches_the_calibration(tiny_cfg):
+    """``daft_objective="margin"``: datta_cal's step 5 ranks DAFT by its smallest margin against
+    the plain alternatives, whose validation-stream accuracies the document then holds; the
+    summary says so.  A bad value is refused."""
+    cfg = dataclasses.replace(tiny_cfg, methods=("datta_cal",), streams=("mixed",), check_batches=0,
+                              daft_objective="margin")
+    doc = run_demo(cfg, command="test", log=lambda *a: None)
+    cal = doc["datta_cal"]["8"]
+    assert cal["daft_objective"] == "margin" and set(cal["rival_table"]) == {"source", "tbn", "bn_adapt",
+                                                                           "tent", "dyn"}
+    assert "smallest margin against the plain alternatives" in format_tables(doc)
+    with pytest.raises(ValueError, match="daft_objective"):
+        dataclasses.replace(tiny_cfg, daft_objective="median").validate()
+
+
 # --- the protocol -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("per_domain", [2, 17, 1000, 5000])

@@ -115,7 +115,9 @@ def format_tables(doc: dict) -> str:
                          + (", multiple batches too" if c.get('daft_multiple') else "")
                          if c['daft'] else "DAFT off")
                       + ("; its mixed validation batches pool one group of domains at a time ("
-                         + mixing_words(c["mixing"]) + ")" if c.get("mixing") else "")]
+                         + mixing_words(c["mixing"]) + ")" if c.get("mixing") else "")
+                      + ("; DAFT ranked by its smallest margin against the plain alternatives on the "
+                         "validation streams" if c.get("daft_objective") == "margin" else "")]
     lines += goal_lines(doc)
     lines += _per_corruption(doc, methods, sizes)
     chk = doc.get("backend_check")

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .. import DATTA, __version__, backends
 from ..adapt import DYN, TBN, BNAdapt, Source, Tent
 from ..benchmarking import provenance
-from ..calibration import BLEND_GRID, default_batches
+from ..calibration import BLEND_GRID, DAFT_OBJECTIVES, default_batches
 from ..diversity import ThresholdSelector
 from . import progress_bar
 from .cal_cache import cached_calibrate
@@ -130,6 +130,10 @@ class DemoConfig:
     #: (as the test's mixed batches pool the corruptions of one), clean images apart
     #: (``calibrate(mixing=...)``, SPEC §6)
     validation_mixing: str = "all"
+    #: how ``datta_cal``'s calibration ranks DAFT's settings (``calibrate(daft_objective=...)``,
+    #: SPEC §6 step 5): ``"mean"`` over the validation streams, or ``"margin"``, the smallest
+    #: margin over them against the best plain alternative (source, tbn, bn_adapt, tent, dyn)
+    daft_objective: str = "mean"
     #: candidate blends of ``datta_cal`` (None: ``datta_kernels.calibration.BLEND_GRID``)
     calibration_grid: tuple | None = None
     seed: int = 0
@@ -158,6 +162,8 @@ class DemoConfig:
         check_severities(self.validation_severities, "validation_severities")
         if self.validation_mixing not in MIXINGS:
             raise ValueError(f"validation_mixing must be one of {MIXINGS}, got {self.validation_mixing!r}")
+        if self.daft_objective not in DAFT_OBJECTIVES:
+            raise ValueError(f"daft_objective must be one of {DAFT_OBJECTIVES}, got {self.daft_objective!r}")
         leaked = [c for c in self.corruptions if c in VALIDATION]
         if leaked and not self.report_validation:
             raise ValueError(f"{leaked} are validation corruptions (they decide methods and are never "
@@ -380,7 +386,8 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                     model, vdom, bs, cache=cfg.cache_dir, refresh=cfg.recalibrate, n_batches=n_cal,
                     lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed,
                     grid=cfg.calibration_grid or BLEND_GRID,
-                    **({} if cfg.validation_mixing == "all" else {"mixing": cfg.validation_mixing}))
+                    **({} if cfg.validation_mixing == "all" else {"mixing": cfg.validation_mixing}),
+                    **({} if cfg.daft_objective == "mean" else {"daft_objective": cfg.daft_objective}))
                 if cal_cache[str(bs)]["source"] == "cache":
                     log(f"datta_cal for batch size {bs}: calibrate's choices for these inputs loaded "
                         f"from the calibration cache ({cal_cache[str(bs)]['path']})")
