@@ -45,20 +45,37 @@ def candidates() -> dict[str, tuple[bool, float, float | None]]:
     return out
 
 
-def main() -> None:
+def saved_calibrations(title: str, doc: str) -> tuple:
+    """``(cfg, model, vdom, [(bs, path, calibration), ...])``: the demo's configuration,
+    :func:`setup`'s model and validation domains (its header printed) and the saved
+    calibrations named on the command line (``--calibration BS=FILE``, repeatable)."""
     p = argparse.ArgumentParser()
     p.add_argument("--calibration", action="append", required=True, metavar="BS=FILE",
                    help="a saved Calibration for batch size BS (the demo's, from its calibration cache)")
     args = p.parse_args()
     cfg = DemoConfig()
-    _, model, vdom = setup("Step 5's objective on a held-out validation family", __doc__,
-                           per_domain=cfg.validation_per_domain)
-    cands = candidates()
-    summary = []
+    _, model, vdom = setup(title, doc, per_domain=cfg.validation_per_domain)
+    cals = []
     for spec in args.calibration:
         bs_text, path = spec.split("=", 1)
         bs, cal = int(bs_text), Calibration.load(path)
         assert cal.batch_size == bs and cal.domains == list(vdom)
+        cals.append((bs, path, cal))
+    return cfg, model, vdom, cals
+
+
+def fold(vdom: dict, fam: str) -> tuple[dict, dict]:
+    """The tuning domains with validation family ``fam`` held out, and their hard part (the
+    severity-4 and -5 domains, those step 5's hard stream took in the demo)."""
+    tune = {k: v for k, v in vdom.items() if k.split("@")[0] != fam}
+    return tune, {k: v for k, v in tune.items() if k != CLEAN and k.rsplit("@", 1)[1] in ("4", "5")}
+
+
+def main() -> None:
+    cfg, model, vdom, cals = saved_calibrations("Step 5's objective on a held-out validation family", __doc__)
+    cands = candidates()
+    summary = []
+    for bs, path, cal in cals:
         print(f"## Batch size {bs}\n\n- calibration `{path}` (its step 5 chose: DAFT "
               + (f"lr {cal.lr:g}, filter {cal.entropy_filter}" if cal.daft else "off")
               + f"; pre single {cal.pre_single_blend})\n")
@@ -69,8 +86,7 @@ def main() -> None:
             return c.adapter(copy.deepcopy(model), backend=cfg.backend)
 
         for fam in VALIDATION:
-            tune = {k: v for k, v in vdom.items() if k.split("@")[0] != fam}
-            hard = {k: v for k, v in tune.items() if k != CLEAN and k.rsplit("@", 1)[1] in ("4", "5")}
+            tune, hard = fold(vdom, fam)
             xs, ys, four = _streams(tune, bs, cfg.seed)
             hx, hy, hs = _streams(hard, bs, cfg.seed, ("single",))
             # the hard stream as long as the single-domain tuning stream: its domains again, each

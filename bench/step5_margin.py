@@ -29,21 +29,19 @@ objective's picks **and** have the **higher mean** held-out goal margin.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import re
 from pathlib import Path
 
-from _validation_setup import defined_batches, setup, validation_streams
+from _validation_setup import defined_batches, validation_streams
+from step5_lofo import fold, saved_calibrations
 
-from datta_kernels import Calibration
-from datta_kernels.calibration import _stream_accuracy
+from datta_kernels.calibration import RIVALS, _stream_accuracy
 from datta_kernels.eval.runner import METHODS, DemoConfig, run_lockstep
 from datta_kernels.eval.streams import STREAMS, make_stream
-from datta_kernels.eval.validation import CLEAN, VALIDATION, pool_of
+from datta_kernels.eval.validation import VALIDATION, pool_of
 
-RIVALS = ("source", "tbn", "bn_adapt", "tent", "dyn")
 TUNE = ("single", "mixed", "dynamic", "sorted", "hard")
 LOFO = Path(__file__).resolve().parent / "results" / "step5_lofo.md"
 
@@ -83,23 +81,15 @@ def met(margins: dict[str, float]) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--calibration", action="append", required=True, metavar="BS=FILE")
-    args = p.parse_args()
-    cfg = DemoConfig()
-    _, model, vdom = setup("Step 5 by its worst margin against the plain alternatives", __doc__,
-                           per_domain=cfg.validation_per_domain)
+    cfg, model, vdom, cals = saved_calibrations("Step 5 by its worst margin against the plain alternatives",
+                                                __doc__)
     table = recorded()
     summary = []
-    for spec in args.calibration:
-        bs_text, path = spec.split("=", 1)
-        bs, cal = int(bs_text), Calibration.load(path)
-        assert cal.batch_size == bs and cal.domains == list(vdom)
+    for bs, path, cal in cals:
         print(f"## Batch size {bs}\n\n- calibration `{path}`\n")
         for i, fam in enumerate(VALIDATION):
             rows = table[(bs, fam)]
-            tune = {k: v for k, v in vdom.items() if k.split("@")[0] != fam}
-            hard = {k: v for k, v in tune.items() if k != CLEAN and k.rsplit("@", 1)[1] in ("4", "5")}
+            tune, hard = fold(vdom, fam)
             tpool, tstreams = validation_streams(tune, bs, cfg.seed)
             hpool, hstreams = validation_streams(hard, bs, cfg.seed, kinds=("single",))
             streams = {k: (tpool, s) for k, s in tstreams.items()} | {"hard": (hpool, hstreams["single"])}
