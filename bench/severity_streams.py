@@ -33,11 +33,11 @@ from _validation_setup import defined_batches, setup
 from datta_kernels.calibration import BLEND_GRID, default_batches, rule_name
 from datta_kernels.eval.cal_cache import cached_calibrate
 from datta_kernels.eval.corruptions import SEVERITIES
+from datta_kernels.eval.report import GOAL_BASELINES, goal_for
 from datta_kernels.eval.runner import METHODS, DemoConfig, cal_rates, run_lockstep
 from datta_kernels.eval.streams import STREAMS, make_stream
 from datta_kernels.eval.validation import VALIDATION, pool_of
 
-BASELINES = ("source", "tbn", "bn_adapt", "tent", "dyn")
 SHORT = {"single": "single", "single_noniid": "noniid", "mixed": "mixed", "dynamic": "dynamic",
          "dynamic_random": "dyn_rand"}
 
@@ -47,7 +47,7 @@ def margins(acc: dict[str, dict[str, float]], method: str) -> dict[str, tuple[fl
     stream: against the source model), as the demo's goal table reads the test streams."""
     out = {}
     for s in acc[method]:
-        rivals = ("source",) if s == "single_noniid" else BASELINES
+        rivals = goal_for(s)[0]
         best = max(rivals, key=lambda b: acc[b][s])
         out[s] = (acc[method][s] - acc[best][s], best)
     return out
@@ -60,7 +60,7 @@ def main() -> None:
     args = p.parse_args()
     names = {mix: "datta_cal" if mix == "all" else f"datta_cal_{mix}" for mix in args.mixing}
     cal_rows = [r for n in names.values() for r in (n, f"{n}_oracle")]
-    rows = BASELINES + tuple(cal_rows)
+    rows = GOAL_BASELINES + tuple(cal_rows)
     cfg = DemoConfig()
     _, model, vdom = setup("The goal table on validation streams of one severity", __doc__,
                            per_domain=cfg.validation_per_domain)
@@ -102,7 +102,7 @@ def main() -> None:
                 cells = " | ".join(f"{mg[s][0]:+.1f} ({mg[s][1]})" for s in STREAMS)
                 print(f"| {m} margin | {cells} |")
                 if not m.endswith("_oracle"):
-                    met = sum(v >= (0.0 if s == "single_noniid" else -0.5) for s, (v, _) in mg.items())
+                    met = sum(v >= goal_for(s)[1] for s, (v, _) in mg.items())
                     summary.append((m, bs, sev, met, mg))
             print()
     print("## Summary: goal margins (points) on the validation streams of one severity\n")

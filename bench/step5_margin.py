@@ -38,6 +38,7 @@ from _validation_setup import defined_batches, validation_streams
 from step5_lofo import fold, saved_calibrations
 
 from datta_kernels.calibration import RIVALS, _stream_accuracy
+from datta_kernels.eval.report import goal_for
 from datta_kernels.eval.runner import METHODS, DemoConfig, run_lockstep
 from datta_kernels.eval.streams import STREAMS, make_stream
 from datta_kernels.eval.validation import VALIDATION, pool_of
@@ -71,13 +72,13 @@ def rival_accuracy(model, cfg: DemoConfig, pool, stream) -> dict[str, float]:
 
 
 def goal_margins(acc: dict[str, float], rivals: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The demo's goal margins on the held-out streams (label-sorted: against the source)."""
-    return {s: acc[s] - (rivals[s]["source"] if s == "single_noniid" else max(rivals[s].values()))
-            for s in STREAMS}
+    """The demo's goal margins on the held-out streams (:func:`goal_for`: label-sorted against
+    the source)."""
+    return {s: acc[s] - max(rivals[s][b] for b in goal_for(s)[0]) for s in STREAMS}
 
 
 def met(margins: dict[str, float]) -> int:
-    return sum(v >= (0.0 if s == "single_noniid" else -0.5) for s, v in margins.items())
+    return sum(v >= goal_for(s)[1] for s, v in margins.items())
 
 
 def main() -> None:

@@ -376,14 +376,14 @@ class Calibration:
                      + "; ties: off, then no filter, then the smaller rate, then the pre blend in "
                      "the second forward, then single batches only):")
         width = max(23, *map(len, self.daft_table))
-        best = _best_rival(rivals) if margin else None
+        score = _daft_score(_best_rival(rivals)) if margin else None
         for name, acc in rivals.items():
             lines.append(f"  {name:<{width + 5}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {_mean(acc):5.1f}")
         for name, acc in self.daft_table.items():
             lines.append(f"  daft {name:<{width}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                          + f"  mean {_mean(acc):5.1f}"
-                         + (f"  margin {_daft_score(best)(acc)[0]:+5.1f}" if margin else ""))
+                         + (f"  margin {score(acc)[0]:+5.1f}" if margin else ""))
         return "\n".join(lines)
 
 

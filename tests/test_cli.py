@@ -235,25 +235,20 @@ def test_validation_severities_flag_and_its_checks():
             DemoConfig(validation_severities=bad).validate()
 
 
-def test_daft_objective_flag():
-    """``--daft-objective``: how datta_cal's calibration ranks DAFT (default mean)."""
+@pytest.mark.parametrize("flag,field,value,default,bad", [
+    ("--daft-objective", "daft_objective", "margin", "mean", "median"),        # how DAFT is ranked
+    ("--validation-mixing", "validation_mixing", "severity", "all", "corruption"),
+])
+def test_calibration_choice_flags(flag, field, value, default, bad):
+    """``--daft-objective`` / ``--validation-mixing``: a valid value reaches the demo's
+    configuration (which validates), the default when absent, argparse refuses a bad one."""
     from datta_kernels.cli import _demo_config
-    cfg = _demo_config(build_parser().parse_args(["demo", "--daft-objective", "margin"]))
-    assert cfg.daft_objective == "margin"
+    cfg = _demo_config(build_parser().parse_args(["demo", flag, value]))
+    assert getattr(cfg, field) == value
     cfg.validate()
-    assert _demo_config(build_parser().parse_args(["demo"])).daft_objective == "mean"
+    assert getattr(_demo_config(build_parser().parse_args(["demo"])), field) == default
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["demo", "--daft-objective", "median"])
-
-
-def test_validation_mixing_flag():
-    from datta_kernels.cli import _demo_config
-    cfg = _demo_config(build_parser().parse_args(["demo", "--validation-mixing", "severity"]))
-    assert cfg.validation_mixing == "severity"
-    cfg.validate()
-    assert _demo_config(build_parser().parse_args(["demo"])).validation_mixing == "all"
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["demo", "--validation-mixing", "corruption"])
+        build_parser().parse_args(["demo", flag, bad])
 
 
 def test_no_command_is_an_error():
