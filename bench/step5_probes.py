@@ -24,6 +24,11 @@ the same five streams with the calibration's chosen DAFT setting and cuts.
 
     python bench/step5_probes.py --calibration 16=FILE --calibration 64=FILE \
         --factors 1,1.1,1.2,1.35,1.5,0.9 --resets 4,1,0.25
+    python bench/step5_probes.py --calibration 16=FILE --calibration 64=FILE --factors "" --resets "" --skewed
+
+A third probe (``--skewed``): DAFT's entropy step on ``skewed`` batches too, which DATTA never
+takes (SPEC §4: a label-sorted batch's entropy step pulls the model towards its few classes);
+with the stream statistics that ``skewed`` batches now get, is that still so?
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import time
 import torch
 from _validation_setup import setup
 
+from datta_kernels.adapt import SKEWED
 from datta_kernels.calibration import Calibration, _mean, _stream_accuracy, _streams
 from datta_kernels.diversity import ThresholdSelector
 from datta_kernels.eval.runner import DemoConfig
@@ -79,8 +85,10 @@ def main() -> None:
     p.add_argument("--factors", default="1,1.1,1.2,1.35,1.5,0.9")
     p.add_argument("--resets", default="4,1,0.25", help="the restart's divergence cuts tau")
     p.add_argument("--reset-momentum", type=float, default=0.1)
+    p.add_argument("--skewed", action="store_true", help="also the third probe: DAFT on skewed batches")
     args = p.parse_args()
-    factors = [float(f) for f in args.factors.split(",")]
+    factors = [float(f) for f in args.factors.split(",") if f]
+    taus = [float(t) for t in args.resets.split(",") if t]
     cfg = DemoConfig()
     title = "Step 5 probes: the `multiple` cut with DAFT on, DAFT restarted at a domain change"
     _, model, vdom = setup(title, __doc__, per_domain=cfg.validation_per_domain)
@@ -94,8 +102,9 @@ def main() -> None:
         five = {k: (xs, ys, b) for k, b in st.items()}
         hx, hy, hs = _streams({k: vdom[k] for k in cal.hard_domains}, bs, cfg.seed, ("single",))
         five["hard"] = (hx, hy, hs["single"])
-        print("### The `multiple` cut\n\n| high x | " + " | ".join(five) + " | mean |\n|---|"
-              + "---|" * (len(five) + 1))
+        if factors:
+            print("### The `multiple` cut\n\n| high x | " + " | ".join(five) + " | mean |\n|---|"
+                  + "---|" * (len(five) + 1))
         for f in factors:
             t = time.perf_counter()
             acc = {}
@@ -105,10 +114,11 @@ def main() -> None:
                 acc[k] = _stream_accuracy(adapter, x, y, b)
             print(f"| {f:g} | " + " | ".join(f"{v:.2f}" for v in acc.values())
                   + f" | {_mean(acc):.3f} |  <!-- {time.perf_counter() - t:.0f} s -->", flush=True)
-        print(f"\n### DAFT restarted at a domain change (momentum {args.reset_momentum:g})\n\n"
-              "| tau | " + " | ".join(five) + " | mean | restarts per stream | hard stream per domain |\n"
-              "|---|" + "---|" * (len(five) + 3))
-        for tau in [None] + [float(t) for t in args.resets.split(",")]:
+        if taus:
+            print(f"\n### DAFT restarted at a domain change (momentum {args.reset_momentum:g})\n\n"
+                  "| tau | " + " | ".join(five) + " | mean | restarts per stream | hard stream per domain |\n"
+                  "|---|" + "---|" * (len(five) + 3))
+        for tau in [None] + taus if taus else []:
             acc, resets, per_domain = {}, {}, []
             for k, (x, y, b) in five.items():
                 adapter = cal.adapter(copy.deepcopy(model), backend=cfg.backend)
@@ -124,6 +134,17 @@ def main() -> None:
             print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in acc.values())
                   + f" | {_mean(acc):.3f} | " + ", ".join(f"{k} {v}" for k, v in resets.items())
                   + " | " + " / ".join(f"{v:.1f}" for v in per_domain) + " |", flush=True)
+        if args.skewed:
+            print("\n### DAFT also on `skewed` batches\n\n| DAFT steps on | " + " | ".join(five)
+                  + " | mean |\n|---|" + "---|" * (len(five) + 1))
+            for extra in ((), (SKEWED,)):
+                acc = {}
+                for k, (x, y, b) in five.items():
+                    adapter = cal.adapter(copy.deepcopy(model), backend=cfg.backend)
+                    adapter._daft_on = adapter._daft_on + extra     # study only: not a DATTA option
+                    acc[k] = _stream_accuracy(adapter, x, y, b)
+                print(f"| {', '.join(adapter._daft_on)} | " + " | ".join(f"{v:.2f}" for v in acc.values())
+                      + f" | {_mean(acc):.3f} |", flush=True)
 
 
 if __name__ == "__main__":
