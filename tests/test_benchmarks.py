@@ -453,6 +453,12 @@ def test_run_cifar10c_each_model_kind(tmp_path, capsys, model):
     cont = next(r for r in doc["results"] if r["method"] == "source" and r["stream"] == "continual")
     assert cont["samples"] == 2 * N and set(cont["per_corruption"]) == set(CORR)
     assert doc["source_accuracy_per_corruption"] == cont["per_corruption"]
+    assert "decisions_per_corruption" not in cont       # no selector, no decisions
+    if "datta" in methods:          # DATTA's reading of each corruption of the continual stream
+        dat = next(r for r in doc["results"] if r["method"] == "datta" and r["stream"] == "continual")
+        assert set(dat["decisions_per_corruption"]) == set(CORR)
+        assert all(sum(v.values()) == pytest.approx(1.0) for v in dat["decisions_per_corruption"].values())
+        assert "Decisions on the single-domain stream" in cap.out
     assert doc["meta"]["device"] == "cpu" and doc["model"]["name"] == margs[1]
     assert doc["meta"]["seconds_in_methods"] > 0 and doc["meta"]["seconds_waiting_for_data"] > 0
     # the methods recorded their updates: tent fine-tunes every batch, source never, so only

@@ -354,6 +354,19 @@ def test_run_demo_document(tiny_doc):
             assert r["single_fraction"] == pytest.approx(single)
     skewed = runs[("datta_cal_oracle", "single_noniid")].decisions
     assert set(skewed) == {"skewed"}
+    # the single-domain stream's decisions per corruption: every deciding row has them, they
+    # recount the run's own decisions, and the oracles' are all "single"
+    for r in rows:
+        run = runs[(r["method"], r["stream"])]
+        deciding = any(d is not None for d in run.decisions)
+        assert ("decisions_per_corruption" in r) == (deciding and r["stream"].startswith("single"))
+        if "decisions_per_corruption" not in r:
+            continue
+        for dom, share in r["decisions_per_corruption"].items():
+            mine = [d for d, k in zip(run.decisions, run.domains) if k == dom]
+            assert share == {d: pytest.approx(mine.count(d) / len(mine)) for d in set(mine)}
+        if r["method"].endswith("_oracle") and r["stream"] == "single":
+            assert all(share == {"single": 1.0} for share in r["decisions_per_corruption"].values())
     # fine-tuned batches are recorded: tent updates on every batch, source never, and DATTA
     # exactly on the batches it decided "single" (DAFT), so its no-update time leaves them out
     for (method, _), run in runs.items():
@@ -375,6 +388,17 @@ def test_run_demo_document(tiny_doc):
     assert meta["backend"] in ("cpu", "reference", "cuda", "triton")
 
 
+def test_decisions_by_counts_each_label():
+    """``RunResult.decisions_by``: per label, the share of its batches given each decision;
+    batches without a decision are left out, a label with none is absent."""
+    r = RunResult("datta_cal", "single", 4, [1] * 6, [4] * 6, [1.0] * 6, [None] * 6,
+                  ["single", "skewed", "single", None, "multiple", None], ["single"] * 6,
+                  ["fog", "fog", "fog", "fog", "jpeg", "snow"])
+    assert r.decisions_by(r.domains) == {"fog": {"single": 2 / 3, "skewed": 1 / 3}, "jpeg": {"multiple": 1.0}}
+    assert r.row()["decisions_per_corruption"] == r.decisions_by(r.domains)
+    assert "decisions_per_corruption" not in dataclasses.replace(r, stream="mixed").row()
+
+
 def test_report_outputs(tiny_doc, tmp_path):
     paths = write_outputs(tiny_doc, tmp_path / "out")
     doc = json.loads(paths["json"].read_text())
@@ -384,6 +408,14 @@ def test_report_outputs(tiny_doc, tmp_path):
     assert paths["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_tables(tiny_doc)
     assert "datta_icme" in table and "precision" in table and "Backend check" in table
+    # the detector's reading of each single-domain corruption, per batch size, oracles left out
+    block = table[table.index("Decisions on the single-domain stream, bs 8"):].splitlines()
+    assert "datta_cal" in block[1] and "oracle" not in block[1]
+    cal = next(r for r in tiny_doc["results"] if r["method"] == "datta_cal" and r["stream"] == "single")
+    fog = next(line for line in block[2:] if line.startswith("fog"))
+    share = cal["decisions_per_corruption"]["fog"]
+    expect = "/".join(f"{100 * share.get(d, 0.0):.0f}" for d in ("single", "multiple", "skewed"))
+    assert fog.split()[1 + block[1].split()[1:].index("datta_cal")] == expect
     assert paths["summary"].read_text().strip() == table.strip()
 
 

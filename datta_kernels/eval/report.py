@@ -121,6 +121,7 @@ def format_tables(doc: dict) -> str:
                          "validation streams" if c.get("daft_objective") == "margin" else "")]
     lines += goal_lines(doc)
     lines += _per_corruption(doc, methods, sizes)
+    lines += _decisions_per_corruption(doc, methods, sizes)
     chk = doc.get("backend_check")
     if chk:
         lines += ["", f"Backend check: DATTA on {chk['backend']} vs {chk['against']}, "
@@ -188,6 +189,35 @@ def _per_corruption(doc: dict, methods: list[str], sizes: list) -> list[str]:
     for name, acc in src.items():
         lines.append(f"{name:<19}{_pct(acc):>7}" + "".join(f"{_pct(per[m].get(name)):>{max(11, len(m) + 1)}}"
                                                            for m in cols))
+    return lines
+
+
+def _decisions_per_corruption(doc: dict, methods: list[str], sizes: list) -> list[str]:
+    """What each deciding method (oracles left out: they decide from the truth) decided on the
+    single-domain stream's batches, per corruption: the shares (%) of ``single / multiple /
+    skewed``.  Every batch there is single-domain, so anything but ``single`` is a misreading
+    (``skewed`` meant for label-sorted batches, ``multiple`` for mixed ones)."""
+    lines = []
+    for bs in sizes:
+        per = {r["method"]: r["decisions_per_corruption"] for r in doc["results"]
+               if r["stream"] in ("single", "continual") and r["batch_size"] == bs
+               and "decisions_per_corruption" in r
+               and not r["method"].endswith("_oracle")}
+        cols = [m for m in methods if m in per]
+        if not cols:
+            continue
+        width = {m: max(13, len(m) + 1) for m in cols}
+        lines += ["", f"Decisions on the single-domain stream, bs {bs}: share of each corruption's batches "
+                      "decided single / multiple / skewed (%)",
+                  f"{'corruption':<19}" + "".join(f"{m:>{width[m]}}" for m in cols)]
+        names = list(doc.get("source_accuracy_per_corruption") or per[cols[0]])
+        for name in names:
+            cells = []
+            for m in cols:
+                share = per[m].get(name)
+                cells.append("-" if share is None else "/".join(
+                    f"{100 * share.get(d, 0.0):.0f}" for d in ("single", "multiple", "skewed")))
+            lines.append(f"{name:<19}" + "".join(f"{c:>{width[m]}}" for c, m in zip(cells, cols)))
     return lines
 
 

@@ -218,6 +218,17 @@ class RunResult:
             acc[1] += n
         return {k: c / n for k, (c, n) in out.items()}
 
+    def decisions_by(self, labels: list[str]) -> dict[str, dict[str, float]]:
+        """Per label (e.g. ``self.domains``), the share of its batches given each decision
+        (``"single"``, ``"multiple"``, ``"skewed"``: only those that occur); batches without a
+        decision (adapters without a selector) are left out."""
+        out: dict[str, dict[str, int]] = {}
+        for lab, d in zip(labels, self.decisions):
+            if d is not None:
+                counts = out.setdefault(lab, {})
+                counts[d] = counts.get(d, 0) + 1
+        return {lab: {d: c / sum(counts.values()) for d, c in counts.items()} for lab, counts in out.items()}
+
     def row(self) -> dict:
         row = {"method": self.method, "stream": self.stream, "batch_size": self.batch_size,
                "accuracy": self.accuracy, "ms_per_batch": self.ms_per_batch,
@@ -230,6 +241,9 @@ class RunResult:
             row["by_batch_type"] = self.accuracy_by(self.kinds)
         if any(d is not None for d in self.decisions):
             row["single_fraction"] = sum(d == "single" for d in self.decisions) / len(self.decisions)
+            if self.stream.startswith("single"):
+                # which corruptions the detector misreads (every batch of these streams is single-domain)
+                row["decisions_per_corruption"] = self.decisions_by(self.domains)
         return row
 
 
