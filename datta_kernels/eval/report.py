@@ -3,7 +3,9 @@
 ``results.json`` layout: ``meta`` (command, machine, torch version, resolved backend, seeds, the
 full config, wall time), ``model`` (cache path, training recipe, clean accuracy),
 ``source_accuracy_per_corruption``, ``results`` (one row per method × stream × batch size with
-``method``, ``stream``, ``batch_size``, ``accuracy``, ``ms_per_batch`` and extras), ``detector``
+``method``, ``stream``, ``batch_size``, ``accuracy``, ``ms_per_batch`` and extras: on
+single-domain streams ``per_corruption`` accuracy and, for the rows that decide,
+``decisions_per_corruption``, the share of each corruption's batches per decision), ``detector``
 (precision / recall / score AUROC on the dynamic streams) and ``backend_check``.
 """
 from __future__ import annotations
