@@ -30,6 +30,8 @@ CSV_FIELDS = ("method", "stream", "batch_size", "accuracy", "ms_per_batch", "ms_
 _SHORT = {"single_noniid": "noniid", "dynamic_random": "dyn_rand", "continual": "contin",
           "mixed_domains": "mix_dom", "correlated": "correl"}
 _KIND_COLOURS = {"single": "tab:blue", "mixed": "tab:orange"}
+#: the i.i.d. single-domain stream under its demo and ``run`` names (the per-corruption tables)
+SINGLE_DOMAIN = ("single", "continual")
 
 
 def short_name(stream: str) -> str:
@@ -182,7 +184,7 @@ def _per_corruption(doc: dict, methods: list[str], sizes: list) -> list[str]:
     """Per-corruption accuracy on the single-domain stream (largest batch size)."""
     bs = max(sizes)
     per = {r["method"]: r["per_corruption"] for r in doc["results"]
-           if r["stream"] in ("single", "continual") and r["batch_size"] == bs}
+           if r["stream"] in SINGLE_DOMAIN and r["batch_size"] == bs}
     src = doc["source_accuracy_per_corruption"]
     cols = [m for m in methods if m in per]
     lines = ["", f"Per-corruption accuracy (%), single-domain stream, bs {bs} "
@@ -202,7 +204,7 @@ def _decisions_per_corruption(doc: dict, methods: list[str], sizes: list) -> lis
     lines = []
     for bs in sizes:
         per = {r["method"]: r["decisions_per_corruption"] for r in doc["results"]
-               if r["stream"] in ("single", "continual") and r["batch_size"] == bs
+               if r["stream"] in SINGLE_DOMAIN and r["batch_size"] == bs
                and "decisions_per_corruption" in r
                and not r["method"].endswith("_oracle")}
         cols = [m for m in methods if m in per]

@@ -94,6 +94,9 @@ def _spec(kw: dict) -> dict:
     return {k: kw[k] for k in ("score_layer", "score_mode")}
 #: Methods whose decision is not the detector's (left out of the detector table).
 ORACLES = ("datta_oracle", "datta_disp_oracle", "datta_cal_oracle")
+#: streams whose every batch holds one domain (the demo's names and ``run``'s): their rows report
+#: the accuracy per domain and, for the rows that decide, the decisions per domain
+PER_DOMAIN_STREAMS = ("single", "single_noniid", "continual", "correlated", "gradual")
 
 
 @dataclass
@@ -235,15 +238,15 @@ class RunResult:
                "batches": len(self.sizes), "samples": sum(self.sizes),
                "ms_per_batch_no_update": self.ms_per_batch_no_update,
                "updated_fraction": sum(self.updated) / max(1, len(self.updated))}
-        if self.stream.startswith("single"):
+        deciding = any(d is not None for d in self.decisions)
+        if self.stream in PER_DOMAIN_STREAMS:
             row["per_corruption"] = self.accuracy_by(self.domains)
+            if deciding:        # which corruptions the detector misreads (every batch is single-domain)
+                row["decisions_per_corruption"] = self.decisions_by(self.domains)
         if self.stream.startswith("dynamic"):
             row["by_batch_type"] = self.accuracy_by(self.kinds)
-        if any(d is not None for d in self.decisions):
+        if deciding:
             row["single_fraction"] = sum(d == "single" for d in self.decisions) / len(self.decisions)
-            if self.stream.startswith("single"):
-                # which corruptions the detector misreads (every batch of these streams is single-domain)
-                row["decisions_per_corruption"] = self.decisions_by(self.domains)
         return row
 
 
