@@ -45,11 +45,12 @@ def candidates() -> dict[str, tuple[bool, float, float | None]]:
     return out
 
 
-def saved_calibrations(title: str, doc: str) -> tuple:
-    """``(cfg, model, vdom, [(bs, path, calibration), ...])``: the demo's configuration,
-    :func:`setup`'s model and validation domains (its header printed) and the saved
-    calibrations named on the command line (``--calibration BS=FILE``, repeatable)."""
-    p = argparse.ArgumentParser()
+def saved_calibrations(title: str, doc: str, parser: argparse.ArgumentParser | None = None) -> tuple:
+    """``(cfg, model, vdom, [(bs, path, calibration), ...], args)``: the demo's configuration,
+    :func:`setup`'s model and validation domains (its header printed), the saved calibrations
+    named on the command line (``--calibration BS=FILE``, repeatable) and the parsed command line
+    (``parser``: a caller's own options besides ``--calibration``)."""
+    p = parser or argparse.ArgumentParser()
     p.add_argument("--calibration", action="append", required=True, metavar="BS=FILE",
                    help="a saved Calibration for batch size BS (the demo's, from its calibration cache)")
     args = p.parse_args()
@@ -61,7 +62,7 @@ def saved_calibrations(title: str, doc: str) -> tuple:
         bs, cal = int(bs_text), Calibration.load(path)
         assert cal.batch_size == bs and cal.domains == list(vdom)
         cals.append((bs, path, cal))
-    return cfg, model, vdom, cals
+    return cfg, model, vdom, cals, args
 
 
 def fold(vdom: dict, fam: str) -> tuple[dict, dict]:
@@ -72,7 +73,8 @@ def fold(vdom: dict, fam: str) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    cfg, model, vdom, cals = saved_calibrations("Step 5's objective on a held-out validation family", __doc__)
+    title = "Step 5's objective on a held-out validation family"
+    cfg, model, vdom, cals, _ = saved_calibrations(title, __doc__)
     cands = candidates()
     summary = []
     for bs, path, cal in cals:

@@ -82,8 +82,8 @@ def met(margins: dict[str, float]) -> int:
 
 
 def main() -> None:
-    cfg, model, vdom, cals = saved_calibrations("Step 5 by its worst margin against the plain alternatives",
-                                                __doc__)
+    title = "Step 5 by its worst margin against the plain alternatives"
+    cfg, model, vdom, cals, _ = saved_calibrations(title, __doc__)
     table = recorded()
     summary = []
     for bs, path, cal in cals:

@@ -37,12 +37,11 @@ import copy
 import time
 
 import torch
-from _validation_setup import setup
+from step5_lofo import saved_calibrations
 
 from datta_kernels.adapt import SKEWED
-from datta_kernels.calibration import Calibration, _mean, _stream_accuracy, _streams
+from datta_kernels.calibration import _mean, _stream_accuracy, _streams
 from datta_kernels.diversity import ThresholdSelector
-from datta_kernels.eval.runner import DemoConfig
 from datta_kernels.reference import gaussian_sym_kl
 
 
@@ -81,21 +80,15 @@ def restart_on_shift(adapter, tau: float, momentum: float) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--calibration", action="append", required=True, metavar="BS=FILE")
     p.add_argument("--factors", default="1,1.1,1.2,1.35,1.5,0.9")
     p.add_argument("--resets", default="4,1,0.25", help="the restart's divergence cuts tau")
     p.add_argument("--reset-momentum", type=float, default=0.1)
     p.add_argument("--skewed", action="store_true", help="also the third probe: DAFT on skewed batches")
-    args = p.parse_args()
+    title = "Step 5 probes: the `multiple` cut with DAFT on, DAFT restarted at a domain change"
+    cfg, model, vdom, cals, args = saved_calibrations(title, __doc__, p)
     factors = [float(f) for f in args.factors.split(",") if f]
     taus = [float(t) for t in args.resets.split(",") if t]
-    cfg = DemoConfig()
-    title = "Step 5 probes: the `multiple` cut with DAFT on, DAFT restarted at a domain change"
-    _, model, vdom = setup(title, __doc__, per_domain=cfg.validation_per_domain)
-    for spec in args.calibration:
-        bs_text, path = spec.split("=", 1)
-        bs, cal = int(bs_text), Calibration.load(path)
-        assert cal.batch_size == bs and cal.domains == list(vdom)
+    for bs, path, cal in cals:
         print(f"\n## bs {bs}\n\n- calibration `{path}`: high {cal.threshold:.4g}, DAFT lr {cal.lr:g}, "
               f"filter {cal.entropy_filter}, hard domains {', '.join(cal.hard_domains)}\n")
         xs, ys, st = _streams(vdom, bs, cfg.seed)
