@@ -58,6 +58,28 @@ def goal_margin(correct: dict[str, list[int]], sizes: list[int], stream: str) ->
     return (best, *paired_margin(correct["datta_cal"], correct[best], sizes))
 
 
+def goal_cell(model, cals: dict, cfg: DemoConfig, pool, name: str, bs: int,
+              seed: int) -> tuple[dict, dict[str, float]]:
+    """One cell of the goal table: :data:`ROWS` in lockstep (the demo's loop) on stream ``name``
+    of ``pool`` at batch size ``bs`` (stream seed ``seed``; ``datta_cal`` from ``cals``, batch
+    size -> Calibration).  Returns the cell (``batch_size``, ``stream``, each row's
+    ``accuracy`` in %, the ``best`` baseline, ``datta_cal``'s goal ``margin`` and its paired
+    ``se``, whether it ``met`` the goal) and each row's accuracy as a fraction."""
+    stream = make_stream(pool, name, bs, seed)
+    adapters = {m: METHODS[m](copy.deepcopy(model), cfg.backend, cfg.lr, {"cal": cals}, stream) for m in ROWS}
+    runs = run_lockstep(adapters, stream, pool.batches(stream))
+    acc = {r.method: r.accuracy for r in runs}
+    best, margin, se = goal_margin({r.method: r.correct for r in runs}, runs[0].sizes, name)
+    return ({"batch_size": bs, "stream": name, "accuracy": {m: 100 * a for m, a in acc.items()}, "best": best,
+             "margin": margin, "se": se, "met": bool(margin >= goal_for(name)[1])}, acc)
+
+
+def progress(where: str, cell: dict, t0: float) -> None:
+    """One cell's margin as an HTML comment (it survives in the Markdown output, unrendered)."""
+    print(f"<!-- {where}: margin {cell['margin']:+.2f} +- {cell['se']:.2f} vs {cell['best']} "
+          f"({time.perf_counter() - t0:.0f} s) -->", flush=True)
+
+
 def demo_rows(docs: dict[str, dict]) -> dict:
     """``(severity, method, stream, bs) -> accuracy`` of the demo runs' results.json documents."""
     return {(doc["meta"]["config"]["severity"], r["method"], r["stream"], r["batch_size"]): r["accuracy"]
@@ -99,25 +121,15 @@ def main() -> None:
             pool = test_pool(data, cfg.per_domain, sev, seed, tuple(cfg.corruptions), False)
             for bs in sizes:
                 for name in STREAMS:
-                    stream = make_stream(pool, name, bs, seed)
-                    adapters = {m: METHODS[m](copy.deepcopy(model), cfg.backend, cfg.lr, {"cal": cals},
-                                              stream) for m in ROWS}
-                    runs = run_lockstep(adapters, stream, pool.batches(stream))
-                    correct = {r.method: r.correct for r in runs}
-                    acc = {r.method: r.accuracy for r in runs}
+                    cell, acc = goal_cell(model, cals, cfg, pool, name, bs, seed)
                     if seed == cfg.seed:
                         for m, a in acc.items():
                             if (sev, m, name, bs) in demo:
                                 checked += 1
                                 if demo[sev, m, name, bs] != a:
                                     mismatches.append((sev, m, name, bs, demo[sev, m, name, bs], a))
-                    best, margin, se = goal_margin(correct, runs[0].sizes, name)
-                    cells.append({"severity": sev, "seed": seed, "batch_size": bs, "stream": name,
-                                  "accuracy": {m: 100 * a for m, a in acc.items()}, "best": best,
-                                  "margin": margin, "se": se,
-                                  "met": bool(margin >= goal_for(name)[1])})
-                    print(f"<!-- sev {sev} seed {seed} bs {bs} {name}: margin {margin:+.2f} +- {se:.2f} "
-                          f"vs {best} ({time.perf_counter() - t0:.0f} s) -->", flush=True)
+                    cells.append({"severity": sev, "seed": seed} | cell)
+                    progress(f"sev {sev} seed {seed} bs {bs} {name}", cell, t0)
     if args.demo_json:
         print(f"\n- seed-{cfg.seed} rows checked against the demo runs: {checked}, "
               + ("all equal to the last digit" if not mismatches

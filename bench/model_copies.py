@@ -26,13 +26,13 @@ import time
 import numpy as np
 import torch
 from _validation_setup import setup
-from demo_seeds import ROWS, goal_margin
+from demo_seeds import goal_cell, progress
 
 from datta_kernels.calibration import calibrate, default_batches
 from datta_kernels.eval.models import TrainConfig, evaluate, load_or_train
-from datta_kernels.eval.report import goal_for, short_name
-from datta_kernels.eval.runner import METHODS, DemoConfig, cal_rates, run_lockstep
-from datta_kernels.eval.streams import STREAMS, make_stream
+from datta_kernels.eval.report import short_name
+from datta_kernels.eval.runner import DemoConfig, cal_rates
+from datta_kernels.eval.streams import STREAMS
 from datta_kernels.eval.validation import test_pool, validation_domains
 
 
@@ -76,16 +76,9 @@ def main() -> None:
             pool = test_pool(data, cfg.per_domain, sev, cfg.seed, tuple(cfg.corruptions), False)
             for bs in sizes:
                 for name in STREAMS:
-                    stream = make_stream(pool, name, bs, cfg.seed)
-                    adapters = {m: METHODS[m](copy.deepcopy(model), cfg.backend, cfg.lr, {"cal": cals},
-                                              stream) for m in ROWS}
-                    runs = run_lockstep(adapters, stream, pool.batches(stream))
-                    best, margin, se = goal_margin({r.method: r.correct for r in runs}, runs[0].sizes, name)
-                    cells.append({"train_seed": ts, "severity": sev, "batch_size": bs, "stream": name,
-                                  "accuracy": {r.method: 100 * r.accuracy for r in runs}, "best": best,
-                                  "margin": margin, "se": se, "met": bool(margin >= goal_for(name)[1])})
-                    print(f"<!-- seed {ts} sev {sev} bs {bs} {name}: margin {margin:+.2f} +- {se:.2f} "
-                          f"vs {best} ({time.perf_counter() - t0:.0f} s) -->", flush=True)
+                    cell, _ = goal_cell(model, cals, cfg, pool, name, bs, cfg.seed)
+                    cells.append({"train_seed": ts, "severity": sev} | cell)
+                    progress(f"seed {ts} sev {sev} bs {bs} {name}", cell, t0)
     report(cells, copies, train_seeds, sevs, sizes)
     if args.json:
         with open(args.json, "w") as f:
