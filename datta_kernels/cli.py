@@ -120,7 +120,9 @@ def _demo_config(args):
     if args.quick:
         for k, v in QUICK.items():
             setattr(cfg, k, v)
-    overrides = {"epochs": args.epochs, "train_subset": args.train_subset, "width": args.width}
+    cfg.numerics = args.numerics
+    overrides = {"epochs": args.epochs, "train_subset": args.train_subset, "width": args.width,
+                 "numerics": args.numerics}
     cfg.train = dataclasses.replace(TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     for key in ("data_dir", "per_domain", "corruptions", "severity", "streams", "batch_sizes", "methods",
                 "lr", "backend", "score_layer", "score_mode", "seed", "check_batches", "cache_dir",
@@ -145,6 +147,9 @@ def cmd_demo(args) -> int:
               "pip install 'datta_kernels[demo]' or pip install " + " ".join(missing),
               file=sys.stderr)
         return 2
+    from .eval.numerics import pin
+
+    pin(args.numerics)  # before check_demo builds a model: the switches hold only before any CPU kernel
     cfg = _demo_config(args)
     t0 = time.perf_counter()
     try:
@@ -197,6 +202,7 @@ def _error_line(e: BaseException) -> str:
 def cmd_run(args) -> int:
     from .eval.bench_runner import RunConfig, run_benchmark
     from .eval.benchmarks import BenchmarkDataError
+    from .eval.numerics import pin
     from .eval.zoo import CheckpointError
 
     if importlib.util.find_spec("matplotlib") is None:
@@ -206,7 +212,8 @@ def cmd_run(args) -> int:
     keys = ("dataset", "data_dir", "model", "checkpoint", "random_init", "trust_checkpoint", "width", "mean",
             "std", "corruptions", "severity", "num_ex", "subset", "streams", "batch_sizes", "methods",
             "dirichlet", "lr", "backend", "device", "workers", "seed", "calibrate_on", "calibration_batches",
-            "cache_dir")
+            "cache_dir", "numerics")
+    pin(args.numerics)  # before any check builds a model: the switches hold only before any CPU kernel
     cfg = RunConfig(**{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
     if (args.subset is not None or args.all_images) and args.dataset != "imagenet-c":
         print("error: --subset / --all-images apply to --dataset imagenet-c only (CIFAR: --num-ex)",
@@ -273,6 +280,9 @@ def _add_run_parser(sub) -> None:
                    help="correlated stream: Dirichlet concentration (default: label-sorted)")
     r.add_argument("--lr", type=float, default=None, help="entropy-step lr of tent and datta (default 1e-3)")
     r.add_argument("--backend", default=None, help="kernel backend (default auto)")
+    r.add_argument("--numerics", default="native", choices=("portable", "native"),
+                   help="CPU numerics: native (default, as torch finds this machine) or portable "
+                   "(AVX2 kernels, 2 threads: the same numbers on every x86-64 CPU with AVX2)")
     r.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     r.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default: ImageNet-C min(8, CPUs) on CUDA, 1 on CPU; "
@@ -496,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images (default 45000)")
     d.add_argument("--epochs", type=_int_at_least(1), default=None, help="training epochs (default 2)")
     d.add_argument("--width", type=_int_at_least(1), default=None, help="ResNet base width (default 16)")
+    d.add_argument("--numerics", default="portable", choices=("portable", "native"),
+                   help="portable (default): train and adapt on AVX2 kernels and 2 threads, the same "
+                   "numbers on every x86-64 CPU with AVX2 (those of bench/results/demo.md); native: "
+                   "as torch finds this machine (faster on wide CPUs; its own model copy and numbers)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_run_parser(sub)
     return p

@@ -37,6 +37,22 @@ class Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture(autouse=True)
+def _keep_numerics_switches():
+    """``run_demo`` and ``datta-kernels demo`` pin portable numerics (``eval.numerics.pin``):
+    environment switches and the thread count. Give every test the process as it found it."""
+    from datta_kernels.eval.numerics import PORTABLE_ENV
+
+    saved, threads = {k: os.environ.get(k) for k in PORTABLE_ENV}, torch.get_num_threads()
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    torch.set_num_threads(threads)
+
+
 def backend_skip_reason(name: str) -> str | None:
     """Why a test row of backend ``name`` cannot run here (None: it can)."""
     if name in ("cpu", "cuda") and not HAS_EXT:

@@ -460,6 +460,7 @@ def test_run_cifar10c_each_model_kind(tmp_path, capsys, model):
         assert all(sum(v.values()) == pytest.approx(1.0) for v in dat["decisions_per_corruption"].values())
         assert "Decisions on the single-domain stream" in cap.out
     assert doc["meta"]["device"] == "cpu" and doc["model"]["name"] == margs[1]
+    assert doc["meta"]["numerics"]["mode"] == "native" and "numerics native (" in cap.out
     assert doc["meta"]["seconds_in_methods"] > 0 and doc["meta"]["seconds_waiting_for_data"] > 0
     # the methods recorded their updates: tent fine-tunes every batch, source never, so only
     # source has a time on batches it did not fine-tune
@@ -476,9 +477,14 @@ def test_run_every_stream_random_init_and_workers(tmp_path, capsys):
         rc, cap, out = _run(tmp_path, capsys, "--dataset", "cifar10-c", "--data-dir", str(data), "--model",
                             "resnet26", "--width", "2", "--random-init", "--corruptions", ",".join(CORR),
                             "--streams", ",".join(PROTOCOLS), "--dirichlet", "0.1", "--severity", "3",
-                            "--workers", "1", "--methods", "datta")
+                            "--workers", "1", "--methods", "datta", "--numerics", "portable")
     assert rc == 0, cap.err
     doc = json.loads((out / "results.json").read_text())
+    # asked for portable numerics in a process that has long run kernels: said, not hidden
+    numerics = doc["meta"]["numerics"]
+    assert numerics["mode"] == doc["meta"]["config"]["numerics"] == "portable"
+    assert numerics["portable"] or "ran in this process" in numerics["why"]
+    assert "numerics NOT portable" in cap.out or "numerics portable (AVX2, 2 threads)" in cap.out
     assert {r["stream"] for r in doc["results"]} == set(PROTOCOLS)
     grad = next(r for r in doc["results"] if r["stream"] == "gradual")
     assert grad["samples"] == 2 * 4 * len(GRADUAL_LEVELS) and "fog@1" in grad["per_corruption"]

@@ -43,9 +43,22 @@ def test_demo_tiny(tmp_path, capsys):
         (m, s) for m in ("source", "tbn", "datta") for s in ("single", "dynamic")}
     assert doc["meta"]["command"].startswith("datta-kernels demo")
     assert (out / "results.csv").is_file() and (out / "datta_demo.png").is_file()
+    # Portable numerics by default, recorded and named; this process ran kernels long before,
+    # so the run says they were not in effect (the model itself came from a portable child).
+    numerics = doc["meta"]["numerics"]
+    assert numerics["mode"] == doc["meta"]["config"]["numerics"] == doc["model"]["config"]["numerics"] \
+        == "portable"
+    assert numerics["portable"] is False and "ran in this process" in numerics["why"] or \
+        numerics["portable"] and numerics["cpu_capability"] == "AVX2"
+    assert "; numerics " in text
     # Second run reuses the cached model.
     assert main(args) == 0
     assert json.loads((out / "results.json").read_text())["model"]["source"] == "cache"
+    # --numerics native: its own model copy (another cache key), in this process.
+    assert main(args + ["--numerics", "native"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["model"]["source"] == "trained" and doc["model"]["config"]["numerics"] == "native"
+    assert doc["meta"]["numerics"]["mode"] == "native" and "numerics native (" in capsys.readouterr().out
 
 
 def test_demo_without_data(tmp_path, capsys):

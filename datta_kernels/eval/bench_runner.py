@@ -26,6 +26,8 @@ from ..calibration import default_batches
 from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, load_benchmark
 from .cal_cache import cached_calibrate
 from .corruptions import SEVERITIES
+from .numerics import MODES as NUMERICS
+from .numerics import pin as pin_numerics
 from .protocols import build_stream, canonical
 from .runner import CALIBRATED, METHODS, ORACLES, RunResult, cal_rates, detector_metrics, run_lockstep
 from .validation import calibrate_threshold_on
@@ -76,12 +78,18 @@ class RunConfig:
     #: calibration cache (None: ``$XDG_CACHE_HOME/datta_kernels``)
     cache_dir: str | None = None
     progress: bool = True
+    #: CPU numerics (:mod:`.numerics`): ``"native"`` (default: as torch finds the machine) or
+    #: ``"portable"`` (AVX2 kernels, 2 threads: the same numbers on every x86-64 CPU with AVX2;
+    #: :func:`run_benchmark` pins them first); CUDA work is the same either way
+    numerics: str = "native"
 
     def resolved_device(self) -> str:
         return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
 
     def validate(self) -> None:
         """Raise ValueError (one line) on any bad argument; touches no data and builds no model."""
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose from {list(DATASETS)}")
         if self.dataset == "imagenet-c" and importlib.util.find_spec("PIL") is None:
@@ -251,6 +259,10 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
     results document (plus the raw :class:`RunResult` s under ``"_runs"``)."""
     cfg.validate()
     t_start = time.perf_counter()
+    numerics = pin_numerics(cfg.numerics)  # first: the switches hold only before any CPU kernel
+    if "why" in numerics:
+        log(f"numerics: portable numerics unavailable ({numerics['why']}); this run's CPU numbers "
+            "are this machine's")
     commit = provenance()["commit"]     # the code this run imported (a later commit would not be)
     device = cfg.resolved_device()
     workers = cfg.workers if cfg.workers is not None else default_workers(cfg.dataset, device)
@@ -307,7 +319,7 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
     config = asdict(cfg)
     config["per_domain"] = per
     return {
-        "meta": {"command": command, "commit": commit, "machine": _machine(device),
+        "meta": {"command": command, "commit": commit, "machine": _machine(device), "numerics": numerics,
                  "dataset": TITLES[cfg.dataset],
                  "device": device, "backend": resolved, "backend_requested": cfg.backend,
                  "seeds": {"streams": cfg.seed}, "config": config, "loader_workers": workers,

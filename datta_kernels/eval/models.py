@@ -7,12 +7,18 @@ normalization is an ``nn.BatchNorm2d``, so ``convert_model`` can swap them all.
 
 The trained weights are cached under ``$XDG_CACHE_HOME/datta_kernels`` (``~/.cache`` when
 unset) next to a ``.sha256`` file; a checksum mismatch or a changed training recipe retrains.
+Training runs on portable numerics by default (:mod:`.numerics`): the same recipe gives the same
+weights, bit for bit, on every x86-64 CPU with AVX2 and any core count, so the demo's model is
+one model, not one per machine.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,6 +88,16 @@ class TrainConfig:
     lr: float = 0.1
     weight_decay: float = 5e-4
     seed: int = 0
+    #: ``"portable"``: trained on :mod:`.numerics`' portable numerics (in a child process when
+    #: this one is not on them), the same weights on every x86-64 CPU with AVX2; ``"native"``:
+    #: in this process as it is (weights specific to the machine and thread count).
+    numerics: str = "portable"
+
+    def __post_init__(self):
+        from .numerics import MODES
+
+        if self.numerics not in MODES:
+            raise ValueError(f"TrainConfig.numerics must be one of {MODES}, got {self.numerics!r}")
 
     def key(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)
@@ -165,6 +181,44 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 500) -> f
     return correct / len(x)
 
 
+def _train_on_numerics(cfg: TrainConfig, x: Tensor, y: Tensor, progress: bool) -> SmallResNet:
+    """:func:`train` on ``cfg.numerics``: here when this process already runs them (``native``,
+    or a process :func:`.numerics.pin` put on ``portable``), else in a child process started on
+    the portable switches, which hands back the weights (a failed child raises here)."""
+    from .numerics import describe, portable_env
+
+    if cfg.numerics == "native" or describe()["portable"]:
+        return train(cfg, x, y, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="datta_train_") as tmp:
+        job = Path(tmp)
+        torch.save({"config": asdict(cfg), "x": x.detach().cpu(), "y": y.detach().cpu(),
+                    "progress": progress}, job / "job.pt")
+        done = subprocess.run([sys.executable, "-m", __name__, str(job)], env=portable_env(),
+                              stdout=subprocess.PIPE, stderr=None, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"training on portable numerics failed in its child process "
+                               f"(exit {done.returncode}): {done.stdout.strip()}")
+        model = cfg.build()
+        model.load_state_dict(torch.load(job / "model.pt", map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def _train_job(job: Path) -> int:
+    """The child of :func:`_train_on_numerics`: train ``job/job.pt``'s recipe, write
+    ``job/model.pt``; exit 1 with the reason on stdout when the numerics are not portable."""
+    from .numerics import pin
+
+    info = pin("portable")  # before any tensor operation of this process
+    if not info["portable"]:
+        print(f"portable numerics unavailable: {info['why']}")
+        return 1
+    spec = torch.load(job / "job.pt", map_location="cpu", weights_only=True)
+    cfg = TrainConfig(**{**spec["config"], "blocks": tuple(spec["config"]["blocks"])})
+    model = train(cfg, spec["x"], spec["y"], progress=spec["progress"])
+    torch.save(model.state_dict(), job / "model.pt")
+    return 0
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -205,7 +259,7 @@ def load_or_train(cfg: TrainConfig, train_x: Tensor, train_y: Tensor, *,
     elif retrain:
         info["why"] = "--retrain"
     t0 = time.perf_counter()
-    model = train(cfg, train_x, train_y, progress=progress)
+    model = _train_on_numerics(cfg, train_x, train_y, progress)
     seconds = time.perf_counter() - t0
     root.mkdir(parents=True, exist_ok=True)
     # Write then rename, so an interrupted run never leaves a half-written checkpoint behind
@@ -215,3 +269,7 @@ def load_or_train(cfg: TrainConfig, train_x: Tensor, train_y: Tensor, *,
     os.replace(tmp, path)
     write_checksum(path)
     return model, {**info, "source": "trained", "train_seconds": seconds}
+
+
+if __name__ == "__main__":
+    sys.exit(_train_job(Path(sys.argv[1])))

@@ -56,6 +56,17 @@ def _ordered(values) -> list:
     return list(dict.fromkeys(values))
 
 
+def _numerics_words(numerics: dict | None) -> str:
+    """``; numerics portable (AVX2, 2 threads)`` and the like (nothing for documents written
+    before the numerics were recorded)."""
+    if not numerics:
+        return ""
+    how = f"{numerics['cpu_capability']}, {numerics['threads']} threads"
+    if numerics["mode"] == "portable" and not numerics["portable"]:
+        return f"; numerics NOT portable ({how}: {numerics.get('why', 'switches not in effect')})"
+    return f"; numerics {numerics['mode']} ({how})"
+
+
 def format_tables(doc: dict) -> str:
     """The terminal report: accuracy per method × stream × batch size, timings, detector
     quality, per-corruption accuracy and the backend check."""
@@ -69,7 +80,7 @@ def format_tables(doc: dict) -> str:
     lines = [f"Top-1 accuracy (%) on {meta.get('dataset', 'Fashion-MNIST-C')}: {len(cfg['corruptions'])} "
              f"corruptions x {cfg['per_domain']} test images, severity {cfg['severity']}; "
              + (f"clean {_pct(clean).strip()}%; " if clean is not None else "")
-             + f"backend {meta['backend']}"]
+             + f"backend {meta['backend']}" + _numerics_words(meta.get("numerics"))]
     vsev = tuple(cfg.get("validation_severities") or SEVERITIES)
     if vsev != SEVERITIES and (doc.get("calibration") or doc.get("datta_cal")):
         lines.append(f"NOTE: datta_disp / datta_cal calibrated on the validation corruptions at severity "

@@ -28,6 +28,8 @@ from .cal_cache import cached_calibrate
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY, SEVERITIES, check_severities
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, evaluate, load_or_train
+from .numerics import MODES as NUMERICS
+from .numerics import pin as pin_numerics
 from .oracle import OracleSelector
 from .streams import STREAMS, DomainPool, Stream, make_stream
 from .validation import TEST, VALIDATION, calibrate_threshold_on, test_pool, validation_domains
@@ -148,6 +150,11 @@ class DemoConfig:
     #: model and calibration cache (None: ``$XDG_CACHE_HOME/datta_kernels``)
     cache_dir: str | None = None
     progress: bool = True
+    #: ``"portable"``: the run computes on :mod:`.numerics`' portable numerics (the same bits on
+    #: every x86-64 CPU with AVX2; :func:`run_demo` pins them, which holds when no tensor
+    #: operation ran before in the process) and ``train.numerics`` should match; ``"native"``:
+    #: as torch found the machine (faster on wide CPUs; numbers specific to the machine)
+    numerics: str = "portable"
 
     def validate(self) -> None:
         for name, chosen, known in (("corruption", self.corruptions, CORRUPTIONS),
@@ -167,6 +174,8 @@ class DemoConfig:
             raise ValueError(f"validation_mixing must be one of {MIXINGS}, got {self.validation_mixing!r}")
         if self.daft_objective not in DAFT_OBJECTIVES:
             raise ValueError(f"daft_objective must be one of {DAFT_OBJECTIVES}, got {self.daft_objective!r}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
         leaked = [c for c in self.corruptions if c in VALIDATION]
         if leaked and not self.report_validation:
             raise ValueError(f"{leaked} are validation corruptions (they decide methods and are never "
@@ -365,6 +374,10 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     document (see ``report.write_outputs``) plus, under ``"_runs"``, the raw :class:`RunResult`s."""
     cfg.validate()
     t_start = time.perf_counter()
+    numerics = pin_numerics(cfg.numerics)  # first: the switches hold only before any CPU kernel
+    if "why" in numerics:
+        log(f"numerics: portable numerics unavailable ({numerics['why']}); this run's numbers are "
+            "this machine's")
     commit = provenance()["commit"]     # the code this run imported (a later commit would not be)
     data = load_fashion_mnist(cfg.data_dir)
     log(f"data: Fashion-MNIST from {data.root} ({len(data.train_y)} train, {len(data.test_y)} test)")
@@ -434,7 +447,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
 
     return {
         "meta": {"command": command, "commit": commit, "machine": _machine(),
-                 "backend": resolved,
+                 "numerics": numerics, "backend": resolved,
                  "backend_requested": cfg.backend, "seeds": {"data": cfg.seed, "streams": cfg.seed,
                                                             "corruptions": cfg.seed,
                                                             "training": cfg.train.seed},
