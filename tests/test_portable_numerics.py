@@ -60,6 +60,22 @@ def test_pin_in_a_fresh_process_gives_avx2_and_two_threads():
     assert got["env"] == numerics.PORTABLE_ENV and "why" not in got
 
 
+@needs_avx2
+def test_importing_the_package_and_parsing_a_command_runs_no_kernel():
+    """The CLI pins after parsing: nothing before that (any module's import, the parser) may run
+    a CPU kernel, or ATen has chosen its kernels already (a JPEG table built at import did)."""
+    got = _python(textwrap.dedent("""
+        import importlib, json, pkgutil, datta_kernels
+        for m in pkgutil.walk_packages(datta_kernels.__path__, "datta_kernels."):
+            importlib.import_module(m.name)
+        from datta_kernels.cli import build_parser
+        build_parser().parse_args(["demo", "--quick"])
+        from datta_kernels.eval.numerics import pin
+        print(json.dumps(pin()))
+    """))
+    assert got["portable"], got
+
+
 @pytest.mark.skipif(not HAS_AVX512, reason="on an AVX2-only CPU the native dispatch is AVX2 already")
 def test_pin_after_a_kernel_says_it_came_too_late():
     got = _python("import json, torch; torch.ones(8).sum()\n"

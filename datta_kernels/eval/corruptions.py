@@ -14,6 +14,7 @@ accuracy; ``datta-kernels demo`` measures and records the exact numbers in ``res
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -204,13 +205,17 @@ def jpeg_compression(x: Tensor, severity: int, g: torch.Generator) -> Tensor:
     p = F.pad(x * 255 - 128, (0, pw, 0, ph), mode="replicate")
     bh, bw = p.shape[-2] // 8, p.shape[-1] // 8
     blocks = p.reshape(n, c, bh, 8, bw, 8).permute(0, 1, 2, 4, 3, 5)  # (N, C, bh, bw, 8, 8)
-    coef = _DCT @ blocks @ _DCT.T
+    dct = _dct_matrix()
+    coef = dct @ blocks @ dct.T
     coef = torch.round(coef / q) * q
-    rec = (_DCT.T @ coef @ _DCT).permute(0, 1, 2, 4, 3, 5).reshape(n, c, bh * 8, bw * 8)
+    rec = (dct.T @ coef @ dct).permute(0, 1, 2, 4, 3, 5).reshape(n, c, bh * 8, bw * 8)
     return (torch.round(rec + 128).clamp(0, 255) / 255)[..., :h, :w]
 
 
+@functools.lru_cache(maxsize=1)
 def _dct_matrix(size: int = 8) -> Tensor:
+    # built on first use, not at import: importing the package runs no kernel, so
+    # ``eval.numerics.pin`` can still choose the kernels (a cached tensor is never written to)
     k = torch.arange(size, dtype=torch.float64)[:, None]
     i = torch.arange(size, dtype=torch.float64)[None, :]
     m = torch.cos(math.pi * (2 * i + 1) * k / (2 * size)) * math.sqrt(2 / size)
@@ -218,7 +223,6 @@ def _dct_matrix(size: int = 8) -> Tensor:
     return m.float()
 
 
-_DCT = _dct_matrix()
 # The ITU T.81 Annex K luminance quantisation table (quality 50).
 _JPEG_LUMA = torch.tensor([
     [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
