@@ -12,6 +12,7 @@ from datta_kernels.benchmarking import describe_machine, provenance
 from datta_kernels.calibration import STREAM_KINDS, _streams, calibrate
 from datta_kernels.eval.datasets import load_fashion_mnist
 from datta_kernels.eval.models import TrainConfig, load_or_train
+from datta_kernels.eval.numerics import pin
 from datta_kernels.eval.runner import DemoConfig
 from datta_kernels.eval.streams import DomainPool, Stream, make_stream
 from datta_kernels.eval.validation import pool_of, validation_domains
@@ -20,14 +21,19 @@ from datta_kernels.eval.validation import pool_of, validation_domains
 def setup(title: str, doc: str, per_domain: int = 1000, note: str = "") -> tuple:
     """``(data, model, vdom)``: Fashion-MNIST, the cached demo model and the demo's validation
     domains (``per_domain`` images each); prints the markdown header (title, command, commit,
-    machine, domains) and the first paragraph of ``doc`` after its summary line."""
+    machine, domains) and the first paragraph of ``doc`` after its summary line.  The process
+    runs on the demo's portable numerics (pinned here, before any kernel: every script's first
+    call), so its numbers are the demo's on any x86-64 CPU with AVX2."""
+    numerics = pin("portable")
     data = load_fashion_mnist()
     model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
     vdom = validation_domains(data, per_domain, 0, train=TrainConfig())
     prov, m = provenance(), describe_machine()
     print(f"# {title}\n")
     print(f"- command: `{prov['command']}`\n- commit: {prov['commit']}\n- machine: {m.get('cpu', '')}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads (accuracy-only: no timing)")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, numerics "
+          f"{'portable (AVX2)' if numerics['portable'] else 'NOT portable: ' + numerics['why']} "
+          "(accuracy-only: no timing)")
     print(f"- validation domains: {', '.join(vdom)} ({per_domain} images each){note}\n")
     print(doc.split("\n\n")[1] + "\n")
     return data, model, vdom
