@@ -235,6 +235,8 @@ def cmd_run(args) -> int:
 
 
 def _add_run_parser(sub) -> None:
+    from .eval.numerics import MODES
+
     r = sub.add_parser("run", help="DATTA vs baselines on CIFAR-10-C / CIFAR-100-C / ImageNet-C, real models",
                        description="Run every method on the published corruption benchmarks, read from "
                        "local files in their published layouts (nothing is downloaded). Streams: continual, "
@@ -280,7 +282,7 @@ def _add_run_parser(sub) -> None:
                    help="correlated stream: Dirichlet concentration (default: label-sorted)")
     r.add_argument("--lr", type=float, default=None, help="entropy-step lr of tent and datta (default 1e-3)")
     r.add_argument("--backend", default=None, help="kernel backend (default auto)")
-    r.add_argument("--numerics", default="native", choices=("portable", "native"),
+    r.add_argument("--numerics", default="native", choices=MODES,
                    help="CPU numerics: native (default, as torch finds this machine) or portable "
                    "(AVX2 kernels, 2 threads: the same numbers on every x86-64 CPU with AVX2)")
     r.add_argument("--device", default=None, help="auto (default), cpu or cuda")
@@ -421,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .backends import backend_names
     from .calibration import DAFT_OBJECTIVES
     from .eval.corruptions import CORRUPTIONS
+    from .eval.numerics import MODES
     from .eval.runner import METHODS, MIXINGS
     from .eval.streams import STREAMS
 
@@ -506,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images (default 45000)")
     d.add_argument("--epochs", type=_int_at_least(1), default=None, help="training epochs (default 2)")
     d.add_argument("--width", type=_int_at_least(1), default=None, help="ResNet base width (default 16)")
-    d.add_argument("--numerics", default="portable", choices=("portable", "native"),
+    d.add_argument("--numerics", default="portable", choices=MODES,
                    help="portable (default): train and adapt on AVX2 kernels and 2 threads, the same "
                    "numbers on every x86-64 CPU with AVX2 (those of bench/results/demo.md); native: "
                    "as torch finds this machine (faster on wide CPUs; its own model copy and numbers)")

@@ -26,7 +26,7 @@ from ..calibration import default_batches
 from .benchmarks import CIFAR_CORRUPTIONS, DATASETS, IMAGENET_SUBSET, load_benchmark
 from .cal_cache import cached_calibrate
 from .corruptions import SEVERITIES
-from .numerics import MODES as NUMERICS
+from .numerics import check_mode as check_numerics
 from .numerics import pin as pin_numerics
 from .protocols import build_stream, canonical
 from .runner import CALIBRATED, METHODS, ORACLES, RunResult, cal_rates, detector_metrics, run_lockstep
@@ -88,8 +88,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError (one line) on any bad argument; touches no data and builds no model."""
-        if self.numerics not in NUMERICS:
-            raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
+        check_numerics(self.numerics)
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; choose from {list(DATASETS)}")
         if self.dataset == "imagenet-c" and importlib.util.find_spec("PIL") is None:
@@ -259,10 +258,7 @@ def run_benchmark(cfg: RunConfig, command: str = "", log=print) -> dict:
     results document (plus the raw :class:`RunResult` s under ``"_runs"``)."""
     cfg.validate()
     t_start = time.perf_counter()
-    numerics = pin_numerics(cfg.numerics)  # first: the switches hold only before any CPU kernel
-    if "why" in numerics:
-        log(f"numerics: portable numerics unavailable ({numerics['why']}); this run's CPU numbers "
-            "are this machine's")
+    numerics = pin_numerics(cfg.numerics, log)  # first: the switches hold only before any CPU kernel
     commit = provenance()["commit"]     # the code this run imported (a later commit would not be)
     device = cfg.resolved_device()
     workers = cfg.workers if cfg.workers is not None else default_workers(cfg.dataset, device)

@@ -94,10 +94,9 @@ class TrainConfig:
     numerics: str = "portable"
 
     def __post_init__(self):
-        from .numerics import MODES
+        from .numerics import check_mode
 
-        if self.numerics not in MODES:
-            raise ValueError(f"TrainConfig.numerics must be one of {MODES}, got {self.numerics!r}")
+        check_mode(self.numerics, "TrainConfig.numerics")
 
     def key(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-__all__ = ["MODES", "PORTABLE_ENV", "PORTABLE_THREADS", "describe", "pin", "portable_env"]
+__all__ = ["MODES", "PORTABLE_ENV", "PORTABLE_THREADS", "check_mode", "describe", "pin", "portable_env"]
 
 MODES = ("portable", "native")
 
@@ -36,6 +36,14 @@ MODES = ("portable", "native")
 PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                 "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DATTA_CPU_CAPABILITY": "avx2"}
 PORTABLE_THREADS = 2
+
+
+def check_mode(mode: str, what: str = "numerics") -> str:
+    """``mode`` if it is one of :data:`MODES`, else ``ValueError`` naming ``what`` (the option or
+    field the caller took it from)."""
+    if mode not in MODES:
+        raise ValueError(f"{what} must be one of {MODES}, got {mode!r}")
+    return mode
 
 
 def _has_avx2() -> bool:
@@ -62,17 +70,17 @@ def describe(mode: str | None = None) -> dict:
     return out if mode is None else {"mode": mode, **out}
 
 
-def pin(mode: str = "portable") -> dict:
+def pin(mode: str = "portable", log=None) -> dict:
     """Put this process on ``mode``'s numerics and return :func:`describe` with ``mode`` and,
     when ``portable`` could not be had, ``why``.
 
     ``portable`` sets :data:`PORTABLE_ENV` (overriding other values of those variables) and 2
     intra-op threads; it holds only if no CPU kernel has run in this process yet (ATen then
     reports AVX2).  It cannot be had after that, nor on a CPU without AVX2 (or not x86-64):
-    the process then keeps its numerics, and ``why`` says which.  ``native`` changes nothing.
+    the process then keeps its numerics, and ``why`` says which (also as one line to ``log``,
+    when given: a run's log).  ``native`` changes nothing.
     """
-    if mode not in MODES:
-        raise ValueError(f"numerics must be one of {MODES}, got {mode!r}")
+    check_mode(mode)
     if mode == "native":
         return describe(mode)
     os.environ.update(PORTABLE_ENV)
@@ -84,4 +92,7 @@ def pin(mode: str = "portable") -> dict:
         else:
             info["why"] = (f"a CPU kernel ran in this process before the switches were set "
                            f"(ATen had chosen {info['cpu_capability']})")
+        if log is not None:
+            log(f"numerics: portable numerics unavailable ({info['why']}); this run's CPU numbers "
+                "are this machine's")
     return info

@@ -28,7 +28,7 @@ from .cal_cache import cached_calibrate
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY, SEVERITIES, check_severities
 from .datasets import load_fashion_mnist
 from .models import TrainConfig, evaluate, load_or_train
-from .numerics import MODES as NUMERICS
+from .numerics import check_mode as check_numerics
 from .numerics import pin as pin_numerics
 from .oracle import OracleSelector
 from .streams import STREAMS, DomainPool, Stream, make_stream
@@ -174,8 +174,7 @@ class DemoConfig:
             raise ValueError(f"validation_mixing must be one of {MIXINGS}, got {self.validation_mixing!r}")
         if self.daft_objective not in DAFT_OBJECTIVES:
             raise ValueError(f"daft_objective must be one of {DAFT_OBJECTIVES}, got {self.daft_objective!r}")
-        if self.numerics not in NUMERICS:
-            raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
+        check_numerics(self.numerics)
         leaked = [c for c in self.corruptions if c in VALIDATION]
         if leaked and not self.report_validation:
             raise ValueError(f"{leaked} are validation corruptions (they decide methods and are never "
@@ -374,10 +373,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     document (see ``report.write_outputs``) plus, under ``"_runs"``, the raw :class:`RunResult`s."""
     cfg.validate()
     t_start = time.perf_counter()
-    numerics = pin_numerics(cfg.numerics)  # first: the switches hold only before any CPU kernel
-    if "why" in numerics:
-        log(f"numerics: portable numerics unavailable ({numerics['why']}); this run's numbers are "
-            "this machine's")
+    numerics = pin_numerics(cfg.numerics, log)  # first: the switches hold only before any CPU kernel
     commit = provenance()["commit"]     # the code this run imported (a later commit would not be)
     data = load_fashion_mnist(cfg.data_dir)
     log(f"data: Fashion-MNIST from {data.root} ({len(data.train_y)} train, {len(data.test_y)} test)")
