@@ -49,7 +49,7 @@ def measure(severity: int) -> list[dict]:
     model, _ = load_or_train(TrainConfig(), data.train_x, data.train_y, progress=False)
     vdom = validation_domains(data, 200, 0, train=TrainConfig(), severities=(3,))
     recorded = json.load(open(os.path.join(RESULTS, "demo_sev3.json")))["datta_cal"]
-    pool = test_pool(data, DemoConfig().per_domain, severity, 0, tuple(DemoConfig().corruptions), False)
+    pool = test_pool(data, DemoConfig().per_domain, severity, 0, DemoConfig().test_corruptions, False)
     rows = []
     for bs in (16, 64):
         cal = _calibration(model, vdom, bs, recorded[str(bs)])
@@ -96,7 +96,7 @@ def main() -> None:
     print(__doc__.split("\n\n")[1] + "\n")
     print(__doc__.split("\n\n")[2] + "\n")
     print(f"Test streams at severity {args.severity}, {DemoConfig().per_domain} images x "
-          f"{len(DemoConfig().corruptions)} corruptions. ms = wall time of one adapter call; `tbn` over "
+          f"{len(DemoConfig().test_corruptions)} corruptions. ms = wall time of one adapter call; `tbn` over "
           "every batch, `datta_cal` over the batches it did not fine-tune (the first call of each left "
           "out); ratio of means, ratio of medians, and the ratio against `tbn`'s mean on those same "
           "batches.\n")

@@ -118,7 +118,7 @@ def main() -> None:
     cells, mismatches, checked = [], [], 0
     for sev in sevs:
         for seed in seeds:
-            pool = test_pool(data, cfg.per_domain, sev, seed, tuple(cfg.corruptions), False)
+            pool = test_pool(data, cfg.per_domain, sev, seed, cfg.test_corruptions, False)
             for bs in sizes:
                 for name in STREAMS:
                     cell, acc = goal_cell(model, cals, cfg, pool, name, bs, seed)

@@ -73,7 +73,7 @@ def main() -> None:
         print(f"<!-- training seed {ts}: clean {clean:.1f} %, calibrated "
               f"({time.perf_counter() - t0:.0f} s) -->", flush=True)
         for sev in sevs:
-            pool = test_pool(data, cfg.per_domain, sev, cfg.seed, tuple(cfg.corruptions), False)
+            pool = test_pool(data, cfg.per_domain, sev, cfg.seed, cfg.test_corruptions, False)
             for bs in sizes:
                 for name in STREAMS:
                     cell, _ = goal_cell(model, cals, cfg, pool, name, bs, cfg.seed)

@@ -72,7 +72,7 @@ def main() -> None:
     data, model, vdom = setup("Step 5's hard stream and entropy filter on the demo's test streams",
                               __doc__, per_domain=DemoConfig().validation_per_domain)
     cfg = DemoConfig()
-    pools = {sev: test_pool(data, cfg.per_domain, sev, cfg.seed, tuple(cfg.corruptions), False)
+    pools = {sev: test_pool(data, cfg.per_domain, sev, cfg.seed, cfg.test_corruptions, False)
              for sev in (3, 5)}
     for bs in (16, 64):
         rep = calibrate(copy.deepcopy(model), vdom, bs, n_batches=default_batches(bs),

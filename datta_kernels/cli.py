@@ -126,7 +126,8 @@ def _demo_config(args):
     cfg.train = dataclasses.replace(TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     for key in ("data_dir", "per_domain", "corruptions", "severity", "streams", "batch_sizes", "methods",
                 "lr", "backend", "score_layer", "score_mode", "seed", "check_batches", "cache_dir",
-                "validation_per_domain", "validation_severities", "validation_mixing", "daft_objective"):
+                "validation_per_domain", "validation_severities", "validation_mixing", "daft_objective",
+                "validation_corruptions"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -426,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.numerics import MODES
     from .eval.runner import METHODS, MIXINGS
     from .eval.streams import STREAMS
+    from .eval.validation import VALIDATION
 
     p = _Parser(prog="datta-kernels", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -453,9 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--per-domain", "--subset", dest="per_domain", type=_int_at_least(2), default=None,
                    help="test images per corruption (default 1000)")
     d.add_argument("--corruptions", type=_names("corruption", CORRUPTIONS), default=None,
-                   help="comma-separated subset of: " + ", ".join(CORRUPTIONS) + " (default all)")
+                   help="comma-separated subset of: " + ", ".join(CORRUPTIONS) + " (default: every one "
+                   "that is not a validation corruption, 13 with the default validation corruptions)")
+    d.add_argument("--validation-corruptions", type=_names("corruption", CORRUPTIONS), default=None,
+                   help="comma-separated corruptions that calibrate datta_disp / datta_cal and are never "
+                   "reported on (default " + ",".join(VALIDATION) + "); the test corruptions are the rest")
     d.add_argument("--report-validation", action="store_true",
-                   help="allow --corruptions to name a validation corruption (speckle_noise, "
+                   help="allow --corruptions to name a validation corruption (default speckle_noise, "
                    "gaussian_blur, spatter); its numbers are labelled as validation numbers")
     d.add_argument("--calibration-batches", type=_int_at_least(2), default=None,
                    help="validation batches of each type that calibrate datta_disp / datta_cal "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..calibration import RIVALS, mixing_words, rule_name
 from .corruptions import SEVERITIES
+from .validation import VALIDATION
 
 __all__ = ["CSV_FIELDS", "GOAL_BASELINES", "format_tables", "goal_for", "goal_lines", "plot", "short_name",
            "write_outputs"]
@@ -85,6 +86,11 @@ def format_tables(doc: dict) -> str:
     if vsev != SEVERITIES and (doc.get("calibration") or doc.get("datta_cal")):
         lines.append(f"NOTE: datta_disp / datta_cal calibrated on the validation corruptions at severity "
                      f"{', '.join(map(str, vsev))} only (--validation-severities), not at all five")
+    vcorr = tuple(cfg.get("validation_corruptions") or VALIDATION)
+    if vcorr != VALIDATION and (doc.get("calibration") or doc.get("datta_cal")):
+        lines.append(f"NOTE: datta_disp / datta_cal calibrated on the validation corruptions "
+                     f"{', '.join(vcorr)} (--validation-corruptions), not the default "
+                     f"{', '.join(VALIDATION)}")
     leaked = doc.get("reported_on_validation") or []
     if leaked:
         lines.append(f"NOTE: includes VALIDATION corruptions {leaked} (--report-validation): these are "

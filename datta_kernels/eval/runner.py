@@ -13,7 +13,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,14 @@ from .numerics import check_mode as check_numerics
 from .numerics import pin as pin_numerics
 from .oracle import OracleSelector
 from .streams import STREAMS, DomainPool, Stream, make_stream
-from .validation import TEST, VALIDATION, calibrate_threshold_on, test_pool, validation_domains
+from .validation import (
+    VALIDATION,
+    calibrate_threshold_on,
+    check_validation,
+    reported_corruptions,
+    test_pool,
+    validation_domains,
+)
 
 #: ``datta_cal`` chooses its DAFT rate on the validation streams among these multiples of
 #: ``--lr`` (the rate every other method uses), SPEC §6 step 5
@@ -107,10 +114,14 @@ class DemoConfig:
 
     data_dir: str | None = None
     per_domain: int = 1000
-    #: the test corruptions of the protocol (the validation pair decides, never reports)
-    corruptions: tuple[str, ...] = TEST
+    #: the test corruptions reported on (None: every corruption that is not one of
+    #: ``validation_corruptions``; :func:`run_demo` records the resolved tuple)
+    corruptions: tuple[str, ...] | None = None
     #: allow reporting on a validation corruption (its numbers are then labelled as validation)
     report_validation: bool = False
+    #: the corruptions that decide (calibrate ``datta_disp`` / ``datta_cal``) and are never reported
+    #: on (default :data:`~.validation.VALIDATION`: speckle_noise, gaussian_blur, spatter)
+    validation_corruptions: tuple[str, ...] = VALIDATION
     severity: int = DEFAULT_SEVERITY
     streams: tuple[str, ...] = STREAMS
     batch_sizes: tuple[int, ...] = (16, 64)
@@ -156,8 +167,17 @@ class DemoConfig:
     #: as torch found the machine (faster on wide CPUs; numbers specific to the machine)
     numerics: str = "portable"
 
+    @property
+    def test_corruptions(self) -> tuple[str, ...]:
+        """The corruptions reported on: ``corruptions``, or (None) every corruption that is not a
+        validation corruption."""
+        if self.corruptions is None:
+            return reported_corruptions(self.validation_corruptions)
+        return tuple(self.corruptions)
+
     def validate(self) -> None:
-        for name, chosen, known in (("corruption", self.corruptions, CORRUPTIONS),
+        check_validation(self.validation_corruptions)
+        for name, chosen, known in (("corruption", self.test_corruptions, CORRUPTIONS),
                                     ("stream", self.streams, STREAMS), ("method", self.methods, METHODS)):
             bad = [c for c in chosen if c not in known]
             if bad:
@@ -175,7 +195,7 @@ class DemoConfig:
         if self.daft_objective not in DAFT_OBJECTIVES:
             raise ValueError(f"daft_objective must be one of {DAFT_OBJECTIVES}, got {self.daft_objective!r}")
         check_numerics(self.numerics)
-        leaked = [c for c in self.corruptions if c in VALIDATION]
+        leaked = [c for c in self.test_corruptions if c in self.validation_corruptions]
         if leaked and not self.report_validation:
             raise ValueError(f"{leaked} are validation corruptions (they decide methods and are never "
                              "reported on); pass --report-validation to report on them anyway, "
@@ -372,6 +392,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     """Load data and model, corrupt, build the streams, run every method; return the results
     document (see ``report.write_outputs``) plus, under ``"_runs"``, the raw :class:`RunResult`s."""
     cfg.validate()
+    cfg = replace(cfg, corruptions=cfg.test_corruptions)   # recorded as run
     t_start = time.perf_counter()
     numerics = pin_numerics(cfg.numerics, log)  # first: the switches hold only before any CPU kernel
     commit = provenance()["commit"]     # the code this run imported (a later commit would not be)
@@ -387,7 +408,8 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
 
     n = min(cfg.per_domain, len(data.test_y))
     t0 = time.perf_counter()
-    pool = test_pool(data, n, cfg.severity, cfg.seed, tuple(cfg.corruptions), cfg.report_validation)
+    pool = test_pool(data, n, cfg.severity, cfg.seed, cfg.test_corruptions, cfg.report_validation,
+                     cfg.validation_corruptions)
     y = pool.y[pool.indices(0)]
     source_acc = {name: evaluate(model, pool.x[pool.indices(d)], y) for d, name in enumerate(pool.names)}
     log(f"corruptions: {len(pool.names)} types x {n} test images, severity {cfg.severity} "
@@ -401,8 +423,8 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     calibration, cal_reports, cal_cache = {}, {}, {}
     if any(m in CALIBRATED for m in cfg.methods):
         t0 = time.perf_counter()
-        vdom = validation_domains(data, cfg.validation_per_domain, cfg.seed,
-                                  tuple(cfg.validation_severities), train=cfg.train)
+        vdom = validation_domains(data, cfg.validation_per_domain, cfg.seed, tuple(cfg.validation_severities),
+                                  train=cfg.train, corruptions=tuple(cfg.validation_corruptions))
         for bs in cfg.batch_sizes:
             n_cal = cfg.calibration_batches or default_batches(bs)
             calibration[bs] = calibrate_threshold_on(model, vdom, bs, n_cal, cfg.seed,
@@ -458,7 +480,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                         for bs, c in calibration.items()},
         "datta_cal": {str(bs): rep.as_dict() for bs, rep in cal_reports.items()},
         "datta_cal_cache": cal_cache,
-        "reported_on_validation": [c for c in cfg.corruptions if c in VALIDATION],
+        "reported_on_validation": [c for c in cfg.test_corruptions if c in cfg.validation_corruptions],
         "backend_check": check,
         "_runs": runs,
     }

@@ -15,7 +15,9 @@ protocol, one each of noise, blur and weather; the fourth, ``saturate``, scales 
 saturation, which a grayscale image does not have) plus clean held-out images.
 Every reported number is on the **test** domains, the other 13 corruptions.  Reporting on a
 validation corruption needs ``allow_validation=True`` (the demo's ``--report-validation``) and is
-labelled as such in the results.
+labelled as such in the results.  Another set of validation corruptions can be named
+(``corruptions=`` / ``validation=`` below, the demo's ``--validation-corruptions``): the test
+corruptions are then the rest (:func:`reported_corruptions`), and the images stay the two halves.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from .corruptions import CORRUPTIONS, SEVERITIES, corrupt_all
 from .models import TrainConfig, held_out_indices
 from .streams import DomainPool, build_pool, pool_of
 
-__all__ = ["VALIDATION", "TEST", "CLEAN", "validation_pool", "test_pool", "reported_images",
+__all__ = ["VALIDATION", "TEST", "CLEAN", "check_validation", "reported_corruptions", "validation_pool",
+           "test_pool", "reported_images",
            "validation_images", "validation_domains", "pool_of", "draw_batches", "batch_scores",
            "calibrate_threshold_on"]
 
@@ -39,6 +42,27 @@ VALIDATION = ("speckle_noise", "gaussian_blur", "spatter")
 TEST = tuple(c for c in CORRUPTIONS if c not in VALIDATION)
 #: the name of the clean held-out validation domain
 CLEAN = "clean_heldout"
+
+
+def check_validation(corruptions) -> tuple[str, ...]:
+    """``corruptions`` as a tuple of validation corruptions, or a ``ValueError``: at least one,
+    each a known corruption, none twice, and at least one corruption left to report on."""
+    corruptions = tuple(corruptions)
+    bad = [c for c in corruptions if c not in CORRUPTIONS]
+    if bad:
+        raise ValueError(f"unknown validation corruption(s) {bad}; choose from {list(CORRUPTIONS)}")
+    if not corruptions or len(set(corruptions)) != len(corruptions):
+        raise ValueError(f"validation corruptions must name at least one corruption, each once; got "
+                         f"{list(corruptions)}")
+    if not reported_corruptions(corruptions):
+        raise ValueError("validation corruptions must leave at least one test corruption to report on")
+    return corruptions
+
+
+def reported_corruptions(validation=VALIDATION) -> tuple[str, ...]:
+    """The corruptions reported on when ``validation`` decides: every other one, in
+    :data:`~.corruptions.CORRUPTIONS`' order (:data:`TEST` for the default)."""
+    return tuple(c for c in CORRUPTIONS if c not in validation)
 
 
 def _halves(n_test: int) -> tuple[int, int]:
@@ -67,11 +91,12 @@ def validation_images(n_test: int, per_domain: int, seed: int) -> Tensor:
 
 
 def test_pool(data, per_domain: int, severity: int, seed: int,
-              corruptions: tuple[str, ...] = TEST, allow_validation: bool = False) -> DomainPool:
+              corruptions: tuple[str, ...] = TEST, allow_validation: bool = False,
+              validation: tuple[str, ...] = VALIDATION) -> DomainPool:
     """The test domains: ``corruptions`` of ``per_domain`` images of the first half of the test
-    set.  A validation corruption is refused unless ``allow_validation`` (then its numbers are
-    validation numbers, and must be labelled so)."""
-    leaked = [c for c in corruptions if c in VALIDATION]
+    set.  A validation corruption (one of ``validation``) is refused unless ``allow_validation``
+    (then its numbers are validation numbers, and must be labelled so)."""
+    leaked = [c for c in corruptions if c in validation]
     if leaked and not allow_validation:
         raise ValueError(f"{leaked} decide methods (validation corruptions) and are never reported "
                          "on; pass allow_validation=True (demo: --report-validation) to report on "
@@ -81,12 +106,14 @@ def test_pool(data, per_domain: int, severity: int, seed: int,
 
 
 def validation_domains(data, per_domain: int, seed: int, severities: tuple[int, ...] = SEVERITIES,
-                       train: TrainConfig | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+                       train: TrainConfig | None = None,
+                       corruptions: tuple[str, ...] = VALIDATION) -> dict[str, tuple[Tensor, Tensor]]:
     """``{name: (images, labels)}``: ``per_domain`` clean held-out training images (never trained
     on under ``train``, default :class:`TrainConfig`) as ``clean_heldout`` (left out when fewer
-    are held out), and the validation
-    corruptions at each of ``severities`` (``speckle_noise@3``, ...) of ``per_domain`` images of
-    the second half of the test set."""
+    are held out), and the validation ``corruptions`` (default :data:`VALIDATION`) at each of
+    ``severities`` (``speckle_noise@3``, ...) of ``per_domain`` images of the second half of the
+    test set."""
+    corruptions = check_validation(corruptions)
     held = held_out_indices(train or TrainConfig(), len(data.train_y))
     g = torch.Generator().manual_seed(seed + 2)
     out = {}
@@ -95,15 +122,16 @@ def validation_domains(data, per_domain: int, seed: int, severities: tuple[int, 
         out[CLEAN] = (data.train_x[clean], data.train_y[clean])
     pick = validation_images(len(data.test_y), per_domain, seed)
     for sev in severities:
-        for name, x in corrupt_all(data.test_x[pick], VALIDATION, sev, seed).items():
+        for name, x in corrupt_all(data.test_x[pick], corruptions, sev, seed).items():
             out[f"{name}@{sev}"] = (x, data.test_y[pick])
     return out
 
 
 def validation_pool(data, per_domain: int, seed: int, severities: tuple[int, ...] = SEVERITIES,
-                    train: TrainConfig | None = None) -> DomainPool:
+                    train: TrainConfig | None = None,
+                    corruptions: tuple[str, ...] = VALIDATION) -> DomainPool:
     """:func:`validation_domains` as one pool (each domain its own labels)."""
-    return pool_of(validation_domains(data, per_domain, seed, severities, train))
+    return pool_of(validation_domains(data, per_domain, seed, severities, train, corruptions))
 
 
 def draw_batches(pool: DomainPool, batch_size: int, n: int, seed: int) -> tuple[list[Tensor], list[Tensor]]:
