@@ -285,3 +285,22 @@ def test_resolve_carries_the_constant_result_marker():
     marked = torch.compiler.assume_constant_result(lambda: None)
     names = [k for k in vars(marked) if k.startswith("_dynamo")]
     assert names and all(getattr(backends.resolve, k) == getattr(marked, k) for k in names)
+
+
+def test_validation_corruptions_flag(capsys, no_run):
+    """``--validation-corruptions``: the set that calibrates; the test corruptions default to the
+    rest; naming one of them as a test corruption needs --report-validation; a bad set is one
+    line before anything runs."""
+    from datta_kernels.cli import _demo_config
+    from datta_kernels.eval.validation import TEST
+    assert _demo_config(build_parser().parse_args(["demo"])).test_corruptions == TEST
+    cfg = _demo_config(build_parser().parse_args(["demo", "--validation-corruptions", "fog,contrast"]))
+    assert cfg.validation_corruptions == ("fog", "contrast")
+    assert "fog" not in cfg.test_corruptions and "speckle_noise" in cfg.test_corruptions
+    cfg.validate()
+    _, err = _fails(capsys, ["demo", "--validation-corruptions", "fog", "--corruptions", "fog,contrast"])
+    assert "['fog'] are validation corruptions" in err and "--report-validation" in err
+    _, err = _fails(capsys, ["demo", "--validation-corruptions", "fog,nosuch"])
+    assert "nosuch" in err
+    _, err = _fails(capsys, ["demo", "--validation-corruptions", "fog,fog"])
+    assert "each once" in err

@@ -503,3 +503,47 @@ def test_protocol_refuses_overlap_and_validation_corruptions(synth_dir):
     rep = set(reported_images(len(data.test_y), 32, 0).tolist())
     from datta_kernels.eval.validation import validation_images
     assert not rep & set(validation_images(len(data.test_y), 8, 0).tolist())
+
+
+def test_validation_corruptions_are_chosen_and_never_reported(synth_dir, tmp_path):
+    """``validation_corruptions``: another set decides (datta_disp's calibration domains), the
+    test corruptions default to every other one (resolved and recorded by the run), a chosen
+    validation corruption is refused as a test corruption without ``report_validation``, and the
+    summary says the set is not the default."""
+    from datta_kernels.eval.corruptions import CORRUPTIONS
+    from datta_kernels.eval.validation import TEST, VALIDATION, reported_corruptions, test_pool
+    assert DemoConfig().test_corruptions == TEST == reported_corruptions()
+    chosen = ("fog", "speckle_noise")
+    cfg = DemoConfig(data_dir=str(synth_dir), per_domain=8, streams=("single",),
+                     methods=("source", "datta_disp"), batch_sizes=(8,), check_batches=0, train=TINY_TRAIN,
+                     validation_per_domain=8, validation_severities=(5,), calibration_batches=2,
+                     validation_corruptions=chosen,
+                     cache_dir=str(tmp_path / "cache"), progress=False)
+    rest = tuple(c for c in CORRUPTIONS if c not in chosen)
+    assert cfg.test_corruptions == rest and "gaussian_blur" in rest and "spatter" in rest
+    doc = run_demo(cfg, command="test", log=lambda *a: None)
+    assert doc["calibration"]["8"]["domains"] == ["clean_heldout", "fog@5", "speckle_noise@5"]
+    assert tuple(doc["meta"]["config"]["corruptions"]) == rest
+    assert {r["stream"] for r in doc["results"]} == {"single"} and not doc["reported_on_validation"]
+    assert set(next(r for r in doc["results"] if r["method"] == "source")["per_corruption"]) == set(rest)
+    assert "validation corruptions fog, speckle_noise (--validation-corruptions)" in format_tables(doc)
+    data = ds.load_fashion_mnist(synth_dir)
+    with pytest.raises(ValueError, match="validation corruptions"):
+        test_pool(data, 8, 3, 0, ("fog",), validation=chosen)
+    assert test_pool(data, 8, 3, 0, (VALIDATION[1],), validation=chosen).names == [VALIDATION[1]]
+    with pytest.raises(ValueError, match="report-validation"):
+        dataclasses.replace(cfg, corruptions=("fog", "contrast")).validate()
+    dataclasses.replace(cfg, corruptions=("fog", "contrast"), report_validation=True).validate()
+
+
+@pytest.mark.parametrize("bad, needle", [((), "at least one"), (("fog", "fog"), "each once"),
+                                         (("magic",), "unknown validation corruption"),
+                                         (None, "at least one test corruption")])
+def test_validation_corruptions_refused(bad, needle):
+    from datta_kernels.eval.corruptions import CORRUPTIONS
+    from datta_kernels.eval.validation import check_validation
+    bad = CORRUPTIONS if bad is None else bad
+    with pytest.raises(ValueError, match=needle):
+        check_validation(bad)
+    with pytest.raises(ValueError, match=needle):
+        DemoConfig(validation_corruptions=bad).validate()
