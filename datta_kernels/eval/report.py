@@ -82,12 +82,13 @@ def format_tables(doc: dict) -> str:
              f"corruptions x {cfg['per_domain']} test images, severity {cfg['severity']}; "
              + (f"clean {_pct(clean).strip()}%; " if clean is not None else "")
              + f"backend {meta['backend']}" + _numerics_words(meta.get("numerics"))]
+    calibrated = doc.get("calibration") or doc.get("datta_cal")
     vsev = tuple(cfg.get("validation_severities") or SEVERITIES)
-    if vsev != SEVERITIES and (doc.get("calibration") or doc.get("datta_cal")):
+    if vsev != SEVERITIES and calibrated:
         lines.append(f"NOTE: datta_disp / datta_cal calibrated on the validation corruptions at severity "
                      f"{', '.join(map(str, vsev))} only (--validation-severities), not at all five")
     vcorr = tuple(cfg.get("validation_corruptions") or VALIDATION)
-    if vcorr != VALIDATION and (doc.get("calibration") or doc.get("datta_cal")):
+    if vcorr != VALIDATION and calibrated:
         lines.append(f"NOTE: datta_disp / datta_cal calibrated on the validation corruptions "
                      f"{', '.join(vcorr)} (--validation-corruptions), not the default "
                      f"{', '.join(VALIDATION)}")

@@ -175,6 +175,12 @@ class DemoConfig:
             return reported_corruptions(self.validation_corruptions)
         return tuple(self.corruptions)
 
+    @property
+    def reported_on_validation(self) -> list[str]:
+        """The test corruptions that are validation corruptions (allowed by ``report_validation``
+        only, and labelled as validation numbers)."""
+        return [c for c in self.test_corruptions if c in self.validation_corruptions]
+
     def validate(self) -> None:
         check_validation(self.validation_corruptions)
         for name, chosen, known in (("corruption", self.test_corruptions, CORRUPTIONS),
@@ -195,7 +201,7 @@ class DemoConfig:
         if self.daft_objective not in DAFT_OBJECTIVES:
             raise ValueError(f"daft_objective must be one of {DAFT_OBJECTIVES}, got {self.daft_objective!r}")
         check_numerics(self.numerics)
-        leaked = [c for c in self.test_corruptions if c in self.validation_corruptions]
+        leaked = self.reported_on_validation
         if leaked and not self.report_validation:
             raise ValueError(f"{leaked} are validation corruptions (they decide methods and are never "
                              "reported on); pass --report-validation to report on them anyway, "
@@ -424,7 +430,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     if any(m in CALIBRATED for m in cfg.methods):
         t0 = time.perf_counter()
         vdom = validation_domains(data, cfg.validation_per_domain, cfg.seed, tuple(cfg.validation_severities),
-                                  train=cfg.train, corruptions=tuple(cfg.validation_corruptions))
+                                  train=cfg.train, corruptions=cfg.validation_corruptions)
         for bs in cfg.batch_sizes:
             n_cal = cfg.calibration_batches or default_batches(bs)
             calibration[bs] = calibrate_threshold_on(model, vdom, bs, n_cal, cfg.seed,
@@ -480,7 +486,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                         for bs, c in calibration.items()},
         "datta_cal": {str(bs): rep.as_dict() for bs, rep in cal_reports.items()},
         "datta_cal_cache": cal_cache,
-        "reported_on_validation": [c for c in cfg.test_corruptions if c in cfg.validation_corruptions],
+        "reported_on_validation": cfg.reported_on_validation,
         "backend_check": check,
         "_runs": runs,
     }

@@ -37,9 +37,8 @@ __all__ = ["VALIDATION", "TEST", "CLEAN", "check_validation", "reported_corrupti
            "validation_images", "validation_domains", "pool_of", "draw_batches", "batch_scores",
            "calibrate_threshold_on"]
 
-#: The validation corruptions (decide methods here) and the test corruptions (report here).
+#: The validation corruptions (decide methods here).
 VALIDATION = ("speckle_noise", "gaussian_blur", "spatter")
-TEST = tuple(c for c in CORRUPTIONS if c not in VALIDATION)
 #: the name of the clean held-out validation domain
 CLEAN = "clean_heldout"
 
@@ -63,6 +62,10 @@ def reported_corruptions(validation=VALIDATION) -> tuple[str, ...]:
     """The corruptions reported on when ``validation`` decides: every other one, in
     :data:`~.corruptions.CORRUPTIONS`' order (:data:`TEST` for the default)."""
     return tuple(c for c in CORRUPTIONS if c not in validation)
+
+
+#: The test corruptions (report here) of the default validation set.
+TEST = reported_corruptions()
 
 
 def _halves(n_test: int) -> tuple[int, int]:
