@@ -627,3 +627,17 @@ class DYN(Adapter):
 
     def extra_repr(self) -> str:
         return f"source_rate={self.source_rate}, " + super().extra_repr()
+
+
+#: The plain baselines by their row name (``datta-kernels demo`` / ``run`` rows, and the
+#: rivals of :func:`~datta_kernels.calibrate`'s ``margin`` objective).
+BASELINES: dict[str, type[Adapter]] = {"source": Source, "tbn": TBN, "bn_adapt": BNAdapt,
+                                       "tent": Tent, "dyn": DYN}
+
+
+def baseline(name: str, model: nn.Module, *, lr: float, backend: str | None = "auto") -> Adapter:
+    """A fresh :data:`BASELINES` adapter around ``model`` (not copied) by its row name; ``lr``
+    is Tent's rate (the only baseline that fine-tunes), the others take their defaults."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    return BASELINES[name](model, backend=backend, **({"lr": lr} if name == "tent" else {}))

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .adapt import DATTA, DYN, TBN, BNAdapt, Source, Tent
+from .adapt import DATTA, baseline
 from .diversity import ClassProbe, Selector, ThresholdSelector, prediction_spread, source_shift
 from .eval.streams import make_stream, pool_of
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer
@@ -738,10 +738,7 @@ def _past_the_end(on: dict[float, dict[str, float]], off: dict[str, float],
 def _rivals(model: nn.Module, rate: float, backend: str) -> dict[str, Callable[[], nn.Module]]:
     """The plain alternatives of step 5's ``margin`` objective (:data:`RIVALS`), each a fresh
     adapter around a copy of ``model`` per call: Tent at ``rate``, DYN at its source rate 0.8."""
-    kinds = {"source": Source, "tbn": TBN, "bn_adapt": BNAdapt, "tent": Tent, "dyn": DYN}
-    extra = {"tent": {"lr": rate}}
-    return {n: (lambda n=n: kinds[n](copy.deepcopy(model), backend=backend, **extra.get(n, {})))
-            for n in RIVALS}
+    return {n: (lambda n=n: baseline(n, copy.deepcopy(model), lr=rate, backend=backend)) for n in RIVALS}
 
 
 def _best_rival(rival_table: Mapping[str, Mapping[str, float]]) -> dict[str, float] | None:

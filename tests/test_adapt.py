@@ -377,6 +377,21 @@ def test_threshold_without_daft_is_sync_free(monkeypatch):
         assert adapter.last_decision == ("single" if adapter.last_score < t else "multiple")
 
 
+def test_baseline_by_row_name():
+    """``baseline(name, ...)`` builds the row's class; only Tent takes the rate; a bad name is
+    refused by name."""
+    from datta_kernels.adapt import BASELINES, DYN, baseline
+    assert BASELINES == {"source": Source, "tbn": TBN, "bn_adapt": BNAdapt, "tent": Tent, "dyn": DYN}
+    model = tiny_resnet()
+    for name, cls in BASELINES.items():
+        a = baseline(name, copy.deepcopy(model), lr=3e-3, backend="reference")
+        assert type(a) is cls
+        assert (a.optimizer.param_groups[0]["lr"] == 3e-3) if name == "tent" else a.optimizer is None
+    assert baseline("dyn", copy.deepcopy(model), lr=1.0).source_rate == 0.8
+    with pytest.raises(ValueError, match="unknown baseline 'datta'.*source, tbn"):
+        baseline("datta", model, lr=1e-3)
+
+
 def test_baselines():
     stream = make_stream(4)
     model = tiny_resnet()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import DATTA, __version__, backends
-from ..adapt import DYN, TBN, BNAdapt, Source, Tent
+from ..adapt import baseline
 from ..benchmarking import provenance
 from ..calibration import BLEND_GRID, DAFT_OBJECTIVES, default_batches
 from ..diversity import ThresholdSelector
@@ -53,6 +53,12 @@ def cal_rates(lr: float) -> tuple[float, ...]:
 __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
            "run_lockstep", "run_stream", "timed_call"]
 
+
+def _baseline_row(name: str) -> Callable[[nn.Module, str, float, dict, Stream], nn.Module]:
+    """A :data:`METHODS` entry for one of :data:`~datta_kernels.adapt.BASELINES`."""
+    return lambda m, b, lr, kw, s: baseline(name, m, lr=lr, backend=b)
+
+
 #: Method name -> factory ``(model, backend, lr, kw, stream) -> adapter``. Tent and DATTA
 #: share one lr so their entropy steps are comparable; ``kw`` (``score_layer``, ``score_mode``)
 #: only concerns the DATTA rows with the SPEC score; ``stream`` only the oracle, which reads its
@@ -61,10 +67,7 @@ __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "de
 #: ``datta_cal``, which read what was calibrated for their batch size on the validation
 #: domains (``kw["disp_thresholds"]``, ``kw["cal"]``; see :mod:`.validation`).
 METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] = {
-    "source": lambda m, b, lr, kw, s: Source(m, backend=b),
-    "tbn": lambda m, b, lr, kw, s: TBN(m, backend=b),
-    "bn_adapt": lambda m, b, lr, kw, s: BNAdapt(m, backend=b),
-    "tent": lambda m, b, lr, kw, s: Tent(m, lr=lr, backend=b),
+    **{n: _baseline_row(n) for n in ("source", "tbn", "bn_adapt", "tent")},
     "datta": lambda m, b, lr, kw, s: DATTA(m, backend=b, lr=lr, **_spec(kw)),
     "datta_icme": lambda m, b, lr, kw, s: DATTA.released(m, backend=b, **_spec(kw)),   # the authors' code
     "datta_noft": lambda m, b, lr, kw, s: DATTA(m, daft=False, backend=b, lr=lr, **_spec(kw)),
@@ -74,7 +77,7 @@ METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] =
         m, score_mode="dispersion", selector=_disp_selector(kw, s.batch_size), backend=b, lr=lr),
     "datta_disp_oracle": lambda m, b, lr, kw, s: DATTA(
         m, score_mode="dispersion", selector=OracleSelector(s.kinds), backend=b, lr=lr),
-    "dyn": lambda m, b, lr, kw, s: DYN(m, backend=b),
+    "dyn": _baseline_row("dyn"),
     "datta_cal": lambda m, b, lr, kw, s: kw["cal"][s.batch_size].adapter(m, backend=b),
     "datta_cal_oracle": lambda m, b, lr, kw, s: kw["cal"][s.batch_size].adapter(
         m, selector=OracleSelector(_skewed_kinds(s)), backend=b),
