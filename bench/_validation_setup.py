@@ -6,6 +6,7 @@ import argparse
 import copy
 import dataclasses
 
+import numpy as np
 import torch
 
 from datta_kernels.benchmarking import describe_machine, provenance
@@ -52,8 +53,22 @@ def calibrated_study(title: str, doc: str, parser: argparse.ArgumentParser | Non
     _, model, vdom = setup(title, doc, per_domain=cfg.validation_per_domain)
     rep = calibrate(copy.deepcopy(model), vdom, args.batch_size, lr=2e-3, backend=cfg.backend,
                     seed=cfg.seed).calibration
-    rep = dataclasses.replace(rep, daft=False, entropy_filter=None, daft_multiple=False)
-    return args, cfg, model, vdom, rep
+    return args, cfg, model, vdom, without_daft(rep)
+
+
+def without_daft(rep):
+    """``calibrate``'s report ``rep`` with DAFT switched off, and with it every DAFT-only choice
+    (the entropy filter, DAFT on ``multiple``, step 5b's pre blend of the second forward), which
+    an adapter without DAFT refuses."""
+    return dataclasses.replace(rep, daft=False, entropy_filter=None, daft_multiple=False,
+                               pre_single_blend=None)
+
+
+def image_families(domains) -> np.ndarray:
+    """The corruption family (the name before ``@``) of every image of ``domains``, in the order
+    :func:`~datta_kernels.calibration._streams` concatenates them."""
+    names = list(domains)
+    return np.repeat([n.split("@")[0] for n in names], [len(domains[n][1]) for n in names])
 
 
 def defined_batches(s: Stream) -> Stream:

@@ -11,11 +11,10 @@ here at each batch size with one DAFT rate (1e-3; DAFT is then switched off for 
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import numpy as np
 import torch
-from _validation_setup import setup
+from _validation_setup import setup, without_daft
 
 from datta_kernels import calibrate
 from datta_kernels import calibration as cal
@@ -29,7 +28,7 @@ def main() -> None:
     for bs in (16, 64):
         c = calibrate(copy.deepcopy(model), vdom, bs, lr=1e-3).calibration
         lo, hi = c.shift_cut
-        adapter = dataclasses.replace(c, daft=False).adapter(copy.deepcopy(model).eval())
+        adapter = without_daft(c).adapter(copy.deepcopy(model).eval())
         x, y, streams = cal._streams(vdom, bs, 0)
         for name in ("single", "dynamic", "sorted"):
             rows = []

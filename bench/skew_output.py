@@ -18,11 +18,10 @@ only); the signal has no fitted parameter, so the AUROC is read per family and p
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import numpy as np
 import torch
-from _validation_setup import setup
+from _validation_setup import image_families, setup, without_daft
 from scipy.stats import mannwhitneyu
 
 from datta_kernels import ThresholdSelector, calibrate, prediction_spread
@@ -30,9 +29,8 @@ from datta_kernels import calibration as cal
 
 
 def _rows(c, model, vdom, bs: int) -> dict[str, np.ndarray]:
-    off = dataclasses.replace(c, daft=False, entropy_filter=None, daft_multiple=False, pre_single_blend=None)
-    names = list(vdom)
-    fam_of = np.repeat([n.split("@")[0] for n in names], [len(vdom[n][1]) for n in names])
+    off = without_daft(c)
+    fam_of = image_families(vdom)
     x, y, streams = cal._streams(vdom, bs, 0)
     out = {k: [] for k in ("stream", "family", "spread", "spread_single", "acc", "acc_single")}
     with torch.no_grad():

@@ -17,11 +17,10 @@ and the label-sorted ones inside.
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import numpy as np
 import torch
-from _validation_setup import setup
+from _validation_setup import image_families, setup, without_daft
 
 from datta_kernels import ThresholdSelector, calibrate, ops
 from datta_kernels import calibration as cal
@@ -30,7 +29,7 @@ from datta_kernels.nn import dabn_layers
 
 
 def _rows(c, model, vdom, bs: int) -> dict[str, np.ndarray]:
-    off = dataclasses.replace(c, daft=False)
+    off = without_daft(c)
     adapter = off.adapter(copy.deepcopy(model).eval())
     single = off.adapter(copy.deepcopy(model).eval(), selector=ThresholdSelector(1e9))
     stem = dabn_layers(adapter.model)[0]
@@ -41,8 +40,7 @@ def _rows(c, model, vdom, bs: int) -> dict[str, np.ndarray]:
         seen["stem"] = float(source_shift(mean_i, var_i, layer.source_mean, layer.source_var,
                                           layer.eps, signed=True))
     stem.register_forward_pre_hook(hook)
-    names = list(vdom)
-    fam_of = np.repeat([n.split("@")[0] for n in names], [len(vdom[n][1]) for n in names])
+    fam_of = image_families(vdom)
     x, y, streams = cal._streams(vdom, bs, 0)
     out = {k: [] for k in ("stream", "family", "stem", "score", "skewed", "acc", "acc_single")}
     with torch.no_grad():

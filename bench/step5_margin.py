@@ -30,11 +30,10 @@ objective's picks **and** have the **higher mean** held-out goal margin.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from pathlib import Path
 
-from _validation_setup import defined_batches, validation_streams
+from _validation_setup import defined_batches, validation_streams, without_daft
 from step5_lofo import fold, saved_calibrations
 
 from datta_kernels.calibration import RIVALS, _stream_accuracy
@@ -95,7 +94,7 @@ def main() -> None:
             hpool, hstreams = validation_streams(hard, bs, cfg.seed, kinds=("single",))
             streams = {k: (tpool, s) for k, s in tstreams.items()} | {"hard": (hpool, hstreams["single"])}
             if i == 0:      # the recorded table is this code's: rerun DAFT off on the hard stream
-                off = dataclasses.replace(cal, daft=False, entropy_filter=None, daft_multiple=False)
+                off = without_daft(cal)
                 again = _stream_accuracy(off.adapter(copy.deepcopy(model), backend=cfg.backend), hpool.x,
                                          hpool.y, hstreams["single"].batches)
                 assert abs(again - rows["off"]["hard"]) < 0.006, (again, rows["off"]["hard"])
