@@ -40,6 +40,7 @@ from .diversity import (
     Selector,
     ThresholdSelector,
     make_selector,
+    prediction_spread,
 )
 from .functional import SCORE_MODES, _check_blend_values
 from .nn import FusedDABN, dabn_layers, first_nonlinear_layer, set_decisions
@@ -331,9 +332,20 @@ class DATTA(Adapter):
             statistics, is passed to the selector (``last_spread``).  A selector with a shift
             cut (``ThresholdSelector(shift_cut=...)``) also gets the batch's signed
             :func:`~datta_kernels.diversity.source_shift` at the score layer (``last_shift``).
+        output_spread_cut: None (default), or the *output check* (SPEC §4; an extension, not
+            the authors' design): a batch decided ``skewed`` whose own output's
+            :func:`~datta_kernels.diversity.prediction_spread` (of the logits the forward just
+            made) is above this cut is *released*: its fold into the stream statistics is
+            undone and it is forwarded again as ``single`` (then, under DAFT, fine-tuned as
+            every ``single`` batch), so it ends exactly as a batch decided ``single`` would
+            (``last_decision`` says ``"single"``, ``last_released`` True).  A label-sorted
+            batch's predictions are alike, an i.i.d. batch's differ; ``datta_kernels.calibrate``
+            chooses the cut on validation streams (step 4e).  Costs one host sync on the
+            ``skewed`` batches and a second forward on the released ones.
 
     Host syncs: one per batch (the selector needs the score as a float), except with a
-    threshold selector and ``daft=False``, which decides on the device with no sync.
+    threshold selector, ``daft=False`` and no ``output_spread_cut``, which decides on the
+    device with no sync; with ``output_spread_cut``, one more on a ``skewed`` batch.
 
     On CPU tensors, with a ``ThresholdSelector``, the dispersion score and a score layer on the
     ``cpu`` backend (``datta_kernels.calibrate``'s configuration), the score layer's no-graph
@@ -347,7 +359,8 @@ class DATTA(Adapter):
                  backend: str | None = "auto", *, shrink_k=_PRESET_DEFAULT, weights=None,
                  score_layer: str | None = None, cluster=_PRESET_DEFAULT,
                  class_probe: ClassProbe | None = None, daft_multiple: bool = False,
-                 entropy_filter: float | None = None, daft_pre_single: bool = False):
+                 entropy_filter: float | None = None, daft_pre_single: bool = False,
+                 output_spread_cut: float | None = None):
         if score_mode not in SCORE_MODES:
             raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {score_mode!r}")
         super().__init__(model, preset, update="single" if daft else "never", lr=lr,
@@ -361,6 +374,19 @@ class DATTA(Adapter):
         if daft_pre_single and not daft:
             raise ValueError("daft_pre_single=True changes DAFT's second forward: it needs daft=True")
         self.daft_pre_single = bool(daft_pre_single)
+        if output_spread_cut is not None and (isinstance(output_spread_cut, bool)
+                                              or not isinstance(output_spread_cut, (int, float))
+                                              or math.isnan(output_spread_cut)):
+            raise ValueError(f"output_spread_cut must be a number (a cut on the output's prediction "
+                             f"spread, in [0, 1]) or None, got {output_spread_cut!r}")
+        #: the output check's cut (None: off): a ``skewed`` batch whose output spread is above it
+        #: is forwarded again as ``single``
+        self.output_spread_cut = None if output_spread_cut is None else float(output_spread_cut)
+        #: whether the latest batch was decided ``skewed`` and released to ``single`` by the output check
+        self.last_released = False
+        #: (output check) the stream statistics of the layers from the score layer on before
+        #: the current ``skewed`` batch folded into them, to undo the fold if it is released
+        self._held_streams: list | None = None
         self.score_mode = score_mode
         if self.selector.uses_spread and class_probe is None:
             raise ValueError(f"{self.selector!r} reads the batch's prediction spread: pass "
@@ -385,7 +411,7 @@ class DATTA(Adapter):
                                  "layer of the model")
             self._score_at = next(i for i, lyr in enumerate(self._layers) if lyr is found)
         # decide on the device (no .item()) only when no host-side branch needs the decision
-        self._sync_free = self.selector.sync_free and not self.daft
+        self._sync_free = self.selector.sync_free and not self.daft and self.output_spread_cut is None
 
     @property
     def daft(self) -> bool:
@@ -424,9 +450,11 @@ class DATTA(Adapter):
         later = self._layers[self._score_at:]
         probe = self.class_probe if sel.skew_cut is not None else None
         stream = _stream_args(layer)
-        if self.daft and stream[0] is not None:
-            # the op folds the batch into the stream statistics; a batch it sends to DAFT is
-            # forwarded again and folded then, so the fold is undone below
+        before = None
+        if (self.daft or self.output_spread_cut is not None) and stream[0] is not None:
+            # the op folds the batch into the stream statistics; a batch it sends to DAFT (or
+            # that the output check releases) is forwarded again and folded then, so the fold
+            # is undone below (or in _step)
             before = (stream[0].clone(), stream[1].clone())
         y, mean_i, var_i, score, per_sample, spread, shift, flags = torch.ops.datta._dabn_decide_forward(
             as_kernel_layout(x), layer.weight, layer.bias, layer.source_mean, layer.source_var,
@@ -438,9 +466,9 @@ class DATTA(Adapter):
         self.__dict__.update(_last_score=score, last_spread=spread if probe is not None else None,
                              last_shift=shift if sel.shift_cut is not None else None)
         try:
-            self._record(sel._from_flags(flags, self._sync_free))     # the op wrote the layers
+            self._record(sel._from_flags(flags, self._sync_free), before)     # the op wrote the layers
         except _FineTune:
-            if stream[0] is not None:
+            if before is not None:
                 with torch.no_grad():
                     stream[0].copy_(before[0])
                     stream[1].copy_(before[1])
@@ -468,14 +496,25 @@ class DATTA(Adapter):
             set_decisions(self._layers[self._score_at:], decision)   # decided with one host sync
         self._record(decision)
 
-    def _record(self, decision) -> None:
+    def _record(self, decision, folded: tuple[Tensor, Tensor] | None = None) -> None:
         """Keep the batch's decision (a string, or the device path's ``(single, skewed)``
-        tensors) already written into the layers; a ``single`` batch under DAFT stops here."""
+        tensors) already written into the layers; a ``single`` batch under DAFT stops here.
+        ``folded``: the score layer's stream statistics before the fused op folded this batch
+        into them (None: not folded yet)."""
         if self._sync_free:
             single, skewed = decision
             self.__dict__.update(_last_decision=None, _last_decision_t=single, _last_skewed_t=skewed)
             return
         self.__dict__.update(_last_decision=decision, _last_decision_t=None)
+        if decision == SKEWED and self.output_spread_cut is not None:
+            # the output check may release this batch after the forward: keep what the later
+            # layers' stream statistics hold before they fold it in (they have not run yet)
+            later = self._layers[self._score_at:]
+            held = [(lyr.stream_mean.clone(), lyr.stream_var.clone())
+                    if getattr(lyr, "stream_momentum", None) is not None else None for lyr in later]
+            if folded is not None:
+                held[0] = folded
+            self.__dict__["_held_streams"] = held
         if self.daft and decision in self._daft_on:
             # the forward so far recorded no graph (_step): start it again, recording one
             raise _FineTune
@@ -512,7 +551,7 @@ class DATTA(Adapter):
         first.__dict__.update(compute_score=True, score_mode=self.score_mode, score_callback=self._on_score,
                               score_forward=self._score_forward)
         self.__dict__.update(_last_score=None, _last_decision=None, _last_decision_t=None,
-                             _last_skewed_t=None)
+                             _last_skewed_t=None, _held_streams=None, last_released=False)
         try:
             # no graph until a batch is known to be fine-tuned: most batches are not, and
             # recording the layers before the decision cost them ~7 % of a step on a CPU
@@ -525,6 +564,13 @@ class DATTA(Adapter):
             if self._last_score is None:
                 raise RuntimeError("the score layer was not called during the forward; "
                                    "pass score_layer= the first BatchNorm the input reaches")
+            if self._held_streams is not None and self._release(logits):
+                # released: forwarded again as "single", the decision kept (not asked twice)
+                first.__dict__.update(score_callback=None, score_forward=None)
+                fine_tune = self.daft and SINGLE in self._daft_on
+                if not fine_tune:
+                    with torch.no_grad():
+                        logits = self.model(x)
             if fine_tune:
                 # the same forward again, recording the graph: the layers before the score layer
                 # on "multiple" as before (daft_pre_single: "single", below), the decision kept
@@ -545,10 +591,34 @@ class DATTA(Adapter):
                         lyr.set_decision(decision, skewed)
         finally:
             first.__dict__.update(saved)
+            self.__dict__["_held_streams"] = None
         return logits.detach()
+
+    def _output_spread(self, logits: Tensor) -> Tensor:
+        """The output check's signal: :func:`~datta_kernels.diversity.prediction_spread` of the
+        batch's logits (0-dim)."""
+        return prediction_spread(logits)
+
+    def _release(self, logits: Tensor) -> bool:
+        """The output check (SPEC §4) of a batch decided ``skewed``: if its output spread is
+        above ``output_spread_cut`` (one host sync), undo its fold into the stream statistics
+        and write ``single`` into the layers from the score layer on; True when released."""
+        if not float(self._output_spread(logits)) > self.output_spread_cut:
+            return False
+        later = self._layers[self._score_at:]
+        with torch.no_grad():
+            for lyr, held in zip(later, self._held_streams):
+                if held is not None:
+                    lyr.stream_mean.copy_(held[0])
+                    lyr.stream_var.copy_(held[1])
+        set_decisions(later, SINGLE)
+        self.__dict__.update(_last_decision=SINGLE, last_released=True, _held_streams=None)
+        return True
 
     def extra_repr(self) -> str:
         return (f"selector={self.selector!r}, daft={self.daft}"
+                + ("" if self.output_spread_cut is None
+                   else f", output_spread_cut={self.output_spread_cut:g}")
                 + (", daft_multiple=True" if self.daft_multiple else "")
                 + (", daft_pre_single=True" if self.daft_pre_single else "")
                 + (f", entropy_filter={self.entropy_filter:g}" if self.entropy_filter is not None else "")

@@ -28,7 +28,10 @@ built of them, whose batch types are known by construction, :func:`calibrate` ch
    every validation image once, so they are as long as the validation data allow; then, on
    those streams, the statistics of ``skewed`` batches: the source statistics or the stream
    statistics (SPEC §3c) at a momentum (4b), their reset cut (4c) and their blend with the
-   batch statistics (4d);
+   batch statistics (4d); then the output check (4e, ``DATTA(output_spread_cut=...)``): a
+   ``skewed`` batch whose output predictions are spread (above a cut) is forwarded again as
+   ``single``, the cut moved from :data:`RELEASE_START` while the mean rises, kept only if it
+   beats no check;
 5. DAFT off, or on at one of the candidate learning rates ``lr`` (entropy steps on ``single``
    batches), or on with EATA's reliable-sample filter (:data:`FILTER_BOUND`) from the best of
    those rates, doubled while the mean rises: the best mean accuracy over those streams and a
@@ -82,7 +85,7 @@ STREAM_KINDS = {"single": "single", "mixed": "mixed", "dynamic": "dynamic", "sor
 #: validation images of each batch type :func:`calibrate` draws by default
 VALIDATION_IMAGES = 3072
 #: step 2b's best pre blends (the layers before the score layer) that go on through steps
-#: 2c-4d, the validation streams choosing among them
+#: 2c-4e, the validation streams choosing among them
 PRE_CANDIDATES = 2
 
 #: at most this many extra DAFT rates past an end of the candidates (step 5)
@@ -113,6 +116,11 @@ STREAM_BATCH_STEP = 0.2
 #: then halved or doubled while the mean rises, within :data:`RESET_LIMITS`
 RESET_START = 1.0
 RESET_LIMITS = (1 / 16, 16.0)
+#: the output check's cut tried first (step 4e, on the output's
+#: :func:`~datta_kernels.diversity.prediction_spread`), then lowered or raised by
+#: :data:`RELEASE_STEP` while the mean rises (within [0, 1])
+RELEASE_START = 0.6
+RELEASE_STEP = 0.05
 
 
 def default_batches(batch_size: int) -> int:
@@ -168,7 +176,7 @@ class Calibration:
     #: pre blend -> accuracy (%) per batch type, the later layers on the type's right blend
     pre_table: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
     #: step 2b's best pre blends -> accuracy (%) per validation stream without DAFT, each with
-    #: its own steps 2c-4d (the best mean is ``pre_blend``); empty: no layer before the score layer
+    #: its own steps 2c-4e (the best mean is ``pre_blend``); empty: no layer before the score layer
     pre_streams: dict[tuple[float, float, float], dict[str, float]] = field(default_factory=dict)
     #: accuracy (%) per batch type of the chosen rule, and of the rule without ``low``
     decision_table: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -201,10 +209,16 @@ class Calibration:
     daft_objective: str = "mean"
     #: with the ``margin`` objective: rival (:data:`RIVALS`) -> accuracy (%) per step 5 stream
     rival_table: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the output check (step 4e, ``DATTA(output_spread_cut=...)``): a ``skewed`` batch whose
+    #: output prediction spread is above this cut is forwarded again as ``single``; None: no check
+    output_spread_cut: float | None = None
+    #: ``"none"`` / ``"cut X"`` -> accuracy (%) per validation stream (no DAFT) of step 4e
+    release_table: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
         """The calibrated :class:`DATTA` around ``model`` (converted / reconfigured in place);
-        ``selector`` replaces the calibrated cuts (e.g. an oracle for a bound)."""
+        ``selector`` replaces the calibrated decision, its cuts and the output check (e.g. an
+        oracle for a bound)."""
         if any(_is_plain_bn(m) for m in model.modules()):
             model = convert_model(model, "datta", backend=backend, **INSTANCE_MODES[self.instance_mode])
         layers = dabn_layers(model)
@@ -224,6 +238,7 @@ class Calibration:
                         daft_multiple=self.daft_multiple, daft_pre_single=pre_single is not None,
                         entropy_filter=getattr(self, "entropy_filter", None),
                         selector=selector or self.selector(), backend=None,
+                        output_spread_cut=None if selector is not None else self.output_spread_cut,
                         score_layer=self.score_layer,
                         class_probe=None if self.probe is None else
                         copy.deepcopy(self.probe).to(layers[0].running_mean.device))
@@ -356,6 +371,17 @@ class Calibration:
             width = max(28, *map(len, self.stream_table))
             for name, acc in self.stream_table.items():
                 lines.append(f"  {name:<{width}} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
+                             + f"  mean {_mean(acc):5.1f}")
+        releases = getattr(self, "release_table", {})
+        if releases:
+            cut = getattr(self, "output_spread_cut", None)
+            lines.append("output check: " + ("none" if cut is None else
+                                              f"a skewed batch whose output prediction spread is above "
+                                              f"{cut:g} is forwarded again as single")
+                         + " (the best mean over the validation streams without DAFT; ties: no check, "
+                         "then the higher cut):")
+            for name, acc in releases.items():
+                lines.append(f"  {name:<28} " + "  ".join(f"{k} {v:5.1f}" for k, v in acc.items())
                              + f"  mean {_mean(acc):5.1f}")
         filt = getattr(self, "entropy_filter", None)
         pre_single = getattr(self, "pre_single_blend", None)
@@ -704,7 +730,7 @@ def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]
 
 def _climb(runs: dict, start: float, moves, evaluate, limits=(0.0, math.inf),
            steps: int | None = None, score=_mean) -> None:
-    """The one-dimensional searches of steps 4b, 4c, 4d and 5 (the filter's rate): fills
+    """The one-dimensional searches of steps 4b, 4c, 4d, 4e and 5 (the filter's rate): fills
     ``runs`` (value -> accuracy per stream, ``start`` already in it) along each move in turn,
     from ``start`` to the next value (a number in ``moves`` multiplies the value, a callable
     maps it), ``evaluate(value)``, within ``limits`` and at most ``steps`` times, while the mean
@@ -834,7 +860,7 @@ def _search_blends(work: nn.Module, layers: list[FusedDABN], pre: int, val, grid
     if pre > 0:
         # 2b. the layers before the score layer run before the decision exists: one blend for
         #     every batch, ranked by the mean over the three types with the later layers on the
-        #     blend of each type's right decision (the best PRE_CANDIDATES go on to steps 2c-4d)
+        #     blend of each type's right decision (the best PRE_CANDIDATES go on to steps 2c-4e)
         right = {"single": single, "mixed": multiple, "sorted": skewed}
         for w in grid:
             pre_table[w] = {}
@@ -999,11 +1025,13 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
 
     def adapter_for(c: dict, rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False,
                     stream: float | None = None, reset: float | None = None,
-                    filt: float | None = None, blend=STREAM_BLEND, pre_single=None) -> DATTA:
+                    filt: float | None = None, blend=STREAM_BLEND, pre_single=None,
+                    release: float | None = None) -> DATTA:
         _configure(layers, pre, c["pre"], (c["single"], c["multiple"], c["skewed"]), c["mode"], stream,
                    reset, blend, pre_single)
         return DATTA(copy.deepcopy(work), preset=None, daft=daft, lr=rate, daft_multiple=on_multiple,
                      entropy_filter=filt, daft_pre_single=pre_single is not None,
+                     output_spread_cut=release,
                      selector=ThresholdSelector(*rule, c["shift_cut"]), class_probe=c["probe"],
                      score_mode="dispersion", backend=None)
 
@@ -1012,7 +1040,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
                 for name, (x, y, batches) in (on or four).items()}
 
     def behind(pre_blend) -> dict:
-        """Steps 2c-4d with the layers before the score layer on ``pre_blend``."""
+        """Steps 2c-4e with the layers before the score layer on ``pre_blend``."""
         c = _blends_behind(work, layers, pre, val, grid, found, pre_blend)
         c |= _search_cuts(work, layers, pre, val, fit, (val_fam, fit_fam), num_classes, c)
         _configure(layers, pre, c["pre"], (c["single"], c["multiple"], c["skewed"]), c["mode"])
@@ -1069,11 +1097,26 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
             stream_table |= {f"{where}, blend {_fmt(_stream_blend(w))}": v
                              for w, v in blend_runs.items() if w > 0}
             stream_runs[stream] = blend_runs[b]
-        c |= {"statistics": dict(stream=stream, reset=reset, blend=stream_blend),
-              "stream_table": stream_table, "final": stream_runs[stream]}
+        statistics = dict(stream=stream, reset=reset, blend=stream_blend)
+
+        # 4e. the output check: a batch decided skewed whose output prediction spread is above a
+        #     cut is forwarded again as single; RELEASE_START, then lowered or raised by
+        #     RELEASE_STEP while the mean rises; kept only if it beats no check (ties: no check,
+        #     then the higher cut, which releases fewer batches)
+        release_runs = {None: stream_runs[stream]}
+        if rule[1] != -math.inf or rule[2] is not None:
+            release_runs[RELEASE_START] = run(c, rule, False, **statistics, release=RELEASE_START)
+            _climb(release_runs, RELEASE_START,
+                   (lambda r: round(r - RELEASE_STEP, 6), lambda r: round(r + RELEASE_STEP, 6)),
+                   lambda r: run(c, rule, False, **statistics, release=r), (0.0, 1.0))
+        cuts = [None] + sorted((r for r in release_runs if r is not None), reverse=True)
+        release = max(cuts, key=lambda r: (_mean(release_runs[r]), r is None, r or 0.0))
+        c |= {"statistics": statistics | {"release": release}, "stream_table": stream_table,
+              "release_table": {("none" if r is None else f"cut {r:g}"): release_runs[r] for r in cuts},
+              "final": release_runs[release]}
         return c
 
-    # 2b-4d. each of step 2b's best PRE_CANDIDATES pre blends through steps 2c-4d; the one with
+    # 2b-4e. each of step 2b's best PRE_CANDIDATES pre blends through steps 2c-4e; the one with
     #        the best mean over the four validation streams without DAFT is kept (ties: step 2b's
     #        order): step 2b ranks them on a few thousand images a type, the streams on every
     #        validation image, with the cuts each pre blend needs
@@ -1164,5 +1207,6 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         streams={k: len(v) for k, v in streams.items()},
         modes=found["modes"], probe=probe, stream_momentum=statistics["stream"],
         stream_reset=statistics["reset"], stream_blend=statistics["blend"], stream_table=c["stream_table"],
+        output_spread_cut=statistics["release"], release_table=c["release_table"],
         mixing=groups, daft_objective=daft_objective, rival_table=rival_table)
     return report.adapter(model, backend=backend)

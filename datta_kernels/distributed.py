@@ -36,6 +36,8 @@ layer also gathers a small header (channels, dtype, layer index) and raises on a
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -91,6 +93,15 @@ class DistributedDATTA(DATTA):
             # probe with one zero sample of this shape: a rank with an empty slice probes too
             self._score_at = first_nonlinear_layer(self.model, x.new_zeros((1, *x.shape[1:])))
         return super()._step(x)
+
+    def _output_spread(self, logits: Tensor) -> Tensor:
+        """The output check's spread of the global batch: the per-class population std of the
+        softmax over every rank's rows (:func:`gather_moments`, one ``all_gather`` of ``1 + 2K``
+        float64 values, the same bits on every rank, so every rank releases the same batches)."""
+        p = torch.softmax(logits.detach().to(torch.float64), dim=1)
+        count, _, m2 = gather_moments(p, self.process_group)
+        std = (m2 / count.clamp(min=1)).clamp(min=0).sqrt()
+        return (std.sum() / math.sqrt(max(p.shape[1] - 1, 1))).to(torch.float32)
 
     def _entropy_step(self, logits: Tensor) -> None:
         """Loss = sum of local entropies / global batch size; gradients of ``gamma, beta``

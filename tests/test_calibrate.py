@@ -1117,7 +1117,7 @@ def _calibrate_stubbed(monkeypatch, stream_accuracy):
 @pytest.mark.parametrize("favour", [None, 0, 1])
 def test_calibrate_chooses_the_pre_blend_on_the_validation_streams(monkeypatch, favour):
     """Step 2b ranks the blends of the layers before the score layer on its batches; the best
-    PRE_CANDIDATES each go through steps 2c-4d and the validation streams without DAFT choose
+    PRE_CANDIDATES each go through steps 2c-4e and the validation streams without DAFT choose
     (ties: step 2b's order); the adapter's early layers carry the choice, the report shows it."""
     ranks = []
 
@@ -1318,6 +1318,44 @@ def test_calibrate_chooses_the_stream_blend_on_the_validation_streams(monkeypatc
     adapter(_domains()["noisy"][0][:8])
     adapter.reset()
     assert all(lyr.blend_skewed.tolist() == pytest.approx(rep.stream_blend) for lyr in adapter.layers[at:])
+
+
+@pytest.mark.parametrize("peak,want,chosen", [
+    (None, [0.55, 0.6, 0.65], None),                      # no cut beats none: no check
+    (0.6, [0.55, 0.6, 0.65], 0.6),                        # the start is best: one step each way
+    (0.45, [0.4, 0.45, 0.5, 0.55, 0.6, 0.65], 0.45),      # lowered while the mean rises
+    (1.5, [0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0], 1.0),   # raised up to 1
+])
+def test_calibrate_chooses_the_output_check_on_the_validation_streams(monkeypatch, tmp_path, peak, want,
+                                                                       chosen):
+    """Step 4e: no output check, or a cut on the output's prediction spread found from
+    RELEASE_START by lowering and raising it by RELEASE_STEP while the mean over the validation
+    streams without DAFT rises (ties: no check); step 5's runs and the adapter carry it, the
+    report and a saved file keep it, an oracle selector drops it."""
+    seen = []
+
+    def fake(adapter, x, y, batches):
+        cut = adapter.output_spread_cut
+        seen.append((adapter.daft, cut))
+        if adapter.daft:
+            return 40.0
+        if cut is None:
+            return 50.0
+        return 49.0 if peak is None else 55.0 - 2 * abs(cut - peak)
+    adapter = _calibrate_stubbed(monkeypatch, fake)
+    rep = adapter.calibration
+    tried = sorted(float(k.split("cut ")[1]) for k in rep.release_table if k != "none")
+    assert tried == pytest.approx(want) and list(rep.release_table)[0] == "none"
+    assert rep.output_spread_cut == (None if chosen is None else pytest.approx(chosen))
+    assert adapter.output_spread_cut == rep.output_spread_cut and not rep.daft
+    assert {c for daft, c in seen if daft} == {rep.output_spread_cut}       # step 5 runs with it
+    assert ("is forwarded again as single" in str(rep)) == (chosen is not None)
+    rep.save(tmp_path / "cal.pt")
+    again = dk.Calibration.load(tmp_path / "cal.pt")
+    assert again.output_spread_cut == rep.output_spread_cut and again.release_table == rep.release_table
+    assert again.adapter(_model(), backend="reference").output_spread_cut == rep.output_spread_cut
+    oracle = rep.adapter(_model(), selector=dk.ThresholdSelector(1e9), backend="reference")
+    assert oracle.output_spread_cut is None
 
 
 def _severity_domains(n: int = 20) -> dict:

@@ -166,6 +166,19 @@ def _scenario_moments(rank, world):
     return {"count": count, "mean": mean, "m2": m2, "kept_group": kept}
 
 
+def _output_logits(sizes):
+    g = torch.Generator().manual_seed(sum(sizes))
+    return torch.randn(sum(sizes), 5, generator=g) * 3
+
+
+def _scenario_output_spread(rank, world, cases):
+    """DistributedDATTA's output check reads the global batch's spread (SPEC §4)."""
+    adapter = DistributedDATTA(tiny_resnet(0), selector=dk.ThresholdSelector(1.0, low=0.5),
+                               daft=False, score_mode="dispersion", output_spread_cut=0.5)
+    return {"spreads": [adapter._output_spread(_output_logits(sizes)[_split(sum(sizes), sizes)[rank]])
+                        for sizes in cases]}
+
+
 # ------------------------------------------------------------------ the parent side
 def _run(tmp_path, world: int, scenario: str, **kw) -> list[dict]:
     init = f"file://{tmp_path / 'rendezvous'}"
@@ -407,3 +420,20 @@ def test_state_dict_is_plain_batchnorm_compatible():
     result = synced.load_state_dict(plain, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     assert set(dk.convert_model(tiny_resnet(0)).state_dict()) == set(synced.state_dict())
+
+
+def test_output_check_reads_the_global_spread(tmp_path):
+    """The output check's spread on 2 ranks, uneven and with an empty slice, is the spread of
+    the concatenated logits (float64 merge vs float32 two-pass: 1e-5) and bitwise the same on
+    every rank, so every rank releases the same batches."""
+    cases = [[5, 3], [6, 0], [1, 1]]
+    results = _run(tmp_path, 2, "output_spread", cases=cases)
+    for r in results:
+        assert "error" not in r, r.get("error")
+    for i, sizes in enumerate(cases):
+        want = dk.prediction_spread(_output_logits(sizes))
+        assert 0.05 < float(want) < 1
+        for r in results:
+            assert r["spreads"][i].dtype == torch.float32 and r["spreads"][i].dim() == 0
+            assert torch.equal(r["spreads"][i], results[0]["spreads"][i])
+            torch.testing.assert_close(r["spreads"][i], want, rtol=1e-5, atol=1e-6)

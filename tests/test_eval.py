@@ -397,6 +397,12 @@ def test_decisions_by_counts_each_label():
     assert r.decisions_by(r.domains) == {"fog": {"single": 2 / 3, "skewed": 1 / 3}, "jpeg": {"multiple": 1.0}}
     assert r.row()["decisions_per_corruption"] == r.decisions_by(r.domains)
     assert "decisions_per_corruption" not in dataclasses.replace(r, stream="mixed").row()
+    # batches the output check released (SPEC §4): the share per corruption, only when some were
+    assert "released_fraction" not in r.row()
+    released = dataclasses.replace(r, released=[False, True, True, False, False, False])
+    assert released.row()["released_fraction"] == 2 / 6
+    assert released.row()["released_per_corruption"] == {"fog": 0.5, "jpeg": 0.0, "snow": 0.0}
+    assert "released_per_corruption" not in dataclasses.replace(released, stream="mixed").row()
 
 
 def test_report_outputs(tiny_doc, tmp_path):

@@ -231,6 +231,8 @@ class RunResult:
     reasons: list[str | None] = field(default_factory=list)
     #: per batch, whether the adapter took a parameter update (fine-tuned) on it
     updated: list[bool] = field(default_factory=list)
+    #: per batch, whether DATTA's output check released a ``skewed`` batch to ``single`` (SPEC §4)
+    released: list[bool] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -284,7 +286,21 @@ class RunResult:
             row["by_batch_type"] = self.accuracy_by(self.kinds)
         if deciding:
             row["single_fraction"] = sum(d == "single" for d in self.decisions) / len(self.decisions)
+        if any(self.released):      # the output check released some skewed batches (SPEC §4)
+            row["released_fraction"] = sum(self.released) / len(self.released)
+            if self.stream in PER_DOMAIN_STREAMS:
+                row["released_per_corruption"] = self.share_by(self.domains, self.released)
         return row
+
+    @staticmethod
+    def share_by(labels: list[str], flags: list[bool]) -> dict[str, float]:
+        """Per label, the share of its batches whose flag is set."""
+        out: dict[str, list[int]] = {}
+        for lab, f in zip(labels, flags):
+            n = out.setdefault(lab, [0, 0])
+            n[0] += bool(f)
+            n[1] += 1
+        return {k: s / n for k, (s, n) in out.items()}
 
 
 def timed_call(adapter: nn.Module, x: Tensor, y: Tensor, res: RunResult,
@@ -304,6 +320,7 @@ def timed_call(adapter: nn.Module, x: Tensor, y: Tensor, res: RunResult,
     res.sizes.append(len(y))
     res.scores.append(getattr(adapter, "last_score", None))
     res.decisions.append(getattr(adapter, "last_decision", None))
+    res.released.append(bool(getattr(adapter, "last_released", False)))
     info = getattr(getattr(adapter, "selector", None), "last_info", None)
     res.reasons.append(getattr(info, "reason", None))
     return logits
