@@ -49,7 +49,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 #: configures the adapter and is taken from the recorded run
 REPORT_FIELDS = {"batch_size", "domains", "batches", "blend_table", "pre_table", "pre_streams",
                  "decision_table", "rule_table", "daft_table", "streams", "modes", "probe", "stream_table",
-                 "hard_domains"}
+                 "hard_domains", "release_table", "rival_table"}
 
 
 def _calibration(model, vdom, bs: int, recorded: dict):

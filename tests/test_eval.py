@@ -405,6 +405,25 @@ def test_decisions_by_counts_each_label():
     assert "released_per_corruption" not in dataclasses.replace(released, stream="mixed").row()
 
 
+def test_decisions_table_shows_released_batches():
+    """The single-domain decisions table adds a 'released' column for a method whose output
+    check released batches (SPEC §4), and none for the others."""
+    from datta_kernels.eval.report import _decisions_per_corruption
+    rows = [{"method": "datta_cal", "stream": "single", "batch_size": 16,
+             "decisions_per_corruption": {"fog": {"single": 0.75, "skewed": 0.25}, "snow": {"single": 1.0}},
+             "released_per_corruption": {"fog": 0.5, "snow": 0.0}},
+            {"method": "datta_disp", "stream": "single", "batch_size": 16,
+             "decisions_per_corruption": {"fog": {"single": 1.0}, "snow": {"multiple": 1.0}}}]
+    lines = _decisions_per_corruption({"results": rows}, ["datta_disp", "datta_cal"], [16])
+    assert "released" in lines[1]
+    assert lines[2].split() == ["corruption", "datta_disp", "datta_cal", "released"]
+    assert lines[3].split() == ["fog", "100/0/0", "75/0/25", "50"]
+    assert lines[4].split() == ["snow", "0/100/0", "100/0/0", "0"]
+    del rows[0]["released_per_corruption"]
+    lines = _decisions_per_corruption({"results": rows}, ["datta_disp", "datta_cal"], [16])
+    assert "released" not in "".join(lines)
+
+
 def test_report_outputs(tiny_doc, tmp_path):
     paths = write_outputs(tiny_doc, tmp_path / "out")
     doc = json.loads(paths["json"].read_text())

@@ -218,7 +218,9 @@ def _decisions_per_corruption(doc: dict, methods: list[str], sizes: list) -> lis
     """What each deciding method (oracles left out: they decide from the truth) decided on the
     single-domain stream's batches, per corruption: the shares (%) of ``single / multiple /
     skewed``.  Every batch there is single-domain, so anything but ``single`` is a misreading
-    (``skewed`` meant for label-sorted batches, ``multiple`` for mixed ones)."""
+    (``skewed`` meant for label-sorted batches, ``multiple`` for mixed ones).  A method whose
+    output check released batches (SPEC §4; counted as ``single``) gets a column of the share
+    released."""
     lines = []
     for bs in sizes:
         per = {r["method"]: r["decisions_per_corruption"] for r in doc["results"]
@@ -228,10 +230,16 @@ def _decisions_per_corruption(doc: dict, methods: list[str], sizes: list) -> lis
         cols = [m for m in methods if m in per]
         if not cols:
             continue
+        released = {r["method"]: r["released_per_corruption"] for r in doc["results"]
+                    if r["stream"] in SINGLE_DOMAIN and r["batch_size"] == bs
+                    and r["method"] in cols and "released_per_corruption" in r}
         width = {m: max(13, len(m) + 1) for m in cols}
         lines += ["", f"Decisions on the single-domain stream, bs {bs}: share of each corruption's batches "
-                      "decided single / multiple / skewed (%)",
-                  f"{'corruption':<19}" + "".join(f"{m:>{width[m]}}" for m in cols)]
+                      "decided single / multiple / skewed (%)"
+                  + ("; 'released': the share decided skewed, then released to single by the "
+                     "output check (counted in single)" if released else ""),
+                  f"{'corruption':<19}" + "".join(f"{m:>{width[m]}}" + (f"{'released':>10}" if m in released
+                                                                          else "") for m in cols)]
         names = list(doc.get("source_accuracy_per_corruption") or per[cols[0]])
         for name in names:
             cells = []
@@ -239,7 +247,12 @@ def _decisions_per_corruption(doc: dict, methods: list[str], sizes: list) -> lis
                 share = per[m].get(name)
                 cells.append("-" if share is None else "/".join(
                     f"{100 * share.get(d, 0.0):.0f}" for d in ("single", "multiple", "skewed")))
-            lines.append(f"{name:<19}" + "".join(f"{c:>{width[m]}}" for c, m in zip(cells, cols)))
+                if m in released:
+                    rel = released[m].get(name)
+                    cells[-1] = (cells[-1], "-" if rel is None else f"{100 * rel:.0f}")
+            lines.append(f"{name:<19}" + "".join(
+                f"{c[0]:>{width[m]}}{c[1]:>10}" if isinstance(c, tuple) else f"{c:>{width[m]}}"
+                for c, m in zip(cells, cols)))
     return lines
 
 
