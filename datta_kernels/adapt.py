@@ -551,7 +551,7 @@ class DATTA(Adapter):
         first.__dict__.update(compute_score=True, score_mode=self.score_mode, score_callback=self._on_score,
                               score_forward=self._score_forward)
         self.__dict__.update(_last_score=None, _last_decision=None, _last_decision_t=None,
-                             _last_skewed_t=None, _held_streams=None, last_released=False)
+                             _last_skewed_t=None, last_released=False)
         try:
             # no graph until a batch is known to be fine-tuned: most batches are not, and
             # recording the layers before the decision cost them ~7 % of a step on a CPU
@@ -567,7 +567,7 @@ class DATTA(Adapter):
             if self._held_streams is not None and self._release(logits):
                 # released: forwarded again as "single", the decision kept (not asked twice)
                 first.__dict__.update(score_callback=None, score_forward=None)
-                fine_tune = self.daft and SINGLE in self._daft_on
+                fine_tune = self.daft           # DAFT steps on every single batch
                 if not fine_tune:
                     with torch.no_grad():
                         logits = self.model(x)

@@ -1061,7 +1061,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         # 4b. skewed batches on the source statistics (the blend of step 2) or on the stream
         #     statistics (SPEC §3c): momentum STREAM_START, then halved or doubled while the mean rises
         stream_runs = {None: c["rule_table"][rule_name(*rule, shift_cut)]}
-        if rule[1] != -math.inf or rule[2] is not None:        # a rule that can say skewed
+        says_skewed = rule[1] != -math.inf or rule[2] is not None     # steps 4b-4e need skewed batches
+        if says_skewed:
             stream_runs[STREAM_START] = run(c, rule, False, stream=STREAM_START)
             _climb(stream_runs, STREAM_START, (0.5, 2.0), lambda m: run(c, rule, False, stream=m),
                    STREAM_LIMITS)
@@ -1104,7 +1105,7 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         #     RELEASE_STEP while the mean rises; kept only if it beats no check (ties: no check,
         #     then the higher cut, which releases fewer batches)
         release_runs = {None: stream_runs[stream]}
-        if rule[1] != -math.inf or rule[2] is not None:
+        if says_skewed:
             release_runs[RELEASE_START] = run(c, rule, False, **statistics, release=RELEASE_START)
             _climb(release_runs, RELEASE_START,
                    (lambda r: round(r - RELEASE_STEP, 6), lambda r: round(r + RELEASE_STEP, 6)),

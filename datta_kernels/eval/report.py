@@ -242,17 +242,16 @@ def _decisions_per_corruption(doc: dict, methods: list[str], sizes: list) -> lis
                                                                           else "") for m in cols)]
         names = list(doc.get("source_accuracy_per_corruption") or per[cols[0]])
         for name in names:
-            cells = []
+            line = f"{name:<19}"
             for m in cols:
                 share = per[m].get(name)
-                cells.append("-" if share is None else "/".join(
-                    f"{100 * share.get(d, 0.0):.0f}" for d in ("single", "multiple", "skewed")))
+                cell = "-" if share is None else "/".join(
+                    f"{100 * share.get(d, 0.0):.0f}" for d in ("single", "multiple", "skewed"))
+                line += f"{cell:>{width[m]}}"
                 if m in released:
                     rel = released[m].get(name)
-                    cells[-1] = (cells[-1], "-" if rel is None else f"{100 * rel:.0f}")
-            lines.append(f"{name:<19}" + "".join(
-                f"{c[0]:>{width[m]}}{c[1]:>10}" if isinstance(c, tuple) else f"{c:>{width[m]}}"
-                for c, m in zip(cells, cols)))
+                    line += f"{'-' if rel is None else f'{100 * rel:.0f}':>10}"
+            lines.append(line)
     return lines
 
 

@@ -253,12 +253,7 @@ class RunResult:
 
     def accuracy_by(self, labels: list[str]) -> dict[str, float]:
         """Accuracy grouped by a per-batch label (``self.domains`` or ``self.kinds``)."""
-        out: dict[str, list[int]] = {}
-        for lab, c, n in zip(labels, self.correct, self.sizes):
-            acc = out.setdefault(lab, [0, 0])
-            acc[0] += c
-            acc[1] += n
-        return {k: c / n for k, (c, n) in out.items()}
+        return _ratio_by(labels, self.correct, self.sizes)
 
     def decisions_by(self, labels: list[str]) -> dict[str, dict[str, float]]:
         """Per label (e.g. ``self.domains``), the share of its batches given each decision
@@ -289,18 +284,20 @@ class RunResult:
         if any(self.released):      # the output check released some skewed batches (SPEC §4)
             row["released_fraction"] = sum(self.released) / len(self.released)
             if self.stream in PER_DOMAIN_STREAMS:
-                row["released_per_corruption"] = self.share_by(self.domains, self.released)
+                # per corruption, the share of its batches released
+                row["released_per_corruption"] = _ratio_by(self.domains, self.released,
+                                                           [1] * len(self.released))
         return row
 
-    @staticmethod
-    def share_by(labels: list[str], flags: list[bool]) -> dict[str, float]:
-        """Per label, the share of its batches whose flag is set."""
-        out: dict[str, list[int]] = {}
-        for lab, f in zip(labels, flags):
-            n = out.setdefault(lab, [0, 0])
-            n[0] += bool(f)
-            n[1] += 1
-        return {k: s / n for k, (s, n) in out.items()}
+
+def _ratio_by(labels: list[str], num: list, den: list) -> dict[str, float]:
+    """Per label, the sum of ``num`` over the sum of ``den`` of its batches."""
+    out: dict[str, list] = {}
+    for lab, a, b in zip(labels, num, den):
+        acc = out.setdefault(lab, [0, 0])
+        acc[0] += a
+        acc[1] += b
+    return {k: a / b for k, (a, b) in out.items()}
 
 
 def timed_call(adapter: nn.Module, x: Tensor, y: Tensor, res: RunResult,
