@@ -4,16 +4,17 @@ sets, with paired standard errors.
 The demo reports one draw of its test set (``--seed 0``: which 1000 of the first 5000
 Fashion-MNIST test images, the corruption noise, the stream orders).  This script keeps
 everything the validation data decided fixed (``calibrate`` runs once per batch size exactly as
-the demo runs it, validation seed 0, so its configuration is the demo's) and redraws only the test
-side: for each test seed it builds the demo's test pool and five streams at severity 3 and 5 and
-runs ``source``, ``tbn``, ``bn_adapt``, ``tent``, ``dyn`` and ``datta_cal`` in lockstep (the
-demo's loop).  For each cell it reports ``datta_cal``'s goal margin (points against the best of
-the five baselines; the label-sorted stream against ``source``) and the paired standard error of
-that margin over the stream's batches, ``sqrt(n_b * var(d)) / N * 100`` with ``d`` the per-batch
-difference of correct predictions (image sampling noise only; batches of one continual stream
-are not independent, so it is a guide, not a test).  Nothing is chosen from these numbers.  Seed
-0 is the demo's own draw: its rows are checked against the demo's ``results.json`` files when
-given (``--demo-json``), so the script also shows that the demo reproduces.
+the demo runs it, validation seed 0, through the demo's calibration cache, so its configuration
+is the demo's) and redraws only the test side: for each test seed it builds the demo's test pool
+and five streams at severity 3 and 5 and runs ``source``, ``tbn``, ``bn_adapt``, ``tent``,
+``dyn`` and ``datta_cal`` in lockstep (the demo's loop).  For each cell it reports
+``datta_cal``'s goal margin (points against the best of the five baselines; the label-sorted
+stream against ``source``) and the paired standard error of that margin over the stream's
+batches, ``sqrt(n_b * var(d)) / N * 100`` with ``d`` the per-batch difference of correct
+predictions (image sampling noise only; batches of one continual stream are not independent, so
+it is a guide, not a test).  Nothing is chosen from these numbers.  Seed 0 is the demo's own
+draw: its rows are checked against the demo's ``results.json`` files when given
+(``--demo-json``), so the script also shows that the demo reproduces.
 
     python bench/demo_seeds.py --seeds 0,1,2 --demo-json bench/results/demo_sev3.json \
         bench/results/demo_sev5.json --json bench/results/demo_seeds.json > bench/results/demo_seeds.md
@@ -30,9 +31,9 @@ import numpy as np
 import torch
 from _validation_setup import setup
 
-from datta_kernels.calibration import calibrate, default_batches
+from datta_kernels.eval.cal_cache import cached_calibrate
 from datta_kernels.eval.report import GOAL_BASELINES, goal_for, short_name
-from datta_kernels.eval.runner import METHODS, DemoConfig, cal_rates, run_lockstep
+from datta_kernels.eval.runner import METHODS, DemoConfig, cal_settings, run_lockstep
 from datta_kernels.eval.streams import STREAMS, make_stream
 from datta_kernels.eval.validation import test_pool
 
@@ -103,10 +104,12 @@ def main() -> None:
     docs = {p: json.load(open(p)) for p in args.demo_json}
     demo = demo_rows(docs)
     t0 = time.perf_counter()
-    cals = {bs: calibrate(copy.deepcopy(model), vdom, bs, n_batches=default_batches(bs),
-                          lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed).calibration
-            for bs in sizes}
-    print(f"- calibration (validation seed {cfg.seed}, as the demo): {time.perf_counter() - t0:.0f} s")
+    cals, sources = {}, {}
+    for bs in sizes:       # the demo's settings and cache: a demo run's choices are loaded, not redone
+        cals[bs], info = cached_calibrate(model, vdom, bs, **cal_settings(cfg, bs))
+        sources[bs] = info["source"]
+    print(f"- calibration (validation seed {cfg.seed}, as the demo; "
+          f"{', '.join(f'bs {bs}: {s}' for bs, s in sources.items())}): {time.perf_counter() - t0:.0f} s")
     for p, doc in docs.items():
         for bs in sizes:
             mine = json.dumps(json.loads(json.dumps(cals[bs].as_dict())), sort_keys=True)

@@ -19,7 +19,6 @@ calibration procedure unchanged.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
@@ -28,10 +27,10 @@ import torch
 from _validation_setup import setup
 from demo_seeds import goal_cell, progress
 
-from datta_kernels.calibration import calibrate, default_batches
+from datta_kernels.eval.cal_cache import cached_calibrate
 from datta_kernels.eval.models import TrainConfig, evaluate, load_or_train
 from datta_kernels.eval.report import short_name
-from datta_kernels.eval.runner import DemoConfig, cal_rates
+from datta_kernels.eval.runner import DemoConfig, cal_settings
 from datta_kernels.eval.streams import STREAMS
 from datta_kernels.eval.validation import test_pool, validation_domains
 
@@ -65,9 +64,7 @@ def main() -> None:
         model, _ = load_or_train(train, data.train_x, data.train_y, progress=False)
         clean = 100 * evaluate(model, data.test_x, data.test_y)     # as the demo prints it
         vdom = validation_domains(data, cfg.validation_per_domain, cfg.seed, train=train)
-        cals = {bs: calibrate(copy.deepcopy(model), vdom, bs, n_batches=default_batches(bs),
-                              lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed).calibration
-                for bs in sizes}
+        cals = {bs: cached_calibrate(model, vdom, bs, **cal_settings(cfg, bs))[0] for bs in sizes}
         copies[ts] = {"clean": clean, "daft": {bs: daft_words(c) for bs, c in cals.items()},
                       "calibration": {bs: c.as_dict() for bs, c in cals.items()}}
         print(f"<!-- training seed {ts}: clean {clean:.1f} %, calibrated "

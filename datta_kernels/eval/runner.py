@@ -50,6 +50,16 @@ def cal_rates(lr: float) -> tuple[float, ...]:
     """The DAFT rates ``calibrate`` tries for ``datta_cal`` (``CAL_RATE_FACTORS`` x ``lr``)."""
     return tuple(f * lr for f in CAL_RATE_FACTORS)
 
+
+def cal_settings(cfg: DemoConfig, batch_size: int) -> dict:
+    """The keyword arguments the demo passes :func:`~datta_kernels.calibrate` (and with them
+    :func:`~datta_kernels.eval.cal_cache.cached_calibrate`'s key) for ``datta_cal`` at one batch
+    size, so a study that calibrates as the demo does shares its choices and its cache."""
+    return dict(n_batches=cfg.calibration_batches or default_batches(batch_size), lr=cal_rates(cfg.lr),
+                backend=cfg.backend, seed=cfg.seed, grid=cfg.calibration_grid or BLEND_GRID,
+                **({} if cfg.validation_mixing == "all" else {"mixing": cfg.validation_mixing}),
+                **({} if cfg.daft_objective == "mean" else {"daft_objective": cfg.daft_objective}))
+
 __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
            "run_lockstep", "run_stream", "timed_call"]
 
@@ -454,11 +464,7 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
                                                      score_mode="dispersion", backend=cfg.backend)
             if any(m.startswith("datta_cal") for m in cfg.methods):
                 cal_reports[bs], cal_cache[str(bs)] = cached_calibrate(
-                    model, vdom, bs, cache=cfg.cache_dir, refresh=cfg.recalibrate, n_batches=n_cal,
-                    lr=cal_rates(cfg.lr), backend=cfg.backend, seed=cfg.seed,
-                    grid=cfg.calibration_grid or BLEND_GRID,
-                    **({} if cfg.validation_mixing == "all" else {"mixing": cfg.validation_mixing}),
-                    **({} if cfg.daft_objective == "mean" else {"daft_objective": cfg.daft_objective}))
+                    model, vdom, bs, cache=cfg.cache_dir, refresh=cfg.recalibrate, **cal_settings(cfg, bs))
                 if cal_cache[str(bs)]["source"] == "cache":
                     log(f"datta_cal for batch size {bs}: calibrate's choices for these inputs loaded "
                         f"from the calibration cache ({cal_cache[str(bs)]['path']})")
