@@ -214,6 +214,10 @@ class Calibration:
     output_spread_cut: float | None = None
     #: ``"none"`` / ``"cut X"`` -> accuracy (%) per validation stream (no DAFT) of step 4e
     release_table: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: steps 4-5's validation streams decided each batch with the class probe fitted without its
+    #: corruption family (``calibrate(held_out_streams=True)``); False: with the deployed probe
+    #: (files saved before this field existed)
+    held_out_streams: bool = False
 
     def adapter(self, model: nn.Module, selector: Selector | None = None, backend: str = "auto") -> DATTA:
         """The calibrated :class:`DATTA` around ``model`` (converted / reconfigured in place);
@@ -346,6 +350,11 @@ class Calibration:
                      "(the best mean over the validation streams without DAFT; each stream every "
                      "validation image once: " + ", ".join(f"{k} {n}" for k, n in self.streams.items())
                      + " batches; candidates:)")
+        if getattr(self, "held_out_streams", False):
+            lines.append("  on the streams here and below, each batch is decided with the class probe "
+                         "fitted without its corruption family (the family of most of its samples), "
+                         "as a test batch meets a probe that never saw its corruption; the adapter "
+                         "carries the probe fitted on every family")
         if self.shift_cut is not None:
             lo, hi = self.shift_cut
             lines.append(f"  shift range [{lo:.4g}, {hi:.4g}]: the signed source shift at {self.score_layer} "
@@ -483,6 +492,15 @@ def _batches(domains, batch_size: int, n: int, g: torch.Generator,
     return {k: [(xs[i], ys[i]) for i in v] for k, v in out.items()}
 
 
+def _batch_families(domains, family: Mapping[str, int], batches: list[Tensor]) -> list[int]:
+    """The family (``family``: domain name -> family index) of most samples of each of
+    ``batches`` (index tensors into the images of ``domains`` concatenated in order, as
+    :func:`_streams` gives them; ties: the smaller index)."""
+    fam = torch.repeat_interleave(torch.as_tensor([family[k] for k in domains]),
+                                  torch.as_tensor([len(domains[k][1]) for k in domains]))
+    return [int(torch.bincount(fam[b]).argmax()) for b in batches]
+
+
 def _families(names) -> list[int]:
     """Each domain's corruption family as an index: domains ``<name>@<severity>`` share the
     family ``<name>``; any other name is a family of its own."""
@@ -496,17 +514,25 @@ def _families(names) -> list[int]:
     return out
 
 
-def _held_out_spreads(fit_feats: Tensor, fit_y: Tensor, fit_fam: Tensor, feats: list[Tensor],
-                      fams: list[Tensor], num_classes: int) -> np.ndarray:
-    """Each batch's prediction spread as on a corruption the probe was not fitted on: every
-    sample's logits come from a probe fitted without its family (with one family, the probe
-    fitted on all).  A probe's predictions drift under an unseen corruption (a test corruption)
-    and the cut must allow for that drift."""
+def _held_out_probes(fit_feats: Tensor, fit_y: Tensor, fit_fam: Tensor,
+                     num_classes: int) -> dict[int, ClassProbe]:
+    """Family index -> a class probe fitted without that family's samples (with one family,
+    the probe fitted on all): what a batch of that family meets at test time, where every
+    corruption is unseen."""
     probes = {}
     for f in fit_fam.unique().tolist():
         keep = fit_fam != f
         probes[f] = ClassProbe.fit(fit_feats[keep] if keep.any() else fit_feats,
                                    fit_y[keep] if keep.any() else fit_y, num_classes)
+    return probes
+
+
+def _held_out_spreads(probes: dict[int, ClassProbe], feats: list[Tensor], fams: list[Tensor],
+                      num_classes: int) -> np.ndarray:
+    """Each batch's prediction spread as on a corruption the probe was not fitted on: every
+    sample's logits come from the probe of :func:`_held_out_probes` fitted without its family.
+    A probe's predictions drift under an unseen corruption (a test corruption) and the cut must
+    allow for that drift."""
     out = []
     with torch.no_grad():
         for x, fam in zip(feats, fams):
@@ -720,9 +746,14 @@ def _mean(acc: dict[str, float]) -> float:
     return float(np.mean(list(acc.values())))
 
 
-def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor]) -> float:
+def _stream_accuracy(adapter: DATTA, x: Tensor, y: Tensor, batches: list[Tensor],
+                     probes: list[ClassProbe] | None = None) -> float:
+    """Accuracy (%) of one pass of ``adapter`` over the stream ``batches``; with ``probes``,
+    batch ``i`` is decided with the class probe ``probes[i]`` (the held-out streams)."""
     correct = total = 0
-    for idx in batches:
+    for i, idx in enumerate(batches):
+        if probes is not None:
+            adapter.class_probe = probes[i]
         correct += int((adapter(x[idx]).argmax(1) == y[idx]).sum())
         total += len(idx)
     return 100.0 * correct / max(1, total)
@@ -783,18 +814,20 @@ def _daft_score(best: Mapping[str, float] | None) -> Callable[[Mapping[str, floa
     return lambda acc: (min(acc[k] - best[k] for k in acc), _mean(acc))
 
 
-def _hard_domains(make_adapter, domains, batch_size: int, seed: int) -> list[str]:
+def _hard_domains(make_adapter, domains, batch_size: int, seed: int, probe_of=None) -> list[str]:
     """The ``ceil(HARD_FRACTION * D)`` validation domains (D >= 3; none below) on which the
     adapter ``make_adapter()`` builds (the calibrated configuration without DAFT, fresh for each
     domain) is least accurate, each domain's images once in batches as the single-domain
-    stream takes them; in the order given (ties: the earlier domain)."""
+    stream takes them (with ``probe_of``, decided with the class probe ``probe_of(domain)``); in
+    the order given (ties: the earlier domain)."""
     names = list(domains)
     if len(names) < 3:
         return []
     acc = {}
     for k in names:
         x, y, one = _streams({k: domains[k]}, batch_size, seed, ("single",))
-        acc[k] = _stream_accuracy(make_adapter(), x, y, one["single"])
+        probes = None if probe_of is None else [probe_of(k)] * len(one["single"])
+        acc[k] = _stream_accuracy(make_adapter(), x, y, one["single"], probes)
     hard = sorted(names, key=lambda k: (acc[k], names.index(k)))[:math.ceil(HARD_FRACTION * len(names))]
     return [k for k in names if k in hard]
 
@@ -928,8 +961,8 @@ def _search_cuts(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, f
     probe = ClassProbe.fit(fit_feats, fit_y, num_classes)
     val_fam, fit_fam = fams
     fit_fams = torch.cat([f for k in ("single", "mixed") for f in fit_fam[k]])
-    spread = _held_out_spreads(fit_feats, fit_y, fit_fams, feats, [f for k in KINDS for f in val_fam[k]],
-                               num_classes)
+    held_out = _held_out_probes(fit_feats, fit_y, fit_fams, num_classes)
+    spread = _held_out_spreads(held_out, feats, [f for k in KINDS for f in val_fam[k]], num_classes)
     low, high, _ = _best_band(scores, acc, kinds)
     low0, high0, _ = _best_band(scores, acc, kinds, allow_low=False)
     high_b, skew_cut, _ = _best_skew_rule(scores, spread, acc, kinds)
@@ -941,7 +974,8 @@ def _search_cuts(work: nn.Module, layers: list[FusedDABN], pre: int, val, fit, f
                {f"said {name}": 100.0 * float((said == i).mean()) for i, name in enumerate(DECISIONS)}
     truth = np.array([DECISIONS.index(_TRUE[k]) for k in kinds])
     said_b = np.where(scores < high_b, np.where(spread < skew_cut, 0, 1), 2)
-    return {"low": low, "high": high, "probe": probe, "high_b": high_b, "skew_cut": skew_cut,
+    return {"low": low, "high": high, "probe": probe, "held_out": held_out, "high_b": high_b,
+            "skew_cut": skew_cut,
             "shifts": shifts,
             "decision_table": {"score band": rule(_decide(scores, low, high)),
                                "score, no low cut": rule(_decide(scores, low0, high0)),
@@ -960,7 +994,8 @@ def _validated_range(*shifts: np.ndarray) -> tuple[float, float] | None:
 def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], batch_size: int = 64, *,
               n_batches: int | None = None, lr: float | Sequence[float] = 1e-3, backend: str = "auto",
               seed: int = 0,
-              grid=BLEND_GRID, mixing=None, daft_objective: str = "mean") -> DATTA:
+              grid=BLEND_GRID, mixing=None, daft_objective: str = "mean",
+              held_out_streams: bool = True) -> DATTA:
     """DATTA for ``model`` calibrated on labelled validation ``domains`` (see the module doc).
 
     Args:
@@ -984,6 +1019,11 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
             ``"margin"``, the smallest margin over them against the best of the plain
             alternatives (:data:`RIVALS`, Tent at the middle rate of ``lr``) on each, then the
             mean (it runs the alternatives on the streams too; SPEC §6 step 5).
+        held_out_streams: on the validation streams of steps 4-5, decide each batch with the
+            class probe fitted without its corruption family (as at test time, where every
+            corruption is unseen; the default), or with the deployed probe, fitted on every
+            family (False: how ``calibrate`` ran before 2026-12-08).  The returned adapter
+            always carries the deployed probe.
 
     Returns a :class:`DATTA` with ``score_mode="dispersion"``, a band
     :class:`ThresholdSelector` and the chosen blends and DAFT setting;
@@ -997,6 +1037,8 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         raise ValueError(f"lr must be a positive number or a non-empty sequence of them, got {lr!r}")
     if daft_objective not in DAFT_OBJECTIVES:
         raise ValueError(f"daft_objective must be one of {DAFT_OBJECTIVES}, got {daft_objective!r}")
+    if not isinstance(held_out_streams, bool):
+        raise TypeError(f"held_out_streams must be True or False, got {held_out_streams!r}")
     n_batches = default_batches(batch_size) if n_batches is None else int(n_batches)
     if n_batches < 2:
         raise ValueError(f"n_batches must be >= 2, got {n_batches}")
@@ -1020,7 +1062,10 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     grid = tuple(grid)
     found = _search_blends(work, layers, pre, val, grid, tuple(INSTANCE_MODES))
     xs, ys, streams = _streams(domains, batch_size, seed, groups=groups)
-    four = {name: (xs, ys, batches) for name, batches in streams.items()}
+    family = dict(zip(domains, _families(list(domains))))
+    # each stream: images, labels, batches and each batch's family (its held-out probe's)
+    four = {name: (xs, ys, batches, _batch_families(domains, family, batches))
+            for name, batches in streams.items()}
     stream_batches = [xs[idx] for batches in streams.values() for idx in batches]
 
     def adapter_for(c: dict, rule, daft: bool, rate: float = lrs[0], on_multiple: bool = False,
@@ -1035,9 +1080,15 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
                      selector=ThresholdSelector(*rule, c["shift_cut"]), class_probe=c["probe"],
                      score_mode="dispersion", backend=None)
 
+    def probes_for(c: dict, fams: list[int]) -> list[ClassProbe] | None:
+        """With ``held_out_streams``, each stream batch's probe: the one fitted without its
+        family (as at test time, where every corruption is unseen); else None (the deployed
+        probe; a family without fitting samples was never seen by it, so its probe is that one)."""
+        return [c["held_out"].get(f, c["probe"]) for f in fams] if held_out_streams else None
+
     def run(c: dict, *args, on=None, **kw) -> dict[str, float]:
-        return {name: _stream_accuracy(adapter_for(c, *args, **kw), x, y, batches)
-                for name, (x, y, batches) in (on or four).items()}
+        return {name: _stream_accuracy(adapter_for(c, *args, **kw), x, y, batches, probes_for(c, fams))
+                for name, (x, y, batches, fams) in (on or four).items()}
 
     def behind(pre_blend) -> dict:
         """Steps 2c-4e with the layers before the score layer on ``pre_blend``."""
@@ -1133,18 +1184,20 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
     # 5. DAFT off or on, on the four streams and the hard stream (a single-domain stream over
     #    the validation domains the configuration without DAFT does worst on: a long run of
     #    hard batches, where drifting updates lose most), with the chosen rule and statistics
-    hard = _hard_domains(lambda: adapter_for(c, rule, False, **statistics), domains, batch_size, seed)
+    hard = _hard_domains(lambda: adapter_for(c, rule, False, **statistics), domains, batch_size, seed,
+                         (lambda k: probes_for(c, [family[k]])[0]) if held_out_streams else None)
     five = dict(four)
     if hard:
         hx, hy, hs = _streams({k: domains[k] for k in hard}, batch_size, seed, ("single",))
-        five["hard"] = (hx, hy, hs["single"])
+        five["hard"] = (hx, hy, hs["single"], _batch_families({k: domains[k] for k in hard}, family,
+                                                              hs["single"]))
     daft_table = {"off": c["final"] | (run(c, rule, False, **statistics, on={"hard": five["hard"]})
                                        if hard else {})}
     # the plain alternatives on the same streams (the margin objective's yardstick); Tent at
     # the middle candidate rate (the lower of two middles)
     rival_table = {}
     if daft_objective == "margin":
-        rival_table = {name: {k: _stream_accuracy(make(), x, y, b) for k, (x, y, b) in five.items()}
+        rival_table = {name: {k: _stream_accuracy(make(), x, y, b) for k, (x, y, b, _) in five.items()}
                        for name, make in _rivals(model, lrs[(len(lrs) - 1) // 2], backend).items()}
     score = _daft_score(_best_rival(rival_table))
 
@@ -1209,5 +1262,6 @@ def calibrate(model: nn.Module, domains: Mapping[str, tuple[Tensor, Tensor]], ba
         modes=found["modes"], probe=probe, stream_momentum=statistics["stream"],
         stream_reset=statistics["reset"], stream_blend=statistics["blend"], stream_table=c["stream_table"],
         output_spread_cut=statistics["release"], release_table=c["release_table"],
-        mixing=groups, daft_objective=daft_objective, rival_table=rival_table)
+        mixing=groups, daft_objective=daft_objective, rival_table=rival_table,
+        held_out_streams=held_out_streams)
     return report.adapter(model, backend=backend)

@@ -127,7 +127,7 @@ def _demo_config(args):
     for key in ("data_dir", "per_domain", "corruptions", "severity", "streams", "batch_sizes", "methods",
                 "lr", "backend", "score_layer", "score_mode", "seed", "check_batches", "cache_dir",
                 "validation_per_domain", "validation_severities", "validation_mixing", "daft_objective",
-                "validation_corruptions"):
+                "validation_corruptions", "stream_probes"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg, key, value)
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .calibration import DAFT_OBJECTIVES
     from .eval.corruptions import CORRUPTIONS
     from .eval.numerics import MODES
-    from .eval.runner import METHODS, MIXINGS
+    from .eval.runner import METHODS, MIXINGS, STREAM_PROBES
     from .eval.streams import STREAMS
     from .eval.validation import VALIDATION
 
@@ -483,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how datta_cal's calibration ranks DAFT's settings on the validation streams: "
                    "mean = their mean accuracy (default), margin = their smallest margin against the "
                    "best of source, tbn, bn_adapt, tent and dyn on each stream (SPEC §6 step 5)")
+    d.add_argument("--stream-probes", default=None, choices=STREAM_PROBES,
+                   help="which class probe decides the batches of datta_cal's validation streams: "
+                   "held_out = the one fitted without the batch's corruption family, as a test batch "
+                   "meets a probe that never saw its corruption (default), deployed = the one fitted "
+                   "on every family (SPEC §6 step 4)")
     d.add_argument("--severity", type=int, default=None, choices=range(1, 6), help="1..5 (default 3)")
     d.add_argument("--streams", type=_names("stream", STREAMS), default=None,
                    help="comma-separated subset of: " + ", ".join(STREAMS) + " (default all)")

@@ -18,12 +18,14 @@ from datta_kernels.calibration import (
     INSTANCE_MODES,
     KINDS,
     STREAM_BLEND,
+    _batch_families,
     _batches,
     _best_band,
     _best_skew_rule,
     _climb,
     _decide,
     _families,
+    _held_out_probes,
     _held_out_spreads,
     _streams,
     calibrate,
@@ -321,7 +323,7 @@ def test_calibrate_daft_on_multiple_batches_only_when_it_raises_the_mean(monkeyp
     """Step 5's last candidate: with DAFT on, the chosen rate on ``multiple`` batches too,
     kept only when its mean over the validation streams is higher (a tie keeps single
     batches only).  The streams' accuracies are stubbed so that DAFT on wins at 5e-4."""
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         if not adapter.daft:
             return 50.0
         rate = adapter.optimizer.param_groups[0]["lr"]
@@ -353,7 +355,7 @@ def test_calibrate_follows_a_best_rate_past_the_end_of_the_candidates(monkeypatc
     doubled (or halved) while the mean over the validation streams rises, at most RATE_STEPS
     times.  The streams' accuracies are stubbed: DAFT off 50 %, on a peak at ``peak``
     (log-distance), DAFT on multiple batches never better."""
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         if not adapter.daft:
             return 50.0
         return 60.0 - abs(math.log2(adapter.optimizer.param_groups[0]["lr"] / peak)) \
@@ -383,7 +385,7 @@ def test_calibrate_chooses_the_entropy_filter_on_the_validation_streams(monkeypa
     RATE_STEPS times; chosen only when it beats every plain rate (ties: no filter).  Stubbed
     accuracies: plain DAFT 55 % at its one rate 1e-3; filtered ``55 + gain`` at ``peak``,
     less one point per octave away."""
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         if not adapter.daft:
             return 50.0
         rate = adapter.optimizer.param_groups[0]["lr"]
@@ -419,7 +421,7 @@ def test_calibrate_hard_stream_is_the_least_accurate_domains(monkeypatch):
     x_of = {k: v[0] for k, v in doms.items()}
     acc = {"clean": 90.0, "shifted": 40.0, "noisy": 60.0, "dark": 30.0, "flipped": 80.0}
 
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         got = torch.cat([x[i] for i in batches])
         for k, xd in x_of.items():      # a one-domain stream: that domain's accuracy
             if got.shape == xd.shape and torch.equal(got.sort(0).values, xd.sort(0).values):
@@ -463,7 +465,7 @@ def test_calibrate_ranks_daft_by_its_worst_margin_against_the_rivals(monkeypatch
         return next(k for k, b in full.items() if len(b) == len(batches)
                     and all(torch.equal(p, q) for p, q in zip(b, batches)))
 
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         name = which(x, batches)
         if not isinstance(adapter, dk.DATTA):
             kind = {adapt.Source: "source", adapt.TBN: "tbn", adapt.BNAdapt: "bn_adapt",
@@ -552,7 +554,7 @@ def test_held_out_spreads_use_probes_fitted_without_the_family():
     centers = torch.randn(3, k, 2 * c, generator=g) * 4  # class centres differ per family
     feats = centers[fam, y] + 0.1 * torch.randn(300, 2 * c, generator=g)
     batch = [feats[fam == 2][:12]]
-    got = _held_out_spreads(feats, y, fam, batch, [torch.full((12,), 2)], k)
+    got = _held_out_spreads(_held_out_probes(feats, y, fam, k), batch, [torch.full((12,), 2)], k)
     held = ClassProbe.fit(feats[fam != 2], y[fam != 2], k)
     assert got[0] == pytest.approx(float(prediction_spread(held.logits(batch[0]))), rel=1e-6)
     full = ClassProbe.fit(feats, y, k)
@@ -638,6 +640,87 @@ def test_class_probe_refuses_a_version_1_state_dict():
     state._metadata["class_probe"]["version"] = 1
     with pytest.raises(RuntimeError, match="class_probe: this probe was saved"):
         adapter.load_state_dict(state)
+
+
+def test_batch_families_take_the_family_of_most_samples():
+    """A stream batch's family is that of most of its samples (ties: the smaller family index),
+    its indices counted into the domains concatenated in order."""
+    doms = {k: (torch.zeros(n, 1, 2, 2), torch.zeros(n)) for k, n in (("a@1", 4), ("b@1", 3), ("a@2", 2))}
+    family = dict(zip(doms, _families(list(doms))))
+    assert family == {"a@1": 0, "b@1": 1, "a@2": 0}
+    batches = [torch.tensor([0, 1, 4]), torch.tensor([4, 5, 7]), torch.tensor([4, 7, 8, 5]),
+               torch.tensor([2, 6])]
+    # [a, a, b] -> a; [b, b, a] -> b; [b, a, a, b] -> tie -> a; [a, b] -> tie -> a
+    assert _batch_families(doms, family, batches) == [0, 1, 0, 0]
+
+
+def test_stream_accuracy_decides_each_batch_with_its_probe():
+    """``_stream_accuracy(..., probes)`` swaps the adapter's class probe before each batch: the
+    spread the rule read on the last batch is the last probe's, not the first's."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(60, 16, generator=g)
+    first = ClassProbe.fit(feats, torch.arange(60) % 3, 3)
+    last = ClassProbe.fit(feats, torch.randint(0, 3, (60,), generator=g), 3)
+    adapter = dk.DATTA(_model(), preset=None, selector=dk.ThresholdSelector(1e9, skew_cut=0.5),
+                       class_probe=copy.deepcopy(first), score_mode="dispersion", daft=False,
+                       backend="reference")
+    x, y = _domains()["noisy"]
+    batches = [torch.arange(0, 8), torch.arange(8, 16)]
+    acc = dk.calibration._stream_accuracy(adapter, x, y, batches, [first, last])
+    assert 0.0 <= acc <= 100.0 and adapter.class_probe is last
+    layer = adapter.layers[adapter._score_at]
+    stats = (*layer.last_stats, layer.source_mean, layer.source_var, layer.eps)
+    assert float(adapter.last_spread) == pytest.approx(float(last(*stats)), rel=1e-5)
+    assert float(adapter.last_spread) != pytest.approx(float(first(*stats)), rel=1e-3)
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_calibrate_runs_the_streams_with_held_out_probes(monkeypatch, tmp_path, held_out):
+    """``calibrate(held_out_streams=True)`` (the default) decides each batch of the validation
+    streams of steps 4-5 with the probe fitted without its family (the family of most of its
+    samples), as step 3b's cut does; with False, every batch meets the deployed probe.  The
+    adapter always carries the deployed probe; the report says which, and a saved file keeps it."""
+    fitted = []
+    real = dk.calibration._held_out_probes
+
+    def spy(*args, **kw):
+        fitted.append(real(*args, **kw))
+        return fitted[-1]
+    calls = []
+
+    def fake(adapter, x, y, batches, probes=None):
+        calls.append((len(x), batches, probes))
+        return 50.0 + (5.0 if adapter.daft else 0.0)
+    monkeypatch.setattr(dk.calibration, "_held_out_probes", spy)
+    monkeypatch.setattr(dk.calibration, "_stream_accuracy", fake)
+    grid = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    adapter = calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
+                        held_out_streams=held_out)
+    rep = adapter.calibration
+    assert rep.held_out_streams is held_out
+    assert fitted and all(set(d) == {0, 1, 2} for d in fitted)     # three families, each held out
+    pooled = [c for c in calls if c[0] == 72]                        # the four streams (and the hard one)
+    assert pooled
+    for _, batches, probes in calls:
+        if not held_out:
+            assert probes is None
+            continue
+        assert probes is not None and len(probes) == len(batches)
+    for _, batches, probes in pooled if held_out else []:
+        for b, p in zip(batches, probes):
+            fam = int(torch.bincount(b // 24).argmax())              # 24 images a domain, in order
+            assert any(p is d[fam] for d in fitted)
+            assert p is not rep.probe
+    # the adapter's own probe is the one fitted on every family (never a held-out one)
+    assert all(not any(adapter.class_probe is p for p in d.values()) for d in fitted)
+    assert torch.equal(adapter.class_probe.weight, rep.probe.weight)
+    text = str(rep)
+    assert ("fitted without its corruption family" in text) is held_out
+    rep.save(tmp_path / "cal.pt")
+    assert dk.Calibration.load(tmp_path / "cal.pt").held_out_streams is held_out
+    with pytest.raises(TypeError, match="held_out_streams"):
+        calibrate(_model(), _domains(), batch_size=8, n_batches=4, backend="reference", grid=grid,
+                  held_out_streams="yes")
 
 
 def test_class_probe_fit_separates_label_skewed_batches():
@@ -1104,7 +1187,7 @@ def test_fused_score_layer_is_the_separate_ops(monkeypatch):
 
 def _calibrate_stubbed(monkeypatch, stream_accuracy):
     """``calibrate`` on the tiny model with the validation streams' accuracies stubbed by
-    ``stream_accuracy(adapter, x, y, batches)`` (DATTA adapters only: step 5 ranks by the mean,
+    ``stream_accuracy(adapter, x, y, batches, probes)`` (DATTA adapters only: step 5 ranks by the mean,
     no rivals run) and a band rule that can say skewed (it wins the tie of step 4)."""
     monkeypatch.setattr(dk.calibration, "_stream_accuracy", stream_accuracy)
     monkeypatch.setattr(dk.calibration, "_best_band", lambda scores, acc, kinds, allow_low=True: (
@@ -1121,7 +1204,7 @@ def test_calibrate_chooses_the_pre_blend_on_the_validation_streams(monkeypatch, 
     (ties: step 2b's order); the adapter's early layers carry the choice, the report shows it."""
     ranks = []
 
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         pre = tuple(round(v, 1) for v in adapter.layers[0].blend_single.tolist())
         if not ranks:
             ranks.append(pre)               # step 2b's best is tried first
@@ -1171,7 +1254,7 @@ def test_calibrate_chooses_the_pre_single_blend_on_the_validation_streams(monkey
     monkeypatch.setattr(dk.calibration, "_search_blends", first_pre)
     monkeypatch.setattr(dk.calibration, "_blends_behind", batch_single)
 
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         if not adapter.daft:
             return 50.0
         return 55.0 + (gain if adapter.daft_pre_single else 0.0) - (1.0 if adapter.daft_multiple else 0.0)
@@ -1212,7 +1295,7 @@ def test_calibrate_chooses_the_stream_momentum_on_the_validation_streams(monkeyp
     validation streams rises; ties: the source statistics.  The streams' accuracies are
     stubbed (DAFT off wins); the adapter's layers from the score layer on carry the choice,
     and ``reset`` keeps the calibrated configuration."""
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         rate = adapter.layers[-1].stream_momentum
         if adapter.daft or rate is None:
             return 50.0
@@ -1255,7 +1338,7 @@ def test_calibrate_chooses_the_stream_reset_on_the_validation_streams(monkeypatc
     layers from the score layer on carry the cut (and DAFT's runs use it)."""
     seen = []
 
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         rate, reset = adapter.layers[-1].stream_momentum, adapter.layers[-1].stream_reset
         seen.append((adapter.daft, reset))
         if adapter.daft or rate is None:
@@ -1295,7 +1378,7 @@ def test_calibrate_chooses_the_stream_blend_on_the_validation_streams(monkeypatc
     keeps it."""
     seen = []
 
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         layer = adapter.layers[-1]
         rate, b = layer.stream_momentum, float(layer.blend_skewed[1])
         seen.append((adapter.daft, rate, b))
@@ -1334,7 +1417,7 @@ def test_calibrate_chooses_the_output_check_on_the_validation_streams(monkeypatc
     report and a saved file keep it, an oracle selector drops it."""
     seen = []
 
-    def fake(adapter, x, y, batches):
+    def fake(adapter, x, y, batches, probes=None):
         cut = adapter.output_spread_cut
         seen.append((adapter.daft, cut))
         if adapter.daft:

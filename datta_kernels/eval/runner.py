@@ -58,7 +58,8 @@ def cal_settings(cfg: DemoConfig, batch_size: int) -> dict:
     return dict(n_batches=cfg.calibration_batches or default_batches(batch_size), lr=cal_rates(cfg.lr),
                 backend=cfg.backend, seed=cfg.seed, grid=cfg.calibration_grid or BLEND_GRID,
                 **({} if cfg.validation_mixing == "all" else {"mixing": cfg.validation_mixing}),
-                **({} if cfg.daft_objective == "mean" else {"daft_objective": cfg.daft_objective}))
+                **({} if cfg.daft_objective == "mean" else {"daft_objective": cfg.daft_objective}),
+                **({} if cfg.stream_probes == "held_out" else {"held_out_streams": False}))
 
 __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
            "run_lockstep", "run_stream", "timed_call"]
@@ -92,6 +93,8 @@ METHODS: dict[str, Callable[[nn.Module, str, float, dict, Stream], nn.Module]] =
     "datta_cal_oracle": lambda m, b, lr, kw, s: kw["cal"][s.batch_size].adapter(
         m, selector=OracleSelector(_skewed_kinds(s)), backend=b),
 }
+#: ``DemoConfig.stream_probes``'s values (``--stream-probes``)
+STREAM_PROBES = ("held_out", "deployed")
 #: ``DemoConfig.validation_mixing``'s values (``--validation-mixing``)
 MIXINGS = ("all", "severity")
 #: Methods that need something calibrated per batch size (computed before the streams run).
@@ -163,6 +166,11 @@ class DemoConfig:
     #: SPEC §6 step 5): ``"mean"`` over the validation streams, or ``"margin"``, the smallest
     #: margin over them against the best plain alternative (source, tbn, bn_adapt, tent, dyn)
     daft_objective: str = "mean"
+    #: which class probe decides the batches of ``datta_cal``'s validation streams
+    #: (``calibrate(held_out_streams=...)``, SPEC §6 step 4): ``"held_out"``, the one fitted
+    #: without the batch's corruption family (the default), or ``"deployed"``, the one fitted on
+    #: every family (how the demo calibrated before 2026-12-08)
+    stream_probes: str = "held_out"
     #: candidate blends of ``datta_cal`` (None: ``datta_kernels.calibration.BLEND_GRID``)
     calibration_grid: tuple | None = None
     seed: int = 0
@@ -213,6 +221,8 @@ class DemoConfig:
             raise ValueError(f"validation_mixing must be one of {MIXINGS}, got {self.validation_mixing!r}")
         if self.daft_objective not in DAFT_OBJECTIVES:
             raise ValueError(f"daft_objective must be one of {DAFT_OBJECTIVES}, got {self.daft_objective!r}")
+        if self.stream_probes not in STREAM_PROBES:
+            raise ValueError(f"stream_probes must be one of {STREAM_PROBES}, got {self.stream_probes!r}")
         check_numerics(self.numerics)
         leaked = self.reported_on_validation
         if leaked and not self.report_validation:
