@@ -2,17 +2,19 @@
 the validation streams with a class probe that never saw the batch's corruption family.
 
 ``calibrate`` chooses the spread cut of its rule (SPEC §6 step 4) on spreads from probes fitted
-without each sample's corruption family, because at test time every corruption is unseen; but
-its validation *streams* (steps 4-5: which rule, the statistics of ``skewed`` batches, the
-output check, DAFT) run the deployed probe, fitted on every validation family, so on those
-streams each batch's own family is one the probe has seen.  This script runs the single-domain
-and the label-sorted validation streams (every validation image once; never test data) with the
-demo's calibrated configuration without DAFT (loaded through the demo's calibration cache) in two
-ways: with the deployed probe, and with, for each batch, the probe fitted on ``calibrate``'s
-own fitting batches without that batch's family (the family of most of its samples).  It counts
-the i.i.d. batches the rule calls ``skewed`` (*misfires*; before and after the output check)
-and the label-sorted batches it calls ``skewed``, per family, and the streams' accuracy.
-Nothing in the library is chosen from it.
+without each sample's corruption family, because at test time every corruption is unseen.  Its
+validation *streams* (steps 4-5: which rule, the statistics of ``skewed`` batches, the output
+check, DAFT) ran the deployed probe, fitted on every validation family, until
+``calibrate(held_out_streams=True)`` became the default; with it, each stream batch is decided
+with the probe fitted without its family.  This script shows what that changes on the
+single-domain and the label-sorted validation streams (every validation image once; never test
+data), with the demo's calibrated configuration without DAFT (loaded through the demo's
+calibration cache) run both ways: with the deployed probe, and with, for each batch, the probe
+fitted on ``calibrate``'s own fitting batches without that batch's family (the family of most of
+its samples).  It counts the i.i.d. batches the rule calls ``skewed`` (*misfires*; before and
+after the output check), the label-sorted batches it calls ``skewed`` and those it sends to
+``single`` (where DAFT would step on them), per family, and the streams' accuracy.  Nothing in
+the library is chosen from it.
 
     python bench/skew_heldout.py > bench/results/skew_heldout.md
 """
@@ -61,14 +63,15 @@ def _probes(rep, model, vdom, bs: int, cfg: DemoConfig) -> tuple[dict[str, Class
 
 def _run(rep, model, vdom, bs: int, cfg: DemoConfig, held_out: dict[str, ClassProbe] | None) -> dict:
     """One pass of each stream: accuracy (%), and per family the batches first called
-    ``skewed`` (released ones included) and those released."""
+    ``skewed`` (released ones included), those released and those ending ``single`` (released
+    ones included)."""
     fam_of = image_families(vdom)
     x, y, streams = cal._streams(vdom, bs, cfg.seed)
     out = {}
     with torch.no_grad():
         for name in STREAMS:
             adapter = without_daft(rep).adapter(copy.deepcopy(model).eval())
-            skewed, released, batches = Counter(), Counter(), Counter()
+            skewed, released, single, batches = Counter(), Counter(), Counter(), Counter()
             correct = total = 0
             for b in streams[name]:
                 fam = Counter(fam_of[b.numpy()]).most_common(1)[0][0]
@@ -81,8 +84,9 @@ def _run(rep, model, vdom, bs: int, cfg: DemoConfig, held_out: dict[str, ClassPr
                 if adapter.last_decision == "skewed" or adapter.last_released:
                     skewed[fam] += 1
                 released[fam] += bool(adapter.last_released)
+                single[fam] += adapter.last_decision == "single"
             out[name] = {"acc": 100.0 * correct / total, "skewed": skewed, "released": released,
-                         "batches": batches}
+                         "single": single, "batches": batches}
     return out
 
 
@@ -99,14 +103,14 @@ def main() -> None:
         runs = {"deployed": _run(rep, model, vdom, bs, cfg, None),
                 "held out": _run(rep, model, vdom, bs, cfg, probes)}
         print("| probe | single acc | sorted acc | mean | family | i.i.d. batches | misfires (first "
-              "called skewed) | released of them | sorted batches | sorted called skewed |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+              "called skewed) | released of them | sorted batches | sorted called skewed | sorted "
+              "ending single |\n|---|---|---|---|---|---|---|---|---|---|---|")
         for how, r in runs.items():
             s, t = r["single"], r["sorted"]
             for fam in sorted(s["batches"]):
                 print(f"| {how} | {s['acc']:.2f} | {t['acc']:.2f} | {np.mean([s['acc'], t['acc']]):.2f} | "
                       f"{fam} | {s['batches'][fam]} | {s['skewed'][fam]} | {s['released'][fam]} | "
-                      f"{t['batches'][fam]} | {t['skewed'][fam]} |")
+                      f"{t['batches'][fam]} | {t['skewed'][fam]} | {t['single'][fam]} |")
 
 
 if __name__ == "__main__":
