@@ -61,6 +61,7 @@ def cal_settings(cfg: DemoConfig, batch_size: int) -> dict:
                 **({} if cfg.daft_objective == "mean" else {"daft_objective": cfg.daft_objective}),
                 **({} if cfg.stream_probes == "held_out" else {"held_out_streams": False}))
 
+
 __all__ = ["METHODS", "ORACLES", "DemoConfig", "RunResult", "backend_check", "detector_metrics", "run_demo",
            "run_lockstep", "run_stream", "timed_call"]
 
