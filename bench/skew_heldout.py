@@ -54,7 +54,7 @@ def _probes(rep, model, vdom, bs: int, cfg: DemoConfig) -> tuple[dict[str, Class
     fams = torch.cat([f for k in ("single", "mixed") for f in fam_of[k]])
     k = int(y.max()) + 1
     family = {i: n.split("@", 1)[0] for n, i in zip(names, cal._families(names))}
-    out = {f: ClassProbe.fit(feats[fams != i], y[fams != i], k) for i, f in family.items()}
+    out = {family[i]: p for i, p in cal._held_out_probes(feats, y, fams, k).items()}   # calibrate's own
     every = ClassProbe.fit(feats, y, k)
     diff = max(float((a - b).abs().max()) for a, b in zip(every.state_dict().values(),
                                                           rep.probe.state_dict().values()))
