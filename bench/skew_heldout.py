@@ -11,10 +11,10 @@ single-domain and the label-sorted validation streams (every validation image on
 data), with the demo's calibrated configuration without DAFT (loaded through the demo's
 calibration cache) run both ways: with the deployed probe, and with, for each batch, the probe
 fitted on ``calibrate``'s own fitting batches without that batch's family (the family of most of
-its samples).  It counts the i.i.d. batches the rule calls ``skewed`` (*misfires*; before and
-after the output check), the label-sorted batches it calls ``skewed`` and those it sends to
-``single`` (where DAFT would step on them), per family, and the streams' accuracy.  Nothing in
-the library is chosen from it.
+its samples, ties to the family listed first: ``calibrate``'s own rule).  It counts the i.i.d.
+batches the rule calls ``skewed`` (*misfires*; before and after the output check), the
+label-sorted batches it calls ``skewed`` and those it sends to ``single`` (where DAFT would step
+on them), per family, and the streams' accuracy.  Nothing in the library is chosen from it.
 
     python bench/skew_heldout.py > bench/results/skew_heldout.md
 """
@@ -25,7 +25,7 @@ from collections import Counter
 
 import numpy as np
 import torch
-from _validation_setup import image_families, setup, without_daft
+from _validation_setup import setup, without_daft
 
 from datta_kernels import calibration as cal
 from datta_kernels.diversity import ClassProbe
@@ -65,7 +65,9 @@ def _run(rep, model, vdom, bs: int, cfg: DemoConfig, held_out: dict[str, ClassPr
     """One pass of each stream: accuracy (%), and per family the batches first called
     ``skewed`` (released ones included), those released and those ending ``single`` (released
     ones included)."""
-    fam_of = image_families(vdom)
+    names = list(vdom)
+    index = dict(zip(names, cal._families(names)))
+    family = {i: n.split("@", 1)[0] for n, i in index.items()}
     x, y, streams = cal._streams(vdom, bs, cfg.seed)
     out = {}
     with torch.no_grad():
@@ -73,8 +75,8 @@ def _run(rep, model, vdom, bs: int, cfg: DemoConfig, held_out: dict[str, ClassPr
             adapter = without_daft(rep).adapter(copy.deepcopy(model).eval())
             skewed, released, single, batches = Counter(), Counter(), Counter(), Counter()
             correct = total = 0
-            for b in streams[name]:
-                fam = Counter(fam_of[b.numpy()]).most_common(1)[0][0]
+            for b, i in zip(streams[name], cal._batch_families(vdom, index, streams[name])):
+                fam = family[i]                             # calibrate's own majority rule
                 if held_out is not None:
                     adapter.class_probe = held_out[fam]
                 logits = adapter(x[b])
