@@ -285,7 +285,8 @@ def _add_run_parser(sub) -> None:
     r.add_argument("--backend", default=None, help="kernel backend (default auto)")
     r.add_argument("--numerics", default="native", choices=MODES,
                    help="CPU numerics: native (default, as torch finds this machine) or portable "
-                   "(AVX2 kernels, 2 threads: the same numbers on every x86-64 CPU with AVX2)")
+                   "(AVX2 kernels, 2 threads: the same numbers across vector widths and core counts; "
+                   "AMD and Intel CPUs still differ)")
     r.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     r.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default: ImageNet-C min(8, CPUs) on CUDA, 1 on CPU; "
@@ -522,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--width", type=_int_at_least(1), default=None, help="ResNet base width (default 16)")
     d.add_argument("--numerics", default="portable", choices=MODES,
                    help="portable (default): train and adapt on AVX2 kernels and 2 threads, the same "
-                   "numbers on every x86-64 CPU with AVX2 (those of bench/results/demo.md); native: "
+                   "numbers on AMD CPUs with AVX2 or AVX-512 (those of bench/results/demo.md; an "
+                   "Intel CPU gives its own); native: "
                    "as torch finds this machine (faster on wide CPUs; its own model copy and numbers)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_run_parser(sub)

@@ -79,7 +79,8 @@ class RunConfig:
     cache_dir: str | None = None
     progress: bool = True
     #: CPU numerics (:mod:`.numerics`): ``"native"`` (default: as torch finds the machine) or
-    #: ``"portable"`` (AVX2 kernels, 2 threads: the same numbers on every x86-64 CPU with AVX2;
+    #: ``"portable"`` (AVX2 kernels, 2 threads: the same numbers across vector widths and core
+    #: counts, on one CPU maker;
     #: :func:`run_benchmark` pins them first); CUDA work is the same either way
     numerics: str = "native"
 

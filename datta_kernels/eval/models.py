@@ -8,8 +8,9 @@ normalization is an ``nn.BatchNorm2d``, so ``convert_model`` can swap them all.
 The trained weights are cached under ``$XDG_CACHE_HOME/datta_kernels`` (``~/.cache`` when
 unset) next to a ``.sha256`` file; a checksum mismatch or a changed training recipe retrains.
 Training runs on portable numerics by default (:mod:`.numerics`): the same recipe gives the same
-weights, bit for bit, on every x86-64 CPU with AVX2 and any core count, so the demo's model is
-one model, not one per machine.
+weights, bit for bit, whatever the vector width (AVX2 or AVX-512) and core count, on the AMD CPUs
+checked; an Intel Xeon trains another copy (``bench/results/numerics_copies_intel.md``), so the
+demo's model is one model per CPU maker, not one per machine.
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     #: ``"portable"``: trained on :mod:`.numerics`' portable numerics (in a child process when
-    #: this one is not on them), the same weights on every x86-64 CPU with AVX2; ``"native"``:
+    #: this one is not on them), the same weights across vector widths and core counts (on one
+    #: CPU maker: :mod:`.numerics`); ``"native"``:
     #: in this process as it is (weights specific to the machine and thread count).
     numerics: str = "portable"
 

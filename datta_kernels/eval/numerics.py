@@ -1,4 +1,4 @@
-"""Portable CPU numerics: the same bits from the demo on every x86-64 CPU with AVX2.
+"""Portable CPU numerics: the same bits from the demo whatever the CPU's vector width and cores.
 
 PyTorch picks its CPU kernels by the instruction set it finds (ATen's vectorised kernels,
 oneDNN's convolutions, MKL's GEMMs) and splits reductions by its intra-op thread count, so a
@@ -13,9 +13,13 @@ through their own switches — ``ATEN_CPU_CAPABILITY=avx2`` (ATen's dispatch),
 ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN), ``MKL_ENABLE_INSTRUCTIONS=AVX2`` (MKL) and
 ``DATTA_CPU_CAPABILITY=avx2`` (``csrc/cpu/dispatch.cpp``) — and run 2 intra-op threads,
 whatever the machine has.
-With the same torch build, every x86-64 CPU with AVX2 then computes the same bits; what the
-thread count decides is the split of the work, not the number of cores, so a 1-core or a
-64-core machine gives the 2-core result.  The switches are read once, when each library first
+With the same torch build, an AVX2 and an AVX-512 machine then compute the same bits, and what
+the thread count decides is the split of the work, not the number of cores, so a 1-core or a
+64-core machine gives the 2-core result.  Checked on two AMD EPYC VMs (AVX2, AVX-512).  It does
+**not** hold between CPU makers: an Intel Xeon (AVX-512) trains another copy of the demo's model
+on the same switches (``bench/results/numerics_copies_intel.md``): within AVX2, MKL and oneDNN
+still choose their kernels and blocking by the CPU (oneDNN's brgemm convolutions size their
+blocks from its caches), which no ISA cap pins.  The switches are read once, when each library first
 runs a kernel: :func:`pin` must come before the process's first tensor operation, and it says
 when it came too late.  ``native`` leaves everything as torch found it (fastest; numbers
 specific to the machine).  CUDA work is not affected either way.

@@ -183,9 +183,10 @@ class DemoConfig:
     #: model and calibration cache (None: ``$XDG_CACHE_HOME/datta_kernels``)
     cache_dir: str | None = None
     progress: bool = True
-    #: ``"portable"``: the run computes on :mod:`.numerics`' portable numerics (the same bits on
-    #: every x86-64 CPU with AVX2; :func:`run_demo` pins them, which holds when no tensor
-    #: operation ran before in the process) and ``train.numerics`` should match; ``"native"``:
+    #: ``"portable"``: the run computes on :mod:`.numerics`' portable numerics (the same bits
+    #: across vector widths and core counts, on one CPU maker; :func:`run_demo` pins them,
+    #: which holds when no tensor operation ran before in the process) and ``train.numerics``
+    #: should match; ``"native"``:
     #: as torch found the machine (faster on wide CPUs; numbers specific to the machine)
     numerics: str = "portable"
 
