@@ -11,7 +11,6 @@ one every capped row should equal ``native``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -40,14 +39,13 @@ SETTINGS = {
 def worker(threads: int) -> None:
     torch.set_num_threads(threads)   # before any kernel, like numerics.pin
     from datta_kernels.eval.datasets import load_fashion_mnist
-    from datta_kernels.eval.models import TrainConfig, evaluate, train
+    from datta_kernels.eval.models import TrainConfig, evaluate, train, weights_digest
 
     data = load_fashion_mnist()
     t0 = time.perf_counter()
     model = train(TrainConfig(numerics="native"), data.train_x, data.train_y, progress=False)
-    weights = b"".join(t.numpy().tobytes() for t in model.state_dict().values())
     print(json.dumps({"accuracy": evaluate(model, data.test_x, data.test_y),
-                      "sha": hashlib.sha256(weights).hexdigest()[:16],
+                      "sha": weights_digest(model)[:16],
                       "capability": torch.backends.cpu.get_cpu_capability(),
                       "seconds": time.perf_counter() - t0}))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import itertools
 import json
 
@@ -18,7 +19,14 @@ from datta_kernels import DATTA, ThresholdSelector
 from datta_kernels.adapt import TBN, Tent
 from datta_kernels.eval import datasets as ds
 from datta_kernels.eval.corruptions import CORRUPTIONS, corrupt, corrupt_all
-from datta_kernels.eval.models import SmallResNet, TrainConfig, load_or_train
+from datta_kernels.eval.models import (
+    RECORDED_WEIGHTS,
+    SmallResNet,
+    TrainConfig,
+    copy_note,
+    load_or_train,
+    weights_digest,
+)
 from datta_kernels.eval.oracle import OracleSelector
 from datta_kernels.eval.report import CSV_FIELDS, format_tables, write_outputs
 from datta_kernels.eval.runner import (
@@ -226,6 +234,25 @@ def test_model_cache_checksum(tmp_path):
     assert info3["source"] == "trained" and "checksum" in info3["why"]
     _, info4 = load_or_train(TINY_TRAIN, x, y, cache=tmp_path, retrain=True, progress=False)
     assert info4["source"] == "trained"
+    # the weights' digest, from the cache and from training alike
+    assert info1["weights_sha256"] == info2["weights_sha256"] == weights_digest(m1)
+
+
+def test_weights_digest_and_copy_note():
+    torch.manual_seed(0)
+    m = SmallResNet(width=4)
+    d = weights_digest(m)
+    by_hand = hashlib.sha256(b"".join(t.numpy().tobytes() for t in m.state_dict().values()))
+    assert d == by_hand.hexdigest() and len(d) == 64
+    with torch.no_grad():
+        m.fc.bias[0] += 1e-7        # one float's last bits: another copy
+    assert weights_digest(m) != d
+    # the recorded copy, and any other recipe: no note; another copy of the default recipe: a note
+    assert copy_note(TrainConfig(), RECORDED_WEIGHTS + "0" * 48) is None
+    assert copy_note(TrainConfig(seed=1), d) is None
+    assert copy_note(TrainConfig(numerics="native"), d) is None
+    note = copy_note(TrainConfig(), d)
+    assert note is not None and d[:16] in note and RECORDED_WEIGHTS in note
 
 
 # --- runner and report --------------------------------------------------------------------

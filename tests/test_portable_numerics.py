@@ -25,16 +25,15 @@ needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="portable numerics need an 
 #: a parent process: ``before`` runs first (a kernel, a pin, thread settings), then it trains a
 #: tiny recipe through ``load_or_train`` and prints the weights' SHA-256 and the numerics
 PARENT = textwrap.dedent("""
-    import hashlib, json, sys, torch
+    import json, sys, torch
     from datta_kernels.eval.numerics import describe, pin
-    from datta_kernels.eval.models import TrainConfig, load_or_train
+    from datta_kernels.eval.models import TrainConfig, load_or_train, weights_digest
     {before}
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(600, 1, 28, 28, generator=g), torch.randint(0, 10, (600,), generator=g)
     cfg = TrainConfig(width=4, epochs=1, train_subset=512, batch_size=64, numerics=sys.argv[2])
     model, info = load_or_train(cfg, x, y, cache=sys.argv[1], progress=False)
-    h = hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values()))
-    print(json.dumps({{"sha": h.hexdigest(), "source": info["source"], "here": describe()}}))
+    print(json.dumps({{"sha": weights_digest(model), "source": info["source"], "here": describe()}}))
 """)
 
 

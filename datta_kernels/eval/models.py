@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BasicBlock", "SmallResNet", "TrainConfig", "cache_dir", "evaluate", "load_or_train", "train"]
+__all__ = ["BasicBlock", "RECORDED_WEIGHTS", "SmallResNet", "TrainConfig", "cache_dir", "copy_note",
+           "evaluate", "load_or_train", "train", "weights_digest"]
 
 
 class BasicBlock(nn.Module):
@@ -220,6 +221,34 @@ def _train_job(job: Path) -> int:
     return 0
 
 
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 (hex) of ``model``'s ``state_dict`` tensors' bytes, in order: which copy of a
+    recipe a model is, independent of the file it was saved in."""
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+#: The default recipe's (``TrainConfig()``) weights whose numbers ``bench/results/demo.md`` and
+#: the README report (first 16 hex digits of :func:`weights_digest`): trained on portable
+#: numerics on AMD EPYC VMs, AVX2 and AVX-512 alike.  An Intel Xeon trains another copy
+#: (``bench/results/numerics_copies_intel.md``).
+RECORDED_WEIGHTS = "5c343e8eacf820d6"
+
+
+def copy_note(cfg: TrainConfig, digest: str) -> str | None:
+    """A line for a run's log when a model of the default recipe is not the copy the recorded
+    tables were made with (other CPU maker, other torch build): its numbers will be its own.
+    None for that copy and for any other recipe."""
+    if cfg != TrainConfig() or digest.startswith(RECORDED_WEIGHTS):
+        return None
+    return (f"model: weights {digest[:16]}, not the copy bench/results/demo.md reports "
+            f"({RECORDED_WEIGHTS}, trained on AMD CPUs): this run's numbers are this copy's, "
+            "not the README's (portable numerics differ between CPU makers: "
+            "bench/results/numerics_copies_intel.md)")
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -246,7 +275,8 @@ def load_or_train(cfg: TrainConfig, train_x: Tensor, train_y: Tensor, *,
     """The cached model for ``cfg`` if its checksum verifies, else a freshly trained one.
 
     Returns ``(model in eval mode, info)`` where ``info`` says ``source`` ("cache" or
-    "trained"), ``path``, ``train_seconds`` and, when the cache was refused, ``why``.
+    "trained"), ``path``, ``train_seconds``, ``weights_sha256`` (:func:`weights_digest`) and,
+    when the cache was refused, ``why``.
     """
     root = cache_dir(cache)
     path = root / f"fmnist_resnet_{cfg.key()}.pt"
@@ -255,7 +285,8 @@ def load_or_train(cfg: TrainConfig, train_x: Tensor, train_y: Tensor, *,
         if checksum_ok(path):
             model = cfg.build()
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval(), {**info, "source": "cache", "train_seconds": 0.0}
+            return model.eval(), {**info, "source": "cache", "train_seconds": 0.0,
+                                  "weights_sha256": weights_digest(model)}
         info["why"] = "checksum mismatch, retrained"
     elif retrain:
         info["why"] = "--retrain"
@@ -269,7 +300,8 @@ def load_or_train(cfg: TrainConfig, train_x: Tensor, train_y: Tensor, *,
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
     write_checksum(path)
-    return model, {**info, "source": "trained", "train_seconds": seconds}
+    return model, {**info, "source": "trained", "train_seconds": seconds,
+                   "weights_sha256": weights_digest(model)}
 
 
 if __name__ == "__main__":

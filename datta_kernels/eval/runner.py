@@ -27,7 +27,7 @@ from . import progress_bar
 from .cal_cache import cached_calibrate
 from .corruptions import CORRUPTIONS, DEFAULT_SEVERITY, SEVERITIES, check_severities
 from .datasets import load_fashion_mnist
-from .models import TrainConfig, evaluate, load_or_train
+from .models import TrainConfig, copy_note, evaluate, load_or_train
 from .numerics import check_mode as check_numerics
 from .numerics import pin as pin_numerics
 from .oracle import OracleSelector
@@ -450,6 +450,8 @@ def run_demo(cfg: DemoConfig, command: str = "", log=print) -> dict:
     how = "loaded from cache" if model_info["source"] == "cache" else \
         f"trained in {model_info['train_seconds']:.0f} s"
     log(f"model: SmallResNet {how} ({model_info['path']}); clean test accuracy {clean_acc:.1%}")
+    if (note := copy_note(cfg.train, model_info["weights_sha256"])) is not None:
+        log(note)
 
     n = min(cfg.per_domain, len(data.test_y))
     t0 = time.perf_counter()
