@@ -35,6 +35,13 @@ from datta_kernels.eval.runner import DemoConfig, cal_settings
 STREAMS = ("single", "sorted")
 
 
+def _family_index(vdom) -> tuple[dict[str, int], dict[int, str]]:
+    """Domain name -> ``calibrate``'s family index, and family index -> family name."""
+    names = list(vdom)
+    index = dict(zip(names, cal._families(names)))
+    return index, {i: n.split("@", 1)[0] for n, i in index.items()}
+
+
 def _probes(rep, model, vdom, bs: int, cfg: DemoConfig) -> tuple[dict[str, ClassProbe], float]:
     """Family name -> the probe fitted on ``calibrate``'s fitting batches without that family
     (the second draw of its batches, redrawn here with its generator), and the largest
@@ -53,7 +60,7 @@ def _probes(rep, model, vdom, bs: int, cfg: DemoConfig) -> tuple[dict[str, Class
     feats = torch.cat(cal._scores(work, x, shift=False)[1])
     fams = torch.cat([f for k in ("single", "mixed") for f in fam_of[k]])
     k = int(y.max()) + 1
-    family = {i: n.split("@", 1)[0] for n, i in zip(names, cal._families(names))}
+    family = _family_index(vdom)[1]
     out = {family[i]: p for i, p in cal._held_out_probes(feats, y, fams, k).items()}   # calibrate's own
     every = ClassProbe.fit(feats, y, k)
     diff = max(float((a - b).abs().max()) for a, b in zip(every.state_dict().values(),
@@ -65,9 +72,7 @@ def _run(rep, model, vdom, bs: int, cfg: DemoConfig, held_out: dict[str, ClassPr
     """One pass of each stream: accuracy (%), and per family the batches first called
     ``skewed`` (released ones included), those released and those ending ``single`` (released
     ones included)."""
-    names = list(vdom)
-    index = dict(zip(names, cal._families(names)))
-    family = {i: n.split("@", 1)[0] for n, i in index.items()}
+    index, family = _family_index(vdom)
     x, y, streams = cal._streams(vdom, bs, cfg.seed)
     out = {}
     with torch.no_grad():
